@@ -1,0 +1,156 @@
+"""Leaf-by-leaf helpers shared by the transformations: structure checks and slot maps."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from kopt.sparse import IndexedSlices, is_indexed_slices
+
+PyTree = Any
+
+
+def _path_str(path) -> str:
+    return jax.tree_util.keystr(path) or "<root>"
+
+
+def check_floating_params(params: PyTree, owner: str) -> None:
+    """Raises TypeError naming the first param leaf that is not a floating-point array."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
+            raise TypeError(
+                f"{owner}: param {_path_str(path)} must be a floating-point array, received "
+                f"{type(leaf).__name__} of dtype {dtype}"
+            )
+
+
+def check_same_structure(updates: PyTree, reference: PyTree, owner: str, what: str) -> None:
+    """Raises ValueError naming the first path where ``updates`` and ``reference`` differ."""
+    u_def = jax.tree.structure(updates, is_leaf=is_indexed_slices)
+    r_def = jax.tree.structure(reference)
+    if u_def == r_def:
+        return
+    u_paths = [
+        _path_str(p)
+        for p, _ in jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_indexed_slices)[0]
+    ]
+    r_paths = [_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(reference)[0]]
+    missing = [p for p in r_paths if p not in u_paths]
+    extra = [p for p in u_paths if p not in r_paths]
+    detail = []
+    if missing:
+        detail.append(f"missing {missing[:3]}")
+    if extra:
+        detail.append(f"unexpected {extra[:3]}")
+    if not detail:
+        detail.append(f"structure {u_def} differs from {r_def}")
+    raise ValueError(f"{owner}: the gradient tree does not match the {what}: {'; '.join(detail)}")
+
+
+def check_leaf(path: str, g: Any, ref_shape: tuple[int, ...], owner: str) -> None:
+    """Raises TypeError/ValueError for a gradient leaf of the wrong kind or shape."""
+    if isinstance(g, IndexedSlices):
+        values_shape = tuple(g.values.shape)
+        if values_shape[1:] != tuple(ref_shape[1:]) or len(ref_shape) == 0:
+            raise ValueError(
+                f"{owner}: sparse gradient {path} has rows of shape {values_shape[1:]}, "
+                f"expected rows of a table of shape {tuple(ref_shape)}"
+            )
+        if g.dense_shape is not None and tuple(g.dense_shape) != tuple(ref_shape):
+            raise ValueError(
+                f"{owner}: sparse gradient {path} has dense_shape {g.dense_shape}, expected "
+                f"{tuple(ref_shape)}"
+            )
+        if not jnp.issubdtype(g.indices.dtype, jnp.integer):
+            raise TypeError(
+                f"{owner}: sparse gradient {path} has indices of dtype {g.indices.dtype}, "
+                "expected integers"
+            )
+        return
+    dtype = getattr(g, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
+        raise TypeError(
+            f"{owner}: gradient {path} must be a floating-point array, received "
+            f"{type(g).__name__} of dtype {dtype}"
+        )
+    if tuple(g.shape) != tuple(ref_shape):
+        raise ValueError(
+            f"{owner}: gradient {path} has shape {tuple(g.shape)}, expected {tuple(ref_shape)}"
+        )
+
+
+def map_leaves(
+    fn: Callable[..., tuple[Any, dict[str, Any]]],
+    updates: PyTree,
+    slots: Mapping[str, PyTree],
+    params: PyTree | None,
+    owner: str,
+    *,
+    needs_params: bool = False,
+) -> tuple[PyTree, dict[str, PyTree]]:
+    """Runs ``fn(g, slot_leaves, p) -> (u, new_slot_leaves)`` on every leaf.
+
+    ``updates`` may hold :class:`IndexedSlices` leaves; ``slots`` maps slot names to trees shaped
+    like the params. Structure, kind and shape of each gradient are checked first, at trace time,
+    with errors that name the leaf's path.
+    """
+    if needs_params and params is None:
+        raise ValueError(f"{owner}: this transformation needs `params` in update()")
+    reference = params if params is not None else next(iter(slots.values()), None)
+    if reference is not None:
+        check_same_structure(updates, reference, owner, "params" if params is not None else "state")
+    flat, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_indexed_slices)
+    slot_leaves = {name: treedef.flatten_up_to(tree) for name, tree in slots.items()}
+    param_leaves = treedef.flatten_up_to(params) if params is not None else [None] * len(flat)
+    ref_leaves = treedef.flatten_up_to(reference) if reference is not None else None
+    out_updates, out_slots = [], {name: [] for name in slots}
+    for i, (path, g) in enumerate(flat):
+        if not isinstance(g, IndexedSlices) and not hasattr(g, "dtype"):
+            if isinstance(g, (int, float)) and not isinstance(g, bool):
+                g = jnp.asarray(g, jnp.float32)
+        if ref_leaves is not None:
+            check_leaf(_path_str(path), g, tuple(jnp.shape(ref_leaves[i])), owner)
+        else:
+            check_leaf(_path_str(path), g, _shape_of(g), owner)
+        u, new = fn(g, {name: leaves[i] for name, leaves in slot_leaves.items()}, param_leaves[i])
+        out_updates.append(u)
+        for name in slots:
+            out_slots[name].append(new[name])
+    return (
+        treedef.unflatten(out_updates),
+        {name: treedef.unflatten(leaves) for name, leaves in out_slots.items()},
+    )
+
+
+def _shape_of(g):
+    if isinstance(g, IndexedSlices):
+        return g.dense_shape or (None,) + tuple(g.values.shape[1:])
+    return tuple(jnp.shape(g))
+
+
+def slot_like(params: PyTree, value: float, dtype: Any | None) -> PyTree:
+    """A slot tree shaped like ``params``, filled with ``value``, keeping each param's sharding."""
+    return jax.tree.map(lambda p: full_like_param(p, value, dtype), params)
+
+
+def full_like_param(p: Any, value: float, dtype: Any | None = None) -> jax.Array:
+    """``full_like(p, value)`` in ``dtype`` (default: p's), placed with p's sharding.
+
+    Under ``jax.jit(tx.init)`` the param is a tracer: the select below makes the slot depend on
+    the param, so XLA's sharding propagation gives it the param's sharding (a plain constant
+    would come out replicated), and with explicit mesh axes every operand already carries it.
+    """
+    dtype = dtype or jnp.result_type(p)
+    if isinstance(p, jax.core.Tracer):
+        return jnp.where(
+            jnp.zeros_like(p, dtype=bool), p.astype(dtype), jax.lax.full_like(p, value, dtype)
+        )
+    out = jnp.full(jnp.shape(p), value, dtype)
+    sharding = getattr(p, "sharding", None)
+    if sharding is not None and isinstance(p, jax.Array):
+        return jax.device_put(out, sharding)
+    return out

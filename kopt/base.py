@@ -1,0 +1,412 @@
+"""The optax-protocol core: transformations, composition, states and their hyperparameters.
+
+A :class:`GradientTransformation` is a pair of pure functions. ``init(params)`` builds a state;
+``update(updates, state, params)`` turns gradients into updates (the amounts to add to the
+params) and returns the next state. The types are structural, so optax transformations work here
+and kopt transformations work in optax, flax and equinox code.
+
+Every kopt optimizer keeps its numeric hyperparameters and its slots in an :class:`OptimizerState`,
+so a jitted step can read or change them without recompiling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+Params = PyTree
+Updates = PyTree
+OptState = PyTree
+Schedule = Callable[[jax.Array], jax.Array]
+
+INT32_MAX = jnp.iinfo(jnp.int32).max
+
+
+class GradientTransformation(NamedTuple):
+    """A pair of pure functions ``(init, update)``: the optax protocol.
+
+    ``init(params) -> state`` and ``update(updates, state, params=None) -> (updates, state)``.
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> tx = kopt.sgd(learning_rate=0.5)
+        >>> params = {"w": jnp.array([1.0, 2.0])}
+        >>> state = tx.init(params)
+        >>> updates, state = tx.update({"w": jnp.array([1.0, 1.0])}, state, params)
+        >>> kopt.apply_updates(params, updates)["w"]
+        Array([0.5, 1.5], dtype=float32)
+    """
+
+    init: Callable[[Params], OptState]
+    update: Callable[..., tuple[Updates, OptState]]
+
+
+class EmptyState(NamedTuple):
+    """The state of a transformation that keeps none."""
+
+
+class OptimizerState(NamedTuple):
+    """The state of a kopt transformation that has hyperparameters or slots.
+
+    Attributes:
+        count: how many updates were applied (int32, saturating at ``2**31 - 1``).
+        hyperparams: name -> float32 scalar. A hyperparameter given as a schedule holds the value
+            used by the most recent update (or the step-0 value after ``init``).
+        slots: Keras slot name -> pytree shaped like the params (``"m"``, ``"v"``, ...).
+    """
+
+    count: jax.Array
+    hyperparams: dict[str, jax.Array]
+    slots: dict[str, PyTree]
+
+
+def identity() -> GradientTransformation:
+    """A transformation that returns the updates unchanged.
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> tx = kopt.identity()
+        >>> tx.update(jnp.ones(2), tx.init(jnp.ones(2)))[0]
+        Array([1., 1.], dtype=float32)
+    """
+
+    def init_fn(params):
+        del params
+        return EmptyState()
+
+    def update_fn(updates, state, params=None):
+        del params
+        return updates, state
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+def chain(*transformations: Any) -> GradientTransformation:
+    """Composes transformations left to right; kopt and optax pieces mix freely.
+
+    Args:
+        *transformations: objects with ``init`` and ``update`` (kopt or optax).
+
+    Returns:
+        A transformation whose state is the tuple of the pieces' states.
+
+    Raises:
+        TypeError: if an argument has no ``init``/``update``.
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> tx = kopt.chain(kopt.clip_by_value(0.5), kopt.sgd(1.0))
+        >>> state = tx.init(jnp.zeros(2))
+        >>> tx.update(jnp.array([2.0, -0.1]), state, jnp.zeros(2))[0]
+        Array([-0.5,  0.1], dtype=float32)
+    """
+    for i, t in enumerate(transformations):
+        if not (callable(getattr(t, "init", None)) and callable(getattr(t, "update", None))):
+            raise TypeError(
+                f"chain: argument {i} must be a transformation with init and update, "
+                f"received {type(t).__name__}: {t!r:.80}"
+            )
+    inits = tuple(t.init for t in transformations)
+    updates_fns = tuple(t.update for t in transformations)
+
+    def init_fn(params):
+        return tuple(fn(params) for fn in inits)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        if len(state) != len(updates_fns):
+            raise ValueError(
+                f"chain: the state has {len(state)} parts but the chain has "
+                f"{len(updates_fns)} transformations"
+            )
+        new_state = []
+        for fn, s in zip(updates_fns, state, strict=True):
+            updates, s = _call_update(fn, updates, s, params, extra_args)
+            new_state.append(s)
+        return updates, tuple(new_state)
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+def _call_update(fn, updates, state, params, extra_args):
+    """Calls an update function, passing extra keyword arguments only where accepted."""
+    if extra_args:
+        try:
+            return fn(updates, state, params, **extra_args)
+        except TypeError as e:
+            if "unexpected keyword" not in str(e):
+                raise
+    return fn(updates, state, params)
+
+
+def apply_updates(params: Params, updates: Updates) -> Params:
+    """Adds ``updates`` to ``params`` leaf by leaf, keeping each param's dtype.
+
+    A leaf of ``updates`` may be an :class:`~kopt.IndexedSlices` of rows, as the sparse rules
+    return: only those rows are changed (a scatter-add, no table-sized temporary). ``None``
+    leaves are left alone.
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> kopt.apply_updates({"w": jnp.ones(2, jnp.bfloat16)}, {"w": jnp.ones(2)})["w"].dtype
+        dtype(bfloat16)
+    """
+    from kopt.sparse import IndexedSlices, is_indexed_slices
+
+    def add(p, u):
+        if u is None or p is None:
+            return p
+        if isinstance(u, IndexedSlices):
+            rows = u.values.astype(jnp.promote_types(p.dtype, u.values.dtype))
+            new = p.astype(rows.dtype).at[u.indices].add(rows, mode="drop")
+            return new.astype(p.dtype)
+        return (jnp.asarray(p) + u).astype(jnp.asarray(p).dtype)
+
+    return jax.tree.map(add, params, updates, is_leaf=lambda x: x is None or is_indexed_slices(x))
+
+
+def safe_increment(count: jax.Array) -> jax.Array:
+    """``count + 1`` for an int32 step count, saturating at ``2**31 - 1`` instead of wrapping."""
+    return jnp.where(count < INT32_MAX, count + 1, INT32_MAX).astype(count.dtype)
+
+
+# --- hyperparameters ------------------------------------------------------------------------
+
+
+def is_schedule(value: Any) -> bool:
+    """True for a callable hyperparameter (a function of the step count)."""
+    return callable(value) and not isinstance(value, (jax.Array, float, int))
+
+
+def check_hyperparam(
+    owner: str,
+    name: str,
+    value: Any,
+    *,
+    low: float | None = 0.0,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    allow_schedule: bool = True,
+) -> None:
+    """Validates a hyperparameter given as a number, a scalar array or a schedule.
+
+    Raises:
+        TypeError: if ``value`` is not a number, scalar array or (where allowed) a callable.
+        ValueError: if a concrete number lies outside ``[low, high]``.
+    """
+    if is_schedule(value):
+        if not allow_schedule:
+            raise TypeError(f"{owner}: `{name}` cannot be a schedule, received {value!r}")
+        return
+    if isinstance(value, bool):
+        raise TypeError(f"{owner}: `{name}` must be a number, received the bool {value}")
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif hasattr(value, "shape") and hasattr(value, "dtype"):
+        if tuple(value.shape) != ():
+            raise ValueError(
+                f"{owner}: `{name}` must be a scalar, received an array of shape {tuple(value.shape)}"
+            )
+        if not jnp.issubdtype(value.dtype, jnp.number):
+            raise TypeError(f"{owner}: `{name}` must be numeric, received dtype {value.dtype}")
+        if isinstance(value, jax.core.Tracer):
+            return
+        number = float(value)
+    else:
+        raise TypeError(
+            f"{owner}: `{name}` must be a number, a scalar array or a schedule, "
+            f"received {type(value).__name__}: {value!r:.80}"
+        )
+    if number != number:
+        raise ValueError(f"{owner}: `{name}` must be a number, received nan")
+    if low is not None and (number < low or (not low_inclusive and number == low)):
+        bound = f">= {low}" if low_inclusive else f"> {low}"
+        raise ValueError(f"{owner}: `{name}` must be {bound}, received {number}")
+    if high is not None and number > high:
+        raise ValueError(f"{owner}: `{name}` must be <= {high}, received {number}")
+
+
+def init_hyperparams(values: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """The float32 scalars stored in a state; a schedule is evaluated at step 0."""
+    out = {}
+    for name, value in values.items():
+        if is_schedule(value):
+            value = value(jnp.zeros((), jnp.float32))
+        out[name] = jnp.asarray(value, jnp.float32)
+    return out
+
+
+def current_hyperparams(
+    state: OptimizerState, schedules: Mapping[str, Schedule]
+) -> dict[str, jax.Array]:
+    """The hyperparameters for this update: stored values, with schedules evaluated at ``count``.
+
+    A schedule receives the step count before the increment, as a float32 scalar, as Keras's
+    ``_decayed_lr`` does.
+    """
+    step = state.count.astype(jnp.float32)
+    out = dict(state.hyperparams)
+    for name, fn in schedules.items():
+        out[name] = jnp.asarray(fn(step), jnp.float32)
+    return out
+
+
+def schedules_of(values: Mapping[str, Any]) -> dict[str, Schedule]:
+    """The subset of hyperparameters given as schedules."""
+    return {name: v for name, v in values.items() if is_schedule(v)}
+
+
+def _hyperparam_holders(state: Any):
+    """Yields every state in a tree that carries a ``hyperparams`` dict (kopt's or optax's)."""
+    if _has_hyperparams(state):
+        yield state
+        for field in state._fields:
+            if field not in ("hyperparams", "slots", "count"):
+                yield from _hyperparam_holders(getattr(state, field))
+    elif isinstance(state, (tuple, list)):
+        for s in state:
+            yield from _hyperparam_holders(s)
+    elif isinstance(state, dict):
+        for s in state.values():
+            yield from _hyperparam_holders(s)
+
+
+def _has_hyperparams(state: Any) -> bool:
+    return (
+        isinstance(state, tuple)
+        and hasattr(state, "_fields")
+        and "hyperparams" in state._fields
+        and isinstance(state.hyperparams, dict)
+    )
+
+
+def get_hyperparam(state: OptState, name: str) -> jax.Array:
+    """Reads a hyperparameter from an optimizer state (also inside chains and wrappers).
+
+    Args:
+        state: a state returned by ``init`` or ``update``.
+        name: the hyperparameter's name, e.g. ``"learning_rate"``.
+
+    Returns:
+        The float32 scalar stored in the state.
+
+    Raises:
+        ValueError: if no part of the state has a hyperparameter of that name.
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> state = kopt.adam(learning_rate=0.01).init(jnp.zeros(3))
+        >>> float(kopt.get_hyperparam(state, "learning_rate"))
+        0.009999999776482582
+    """
+    names = []
+    for holder in _hyperparam_holders(state):
+        if name in holder.hyperparams:
+            return holder.hyperparams[name]
+        names.extend(holder.hyperparams)
+    raise ValueError(
+        f"get_hyperparam: no hyperparameter named {name!r} in this state; "
+        f"it has {sorted(set(names))}"
+    )
+
+
+def set_hyperparam(state: OptState, name: str, value: Any) -> OptState:
+    """Returns a new state with hyperparameter ``name`` set to ``value`` everywhere it is stored.
+
+    Works inside ``jax.jit``: the value is data, so changing it never recompiles. A hyperparameter
+    that follows a schedule is recomputed at the next update; set the schedule itself instead.
+
+    Args:
+        state: an optimizer state.
+        name: the hyperparameter, e.g. ``"learning_rate"``.
+        value: a number or scalar array.
+
+    Returns:
+        The new state (the old one is unchanged).
+
+    Raises:
+        ValueError: if no part of the state has that hyperparameter, or ``value`` is not scalar.
+        TypeError: if ``value`` is not numeric.
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> state = kopt.sgd(0.1).init(jnp.zeros(2))
+        >>> state = kopt.set_hyperparam(state, "learning_rate", 0.5)
+        >>> float(kopt.get_hyperparam(state, "learning_rate"))
+        0.5
+    """
+    check_hyperparam("set_hyperparam", name, value, low=None, allow_schedule=False)
+    new_value = jnp.asarray(value, jnp.float32)
+    found = False
+
+    def rebuild(s):
+        nonlocal found
+        if _has_hyperparams(s):
+            fields = {}
+            for field in s._fields:
+                v = getattr(s, field)
+                if field == "hyperparams" and name in v:
+                    found = True
+                    v = {**v, name: new_value.astype(jnp.asarray(v[name]).dtype)}
+                elif field not in ("slots", "count", "hyperparams"):
+                    v = rebuild(v)
+                fields[field] = v
+            return type(s)(**fields)
+        if isinstance(s, tuple) and hasattr(s, "_fields"):
+            return type(s)(*(rebuild(v) for v in s))
+        if isinstance(s, (tuple, list)):
+            return type(s)(rebuild(v) for v in s)
+        if isinstance(s, dict):
+            return {k: rebuild(v) for k, v in s.items()}
+        return s
+
+    new_state = rebuild(state)
+    if not found:
+        get_hyperparam(state, name)  # raises with the list of names
+    return new_state
+
+
+def get_slot(state: OptState, name: str) -> PyTree:
+    """Returns the slot ``name`` of an optimizer state: a pytree shaped like the params.
+
+    Slot names are Keras's: ``"m"``, ``"v"``, ``"vhat"``, ``"momentum"``, ``"accumulator"``,
+    ``"accum_grad"``, ``"accum_var"``, ``"rms"``, ``"mg"``, ``"linear"`` (and Adafactor's ``"r"``,
+    ``"c"``; Nadam's scalar ``"momentum_cache"``).
+
+    Raises:
+        ValueError: if the state has no slot of that name (the message lists those it has).
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> state = kopt.adagrad().init({"w": jnp.zeros(2)})
+        >>> kopt.get_slot(state, "accumulator")["w"]
+        Array([0.1, 0.1], dtype=float32)
+    """
+    names = []
+    for holder in _slot_holders(state):
+        if name in holder.slots:
+            return holder.slots[name]
+        names.extend(holder.slots)
+    raise ValueError(f"get_slot: no slot named {name!r} in this state; it has {sorted(set(names))}")
+
+
+def slot_names(state: OptState) -> list[str]:
+    """The slot names held anywhere in a state, in the order they appear."""
+    out = []
+    for holder in _slot_holders(state):
+        out.extend(n for n in holder.slots if n not in out)
+    return out
+
+
+def _slot_holders(state: Any):
+    if isinstance(state, OptimizerState):
+        yield state
+    elif isinstance(state, (tuple, list)):
+        for s in state:
+            yield from _slot_holders(s)
+    elif isinstance(state, dict):
+        for s in state.values():
+            yield from _slot_holders(s)

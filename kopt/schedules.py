@@ -1,0 +1,254 @@
+"""Learning-rate schedules as pure, jittable functions of the step (Keras formulas and names).
+
+Each factory returns ``schedule(step) -> float32 scalar``; pass it as any optimizer's
+``learning_rate`` (or other float hyperparameter). The step is the number of updates applied
+so far, cast to float32, as Keras's optimizers pass it. The class versions with configs live in
+:mod:`kopt.optimizers.schedules` and call these.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+Schedule = Callable[[jax.Array], jax.Array]
+
+
+def _positive(owner: str, name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{owner}: `{name}` must be a number > 0, received {value!r}")
+
+
+def _number(owner: str, name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{owner}: `{name}` must be a number, received {type(value).__name__}")
+
+
+def _const(value) -> jax.Array:
+    """A float32 constant XLA cannot fold: XLA:CPU rewrites ``x / c`` as ``x * (1 / c)`` for a
+    compile-time constant ``c``, which is not what Keras computes (``50 / 50`` would not be 1)."""
+    return jax.lax.optimization_barrier(jnp.asarray(value, jnp.float32))
+
+
+def _step(step) -> jax.Array:
+    return jnp.asarray(step).astype(jnp.float32)
+
+
+def exponential_decay(
+    initial_learning_rate: float, decay_steps: float, decay_rate: float, staircase: bool = False
+) -> Schedule:
+    r"""``initial_learning_rate * decay_rate ** (step / decay_steps)`` (floored exponent with
+    ``staircase``).
+
+    Example:
+        >>> from kopt import schedules
+        >>> fn = schedules.exponential_decay(1.0, decay_steps=10, decay_rate=0.5)
+        >>> float(fn(20))
+        0.25
+    """
+    owner = "exponential_decay"
+    _number(owner, "initial_learning_rate", initial_learning_rate)
+    _positive(owner, "decay_steps", decay_steps)
+    _number(owner, "decay_rate", decay_rate)
+
+    def schedule(step):
+        p = _step(step) / _const(decay_steps)
+        if staircase:
+            p = jnp.floor(p)
+        return _const(initial_learning_rate) * _const(decay_rate) ** p
+
+    return schedule
+
+
+def piecewise_constant_decay(boundaries: Sequence[float], values: Sequence[float]) -> Schedule:
+    r"""``values[0]`` up to and including ``boundaries[0]``, ``values[i]`` on
+    ``(boundaries[i-1], boundaries[i]]``, ``values[-1]`` after the last boundary.
+
+    Raises:
+        ValueError: unless ``len(boundaries) == len(values) - 1``.
+
+    Example:
+        >>> from kopt import schedules
+        >>> fn = schedules.piecewise_constant_decay([5, 10], [1.0, 0.5, 0.1])
+        >>> [float(fn(s)) for s in (5, 6, 11)]
+        [1.0, 0.5, 0.10000000149011612]
+    """
+    boundaries, values = list(boundaries), list(values)
+    if len(boundaries) != len(values) - 1:
+        raise ValueError(
+            "piecewise_constant_decay: the length of `boundaries` should be 1 less than the "
+            f"length of `values`; received {len(boundaries)} boundaries and {len(values)} values"
+        )
+    b = jnp.asarray(boundaries, jnp.float32)
+    v = jnp.asarray(values, jnp.float32)
+
+    def schedule(step):
+        return v[jnp.sum(_step(step) > b)]
+
+    return schedule
+
+
+def polynomial_decay(
+    initial_learning_rate: float,
+    decay_steps: float,
+    end_learning_rate: float = 0.0001,
+    power: float = 1.0,
+    cycle: bool = False,
+) -> Schedule:
+    r"""``(initial - end) * (1 - step / decay_steps) ** power + end``; the step is capped at
+    ``decay_steps``, or with ``cycle`` the horizon grows to the next multiple of ``decay_steps``.
+
+    Example:
+        >>> from kopt import schedules
+        >>> fn = schedules.polynomial_decay(1.0, 10, end_learning_rate=0.0)
+        >>> float(fn(5)), float(fn(50))
+        (0.5, 0.0)
+    """
+    owner = "polynomial_decay"
+    _number(owner, "initial_learning_rate", initial_learning_rate)
+    _positive(owner, "decay_steps", decay_steps)
+    _number(owner, "end_learning_rate", end_learning_rate)
+    _number(owner, "power", power)
+
+    def schedule(step):
+        s = _step(step)
+        horizon = _const(decay_steps)
+        if cycle:
+            horizon = horizon * jnp.where(s == 0, 1.0, jnp.ceil(s / horizon))
+        else:
+            s = jnp.minimum(s, horizon)
+        p = s / horizon
+        span = _const(initial_learning_rate) - _const(end_learning_rate)
+        return span * (1 - p) ** _const(power) + _const(end_learning_rate)
+
+    return schedule
+
+
+def inverse_time_decay(
+    initial_learning_rate: float, decay_steps: float, decay_rate: float, staircase: bool = False
+) -> Schedule:
+    r"""``initial_learning_rate / (1 + decay_rate * step / decay_steps)`` (floored with
+    ``staircase``).
+
+    Example:
+        >>> from kopt import schedules
+        >>> float(schedules.inverse_time_decay(1.0, 1, 0.5)(2))
+        0.5
+    """
+    owner = "inverse_time_decay"
+    _number(owner, "initial_learning_rate", initial_learning_rate)
+    _positive(owner, "decay_steps", decay_steps)
+    _number(owner, "decay_rate", decay_rate)
+
+    def schedule(step):
+        p = _step(step) / _const(decay_steps)
+        if staircase:
+            p = jnp.floor(p)
+        return _const(initial_learning_rate) / (1.0 + _const(decay_rate) * p)
+
+    return schedule
+
+
+def cosine_decay(
+    initial_learning_rate: float,
+    decay_steps: float,
+    alpha: float = 0.0,
+    warmup_target: float | None = None,
+    warmup_steps: float = 0,
+) -> Schedule:
+    r"""Cosine decay from ``initial_learning_rate`` (or, after a linear warmup, from
+    ``warmup_target``) to ``alpha`` times that value over ``decay_steps``.
+
+    Without warmup: ``lr0 * ((1 - alpha) * 0.5 * (1 + cos(pi * min(step, D) / D)) + alpha)``.
+    With ``warmup_target``: linear from ``lr0`` to ``warmup_target`` over ``warmup_steps``, then
+    the cosine from ``warmup_target`` (``warmup_steps`` is ignored when ``warmup_target`` is None,
+    as in Keras).
+
+    Example:
+        >>> from kopt import schedules
+        >>> fn = schedules.cosine_decay(0.01, 100, warmup_target=0.1, warmup_steps=10)
+        >>> [round(float(fn(s)), 4) for s in (0, 5, 10, 60, 110)]
+        [0.01, 0.055, 0.1, 0.05, 0.0]
+    """
+    owner = "cosine_decay"
+    _number(owner, "initial_learning_rate", initial_learning_rate)
+    _positive(owner, "decay_steps", decay_steps)
+    _number(owner, "alpha", alpha)
+    pi = _const(math.pi)
+    one_minus_alpha = _const(1 - alpha)
+
+    def decayed(s, start):
+        cosine = 0.5 * (1.0 + jnp.cos(pi * (s / _const(decay_steps))))
+        return start * (one_minus_alpha * cosine + _const(alpha))
+
+    if warmup_target is None:
+        return lambda step: decayed(
+            jnp.minimum(_step(step), _const(decay_steps)), _const(initial_learning_rate)
+        )
+    _number(owner, "warmup_target", warmup_target)
+    _number(owner, "warmup_steps", warmup_steps)
+
+    def schedule(step):
+        w = _const(warmup_steps)
+        s = jnp.minimum(_step(step), _const(decay_steps) + w)
+        lr0, target = _const(initial_learning_rate), _const(warmup_target)
+        warm = (target - lr0) * (s / jnp.where(w > 0, w, 1.0)) + lr0
+        return jnp.where(s < w, warm, decayed(s - w, target))
+
+    return schedule
+
+
+def cosine_decay_restarts(
+    initial_learning_rate: float,
+    first_decay_steps: float,
+    t_mul: float = 2.0,
+    m_mul: float = 1.0,
+    alpha: float = 0.0,
+) -> Schedule:
+    r"""Cosine decay with warm restarts (SGDR, Loshchilov and Hutter, 2017).
+
+    Period ``i`` lasts ``first_decay_steps * t_mul**i`` steps and starts from
+    ``initial_learning_rate * m_mul**i``.
+
+    Example:
+        >>> from kopt import schedules
+        >>> fn = schedules.cosine_decay_restarts(1.0, 10, t_mul=2.0, m_mul=0.5)
+        >>> [round(float(fn(s)), 4) for s in (0, 5, 10, 20, 30)]
+        [1.0, 0.5, 0.5, 0.25, 0.25]
+    """
+    owner = "cosine_decay_restarts"
+    _number(owner, "initial_learning_rate", initial_learning_rate)
+    _positive(owner, "first_decay_steps", first_decay_steps)
+    _positive(owner, "t_mul", t_mul)
+    _number(owner, "m_mul", m_mul)
+    _number(owner, "alpha", alpha)
+    pi = _const(math.pi)
+    t = _const(t_mul)
+    a = _const(alpha)
+
+    def schedule(step):
+        fraction = _step(step) / _const(first_decay_steps)
+        if t_mul == 1.0:
+            restart = jnp.floor(fraction)
+            fraction = fraction - restart
+        else:
+            restart = jnp.floor(jnp.log(1.0 - fraction * (1.0 - t)) / jnp.log(t))
+            done = (1.0 - t**restart) / (1.0 - t)
+            fraction = (fraction - done) / t**restart
+        cosine = 0.5 * _const(m_mul) ** restart * (1.0 + jnp.cos(pi * fraction))
+        return _const(initial_learning_rate) * ((1 - a) * cosine + a)
+
+    return schedule
+
+
+__all__ = [
+    "cosine_decay",
+    "cosine_decay_restarts",
+    "exponential_decay",
+    "inverse_time_decay",
+    "piecewise_constant_decay",
+    "polynomial_decay",
+]

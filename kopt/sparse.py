@@ -1,0 +1,97 @@
+"""Row-sparse gradients: :class:`IndexedSlices` and the helpers the sparse rules share."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_pytree_node_class
+class IndexedSlices:
+    """The rows of a sparse gradient, as an embedding lookup produces them.
+
+    ``values[i]`` is the gradient of row ``indices[i]`` of a table of shape ``dense_shape``.
+    Indices may repeat: optimizers sum duplicates before any non-linear slot update, as Keras
+    does. It is a pytree (``values`` and ``indices`` are its leaves), so it passes through
+    ``jax.jit`` and can stand in a gradient tree in place of a dense array.
+
+    Args:
+        values: array of shape ``[n, *dense_shape[1:]]``.
+        indices: integer array of shape ``[n]``.
+        dense_shape: the shape of the dense table, or None to take it from the param.
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> g = kopt.IndexedSlices(jnp.ones((2, 3)), jnp.array([0, 4]), (5, 3))
+        >>> g.to_dense().sum(axis=1)
+        Array([3., 0., 0., 0., 3.], dtype=float32)
+    """
+
+    def __init__(self, values: Any, indices: Any, dense_shape: Any = None):
+        self.values = values
+        self.indices = indices
+        self.dense_shape = None if dense_shape is None else tuple(int(d) for d in dense_shape)
+
+    def tree_flatten(self):
+        return (self.values, self.indices), self.dense_shape
+
+    @classmethod
+    def tree_unflatten(cls, dense_shape, children):
+        obj = object.__new__(cls)
+        obj.values, obj.indices = children
+        obj.dense_shape = dense_shape
+        return obj
+
+    @property
+    def dtype(self):
+        return self.values.dtype
+
+    def __repr__(self) -> str:
+        return (
+            f"IndexedSlices(values={self.values!r}, indices={self.indices!r}, "
+            f"dense_shape={self.dense_shape})"
+        )
+
+    def to_dense(self, shape: tuple[int, ...] | None = None) -> jax.Array:
+        """The dense gradient: duplicate rows summed, absent rows zero."""
+        shape = shape or self.dense_shape
+        if shape is None:
+            raise ValueError("IndexedSlices.to_dense: dense_shape is unknown; pass `shape`")
+        zeros = jnp.zeros(shape, self.values.dtype)
+        return zeros.at[self.indices].add(self.values, mode="drop")
+
+
+def is_indexed_slices(x: Any) -> bool:
+    """True for an :class:`IndexedSlices`."""
+    return isinstance(x, IndexedSlices)
+
+
+def deduplicate(grad: IndexedSlices, num_rows: int) -> IndexedSlices:
+    """Sums the values of repeated indices.
+
+    The result has as many rows as ``grad`` (static shapes); the unused tail has index
+    ``num_rows`` (out of range, dropped by scatters) and zero values.
+    """
+    n = grad.indices.shape[0]
+    unique, inverse = jnp.unique(grad.indices, size=n, fill_value=num_rows, return_inverse=True)
+    summed = jax.ops.segment_sum(grad.values, inverse.reshape(-1), num_segments=n)
+    return IndexedSlices(summed, unique, grad.dense_shape)
+
+
+def gather_rows(table: jax.Array, indices: jax.Array) -> jax.Array:
+    """``table[indices]``, clamping out-of-range indices (their results are later dropped)."""
+    return jnp.take(table, indices, axis=0, mode="clip")
+
+
+def scatter_rows(table: jax.Array, indices: jax.Array, rows: jax.Array) -> jax.Array:
+    """``table`` with ``rows`` written at ``indices``; out-of-range indices are dropped."""
+    return table.at[indices].set(rows.astype(table.dtype), mode="drop")
+
+
+def as_dense(g: Any, shape: tuple[int, ...]) -> Any:
+    """A dense gradient: an :class:`IndexedSlices` is scattered (duplicates summed)."""
+    if isinstance(g, IndexedSlices):
+        return g.to_dense(tuple(shape))
+    return g

@@ -1,0 +1,123 @@
+"""Gradient clipping as Keras's ``clipvalue``, ``clipnorm`` and ``global_clipnorm`` do it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from kopt.base import (
+    GradientTransformation,
+    OptimizerState,
+    check_hyperparam,
+    current_hyperparams,
+    init_hyperparams,
+    safe_increment,
+    schedules_of,
+)
+from kopt.sparse import IndexedSlices, is_indexed_slices
+from kopt.transforms._core import leafwise_transformation
+
+
+def _map_values(fn, g):
+    """Applies ``fn`` to a dense gradient or to the values of an IndexedSlices."""
+    if isinstance(g, IndexedSlices):
+        return IndexedSlices(fn(g.values), g.indices, g.dense_shape)
+    return fn(g)
+
+
+def clip_by_value(clipvalue: Any) -> GradientTransformation:
+    """Clips every gradient element to ``[-clipvalue, clipvalue]`` (Keras's ``clipvalue``).
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> tx = kopt.clip_by_value(1.0)
+        >>> tx.update(jnp.array([-3.0, 0.5, 2.0]), tx.init(jnp.zeros(3)))[0]
+        Array([-1. ,  0.5,  1. ], dtype=float32)
+    """
+    check_hyperparam("clip_by_value", "clipvalue", clipvalue)
+
+    def rule(g, s, p, c):
+        def clip(x):
+            v = c["clipvalue"].astype(x.dtype)
+            return jnp.clip(x, -v, v)
+
+        return _map_values(clip, g), {}
+
+    return leafwise_transformation("clip_by_value", {"clipvalue": clipvalue}, {}, rule)
+
+
+def clip_by_norm(clipnorm: Any) -> GradientTransformation:
+    """Rescales each gradient tensor whose L2 norm exceeds ``clipnorm`` (Keras's ``clipnorm``).
+
+    ``g * clipnorm / max(||g||, clipnorm)``, per tensor (not global).
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> tx = kopt.clip_by_norm(1.0)
+        >>> tx.update(jnp.array([3.0, 4.0]), tx.init(jnp.zeros(2)))[0]
+        Array([0.6, 0.8], dtype=float32)
+    """
+    check_hyperparam("clip_by_norm", "clipnorm", clipnorm)
+
+    def rule(g, s, p, c):
+        def clip(x):
+            clip_norm = c["clipnorm"].astype(x.dtype)
+            l2sum = jnp.sum(x * x)
+            positive = l2sum > 0
+            norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, l2sum, 1.0)), l2sum)
+            return x * clip_norm / jnp.maximum(norm, clip_norm)
+
+        return _map_values(clip, g), {}
+
+    return leafwise_transformation("clip_by_norm", {"clipnorm": clipnorm}, {}, rule)
+
+
+def global_norm(updates: Any) -> jax.Array:
+    """The L2 norm of all gradient leaves together (values of IndexedSlices count as given)."""
+    leaves = [
+        g.values if isinstance(g, IndexedSlices) else g
+        for g in jax.tree.leaves(updates, is_leaf=is_indexed_slices)
+    ]
+    if not leaves:
+        return jnp.zeros((), jnp.float32)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
+def clip_by_global_norm(global_clipnorm: Any) -> GradientTransformation:
+    """Scales all gradients by ``clipnorm / max(global_norm, clipnorm)`` (Keras's
+    ``global_clipnorm``). A non-finite global norm turns every gradient into NaN, as in
+    TensorFlow, so the step can be recognised and skipped (see :func:`kopt.apply_if_finite`).
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> tx = kopt.clip_by_global_norm(1.0)
+        >>> g = {"a": jnp.array([3.0]), "b": jnp.array([4.0])}
+        >>> u, _ = tx.update(g, tx.init(g))
+        >>> [round(float(x[0]), 6) for x in (u["a"], u["b"])]
+        [0.6, 0.8]
+    """
+    owner = "clip_by_global_norm"
+    check_hyperparam(owner, "global_clipnorm", global_clipnorm)
+    hyper = {"global_clipnorm": global_clipnorm}
+    schedules = schedules_of(hyper)
+
+    def init_fn(params):
+        del params
+        return OptimizerState(jnp.zeros([], jnp.int32), init_hyperparams(hyper), {})
+
+    def update_fn(updates, state, params=None):
+        del params
+        hp = current_hyperparams(state, schedules)
+        clip_norm = hp["global_clipnorm"]
+        norm = global_norm(updates)
+        scale = clip_norm * jnp.minimum(1.0 / norm, 1.0 / clip_norm) + (norm - norm)
+        updates = jax.tree.map(
+            lambda g: _map_values(lambda x: x * scale.astype(x.dtype), g),
+            updates,
+            is_leaf=is_indexed_slices,
+        )
+        return updates, OptimizerState(safe_increment(state.count), hp, {})
+
+    return GradientTransformation(init_fn, update_fn)

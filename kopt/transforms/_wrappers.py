@@ -1,0 +1,360 @@
+"""Wrappers around a transformation: masking, partitioning, accumulation, finiteness, EMA."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from kopt.base import (
+    GradientTransformation,
+    OptimizerState,
+    PyTree,
+    check_hyperparam,
+    init_hyperparams,
+    safe_increment,
+)
+from kopt.sparse import IndexedSlices, as_dense, is_indexed_slices
+
+
+def _is_leaf(x):
+    return x is None or is_indexed_slices(x)
+
+
+class MaskedState(NamedTuple):
+    """State of :func:`masked`: the inner state, over the selected leaves only."""
+
+    inner_state: Any
+
+
+def _resolve(tree_or_fn, params):
+    return tree_or_fn(params) if callable(tree_or_fn) else tree_or_fn
+
+
+def _select(tree: PyTree, mask: PyTree) -> PyTree:
+    """``tree`` with the leaves where ``mask`` is False replaced by None (an empty subtree)."""
+    return jax.tree.map(lambda m, x: x if m else None, mask, tree, is_leaf=_is_leaf)
+
+
+def masked(
+    inner: GradientTransformation, mask: PyTree | Callable[[PyTree], PyTree]
+) -> GradientTransformation:
+    """Applies ``inner`` only to the leaves where ``mask`` is True; others pass unchanged.
+
+    Args:
+        inner: the transformation to apply.
+        mask: a pytree of bools shaped like the params (a prefix works too), or a function
+            ``params -> mask``.
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> params = {"w": jnp.ones(2), "b": jnp.ones(2)}
+        >>> tx = kopt.masked(kopt.add_decayed_weights(0.5), {"w": True, "b": False})
+        >>> u, _ = tx.update({"w": jnp.zeros(2), "b": jnp.zeros(2)}, tx.init(params), params)
+        >>> u["w"], u["b"]
+        (Array([0.5, 0.5], dtype=float32), Array([0., 0.], dtype=float32))
+    """
+
+    def init_fn(params):
+        return MaskedState(inner.init(_select(params, _resolve(mask, params))))
+
+    def update_fn(updates, state, params=None):
+        m = _resolve(mask, params if params is not None else updates)
+        sub_params = None if params is None else _select(params, m)
+        new_sub, inner_state = inner.update(_select(updates, m), state.inner_state, sub_params)
+        merged = jax.tree.map(
+            lambda keep, new, old: new if keep else old,
+            m,
+            new_sub,
+            updates,
+            is_leaf=_is_leaf,
+        )
+        return merged, MaskedState(inner_state)
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+class MultiTransformState(NamedTuple):
+    """State of :func:`multi_transform`: label -> inner state."""
+
+    inner_states: dict[str, Any]
+
+
+def multi_transform(
+    transformations: Mapping[str, GradientTransformation],
+    labels: PyTree | Callable[[PyTree], PyTree],
+) -> GradientTransformation:
+    """Applies a different transformation to each group of leaves, chosen by label.
+
+    Args:
+        transformations: label -> transformation.
+        labels: a pytree of labels shaped like the params, or a function ``params -> labels``.
+
+    Raises:
+        ValueError: if a leaf's label has no transformation.
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> tx = kopt.multi_transform({"fast": kopt.sgd(1.0), "slow": kopt.sgd(0.1)},
+        ...                           {"w": "fast", "b": "slow"})
+        >>> p = {"w": jnp.zeros(1), "b": jnp.zeros(1)}
+        >>> u, _ = tx.update({"w": jnp.ones(1), "b": jnp.ones(1)}, tx.init(p), p)
+        >>> float(u["w"][0]), round(float(u["b"][0]), 6)
+        (-1.0, -0.1)
+    """
+    transformations = dict(transformations)
+
+    def masks(tree):
+        lab = _resolve(labels, tree)
+        found = set(jax.tree.leaves(lab))
+        unknown = found - set(transformations)
+        if unknown:
+            raise ValueError(
+                f"multi_transform: labels {sorted(map(str, unknown))} have no transformation; "
+                f"known labels are {sorted(transformations)}"
+            )
+        return {k: jax.tree.map(lambda x, k=k: x == k, lab) for k in transformations}
+
+    def init_fn(params):
+        ms = masks(params)
+        return MultiTransformState(
+            {k: masked(tx, ms[k]).init(params) for k, tx in transformations.items()}
+        )
+
+    def update_fn(updates, state, params=None):
+        ms = masks(params if params is not None else updates)
+        new_states = {}
+        for k, tx in transformations.items():
+            updates, new_states[k] = masked(tx, ms[k]).update(
+                updates, state.inner_states[k], params
+            )
+        return updates, MultiTransformState(new_states)
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+class AccumulateState(NamedTuple):
+    """State of :func:`accumulate_gradients`."""
+
+    mini_step: jax.Array
+    accumulated: PyTree
+    inner_state: Any
+
+
+def accumulate_gradients(
+    transformation: GradientTransformation, every_k: int, reduction: str = "mean"
+) -> GradientTransformation:
+    """Accumulates gradients over ``every_k`` calls; the inner update runs only on the k-th.
+
+    The other calls return zero updates and leave the inner state untouched; the inner update is
+    inside a ``lax.cond`` branch, so its work is not done on those calls (unlike Keras 3 on JAX,
+    which computes it and then discards it).
+
+    Args:
+        transformation: the inner transformation.
+        every_k: how many calls make one step (an int >= 1).
+        reduction: ``"mean"`` (Keras 3's ``gradient_accumulation_steps``) or ``"sum"``.
+
+    Raises:
+        ValueError: for ``every_k < 1`` or an unknown reduction.
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> tx = kopt.accumulate_gradients(kopt.sgd(1.0), every_k=2)
+        >>> s = tx.init(jnp.zeros(1))
+        >>> u1, s = tx.update(jnp.array([1.0]), s, jnp.zeros(1))
+        >>> u2, s = tx.update(jnp.array([3.0]), s, jnp.zeros(1))
+        >>> float(u1[0]), float(u2[0])
+        (0.0, -2.0)
+    """
+    if isinstance(every_k, bool) or not isinstance(every_k, int) or every_k < 1:
+        raise ValueError(
+            f"accumulate_gradients: `every_k` must be an int >= 1, received {every_k!r}"
+        )
+    if reduction not in ("mean", "sum"):
+        raise ValueError(
+            f"accumulate_gradients: `reduction` must be 'mean' or 'sum', received {reduction!r}"
+        )
+
+    def init_fn(params):
+        zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.result_type(p)), params)
+        return AccumulateState(jnp.zeros([], jnp.int32), zeros, transformation.init(params))
+
+    def update_fn(updates, state, params=None):
+        dense = jax.tree.map(
+            lambda g, a: as_dense(g, a.shape).astype(a.dtype),
+            updates,
+            state.accumulated,
+            is_leaf=_is_leaf,
+        )
+        total = jax.tree.map(jnp.add, state.accumulated, dense)
+        boundary = state.mini_step + 1 >= every_k
+
+        def apply_inner(operand):
+            total, inner_state = operand
+            grads = total if reduction == "sum" else jax.tree.map(lambda x: x / every_k, total)
+            new_updates, inner_state = transformation.update(grads, inner_state, params)
+            new_updates = jax.tree.map(
+                lambda u, a: as_dense(u, a.shape), new_updates, total, is_leaf=_is_leaf
+            )
+            return new_updates, jax.tree.map(jnp.zeros_like, total), inner_state
+
+        def keep(operand):
+            total, inner_state = operand
+            return jax.tree.map(jnp.zeros_like, total), total, inner_state
+
+        new_updates, accumulated, inner_state = jax.lax.cond(
+            boundary, apply_inner, keep, (total, state.inner_state)
+        )
+        mini_step = jnp.where(boundary, 0, state.mini_step + 1).astype(jnp.int32)
+        return new_updates, AccumulateState(mini_step, accumulated, inner_state)
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+class ApplyIfFiniteState(NamedTuple):
+    """State of :func:`apply_if_finite`."""
+
+    notfinite_count: jax.Array
+    last_finite: jax.Array
+    total_notfinite: jax.Array
+    inner_state: Any
+
+
+def all_finite(tree: PyTree) -> jax.Array:
+    """True when every element of every leaf (values of IndexedSlices) is finite."""
+    leaves = [
+        g.values if isinstance(g, IndexedSlices) else g
+        for g in jax.tree.leaves(tree, is_leaf=is_indexed_slices)
+    ]
+    if not leaves:
+        return jnp.array(True)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def apply_if_finite(
+    transformation: GradientTransformation, max_consecutive_errors: int = 5
+) -> GradientTransformation:
+    """Skips a step whose gradients hold a NaN or infinity: zero updates, inner state unchanged.
+
+    After ``max_consecutive_errors`` skipped steps in a row the next bad step is passed to the
+    inner transformation (so a run that only produces bad gradients fails visibly).
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> tx = kopt.apply_if_finite(kopt.adam(0.1), max_consecutive_errors=3)
+        >>> s = tx.init(jnp.zeros(2))
+        >>> u, s = tx.update(jnp.array([1.0, jnp.nan]), s, jnp.zeros(2))
+        >>> u, int(s.total_notfinite)
+        (Array([0., 0.], dtype=float32), 1)
+    """
+    if (
+        isinstance(max_consecutive_errors, bool)
+        or not isinstance(max_consecutive_errors, int)
+        or max_consecutive_errors < 0
+    ):
+        raise ValueError(
+            "apply_if_finite: `max_consecutive_errors` must be an int >= 0, received "
+            f"{max_consecutive_errors!r}"
+        )
+
+    def init_fn(params):
+        return ApplyIfFiniteState(
+            jnp.zeros([], jnp.int32),
+            jnp.array(True),
+            jnp.zeros([], jnp.int32),
+            transformation.init(params),
+        )
+
+    def update_fn(updates, state, params=None):
+        finite = all_finite(updates)
+        notfinite = jnp.where(finite, 0, state.notfinite_count + 1).astype(jnp.int32)
+        run = finite | (notfinite > max_consecutive_errors)
+
+        def apply_inner(operand):
+            updates, inner_state = operand
+            return transformation.update(updates, inner_state, params)
+
+        def skip(operand):
+            updates, inner_state = operand
+            out_shape = jax.eval_shape(lambda: transformation.update(updates, inner_state, params))[
+                0
+            ]
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
+            return zeros, inner_state
+
+        new_updates, inner_state = jax.lax.cond(
+            run, apply_inner, skip, (updates, state.inner_state)
+        )
+        total = jnp.where(finite, state.total_notfinite, safe_increment(state.total_notfinite))
+        return new_updates, ApplyIfFiniteState(notfinite, finite, total, inner_state)
+
+    return GradientTransformation(init_fn, update_fn)
+
+
+def ema(momentum: Any = 0.99, overwrite_frequency: int | None = None) -> GradientTransformation:
+    """Keeps an exponential moving average of the params after each update (Keras 3's EMA).
+
+    Put it last in a chain. The average (slot ``"average"``) is set to the params on the first
+    step, then ``average = momentum * average + (1 - momentum) * new_params``. With
+    ``overwrite_frequency=n``, every n-th step replaces the params by the average (the update
+    becomes ``average - params``). Updates pass through unchanged otherwise. Needs ``params``.
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> tx = kopt.chain(kopt.sgd(1.0), kopt.ema(0.5))
+        >>> p = jnp.zeros(1)
+        >>> s = tx.init(p)
+        >>> u, s = tx.update(jnp.array([-2.0]), s, p); p = kopt.apply_updates(p, u)
+        >>> u, s = tx.update(jnp.array([-2.0]), s, p); p = kopt.apply_updates(p, u)
+        >>> float(kopt.get_slot(s, "average")[0])
+        3.0
+    """
+    check_hyperparam("ema", "momentum", momentum, low=0.0, high=1.0, allow_schedule=False)
+    if overwrite_frequency is not None and (
+        isinstance(overwrite_frequency, bool)
+        or not isinstance(overwrite_frequency, int)
+        or overwrite_frequency < 1
+    ):
+        raise ValueError(
+            f"ema: `overwrite_frequency` must be None or an int >= 1, received {overwrite_frequency!r}"
+        )
+
+    def init_fn(params):
+        average = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.result_type(p)), params)
+        return OptimizerState(
+            jnp.zeros([], jnp.int32),
+            init_hyperparams({"momentum": momentum}),
+            {"average": average},
+        )
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("ema: this transformation needs `params` in update()")
+        m = jnp.where(state.count == 0, 0.0, state.hyperparams["momentum"])
+        new_params = jax.tree.map(
+            lambda p, u: p + as_dense(u, jnp.shape(p)).astype(jnp.result_type(p)),
+            params,
+            updates,
+            is_leaf=_is_leaf,
+        )
+        average = jax.tree.map(
+            lambda a, p: m.astype(a.dtype) * a + (1 - m.astype(a.dtype)) * p,
+            state.slots["average"],
+            new_params,
+        )
+        count = safe_increment(state.count)
+        if overwrite_frequency is not None:
+            overwrite = count % overwrite_frequency == 0
+            updates = jax.tree.map(
+                lambda u, a, p: jnp.where(overwrite, a - p, as_dense(u, jnp.shape(p))),
+                updates,
+                average,
+                params,
+                is_leaf=_is_leaf,
+            )
+        return updates, OptimizerState(count, state.hyperparams, {"average": average})
+
+    return GradientTransformation(init_fn, update_fn)
