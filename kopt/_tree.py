@@ -43,9 +43,9 @@ def check_same_structure(updates: PyTree, reference: PyTree, owner: str, what: s
     extra = [p for p in u_paths if p not in r_paths]
     detail = []
     if missing:
-        detail.append(f"missing {missing[:3]}")
+        detail.append(f"missing {', '.join(missing[:3])}")
     if extra:
-        detail.append(f"unexpected {extra[:3]}")
+        detail.append(f"unexpected {', '.join(extra[:3])}")
     if not detail:
         detail.append(f"structure {u_def} differs from {r_def}")
     raise ValueError(f"{owner}: the gradient tree does not match the {what}: {'; '.join(detail)}")

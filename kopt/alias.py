@@ -67,7 +67,8 @@ def adam(
 ) -> GradientTransformation:
     r"""Adam as Keras computes it: epsilon added to :math:`\sqrt{v}` of the uncorrected ``v``.
 
-    .. math:: w \leftarrow w - \eta \frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\frac{m}{\sqrt{v}+\epsilon}
+    .. math::
+        w \leftarrow w - \eta \frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\frac{m}{\sqrt{v}+\epsilon}
 
     Unlike optax's ``adam`` (``eps=1e-8`` added to the bias-corrected root), this is the
     "epsilon hat" of Kingma and Ba. Slots ``m``, ``v`` (and ``vhat`` with amsgrad).
@@ -78,8 +79,8 @@ def adam(
         >>> params = {"w": jnp.zeros(2)}
         >>> state = tx.init(params)
         >>> updates, state = tx.update({"w": jnp.array([1.0, -1.0])}, state, params)
-        >>> kopt.apply_updates(params, updates)["w"]
-        Array([-0.1,  0.1], dtype=float32)
+        >>> kopt.apply_updates(params, updates)["w"]  # epsilon-hat: a hair short of lr
+        Array([-0.09999969,  0.09999969], dtype=float32)
     """
     return chain(
         scale_by_adam(beta_1, beta_2, epsilon, amsgrad, slot_dtype),
@@ -226,8 +227,8 @@ def ftrl(
         >>> tx = kopt.ftrl(learning_rate=0.1)
         >>> w = jnp.zeros(2)
         >>> u, _ = tx.update(jnp.array([1.0, -1.0]), tx.init(w), w)
-        >>> [round(float(x), 4) for x in u]
-        [-0.0741, 0.0741]
+        >>> [round(float(x), 4) for x in u]  # -1 / (sqrt(0.1 + 1) / 0.1)
+        [-0.0953, 0.0953]
     """
     return scale_by_ftrl(
         learning_rate,

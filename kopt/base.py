@@ -208,7 +208,8 @@ def check_hyperparam(
     elif hasattr(value, "shape") and hasattr(value, "dtype"):
         if tuple(value.shape) != ():
             raise ValueError(
-                f"{owner}: `{name}` must be a scalar, received an array of shape {tuple(value.shape)}"
+                f"{owner}: `{name}` must be a scalar, received an array of shape "
+                f"{tuple(value.shape)}"
             )
         if not jnp.issubdtype(value.dtype, jnp.number):
             raise TypeError(f"{owner}: `{name}` must be numeric, received dtype {value.dtype}")
@@ -216,9 +217,11 @@ def check_hyperparam(
             return
         number = float(value)
     else:
+        expected = "a number or a scalar array"
+        if allow_schedule:
+            expected = "a number, a scalar array or a schedule"
         raise TypeError(
-            f"{owner}: `{name}` must be a number, a scalar array or a schedule, "
-            f"received {type(value).__name__}: {value!r:.80}"
+            f"{owner}: `{name}` must be {expected}, received {type(value).__name__}: {value!r:.80}"
         )
     if number != number:
         raise ValueError(f"{owner}: `{name}` must be a number, received nan")
@@ -302,15 +305,15 @@ def get_hyperparam(state: OptState, name: str) -> jax.Array:
         >>> float(kopt.get_hyperparam(state, "learning_rate"))
         0.009999999776482582
     """
-    names = []
     for holder in _hyperparam_holders(state):
         if name in holder.hyperparams:
             return holder.hyperparams[name]
-        names.extend(holder.hyperparams)
-    raise ValueError(
-        f"get_hyperparam: no hyperparameter named {name!r} in this state; "
-        f"it has {sorted(set(names))}"
-    )
+    raise _unknown_hyperparam("get_hyperparam", state, name)
+
+
+def _unknown_hyperparam(owner: str, state: OptState, name: str) -> ValueError:
+    names = sorted({n for holder in _hyperparam_holders(state) for n in holder.hyperparams})
+    return ValueError(f"{owner}: no hyperparameter named {name!r} in this state; it has {names}")
 
 
 def set_hyperparam(state: OptState, name: str, value: Any) -> OptState:
@@ -365,7 +368,7 @@ def set_hyperparam(state: OptState, name: str, value: Any) -> OptState:
 
     new_state = rebuild(state)
     if not found:
-        get_hyperparam(state, name)  # raises with the list of names
+        raise _unknown_hyperparam("set_hyperparam", state, name)
     return new_state
 
 

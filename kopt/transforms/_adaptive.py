@@ -144,8 +144,8 @@ def scale_by_adadelta(
         >>> import jax.numpy as jnp, kopt
         >>> tx = kopt.scale_by_adadelta()
         >>> u, s = tx.update(jnp.array([1.0]), tx.init(jnp.zeros(1)))
-        >>> kopt.get_slot(s, "accum_grad")
-        Array([0.05], dtype=float32)
+        >>> kopt.get_slot(s, "accum_grad")  # (1 - rho) * g**2, with 1 - rho in float32
+        Array([0.05000001], dtype=float32)
     """
     owner = "scale_by_adadelta"
     check_hyperparam(owner, "rho", rho, high=1.0)
@@ -256,8 +256,8 @@ def scale_by_nadam(
         >>> import jax.numpy as jnp, kopt
         >>> tx = kopt.scale_by_nadam()
         >>> _, s = tx.update(jnp.ones(2), tx.init(jnp.zeros(2)))
-        >>> round(float(kopt.get_slot(s, "momentum_cache")), 6)
-        0.450007
+        >>> round(float(kopt.get_slot(s, "momentum_cache")), 6)  # 0.9 * (1 - 0.5 * 0.96**0.004)
+        0.450073
     """
     owner = "scale_by_nadam"
     _check_betas(owner, beta_1=beta_1, beta_2=beta_2)

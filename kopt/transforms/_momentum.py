@@ -105,7 +105,9 @@ def scale_by_rmsprop(
 
     Without momentum (epsilon outside the root):
 
-    .. math:: s \leftarrow \rho s + (1-\rho) g^2,\quad u = -\frac{lr_t\, g}{\sqrt{s - \bar g^2} + \epsilon}
+    .. math::
+        s \leftarrow \rho s + (1-\rho) g^2,\quad
+        u = -\frac{lr_t\, g}{\sqrt{s - \bar g^2} + \epsilon}
 
     With momentum (epsilon inside the root, slot ``momentum``):
 
@@ -119,8 +121,9 @@ def scale_by_rmsprop(
     Example:
         >>> import jax.numpy as jnp, kopt
         >>> tx = kopt.scale_by_rmsprop(learning_rate=1.0, epsilon=0.0)
-        >>> tx.update(jnp.ones(1), tx.init(jnp.zeros(1)))[0]
-        Array([-3.1622777], dtype=float32)
+        >>> u, _ = tx.update(jnp.ones(1), tx.init(jnp.zeros(1)))
+        >>> round(float(u[0]), 5)  # -1 / sqrt(1 - rho)
+        -3.16228
     """
     owner = "scale_by_rmsprop"
     check_hyperparam(owner, "learning_rate", learning_rate)

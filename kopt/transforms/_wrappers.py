@@ -8,10 +8,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from kopt._tree import slot_like
 from kopt.base import (
     GradientTransformation,
     OptimizerState,
     PyTree,
+    apply_updates,
     check_hyperparam,
     init_hyperparams,
     safe_increment,
@@ -179,17 +181,16 @@ def accumulate_gradients(
         )
 
     def init_fn(params):
-        zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.result_type(p)), params)
+        zeros = slot_like(params, 0.0, None)
         return AccumulateState(jnp.zeros([], jnp.int32), zeros, transformation.init(params))
 
     def update_fn(updates, state, params=None):
-        dense = jax.tree.map(
-            lambda g, a: as_dense(g, a.shape).astype(a.dtype),
+        total = jax.tree.map(
+            lambda g, a: None if g is None else a + as_dense(g, a.shape).astype(a.dtype),
             updates,
             state.accumulated,
             is_leaf=_is_leaf,
         )
-        total = jax.tree.map(jnp.add, state.accumulated, dense)
         boundary = state.mini_step + 1 >= every_k
 
         def apply_inner(operand):
@@ -197,13 +198,18 @@ def accumulate_gradients(
             grads = total if reduction == "sum" else jax.tree.map(lambda x: x / every_k, total)
             new_updates, inner_state = transformation.update(grads, inner_state, params)
             new_updates = jax.tree.map(
-                lambda u, a: as_dense(u, a.shape), new_updates, total, is_leaf=_is_leaf
+                lambda u, a: None if u is None else as_dense(u, a.shape),
+                new_updates,
+                total,
+                is_leaf=_is_leaf,
             )
             return new_updates, jax.tree.map(jnp.zeros_like, total), inner_state
 
         def keep(operand):
             total, inner_state = operand
-            return jax.tree.map(jnp.zeros_like, total), total, inner_state
+            out_shape = jax.eval_shape(apply_inner, operand)[0]
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
+            return zeros, total, inner_state
 
         new_updates, accumulated, inner_state = jax.lax.cond(
             boundary, apply_inner, keep, (total, state.inner_state)
@@ -319,11 +325,12 @@ def ema(momentum: Any = 0.99, overwrite_frequency: int | None = None) -> Gradien
         or overwrite_frequency < 1
     ):
         raise ValueError(
-            f"ema: `overwrite_frequency` must be None or an int >= 1, received {overwrite_frequency!r}"
+            "ema: `overwrite_frequency` must be None or an int >= 1, received "
+            f"{overwrite_frequency!r}"
         )
 
     def init_fn(params):
-        average = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.result_type(p)), params)
+        average = slot_like(params, 0.0, None)
         return OptimizerState(
             jnp.zeros([], jnp.int32),
             init_hyperparams({"momentum": momentum}),
@@ -334,12 +341,7 @@ def ema(momentum: Any = 0.99, overwrite_frequency: int | None = None) -> Gradien
         if params is None:
             raise ValueError("ema: this transformation needs `params` in update()")
         m = jnp.where(state.count == 0, 0.0, state.hyperparams["momentum"])
-        new_params = jax.tree.map(
-            lambda p, u: p + as_dense(u, jnp.shape(p)).astype(jnp.result_type(p)),
-            params,
-            updates,
-            is_leaf=_is_leaf,
-        )
+        new_params = apply_updates(params, updates)
         average = jax.tree.map(
             lambda a, p: m.astype(a.dtype) * a + (1 - m.astype(a.dtype)) * p,
             state.slots["average"],
@@ -349,7 +351,9 @@ def ema(momentum: Any = 0.99, overwrite_frequency: int | None = None) -> Gradien
         if overwrite_frequency is not None:
             overwrite = count % overwrite_frequency == 0
             updates = jax.tree.map(
-                lambda u, a, p: jnp.where(overwrite, a - p, as_dense(u, jnp.shape(p))),
+                lambda u, a, p: (
+                    None if u is None else jnp.where(overwrite, a - p, as_dense(u, jnp.shape(p)))
+                ),
                 updates,
                 average,
                 params,
