@@ -120,3 +120,8 @@ __all__ = [
     "sgd",
     "slot_names",
 ]
+
+from kopt.variables import Variable  # noqa: E402
+from kopt import constraints, optimizers  # noqa: E402
+
+__all__ += ["Variable", "constraints", "optimizers"]

@@ -1,0 +1,251 @@
+"""The things being timed: one closure per library that runs one optimizer step and waits for it.
+
+Every builder takes the optimizer's name and a configuration (``n_params`` float32 values in
+``n_leaves`` vectors), builds params, gradients and state, runs the step once (compiling it)
+and returns the step. Imports happen inside the builders, so a missing peer only fails its own
+rows: builders raise :class:`Unavailable` with the reason.
+
+Waiting: a jitted step waits on one output array. XLA runs a step as one executable whose
+outputs become ready together, and the next step consumes them, so waiting on one is enough
+and avoids timing a walk over hundreds of leaves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from harness import Step, jax_tree, numpy_leaves
+
+# The same hyperparameters in every library (each library keeps its own epsilon placement).
+ADAM = {"learning_rate": 1e-3, "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7}
+SGD_MOMENTUM = {"learning_rate": 0.01, "momentum": 0.9}
+RMSPROP = {"learning_rate": 1e-3, "rho": 0.9, "epsilon": 1e-7}
+ADAGRAD = {"learning_rate": 1e-3, "initial_accumulator_value": 0.1, "epsilon": 1e-7}
+
+
+class Unavailable(Exception):
+    """A contender that cannot run here (a missing library, an unsupported feature)."""
+
+
+def kopt_transformation(optimizer: str):
+    import kopt
+
+    return {
+        "adam": lambda: kopt.adam(**ADAM),
+        "sgd_momentum": lambda: kopt.sgd(**SGD_MOMENTUM),
+        "rmsprop": lambda: kopt.rmsprop(**RMSPROP),
+        "adagrad": lambda: kopt.adagrad(**ADAGRAD),
+    }[optimizer]()
+
+
+def optax_transformation(optimizer: str):
+    try:
+        import optax
+    except ImportError as e:
+        raise Unavailable("optax is not installed") from e
+    return {
+        "adam": lambda: optax.adam(ADAM["learning_rate"], b1=0.9, b2=0.999, eps=ADAM["epsilon"]),
+        "sgd_momentum": lambda: optax.sgd(**SGD_MOMENTUM),
+        "rmsprop": lambda: optax.rmsprop(
+            RMSPROP["learning_rate"], decay=RMSPROP["rho"], eps=RMSPROP["epsilon"]
+        ),
+        "adagrad": lambda: optax.adagrad(
+            ADAGRAD["learning_rate"],
+            initial_accumulator_value=ADAGRAD["initial_accumulator_value"],
+            eps=ADAGRAD["epsilon"],
+        ),
+    }[optimizer]()
+
+
+def jitted_step(transformation, apply_updates):
+    """``(params, state, grads) -> (params, state)``, jitted, params and state donated."""
+    import jax
+
+    def step(params, state, grads):
+        updates, state = transformation.update(grads, state, params)
+        return apply_updates(params, updates), state
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def pure_step(transformation, apply_updates, params: dict, grads: dict) -> Step:
+    """A step closure over a jitted, donated pure step of ``transformation``."""
+    fn = jitted_step(transformation, apply_updates)
+    box = [params, transformation.init(params)]
+    last = max(params)
+
+    def step():
+        box[0], box[1] = fn(box[0], box[1], grads)
+        box[0][last].block_until_ready()
+
+    step()
+    return step
+
+
+def kopt_pure(optimizer: str, n_params: int, n_leaves: int, wrap=None) -> Step:
+    import kopt
+
+    tx = kopt_transformation(optimizer)
+    if wrap is not None:
+        tx = wrap(tx)
+    params = jax_tree(n_params, n_leaves, 0)
+    return pure_step(tx, kopt.apply_updates, params, jax_tree(n_params, n_leaves, 1))
+
+
+def optax_pure(optimizer: str, n_params: int, n_leaves: int) -> Step:
+    import optax
+
+    tx = optax_transformation(optimizer)
+    params = jax_tree(n_params, n_leaves, 0)
+    return pure_step(tx, optax.apply_updates, params, jax_tree(n_params, n_leaves, 1))
+
+
+def kopt_facade(optimizer: str, n_params: int, n_leaves: int) -> Step:
+    """``kopt.optimizers.<Optimizer>(...).apply_gradients(zip(grads, variables))``."""
+    import jax.numpy as jnp
+
+    try:
+        import kopt
+        from kopt import optimizers
+    except ImportError as e:
+        raise Unavailable(f"kopt.optimizers cannot be imported ({e})") from e
+    if not hasattr(kopt, "Variable"):
+        raise Unavailable("kopt.Variable does not exist yet")
+    variables = [kopt.Variable(x) for x in numpy_leaves(n_params, n_leaves, 0)]
+    grads = [jnp.asarray(x) for x in numpy_leaves(n_params, n_leaves, 1)]
+    opt = _keras_like(optimizers, optimizer)
+
+    def step():
+        opt.apply_gradients(zip(grads, variables, strict=True))
+        variables[-1].value.block_until_ready()
+
+    step()
+    return step
+
+
+def _keras_like(module, optimizer: str):
+    """An optimizer from a Keras-style ``optimizers`` module (kopt's, Keras 3's, tf.keras's)."""
+    if optimizer == "adam":
+        return module.Adam(**ADAM)
+    if optimizer == "sgd_momentum":
+        return module.SGD(**SGD_MOMENTUM)
+    if optimizer == "rmsprop":
+        return module.RMSprop(**RMSPROP)
+    if optimizer == "adagrad":
+        return module.Adagrad(**ADAGRAD)
+    raise ValueError(f"unknown optimizer {optimizer!r}")
+
+
+def _keras3():
+    import os
+
+    backend = os.environ.get("KERAS_BACKEND", "jax")
+    if backend != "jax":
+        raise Unavailable(f"KERAS_BACKEND is {backend!r}; the Keras 3 rows need 'jax'")
+    os.environ["KERAS_BACKEND"] = "jax"
+    try:
+        import keras
+    except ImportError as e:
+        raise Unavailable(f"Keras 3 is not installed ({e})") from e
+    if not keras.__version__.startswith("3."):
+        raise Unavailable(f"keras {keras.__version__} is not Keras 3")
+    return keras
+
+
+def keras3_eager(optimizer: str, n_params: int, n_leaves: int) -> Step:
+    """Keras 3 (JAX backend) ``apply_gradients`` called eagerly, as a Keras user would."""
+    import jax.numpy as jnp
+
+    keras = _keras3()
+    variables = [keras.Variable(x) for x in numpy_leaves(n_params, n_leaves, 0)]
+    grads = [jnp.asarray(x) for x in numpy_leaves(n_params, n_leaves, 1)]
+    opt = _keras_like(keras.optimizers, optimizer)
+
+    def step():
+        opt.apply_gradients(zip(grads, variables, strict=True))
+        variables[-1].value.block_until_ready()
+
+    step()
+    return step
+
+
+def keras3_stateless(optimizer: str, n_params: int, n_leaves: int) -> Step:
+    """Keras 3's ``stateless_apply`` under ``jax.jit``, optimizer and model variables donated."""
+    import jax
+    import jax.numpy as jnp
+
+    keras = _keras3()
+    variables = [keras.Variable(x) for x in numpy_leaves(n_params, n_leaves, 0)]
+    grads = [jnp.asarray(x) for x in numpy_leaves(n_params, n_leaves, 1)]
+    opt = _keras_like(keras.optimizers, optimizer)
+    opt.build(variables)
+    fn = jax.jit(opt.stateless_apply, donate_argnums=(0, 2))
+    box = [[v.value for v in opt.variables], [v.value for v in variables]]
+
+    def step():
+        box[1], box[0] = fn(box[0], grads, box[1])
+        box[1][-1].block_until_ready()
+
+    step()
+    return step
+
+
+def tf_keras_legacy(optimizer: str, n_params: int, n_leaves: int, compiled: bool) -> Step:
+    """tf.keras's legacy optimizer (``tf_keras.optimizers.legacy``), eager or in tf.function."""
+    try:
+        import tensorflow as tf
+    except ImportError as e:
+        raise Unavailable("tensorflow is not installed") from e
+    try:
+        import tf_keras
+
+        legacy = tf_keras.optimizers.legacy
+    except (ImportError, AttributeError):
+        legacy = getattr(getattr(tf.keras, "optimizers", None), "legacy", None)
+    if legacy is None:
+        raise Unavailable("neither tf_keras nor tf.keras.optimizers.legacy is available")
+    variables = [tf.Variable(x) for x in numpy_leaves(n_params, n_leaves, 0)]
+    grads = [tf.constant(x) for x in numpy_leaves(n_params, n_leaves, 1)]
+    opt = _keras_like(legacy, optimizer)
+
+    def apply(gs):
+        opt.apply_gradients(zip(gs, variables, strict=True))
+
+    run = tf.function(apply) if compiled else apply
+
+    def step():
+        run(grads)
+
+    step()
+    return step
+
+
+def torch_fused(optimizer: str, n_params: int, n_leaves: int) -> Step:
+    """torch.optim with ``fused=True`` (the fastest CPU implementation, torch >= 2.4)."""
+    try:
+        import torch
+    except ImportError as e:
+        raise Unavailable("torch is not installed") from e
+    params = [torch.nn.Parameter(torch.from_numpy(x)) for x in numpy_leaves(n_params, n_leaves, 0)]
+    for p, g in zip(params, numpy_leaves(n_params, n_leaves, 1), strict=True):
+        p.grad = torch.from_numpy(g)
+    kwargs: dict[str, Any] = {"fused": True}
+    if optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=ADAM["learning_rate"], eps=ADAM["epsilon"], **kwargs)
+    elif optimizer == "sgd_momentum":
+        opt = torch.optim.SGD(
+            params, lr=SGD_MOMENTUM["learning_rate"], momentum=SGD_MOMENTUM["momentum"], **kwargs
+        )
+    else:
+        raise Unavailable(f"no fused torch {optimizer}")
+    try:
+        with torch.no_grad():
+            opt.step()
+    except RuntimeError as e:
+        raise Unavailable(f"fused torch.optim is not supported here ({e})") from e
+
+    def step():
+        with torch.no_grad():
+            opt.step()
+
+    return step

@@ -1,0 +1,257 @@
+"""Shared benchmark machinery: paired A/B timing, trees of arrays, bandwidth, machine, tables.
+
+Imported by ``run.py`` and by ``peer_child.py`` (which may run under another interpreter, one
+with TensorFlow or torch installed), so it depends on nothing but NumPy, and on JAX only inside
+the functions that need it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+Step = Callable[[], None]
+
+# Bytes an in-place step moves per float32 parameter: reads of the param, the gradient and each
+# slot, writes of the param and each slot.
+BYTES_PER_PARAM = {"adam": 28, "sgd_momentum": 20, "rmsprop": 20, "adagrad": 20}
+
+
+@dataclasses.dataclass
+class Timing:
+    """The result of a paired A/B run: medians, and the spread of the per-iteration ratios."""
+
+    a_ms: float
+    b_ms: float
+    ratio: float
+    ratio_q1: float
+    ratio_q3: float
+    reps: int
+
+
+@dataclasses.dataclass
+class Row:
+    """One line of a results table: contender A against contender B on one configuration."""
+
+    suite: str
+    optimizer: str
+    n_params: int
+    n_leaves: int
+    a_name: str
+    b_name: str
+    timing: Timing | None = None
+    target: float | None = None
+    gbps: float | None = None
+    note: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Row:
+        timing = data.pop("timing")
+        return cls(**data, timing=None if timing is None else Timing(**timing))
+
+
+@dataclasses.dataclass
+class Budget:
+    """How long to time each pair: ``seconds`` in all, between ``min_reps`` and ``max_reps``."""
+
+    seconds: float
+    min_reps: int
+    max_reps: int
+    warmup: int
+
+
+def paired(a: Step, b: Step, budget: Budget) -> Timing:
+    """Times ``a`` and ``b`` alternately in one loop (ABBA order) so machine drift cancels.
+
+    Each step must run one full update and wait for it. The ratio is the median of the
+    per-iteration ratios ``a_i / b_i``, so a slow spell that hits both sides cancels out.
+    """
+    for _ in range(budget.warmup):
+        a()
+        b()
+    t0 = time.perf_counter()
+    a()
+    b()
+    per_pair = max(time.perf_counter() - t0, 1e-6)
+    reps = int(min(max(budget.seconds / per_pair, budget.min_reps), budget.max_reps))
+    ta, tb = [], []
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for i in range(reps):
+            order = (a, b) if i % 2 == 0 else (b, a)
+            times = []
+            for fn in order:
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+            if i % 2 == 1:
+                times.reverse()
+            ta.append(times[0])
+            tb.append(times[1])
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    ratios = sorted(x / y for x, y in zip(ta, tb, strict=True))
+    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+    return Timing(
+        a_ms=statistics.median(ta) * 1e3,
+        b_ms=statistics.median(tb) * 1e3,
+        ratio=statistics.median(ratios),
+        ratio_q1=q1,
+        ratio_q3=q3,
+        reps=reps,
+    )
+
+
+def numpy_leaves(n_params: int, n_leaves: int, seed: int) -> list[np.ndarray]:
+    """``n_leaves`` float32 vectors of ``n_params`` values in all (the first takes the rest)."""
+    rng = np.random.default_rng(seed)
+    size = n_params // n_leaves
+    sizes = [size + n_params - size * n_leaves] + [size] * (n_leaves - 1)
+    return [rng.standard_normal(s, dtype=np.float32) for s in sizes]
+
+
+def leaf_name(i: int) -> str:
+    return f"w{i:04d}"
+
+
+def jax_tree(n_params: int, n_leaves: int, seed: int) -> dict[str, Any]:
+    """A dict of ``n_leaves`` jax arrays holding ``n_params`` float32 values."""
+    import jax.numpy as jnp
+
+    leaves = numpy_leaves(n_params, n_leaves, seed)
+    return {leaf_name(i): jnp.asarray(x) for i, x in enumerate(leaves)}
+
+
+def inplace_bandwidth(n: int, budget: Budget) -> float:
+    """GB/s of a jitted, donated ``a + b`` over ``n`` float32 (12 bytes per element)."""
+    import jax
+    import jax.numpy as jnp
+
+    add = jax.jit(lambda a, b: a + b, donate_argnums=0)
+    box = [jnp.ones(n, jnp.float32)]
+    other = jnp.ones(n, jnp.float32)
+
+    def step():
+        box[0] = add(box[0], other)
+        box[0].block_until_ready()
+
+    timing = paired(step, step, budget)
+    return 12 * n / (min(timing.a_ms, timing.b_ms) * 1e-3) / 1e9
+
+
+def machine_description() -> dict[str, str]:
+    """CPU model, cores, memory, OS and the versions of every library that might be measured."""
+    info = {"cpu": platform.processor() or platform.machine()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    cores = os.cpu_count() or 0
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    info["cores"] = f"{usable} usable of {cores}"
+    try:
+        with open("/proc/meminfo") as f:
+            kb = int(f.readline().split()[1])
+        info["memory"] = f"{kb / 2**20:.0f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    info["os"] = f"{platform.system()} {platform.release()}"
+    info["python"] = platform.python_version()
+    for module in ("jax", "jaxlib", "numpy", "optax", "keras", "tensorflow", "tf_keras", "torch"):
+        version = module_version(module)
+        if version:
+            info[module] = version
+    return info
+
+
+def module_version(module: str) -> str | None:
+    from importlib import metadata
+
+    names = {"tf_keras": "tf-keras", "tensorflow": "tensorflow"}
+    for name in (names.get(module, module), module):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def format_size(n: int) -> str:
+    for unit, scale in (("M", 1_000_000), ("k", 1_000)):
+        if n >= scale and n % (scale // 10) == 0:
+            return f"{n / scale:g}{unit}"
+    return str(n)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def rows_table(rows: Sequence[Row], inplace_gbps: float | None) -> str:
+    """The Markdown table of timed rows: times, paired ratio with its spread, target, bandwidth."""
+    header = [
+        "optimizer",
+        "params",
+        "leaves",
+        "A",
+        "B",
+        "A ms",
+        "B ms",
+        "A/B",
+        "A/B IQR",
+        "target",
+        "A GB/s",
+        "reps",
+    ]
+    body = []
+    for r in rows:
+        t = r.timing
+        if t is None:
+            continue
+        target = (
+            ""
+            if r.target is None
+            else f"<= {r.target:g}" + (" ok" if t.ratio <= r.target else " **missed**")
+        )
+        if r.gbps is None:
+            bandwidth = ""
+        elif inplace_gbps:
+            bandwidth = f"{r.gbps:.1f} ({100 * r.gbps / inplace_gbps:.0f} %)"
+        else:
+            bandwidth = f"{r.gbps:.1f}"
+        body.append(
+            [
+                r.optimizer,
+                format_size(r.n_params),
+                str(r.n_leaves),
+                r.a_name,
+                r.b_name,
+                f"{t.a_ms:.3f}",
+                f"{t.b_ms:.3f}",
+                f"{t.ratio:.2f}",
+                f"{t.ratio_q1:.2f}–{t.ratio_q3:.2f}",
+                target,
+                bandwidth,
+                str(t.reps),
+            ]
+        )
+    return markdown_table(header, body)

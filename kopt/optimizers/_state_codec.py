@@ -1,0 +1,113 @@
+"""Maps a functional optimizer state to the facade's variables and back.
+
+The facade keeps one slot variable per (variable, slot name), scalar slots (Nadam's momentum
+cache) as non-slot weights, the step count in ``iterations`` and the hyperparameters in its own
+variables. Anything else in a state (an optax piece's state, a wrapper's counters) is "opaque":
+kept as one variable per leaf. ``describe`` reads a state's layout; ``assemble`` builds a state
+from the facade's values inside the compiled step; ``extract`` reads the new values back.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+
+from kopt.base import OptimizerState
+
+
+def _is_namedtuple(x: Any) -> bool:
+    return isinstance(x, tuple) and hasattr(x, "_fields")
+
+
+def _per_var(tree: Any, n: int) -> bool:
+    return isinstance(tree, list) and len(tree) == n
+
+
+def _walk(node: Any, n: int, visit_state, visit_leaf):
+    """Rebuilds ``node``: OptimizerStates through ``visit_state``, other leaves ``visit_leaf``."""
+    if isinstance(node, OptimizerState):
+        return visit_state(node)
+    if node is None:
+        return None
+    if _is_namedtuple(node):
+        return type(node)(*(_walk(x, n, visit_state, visit_leaf) for x in node))
+    if isinstance(node, (tuple, list)):
+        return type(node)(_walk(x, n, visit_state, visit_leaf) for x in node)
+    if isinstance(node, dict):
+        return {k: _walk(v, n, visit_state, visit_leaf) for k, v in node.items()}
+    return visit_leaf(node)
+
+
+class Layout(NamedTuple):
+    """What a state holds, for ``n`` variables."""
+
+    n: int
+    opaque: bool
+
+    def slot_values(self, state: Any) -> dict[str, list[Any]]:
+        return extract(state, self.n)[0]
+
+    def scalar_slots(self, state: Any) -> dict[str, Any]:
+        return extract(state, self.n)[1]
+
+    def opaque_values(self, state: Any) -> list[Any]:
+        return extract(state, self.n)[2]
+
+
+def describe(state: Any, n: int) -> Layout:
+    """The layout of ``state`` (built by ``tx.init`` over a list of ``n`` params)."""
+    return Layout(n, bool(extract(state, n)[2]))
+
+
+def extract(state: Any, n: int) -> tuple[dict[str, list[Any]], dict[str, Any], list[Any]]:
+    """(slot name -> per-variable values, scalar slot name -> value, opaque leaves)."""
+    per_var: dict[str, list[Any]] = {}
+    scalars: dict[str, Any] = {}
+    opaque: list[Any] = []
+
+    def visit_state(s):
+        for name, tree in s.slots.items():
+            if _per_var(tree, n):
+                per_var.setdefault(name, list(tree))
+            else:
+                scalars.setdefault(name, tree)
+        return s
+
+    def visit_leaf(leaf):
+        opaque.append(leaf)
+        return leaf
+
+    _walk(state, n, visit_state, visit_leaf)
+    return per_var, scalars, opaque
+
+
+def assemble(
+    template: Any,
+    *,
+    count: Any,
+    hyperparams: dict[str, Any],
+    slots: dict[str, list[Any]],
+    scalar_slots: dict[str, Any],
+    opaque: list[Any],
+) -> Any:
+    """A state shaped like ``template`` holding the facade's current values."""
+    n = None
+    leaves = iter(opaque)
+
+    def visit_state(s):
+        nonlocal n
+        new_slots = {}
+        for name, tree in s.slots.items():
+            if isinstance(tree, list):
+                values = slots[name]
+                new_slots[name] = [None if t is None else values[i] for i, t in enumerate(tree)]
+            else:
+                new_slots[name] = scalar_slots[name]
+        hp = {
+            k: jnp.asarray(hyperparams[k], v.dtype) if k in hyperparams else jnp.zeros((), v.dtype)
+            for k, v in s.hyperparams.items()
+        }
+        return OptimizerState(jnp.asarray(count).astype(s.count.dtype), hp, new_slots)
+
+    return _walk(template, n, visit_state, lambda leaf: next(leaves))

@@ -1,0 +1,1158 @@
+"""``kopt.optimizers.Optimizer``: tf.keras's legacy ``OptimizerV2`` API over the functional core.
+
+One ``apply_gradients`` call: validate the pairs (nothing changes on a bad call) -> create the
+iteration count and slots lazily -> run one compiled program that aggregates, clips and
+transforms the gradients, applies the update and the constraints and counts the step -> write
+the new values into the variables. Hyperparameters and the step count are arguments of that
+program, never constants, so changing them does not recompile.
+
+Built-in optimizers declare their functional twin (:meth:`Optimizer._transformation`); a user's
+optimizer written the tf.keras way (``_create_slots`` / ``_resource_apply_dense`` with
+``var.assign*``) runs in the same compiled program, its variables bound to traced values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import re
+import threading
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kopt import base as core
+from kopt.optimizers import _state_codec as codec
+from kopt.optimizers.schedules import LearningRateSchedule
+from kopt.optimizers.schedules import deserialize as deserialize_schedule
+from kopt.optimizers.schedules import serialize as serialize_schedule
+from kopt.sparse import IndexedSlices
+from kopt.transforms import clip_by_global_norm, clip_by_norm, clip_by_value
+from kopt.variables import Variable, track_reads
+
+logger = logging.getLogger("kopt")
+
+_VALID_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
+_binding_lock = threading.RLock()  # variables are shared objects: bind them one trace at a time
+
+
+class PerReplica:
+    """Per-replica gradients stacked along a leading replica axis, as ``pmap`` returns them.
+
+    ``apply_gradients`` hands them to ``gradient_aggregator``; the default one sums over the
+    replica axis before clipping (tf.keras's cross-replica sum). With
+    ``experimental_aggregate_gradients=False`` they go to your own ``gradient_aggregator`` /
+    ``gradient_transformers`` unreduced, which must return plain gradients.
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> v = kopt.Variable([0.0])
+        >>> opt = kopt.optimizers.SGD(learning_rate=1.0)
+        >>> _ = opt.apply_gradients([(kopt.optimizers.PerReplica(jnp.array([[1.0], [2.0]])), v)])
+        >>> v.numpy()
+        array([-3.], dtype=float32)
+    """
+
+    def __init__(self, values: Any):
+        self.values = values
+
+    def __repr__(self) -> str:
+        return f"PerReplica({self.values!r})"
+
+
+jax.tree_util.register_pytree_node(
+    PerReplica, lambda p: ((p.values,), None), lambda _, c: PerReplica(c[0])
+)
+
+
+def all_reduce_sum_gradients(grads_and_vars: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+    """The default ``gradient_aggregator``: sums :class:`PerReplica` gradients over their
+    replica axis; other gradients are already aggregated and pass unchanged."""
+    return [
+        (jnp.sum(g.values, axis=0) if isinstance(g, PerReplica) else g, v)
+        for g, v in grads_and_vars
+    ]
+
+
+def _snake_case(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def _is_step_schedule(value: Any) -> bool:
+    """A schedule object or a one-argument function of the step (called inside the step)."""
+    if isinstance(value, LearningRateSchedule):
+        return True
+    if not callable(value) or isinstance(value, Variable):
+        return False
+    try:
+        params = inspect.signature(value).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    required = [
+        p
+        for p in params
+        if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    return len(required) == 1
+
+
+def _check_number(owner: str, name: str, value: Any, *, allow_callable: bool = True) -> None:
+    if value is None:
+        raise TypeError(f"{owner}: `{name}` must be a number, received None")
+    if isinstance(value, bool) or isinstance(value, str):
+        raise TypeError(
+            f"{owner}: `{name}` must be a number, a scalar array, a schedule or a callable; "
+            f"received {type(value).__name__}: {value!r}"
+        )
+    if callable(value) and not isinstance(value, Variable):
+        if not allow_callable:
+            raise TypeError(f"{owner}: `{name}` cannot be a callable, received {value!r}")
+        return
+    try:
+        array = np.asarray(value.numpy() if isinstance(value, Variable) else value)
+    except Exception as e:  # noqa: BLE001
+        raise TypeError(f"{owner}: `{name}` must be a number, received {value!r}") from e
+    if array.shape != () or not np.issubdtype(array.dtype, np.number):
+        raise TypeError(
+            f"{owner}: `{name}` must be a scalar number, received {type(value).__name__} of "
+            f"shape {array.shape} and dtype {array.dtype}"
+        )
+
+
+class Optimizer:
+    """Base class of the Keras-style optimizers (tf.keras's legacy ``OptimizerV2`` API).
+
+    Subclass it the tf.keras way: call ``super().__init__(name, **kwargs)`` and
+    ``self._set_hyper(...)`` in ``__init__``; override ``_create_slots`` (calling
+    ``self.add_slot``), ``_resource_apply_dense(grad, var, apply_state)`` (updating with
+    ``var.assign*``), optionally ``_resource_apply_sparse(grad, var, indices, apply_state)``,
+    and ``get_config``. It runs compiled, like the built-in optimizers.
+
+    Args:
+        name: the optimizer's name (prefix of its slot names).
+        gradient_aggregator: ``[(grad, var)] -> [(grad, var)]`` run first (default: sums
+            :class:`PerReplica` gradients across replicas).
+        gradient_transformers: functions ``[(grad, var)] -> [(grad, var)]`` run after the
+            clipping arguments, in order.
+        **kwargs: ``clipnorm``, ``clipvalue``, ``global_clipnorm``, ``lr`` (deprecated alias of
+            ``learning_rate``), ``decay`` (time-inverse learning-rate decay).
+
+    Raises:
+        TypeError: for another keyword argument, or a non-numeric one.
+        ValueError: for a negative one, or both ``clipnorm`` and ``global_clipnorm``.
+
+    Example:
+        >>> import kopt
+        >>> var1, var2 = kopt.Variable(1.0), kopt.Variable(2.0)
+        >>> opt = kopt.optimizers.SGD(learning_rate=0.1)
+        >>> _ = opt.minimize(lambda: 3 * var1 * var1 + 2 * var2 * var2, var_list=[var1, var2])
+        >>> round(float(var1.numpy()), 4), round(float(var2.numpy()), 4)
+        (0.4, 1.2)
+    """
+
+    _HAS_AGGREGATE_GRAD = True
+    _ALLOWED_KWARGS = {"clipnorm", "clipvalue", "lr", "decay", "global_clipnorm"}
+    # For built-ins: slot names in Keras's creation order, and whether they interleave per var.
+    _SLOT_ORDER: tuple[str, ...] = ()
+    _INTERLEAVE_SLOTS = False
+
+    def __init__(
+        self,
+        name: str,
+        gradient_aggregator: Callable | None = None,
+        gradient_transformers: list[Callable] | None = None,
+        **kwargs: Any,
+    ):
+        object.__setattr__(self, "_hyper", {})
+        owner = type(self).__name__
+        for k, v in kwargs.items():
+            if k not in self._ALLOWED_KWARGS:
+                raise TypeError(
+                    "Unexpected keyword argument passed to optimizer: "
+                    f"{k}. Allowed kwargs are {sorted(self._ALLOWED_KWARGS)}."
+                )
+            if v is None:
+                continue
+            _check_number(owner, k, v, allow_callable=(k == "lr"))
+            if not callable(v) and float(np.asarray(v)) < 0:
+                raise ValueError(f"Expected {k} >= 0, received: {v}")
+        if kwargs.get("lr") is not None:
+            warnings.warn(
+                "The `lr` argument is deprecated, use `learning_rate` instead.", stacklevel=2
+            )
+        if kwargs.get("clipnorm") is not None and kwargs.get("global_clipnorm") is not None:
+            raise ValueError(
+                "Cannot accept both `clipnorm` and `global_clipnorm`. Received: "
+                f"`clipnorm`={kwargs['clipnorm']}, `global_clipnorm`={kwargs['global_clipnorm']}."
+            )
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"{owner}: `name` must be a string, received {type(name).__name__}")
+        self._name = name or _snake_case(owner)
+        self._initial_decay = float(kwargs.get("decay") or 0.0)
+        self._slots: dict[int, dict[str, Variable]] = {}
+        self._slot_names: list[str] = []
+        self._weights: list[Variable] = []
+        self._non_slot: dict[str, Variable] = {}
+        self._opaque: list[Variable] = []
+        self._opaque_owner: tuple[int, ...] | None = None
+        self._iterations: Variable | None = None
+        self._lock = threading.RLock()
+        self._programs: dict[Any, Any] = {}
+        self._transformations: dict[Any, core.GradientTransformation] = {}
+        self.compile_count = 0
+        self._clipnorm = self._global_clipnorm = self._clipvalue = None
+        self.gradient_aggregator = gradient_aggregator or all_reduce_sum_gradients
+        self.gradient_transformers = list(gradient_transformers or [])
+        self.clipnorm = kwargs.get("clipnorm")
+        self.global_clipnorm = kwargs.get("global_clipnorm")
+        self.clipvalue = kwargs.get("clipvalue")
+
+    # --- attribute access to hyperparameters --------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        if name == "_hyper" or name.startswith("__"):
+            raise AttributeError(name)
+        hyper = self.__dict__.get("_hyper", {})
+        key = "learning_rate" if name == "lr" else name
+        if key in hyper:
+            return self._get_hyper(key)
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "lr":
+            name = "learning_rate"
+        hyper = self.__dict__.get("_hyper")
+        if hyper is not None and name in hyper:
+            self._set_hyper(name, value)
+        else:
+            object.__setattr__(self, name, value)
+
+    def __dir__(self):
+        names = list(super().__dir__()) + list(self._hyper)
+        if "learning_rate" in self._hyper:
+            names.append("lr")
+        return sorted(set(names))
+
+    def _set_hyper(self, name: str, value: Any) -> None:
+        """Sets hyperparameter ``name`` (a number, scalar array, Variable, schedule or callable).
+
+        A number assigns into the existing hyperparameter variable in place (no recompile); a
+        schedule or callable replaces it.
+        """
+        _check_number(type(self).__name__, name, value)
+        with self._lock:
+            current = self._hyper.get(name)
+            if isinstance(value, Variable):
+                self._hyper[name] = value
+            elif callable(value):
+                self._hyper[name] = value
+            elif isinstance(current, Variable):
+                current.assign(jnp.asarray(value, jnp.float32).astype(current.dtype))
+            else:
+                self._hyper[name] = Variable(
+                    jnp.asarray(value, jnp.float32), trainable=False, name=f"{self._name}/{name}"
+                )
+
+    def _get_hyper(self, name: str, dtype: Any = None) -> Any:
+        """The hyperparameter: its Variable (cast to ``dtype`` if given), the schedule object,
+        or a zero-argument callable's current result."""
+        value = self._hyper[name]
+        if isinstance(value, LearningRateSchedule) or _is_step_schedule(value):
+            return value
+        if callable(value) and not isinstance(value, Variable):
+            value = value()
+        if dtype is not None:
+            return jnp.asarray(value).astype(dtype)
+        return value
+
+    def _serialize_hyperparameter(self, hyperparameter_name: str) -> Any:
+        """The hyperparameter as a config value: a schedule's config dict, a callable's current
+        result, or a Python number."""
+        value = self._hyper[hyperparameter_name]
+        if isinstance(value, LearningRateSchedule):
+            return serialize_schedule(value)
+        if callable(value) and not isinstance(value, Variable):
+            if _is_step_schedule(value):
+                return value
+            value = value()
+        if isinstance(value, Variable):
+            value = value.numpy()
+        return np.asarray(value).item()
+
+    def _decayed_lr(self, var_dtype: Any) -> jax.Array:
+        """Keras's learning rate for this step: schedule at ``iterations``, then
+        ``/ (1 + decay * iterations)``."""
+        lr_t = self._get_hyper("learning_rate", None)
+        step = jnp.asarray(self.iterations.value).astype(var_dtype)
+        if _is_step_schedule(lr_t):
+            lr_t = jnp.asarray(lr_t(step)).astype(var_dtype)
+        else:
+            lr_t = jnp.asarray(lr_t).astype(var_dtype)
+        decay = self._hyper.get("decay")
+        if decay is not None and not callable(decay):
+            decay_t = jnp.asarray(decay.value if isinstance(decay, Variable) else decay)
+            lr_t = lr_t / (1.0 + decay_t.astype(var_dtype) * step)
+        elif self._initial_decay > 0:
+            lr_t = lr_t / (1.0 + self._initial_decay * step)
+        return lr_t
+
+    # --- clipping properties -----------------------------------------------------------------
+    def _set_clip(self, attr: str, value: Any) -> None:
+        if value is not None and self.gradient_transformers:
+            raise ValueError(
+                f"`{attr}` cannot be set when `gradient_transformers` is set. Instead, use the "
+                "`gradient_transformers` to specify clipping and other transformations. "
+                f"Received: val={value}, gradient_transformers={self.gradient_transformers}."
+            )
+        if value is not None:
+            _check_number(type(self).__name__, attr, value, allow_callable=False)
+            if float(np.asarray(value)) < 0:
+                raise ValueError(f"Expected {attr} >= 0, received: {value}")
+        object.__setattr__(self, "_" + attr, value)
+
+    @property
+    def clipnorm(self) -> float | None:
+        """Per-tensor gradient norm clipping (``None`` for none)."""
+        return self._clipnorm
+
+    @clipnorm.setter
+    def clipnorm(self, value: float | None) -> None:
+        self._set_clip("clipnorm", value)
+
+    @property
+    def global_clipnorm(self) -> float | None:
+        """Global gradient norm clipping (``None`` for none)."""
+        return self._global_clipnorm
+
+    @global_clipnorm.setter
+    def global_clipnorm(self, value: float | None) -> None:
+        self._set_clip("global_clipnorm", value)
+
+    @property
+    def clipvalue(self) -> float | None:
+        """Element-wise gradient clipping (``None`` for none)."""
+        return self._clipvalue
+
+    @clipvalue.setter
+    def clipvalue(self, value: float | None) -> None:
+        self._set_clip("clipvalue", value)
+
+    # --- weights -----------------------------------------------------------------------------
+    @property
+    def iterations(self) -> Variable:
+        """The step count (created on first use; int32, saturating at ``2**31 - 1``)."""
+        if self._iterations is None:
+            with self._lock:
+                if self._iterations is None:
+                    self._iterations = Variable(
+                        jnp.zeros((), jnp.int32), trainable=False, name=f"{self._name}/iter"
+                    )
+                    self._weights.append(self._iterations)
+        return self._iterations
+
+    @iterations.setter
+    def iterations(self, variable: Variable) -> None:
+        if self._iterations is not None:
+            raise RuntimeError(
+                "Cannot set `iterations` to a new Variable after the Optimizer weights have "
+                f"been created. Here it is attempting to set `iterations` to {variable}."
+            )
+        if not isinstance(variable, Variable):
+            raise TypeError(f"`iterations` must be a kopt.Variable, received {variable!r}")
+        self._iterations = variable
+        self._weights.append(variable)
+
+    @property
+    def weights(self) -> list[Variable]:
+        """The optimizer's variables: ``iterations`` first, then the slots in creation order."""
+        return self._weights
+
+    def variables(self) -> list[Variable]:
+        """Same as :attr:`weights` (a method, as in tf.keras's legacy optimizer)."""
+        return self._weights
+
+    def get_weights(self) -> list[np.ndarray]:
+        """NumPy copies of :attr:`weights`, in the same order."""
+        return [w.numpy() for w in self._weights]
+
+    def set_weights(self, weights: list[Any]) -> None:
+        """Sets :attr:`weights` from a list of arrays (as from :meth:`get_weights`).
+
+        Raises:
+            ValueError: if the count or any shape differs (nothing is changed then).
+        """
+        weights = list(weights)
+        with self._lock:
+            params = self._weights
+            if len(params) != len(weights):
+                raise ValueError(
+                    f"You called `set_weights(weights)` on optimizer {self._name} with a weight "
+                    f"list of length {len(weights)}, but the optimizer was expecting "
+                    f"{len(params)} weights. Provided weights: {str(weights)[:50]}..."
+                )
+            arrays = []
+            for p, w in zip(params, weights, strict=True):
+                shape = tuple(np.shape(w))
+                if shape != p.shape:
+                    raise ValueError(
+                        f"Optimizer weight shape {p.shape} not compatible with provided weight "
+                        f"shape {shape} (weight {p.name})."
+                    )
+                arrays.append(np.asarray(w))
+            for p, w in zip(params, arrays, strict=True):
+                p.assign(w)
+
+    def add_weight(
+        self,
+        name: str,
+        shape: Any = (),
+        dtype: Any = None,
+        initializer: Any = "zeros",
+        trainable: bool | None = None,
+        synchronization: Any = None,
+        aggregation: Any = None,
+    ) -> Variable:
+        """Creates a non-slot variable owned by the optimizer (not added to :attr:`weights`)."""
+        dtype = dtype or jnp.float32
+        value = _initial_value(initializer, tuple(shape), dtype)
+        return Variable(value, trainable=bool(trainable) if trainable is not None else True,
+                        name=f"{self._name}/{name}")
+
+    def add_slot(
+        self, var: Variable, slot_name: str, initializer: Any = "zeros", shape: Any = None
+    ) -> Variable:
+        """Creates (or returns the existing) slot ``slot_name`` for ``var``.
+
+        Args:
+            var: the model variable.
+            slot_name: e.g. ``"m"``.
+            initializer: ``"zeros"``, ``"ones"``, a number, an array, or a callable
+                ``(shape, dtype) -> array``.
+            shape: the slot's shape (default: the variable's).
+        """
+        if not isinstance(var, Variable):
+            raise TypeError(f"add_slot: `var` must be a kopt.Variable, received {var!r:.60}")
+        if slot_name not in self._slot_names:
+            self._slot_names.append(slot_name)
+        slots = self._slots.setdefault(var._uid, {})
+        if slot_name in slots:
+            return slots[slot_name]
+        shape = var.shape if shape is None else tuple(shape)
+        value = _initial_value(initializer, shape, var.dtype)
+        if shape == var.shape and var.sharding is not None and not isinstance(value, jax.core.Tracer):
+            value = jax.device_put(value, var.sharding)
+        slot = Variable(value, trainable=False, name=f"{self._name}/{var._shared_name}/{slot_name}")
+        slots[slot_name] = slot
+        self._weights.append(slot)
+        return slot
+
+    def get_slot(self, var: Variable, slot_name: str) -> Variable:
+        """The slot variable ``slot_name`` of ``var``.
+
+        Raises:
+            KeyError: naming the variable or slot when there is none (as in tf.keras).
+        """
+        uid = getattr(var, "_uid", None)
+        if uid not in self._slots:
+            raise KeyError(f"No slots for variable {getattr(var, 'name', var)!r} in {self._name}")
+        slots = self._slots[uid]
+        if slot_name not in slots:
+            raise KeyError(
+                f"No slot {slot_name!r} for variable {var.name!r}; it has {sorted(slots)}"
+            )
+        return slots[slot_name]
+
+    def get_slot_names(self) -> list[str]:
+        """Slot names in first-creation order."""
+        return self._slot_names
+
+    def _create_slots(self, var_list: list[Variable]) -> None:
+        """Hook: create slots with :meth:`add_slot` (the built-ins create theirs from their
+        functional twin's initial state)."""
+
+    def _create_all_weights(self, var_list: list[Variable]) -> None:
+        """Creates ``iterations`` and the slots of ``var_list`` (as tf.keras's private method of
+        the same name; useful before :meth:`set_weights`)."""
+        _ = self.iterations
+        if self._uses_transformation():
+            self._create_transformation_slots(var_list)
+        else:
+            self._create_slots(var_list)
+
+    # --- the tf.keras hooks ----------------------------------------------------------------
+    def _resource_apply_dense(self, grad: Any, var: Variable, apply_state: Any) -> Any:
+        """Hook: update ``var`` (and its slots) with ``var.assign*`` for a dense ``grad``."""
+        raise NotImplementedError("`_resource_apply_dense` must be implemented in subclasses.")
+
+    def _resource_apply_sparse(
+        self, grad: Any, var: Variable, indices: Any, apply_state: Any
+    ) -> Any:
+        """Hook: update the rows ``indices`` (unique) of ``var`` for gradient rows ``grad``."""
+        raise NotImplementedError("`_resource_apply_sparse` Must be implemented in subclasses.")
+
+    def _resource_apply_sparse_duplicate_indices(
+        self, grad: Any, handle: Variable, indices: Any, **kwargs: Any
+    ) -> Any:
+        """Sums duplicate indices, then calls :meth:`_resource_apply_sparse`."""
+        from kopt.sparse import deduplicate
+
+        d = deduplicate(IndexedSlices(grad, indices, handle.shape), handle.shape[0])
+        return self._resource_apply_sparse(d.values, handle, d.indices, **kwargs)
+
+    def _prepare(self, var_list: list[Variable]) -> dict[Any, dict[str, Any]]:
+        apply_state: dict[Any, dict[str, Any]] = {}
+        for var in var_list:
+            key = (var.device, var.dtype)
+            if key not in apply_state:
+                apply_state[key] = {}
+                self._prepare_local(var.device, var.dtype, apply_state)
+        return apply_state
+
+    def _prepare_local(self, var_device: Any, var_dtype: Any, apply_state: dict) -> None:
+        if "learning_rate" in self._hyper:
+            apply_state[(var_device, var_dtype)]["lr_t"] = self._decayed_lr(var_dtype)
+
+    def _fallback_apply_state(self, var_device: Any, var_dtype: Any) -> dict[str, Any]:
+        apply_state = {(var_device, var_dtype): {}}
+        self._prepare_local(var_device, var_dtype, apply_state)
+        return apply_state[(var_device, var_dtype)]
+
+    def _transform_loss(self, loss: Any) -> Any:
+        return loss
+
+    def _transform_unaggregated_gradients(self, grads_and_vars):
+        return grads_and_vars
+
+    def _aggregate_gradients(self, grads_and_vars):
+        return self.gradient_aggregator(grads_and_vars)
+
+    def _transform_gradients(self, grads_and_vars):
+        """Clipping (``clipvalue``, ``clipnorm``, ``global_clipnorm``) then
+        ``gradient_transformers``, in tf.keras's order."""
+        hypers = self.__dict__.get("_step_clip_values", {})
+        for attr, make in (
+            ("clipvalue", clip_by_value),
+            ("clipnorm", clip_by_norm),
+            ("global_clipnorm", clip_by_global_norm),
+        ):
+            if getattr(self, "_" + attr) is None:
+                continue
+            value = hypers.get(attr, getattr(self, "_" + attr))
+            grads = [g for g, _ in grads_and_vars]
+            tx = make(value)
+            clipped, _ = tx.update(grads, tx.init(grads))
+            grads_and_vars = list(zip(clipped, [v for _, v in grads_and_vars], strict=True))
+        for transformer in self.gradient_transformers:
+            grads_and_vars = transformer(grads_and_vars)
+        return grads_and_vars
+
+    def _valid_dtypes(self) -> set:
+        return {jnp.dtype(d) for d in _VALID_DTYPES}
+
+    # --- the functional twin -----------------------------------------------------------------
+    def _transformation(self, hyperparams: dict[str, Any]) -> core.GradientTransformation:
+        """Built-ins: the functional twin, given each hyperparameter as a number (a placeholder;
+        the step passes the current value) or a schedule."""
+        raise NotImplementedError
+
+    def _transformation_hyperparams(self) -> dict[str, Any]:
+        """Functional hyperparameter name -> current value (number/array) or schedule."""
+        out = {}
+        for name, value in self._hyper.items():
+            if isinstance(value, Variable):
+                out[name] = value
+            elif _is_step_schedule(value):
+                out[name] = value
+            elif callable(value):
+                out[name] = value()
+            else:
+                out[name] = value
+        return out
+
+    def _uses_transformation(self) -> bool:
+        return type(self)._transformation is not Optimizer._transformation
+
+    def _static_transformation(self) -> core.GradientTransformation:
+        """The twin with schedules in place and numbers as placeholders, cached per schedules."""
+        hp = self._transformation_hyperparams()
+        key = tuple(
+            (k, id(v)) if _is_step_schedule(v) else (k, None) for k, v in sorted(hp.items())
+        )
+        tx = self._transformations.get(key)
+        if tx is None:
+            placeholders = {
+                k: v if _is_step_schedule(v) else float(np.asarray(_plain(v))) for k, v in hp.items()
+            }
+            tx = self._transformation(placeholders)
+            self._transformations[key] = tx
+        return tx
+
+    def _dynamic_hyperparams(self) -> dict[str, jax.Array]:
+        """This step's numeric hyperparameters (functional names), as float32 scalars."""
+        out = {}
+        for name, value in self._transformation_hyperparams().items():
+            if _is_step_schedule(value):
+                continue
+            out[self._functional_name(name)] = jnp.asarray(_plain(value), jnp.float32)
+        return out
+
+    def _functional_name(self, name: str) -> str:
+        return name
+
+    def as_transformation(self) -> core.GradientTransformation:
+        """The same algorithm as a pure :class:`kopt.GradientTransformation`, with this
+        optimizer's current hyperparameters and clipping (built-ins and
+        :func:`from_transformation` optimizers).
+
+        Example:
+            >>> import jax.numpy as jnp, kopt
+            >>> tx = kopt.optimizers.Adam(learning_rate=0.1, clipnorm=1.0).as_transformation()
+            >>> state = tx.init(jnp.zeros(2))
+            >>> float(kopt.get_hyperparam(state, "learning_rate"))
+            0.10000000149011612
+        """
+        if not self._uses_transformation():
+            raise NotImplementedError(
+                f"{type(self).__name__}.as_transformation: only optimizers with a functional "
+                "twin (the built-ins and from_transformation) can be turned into a transformation"
+            )
+        hp = {
+            k: v if _is_step_schedule(v) else jnp.asarray(_plain(v), jnp.float32)
+            for k, v in self._transformation_hyperparams().items()
+        }
+        pieces = []
+        if self._clipvalue is not None:
+            pieces.append(clip_by_value(self._clipvalue))
+        if self._clipnorm is not None:
+            pieces.append(clip_by_norm(self._clipnorm))
+        if self._global_clipnorm is not None:
+            pieces.append(clip_by_global_norm(self._global_clipnorm))
+        pieces.append(self._transformation(hp))
+        return core.chain(*pieces) if len(pieces) > 1 else pieces[0]
+
+    def _create_transformation_slots(self, var_list: list[Variable]) -> None:
+        new = [v for v in var_list if v._uid not in self._slots]
+        if not new:
+            return
+        tx = self._static_transformation()
+        state = tx.init([v.value for v in new])
+        layout = codec.describe(state, len(new))
+        if layout.opaque:
+            self._create_opaque(state, layout, var_list, new)
+        for name, value in layout.scalar_slots(state).items():
+            if name not in self._non_slot:
+                weight = Variable(value, trainable=False, name=f"{self._name}/{name}")
+                self._non_slot[name] = weight
+                self._weights.append(weight)
+        per_var = layout.slot_values(state)
+        names = [n for n in self._SLOT_ORDER if n in per_var] + [
+            n for n in per_var if n not in self._SLOT_ORDER
+        ]
+        if self._INTERLEAVE_SLOTS:
+            for i, var in enumerate(new):
+                for name in names:
+                    self.add_slot(var, name, per_var[name][i], shape=jnp.shape(per_var[name][i]))
+        else:
+            for name in names:
+                for i, var in enumerate(new):
+                    self.add_slot(var, name, per_var[name][i], shape=jnp.shape(per_var[name][i]))
+        for var in new:
+            self._slots.setdefault(var._uid, {})
+
+    def _create_opaque(self, state, layout, var_list, new) -> None:
+        if self._opaque_owner is not None or len(new) != len(var_list):
+            raise ValueError(
+                f"{self._name}: this optimizer wraps a transformation whose state is not "
+                "per-variable; call it with the same variables, in the same order, every step"
+            )
+        self._opaque_owner = tuple(v._uid for v in var_list)
+        for i, leaf in enumerate(layout.opaque_values(state)):
+            weight = Variable(leaf, trainable=False, name=f"{self._name}/state_{i}")
+            self._opaque.append(weight)
+            self._weights.append(weight)
+
+    # --- the step ---------------------------------------------------------------------------
+    def apply_gradients(
+        self,
+        grads_and_vars: Iterable[tuple[Any, Variable]],
+        name: str | None = None,
+        experimental_aggregate_gradients: bool = True,
+    ) -> Variable | None:
+        """Applies gradients to variables: one compiled step, then ``iterations += 1``.
+
+        Args:
+            grads_and_vars: pairs ``(gradient, variable)``; a gradient may be None (skipped with a
+                warning), an array, a :class:`kopt.IndexedSlices` or a :class:`PerReplica`.
+            name: ignored (kept for tf.keras compatibility).
+            experimental_aggregate_gradients: False skips ``gradient_aggregator``.
+
+        Returns:
+            The ``iterations`` variable, or None when there was nothing to apply.
+
+        Raises:
+            TypeError: for a malformed pair, a non-variable or a gradient of the wrong kind.
+            ValueError: if every gradient is None, a variable repeats, or a shape or dtype is
+                wrong. A rejected call changes nothing.
+        """
+        pairs = _as_pairs(grads_and_vars)
+        pairs = _filter_empty_gradients(pairs)
+        if not pairs:
+            return None
+        self._validate(pairs, experimental_aggregate_gradients)
+        with self._lock, self._rollback_on_error():
+            var_list = [v for _, v in pairs]
+            self._create_all_weights(var_list)
+            self._run_step(pairs, experimental_aggregate_gradients)
+        return self._iterations
+
+    def _validate(self, pairs, aggregate: bool) -> None:
+        seen: dict[int, int] = {}
+        valid = self._valid_dtypes()
+        for i, (g, v) in enumerate(pairs):
+            if not isinstance(v, Variable):
+                raise TypeError(
+                    f"apply_gradients: item {i} must pair a gradient with a kopt.Variable, "
+                    f"received {type(v).__name__}: {v!r:.60}"
+                )
+            if v._uid in seen:
+                raise ValueError(
+                    f"apply_gradients: variable {v.name} appears twice (items {seen[v._uid]} and "
+                    f"{i}); sum its gradients first"
+                )
+            seen[v._uid] = i
+            if jnp.dtype(v.dtype) not in valid:
+                raise ValueError(
+                    f"Invalid type {v.dtype} for {v.name}, expected: "
+                    f"{sorted(str(d) for d in valid)}."
+                )
+            _check_gradient(g, v, aggregate)
+
+    @contextlib.contextmanager
+    def _rollback_on_error(self):
+        before = (
+            list(self._weights), {k: dict(s) for k, s in self._slots.items()},
+            list(self._slot_names), self._iterations, dict(self._non_slot), list(self._opaque),
+            self._opaque_owner,
+        )
+        try:
+            yield
+        except BaseException:
+            (self._weights[:], slots, self._slot_names[:], self._iterations, non_slot, opaque,
+             self._opaque_owner) = before
+            self._slots.clear()
+            self._slots.update(slots)
+            self._non_slot.clear()
+            self._non_slot.update(non_slot)
+            self._opaque[:] = opaque
+            raise
+
+    def _run_step(self, pairs, aggregate: bool) -> None:
+        var_list = [v for _, v in pairs]
+        grads = [g for g, _ in pairs]
+        state_vars = self._state_variables(var_list)
+        hyper_vars, dynamic = self._step_arguments()
+        key = self._program_key(var_list, grads, aggregate)
+        program = self._programs.get(key)
+        if program is None:
+            program = self._compile(var_list, state_vars, hyper_vars, grads, aggregate)
+            self._programs[key] = program
+        new_vars, new_state, new_iterations = program(
+            [v.value for v in var_list],
+            grads,
+            [s.value for s in state_vars],
+            self.iterations.value,
+            [h.value for h in hyper_vars],
+            dynamic,
+        )
+        for v, value in zip(var_list, new_vars, strict=True):
+            v._value = value
+        for s, value in zip(state_vars, new_state, strict=True):
+            s._value = value
+        self._iterations._value = new_iterations
+
+    def _state_variables(self, var_list: list[Variable]) -> list[Variable]:
+        """Every optimizer variable one step reads and writes, in a fixed order."""
+        out = list(self._non_slot.values()) + list(self._opaque)
+        for v in var_list:
+            out.extend(self._slots.get(v._uid, {}).values())
+        return out
+
+    def _step_arguments(self) -> tuple[list[Variable], dict[str, jax.Array]]:
+        """Hyperparameter variables (bound in the step) and the other dynamic values."""
+        hyper_vars = [v for v in self._hyper.values() if isinstance(v, Variable)]
+        dynamic = {}
+        for name, value in self._hyper.items():
+            if callable(value) and not isinstance(value, Variable) and not _is_step_schedule(value):
+                dynamic["hyper:" + name] = jnp.asarray(_plain(value()), jnp.float32)
+        for attr in ("clipvalue", "clipnorm", "global_clipnorm"):
+            value = getattr(self, "_" + attr)
+            if value is not None:
+                dynamic["clip:" + attr] = jnp.asarray(value, jnp.float32)
+        if self._uses_transformation():
+            for name, value in self._plain_hyperparams().items():
+                dynamic["plain:" + name] = jnp.asarray(value, jnp.float32)
+        return hyper_vars, dynamic
+
+    def _plain_hyperparams(self) -> dict[str, float]:
+        """Built-ins: functional hyperparameters that are plain attributes in Keras (epsilon)."""
+        return {}
+
+    def _program_key(self, var_list, grads, aggregate: bool):
+        def describe(g):
+            if isinstance(g, IndexedSlices):
+                return ("sparse", tuple(g.values.shape), str(g.values.dtype))
+            if isinstance(g, PerReplica):
+                return ("replica", tuple(jnp.shape(g.values)))
+            return ("dense", tuple(jnp.shape(g)), str(getattr(g, "dtype", type(g))))
+
+        hyper_kinds = tuple(
+            (k, "var" if isinstance(v, Variable) else id(v) if _is_step_schedule(v) else "call")
+            for k, v in sorted(self._hyper.items())
+        )
+        return (
+            tuple(v._uid for v in var_list),
+            tuple(describe(g) for g in grads),
+            tuple(str(v.sharding) for v in var_list),
+            tuple(id(v.constraint) for v in var_list),
+            hyper_kinds,
+            tuple(getattr(self, "_" + a) is None for a in ("clipvalue", "clipnorm", "global_clipnorm")),
+            id(self.gradient_aggregator),
+            tuple(id(t) for t in self.gradient_transformers),
+            aggregate,
+            self._initial_decay,
+        )
+
+    def _compile(self, var_list, state_vars, hyper_vars, grads, aggregate: bool):
+        iterations = self.iterations
+
+        def step(var_values, grads, state_values, iteration, hyper_values, dynamic):
+            self.compile_count += 1
+            with _binding_lock, _bound(var_list, var_values), _bound(state_vars, state_values), \
+                    _bound([iterations], [iteration]), _bound(hyper_vars, hyper_values), \
+                    self._step_values(dynamic):
+                gv = list(zip(grads, var_list, strict=True))
+                if aggregate:
+                    gv = self._transform_unaggregated_gradients(gv)
+                    gv = self._aggregate_gradients(gv)
+                for g, v in gv:
+                    if isinstance(g, PerReplica):
+                        raise ValueError(
+                            f"apply_gradients: the gradient of {v.name} is still per-replica "
+                            "after aggregation; reduce it in your gradient_aggregator"
+                        )
+                gv = self._transform_gradients(gv)
+                if self._uses_transformation():
+                    self._apply_transformation(gv, dynamic)
+                else:
+                    self._apply_hooks(gv)
+                new_iteration = core.safe_increment(jnp.asarray(iterations.value))
+                return (
+                    [v.value for v in var_list],
+                    [s.value for s in state_vars],
+                    new_iteration,
+                )
+
+        return jax.jit(step, donate_argnums=(0, 2))
+
+    @contextlib.contextmanager
+    def _step_values(self, dynamic):
+        clips = {k[5:]: v for k, v in dynamic.items() if k.startswith("clip:")}
+        calls = {k[6:]: v for k, v in dynamic.items() if k.startswith("hyper:")}
+        saved = {name: self._hyper[name] for name in calls}
+        object.__setattr__(self, "_step_clip_values", clips)
+        for name, value in calls.items():
+            self._hyper[name] = _Constant(value)
+        try:
+            yield
+        finally:
+            self.__dict__.pop("_step_clip_values", None)
+            self._hyper.update(saved)
+
+    def _apply_hooks(self, gv) -> None:
+        apply_state = self._prepare([v for _, v in gv])
+        apply_sparse = inspect.signature(self._resource_apply_sparse).parameters
+        apply_dense = inspect.signature(self._resource_apply_dense).parameters
+        for g, v in gv:
+            kwargs = {}
+            if isinstance(g, IndexedSlices):
+                if "apply_state" in apply_sparse:
+                    kwargs["apply_state"] = apply_state
+                self._resource_apply_sparse_duplicate_indices(g.values, v, g.indices, **kwargs)
+            else:
+                if "apply_state" in apply_dense:
+                    kwargs["apply_state"] = apply_state
+                self._resource_apply_dense(g, v, **kwargs)
+                if v.constraint is not None:
+                    v.assign(v.constraint(v))
+
+    def _apply_transformation(self, gv, dynamic) -> None:
+        tx = self._static_transformation()
+        var_list = [v for _, v in gv]
+        hp = {name: jnp.asarray(_plain(value), jnp.float32)
+              for name, value in self._transformation_hyperparams().items()
+              if not _is_step_schedule(value)}
+        hp = {self._functional_name(k): v for k, v in hp.items()}
+        hp.update({k[6:]: v for k, v in dynamic.items() if k.startswith("plain:")})
+        template = jax.eval_shape(tx.init, [v.value for v in var_list])
+        state = codec.assemble(
+            template,
+            count=jnp.asarray(self.iterations.value),
+            hyperparams=hp,
+            slots={name: [self._slots[v._uid][name].value if name in self._slots[v._uid] else None
+                          for v in var_list]
+                   for name in self._slot_names},
+            scalar_slots={name: w.value for name, w in self._non_slot.items()},
+            opaque=[w.value for w in self._opaque],
+        )
+        params = [v.value for v in var_list]
+        grads = [g for g, _ in gv]
+        updates, new_state = tx.update(grads, state, params)
+        new_params = core.apply_updates(params, updates)
+        per_var, scalars, opaque = codec.extract(new_state, len(var_list))
+        for i, v in enumerate(var_list):
+            v._value = new_params[i]
+            if v.constraint is not None and not isinstance(grads[i], IndexedSlices):
+                v._value = jnp.asarray(v.constraint(v)).astype(v.dtype)
+            for name, values in per_var.items():
+                self._slots[v._uid][name]._value = values[i]
+        for name, value in scalars.items():
+            self._non_slot[name]._value = value
+        for w, value in zip(self._opaque, opaque, strict=True):
+            w._value = value
+
+    # --- gradients ----------------------------------------------------------------------------
+    def compute_gradients(
+        self, loss: Callable[[], Any], var_list: Any, grad_loss: Any = None
+    ) -> list[tuple[Any, Variable]]:
+        """Differentiates ``loss()`` with respect to ``var_list``: JAX's stand-in for a tape.
+
+        ``loss`` is called once, eagerly, with the variables bound to traced values, so a
+        closure that reads fresh data each step sees fresh data each step. Variables the loss
+        does not read get a None gradient.
+
+        Returns:
+            ``[(gradient, variable), ...]`` in ``var_list`` order.
+        """
+        if not callable(loss):
+            raise ValueError(
+                "compute_gradients: `loss` must be a zero-argument callable in kopt (JAX has no "
+                f"tape to replay a computed value); received {type(loss).__name__}"
+            )
+        if callable(var_list) and not isinstance(var_list, Variable):
+            var_list = var_list()
+        var_list = list(jax.tree.leaves(var_list, is_leaf=lambda x: isinstance(x, Variable)))
+        for i, v in enumerate(var_list):
+            if not isinstance(v, Variable):
+                raise TypeError(
+                    f"compute_gradients: var_list item {i} must be a kopt.Variable, received "
+                    f"{type(v).__name__}"
+                )
+        seen_reads: set[int] = set()
+
+        def loss_of(values):
+            with _bound(var_list, values), track_reads() as reads:
+                out = self._transform_loss(loss())
+                seen_reads.update(reads)
+                return jnp.asarray(out)
+
+        with _binding_lock:
+            out, vjp = jax.vjp(loss_of, [v.value for v in var_list])
+        cotangent = jnp.ones_like(out) if grad_loss is None else jnp.asarray(grad_loss)
+        (grads,) = vjp(cotangent.astype(out.dtype))
+        return [
+            (g if v._uid in seen_reads else None, v) for g, v in zip(grads, var_list, strict=True)
+        ]
+
+    def minimize(
+        self,
+        loss: Callable[[], Any],
+        var_list: Any,
+        grad_loss: Any = None,
+        name: str | None = None,
+        tape: Any = None,
+    ) -> Variable | None:
+        """Computes the gradients of ``loss()`` and applies them (see :meth:`compute_gradients`
+        and :meth:`apply_gradients`). ``tape`` is accepted for signature compatibility; kopt
+        differentiates the callable itself.
+
+        Returns:
+            The ``iterations`` variable after the step.
+        """
+        grads_and_vars = self.compute_gradients(loss, var_list, grad_loss)
+        return self.apply_gradients(grads_and_vars, name=name)
+
+    def get_gradients(self, loss: Callable[[], Any], params: list[Variable]) -> list[Any]:
+        """Gradients of ``loss()`` for ``params``.
+
+        Raises:
+            ValueError: if a param gets no gradient.
+        """
+        out = []
+        for g, v in self.compute_gradients(loss, params):
+            if g is None:
+                raise ValueError(
+                    f"Variable {v.name} has `None` for gradient. Please make sure that all of your "
+                    "ops have a gradient defined (i.e. are differentiable)."
+                )
+            out.append(g)
+        return out
+
+    # --- config -----------------------------------------------------------------------------
+    def get_config(self) -> dict[str, Any]:
+        """``{"name": ..., [clip arguments that are set]}``; subclasses add theirs."""
+        config: dict[str, Any] = {"name": self._name}
+        if self._clipnorm is not None:
+            config["clipnorm"] = self._clipnorm
+        if self._global_clipnorm is not None:
+            config["global_clipnorm"] = self._global_clipnorm
+        if self._clipvalue is not None:
+            config["clipvalue"] = self._clipvalue
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], custom_objects: dict | None = None) -> Optimizer:
+        """Creates an optimizer from :meth:`get_config`'s output (``lr`` renamed, a schedule
+        dict deserialized).
+
+        Raises:
+            TypeError: for an unknown config key (from the constructor).
+        """
+        config = dict(config)
+        if "lr" in config:
+            config["learning_rate"] = config.pop("lr")
+        if isinstance(config.get("learning_rate"), dict):
+            config["learning_rate"] = deserialize_schedule(
+                config["learning_rate"], custom_objects=custom_objects
+            )
+        return cls(**config)
+
+    def __repr__(self) -> str:
+        return f"<kopt.optimizers.{type(self).__name__} name={self._name!r}>"
+
+
+class _Constant:
+    """A zero-argument callable's value for the current step (already evaluated)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __call__(self):
+        return self.value
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Variable):
+        return value.value
+    if isinstance(value, _Constant):
+        return value.value
+    return value
+
+
+@contextlib.contextmanager
+def _bound(variables: list[Variable], values: list[Any]):
+    """Temporarily gives ``variables`` the (traced) ``values``; restores them afterwards."""
+    saved = [v._storage for v in variables]
+    try:
+        for v, value in zip(variables, values, strict=True):
+            v._storage = value
+        yield
+    finally:
+        for v, value in zip(variables, saved, strict=True):
+            v._storage = value
+
+
+def _initial_value(initializer: Any, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    if isinstance(initializer, str):
+        if initializer == "zeros":
+            return jnp.zeros(shape, dtype)
+        if initializer == "ones":
+            return jnp.ones(shape, dtype)
+        raise ValueError(f"Unknown initializer {initializer!r}; use 'zeros', 'ones' or a value")
+    if callable(initializer) and not hasattr(initializer, "shape"):
+        return jnp.asarray(initializer(shape=shape, dtype=dtype), dtype)
+    return jnp.broadcast_to(jnp.asarray(initializer, dtype), shape)
+
+
+def _as_pairs(grads_and_vars: Any) -> list[tuple[Any, Any]]:
+    if isinstance(grads_and_vars, dict) or not isinstance(grads_and_vars, Iterable):
+        raise TypeError(
+            "apply_gradients: `grads_and_vars` must be an iterable of (gradient, variable) "
+            f"pairs, received {type(grads_and_vars).__name__}"
+        )
+    pairs = []
+    for i, pair in enumerate(grads_and_vars):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise TypeError(
+                f"apply_gradients: item {i} of `grads_and_vars` must be a (gradient, variable) "
+                f"pair, received {type(pair).__name__}: {pair!r:.60}"
+            )
+        pairs.append((pair[0], pair[1]))
+    return pairs
+
+
+def _filter_empty_gradients(pairs):
+    kept = [(g, v) for g, v in pairs if g is not None]
+    if pairs and not kept:
+        names = ([getattr(v, "name", repr(v)) for _, v in pairs],)
+        raise ValueError(
+            f"No gradients provided for any variable: {names}. Provided `grads_and_vars` is "
+            f"{tuple(pairs)}."
+        )
+    if len(kept) < len(pairs):
+        missing = [getattr(v, "name", repr(v)) for g, v in pairs if g is None]
+        logger.warning(
+            "Gradients do not exist for variables %s when minimizing the loss. If you're using "
+            "`model.compile()`, did you forget to provide a `loss` argument?",
+            missing,
+        )
+    return kept
+
+
+def _check_gradient(g: Any, v: Variable, aggregate: bool) -> None:
+    if isinstance(g, PerReplica):
+        values = g.values
+        if not hasattr(values, "shape") or tuple(values.shape[1:]) != v.shape:
+            raise ValueError(
+                f"apply_gradients: per-replica gradient for {v.name} must have shape "
+                f"[replicas, *{v.shape}], received {tuple(getattr(values, 'shape', ()))}"
+            )
+        return
+    if isinstance(g, IndexedSlices):
+        if v.constraint is not None:
+            raise RuntimeError(
+                f"Cannot use a constraint function on a sparse variable. Received: grad={g}, "
+                f"var.constraint={v.constraint}."
+            )
+        if not hasattr(g.values, "shape") or tuple(g.values.shape[1:]) != v.shape[1:] \
+                or g.indices.ndim != 1 or g.indices.shape[0] != g.values.shape[0]:
+            raise ValueError(
+                f"apply_gradients: sparse gradient for {v.name} (shape {v.shape}) has values of "
+                f"shape {tuple(getattr(g.values, 'shape', ()))} and indices of shape "
+                f"{tuple(g.indices.shape)}"
+            )
+        if g.values.dtype != v.dtype:
+            raise TypeError(
+                f"apply_gradients: sparse gradient for {v.name} has dtype {g.values.dtype}, "
+                f"expected {v.dtype}"
+            )
+        return
+    if isinstance(g, Variable):
+        g = g.value
+    if not hasattr(g, "shape") or not hasattr(g, "dtype"):
+        raise TypeError(
+            f"apply_gradients: the gradient for {v.name} must be an array, received "
+            f"{type(g).__name__}: {g!r:.60}"
+        )
+    if tuple(g.shape) != v.shape:
+        raise ValueError(
+            f"apply_gradients: the gradient for {v.name} has shape {tuple(g.shape)}, expected "
+            f"{v.shape}"
+        )
+    if jnp.dtype(g.dtype) != jnp.dtype(v.dtype):
+        raise TypeError(
+            f"apply_gradients: the gradient for {v.name} has dtype {g.dtype}, expected {v.dtype}"
+        )

@@ -1,0 +1,580 @@
+"""The built-in optimizers: thin declarations over their functional twins in :mod:`kopt.alias`.
+
+Each class states its Keras constructor, hyperparameters, plain attributes, slot order and
+config keys, and which functional optimizer it wraps. No update rule is written here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+import kopt
+from kopt.optimizers.base import Optimizer, _is_step_schedule
+from kopt.optimizers.schedules import LearningRateSchedule
+
+EPSILON = 1e-7
+
+
+def _flag_momentum(owner: str, momentum: Any) -> bool:
+    """Keras's rule, fixed at construction: momentum is on for a tensor, a callable or > 0."""
+    if isinstance(momentum, (int, float)) and not isinstance(momentum, bool):
+        if momentum < 0 or momentum > 1:
+            raise ValueError(
+                f"`momentum` must be between [0, 1]. Received: momentum={momentum} "
+                f"(of type {type(momentum)})."
+            )
+        return momentum > 0
+    return True
+
+
+def _momentum_value(flag: bool, value: Any) -> Any:
+    if not flag:
+        return 0.0
+    return value if _is_step_schedule(value) else jnp.asarray(value, jnp.float32)
+
+
+class _KerasV2(Optimizer):
+    """Shared constructor tail of the legacy classes: learning rate (``lr`` wins) and decay."""
+
+    _EPSILON_ATTR = True
+
+    def _init_learning_rate(self, learning_rate: Any, kwargs: dict[str, Any]) -> None:
+        self._set_hyper("learning_rate", kwargs.get("lr", learning_rate))
+        self._set_hyper("decay", self._initial_decay)
+
+    def _plain_hyperparams(self) -> dict[str, float]:
+        return {"epsilon": self.epsilon} if hasattr(self, "epsilon") else {}
+
+    def _base_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(),
+            "learning_rate": self._serialize_hyperparameter("learning_rate"),
+            "decay": self._serialize_hyperparameter("decay"),
+        }
+
+
+class SGD(_KerasV2):
+    """Gradient descent with optional (Nesterov) momentum; tf.keras's legacy ``SGD``.
+
+    Example:
+        >>> import kopt
+        >>> var = kopt.Variable(1.0)
+        >>> opt = kopt.optimizers.SGD(learning_rate=0.1)
+        >>> _ = opt.minimize(lambda: (var ** 2) / 2.0, [var])
+        >>> float(var.numpy())
+        0.8999999761581421
+    """
+
+    _SLOT_ORDER = ("momentum",)
+
+    def __init__(self, learning_rate=0.01, momentum=0.0, nesterov=False, name="SGD", **kwargs):
+        super().__init__(name, **kwargs)
+        self._init_learning_rate(learning_rate, kwargs)
+        self._momentum = _flag_momentum("SGD", momentum)
+        self._set_hyper("momentum", momentum)
+        self.nesterov = bool(nesterov)
+
+    def _transformation(self, hp):
+        return kopt.sgd(hp["learning_rate"], _momentum_value(self._momentum, hp["momentum"]),
+                        self.nesterov, decay=hp["decay"])
+
+    def get_config(self):
+        return {
+            **self._base_config(),
+            "momentum": self._serialize_hyperparameter("momentum"),
+            "nesterov": self.nesterov,
+        }
+
+
+class Adam(_KerasV2):
+    """Adam with Keras's epsilon-hat placement and optional AMSGrad; tf.keras's legacy ``Adam``.
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> var = kopt.Variable([1.0, 2.0])
+        >>> opt = kopt.optimizers.Adam(learning_rate=0.1)
+        >>> _ = opt.apply_gradients([(jnp.array([0.5, -0.5]), var)])
+        >>> var.numpy().round(4), opt.get_slot_names()
+        (array([0.9, 2.1], dtype=float32), ['m', 'v'])
+    """
+
+    _SLOT_ORDER = ("m", "v", "vhat")
+
+    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
+                 amsgrad=False, name="Adam", **kwargs):
+        super().__init__(name, **kwargs)
+        self._init_learning_rate(learning_rate, kwargs)
+        self._set_hyper("beta_1", beta_1)
+        self._set_hyper("beta_2", beta_2)
+        self.epsilon = epsilon or EPSILON
+        self.amsgrad = bool(amsgrad)
+
+    def _transformation(self, hp):
+        return kopt.adam(hp["learning_rate"], hp["beta_1"], hp["beta_2"],
+                         hp.get("epsilon", self.epsilon), self.amsgrad, decay=hp["decay"])
+
+    def get_config(self):
+        return {
+            **self._base_config(),
+            "beta_1": self._serialize_hyperparameter("beta_1"),
+            "beta_2": self._serialize_hyperparameter("beta_2"),
+            "epsilon": self.epsilon,
+            "amsgrad": self.amsgrad,
+        }
+
+    def set_weights(self, weights):
+        """As tf.keras: a V1 weight list holding ``vhat`` for every variable is truncated."""
+        params = self.weights
+        num_vars = int((len(params) - 1) / 2)
+        if len(weights) == 3 * num_vars + 1:
+            weights = weights[: len(params)]
+        super().set_weights(weights)
+
+
+def _prepend_iterations(optimizer: Optimizer, weights: list[Any]) -> list[Any]:
+    """tf.keras's V1 compatibility: weights without the iteration count get 0 prepended."""
+    if len(optimizer.weights) == len(weights) + 1:
+        return [np.array(0, np.int32), *weights]
+    return weights
+
+
+class Adagrad(_KerasV2):
+    """Adagrad (accumulator starts at 0.1); tf.keras's legacy ``Adagrad``.
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> var = kopt.Variable([1.0])
+        >>> opt = kopt.optimizers.Adagrad(learning_rate=0.1)
+        >>> _ = opt.apply_gradients([(jnp.array([1.0]), var)])
+        >>> opt.get_slot(var, "accumulator").numpy()
+        array([1.1], dtype=float32)
+    """
+
+    _SLOT_ORDER = ("accumulator",)
+
+    def __init__(self, learning_rate=0.001, initial_accumulator_value=0.1, epsilon=1e-7,
+                 name="Adagrad", **kwargs):
+        if initial_accumulator_value is None or initial_accumulator_value < 0.0:
+            raise ValueError(
+                f"initial_accumulator_value must be non-negative: {initial_accumulator_value}"
+            )
+        super().__init__(name, **kwargs)
+        self._init_learning_rate(learning_rate, kwargs)
+        self._initial_accumulator_value = initial_accumulator_value
+        self.epsilon = epsilon or EPSILON
+
+    def _transformation(self, hp):
+        return kopt.adagrad(hp["learning_rate"], self._initial_accumulator_value,
+                            hp.get("epsilon", self.epsilon), decay=hp["decay"])
+
+    def get_config(self):
+        return {
+            **self._base_config(),
+            "initial_accumulator_value": self._initial_accumulator_value,
+            "epsilon": self.epsilon,
+        }
+
+    def set_weights(self, weights):
+        super().set_weights(_prepend_iterations(self, list(weights)))
+
+
+class Adadelta(_KerasV2):
+    """Adadelta (epsilon inside both roots); tf.keras's legacy ``Adadelta``.
+
+    Example:
+        >>> import kopt
+        >>> kopt.optimizers.Adadelta(learning_rate=1.0).get_config()["rho"]
+        0.949999988079071
+    """
+
+    _SLOT_ORDER = ("accum_grad", "accum_var")
+
+    def __init__(self, learning_rate=0.001, rho=0.95, epsilon=1e-7, name="Adadelta", **kwargs):
+        super().__init__(name, **kwargs)
+        self._init_learning_rate(learning_rate, kwargs)
+        self._set_hyper("rho", rho)
+        self.epsilon = epsilon or EPSILON
+
+    def _transformation(self, hp):
+        return kopt.adadelta(hp["learning_rate"], hp["rho"], hp.get("epsilon", self.epsilon),
+                             decay=hp["decay"])
+
+    def get_config(self):
+        return {**self._base_config(), "rho": self._serialize_hyperparameter("rho"),
+                "epsilon": self.epsilon}
+
+    def set_weights(self, weights):
+        super().set_weights(_prepend_iterations(self, list(weights)))
+
+
+class Adamax(_KerasV2):
+    """Adamax (Adam with the infinity norm); tf.keras's legacy ``Adamax``.
+
+    Example:
+        >>> import kopt
+        >>> sorted(kopt.optimizers.Adamax().get_config())[:3]
+        ['beta_1', 'beta_2', 'decay']
+    """
+
+    _SLOT_ORDER = ("m", "v")
+
+    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
+                 name="Adamax", **kwargs):
+        super().__init__(name, **kwargs)
+        self._init_learning_rate(learning_rate, kwargs)
+        self._set_hyper("beta_1", beta_1)
+        self._set_hyper("beta_2", beta_2)
+        self.epsilon = epsilon or EPSILON
+
+    def _transformation(self, hp):
+        return kopt.adamax(hp["learning_rate"], hp["beta_1"], hp["beta_2"],
+                           hp.get("epsilon", self.epsilon), decay=hp["decay"])
+
+    def get_config(self):
+        return {
+            **self._base_config(),
+            "beta_1": self._serialize_hyperparameter("beta_1"),
+            "beta_2": self._serialize_hyperparameter("beta_2"),
+            "epsilon": self.epsilon,
+        }
+
+
+class Nadam(_KerasV2):
+    """Nadam with Keras's momentum-cache schedule; tf.keras's legacy ``Nadam``.
+
+    As in tf.keras, ``decay`` holds ``schedule_decay`` (default 0.004), the momentum-schedule
+    constant, not a learning-rate decay; and a ``LearningRateSchedule`` is refused.
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> var = kopt.Variable([1.0])
+        >>> opt = kopt.optimizers.Nadam()
+        >>> _ = opt.apply_gradients([(jnp.array([1.0]), var)])
+        >>> [w.name for w in opt.weights]
+        ['Nadam/iter:0', 'Nadam/momentum_cache:0', 'Nadam/Variable/m:0', 'Nadam/Variable/v:0']
+    """
+
+    _SLOT_ORDER = ("m", "v")
+
+    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, name="Nadam",
+                 **kwargs):
+        kwargs["decay"] = kwargs.pop("schedule_decay", 0.004)
+        learning_rate = kwargs.get("lr", learning_rate)
+        if isinstance(learning_rate, LearningRateSchedule):
+            raise ValueError(
+                "The Nadam optimizer does not support tf.keras.optimizers.LearningRateSchedules "
+                "as the learning rate."
+            )
+        super().__init__(name, **kwargs)
+        self._set_hyper("learning_rate", learning_rate)
+        self._set_hyper("decay", self._initial_decay)
+        self._set_hyper("beta_1", beta_1)
+        self._set_hyper("beta_2", beta_2)
+        self.epsilon = epsilon or EPSILON
+
+    def _functional_name(self, name):
+        return "schedule_decay" if name == "decay" else name
+
+    def _transformation(self, hp):
+        return kopt.nadam(hp["learning_rate"], hp["beta_1"], hp["beta_2"],
+                          hp.get("epsilon", self.epsilon),
+                          schedule_decay=hp.get("schedule_decay", hp.get("decay")))
+
+    def get_config(self):
+        return {
+            **self._base_config(),
+            "beta_1": self._serialize_hyperparameter("beta_1"),
+            "beta_2": self._serialize_hyperparameter("beta_2"),
+            "epsilon": self.epsilon,
+        }
+
+
+class RMSprop(_KerasV2):
+    """RMSprop with Keras's two epsilon placements; tf.keras's legacy ``RMSprop``.
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> var = kopt.Variable([1.0])
+        >>> opt = kopt.optimizers.RMSprop(learning_rate=0.1, momentum=0.9, centered=True)
+        >>> _ = opt.apply_gradients([(jnp.array([1.0]), var)])
+        >>> opt.get_slot_names()
+        ['rms', 'momentum', 'mg']
+    """
+
+    _SLOT_ORDER = ("rms", "momentum", "mg")
+
+    def __init__(self, learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7, centered=False,
+                 name="RMSprop", **kwargs):
+        super().__init__(name, **kwargs)
+        self._init_learning_rate(learning_rate, kwargs)
+        self._set_hyper("rho", rho)
+        self._momentum = _flag_momentum("RMSprop", momentum)
+        self._set_hyper("momentum", momentum)
+        self.epsilon = epsilon or EPSILON
+        self.centered = bool(centered)
+
+    def _transformation(self, hp):
+        return kopt.rmsprop(hp["learning_rate"], hp["rho"],
+                            _momentum_value(self._momentum, hp["momentum"]),
+                            hp.get("epsilon", self.epsilon), self.centered, decay=hp["decay"])
+
+    def get_config(self):
+        return {
+            **self._base_config(),
+            "rho": self._serialize_hyperparameter("rho"),
+            "momentum": self._serialize_hyperparameter("momentum"),
+            "epsilon": self.epsilon,
+            "centered": self.centered,
+        }
+
+    def set_weights(self, weights):
+        super().set_weights(_prepend_iterations(self, list(weights)))
+
+
+RMSProp = RMSprop
+
+
+class Ftrl(_KerasV2):
+    """FTRL-Proximal with L1, L2, beta and L2 shrinkage; tf.keras's legacy ``Ftrl``.
+
+    As in tf.keras, the ``lr`` keyword is accepted but ignored here, and the slots of each
+    variable are created together (``accumulator``, ``linear``, then the next variable's).
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> a, b = kopt.Variable([1.0], name="a"), kopt.Variable([1.0], name="b")
+        >>> opt = kopt.optimizers.Ftrl(learning_rate=0.1)
+        >>> _ = opt.apply_gradients([(jnp.ones(1), a), (jnp.ones(1), b)])
+        >>> [w.name for w in opt.weights][1:]
+        ['Ftrl/a/accumulator:0', 'Ftrl/a/linear:0', 'Ftrl/b/accumulator:0', 'Ftrl/b/linear:0']
+    """
+
+    _SLOT_ORDER = ("accumulator", "linear")
+    _INTERLEAVE_SLOTS = True
+
+    def __init__(self, learning_rate=0.001, learning_rate_power=-0.5,
+                 initial_accumulator_value=0.1, l1_regularization_strength=0.0,
+                 l2_regularization_strength=0.0, name="Ftrl",
+                 l2_shrinkage_regularization_strength=0.0, beta=0.0, **kwargs):
+        super().__init__(name, **kwargs)
+        checks = (
+            (initial_accumulator_value < 0.0, "`initial_accumulator_value` needs to be positive or "
+             f"zero. Received: initial_accumulator_value={initial_accumulator_value}."),
+            (learning_rate_power > 0.0, "`learning_rate_power` needs to be negative or zero. "
+             f"Received: learning_rate_power={learning_rate_power}."),
+            (l1_regularization_strength < 0.0, "`l1_regularization_strength` needs to be positive "
+             f"or zero. Received: l1_regularization_strength={l1_regularization_strength}."),
+            (l2_regularization_strength < 0.0, "`l2_regularization_strength` needs to be positive "
+             f"or zero. Received: l2_regularization_strength={l2_regularization_strength}."),
+            (l2_shrinkage_regularization_strength < 0.0, "`l2_shrinkage_regularization_strength` "
+             "needs to be positive or zero. Received: l2_shrinkage_regularization_strength="
+             f"{l2_shrinkage_regularization_strength}."),
+        )
+        for failed, message in checks:
+            if failed:
+                raise ValueError(message)
+        self._set_hyper("learning_rate", learning_rate)
+        self._set_hyper("decay", self._initial_decay)
+        self._set_hyper("learning_rate_power", learning_rate_power)
+        self._set_hyper("l1_regularization_strength", l1_regularization_strength)
+        self._set_hyper("l2_regularization_strength", l2_regularization_strength)
+        self._set_hyper("beta", beta)
+        self._initial_accumulator_value = initial_accumulator_value
+        self._l2_shrinkage_regularization_strength = l2_shrinkage_regularization_strength
+
+    def _plain_hyperparams(self):
+        return {"l2_shrinkage_regularization_strength": self._l2_shrinkage_regularization_strength}
+
+    def _transformation(self, hp):
+        return kopt.ftrl(
+            hp["learning_rate"], hp["learning_rate_power"], self._initial_accumulator_value,
+            hp["l1_regularization_strength"], hp["l2_regularization_strength"], hp["beta"],
+            hp.get("l2_shrinkage_regularization_strength",
+                   self._l2_shrinkage_regularization_strength),
+            decay=hp["decay"],
+        )
+
+    def get_config(self):
+        return {
+            **self._base_config(),
+            "initial_accumulator_value": self._initial_accumulator_value,
+            "learning_rate_power": self._serialize_hyperparameter("learning_rate_power"),
+            "l1_regularization_strength": self._serialize_hyperparameter(
+                "l1_regularization_strength"),
+            "l2_regularization_strength": self._serialize_hyperparameter(
+                "l2_regularization_strength"),
+            "beta": self._serialize_hyperparameter("beta"),
+            "l2_shrinkage_regularization_strength": self._l2_shrinkage_regularization_strength,
+        }
+
+
+class _Keras3(Optimizer):
+    """The Keras 3 optimizers behind the same facade: plain float arguments, no ``decay``."""
+
+    _ATTRS: tuple[str, ...] = ()
+
+    def _init_keras3(self, learning_rate: Any, kwargs: dict[str, Any], **attrs: Any) -> None:
+        self._set_hyper("learning_rate", kwargs.get("lr", learning_rate))
+        for k, v in attrs.items():
+            object.__setattr__(self, k, v)
+
+    def _plain_hyperparams(self):
+        return {k: getattr(self, k) for k in self._ATTRS
+                if isinstance(getattr(self, k), (int, float)) and not isinstance(getattr(self, k), bool)}
+
+    def get_config(self):
+        config = {**super().get_config(),
+                  "learning_rate": self._serialize_hyperparameter("learning_rate")}
+        config.update({k: getattr(self, k) for k in self._ATTRS})
+        return config
+
+
+class AdamW(_Keras3):
+    """AdamW with Keras 3 semantics: ``w -= w * weight_decay * lr`` plus Adam.
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> var = kopt.Variable([1.0])
+        >>> opt = kopt.optimizers.AdamW(learning_rate=0.1, weight_decay=0.5)
+        >>> _ = opt.apply_gradients([(jnp.zeros(1), var)])
+        >>> var.numpy()
+        array([0.95], dtype=float32)
+    """
+
+    _SLOT_ORDER = ("m", "v", "vhat")
+    _ATTRS = ("weight_decay", "beta_1", "beta_2", "epsilon", "amsgrad")
+
+    def __init__(self, learning_rate=0.001, weight_decay=0.004, beta_1=0.9, beta_2=0.999,
+                 epsilon=1e-7, amsgrad=False, name="AdamW", **kwargs):
+        if weight_decay is None:
+            raise ValueError("Argument `weight_decay` must be a float. Received: weight_decay=None")
+        super().__init__(name, **kwargs)
+        self._init_keras3(learning_rate, kwargs, weight_decay=weight_decay, beta_1=beta_1,
+                          beta_2=beta_2, epsilon=epsilon, amsgrad=bool(amsgrad))
+
+    def _transformation(self, hp):
+        return kopt.adamw(hp["learning_rate"], hp.get("weight_decay", self.weight_decay),
+                          hp.get("beta_1", self.beta_1), hp.get("beta_2", self.beta_2),
+                          hp.get("epsilon", self.epsilon), self.amsgrad)
+
+
+class Lion(_Keras3):
+    """Lion with Keras 3 semantics: ``w -= lr * sign(beta_1 m + (1 - beta_1) g)``.
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> var = kopt.Variable([1.0, 1.0])
+        >>> _ = kopt.optimizers.Lion(learning_rate=0.1).apply_gradients([(jnp.array([3.0, -1.0]), var)])
+        >>> var.numpy()
+        array([0.9, 1.1], dtype=float32)
+    """
+
+    _SLOT_ORDER = ("m",)
+    _ATTRS = ("beta_1", "beta_2")
+
+    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.99, name="Lion", **kwargs):
+        if not isinstance(beta_1, (int, float)) or beta_1 <= 0 or beta_1 > 1:
+            raise ValueError(
+                "Argument `beta_1` must be in the [0, 1] range. Otherwise, the optimizer "
+                f"degenerates to SignSGD. Received: beta_1={beta_1}."
+            )
+        super().__init__(name, **kwargs)
+        self._init_keras3(learning_rate, kwargs, beta_1=beta_1, beta_2=beta_2)
+
+    def _transformation(self, hp):
+        return kopt.lion(hp["learning_rate"], hp.get("beta_1", self.beta_1),
+                         hp.get("beta_2", self.beta_2))
+
+
+class Lamb(_Keras3):
+    """Lamb with Keras 3 semantics (Adam step times a per-tensor trust ratio).
+
+    Example:
+        >>> import kopt
+        >>> kopt.optimizers.Lamb().get_config()["epsilon"]
+        1e-07
+    """
+
+    _SLOT_ORDER = ("m", "v")
+    _ATTRS = ("beta_1", "beta_2", "epsilon")
+
+    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, name="Lamb",
+                 **kwargs):
+        super().__init__(name, **kwargs)
+        self._init_keras3(learning_rate, kwargs, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon)
+
+    def _transformation(self, hp):
+        return kopt.lamb(hp["learning_rate"], hp.get("beta_1", self.beta_1),
+                         hp.get("beta_2", self.beta_2), hp.get("epsilon", self.epsilon))
+
+
+class Adafactor(_Keras3):
+    """Adafactor with Keras 3 semantics and defaults (factored second moments).
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> var = kopt.Variable(jnp.ones((3, 2)))
+        >>> opt = kopt.optimizers.Adafactor()
+        >>> _ = opt.apply_gradients([(jnp.ones((3, 2)), var)])
+        >>> opt.get_slot(var, "r").shape, opt.get_slot(var, "c").shape
+        ((3,), (2,))
+    """
+
+    _SLOT_ORDER = ("r", "c", "v")
+    _ATTRS = ("beta_2_decay", "epsilon_1", "epsilon_2", "clip_threshold", "relative_step")
+
+    def __init__(self, learning_rate=0.001, beta_2_decay=-0.8, epsilon_1=1e-30, epsilon_2=1e-3,
+                 clip_threshold=1.0, relative_step=True, name="Adafactor", **kwargs):
+        super().__init__(name, **kwargs)
+        self._init_keras3(learning_rate, kwargs, beta_2_decay=beta_2_decay, epsilon_1=epsilon_1,
+                          epsilon_2=epsilon_2, clip_threshold=clip_threshold,
+                          relative_step=bool(relative_step))
+
+    def _transformation(self, hp):
+        return kopt.adafactor(hp["learning_rate"], hp.get("beta_2_decay", self.beta_2_decay),
+                              hp.get("epsilon_1", self.epsilon_1),
+                              hp.get("epsilon_2", self.epsilon_2),
+                              hp.get("clip_threshold", self.clip_threshold), self.relative_step)
+
+
+class TransformationOptimizer(Optimizer):
+    """Any kopt or optax transformation behind the facade (see :func:`from_transformation`)."""
+
+    def __init__(self, transformation: Any, name: str | None = None):
+        if not (callable(getattr(transformation, "init", None))
+                and callable(getattr(transformation, "update", None))):
+            raise TypeError(
+                "from_transformation: expected a transformation with init and update, received "
+                f"{type(transformation).__name__}"
+            )
+        super().__init__(name or "Transformation")
+        self._wrapped = transformation
+
+    def _transformation(self, hp):
+        return self._wrapped
+
+    def get_config(self):
+        return super().get_config()
+
+
+def from_transformation(transformation: Any, name: str | None = None) -> Optimizer:
+    """Puts any kopt or optax transformation behind the Keras facade.
+
+    Its hyperparameters stay in its state (read them with ``kopt.get_hyperparam`` on
+    ``opt.as_transformation()``'s state, or change them by building a new transformation). The
+    state is kept in the optimizer's weights; slots of kopt pieces are available through
+    ``get_slot``. A transformation whose state is not per-variable (most optax ones) must be
+    called with the same variables every step.
+
+    Example:
+        >>> import jax.numpy as jnp, kopt, optax
+        >>> var = kopt.Variable([1.0])
+        >>> opt = kopt.optimizers.from_transformation(optax.sgd(0.5))
+        >>> _ = opt.apply_gradients([(jnp.array([1.0]), var)])
+        >>> var.numpy()
+        array([0.5], dtype=float32)
+    """
+    return TransformationOptimizer(transformation, name)

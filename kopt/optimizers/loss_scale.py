@@ -1,0 +1,189 @@
+"""``LossScaleOptimizer``: tf.keras's loss scaling for float16 / bfloat16 training."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+
+from kopt.optimizers.base import Optimizer, _as_pairs, _filter_empty_gradients
+from kopt.transforms import all_finite
+from kopt.variables import Variable
+
+
+class LossScaleOptimizer(Optimizer):
+    """Scales the loss up (so small float16 gradients do not underflow), the gradients back
+    down, and skips steps whose gradients are not finite.
+
+    A dynamic scale starts at ``initial_scale`` (default ``2**15``), doubles after
+    ``dynamic_growth_steps`` (default 2000) finite steps in a row and halves (not below 1) on a
+    step with a NaN or infinity; that step changes no variable, slot or step count. A fixed
+    scale (``dynamic=False``) needs ``initial_scale``.
+
+    Args:
+        inner_optimizer: the optimizer that applies the (unscaled) gradients.
+        dynamic: whether the scale adapts.
+        initial_scale: the starting (or fixed) scale.
+        dynamic_growth_steps: finite steps before the scale doubles.
+
+    Raises:
+        TypeError: if ``inner_optimizer`` is not a kopt optimizer.
+        ValueError: for a fixed scale without ``initial_scale``, or non-positive values.
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> var = kopt.Variable([1.0])
+        >>> opt = kopt.optimizers.LossScaleOptimizer(kopt.optimizers.SGD(0.5))
+        >>> _ = opt.apply_gradients([(jnp.array([jnp.inf]), var)])   # skipped, scale halved
+        >>> var.numpy(), float(opt.loss_scale.numpy())
+        (array([1.], dtype=float32), 16384.0)
+    """
+
+    def __init__(
+        self,
+        inner_optimizer: Optimizer,
+        dynamic: bool = True,
+        initial_scale: float | None = None,
+        dynamic_growth_steps: int | None = None,
+    ):
+        if not isinstance(inner_optimizer, Optimizer):
+            raise TypeError(
+                "LossScaleOptimizer: `inner_optimizer` must be a kopt.optimizers.Optimizer, "
+                f"received {type(inner_optimizer).__name__}"
+            )
+        if isinstance(inner_optimizer, LossScaleOptimizer):
+            raise TypeError("LossScaleOptimizer: `inner_optimizer` is already a LossScaleOptimizer")
+        if not dynamic and initial_scale is None:
+            raise ValueError("LossScaleOptimizer: `initial_scale` must be given when dynamic=False")
+        if not dynamic and dynamic_growth_steps is not None:
+            raise ValueError(
+                "LossScaleOptimizer: `dynamic_growth_steps` cannot be given when dynamic=False"
+            )
+        if initial_scale is None:
+            initial_scale = 2.0**15
+        if dynamic_growth_steps is None and dynamic:
+            dynamic_growth_steps = 2000
+        if not isinstance(initial_scale, (int, float)) or initial_scale <= 0:
+            raise ValueError(f"LossScaleOptimizer: `initial_scale` must be > 0, received {initial_scale!r}")
+        if dynamic and (not isinstance(dynamic_growth_steps, int) or dynamic_growth_steps < 1):
+            raise ValueError(
+                "LossScaleOptimizer: `dynamic_growth_steps` must be an int >= 1, received "
+                f"{dynamic_growth_steps!r}"
+            )
+        super().__init__("LossScaleOptimizer")
+        self._optimizer = inner_optimizer
+        self.dynamic = bool(dynamic)
+        self.initial_scale = float(initial_scale)
+        self.dynamic_growth_steps = dynamic_growth_steps
+        self._loss_scale = Variable(jnp.float32(initial_scale), trainable=False,
+                                    name="LossScaleOptimizer/current_loss_scale")
+        self._good_steps = Variable(jnp.int32(0), trainable=False,
+                                    name="LossScaleOptimizer/good_steps")
+
+    @property
+    def inner_optimizer(self) -> Optimizer:
+        return self._optimizer
+
+    @property
+    def loss_scale(self) -> Variable:
+        """The current loss scale (a float32 scalar variable)."""
+        return self._loss_scale
+
+    def get_scaled_loss(self, loss: Any) -> Any:
+        """``loss * loss_scale`` (a callable loss gives a callable)."""
+        if callable(loss):
+            return lambda: loss() * self._loss_scale.value
+        return loss * self._loss_scale.value
+
+    def get_unscaled_gradients(self, grads: list[Any]) -> list[Any]:
+        """Each gradient divided by the loss scale (None stays None)."""
+        scale = self._loss_scale.value
+        return [None if g is None else g / scale.astype(jnp.result_type(g)) for g in grads]
+
+    def compute_gradients(self, loss, var_list, grad_loss=None):
+        pairs = self._optimizer.compute_gradients(self.get_scaled_loss(loss), var_list, grad_loss)
+        grads = self.get_unscaled_gradients([g for g, _ in pairs])
+        return list(zip(grads, [v for _, v in pairs], strict=True))
+
+    def apply_gradients(self, grads_and_vars, name=None, experimental_aggregate_gradients=True):
+        """Applies the gradients with the inner optimizer if they are all finite; otherwise
+        changes nothing but the scale. Gradients must already be unscaled
+        (:meth:`get_unscaled_gradients`; :meth:`minimize` does it)."""
+        pairs = _filter_empty_gradients(_as_pairs(grads_and_vars))
+        if not pairs:
+            return None
+        self._optimizer._validate(pairs, experimental_aggregate_gradients)
+        with self._lock:
+            finite = bool(all_finite([g for g, _ in pairs]))
+            if finite:
+                result = self._optimizer.apply_gradients(
+                    pairs, name=name, experimental_aggregate_gradients=experimental_aggregate_gradients
+                )
+            else:
+                result = self._optimizer._iterations
+            if self.dynamic:
+                self._update_scale(finite)
+            return result
+
+    def _update_scale(self, finite: bool) -> None:
+        if finite:
+            good = int(self._good_steps.numpy()) + 1
+            if good >= self.dynamic_growth_steps:
+                self._loss_scale.assign(self._loss_scale.value * 2.0)
+                good = 0
+            self._good_steps.assign(good)
+        else:
+            self._loss_scale.assign(jnp.maximum(self._loss_scale.value / 2.0, 1.0))
+            self._good_steps.assign(0)
+
+    @property
+    def iterations(self):
+        return self._optimizer.iterations
+
+    @property
+    def weights(self):
+        return self._optimizer.weights + [self._loss_scale, self._good_steps]
+
+    def variables(self):
+        return self.weights
+
+    def get_slot(self, var, slot_name):
+        return self._optimizer.get_slot(var, slot_name)
+
+    def get_slot_names(self):
+        return self._optimizer.get_slot_names()
+
+    def as_transformation(self):
+        return self._optimizer.as_transformation()
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.__dict__["_optimizer"], name)
+
+    def __setattr__(self, name, value):
+        inner = self.__dict__.get("_optimizer")
+        if inner is not None and (name == "lr" or name in inner._hyper):
+            setattr(inner, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def get_config(self):
+        from kopt.optimizers import serialize
+
+        return {
+            "inner_optimizer": serialize(self._optimizer),
+            "dynamic": self.dynamic,
+            "initial_scale": self.initial_scale,
+            "dynamic_growth_steps": self.dynamic_growth_steps,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        from kopt.optimizers import deserialize
+
+        config = dict(config)
+        inner = config.pop("inner_optimizer")
+        if isinstance(inner, dict):
+            inner = deserialize(inner, custom_objects=custom_objects)
+        return cls(inner, **config)

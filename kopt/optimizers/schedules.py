@@ -1,0 +1,240 @@
+"""Keras's learning-rate schedule classes, with configs; the maths is in :mod:`kopt.schedules`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kopt import schedules as fn
+
+
+class LearningRateSchedule:
+    """Base class: ``__call__(step)`` returns the learning rate; ``get_config`` describes it.
+
+    Subclass it for your own schedule (jittable maths of ``step``, a float32 scalar).
+
+    Example:
+        >>> from kopt.optimizers import schedules
+        >>> class Halving(schedules.LearningRateSchedule):
+        ...     def __call__(self, step):
+        ...         return 1.0 / 2.0 ** (step // 10)
+        ...     def get_config(self):
+        ...         return {}
+        >>> float(Halving()(25.0))
+        0.25
+    """
+
+    def __call__(self, step: Any) -> Any:
+        raise NotImplementedError(
+            f"Learning rate schedule '{type(self).__name__}' must override `__call__(self, step)`."
+        )
+
+    def get_config(self) -> dict[str, Any]:
+        raise NotImplementedError(
+            f"Learning rate schedule '{type(self).__name__}' must override `get_config()` in "
+            "order to be serializable."
+        )
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> LearningRateSchedule:
+        return cls(**config)
+
+
+class _Builtin(LearningRateSchedule):
+    _KEYS: tuple[str, ...] = ()
+    _FUNCTION: Any = None
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        names = self._KEYS
+        if len(args) > len(names):
+            raise TypeError(f"{type(self).__name__}: too many positional arguments")
+        values = dict(zip(names, args, strict=False))
+        for k, v in kwargs.items():
+            if k in values:
+                raise TypeError(f"{type(self).__name__}: got multiple values for argument {k!r}")
+            if k not in names:
+                raise TypeError(f"{type(self).__name__}: unexpected keyword argument {k!r}")
+            values[k] = v
+        self.name = values.pop("name", None)
+        self._config = values
+        self._schedule = type(self)._FUNCTION(**values)
+        for k, v in values.items():
+            setattr(self, k, v)
+
+    def __call__(self, step: Any) -> Any:
+        return self._schedule(step)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**self._config, "name": self.name}
+
+
+class ExponentialDecay(_Builtin):
+    """``initial_learning_rate * decay_rate ** (step / decay_steps)``, floored with staircase.
+
+    Args: ``initial_learning_rate, decay_steps, decay_rate, staircase=False, name=None``.
+
+    Example:
+        >>> from kopt.optimizers.schedules import ExponentialDecay
+        >>> float(ExponentialDecay(0.1, decay_steps=10, decay_rate=0.5)(10.0))
+        0.05000000074505806
+    """
+
+    _KEYS = ("initial_learning_rate", "decay_steps", "decay_rate", "staircase", "name")
+    _FUNCTION = staticmethod(fn.exponential_decay)
+
+    def __init__(self, initial_learning_rate, decay_steps, decay_rate, staircase=False, name=None):
+        super().__init__(initial_learning_rate, decay_steps, decay_rate, staircase, name)
+
+
+class PiecewiseConstantDecay(_Builtin):
+    """Constant values between step boundaries (``boundaries, values, name=None``).
+
+    Example:
+        >>> from kopt.optimizers.schedules import PiecewiseConstantDecay
+        >>> float(PiecewiseConstantDecay([10], [1.0, 0.5])(11.0))
+        0.5
+    """
+
+    _KEYS = ("boundaries", "values", "name")
+    _FUNCTION = staticmethod(fn.piecewise_constant_decay)
+
+    def __init__(self, boundaries, values, name=None):
+        super().__init__(boundaries, values, name)
+
+
+class PolynomialDecay(_Builtin):
+    """Polynomial decay to ``end_learning_rate`` (``initial_learning_rate, decay_steps,
+    end_learning_rate=0.0001, power=1.0, cycle=False, name=None``).
+
+    Example:
+        >>> from kopt.optimizers.schedules import PolynomialDecay
+        >>> float(PolynomialDecay(1.0, 10, end_learning_rate=0.0)(5.0))
+        0.5
+    """
+
+    _KEYS = ("initial_learning_rate", "decay_steps", "end_learning_rate", "power", "cycle", "name")
+    _FUNCTION = staticmethod(fn.polynomial_decay)
+
+    def __init__(self, initial_learning_rate, decay_steps, end_learning_rate=0.0001, power=1.0,
+                 cycle=False, name=None):
+        super().__init__(initial_learning_rate, decay_steps, end_learning_rate, power, cycle, name)
+
+
+class InverseTimeDecay(_Builtin):
+    """``initial_learning_rate / (1 + decay_rate * step / decay_steps)`` (``staircase`` floors).
+
+    Example:
+        >>> from kopt.optimizers.schedules import InverseTimeDecay
+        >>> float(InverseTimeDecay(1.0, 1, 1.0)(3.0))
+        0.25
+    """
+
+    _KEYS = ("initial_learning_rate", "decay_steps", "decay_rate", "staircase", "name")
+    _FUNCTION = staticmethod(fn.inverse_time_decay)
+
+    def __init__(self, initial_learning_rate, decay_steps, decay_rate, staircase=False, name=None):
+        super().__init__(initial_learning_rate, decay_steps, decay_rate, staircase, name)
+
+
+class CosineDecay(_Builtin):
+    """Cosine decay with optional linear warmup (``initial_learning_rate, decay_steps,
+    alpha=0.0, name=None, warmup_target=None, warmup_steps=0``).
+
+    Example:
+        >>> from kopt.optimizers.schedules import CosineDecay
+        >>> round(float(CosineDecay(1.0, 10)(5.0)), 6)
+        0.5
+    """
+
+    _KEYS = ("initial_learning_rate", "decay_steps", "alpha", "name", "warmup_target",
+             "warmup_steps")
+
+    @staticmethod
+    def _FUNCTION(initial_learning_rate, decay_steps, alpha, warmup_target, warmup_steps):  # noqa: N802
+        return fn.cosine_decay(initial_learning_rate, decay_steps, alpha, warmup_target,
+                               warmup_steps)
+
+    def __init__(self, initial_learning_rate, decay_steps, alpha=0.0, name=None,
+                 warmup_target=None, warmup_steps=0):
+        super().__init__(initial_learning_rate, decay_steps, alpha, name, warmup_target,
+                         warmup_steps)
+
+
+class CosineDecayRestarts(_Builtin):
+    """Cosine decay with warm restarts (``initial_learning_rate, first_decay_steps, t_mul=2.0,
+    m_mul=1.0, alpha=0.0, name=None``).
+
+    Example:
+        >>> from kopt.optimizers.schedules import CosineDecayRestarts
+        >>> round(float(CosineDecayRestarts(1.0, 10, m_mul=0.5)(10.0)), 6)
+        0.5
+    """
+
+    _KEYS = ("initial_learning_rate", "first_decay_steps", "t_mul", "m_mul", "alpha", "name")
+    _FUNCTION = staticmethod(fn.cosine_decay_restarts)
+
+    def __init__(self, initial_learning_rate, first_decay_steps, t_mul=2.0, m_mul=1.0, alpha=0.0,
+                 name=None):
+        super().__init__(initial_learning_rate, first_decay_steps, t_mul, m_mul, alpha, name)
+
+
+_CLASSES = {
+    cls.__name__: cls
+    for cls in (ExponentialDecay, PiecewiseConstantDecay, PolynomialDecay, InverseTimeDecay,
+                CosineDecay, CosineDecayRestarts)
+}
+
+
+def serialize(learning_rate_schedule: LearningRateSchedule) -> dict[str, Any]:
+    """``{"module", "class_name", "config", "registered_name"}``, as Keras writes it.
+
+    Example:
+        >>> from kopt.optimizers import schedules
+        >>> schedules.serialize(schedules.InverseTimeDecay(1.0, 10, 0.5))["class_name"]
+        'InverseTimeDecay'
+    """
+    if not isinstance(learning_rate_schedule, LearningRateSchedule):
+        raise TypeError(
+            "schedules.serialize: expected a LearningRateSchedule, received "
+            f"{type(learning_rate_schedule).__name__}"
+        )
+    return {
+        "module": "kopt.optimizers.schedules",
+        "class_name": type(learning_rate_schedule).__name__,
+        "config": learning_rate_schedule.get_config(),
+        "registered_name": None,
+    }
+
+
+def deserialize(config: dict[str, Any], custom_objects: dict[str, Any] | None = None) -> Any:
+    """A schedule from :func:`serialize`'s output (or Keras's; custom classes by name through
+    ``custom_objects``).
+
+    Raises:
+        ValueError: for an unknown class name or a malformed config.
+    """
+    if not isinstance(config, dict) or "class_name" not in config:
+        raise ValueError(
+            f"schedules.deserialize: expected a dict with 'class_name' and 'config', received "
+            f"{config!r:.80}"
+        )
+    name = config["class_name"]
+    cls = (custom_objects or {}).get(name) or _CLASSES.get(name)
+    if cls is None:
+        raise ValueError(
+            f"Unknown decay: {name!r}. Known schedules are {sorted(_CLASSES)}; pass your own "
+            "classes in `custom_objects`."
+        )
+    return cls.from_config(dict(config.get("config", {})))
+
+
+__all__ = [
+    "CosineDecay",
+    "CosineDecayRestarts",
+    "ExponentialDecay",
+    "InverseTimeDecay",
+    "LearningRateSchedule",
+    "PiecewiseConstantDecay",
+    "PolynomialDecay",
+    "deserialize",
+    "serialize",
+]

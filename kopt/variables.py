@@ -1,0 +1,286 @@
+"""``kopt.Variable``: a mutable box around a ``jax.Array``, as tf.keras code expects one."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_uid = itertools.count()
+_reads = threading.local()
+
+
+class track_reads:
+    """Context manager recording which variables' values are read (to tell unconnected
+    variables apart in ``minimize``): ``with track_reads() as seen: ...``; ``seen`` holds uids."""
+
+    def __enter__(self) -> set[int]:
+        self._previous = getattr(_reads, "seen", None)
+        _reads.seen = set()
+        return _reads.seen
+
+    def __exit__(self, *exc) -> None:
+        _reads.seen = self._previous
+def _value_of(x: Any) -> Any:
+    return x._value if isinstance(x, Variable) else x
+
+
+def _binary(op):
+    def forward(self, other):
+        return op(self._value, _value_of(other))
+
+    def backward(self, other):
+        return op(_value_of(other), self._value)
+
+    return forward, backward
+
+
+@jax.tree_util.register_pytree_node_class
+class Variable:
+    """A mutable, named array: the object tf.keras optimizers update in place.
+
+    It behaves like its value in expressions (``3 * v * v``, ``x @ w + b`` with ``x`` a NumPy
+    batch, ``jnp.tanh(v)``), which stay differentiable inside :meth:`Optimizer.minimize`.
+    ``assign*`` replace the value; a sharded value keeps its sharding.
+
+    Args:
+        initial_value: an array-like, or a zero-argument callable returning one.
+        trainable: whether optimizers and ``trainable_weights`` lists should include it.
+        name: a name (``"Variable"`` by default); ``.name`` adds Keras's ``":0"`` suffix.
+        dtype: the dtype to cast the value to (default: the value's, float32 for Python floats).
+        constraint: a callable ``array -> array`` applied after each dense optimizer update.
+
+    Raises:
+        TypeError: if ``constraint`` is not callable or the value is not array-like.
+
+    Example:
+        >>> import kopt
+        >>> v = kopt.Variable([1.0, 2.0], name="w")
+        >>> v.assign_add([1.0, 1.0]).numpy(), v.name
+        (array([2., 3.], dtype=float32), 'w:0')
+    """
+
+    __array_ufunc__ = None  # NumPy operators defer to ours, so `x @ w` stays traceable
+    __array_priority__ = 1000
+
+    def __init__(
+        self,
+        initial_value: Any,
+        trainable: bool = True,
+        name: str | None = None,
+        dtype: Any = None,
+        constraint: Any = None,
+    ):
+        if callable(initial_value) and not hasattr(initial_value, "shape"):
+            initial_value = initial_value()
+        if constraint is not None and not callable(constraint):
+            raise TypeError(
+                f"Variable: `constraint` must be callable, received {type(constraint).__name__}"
+            )
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"Variable: `name` must be a string, received {type(name).__name__}")
+        self._value = _as_array(initial_value, dtype, "initial_value")
+        self._trainable = bool(trainable)
+        self._shared_name = name or "Variable"
+        self._constraint = constraint
+        self._uid = next(_uid)
+
+    @property
+    def _value(self):
+        seen = getattr(_reads, "seen", None)
+        if seen is not None:
+            seen.add(self._uid)
+        return self._storage
+
+    @_value.setter
+    def _value(self, value):
+        self._storage = value
+
+    # pytree: the value is the leaf, so jnp functions and jax transformations accept it
+    def tree_flatten(self):
+        return (self._value,), (self._shared_name, self._trainable, self._constraint)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        obj = object.__new__(cls)
+        obj._storage = children[0]
+        obj._shared_name, obj._trainable, obj._constraint = aux
+        obj._uid = next(_uid)
+        return obj
+
+    # --- state ---------------------------------------------------------------------------
+    @property
+    def value(self) -> jax.Array:
+        """The current value (a ``jax.Array``)."""
+        return self._value
+
+    def read_value(self) -> jax.Array:
+        """The current value (tf.Variable's spelling)."""
+        return self._value
+
+    def numpy(self) -> np.ndarray:
+        """A NumPy copy of the value."""
+        return np.array(self._value)
+
+    def assign(self, value: Any, read_value: bool = True) -> Variable:
+        """Replaces the value (same shape; cast to the variable's dtype); returns the variable.
+
+        Raises:
+            ValueError: if the shape differs.
+        """
+        new = _as_array(_value_of(value), self.dtype, "value")
+        if tuple(new.shape) != self.shape:
+            raise ValueError(
+                f"Variable {self.name}: cannot assign a value of shape {tuple(new.shape)} to a "
+                f"variable of shape {self.shape}"
+            )
+        self._value = _keep_sharding(new, self._value)
+        return self
+
+    def assign_add(self, delta: Any, read_value: bool = True) -> Variable:
+        """Adds ``delta`` to the value; returns the variable."""
+        return self.assign(self._value + _value_of(delta))
+
+    def assign_sub(self, delta: Any, read_value: bool = True) -> Variable:
+        """Subtracts ``delta`` from the value; returns the variable."""
+        return self.assign(self._value - _value_of(delta))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self._value.shape)
+
+    @property
+    def dtype(self):
+        return self._value.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self._value.ndim
+
+    @property
+    def size(self) -> int:
+        return int(self._value.size)
+
+    @property
+    def name(self) -> str:
+        return f"{self._shared_name}:0"
+
+    @property
+    def trainable(self) -> bool:
+        return self._trainable
+
+    @property
+    def constraint(self):
+        return self._constraint
+
+    @property
+    def sharding(self):
+        return getattr(self._value, "sharding", None)
+
+    @property
+    def device(self) -> str:
+        sharding = self.sharding
+        return str(sharding) if sharding is not None else ""
+
+    def __repr__(self) -> str:
+        return f"<kopt.Variable '{self.name}' shape={self.shape} dtype={self.dtype} value={self._value}>"
+
+    # --- array protocol --------------------------------------------------------------------
+    def __jax_array__(self):
+        return self._value
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.asarray(self._value)
+        return out.astype(dtype) if dtype is not None else out
+
+    def __float__(self):
+        return float(self._value)
+
+    def __int__(self):
+        return int(self._value)
+
+    def __bool__(self):
+        return bool(self._value)
+
+    def __len__(self):
+        return len(self._value)
+
+    def __iter__(self):
+        return iter(self._value)
+
+    def __hash__(self):
+        return id(self)
+
+    def __getitem__(self, index):
+        return self._value[_value_of(index)]
+
+    def __neg__(self):
+        return -self._value
+
+    def __pos__(self):
+        return +self._value
+
+    def __abs__(self):
+        return abs(self._value)
+
+    @property
+    def T(self):
+        return self._value.T
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._value, name)
+
+    __add__, __radd__ = _binary(lambda a, b: a + b)
+    __sub__, __rsub__ = _binary(lambda a, b: a - b)
+    __mul__, __rmul__ = _binary(lambda a, b: a * b)
+    __truediv__, __rtruediv__ = _binary(lambda a, b: a / b)
+    __floordiv__, __rfloordiv__ = _binary(lambda a, b: a // b)
+    __mod__, __rmod__ = _binary(lambda a, b: a % b)
+    __pow__, __rpow__ = _binary(lambda a, b: a**b)
+    __matmul__, __rmatmul__ = _binary(lambda a, b: a @ b)
+    __lt__, _ = _binary(lambda a, b: a < b)
+    __le__, _ = _binary(lambda a, b: a <= b)
+    __gt__, _ = _binary(lambda a, b: a > b)
+    __ge__, _ = _binary(lambda a, b: a >= b)
+
+    def __eq__(self, other):
+        return self._value == _value_of(other)
+
+    def __ne__(self, other):
+        return self._value != _value_of(other)
+
+
+def _as_array(value: Any, dtype: Any, what: str) -> jax.Array:
+    if isinstance(value, str) or value is None:
+        raise TypeError(f"Variable: `{what}` must be array-like, received {type(value).__name__}")
+    try:
+        if isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer):
+            out = jnp.array(value, dtype=dtype, copy=True)
+            return _keep_sharding(out, value)
+        if isinstance(value, jax.core.Tracer):
+            return value.astype(dtype) if dtype is not None else value
+        if dtype is None and isinstance(value, (float, list, tuple)):
+            arr = np.asarray(value)
+            if arr.dtype == np.float64:
+                dtype = jnp.float32
+        return jnp.array(value, dtype=dtype)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"Variable: `{what}` must be array-like, received {value!r:.60}: {e}") from e
+
+
+def _keep_sharding(new: jax.Array, old: Any) -> jax.Array:
+    sharding = getattr(old, "sharding", None)
+    if (
+        sharding is None
+        or isinstance(new, jax.core.Tracer)
+        or isinstance(old, jax.core.Tracer)
+        or getattr(new, "sharding", None) == sharding
+    ):
+        return new
+    return jax.device_put(new, sharding)

@@ -1,0 +1,96 @@
+"""Optimizer state follows the params' sharding on 4 simulated CPU devices (see conftest.py)."""
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+from optimizer_zoo import OPTIMIZERS
+
+import kopt
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (simulated) devices")
+
+SPECS = {"rows": P("x", None), "cols": P(None, "x"), "bias": P("x"), "scale": P()}
+SHAPES = {"rows": (8, 4), "cols": (4, 8), "bias": (8,), "scale": ()}
+
+
+@contextlib.contextmanager
+def sharded_params(axis_type):
+    mesh = jax.make_mesh((4,), ("x",), axis_types=(axis_type,))
+    context = jax.set_mesh(mesh) if axis_type == AxisType.Explicit else contextlib.nullcontext()
+    with context:
+        params = {
+            name: jax.device_put(
+                jnp.full(SHAPES[name], 0.5, jnp.float32), NamedSharding(mesh, SPECS[name])
+            )
+            for name in SPECS
+        }
+        yield params
+
+
+def assert_slots_follow_params(state, params, what):
+    """Every slot tree shaped like the params carries each param's sharding."""
+    checked = 0
+    for slot in kopt.slot_names(state):
+        tree = kopt.get_slot(state, slot)
+        if jax.tree.structure(tree) != jax.tree.structure(params):
+            continue  # a scalar slot (Nadam's momentum_cache)
+        for name, p in params.items():
+            leaf = tree[name]
+            if leaf.shape != p.shape:
+                continue  # Adafactor's factored row/column statistics
+            assert leaf.sharding.is_equivalent_to(p.sharding, p.ndim), (
+                f"{what}: slot {slot}[{name!r}] has {leaf.sharding}, param has {p.sharding}"
+            )
+            checked += 1
+    return checked
+
+
+AXIS_TYPES = pytest.mark.parametrize(
+    "axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"]
+)
+
+
+@AXIS_TYPES
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_optimizer_state_follows_param_sharding(name, axis_type):
+    tx = OPTIMIZERS[name](0.01)
+    with sharded_params(axis_type) as params:
+        assert assert_slots_follow_params(tx.init(params), params, f"{name} init") > 0
+        state = jax.jit(tx.init)(params)
+        assert assert_slots_follow_params(state, params, f"{name} jit(init)") > 0
+
+        @jax.jit
+        def step(params, state):
+            grads = jax.tree.map(lambda p: jnp.full_like(p, 0.25), params)
+            updates, state = tx.update(grads, state, params)
+            return kopt.apply_updates(params, updates), state
+
+        new_params, state = step(params, state)
+        new_params, state = step(new_params, state)
+        for key, p in params.items():
+            assert new_params[key].sharding.is_equivalent_to(p.sharding, p.ndim), key
+        assert_slots_follow_params(state, params, f"{name} after two jitted steps")
+
+
+@AXIS_TYPES
+def test_wrapper_state_follows_param_sharding(axis_type):
+    tx = kopt.chain(
+        kopt.accumulate_gradients(kopt.adam(0.01), every_k=2), kopt.ema(0.9, overwrite_frequency=2)
+    )
+    with sharded_params(axis_type) as params:
+        for state in (tx.init(params), jax.jit(tx.init)(params)):
+            accumulate_state, ema_state = state
+            for name, p in params.items():
+                for leaf in (accumulate_state.accumulated[name], ema_state.slots["average"][name]):
+                    assert leaf.sharding.is_equivalent_to(p.sharding, p.ndim), name
+        grads = jax.tree.map(jnp.ones_like, params)
+        update = jax.jit(tx.update)
+        for _ in range(2):
+            updates, state = update(grads, state, params)
+        for name, p in params.items():
+            assert updates[name].sharding.is_equivalent_to(p.sharding, p.ndim), name
+            assert state[1].slots["average"][name].sharding.is_equivalent_to(p.sharding, p.ndim)
