@@ -547,7 +547,7 @@ def count_compilations(fn: Callable[[], object]) -> int:
 
 
 def compile_cases() -> list[tuple[str, Callable[[int, int], Callable[[float], None]]]]:
-    def kopt_set_hyperparam(n, leaves):
+    def kopt_set_hyper(n, leaves):
         import kopt
 
         tx = kopt.adam(learning_rate=1e-3)
@@ -644,7 +644,7 @@ def compile_cases() -> list[tuple[str, Callable[[int, int], Callable[[float], No
     return [
         (
             "kopt: `kopt.set_hyperparam(state, 'learning_rate', lr)`, jitted step",
-            kopt_set_hyperparam,
+            kopt_set_hyper,
         ),
         ("optax: `optax.adam(lr)` rebuilt, jitted step", optax_rebuilt),
         ("optax: `optax.inject_hyperparams(optax.adam)`, jitted step", optax_injected),
