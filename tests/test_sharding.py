@@ -36,12 +36,12 @@ def assert_slots_follow_params(state, params, what):
     checked = 0
     for slot in kopt.slot_names(state):
         tree = kopt.get_slot(state, slot)
-        if jax.tree.structure(tree) != jax.tree.structure(params):
-            continue  # a scalar slot (Nadam's momentum_cache)
+        if jax.tree.structure(tree) != jax.tree.structure(params) or any(
+            tree[name].shape != p.shape for name, p in params.items()
+        ):
+            continue  # Nadam's scalar momentum_cache, Adafactor's factored statistics
         for name, p in params.items():
             leaf = tree[name]
-            if leaf.shape != p.shape:
-                continue  # Adafactor's factored row/column statistics
             assert leaf.sharding.is_equivalent_to(p.sharding, p.ndim), (
                 f"{what}: slot {slot}[{name!r}] has {leaf.sharding}, param has {p.sharding}"
             )
@@ -79,11 +79,12 @@ def test_optimizer_state_follows_param_sharding(name, axis_type):
 @AXIS_TYPES
 def test_wrapper_state_follows_param_sharding(axis_type):
     tx = kopt.chain(
-        kopt.accumulate_gradients(kopt.adam(0.01), every_k=2), kopt.ema(0.9, overwrite_frequency=2)
+        kopt.apply_if_finite(kopt.accumulate_gradients(kopt.adam(0.01), every_k=2), 2),
+        kopt.ema(0.9, overwrite_frequency=2),
     )
     with sharded_params(axis_type) as params:
         for state in (tx.init(params), jax.jit(tx.init)(params)):
-            accumulate_state, ema_state = state
+            accumulate_state, ema_state = state[0].inner_state, state[1]
             for name, p in params.items():
                 for leaf in (accumulate_state.accumulated[name], ema_state.slots["average"][name]):
                     assert leaf.sharding.is_equivalent_to(p.sharding, p.ndim), name
@@ -91,6 +92,9 @@ def test_wrapper_state_follows_param_sharding(axis_type):
         update = jax.jit(tx.update)
         for _ in range(2):
             updates, state = update(grads, state, params)
+            for name, p in params.items():
+                assert updates[name].sharding.is_equivalent_to(p.sharding, p.ndim), name
+        updates, state = update(jax.tree.map(lambda g: g * jnp.nan, grads), state, params)
         for name, p in params.items():
             assert updates[name].sharding.is_equivalent_to(p.sharding, p.ndim), name
             assert state[1].slots["average"][name].sharding.is_equivalent_to(p.sharding, p.ndim)

@@ -25,6 +25,11 @@ def _is_leaf(x):
     return x is None or is_indexed_slices(x)
 
 
+def _zeros_shaped_like(shapes: PyTree) -> PyTree:
+    """Zeros for a tree of ``jax.ShapeDtypeStruct``: shape, dtype and (explicit) sharding."""
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype, out_sharding=s.sharding), shapes)
+
+
 class MaskedState(NamedTuple):
     """State of :func:`masked`: the inner state, over the selected leaves only."""
 
@@ -207,9 +212,7 @@ def accumulate_gradients(
 
         def keep(operand):
             total, inner_state = operand
-            out_shape = jax.eval_shape(apply_inner, operand)[0]
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
-            return zeros, total, inner_state
+            return _zeros_shaped_like(jax.eval_shape(apply_inner, operand)[0]), total, inner_state
 
         new_updates, accumulated, inner_state = jax.lax.cond(
             boundary, apply_inner, keep, (total, state.inner_state)
@@ -285,11 +288,8 @@ def apply_if_finite(
 
         def skip(operand):
             updates, inner_state = operand
-            out_shape = jax.eval_shape(lambda: transformation.update(updates, inner_state, params))[
-                0
-            ]
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
-            return zeros, inner_state
+            out_shape = jax.eval_shape(apply_inner, operand)[0]
+            return _zeros_shaped_like(out_shape), inner_state
 
         new_updates, inner_state = jax.lax.cond(
             run, apply_inner, skip, (updates, state.inner_state)
