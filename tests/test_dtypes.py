@@ -1,0 +1,152 @@
+"""Param dtypes survive every optimizer; slot dtypes follow the params or ``slot_dtype``."""
+
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import numpy_reference as ref
+import pytest
+from optimizer_zoo import OPTIMIZERS, WITH_SLOT_DTYPE
+
+import kopt
+
+LOW_PRECISION = pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+
+
+def params_in(dtype):
+    return {
+        "w": jnp.linspace(-1.0, 1.0, 12, dtype=jnp.float32).reshape(4, 3).astype(dtype),
+        "b": jnp.full((3,), 0.5, dtype),
+    }
+
+
+def grads_for(params, step):
+    return jax.tree.map(lambda p: (jnp.cos(jnp.arange(p.size) + step).reshape(p.shape)), params)
+
+
+def param_shaped_slots(state, params):
+    out = {}
+    for slot in kopt.slot_names(state):
+        tree = kopt.get_slot(state, slot)
+        if jax.tree.structure(tree) == jax.tree.structure(params) and all(
+            tree[k].shape == p.shape for k, p in params.items()
+        ):
+            out[slot] = tree
+    return out
+
+
+@LOW_PRECISION
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_low_precision_params_keep_their_dtype(name, dtype):
+    tx = OPTIMIZERS[name](0.01)
+    params = params_in(dtype)
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state, i):
+        grads = jax.tree.map(lambda g: g.astype(dtype), grads_for(params, i))
+        updates, state = tx.update(grads, state, params)
+        return kopt.apply_updates(params, updates), state
+
+    for i in range(3):
+        params, state = step(params, state, i)
+    for key, p in params.items():
+        assert p.dtype == dtype, key
+        assert bool(jnp.all(jnp.isfinite(p.astype(jnp.float32)))), key
+    for slot, tree in param_shaped_slots(state, params).items():
+        for key, leaf in tree.items():
+            assert leaf.dtype == dtype, f"{name}: slot {slot}[{key}] is {leaf.dtype}"
+
+
+@pytest.mark.parametrize("name", WITH_SLOT_DTYPE)
+def test_float32_slots_for_bfloat16_params(name):
+    tx = OPTIMIZERS[name](0.01, slot_dtype=jnp.float32)
+    params = params_in(jnp.bfloat16)
+    state = tx.init(params)
+    slots = param_shaped_slots(state, params)
+    assert slots or name in ("sgd",), name
+    for slot, tree in slots.items():
+        assert all(leaf.dtype == jnp.float32 for leaf in tree.values()), slot
+    step = jax.jit(tx.update)
+    for i in range(2):
+        updates, state = step(grads_for(params, i), state, params)
+        params = kopt.apply_updates(params, updates)
+    assert all(p.dtype == jnp.bfloat16 for p in params.values())
+    assert all(bool(jnp.all(jnp.isfinite(p))) for p in params.values())
+    for slot, tree in param_shaped_slots(state, params).items():
+        assert all(leaf.dtype == jnp.float32 for leaf in tree.values()), slot
+
+
+def test_adam_with_float32_slots_on_bfloat16_params_matches_numpy():
+    tx = kopt.adam(0.1, slot_dtype=jnp.float32)
+    params = jnp.array([1.0, -0.5, 0.25, 2.0], jnp.bfloat16)
+    grads_seq = [np.array([0.5, -1.0, 2.0, 0.1]), np.array([-0.3, 0.2, 1.0, 0.4])] * 2
+    state = tx.init(params)
+    for g in grads_seq:
+        updates, state = tx.update(jnp.asarray(g, jnp.bfloat16), state, params)
+        params = kopt.apply_updates(params, updates)
+    assert params.dtype == jnp.bfloat16
+    rounded = [np.asarray(g).astype(ml_dtypes.bfloat16).astype(np.float64) for g in grads_seq]
+    expected = ref.adam(
+        [1.0, -0.5, 0.25, 2.0], rounded, lr=0.1, round_to=ml_dtypes.bfloat16
+    )  # params rounded to bfloat16 after every step
+    np.testing.assert_allclose(params.astype(jnp.float32), expected, rtol=2**-8, atol=2**-9)
+
+
+def test_mixed_dtype_tree_gets_matching_slots():
+    params = {"h": jnp.ones(2, jnp.bfloat16), "f": jnp.ones(2, jnp.float32)}
+    state = kopt.adam().init(params)
+    assert kopt.get_slot(state, "m")["h"].dtype == jnp.bfloat16
+    assert kopt.get_slot(state, "m")["f"].dtype == jnp.float32
+    updates, _ = kopt.adam().update(jax.tree.map(jnp.ones_like, params), state, params)
+    new = kopt.apply_updates(params, updates)
+    assert new["h"].dtype == jnp.bfloat16 and new["f"].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad", "ftrl", "nadam"])
+def test_sparse_rows_keep_bfloat16(name):
+    tx = OPTIMIZERS[name](0.1)
+    table = jnp.ones((6, 3), jnp.bfloat16)
+    grad = kopt.IndexedSlices(jnp.ones((2, 3), jnp.bfloat16), jnp.array([0, 2]), (6, 3))
+    updates, state = tx.update(grad, tx.init(table), table)
+    new = kopt.apply_updates(table, updates)
+    assert new.dtype == jnp.bfloat16
+    assert bool(jnp.all(new[1] == 1)) and not bool(jnp.all(new[0] == 1))
+
+
+def test_float64_params_with_x64_enabled():
+    script = textwrap.dedent(
+        """
+        import jax
+        jax.config.update("jax_enable_x64", True)
+        import jax.numpy as jnp, numpy as np, kopt
+        # Hyperparameters exactly representable in float32, where kopt stores them.
+        lr, b1, b2, eps = 0.125, 0.875, 0.9375, 2.0**-20
+        tx = kopt.adam(lr, beta_1=b1, beta_2=b2, epsilon=eps)
+        w = jnp.array([1.0, -2.0, 0.3], jnp.float64)
+        state = tx.init(w)
+        gs = [np.array([0.1, -0.2, 0.7]), np.array([1e-3, 0.5, -0.25]), np.array([2.0, 0.0, 1e-9])]
+        for g in gs:
+            u, state = jax.jit(tx.update)(jnp.asarray(g), state, w)
+            w = kopt.apply_updates(w, u)
+        assert w.dtype == jnp.float64, w.dtype
+        assert kopt.get_slot(state, "v").dtype == jnp.float64
+        x, m, v = np.array([1.0, -2.0, 0.3]), np.zeros(3), np.zeros(3)
+        for t, g in enumerate(gs, start=1):
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * g * g
+            x = x - lr * np.sqrt(1 - b2**t) / (1 - b1**t) * m / (np.sqrt(v) + eps)
+        # The step's scalar coefficients (bias corrections) are computed in float32.
+        np.testing.assert_allclose(np.asarray(w), x, rtol=1e-7)
+        print("ok")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("ok")

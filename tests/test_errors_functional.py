@@ -1,0 +1,196 @@
+"""Bad input to the functional core raises ValueError/TypeError naming the culprit."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+from optimizer_zoo import OPTIMIZERS
+
+import kopt
+
+
+def params():
+    return {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+
+
+def grads(**overrides):
+    g = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}}
+    g["dense"].update(overrides)
+    return g
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_missing_gradient_names_the_path(name, jit):
+    tx = OPTIMIZERS[name](0.1)
+    update = jax.jit(tx.update) if jit else tx.update
+    bad = {"dense": {"kernel": jnp.ones((3, 2))}}
+    with pytest.raises(ValueError, match=re.escape("missing ['dense']['bias']")):
+        update(bad, tx.init(params()), params())
+
+
+def test_extra_gradient_names_the_path():
+    tx = kopt.adam()
+    with pytest.raises(ValueError, match=re.escape("unexpected ['dense']['scale']")):
+        tx.update(grads(scale=jnp.ones(2)), tx.init(params()), params())
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_wrong_gradient_shape_names_path_and_shapes(name):
+    tx = OPTIMIZERS[name](0.1)
+    with pytest.raises(ValueError) as info:
+        tx.update(grads(kernel=jnp.ones((2, 3))), tx.init(params()), params())
+    message = str(info.value)
+    assert "['dense']['kernel']" in message
+    assert "(2, 3)" in message and "(3, 2)" in message
+
+
+def test_integer_gradient_is_a_type_error():
+    tx = kopt.adam()
+    with pytest.raises(TypeError, match=re.escape("['dense']['bias']")):
+        tx.update(grads(bias=jnp.ones(2, jnp.int32)), tx.init(params()), params())
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_integer_param_in_init_names_the_path(name):
+    bad = {"dense": {"kernel": jnp.ones((3, 2)), "step": jnp.zeros((), jnp.int32)}}
+    with pytest.raises(TypeError, match=re.escape("['dense']['step']")) as info:
+        OPTIMIZERS[name](0.1).init(bad)
+    assert "int32" in str(info.value)
+
+
+@pytest.mark.parametrize("value", ["fast", None, [0.1], {"lr": 0.1}], ids=repr)
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_non_numeric_learning_rate_is_a_type_error(name, value):
+    with pytest.raises(TypeError, match="`learning_rate`"):
+        OPTIMIZERS[name](value)
+
+
+@pytest.mark.parametrize(
+    "build, argument",
+    [
+        (lambda: kopt.adam(learning_rate=-0.1), "learning_rate"),
+        (lambda: kopt.sgd(learning_rate=-1.0), "learning_rate"),
+        (lambda: kopt.sgd(momentum=1.5), "momentum"),
+        (lambda: kopt.sgd(momentum=-0.1), "momentum"),
+        (lambda: kopt.rmsprop(momentum=1.5), "momentum"),
+        (lambda: kopt.adam(epsilon=-1e-7), "epsilon"),
+        (lambda: kopt.adagrad(epsilon=-1.0), "epsilon"),
+        (lambda: kopt.rmsprop(epsilon=-1.0), "epsilon"),
+        (lambda: kopt.adam(beta_1=1.5), "beta_1"),
+        (lambda: kopt.adamax(beta_2=-0.5), "beta_2"),
+        (lambda: kopt.rmsprop(rho=1.5), "rho"),
+        (lambda: kopt.adagrad(initial_accumulator_value=-0.1), "initial_accumulator_value"),
+        (lambda: kopt.ftrl(learning_rate_power=0.5), "learning_rate_power"),
+        (lambda: kopt.ftrl(l1_regularization_strength=-1.0), "l1_regularization_strength"),
+        (lambda: kopt.ftrl(l2_regularization_strength=-1.0), "l2_regularization_strength"),
+        (
+            lambda: kopt.ftrl(l2_shrinkage_regularization_strength=-1.0),
+            "l2_shrinkage_regularization_strength",
+        ),
+        (lambda: kopt.adamw(weight_decay=-0.1), "weight_decay"),
+        (lambda: kopt.adamw(weight_decay=None), "weight_decay"),
+        (lambda: kopt.lion(beta_1=0.0), "beta_1"),
+        (lambda: kopt.adafactor(clip_threshold=0.0), "clip_threshold"),
+        (lambda: kopt.adam(learning_rate=float("nan")), "learning_rate"),
+        (lambda: kopt.adam(learning_rate=jnp.ones(2)), "learning_rate"),
+        (lambda: kopt.sgd(decay=-1.0), "decay"),
+        (lambda: kopt.clip_by_norm(-1.0), "clipnorm"),
+        (lambda: kopt.clip_by_value(-1.0), "clipvalue"),
+        (lambda: kopt.clip_by_global_norm(-1.0), "global_clipnorm"),
+        (lambda: kopt.ema(momentum=1.5), "momentum"),
+        (lambda: kopt.ema(overwrite_frequency=0), "overwrite_frequency"),
+        (lambda: kopt.accumulate_gradients(kopt.sgd(), every_k=0), "every_k"),
+        (lambda: kopt.accumulate_gradients(kopt.sgd(), 2, reduction="max"), "reduction"),
+        (lambda: kopt.apply_if_finite(kopt.sgd(), -1), "max_consecutive_errors"),
+        (lambda: kopt.aggregate_gradients("i", reduction="max"), "reduction"),
+    ],
+)
+def test_out_of_range_argument_is_a_value_error_naming_it(build, argument):
+    with pytest.raises(ValueError, match=f"`{argument}`"):
+        build()
+
+
+def test_bool_hyperparameter_is_a_type_error():
+    with pytest.raises(TypeError, match="`learning_rate`"):
+        kopt.sgd(learning_rate=True)
+
+
+def test_get_hyperparam_lists_the_known_names():
+    state = kopt.adam().init(params())
+    with pytest.raises(ValueError, match="'nope'") as info:
+        kopt.get_hyperparam(state, "nope")
+    for known in ("learning_rate", "beta_1", "beta_2", "epsilon"):
+        assert known in str(info.value)
+
+
+def test_set_hyperparam_rejects_unknown_names_and_bad_values():
+    state = kopt.sgd().init(params())
+    with pytest.raises(ValueError, match=r"set_hyperparam: .*'beta_9'.*learning_rate"):
+        kopt.set_hyperparam(state, "beta_9", 0.5)
+    for value in ("0.5", None, [0.5], lambda step: 0.5):
+        with pytest.raises(TypeError, match="`learning_rate`"):
+            kopt.set_hyperparam(state, "learning_rate", value)
+    with pytest.raises(ValueError, match="`learning_rate`.*scalar"):
+        kopt.set_hyperparam(state, "learning_rate", jnp.ones(2))
+
+
+def test_get_slot_lists_the_known_slots():
+    state = kopt.adam(amsgrad=True).init(params())
+    with pytest.raises(ValueError, match=r"'momentum'.*\['m', 'v', 'vhat'\]"):
+        kopt.get_slot(state, "momentum")
+
+
+@pytest.mark.parametrize("name", ["ftrl", "adamw", "lamb", "adafactor"])
+def test_missing_params_are_named(name):
+    tx = OPTIMIZERS[name](0.1)
+    with pytest.raises(ValueError, match="`params`"):
+        tx.update(grads(), tx.init(params()))
+
+
+def test_ema_without_params():
+    tx = kopt.ema(0.9)
+    with pytest.raises(ValueError, match="`params`"):
+        tx.update(grads(), tx.init(params()))
+
+
+def test_chain_rejects_a_non_transformation():
+    with pytest.raises(TypeError, match="argument 1"):
+        kopt.chain(kopt.sgd(), kopt.sgd)
+
+
+def test_chain_rejects_a_state_of_the_wrong_length():
+    tx = kopt.chain(kopt.clip_by_value(1.0), kopt.sgd())
+    with pytest.raises(ValueError, match="2 transformations"):
+        tx.update(grads(), (tx.init(params())[0],), params())
+
+
+def test_multi_transform_names_an_unknown_label():
+    tx = kopt.multi_transform({"a": kopt.sgd()}, {"dense": {"kernel": "a", "bias": "b"}})
+    with pytest.raises(ValueError, match=r"\['b'\]"):
+        tx.init(params())
+
+
+def test_bad_sparse_gradients_are_named():
+    tx = kopt.adagrad()
+    table = {"emb": jnp.ones((6, 3))}
+    state = tx.init(table)
+    wrong_rows = kopt.IndexedSlices(jnp.ones((2, 4)), jnp.array([0, 1]))
+    with pytest.raises(ValueError, match=re.escape("['emb']")):
+        tx.update({"emb": wrong_rows}, state, table)
+    wrong_shape = kopt.IndexedSlices(jnp.ones((2, 3)), jnp.array([0, 1]), (7, 3))
+    with pytest.raises(ValueError, match=r"dense_shape \(7, 3\)"):
+        tx.update({"emb": wrong_shape}, state, table)
+    float_indices = kopt.IndexedSlices(jnp.ones((2, 3)), jnp.array([0.0, 1.0]))
+    with pytest.raises(TypeError, match="indices"):
+        tx.update({"emb": float_indices}, state, table)
+
+
+def test_schedule_arguments_are_checked():
+    with pytest.raises(ValueError, match="`decay_steps`"):
+        kopt.schedules.exponential_decay(0.1, decay_steps=0, decay_rate=0.5)
+    with pytest.raises(TypeError, match="`initial_learning_rate`"):
+        kopt.schedules.cosine_decay("0.1", decay_steps=10)
+    with pytest.raises(ValueError, match="boundaries"):
+        kopt.schedules.piecewise_constant_decay([1, 2], [0.1, 0.2])
