@@ -125,3 +125,7 @@ from kopt.variables import Variable  # noqa: E402
 from kopt import constraints, optimizers  # noqa: E402
 
 __all__ += ["Variable", "constraints", "optimizers"]
+
+from kopt.distributed import jit_update, shard_state, state_sharding  # noqa: E402
+
+__all__ += ["jit_update", "shard_state", "state_sharding"]

@@ -18,6 +18,12 @@ def aggregate_gradients(
     Use it first in a chain, inside ``shard_map`` or ``pmap`` where ``axis_name`` is bound.
     Sparse gradients are densified before the reduction (replicas name different rows).
 
+    It expects per-replica gradients. Inside ``jax.shard_map`` (which tracks replication by
+    default), autodiff already sums the gradient of a replicated param over the mesh axis, and
+    reducing it again would count it ``n`` times: differentiate with respect to
+    ``jax.lax.pcast(params, axis_name, to="varying")``, or pass ``check_vma=False`` (``pmap``
+    and ``vmap`` give per-replica gradients as they are).
+
     Args:
         axis_name: the mapped axis (or axes) to reduce over.
         reduction: ``"sum"`` (Keras's default) or ``"mean"``.

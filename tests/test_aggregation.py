@@ -1,0 +1,149 @@
+"""Cross-replica gradient aggregation: ``kopt.aggregate_gradients`` inside ``jax.shard_map`` on 4
+simulated CPU devices, and the facade's per-replica path (``PerReplica``, ``gradient_aggregator``).
+
+Each replicated step is checked against the single-device step on the full batch, whose gradient
+is itself checked against NumPy.
+"""
+
+from functools import partial
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import kopt
+from kopt.optimizers import SGD, Adam, PerReplica
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (simulated) devices")
+
+RNG = np.random.default_rng(0)
+X = RNG.normal(size=(16, 3)).astype(np.float32)
+Y = RNG.normal(size=(16,)).astype(np.float32)
+PARAMS = {"w": np.array([0.5, -0.25, 1.0], np.float32), "b": np.array(0.1, np.float32)}
+
+
+def loss_sum(params, x, y):
+    return jnp.sum((x @ params["w"] + params["b"] - y) ** 2)
+
+
+def loss_mean(params, x, y):
+    return jnp.mean((x @ params["w"] + params["b"] - y) ** 2)
+
+
+def numpy_gradient(params, x, y, reduction):
+    """d/dparams of sum (or mean) of (x w + b - y)^2."""
+    residual = x @ params["w"] + params["b"] - y
+    scale = 1.0 if reduction == "sum" else 1.0 / len(y)
+    return {"w": scale * 2 * x.T @ residual, "b": np.asarray(scale * 2 * residual.sum())}
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("check_vma", [True, False], ids=["pcast", "no_check_vma"])
+def test_shard_map_aggregation_equals_full_batch_step(reduction, check_vma):
+    loss = loss_sum if reduction == "sum" else loss_mean
+    full_grads = jax.grad(loss)(PARAMS, X, Y)
+    chex.assert_trees_all_close(full_grads, numpy_gradient(PARAMS, X, Y, reduction), rtol=1e-5)
+
+    tx = kopt.adam(0.05)
+    expected_params, expected_state = PARAMS, tx.init(PARAMS)
+    for _ in range(3):
+        grads = jax.grad(loss)(expected_params, X, Y)
+        updates, expected_state = tx.update(grads, expected_state, expected_params)
+        expected_params = kopt.apply_updates(expected_params, updates)
+
+    replicated_tx = kopt.chain(kopt.aggregate_gradients("data", reduction), kopt.adam(0.05))
+    mesh = jax.make_mesh((4,), ("data",))
+
+    @jax.jit
+    @partial(
+        jax.shard_map,
+        mesh=mesh,
+        in_specs=(P(), P(), P("data"), P("data")),
+        out_specs=(P(), P()),
+        check_vma=check_vma,
+    )
+    def step(params, state, x, y):
+        # This replica's gradient on its quarter of the batch. Under check_vma, autodiff would
+        # already sum the gradient of a replicated param; pcast makes it per-replica.
+        local = jax.lax.pcast(params, "data", to="varying") if check_vma else params
+        grads = jax.grad(loss)(local, x, y)
+        updates, state = replicated_tx.update(grads, state, params)
+        return kopt.apply_updates(params, updates), state
+
+    batch_sharding = NamedSharding(mesh, P("data"))
+    x, y = jax.device_put(X, batch_sharding), jax.device_put(Y, batch_sharding)
+    params, state = PARAMS, replicated_tx.init(PARAMS)
+    for _ in range(3):
+        params, state = step(params, state, x, y)
+    chex.assert_trees_all_close(params, expected_params, rtol=1e-5, atol=1e-6)
+
+
+def test_facade_per_replica_sums_before_clipping():
+    per_replica = np.array([[3.0, 0.0], [0.0, 4.0], [3.0, 4.0]], np.float32)
+    var = kopt.Variable([1.0, 1.0])
+    opt = SGD(learning_rate=0.5, clipnorm=5.0)
+    opt.apply_gradients([(PerReplica(jnp.asarray(per_replica)), var)])
+
+    total = per_replica.sum(axis=0)  # [6, 8], norm 10
+    clipped_after_sum = total * 5.0 / max(np.linalg.norm(total), 5.0)
+    np.testing.assert_allclose(var.numpy(), 1.0 - 0.5 * clipped_after_sum, rtol=1e-6)
+    clipped_before_sum = sum(g * 5.0 / max(np.linalg.norm(g), 5.0) for g in per_replica)
+    assert not np.allclose(var.numpy(), 1.0 - 0.5 * clipped_before_sum)
+
+
+def test_facade_per_replica_matches_full_batch_adam():
+    """Per-replica gradients of a summed loss, summed by the default aggregator, equal the
+    full-batch gradient: the facade step equals the single-device full-batch functional step."""
+    per_replica = {
+        name: np.stack([numpy_gradient(PARAMS, X[i::4], Y[i::4], "sum")[name] for i in range(4)])
+        for name in PARAMS
+    }
+    variables = {name: kopt.Variable(value, name=name) for name, value in PARAMS.items()}
+    opt = Adam(learning_rate=0.05)
+    opt.apply_gradients(
+        [(PerReplica(jnp.asarray(per_replica[name])), variables[name]) for name in PARAMS]
+    )
+
+    tx = kopt.adam(0.05)
+    grads = numpy_gradient(PARAMS, X, Y, "sum")
+    updates, _ = tx.update(grads, tx.init(PARAMS), PARAMS)
+    expected = kopt.apply_updates(PARAMS, updates)
+    for name in PARAMS:
+        np.testing.assert_allclose(variables[name].numpy(), expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_custom_gradient_aggregator_averages_and_is_skipped_when_told():
+    calls = []
+
+    def average_replicas(grads_and_vars):
+        calls.append(len(grads_and_vars))
+        return [
+            (jnp.mean(g.values, axis=0) if isinstance(g, PerReplica) else g, v)
+            for g, v in grads_and_vars
+        ]
+
+    per_replica = np.array([[1.0, 2.0], [3.0, 6.0]], np.float32)
+    var = kopt.Variable([0.0, 0.0])
+    opt = SGD(learning_rate=1.0, gradient_aggregator=average_replicas)
+    opt.apply_gradients([(PerReplica(jnp.asarray(per_replica)), var)])
+    np.testing.assert_allclose(var.numpy(), -per_replica.mean(axis=0))
+    assert calls == [1]  # traced once into the compiled step
+
+    # experimental_aggregate_gradients=False: the caller aggregated already (e.g. with
+    # jax.lax.pmean in its own pmap); the aggregator is skipped and the gradient applied as is.
+    averaged = per_replica.mean(axis=0)
+    opt.apply_gradients([(jnp.asarray(averaged), var)], experimental_aggregate_gradients=False)
+    np.testing.assert_allclose(var.numpy(), -2 * averaged)
+    assert calls == [1]  # not called, not even traced into the second program
+
+    before = var.numpy().copy()
+    with pytest.raises(ValueError, match="per-replica"):
+        opt.apply_gradients(
+            [(PerReplica(jnp.asarray(per_replica)), var)], experimental_aggregate_gradients=False
+        )
+    np.testing.assert_array_equal(var.numpy(), before)
+    assert int(opt.iterations.numpy()) == 2
