@@ -113,7 +113,9 @@ class MinMaxNorm(Constraint):
     def __call__(self, w):
         w = jnp.asarray(_value_of(w))
         norms = jnp.sqrt(jnp.sum(jnp.square(w), axis=self.axis, keepdims=True))
-        desired = self.rate * jnp.clip(norms, self.min_value, self.max_value) + (1 - self.rate) * norms
+        desired = (
+            self.rate * jnp.clip(norms, self.min_value, self.max_value) + (1 - self.rate) * norms
+        )
         return w * (desired / (EPSILON + norms))
 
     def get_config(self):

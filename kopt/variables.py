@@ -25,6 +25,8 @@ class track_reads:
 
     def __exit__(self, *exc) -> None:
         _reads.seen = self._previous
+
+
 def _value_of(x: Any) -> Any:
     return x._value if isinstance(x, Variable) else x
 
@@ -143,11 +145,11 @@ class Variable:
 
     def assign_add(self, delta: Any, read_value: bool = True) -> Variable:
         """Adds ``delta`` to the value; returns the variable."""
-        return self.assign(self._value + _value_of(delta))
+        return self.assign(self._value + jnp.asarray(_value_of(delta)))
 
     def assign_sub(self, delta: Any, read_value: bool = True) -> Variable:
         """Subtracts ``delta`` from the value; returns the variable."""
-        return self.assign(self._value - _value_of(delta))
+        return self.assign(self._value - jnp.asarray(_value_of(delta)))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -187,7 +189,10 @@ class Variable:
         return str(sharding) if sharding is not None else ""
 
     def __repr__(self) -> str:
-        return f"<kopt.Variable '{self.name}' shape={self.shape} dtype={self.dtype} value={self._value}>"
+        return (
+            f"<kopt.Variable '{self.name}' shape={self.shape} dtype={self.dtype} "
+            f"value={self._value}>"
+        )
 
     # --- array protocol --------------------------------------------------------------------
     def __jax_array__(self):
@@ -271,7 +276,9 @@ def _as_array(value: Any, dtype: Any, what: str) -> jax.Array:
                 dtype = jnp.float32
         return jnp.array(value, dtype=dtype)
     except (TypeError, ValueError) as e:
-        raise TypeError(f"Variable: `{what}` must be array-like, received {value!r:.60}: {e}") from e
+        raise TypeError(
+            f"Variable: `{what}` must be array-like, received {value!r:.60}: {e}"
+        ) from e
 
 
 def _keep_sharding(new: jax.Array, old: Any) -> jax.Array:

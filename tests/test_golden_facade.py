@@ -1,14 +1,12 @@
 """The Keras facade against tf.keras's legacy optimizers: variables, slots, weights, config."""
 
-import jax
-import numpy as np
 import pytest
 from golden_cases import OPTIMIZER_CASES, assert_close, gradient_stream, tolerance_for
 
 import kopt
 from kopt.optimizers import schedules
 
-CASES = [c for c in OPTIMIZER_CASES]
+CASES = list(OPTIMIZER_CASES)
 
 
 def make_optimizer(case):

@@ -36,8 +36,21 @@ from kopt.optimizers.loss_scale import LossScaleOptimizer
 
 _CLASSES = {
     cls.__name__.lower(): cls
-    for cls in (SGD, Adam, Adagrad, Adadelta, Adamax, Nadam, RMSprop, Ftrl, AdamW, Lion, Lamb,
-                Adafactor, LossScaleOptimizer)
+    for cls in (
+        SGD,
+        Adam,
+        Adagrad,
+        Adadelta,
+        Adamax,
+        Nadam,
+        RMSprop,
+        Ftrl,
+        AdamW,
+        Lion,
+        Lamb,
+        Adafactor,
+        LossScaleOptimizer,
+    )
 }
 
 

@@ -419,8 +419,11 @@ class Optimizer:
         """Creates a non-slot variable owned by the optimizer (not added to :attr:`weights`)."""
         dtype = dtype or jnp.float32
         value = _initial_value(initializer, tuple(shape), dtype)
-        return Variable(value, trainable=bool(trainable) if trainable is not None else True,
-                        name=f"{self._name}/{name}")
+        return Variable(
+            value,
+            trainable=bool(trainable) if trainable is not None else True,
+            name=f"{self._name}/{name}",
+        )
 
     def add_slot(
         self, var: Variable, slot_name: str, initializer: Any = "zeros", shape: Any = None
@@ -443,7 +446,11 @@ class Optimizer:
             return slots[slot_name]
         shape = var.shape if shape is None else tuple(shape)
         value = _initial_value(initializer, shape, var.dtype)
-        if shape == var.shape and var.sharding is not None and not isinstance(value, jax.core.Tracer):
+        if (
+            shape == var.shape
+            and var.sharding is not None
+            and not isinstance(value, jax.core.Tracer)
+        ):
             value = jax.device_put(value, var.sharding)
         slot = Variable(value, trainable=False, name=f"{self._name}/{var._shared_name}/{slot_name}")
         slots[slot_name] = slot
@@ -585,7 +592,8 @@ class Optimizer:
         tx = self._transformations.get(key)
         if tx is None:
             placeholders = {
-                k: v if _is_step_schedule(v) else float(np.asarray(_plain(v))) for k, v in hp.items()
+                k: v if _is_step_schedule(v) else float(np.asarray(_plain(v)))
+                for k, v in hp.items()
             }
             tx = self._transformation(placeholders)
             self._transformations[key] = tx
@@ -734,15 +742,26 @@ class Optimizer:
     @contextlib.contextmanager
     def _rollback_on_error(self):
         before = (
-            list(self._weights), {k: dict(s) for k, s in self._slots.items()},
-            list(self._slot_names), self._iterations, dict(self._non_slot), list(self._opaque),
+            list(self._weights),
+            {k: dict(s) for k, s in self._slots.items()},
+            list(self._slot_names),
+            self._iterations,
+            dict(self._non_slot),
+            list(self._opaque),
             self._opaque_owner,
         )
         try:
             yield
         except BaseException:
-            (self._weights[:], slots, self._slot_names[:], self._iterations, non_slot, opaque,
-             self._opaque_owner) = before
+            (
+                self._weights[:],
+                slots,
+                self._slot_names[:],
+                self._iterations,
+                non_slot,
+                opaque,
+                self._opaque_owner,
+            ) = before
             self._slots.clear()
             self._slots.update(slots)
             self._non_slot.clear()
@@ -819,7 +838,9 @@ class Optimizer:
             tuple(str(v.sharding) for v in var_list),
             tuple(id(v.constraint) for v in var_list),
             hyper_kinds,
-            tuple(getattr(self, "_" + a) is None for a in ("clipvalue", "clipnorm", "global_clipnorm")),
+            tuple(
+                getattr(self, "_" + a) is None for a in ("clipvalue", "clipnorm", "global_clipnorm")
+            ),
             id(self.gradient_aggregator),
             tuple(id(t) for t in self.gradient_transformers),
             aggregate,
@@ -831,9 +852,14 @@ class Optimizer:
 
         def step(var_values, grads, state_values, iteration, hyper_values, dynamic):
             self.compile_count += 1
-            with _binding_lock, _bound(var_list, var_values), _bound(state_vars, state_values), \
-                    _bound([iterations], [iteration]), _bound(hyper_vars, hyper_values), \
-                    self._step_values(dynamic):
+            with (
+                _binding_lock,
+                _bound(var_list, var_values),
+                _bound(state_vars, state_values),
+                _bound([iterations], [iteration]),
+                _bound(hyper_vars, hyper_values),
+                self._step_values(dynamic),
+            ):
                 gv = list(zip(grads, var_list, strict=True))
                 if aggregate:
                     gv = self._transform_unaggregated_gradients(gv)
@@ -892,9 +918,11 @@ class Optimizer:
     def _apply_transformation(self, gv, dynamic) -> None:
         tx = self._static_transformation()
         var_list = [v for _, v in gv]
-        hp = {name: jnp.asarray(_plain(value), jnp.float32)
-              for name, value in self._transformation_hyperparams().items()
-              if not _is_step_schedule(value)}
+        hp = {
+            name: jnp.asarray(_plain(value), jnp.float32)
+            for name, value in self._transformation_hyperparams().items()
+            if not _is_step_schedule(value)
+        }
         hp = {self._functional_name(k): v for k, v in hp.items()}
         hp.update({k[6:]: v for k, v in dynamic.items() if k.startswith("plain:")})
         template = jax.eval_shape(tx.init, [v.value for v in var_list])
@@ -902,9 +930,13 @@ class Optimizer:
             template,
             count=jnp.asarray(self.iterations.value),
             hyperparams=hp,
-            slots={name: [self._slots[v._uid][name].value if name in self._slots[v._uid] else None
-                          for v in var_list]
-                   for name in self._slot_names},
+            slots={
+                name: [
+                    self._slots[v._uid][name].value if name in self._slots[v._uid] else None
+                    for v in var_list
+                ]
+                for name in self._slot_names
+            },
             scalar_slots={name: w.value for name, w in self._non_slot.items()},
             opaque=[w.value for w in self._opaque],
         )
@@ -1127,8 +1159,12 @@ def _check_gradient(g: Any, v: Variable, aggregate: bool) -> None:
                 f"Cannot use a constraint function on a sparse variable. Received: grad={g}, "
                 f"var.constraint={v.constraint}."
             )
-        if not hasattr(g.values, "shape") or tuple(g.values.shape[1:]) != v.shape[1:] \
-                or g.indices.ndim != 1 or g.indices.shape[0] != g.values.shape[0]:
+        if (
+            not hasattr(g.values, "shape")
+            or tuple(g.values.shape[1:]) != v.shape[1:]
+            or g.indices.ndim != 1
+            or g.indices.shape[0] != g.values.shape[0]
+        ):
             raise ValueError(
                 f"apply_gradients: sparse gradient for {v.name} (shape {v.shape}) has values of "
                 f"shape {tuple(getattr(g.values, 'shape', ()))} and indices of shape "

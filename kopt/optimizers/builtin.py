@@ -78,8 +78,12 @@ class SGD(_KerasV2):
         self.nesterov = bool(nesterov)
 
     def _transformation(self, hp):
-        return kopt.sgd(hp["learning_rate"], _momentum_value(self._momentum, hp["momentum"]),
-                        self.nesterov, decay=hp["decay"])
+        return kopt.sgd(
+            hp["learning_rate"],
+            _momentum_value(self._momentum, hp["momentum"]),
+            self.nesterov,
+            decay=hp["decay"],
+        )
 
     def get_config(self):
         return {
@@ -103,8 +107,16 @@ class Adam(_KerasV2):
 
     _SLOT_ORDER = ("m", "v", "vhat")
 
-    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
-                 amsgrad=False, name="Adam", **kwargs):
+    def __init__(
+        self,
+        learning_rate=0.001,
+        beta_1=0.9,
+        beta_2=0.999,
+        epsilon=1e-7,
+        amsgrad=False,
+        name="Adam",
+        **kwargs,
+    ):
         super().__init__(name, **kwargs)
         self._init_learning_rate(learning_rate, kwargs)
         self._set_hyper("beta_1", beta_1)
@@ -113,8 +125,14 @@ class Adam(_KerasV2):
         self.amsgrad = bool(amsgrad)
 
     def _transformation(self, hp):
-        return kopt.adam(hp["learning_rate"], hp["beta_1"], hp["beta_2"],
-                         hp.get("epsilon", self.epsilon), self.amsgrad, decay=hp["decay"])
+        return kopt.adam(
+            hp["learning_rate"],
+            hp["beta_1"],
+            hp["beta_2"],
+            hp.get("epsilon", self.epsilon),
+            self.amsgrad,
+            decay=hp["decay"],
+        )
 
     def get_config(self):
         return {
@@ -155,8 +173,14 @@ class Adagrad(_KerasV2):
 
     _SLOT_ORDER = ("accumulator",)
 
-    def __init__(self, learning_rate=0.001, initial_accumulator_value=0.1, epsilon=1e-7,
-                 name="Adagrad", **kwargs):
+    def __init__(
+        self,
+        learning_rate=0.001,
+        initial_accumulator_value=0.1,
+        epsilon=1e-7,
+        name="Adagrad",
+        **kwargs,
+    ):
         if initial_accumulator_value is None or initial_accumulator_value < 0.0:
             raise ValueError(
                 f"initial_accumulator_value must be non-negative: {initial_accumulator_value}"
@@ -167,8 +191,12 @@ class Adagrad(_KerasV2):
         self.epsilon = epsilon or EPSILON
 
     def _transformation(self, hp):
-        return kopt.adagrad(hp["learning_rate"], self._initial_accumulator_value,
-                            hp.get("epsilon", self.epsilon), decay=hp["decay"])
+        return kopt.adagrad(
+            hp["learning_rate"],
+            self._initial_accumulator_value,
+            hp.get("epsilon", self.epsilon),
+            decay=hp["decay"],
+        )
 
     def get_config(self):
         return {
@@ -199,12 +227,16 @@ class Adadelta(_KerasV2):
         self.epsilon = epsilon or EPSILON
 
     def _transformation(self, hp):
-        return kopt.adadelta(hp["learning_rate"], hp["rho"], hp.get("epsilon", self.epsilon),
-                             decay=hp["decay"])
+        return kopt.adadelta(
+            hp["learning_rate"], hp["rho"], hp.get("epsilon", self.epsilon), decay=hp["decay"]
+        )
 
     def get_config(self):
-        return {**self._base_config(), "rho": self._serialize_hyperparameter("rho"),
-                "epsilon": self.epsilon}
+        return {
+            **self._base_config(),
+            "rho": self._serialize_hyperparameter("rho"),
+            "epsilon": self.epsilon,
+        }
 
     def set_weights(self, weights):
         super().set_weights(_prepend_iterations(self, list(weights)))
@@ -221,8 +253,9 @@ class Adamax(_KerasV2):
 
     _SLOT_ORDER = ("m", "v")
 
-    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
-                 name="Adamax", **kwargs):
+    def __init__(
+        self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, name="Adamax", **kwargs
+    ):
         super().__init__(name, **kwargs)
         self._init_learning_rate(learning_rate, kwargs)
         self._set_hyper("beta_1", beta_1)
@@ -230,8 +263,13 @@ class Adamax(_KerasV2):
         self.epsilon = epsilon or EPSILON
 
     def _transformation(self, hp):
-        return kopt.adamax(hp["learning_rate"], hp["beta_1"], hp["beta_2"],
-                           hp.get("epsilon", self.epsilon), decay=hp["decay"])
+        return kopt.adamax(
+            hp["learning_rate"],
+            hp["beta_1"],
+            hp["beta_2"],
+            hp.get("epsilon", self.epsilon),
+            decay=hp["decay"],
+        )
 
     def get_config(self):
         return {
@@ -259,8 +297,9 @@ class Nadam(_KerasV2):
 
     _SLOT_ORDER = ("m", "v")
 
-    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, name="Nadam",
-                 **kwargs):
+    def __init__(
+        self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, name="Nadam", **kwargs
+    ):
         kwargs["decay"] = kwargs.pop("schedule_decay", 0.004)
         learning_rate = kwargs.get("lr", learning_rate)
         if isinstance(learning_rate, LearningRateSchedule):
@@ -279,9 +318,13 @@ class Nadam(_KerasV2):
         return "schedule_decay" if name == "decay" else name
 
     def _transformation(self, hp):
-        return kopt.nadam(hp["learning_rate"], hp["beta_1"], hp["beta_2"],
-                          hp.get("epsilon", self.epsilon),
-                          schedule_decay=hp.get("schedule_decay", hp.get("decay")))
+        return kopt.nadam(
+            hp["learning_rate"],
+            hp["beta_1"],
+            hp["beta_2"],
+            hp.get("epsilon", self.epsilon),
+            schedule_decay=hp.get("schedule_decay", hp.get("decay")),
+        )
 
     def get_config(self):
         return {
@@ -306,8 +349,16 @@ class RMSprop(_KerasV2):
 
     _SLOT_ORDER = ("rms", "momentum", "mg")
 
-    def __init__(self, learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7, centered=False,
-                 name="RMSprop", **kwargs):
+    def __init__(
+        self,
+        learning_rate=0.001,
+        rho=0.9,
+        momentum=0.0,
+        epsilon=1e-7,
+        centered=False,
+        name="RMSprop",
+        **kwargs,
+    ):
         super().__init__(name, **kwargs)
         self._init_learning_rate(learning_rate, kwargs)
         self._set_hyper("rho", rho)
@@ -317,9 +368,14 @@ class RMSprop(_KerasV2):
         self.centered = bool(centered)
 
     def _transformation(self, hp):
-        return kopt.rmsprop(hp["learning_rate"], hp["rho"],
-                            _momentum_value(self._momentum, hp["momentum"]),
-                            hp.get("epsilon", self.epsilon), self.centered, decay=hp["decay"])
+        return kopt.rmsprop(
+            hp["learning_rate"],
+            hp["rho"],
+            _momentum_value(self._momentum, hp["momentum"]),
+            hp.get("epsilon", self.epsilon),
+            self.centered,
+            decay=hp["decay"],
+        )
 
     def get_config(self):
         return {
@@ -355,23 +411,46 @@ class Ftrl(_KerasV2):
     _SLOT_ORDER = ("accumulator", "linear")
     _INTERLEAVE_SLOTS = True
 
-    def __init__(self, learning_rate=0.001, learning_rate_power=-0.5,
-                 initial_accumulator_value=0.1, l1_regularization_strength=0.0,
-                 l2_regularization_strength=0.0, name="Ftrl",
-                 l2_shrinkage_regularization_strength=0.0, beta=0.0, **kwargs):
+    def __init__(
+        self,
+        learning_rate=0.001,
+        learning_rate_power=-0.5,
+        initial_accumulator_value=0.1,
+        l1_regularization_strength=0.0,
+        l2_regularization_strength=0.0,
+        name="Ftrl",
+        l2_shrinkage_regularization_strength=0.0,
+        beta=0.0,
+        **kwargs,
+    ):
         super().__init__(name, **kwargs)
         checks = (
-            (initial_accumulator_value < 0.0, "`initial_accumulator_value` needs to be positive or "
-             f"zero. Received: initial_accumulator_value={initial_accumulator_value}."),
-            (learning_rate_power > 0.0, "`learning_rate_power` needs to be negative or zero. "
-             f"Received: learning_rate_power={learning_rate_power}."),
-            (l1_regularization_strength < 0.0, "`l1_regularization_strength` needs to be positive "
-             f"or zero. Received: l1_regularization_strength={l1_regularization_strength}."),
-            (l2_regularization_strength < 0.0, "`l2_regularization_strength` needs to be positive "
-             f"or zero. Received: l2_regularization_strength={l2_regularization_strength}."),
-            (l2_shrinkage_regularization_strength < 0.0, "`l2_shrinkage_regularization_strength` "
-             "needs to be positive or zero. Received: l2_shrinkage_regularization_strength="
-             f"{l2_shrinkage_regularization_strength}."),
+            (
+                initial_accumulator_value < 0.0,
+                "`initial_accumulator_value` needs to be positive or "
+                f"zero. Received: initial_accumulator_value={initial_accumulator_value}.",
+            ),
+            (
+                learning_rate_power > 0.0,
+                "`learning_rate_power` needs to be negative or zero. "
+                f"Received: learning_rate_power={learning_rate_power}.",
+            ),
+            (
+                l1_regularization_strength < 0.0,
+                "`l1_regularization_strength` needs to be positive "
+                f"or zero. Received: l1_regularization_strength={l1_regularization_strength}.",
+            ),
+            (
+                l2_regularization_strength < 0.0,
+                "`l2_regularization_strength` needs to be positive "
+                f"or zero. Received: l2_regularization_strength={l2_regularization_strength}.",
+            ),
+            (
+                l2_shrinkage_regularization_strength < 0.0,
+                "`l2_shrinkage_regularization_strength` "
+                "needs to be positive or zero. Received: l2_shrinkage_regularization_strength="
+                f"{l2_shrinkage_regularization_strength}.",
+            ),
         )
         for failed, message in checks:
             if failed:
@@ -390,10 +469,15 @@ class Ftrl(_KerasV2):
 
     def _transformation(self, hp):
         return kopt.ftrl(
-            hp["learning_rate"], hp["learning_rate_power"], self._initial_accumulator_value,
-            hp["l1_regularization_strength"], hp["l2_regularization_strength"], hp["beta"],
-            hp.get("l2_shrinkage_regularization_strength",
-                   self._l2_shrinkage_regularization_strength),
+            hp["learning_rate"],
+            hp["learning_rate_power"],
+            self._initial_accumulator_value,
+            hp["l1_regularization_strength"],
+            hp["l2_regularization_strength"],
+            hp["beta"],
+            hp.get(
+                "l2_shrinkage_regularization_strength", self._l2_shrinkage_regularization_strength
+            ),
             decay=hp["decay"],
         )
 
@@ -403,9 +487,11 @@ class Ftrl(_KerasV2):
             "initial_accumulator_value": self._initial_accumulator_value,
             "learning_rate_power": self._serialize_hyperparameter("learning_rate_power"),
             "l1_regularization_strength": self._serialize_hyperparameter(
-                "l1_regularization_strength"),
+                "l1_regularization_strength"
+            ),
             "l2_regularization_strength": self._serialize_hyperparameter(
-                "l2_regularization_strength"),
+                "l2_regularization_strength"
+            ),
             "beta": self._serialize_hyperparameter("beta"),
             "l2_shrinkage_regularization_strength": self._l2_shrinkage_regularization_strength,
         }
@@ -422,12 +508,17 @@ class _Keras3(Optimizer):
             object.__setattr__(self, k, v)
 
     def _plain_hyperparams(self):
-        return {k: getattr(self, k) for k in self._ATTRS
-                if isinstance(getattr(self, k), (int, float)) and not isinstance(getattr(self, k), bool)}
+        return {
+            k: getattr(self, k)
+            for k in self._ATTRS
+            if isinstance(getattr(self, k), (int, float)) and not isinstance(getattr(self, k), bool)
+        }
 
     def get_config(self):
-        config = {**super().get_config(),
-                  "learning_rate": self._serialize_hyperparameter("learning_rate")}
+        config = {
+            **super().get_config(),
+            "learning_rate": self._serialize_hyperparameter("learning_rate"),
+        }
         config.update({k: getattr(self, k) for k in self._ATTRS})
         return config
 
@@ -447,18 +538,39 @@ class AdamW(_Keras3):
     _SLOT_ORDER = ("m", "v", "vhat")
     _ATTRS = ("weight_decay", "beta_1", "beta_2", "epsilon", "amsgrad")
 
-    def __init__(self, learning_rate=0.001, weight_decay=0.004, beta_1=0.9, beta_2=0.999,
-                 epsilon=1e-7, amsgrad=False, name="AdamW", **kwargs):
+    def __init__(
+        self,
+        learning_rate=0.001,
+        weight_decay=0.004,
+        beta_1=0.9,
+        beta_2=0.999,
+        epsilon=1e-7,
+        amsgrad=False,
+        name="AdamW",
+        **kwargs,
+    ):
         if weight_decay is None:
             raise ValueError("Argument `weight_decay` must be a float. Received: weight_decay=None")
         super().__init__(name, **kwargs)
-        self._init_keras3(learning_rate, kwargs, weight_decay=weight_decay, beta_1=beta_1,
-                          beta_2=beta_2, epsilon=epsilon, amsgrad=bool(amsgrad))
+        self._init_keras3(
+            learning_rate,
+            kwargs,
+            weight_decay=weight_decay,
+            beta_1=beta_1,
+            beta_2=beta_2,
+            epsilon=epsilon,
+            amsgrad=bool(amsgrad),
+        )
 
     def _transformation(self, hp):
-        return kopt.adamw(hp["learning_rate"], hp.get("weight_decay", self.weight_decay),
-                          hp.get("beta_1", self.beta_1), hp.get("beta_2", self.beta_2),
-                          hp.get("epsilon", self.epsilon), self.amsgrad)
+        return kopt.adamw(
+            hp["learning_rate"],
+            hp.get("weight_decay", self.weight_decay),
+            hp.get("beta_1", self.beta_1),
+            hp.get("beta_2", self.beta_2),
+            hp.get("epsilon", self.epsilon),
+            self.amsgrad,
+        )
 
 
 class Lion(_Keras3):
@@ -467,7 +579,8 @@ class Lion(_Keras3):
     Example:
         >>> import jax.numpy as jnp, kopt
         >>> var = kopt.Variable([1.0, 1.0])
-        >>> _ = kopt.optimizers.Lion(learning_rate=0.1).apply_gradients([(jnp.array([3.0, -1.0]), var)])
+        >>> opt = kopt.optimizers.Lion(learning_rate=0.1)
+        >>> _ = opt.apply_gradients([(jnp.array([3.0, -1.0]), var)])
         >>> var.numpy()
         array([0.9, 1.1], dtype=float32)
     """
@@ -485,8 +598,9 @@ class Lion(_Keras3):
         self._init_keras3(learning_rate, kwargs, beta_1=beta_1, beta_2=beta_2)
 
     def _transformation(self, hp):
-        return kopt.lion(hp["learning_rate"], hp.get("beta_1", self.beta_1),
-                         hp.get("beta_2", self.beta_2))
+        return kopt.lion(
+            hp["learning_rate"], hp.get("beta_1", self.beta_1), hp.get("beta_2", self.beta_2)
+        )
 
 
 class Lamb(_Keras3):
@@ -501,14 +615,19 @@ class Lamb(_Keras3):
     _SLOT_ORDER = ("m", "v")
     _ATTRS = ("beta_1", "beta_2", "epsilon")
 
-    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, name="Lamb",
-                 **kwargs):
+    def __init__(
+        self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, name="Lamb", **kwargs
+    ):
         super().__init__(name, **kwargs)
         self._init_keras3(learning_rate, kwargs, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon)
 
     def _transformation(self, hp):
-        return kopt.lamb(hp["learning_rate"], hp.get("beta_1", self.beta_1),
-                         hp.get("beta_2", self.beta_2), hp.get("epsilon", self.epsilon))
+        return kopt.lamb(
+            hp["learning_rate"],
+            hp.get("beta_1", self.beta_1),
+            hp.get("beta_2", self.beta_2),
+            hp.get("epsilon", self.epsilon),
+        )
 
 
 class Adafactor(_Keras3):
@@ -526,26 +645,47 @@ class Adafactor(_Keras3):
     _SLOT_ORDER = ("r", "c", "v")
     _ATTRS = ("beta_2_decay", "epsilon_1", "epsilon_2", "clip_threshold", "relative_step")
 
-    def __init__(self, learning_rate=0.001, beta_2_decay=-0.8, epsilon_1=1e-30, epsilon_2=1e-3,
-                 clip_threshold=1.0, relative_step=True, name="Adafactor", **kwargs):
+    def __init__(
+        self,
+        learning_rate=0.001,
+        beta_2_decay=-0.8,
+        epsilon_1=1e-30,
+        epsilon_2=1e-3,
+        clip_threshold=1.0,
+        relative_step=True,
+        name="Adafactor",
+        **kwargs,
+    ):
         super().__init__(name, **kwargs)
-        self._init_keras3(learning_rate, kwargs, beta_2_decay=beta_2_decay, epsilon_1=epsilon_1,
-                          epsilon_2=epsilon_2, clip_threshold=clip_threshold,
-                          relative_step=bool(relative_step))
+        self._init_keras3(
+            learning_rate,
+            kwargs,
+            beta_2_decay=beta_2_decay,
+            epsilon_1=epsilon_1,
+            epsilon_2=epsilon_2,
+            clip_threshold=clip_threshold,
+            relative_step=bool(relative_step),
+        )
 
     def _transformation(self, hp):
-        return kopt.adafactor(hp["learning_rate"], hp.get("beta_2_decay", self.beta_2_decay),
-                              hp.get("epsilon_1", self.epsilon_1),
-                              hp.get("epsilon_2", self.epsilon_2),
-                              hp.get("clip_threshold", self.clip_threshold), self.relative_step)
+        return kopt.adafactor(
+            hp["learning_rate"],
+            hp.get("beta_2_decay", self.beta_2_decay),
+            hp.get("epsilon_1", self.epsilon_1),
+            hp.get("epsilon_2", self.epsilon_2),
+            hp.get("clip_threshold", self.clip_threshold),
+            self.relative_step,
+        )
 
 
 class TransformationOptimizer(Optimizer):
     """Any kopt or optax transformation behind the facade (see :func:`from_transformation`)."""
 
     def __init__(self, transformation: Any, name: str | None = None):
-        if not (callable(getattr(transformation, "init", None))
-                and callable(getattr(transformation, "update", None))):
+        if not (
+            callable(getattr(transformation, "init", None))
+            and callable(getattr(transformation, "update", None))
+        ):
             raise TypeError(
                 "from_transformation: expected a transformation with init and update, received "
                 f"{type(transformation).__name__}"

@@ -64,7 +64,9 @@ class LossScaleOptimizer(Optimizer):
         if dynamic_growth_steps is None and dynamic:
             dynamic_growth_steps = 2000
         if not isinstance(initial_scale, (int, float)) or initial_scale <= 0:
-            raise ValueError(f"LossScaleOptimizer: `initial_scale` must be > 0, received {initial_scale!r}")
+            raise ValueError(
+                f"LossScaleOptimizer: `initial_scale` must be > 0, received {initial_scale!r}"
+            )
         if dynamic and (not isinstance(dynamic_growth_steps, int) or dynamic_growth_steps < 1):
             raise ValueError(
                 "LossScaleOptimizer: `dynamic_growth_steps` must be an int >= 1, received "
@@ -75,10 +77,14 @@ class LossScaleOptimizer(Optimizer):
         self.dynamic = bool(dynamic)
         self.initial_scale = float(initial_scale)
         self.dynamic_growth_steps = dynamic_growth_steps
-        self._loss_scale = Variable(jnp.float32(initial_scale), trainable=False,
-                                    name="LossScaleOptimizer/current_loss_scale")
-        self._good_steps = Variable(jnp.int32(0), trainable=False,
-                                    name="LossScaleOptimizer/good_steps")
+        self._loss_scale = Variable(
+            jnp.float32(initial_scale),
+            trainable=False,
+            name="LossScaleOptimizer/current_loss_scale",
+        )
+        self._good_steps = Variable(
+            jnp.int32(0), trainable=False, name="LossScaleOptimizer/good_steps"
+        )
 
     @property
     def inner_optimizer(self) -> Optimizer:
@@ -117,7 +123,9 @@ class LossScaleOptimizer(Optimizer):
             finite = bool(all_finite([g for g, _ in pairs]))
             if finite:
                 result = self._optimizer.apply_gradients(
-                    pairs, name=name, experimental_aggregate_gradients=experimental_aggregate_gradients
+                    pairs,
+                    name=name,
+                    experimental_aggregate_gradients=experimental_aggregate_gradients,
                 )
             else:
                 result = self._optimizer._iterations

@@ -114,8 +114,15 @@ class PolynomialDecay(_Builtin):
     _KEYS = ("initial_learning_rate", "decay_steps", "end_learning_rate", "power", "cycle", "name")
     _FUNCTION = staticmethod(fn.polynomial_decay)
 
-    def __init__(self, initial_learning_rate, decay_steps, end_learning_rate=0.0001, power=1.0,
-                 cycle=False, name=None):
+    def __init__(
+        self,
+        initial_learning_rate,
+        decay_steps,
+        end_learning_rate=0.0001,
+        power=1.0,
+        cycle=False,
+        name=None,
+    ):
         super().__init__(initial_learning_rate, decay_steps, end_learning_rate, power, cycle, name)
 
 
@@ -145,18 +152,33 @@ class CosineDecay(_Builtin):
         0.5
     """
 
-    _KEYS = ("initial_learning_rate", "decay_steps", "alpha", "name", "warmup_target",
-             "warmup_steps")
+    _KEYS = (
+        "initial_learning_rate",
+        "decay_steps",
+        "alpha",
+        "name",
+        "warmup_target",
+        "warmup_steps",
+    )
 
     @staticmethod
     def _FUNCTION(initial_learning_rate, decay_steps, alpha, warmup_target, warmup_steps):  # noqa: N802
-        return fn.cosine_decay(initial_learning_rate, decay_steps, alpha, warmup_target,
-                               warmup_steps)
+        return fn.cosine_decay(
+            initial_learning_rate, decay_steps, alpha, warmup_target, warmup_steps
+        )
 
-    def __init__(self, initial_learning_rate, decay_steps, alpha=0.0, name=None,
-                 warmup_target=None, warmup_steps=0):
-        super().__init__(initial_learning_rate, decay_steps, alpha, name, warmup_target,
-                         warmup_steps)
+    def __init__(
+        self,
+        initial_learning_rate,
+        decay_steps,
+        alpha=0.0,
+        name=None,
+        warmup_target=None,
+        warmup_steps=0,
+    ):
+        super().__init__(
+            initial_learning_rate, decay_steps, alpha, name, warmup_target, warmup_steps
+        )
 
 
 class CosineDecayRestarts(_Builtin):
@@ -172,15 +194,22 @@ class CosineDecayRestarts(_Builtin):
     _KEYS = ("initial_learning_rate", "first_decay_steps", "t_mul", "m_mul", "alpha", "name")
     _FUNCTION = staticmethod(fn.cosine_decay_restarts)
 
-    def __init__(self, initial_learning_rate, first_decay_steps, t_mul=2.0, m_mul=1.0, alpha=0.0,
-                 name=None):
+    def __init__(
+        self, initial_learning_rate, first_decay_steps, t_mul=2.0, m_mul=1.0, alpha=0.0, name=None
+    ):
         super().__init__(initial_learning_rate, first_decay_steps, t_mul, m_mul, alpha, name)
 
 
 _CLASSES = {
     cls.__name__: cls
-    for cls in (ExponentialDecay, PiecewiseConstantDecay, PolynomialDecay, InverseTimeDecay,
-                CosineDecay, CosineDecayRestarts)
+    for cls in (
+        ExponentialDecay,
+        PiecewiseConstantDecay,
+        PolynomialDecay,
+        InverseTimeDecay,
+        CosineDecay,
+        CosineDecayRestarts,
+    )
 }
 
 
