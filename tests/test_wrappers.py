@@ -1,0 +1,193 @@
+"""masked, multi_transform, accumulate_gradients, apply_if_finite and ema."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpy_reference as ref
+import pytest
+
+import kopt
+
+
+def test_masked_with_a_mask_tree():
+    params = {"w": jnp.array([1.0, 2.0]), "b": jnp.array([3.0])}
+    tx = kopt.masked(kopt.adam(0.1), {"w": True, "b": False})
+    state = tx.init(params)
+    assert kopt.get_slot(state, "m")["b"] is None
+    updates, state = tx.update({"w": jnp.array([1.0, -1.0]), "b": jnp.array([7.0])}, state, params)
+    np.testing.assert_allclose(updates["b"], [7.0])  # passes through unchanged
+    expected = ref.adam([1.0, 2.0], [[1.0, -1.0]], lr=0.1) - np.array([1.0, 2.0])
+    np.testing.assert_allclose(updates["w"], expected, rtol=1e-6)
+
+
+def test_masked_with_a_callable_and_a_prefix_mask():
+    params = {"kernel": jnp.full((2, 2), 2.0), "bias": jnp.array([2.0, 2.0])}
+    decay_matrices = kopt.masked(
+        kopt.add_decayed_weights(0.5), lambda p: jax.tree.map(lambda x: x.ndim > 1, p)
+    )
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = jax.jit(decay_matrices.update)(zeros, decay_matrices.init(params), params)
+    np.testing.assert_allclose(updates["kernel"], np.full((2, 2), 1.0))
+    np.testing.assert_allclose(updates["bias"], [0.0, 0.0])
+
+    nested = {"enc": params, "dec": params}
+    prefix = kopt.masked(kopt.add_decayed_weights(0.5), {"enc": True, "dec": False})
+    grads = jax.tree.map(jnp.zeros_like, nested)
+    updates, _ = prefix.update(grads, prefix.init(nested), nested)
+    np.testing.assert_allclose(updates["enc"]["bias"], [1.0, 1.0])
+    np.testing.assert_allclose(updates["dec"]["kernel"], np.zeros((2, 2)))
+
+
+@pytest.mark.parametrize("callable_labels", [False, True], ids=["tree", "callable"])
+def test_multi_transform(callable_labels):
+    params = {"w": jnp.zeros(2), "b": jnp.zeros(1)}
+    labels = {"w": "fast", "b": "slow"}
+    tx = kopt.multi_transform(
+        {"fast": kopt.sgd(1.0), "slow": kopt.sgd(0.1, momentum=0.5)},
+        (lambda p: labels) if callable_labels else labels,
+    )
+    state = tx.init(params)
+    g = {"w": jnp.array([1.0, 2.0]), "b": jnp.array([4.0])}
+    step = jax.jit(tx.update)
+    u1, state = step(g, state, params)
+    u2, state = step(g, state, params)
+    np.testing.assert_allclose(u2["w"], [-1.0, -2.0])
+    np.testing.assert_allclose(u1["b"], [-0.4], rtol=1e-6)
+    np.testing.assert_allclose(u2["b"], [0.5 * -0.4 - 0.4], rtol=1e-6)
+    assert kopt.get_slot(state.inner_states["slow"], "momentum")["w"] is None
+
+
+def counting(inner, calls):
+    """``inner`` plus a host callback that records every time its update really runs."""
+
+    def update(updates, state, params=None):
+        jax.debug.callback(lambda: calls.append(1))
+        return inner.update(updates, state, params)
+
+    return kopt.GradientTransformation(inner.init, update)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_accumulate_gradients_equals_one_step_on_the_reduced_gradient(reduction):
+    k = 3
+    calls = []
+    tx = kopt.accumulate_gradients(counting(kopt.adam(0.1), calls), every_k=k, reduction=reduction)
+    w0 = np.array([1.0, -1.0])
+    params = jnp.asarray(w0, jnp.float32)
+    micro = [np.array([0.5, 1.0]), np.array([-0.25, 2.0]), np.array([1.0, 0.5])] * 2
+    micro[3:] = [g * 2.0 - 1.0 for g in micro[3:]]
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    for i, g in enumerate(micro, start=1):
+        updates, state = step(jnp.asarray(g, jnp.float32), state, params)
+        if i % k:
+            np.testing.assert_array_equal(updates, [0.0, 0.0])
+        params = kopt.apply_updates(params, updates)
+    jax.effects_barrier()
+    assert len(calls) == 2  # the inner update ran only on the 3rd and 6th call
+    assert int(state.inner_state[0].count) == 2
+    assert int(state.mini_step) == 0
+    reduce = np.mean if reduction == "mean" else np.sum
+    steps = [reduce(micro[:3], axis=0), reduce(micro[3:], axis=0)]
+    np.testing.assert_allclose(params, ref.adam(w0, steps, lr=0.1), rtol=1e-6)
+
+
+def test_accumulate_gradients_accepts_sparse_gradients():
+    tx = kopt.accumulate_gradients(kopt.sgd(1.0), every_k=2)
+    table = jnp.zeros((4, 2))
+    state = tx.init(table)
+    rows = kopt.IndexedSlices(jnp.ones((2, 2)), jnp.array([1, 1]), (4, 2))
+    _, state = tx.update(rows, state, table)
+    updates, state = tx.update(rows, state, table)
+    np.testing.assert_allclose(updates, [[0, 0], [-2, -2], [0, 0], [0, 0]])  # mean of 2 * 2
+
+
+def test_apply_if_finite_skips_a_bad_step():
+    tx = kopt.apply_if_finite(kopt.adam(0.1), max_consecutive_errors=2)
+    params = jnp.array([1.0, -1.0])
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    updates, state = step(jnp.array([1.0, 2.0]), state, params)
+    params = kopt.apply_updates(params, updates)
+    inner_before, params_before = state.inner_state, params
+    for bad in (jnp.array([jnp.nan, 1.0]), jnp.array([1.0, jnp.inf])):
+        updates, state = step(bad, state, params)
+        params = kopt.apply_updates(params, updates)
+        np.testing.assert_array_equal(params, params_before)
+        jax.tree.map(np.testing.assert_array_equal, state.inner_state, inner_before)
+    assert int(state.notfinite_count) == 2 and int(state.total_notfinite) == 2
+    assert not bool(state.last_finite)
+    # The third bad step in a row goes through to the inner transformation.
+    updates, state = step(jnp.array([jnp.nan, 1.0]), state, params)
+    assert int(state.inner_state[0].count) == 2
+    assert bool(jnp.isnan(updates[0]))
+    # A finite step resets the consecutive count, not the total.
+    _, state = step(jnp.array([1.0, 1.0]), state, params)
+    assert int(state.notfinite_count) == 0 and int(state.total_notfinite) == 3
+    assert bool(state.last_finite)
+
+
+def test_ema_first_step_is_the_params_then_averages():
+    tx = kopt.chain(kopt.sgd(1.0), kopt.ema(0.9))
+    params = jnp.array([1.0])
+    state = tx.init(params)
+    expected_average = [0.9, 0.9 * 0.9 + 0.1 * 0.8, (0.9 * 0.9 + 0.1 * 0.8) * 0.9 + 0.1 * 0.7]
+    for average in expected_average:
+        updates, state = tx.update(jnp.array([0.1]), state, params)
+        params = kopt.apply_updates(params, updates)
+        np.testing.assert_allclose(kopt.get_slot(state, "average"), [average], rtol=1e-6)
+    np.testing.assert_allclose(params, [0.7], rtol=1e-6)  # the params follow plain SGD
+
+
+def test_ema_overwrite_frequency():
+    # Keras 3, SGD(lr=1), ema_momentum=0.9, ema_overwrite_frequency=2, gradient 0.1 from 1.0:
+    # the second step overwrites the variable with the average, 0.89.
+    tx = kopt.chain(kopt.sgd(1.0), kopt.ema(0.9, overwrite_frequency=2))
+    params = jnp.array([1.0])
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    seen = []
+    for _ in range(4):
+        updates, state = step(jnp.array([0.1]), state, params)
+        params = kopt.apply_updates(params, updates)
+        seen.append(float(params[0]))
+    # Step 3: 0.79, average 0.9 * 0.89 + 0.1 * 0.79 = 0.88; step 4: 0.69, average
+    # 0.9 * 0.88 + 0.1 * 0.69 = 0.861, written into the variable.
+    np.testing.assert_allclose(seen, [0.9, 0.89, 0.79, 0.861], rtol=1e-6)
+
+
+# aggregate_gradients under shard_map is covered in test_aggregation.py; here, under vmap.
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_aggregate_gradients_under_vmap(reduction):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(16, 3)).astype(np.float32)
+    y = rng.normal(size=(16,)).astype(np.float32)
+    w = np.array([0.5, -1.0, 2.0], np.float32)
+    tx = kopt.aggregate_gradients("replica", reduction=reduction)
+
+    def replica(x, y):
+        def loss(w):
+            r = (x @ w - y) ** 2
+            return jnp.sum(r) if reduction == "sum" else jnp.mean(r)
+
+        g = {"w": jax.grad(loss)(jnp.asarray(w))}
+        return tx.update(g, tx.init(g))[0]["w"]
+
+    out = jax.vmap(replica, axis_name="replica")(x.reshape(4, 4, 3), y.reshape(4, 4))
+    full = 2.0 * x.T.astype(np.float64) @ (x.astype(np.float64) @ w - y)  # d/dw sum of squares
+    expected = full if reduction == "sum" else full / 16
+    for r in range(4):
+        np.testing.assert_allclose(out[r], expected, rtol=1e-5)
+
+
+def test_aggregate_gradients_densifies_sparse_gradients():
+    tx = kopt.aggregate_gradients("i")
+
+    def replica(row):
+        g = kopt.IndexedSlices(jnp.ones((1, 2)), row[None], (3, 2))
+        return tx.update(g, tx.init(jnp.zeros((3, 2))))[0]
+
+    out = jax.vmap(replica, axis_name="i")(jnp.array([0, 2, 2]))
+    np.testing.assert_array_equal(out[0], [[1, 1], [0, 0], [2, 2]])
