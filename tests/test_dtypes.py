@@ -25,7 +25,7 @@ def params_in(dtype):
 
 
 def grads_for(params, step):
-    return jax.tree.map(lambda p: (jnp.cos(jnp.arange(p.size) + step).reshape(p.shape)), params)
+    return jax.tree.map(lambda p: jnp.cos(jnp.arange(p.size) + step).reshape(p.shape), params)
 
 
 def param_shaped_slots(state, params):
