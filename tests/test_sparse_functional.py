@@ -1,0 +1,180 @@
+"""Row-sparse gradients (IndexedSlices) follow Keras's sparse rules.
+
+Each case warms the slots up with one dense step (so that every row's slots are non-zero), then
+applies a gradient touching rows {0, 2, 2} of a [6, 3] table, and compares with the dense step on
+the same gradient with the duplicate rows summed.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kopt
+
+TOUCHED = [0, 2]
+UNTOUCHED = [1, 3, 4, 5]
+RNG = np.random.default_rng(3)
+TABLE = RNG.normal(size=(6, 3)).astype(np.float32)
+WARMUP = RNG.normal(size=(6, 3)).astype(np.float32)
+VALUES = RNG.normal(size=(3, 3)).astype(np.float32)
+INDICES = np.array([0, 2, 2], np.int32)
+
+
+def dense_equivalent():
+    g = np.zeros((6, 3), np.float32)
+    np.add.at(g, INDICES, VALUES)
+    return g
+
+
+def warmed_up(tx):
+    table = jnp.asarray(TABLE)
+    updates, state = jax.jit(tx.update)(jnp.asarray(WARMUP), tx.init(table), table)
+    return kopt.apply_updates(table, updates), state
+
+
+def sparse_and_dense_steps(tx):
+    table, state = warmed_up(tx)
+    sparse = kopt.IndexedSlices(jnp.asarray(VALUES), jnp.asarray(INDICES), (6, 3))
+    sparse_updates, sparse_state = jax.jit(tx.update)(sparse, state, table)
+    dense_updates, dense_state = jax.jit(tx.update)(jnp.asarray(dense_equivalent()), state, table)
+    return {
+        "before": (np.asarray(table), state),
+        "sparse": (
+            np.asarray(kopt.apply_updates(table, sparse_updates)),
+            sparse_state,
+            sparse_updates,
+        ),
+        "dense": (np.asarray(kopt.apply_updates(table, dense_updates)), dense_state),
+    }
+
+
+def slots_of(state):
+    return {name: np.asarray(kopt.get_slot(state, name)) for name in kopt.slot_names(state)}
+
+
+ROW_SPARSE = {
+    "sgd": lambda: kopt.sgd(0.1),
+    "sgd_momentum": lambda: kopt.sgd(0.1, momentum=0.9),
+    "sgd_nesterov": lambda: kopt.sgd(0.1, momentum=0.9, nesterov=True),
+    "adagrad": lambda: kopt.adagrad(0.1),
+    "adadelta": lambda: kopt.adadelta(1.0),
+    "adamax": lambda: kopt.adamax(0.1),
+    "rmsprop_momentum": lambda: kopt.rmsprop(0.1, momentum=0.5),
+    "rmsprop_centered_momentum": lambda: kopt.rmsprop(0.1, momentum=0.5, centered=True),
+    "ftrl": lambda: kopt.ftrl(0.1, l1_regularization_strength=0.01, beta=0.1),
+    "ftrl_shrinkage": lambda: kopt.ftrl(0.1, l2_shrinkage_regularization_strength=0.1),
+}
+
+
+@pytest.mark.parametrize("name", list(ROW_SPARSE))
+def test_row_sparse_rules_touch_only_the_named_rows(name):
+    runs = sparse_and_dense_steps(ROW_SPARSE[name]())
+    table0, state0 = runs["before"]
+    sparse_table, sparse_state, sparse_updates = runs["sparse"]
+    dense_table, dense_state = runs["dense"]
+    assert isinstance(sparse_updates, kopt.IndexedSlices)
+
+    np.testing.assert_allclose(
+        sparse_table[TOUCHED], dense_table[TOUCHED], rtol=1e-5, atol=1e-7, err_msg=name
+    )
+    np.testing.assert_array_equal(sparse_table[UNTOUCHED], table0[UNTOUCHED], err_msg=name)
+    before, sparse_slots, dense_slots = (
+        slots_of(state0),
+        slots_of(sparse_state),
+        slots_of(dense_state),
+    )
+    for slot in before:
+        np.testing.assert_allclose(
+            sparse_slots[slot][TOUCHED], dense_slots[slot][TOUCHED], rtol=1e-5, err_msg=slot
+        )
+        np.testing.assert_array_equal(
+            sparse_slots[slot][UNTOUCHED], before[slot][UNTOUCHED], err_msg=slot
+        )
+
+
+@pytest.mark.parametrize(
+    "name, build, decays",
+    [
+        ("rmsprop", lambda: kopt.rmsprop(0.1, rho=0.8), {"rms": 0.8}),
+        ("rmsprop_centered", lambda: kopt.rmsprop(0.1, rho=0.8, centered=True), {"rms": 0.8}),
+        ("nadam", lambda: kopt.nadam(0.1, beta_1=0.7, beta_2=0.95), {"m": 0.7, "v": 0.95}),
+    ],
+)
+def test_slots_decay_everywhere_but_params_move_only_on_named_rows(name, build, decays):
+    runs = sparse_and_dense_steps(build())
+    table0, state0 = runs["before"]
+    sparse_table, sparse_state, sparse_updates = runs["sparse"]
+    dense_table, dense_state = runs["dense"]
+    assert isinstance(sparse_updates, kopt.IndexedSlices)
+    np.testing.assert_allclose(sparse_table[TOUCHED], dense_table[TOUCHED], rtol=1e-5)
+    np.testing.assert_array_equal(sparse_table[UNTOUCHED], table0[UNTOUCHED])
+    before, sparse_slots, dense_slots = (
+        slots_of(state0),
+        slots_of(sparse_state),
+        slots_of(dense_state),
+    )
+    if name == "rmsprop_centered":
+        decays = {**decays, "mg": 0.8}
+    for slot, rate in decays.items():
+        np.testing.assert_allclose(sparse_slots[slot], dense_slots[slot], rtol=1e-5, err_msg=slot)
+        np.testing.assert_allclose(
+            sparse_slots[slot][UNTOUCHED], rate * before[slot][UNTOUCHED], rtol=1e-6, err_msg=slot
+        )
+
+
+@pytest.mark.parametrize(
+    "build, moves_untouched_rows",
+    [
+        (lambda: kopt.adam(0.1), True),
+        (lambda: kopt.adam(0.1, amsgrad=True), True),
+        (lambda: kopt.adamw(0.1, weight_decay=0.1), True),
+        (lambda: kopt.lion(0.1), True),
+        (lambda: kopt.lamb(0.1), True),
+        (lambda: kopt.adafactor(0.1), False),
+    ],
+    ids=["adam", "adam_amsgrad", "adamw", "lion", "lamb", "adafactor"],
+)
+def test_dense_rules_treat_a_sparse_gradient_as_dense(build, moves_untouched_rows):
+    runs = sparse_and_dense_steps(build())
+    sparse_table, sparse_state, _ = runs["sparse"]
+    dense_table, dense_state = runs["dense"]
+    np.testing.assert_allclose(sparse_table, dense_table, rtol=1e-6, atol=1e-7)
+    for slot, value in slots_of(dense_state).items():
+        np.testing.assert_allclose(slots_of(sparse_state)[slot], value, rtol=1e-6, err_msg=slot)
+    # Keras's sparse Adam is the dense rule: every row decays and moves (Adafactor's step is
+    # proportional to the gradient, so its untouched rows stay).
+    table0, _ = runs["before"]
+    assert np.all(sparse_table[UNTOUCHED] != table0[UNTOUCHED]) == moves_untouched_rows
+
+
+def test_adagrad_sums_duplicates_before_squaring():
+    # tf.keras: Adagrad with indices [0, 0] and values [1, 1] gives accumulator[0] = (1 + 1)**2.
+    tx = kopt.adagrad(1.0, initial_accumulator_value=0.0, epsilon=0.0)
+    table = jnp.zeros((3, 2))
+    grad = kopt.IndexedSlices(jnp.ones((2, 2)), jnp.array([0, 0]))
+    updates, state = tx.update(grad, tx.init(table), table)
+    np.testing.assert_array_equal(kopt.get_slot(state, "accumulator"), [[4, 4], [0, 0], [0, 0]])
+    np.testing.assert_array_equal(kopt.apply_updates(table, updates), [[-1, -1], [0, 0], [0, 0]])
+
+
+def test_sgd_without_momentum_scatter_adds_duplicates():
+    tx = kopt.sgd(0.5)
+    table = jnp.zeros((4, 1))
+    grad = kopt.IndexedSlices(jnp.array([[1.0], [2.0], [4.0]]), jnp.array([3, 1, 3]))
+    updates, _ = jax.jit(tx.update)(grad, tx.init(table), table)
+    np.testing.assert_array_equal(kopt.apply_updates(table, updates), [[0.0], [-1.0], [0], [-2.5]])
+
+
+def test_sparse_and_dense_leaves_mix_in_one_tree():
+    tx = kopt.chain(kopt.clip_by_norm(10.0), kopt.adagrad(1.0, initial_accumulator_value=0.0))
+    params = {"emb": jnp.zeros((5, 2)), "w": jnp.zeros(2)}
+    grads = {
+        "emb": kopt.IndexedSlices(jnp.array([[3.0, 4.0]]), jnp.array([4])),
+        "w": jnp.array([2.0, -2.0]),
+    }
+    updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+    new = kopt.apply_updates(params, updates)
+    np.testing.assert_allclose(new["emb"][4], [-1.0, -1.0], rtol=1e-6)  # -g / sqrt(g**2)
+    np.testing.assert_array_equal(new["emb"][:4], np.zeros((4, 2)))
+    np.testing.assert_allclose(new["w"], [-1.0, 1.0], rtol=1e-6)
