@@ -397,7 +397,13 @@ def get_slot(state: OptState, name: str) -> PyTree:
 
 
 def slot_names(state: OptState) -> list[str]:
-    """The slot names held anywhere in a state, in the order they appear."""
+    """The slot names held anywhere in a state, in the order they appear.
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> kopt.slot_names(kopt.adam(amsgrad=True).init(jnp.zeros(2)))
+        ['m', 'v', 'vhat']
+    """
     out = []
     for holder in _slot_holders(state):
         out.extend(n for n in holder.slots if n not in out)

@@ -75,7 +75,13 @@ def clip_by_norm(clipnorm: Any) -> GradientTransformation:
 
 
 def global_norm(updates: Any) -> jax.Array:
-    """The L2 norm of all gradient leaves together (values of IndexedSlices count as given)."""
+    """The L2 norm of all gradient leaves together (values of IndexedSlices count as given).
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> float(kopt.global_norm({"a": jnp.array([3.0]), "b": jnp.array([[4.0]])}))
+        5.0
+    """
     leaves = [
         g.values if isinstance(g, IndexedSlices) else g
         for g in jax.tree.leaves(updates, is_leaf=is_indexed_slices)

@@ -233,7 +233,13 @@ class ApplyIfFiniteState(NamedTuple):
 
 
 def all_finite(tree: PyTree) -> jax.Array:
-    """True when every element of every leaf (values of IndexedSlices) is finite."""
+    """True when every element of every leaf (values of IndexedSlices) is finite.
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> bool(kopt.all_finite({"a": jnp.ones(2), "b": jnp.array([1.0, jnp.inf])}))
+        False
+    """
     leaves = [
         g.values if isinstance(g, IndexedSlices) else g
         for g in jax.tree.leaves(tree, is_leaf=is_indexed_slices)

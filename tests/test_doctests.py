@@ -1,0 +1,43 @@
+"""Every docstring example in the functional core runs and shows its true output."""
+
+import doctest
+import importlib
+import pkgutil
+
+import pytest
+
+import kopt
+
+# The Keras facade modules are tested by their own suites.
+EXCLUDED = ("kopt.optimizers", "kopt.variables", "kopt.constraints")
+MODULES = ["kopt"] + sorted(
+    info.name
+    for info in pkgutil.walk_packages(kopt.__path__, prefix="kopt.")
+    if not info.name.startswith(EXCLUDED)
+)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    module = importlib.import_module(name)
+    result = doctest.testmod(
+        module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, report=True
+    )
+    assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed in {name}"
+
+
+FUNCTIONAL_CORE = ("kopt.base", "kopt.alias", "kopt.transforms", "kopt.sparse", "kopt.schedules")
+
+
+def test_the_functional_core_public_names_have_examples():
+    public = [getattr(kopt, n) for n in kopt.__all__]
+    public += [getattr(kopt.schedules, n) for n in kopt.schedules.__all__]
+    missing = [
+        obj.__name__
+        for obj in public
+        if callable(obj)
+        and getattr(obj, "__module__", "").startswith(FUNCTIONAL_CORE)
+        and not obj.__name__.endswith("State")
+        and ">>>" not in (obj.__doc__ or "")
+    ]
+    assert not missing, f"public names without a docstring example: {missing}"

@@ -1,0 +1,108 @@
+"""Schedules inside optimizers: evaluated at the pre-increment step, traced once, vmappable.
+
+The schedule values themselves are checked against Keras in test_golden_functional.py.
+"""
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import kopt
+from kopt import schedules
+
+
+def run_sgd(tx, steps, grad=1.0):
+    params = jnp.zeros(1)
+    state = tx.init(params)
+    for _ in range(steps):
+        updates, state = tx.update(jnp.array([grad]), state, params)
+        params = kopt.apply_updates(params, updates)
+    return params, state
+
+
+def test_schedule_is_evaluated_at_the_count_before_the_update():
+    lr = schedules.exponential_decay(1.0, decay_steps=1, decay_rate=0.5)
+    params, state = run_sgd(kopt.sgd(lr), steps=3)
+    np.testing.assert_allclose(params, [-(1.0 + 0.5 + 0.25)], rtol=1e-6)
+    # The state holds the value used by the most recent update.
+    np.testing.assert_allclose(kopt.get_hyperparam(state, "learning_rate"), 0.25)
+    assert int(state.count) == 3
+
+
+def test_init_stores_the_step_zero_value():
+    state = kopt.adam(schedules.polynomial_decay(0.5, 10, end_learning_rate=0.0)).init(jnp.ones(1))
+    np.testing.assert_allclose(kopt.get_hyperparam(state, "learning_rate"), 0.5)
+
+
+def test_keras_time_inverse_decay():
+    params, _ = run_sgd(kopt.sgd(1.0, decay=1.0), steps=3)
+    np.testing.assert_allclose(params, [-(1.0 + 1.0 / 2 + 1.0 / 3)], rtol=1e-6)
+    params, _ = run_sgd(kopt.adagrad(1.0, 0.0, 0.0, decay=0.5), steps=2)
+    # adagrad steps g / sqrt(n): 1 / 1 then 1 / sqrt(2), with lr 1 then 1 / 1.5
+    np.testing.assert_allclose(params, [-(1.0 + 1.0 / 1.5 / math.sqrt(2.0))], rtol=1e-6)
+
+
+def test_any_float_hyperparameter_can_follow_a_schedule():
+    momentum = lambda step: jnp.where(step < 1, 0.0, 0.5)  # noqa: E731
+    params, state = run_sgd(kopt.sgd(0.1, momentum=momentum), steps=2)
+    # a1 = -0.1; a2 = 0.5 * a1 - 0.1
+    np.testing.assert_allclose(params, [-0.1 - 0.15], rtol=1e-6)
+    assert float(kopt.get_hyperparam(state, "momentum")) == 0.5
+
+
+def test_set_hyperparam_does_not_override_a_schedule():
+    tx = kopt.sgd(lambda step: 0.25 + 0.0 * step)
+    state = kopt.set_hyperparam(tx.init(jnp.zeros(1)), "learning_rate", 5.0)
+    updates, state = tx.update(jnp.array([1.0]), state)
+    np.testing.assert_allclose(updates, [-0.25])
+
+
+def test_a_scheduled_step_is_traced_once():
+    chex.clear_trace_counter()
+    lr = schedules.piecewise_constant_decay([1, 2], [1.0, 0.5, 0.25])
+    tx = kopt.sgd(lr)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(params, state):
+        updates, state = tx.update(jnp.ones(1), state, params)
+        return kopt.apply_updates(params, updates), state
+
+    params, state = jnp.zeros(1), tx.init(jnp.zeros(1))
+    for _ in range(5):
+        params, state = step(params, state)
+    # Steps 0 and 1 use 1.0 (boundary inclusive), step 2 uses 0.5, steps 3 and 4 use 0.25.
+    np.testing.assert_allclose(params, [-(1.0 + 1.0 + 0.5 + 0.25 + 0.25)], rtol=1e-6)
+
+
+def test_schedules_vmap_over_integer_steps():
+    steps = np.arange(0, 40)
+    cases = {
+        "exponential": (
+            schedules.exponential_decay(0.1, 7, 0.5, staircase=True),
+            0.1 * 0.5 ** np.floor(steps / 7),
+        ),
+        "inverse_time": (
+            schedules.inverse_time_decay(0.1, 5, 2.0),
+            0.1 / (1 + 2.0 * steps / 5),
+        ),
+        "polynomial": (
+            schedules.polynomial_decay(0.1, 20, end_learning_rate=0.01, power=2.0),
+            0.09 * (1 - np.minimum(steps, 20) / 20) ** 2 + 0.01,
+        ),
+        "cosine": (
+            schedules.cosine_decay(0.1, 30, alpha=0.1),
+            0.1 * (0.9 * 0.5 * (1 + np.cos(np.pi * np.minimum(steps, 30) / 30)) + 0.1),
+        ),
+        "cosine_restarts_t_mul_1": (
+            schedules.cosine_decay_restarts(0.1, 10, t_mul=1.0, m_mul=0.5),
+            0.1 * 0.5 ** (steps // 10) * 0.5 * (1 + np.cos(np.pi * (steps % 10) / 10)),
+        ),
+    }
+    for name, (fn, expected) in cases.items():
+        values = jax.jit(jax.vmap(fn))(jnp.asarray(steps, jnp.int32))
+        assert values.dtype == jnp.float32, name
+        np.testing.assert_allclose(values, expected, rtol=2e-5, atol=1e-7, err_msg=name)
