@@ -12,8 +12,8 @@ Example:
     >>> mesh = jax.make_mesh((1,), ("data",))
     >>> params = {"w": jnp.zeros((4, 3))}
     >>> tx = kopt.adam(0.1)
-    >>> state = kopt.shard_state(tx.init(params), mesh, "data")
-    >>> step = kopt.jit_update(tx, kopt.state_sharding(state, mesh, "data"))
+    >>> state = kopt.shard_state(tx.init(params), mesh, "data", params)
+    >>> step = kopt.jit_update(tx, kopt.state_sharding(state, mesh, "data", params))
     >>> params, state = step({"w": jnp.ones((4, 3))}, state, params)
     >>> round(float(params["w"][0, 0]), 4)
     -0.1
@@ -22,9 +22,9 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -68,17 +68,27 @@ def leaf_sharding(
     return NamedSharding(mesh, P(*spec))
 
 
-def state_sharding(state: OptState, mesh: Mesh, axis_name: str | tuple[str, ...]) -> PyTree:
+def state_sharding(
+    state: OptState,
+    mesh: Mesh,
+    axis_name: str | tuple[str, ...],
+    params: Params | None = None,
+) -> PyTree:
     """The ZeRO-1 shardings of an optimizer state: a tree of ``NamedSharding`` shaped like it.
 
-    Every array leaf (the slots ``m``, ``v``, ..., accumulated gradients, EMA averages, factored
-    statistics) is split over ``axis_name`` along its largest divisible dimension (see
-    :func:`leaf_sharding`); scalars (step counts, hyperparameters) are replicated.
+    Every array leaf shaped like a param (the slots ``m``, ``v``, ..., accumulated gradients, EMA
+    averages) is split over ``axis_name`` along its largest divisible dimension (see
+    :func:`leaf_sharding`); scalars (step counts, hyperparameters) are replicated. Without
+    ``params`` every leaf of rank 1 or more counts as param-shaped; pass ``params`` for an
+    optimizer with factored statistics (Adafactor's ``r`` and ``c``, which are combined by an
+    outer product that two sharded vectors cannot form under an explicit mesh): they then stay
+    replicated (they are small).
 
     Args:
         state: an optimizer state, or its ``jax.eval_shape``.
         mesh: the device mesh.
         axis_name: the data-parallel mesh axis (or a tuple of axes).
+        params: the params (or their shapes); only leaves with a param's shape are split.
 
     Returns:
         A tree of ``NamedSharding`` with the state's structure, usable as ``out_shardings``.
@@ -87,19 +97,35 @@ def state_sharding(state: OptState, mesh: Mesh, axis_name: str | tuple[str, ...]
         ValueError: if ``axis_name`` is not an axis of ``mesh``.
     """
     _axis_size(mesh, axis_name)
-    return jax.tree.map(lambda leaf: leaf_sharding(tuple(leaf.shape), mesh, axis_name), state)
+    param_shapes = (
+        None if params is None else {tuple(jnp.shape(p)) for p in jax.tree.leaves(params)}
+    )
+
+    def one(leaf):
+        shape = tuple(jnp.shape(leaf))
+        if param_shapes is not None and shape not in param_shapes:
+            return NamedSharding(mesh, P())
+        return leaf_sharding(shape, mesh, axis_name)
+
+    return jax.tree.map(one, state)
 
 
-def shard_state(state: OptState, mesh: Mesh, axis_name: str | tuple[str, ...]) -> OptState:
+def shard_state(
+    state: OptState,
+    mesh: Mesh,
+    axis_name: str | tuple[str, ...],
+    params: Params | None = None,
+) -> OptState:
     """Returns ``state`` placed with the ZeRO-1 shardings of :func:`state_sharding`.
 
-    Each device then holds ``1 / mesh.shape[axis_name]`` of every slot whose largest dimension
-    the axis size divides, whatever the params' sharding (typically replicated).
+    Each device then holds ``1 / mesh.shape[axis_name]`` of every param-shaped slot whose largest
+    dimension the axis size divides, whatever the params' sharding (typically replicated).
 
     Args:
         state: an optimizer state (from ``tx.init``).
         mesh: the device mesh.
         axis_name: the data-parallel mesh axis.
+        params: the params, to split only the leaves shaped like one (see :func:`state_sharding`).
 
     Raises:
         ValueError: if ``axis_name`` is not an axis of ``mesh``.
@@ -111,7 +137,7 @@ def shard_state(state: OptState, mesh: Mesh, axis_name: str | tuple[str, ...]) -
         >>> kopt.get_slot(state, "momentum").sharding.spec
         P('data',)
     """
-    return jax.device_put(state, state_sharding(state, mesh, axis_name))
+    return jax.device_put(state, state_sharding(state, mesh, axis_name, params))
 
 
 def jit_update(
