@@ -101,15 +101,33 @@ class Variable:
     @_value.setter
     def _value(self, value):
         self._storage = value
+        self._handed_out = False
+
+    def _hand_out(self) -> Any:
+        """The value for code outside the variable. Marks the buffer as shared, so that an
+        update that reuses (donates) the variable's memory copies it first."""
+        value = self._value
+        if not isinstance(value, jax.core.Tracer):
+            self._handed_out = True
+        return value
+
+    def _donatable_value(self) -> Any:
+        """The value for a compiled update that donates its inputs: the buffer itself, or a copy
+        when it was handed out, so that values read before the update stay valid."""
+        value = self._storage
+        if self._handed_out:
+            return _keep_sharding(jnp.array(value, copy=True), value)
+        return value
 
     # pytree: the value is the leaf, so jnp functions and jax transformations accept it
     def tree_flatten(self):
-        return (self._value,), (self._shared_name, self._trainable, self._constraint)
+        return (self._hand_out(),), (self._shared_name, self._trainable, self._constraint)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
         obj = object.__new__(cls)
         obj._storage = children[0]
+        obj._handed_out = True  # the buffer may be another variable's
         obj._shared_name, obj._trainable, obj._constraint = aux
         obj._uid = next(_uid)
         return obj
@@ -117,12 +135,12 @@ class Variable:
     # --- state ---------------------------------------------------------------------------
     @property
     def value(self) -> jax.Array:
-        """The current value (a ``jax.Array``)."""
-        return self._value
+        """The current value (a ``jax.Array``; it stays valid after later updates)."""
+        return self._hand_out()
 
     def read_value(self) -> jax.Array:
         """The current value (tf.Variable's spelling)."""
-        return self._value
+        return self._hand_out()
 
     def numpy(self) -> np.ndarray:
         """A NumPy copy of the value."""
@@ -196,7 +214,7 @@ class Variable:
 
     # --- array protocol --------------------------------------------------------------------
     def __jax_array__(self):
-        return self._value
+        return self._hand_out()
 
     def __array__(self, dtype=None, copy=None):
         out = np.asarray(self._value)
@@ -239,7 +257,7 @@ class Variable:
     def __getattr__(self, name):
         if name.startswith("_"):
             raise AttributeError(name)
-        return getattr(self._value, name)
+        return getattr(self._hand_out(), name)
 
     __add__, __radd__ = _binary(lambda a, b: a + b)
     __sub__, __rsub__ = _binary(lambda a, b: a - b)

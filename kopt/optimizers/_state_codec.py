@@ -91,7 +91,8 @@ def assemble(
     scalar_slots: dict[str, Any],
     opaque: list[Any],
 ) -> Any:
-    """A state shaped like ``template`` holding the facade's current values."""
+    """A state shaped like ``template`` (from ``tx.init``) holding the facade's current values;
+    a hyperparameter the facade does not hold keeps the template's value."""
     n = None
     leaves = iter(opaque)
 
@@ -105,7 +106,7 @@ def assemble(
             else:
                 new_slots[name] = scalar_slots[name]
         hp = {
-            k: jnp.asarray(hyperparams[k], v.dtype) if k in hyperparams else jnp.zeros((), v.dtype)
+            k: jnp.asarray(hyperparams[k], v.dtype) if k in hyperparams else v
             for k, v in s.hyperparams.items()
         }
         return OptimizerState(jnp.asarray(count).astype(s.count.dtype), hp, new_slots)

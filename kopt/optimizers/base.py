@@ -246,6 +246,10 @@ class Optimizer:
         _check_number(type(self).__name__, name, value)
         with self._lock:
             current = self._hyper.get(name)
+            if current is not None and self._uses_transformation():
+                # The functional twin owns the valid ranges: a value it rejects is not set.
+                hyper = {**self._hyper, name: value}
+                self._transformation(_placeholders(self._transformation_hyperparams(hyper)))
             if isinstance(value, Variable):
                 self._hyper[name] = value
             elif callable(value):
@@ -377,7 +381,7 @@ class Optimizer:
 
     def get_weights(self) -> list[np.ndarray]:
         """NumPy copies of :attr:`weights`, in the same order."""
-        return [w.numpy() for w in self._weights]
+        return [w.numpy() for w in self.weights]
 
     def set_weights(self, weights: list[Any]) -> None:
         """Sets :attr:`weights` from a list of arrays (as from :meth:`get_weights`).
@@ -387,7 +391,7 @@ class Optimizer:
         """
         weights = list(weights)
         with self._lock:
-            params = self._weights
+            params = self.weights
             if len(params) != len(weights):
                 raise ValueError(
                     f"You called `set_weights(weights)` on optimizer {self._name} with a weight "
@@ -402,7 +406,12 @@ class Optimizer:
                         f"Optimizer weight shape {p.shape} not compatible with provided weight "
                         f"shape {shape} (weight {p.name})."
                     )
-                arrays.append(np.asarray(w))
+                try:
+                    arrays.append(jnp.asarray(w, p.dtype))
+                except (TypeError, ValueError) as e:
+                    raise TypeError(
+                        f"set_weights: the value for {p.name} must be numeric, received {w!r:.60}"
+                    ) from e
             for p, w in zip(params, arrays, strict=True):
                 p.assign(w)
 
@@ -566,10 +575,11 @@ class Optimizer:
         the step passes the current value) or a schedule."""
         raise NotImplementedError
 
-    def _transformation_hyperparams(self) -> dict[str, Any]:
-        """Functional hyperparameter name -> current value (number/array) or schedule."""
+    def _transformation_hyperparams(self, hyper: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Hyperparameter name -> current value (number/array) or schedule, from ``hyper``
+        (default: the optimizer's)."""
         out = {}
-        for name, value in self._hyper.items():
+        for name, value in (self._hyper if hyper is None else hyper).items():
             if isinstance(value, Variable):
                 out[name] = value
             elif _is_step_schedule(value):
@@ -591,22 +601,9 @@ class Optimizer:
         )
         tx = self._transformations.get(key)
         if tx is None:
-            placeholders = {
-                k: v if _is_step_schedule(v) else float(np.asarray(_plain(v)))
-                for k, v in hp.items()
-            }
-            tx = self._transformation(placeholders)
+            tx = self._transformation(_placeholders(hp))
             self._transformations[key] = tx
         return tx
-
-    def _dynamic_hyperparams(self) -> dict[str, jax.Array]:
-        """This step's numeric hyperparameters (functional names), as float32 scalars."""
-        out = {}
-        for name, value in self._transformation_hyperparams().items():
-            if _is_step_schedule(value):
-                continue
-            out[self._functional_name(name)] = jnp.asarray(_plain(value), jnp.float32)
-        return out
 
     def _functional_name(self, name: str) -> str:
         return name
@@ -647,7 +644,7 @@ class Optimizer:
         if not new:
             return
         tx = self._static_transformation()
-        state = tx.init([v.value for v in new])
+        state = tx.init([v._value for v in new])
         layout = codec.describe(state, len(new))
         if layout.opaque:
             self._create_opaque(state, layout, var_list, new)
@@ -771,22 +768,22 @@ class Optimizer:
 
     def _run_step(self, pairs, aggregate: bool) -> None:
         var_list = [v for _, v in pairs]
-        grads = [g for g, _ in pairs]
+        grads = [g.value if isinstance(g, Variable) else g for g, _ in pairs]
         state_vars = self._state_variables(var_list)
         hyper_vars, dynamic = self._step_arguments()
-        key = self._program_key(var_list, grads, aggregate)
+        key = self._program_key(var_list, grads, aggregate, state_vars, hyper_vars)
         program = self._programs.get(key)
         if program is None:
             program = self._compile(var_list, state_vars, hyper_vars, grads, aggregate)
-            self._programs[key] = program
         new_vars, new_state, new_iterations = program(
-            [v.value for v in var_list],
+            [v._donatable_value() for v in var_list],
             grads,
-            [s.value for s in state_vars],
+            [s._donatable_value() for s in state_vars],
             self.iterations.value,
             [h.value for h in hyper_vars],
             dynamic,
         )
+        self._programs[key] = program  # cached once it ran: a failed one may bind dropped slots
         for v, value in zip(var_list, new_vars, strict=True):
             v._value = value
         for s, value in zip(state_vars, new_state, strict=True):
@@ -820,7 +817,7 @@ class Optimizer:
         """Built-ins: functional hyperparameters that are plain attributes in Keras (epsilon)."""
         return {}
 
-    def _program_key(self, var_list, grads, aggregate: bool):
+    def _program_key(self, var_list, grads, aggregate: bool, state_vars, hyper_vars):
         def describe(g):
             if isinstance(g, IndexedSlices):
                 return ("sparse", tuple(g.values.shape), str(g.values.dtype))
@@ -834,6 +831,8 @@ class Optimizer:
         )
         return (
             tuple(v._uid for v in var_list),
+            tuple(s._uid for s in state_vars),  # the program binds these very variables
+            tuple(h._uid for h in hyper_vars),
             tuple(describe(g) for g in grads),
             tuple(str(v.sharding) for v in var_list),
             tuple(id(v.constraint) for v in var_list),
@@ -849,6 +848,8 @@ class Optimizer:
 
     def _compile(self, var_list, state_vars, hyper_vars, grads, aggregate: bool):
         iterations = self.iterations
+        # Built outside the trace: its placeholders need the hyperparameters' concrete values.
+        tx = self._static_transformation() if self._uses_transformation() else None
 
         def step(var_values, grads, state_values, iteration, hyper_values, dynamic):
             self.compile_count += 1
@@ -871,8 +872,8 @@ class Optimizer:
                             "after aggregation; reduce it in your gradient_aggregator"
                         )
                 gv = self._transform_gradients(gv)
-                if self._uses_transformation():
-                    self._apply_transformation(gv, dynamic)
+                if tx is not None:
+                    self._apply_transformation(tx, gv, dynamic)
                 else:
                     self._apply_hooks(gv)
                 new_iteration = core.safe_increment(jnp.asarray(iterations.value))
@@ -915,8 +916,7 @@ class Optimizer:
                 if v.constraint is not None:
                     v.assign(v.constraint(v))
 
-    def _apply_transformation(self, gv, dynamic) -> None:
-        tx = self._static_transformation()
+    def _apply_transformation(self, tx, gv, dynamic) -> None:
         var_list = [v for _, v in gv]
         hp = {
             name: jnp.asarray(_plain(value), jnp.float32)
@@ -925,7 +925,8 @@ class Optimizer:
         }
         hp = {self._functional_name(k): v for k, v in hp.items()}
         hp.update({k[6:]: v for k, v in dynamic.items() if k.startswith("plain:")})
-        template = jax.eval_shape(tx.init, [v.value for v in var_list])
+        # Traced, so only its structure and its constant hyperparameters survive compilation.
+        template = tx.init([v.value for v in var_list])
         state = codec.assemble(
             template,
             count=jnp.asarray(self.iterations.value),
@@ -964,7 +965,9 @@ class Optimizer:
 
         ``loss`` is called once, eagerly, with the variables bound to traced values, so a
         closure that reads fresh data each step sees fresh data each step. Variables the loss
-        does not read get a None gradient.
+        does not read get a None gradient. A callable ``var_list`` is read after the loss, as in
+        tf.keras, so variables the loss builds on its first call are included (the loss then
+        runs a second time, on that step only).
 
         Returns:
             ``[(gradient, variable), ...]`` in ``var_list`` order.
@@ -974,15 +977,16 @@ class Optimizer:
                 "compute_gradients: `loss` must be a zero-argument callable in kopt (JAX has no "
                 f"tape to replay a computed value); received {type(loss).__name__}"
             )
-        if callable(var_list) and not isinstance(var_list, Variable):
-            var_list = var_list()
-        var_list = list(jax.tree.leaves(var_list, is_leaf=lambda x: isinstance(x, Variable)))
-        for i, v in enumerate(var_list):
-            if not isinstance(v, Variable):
-                raise TypeError(
-                    f"compute_gradients: var_list item {i} must be a kopt.Variable, received "
-                    f"{type(v).__name__}"
-                )
+        if not callable(var_list) or isinstance(var_list, Variable):
+            return self._gradients(loss, _variable_list(var_list), grad_loss)
+        variables = _variable_list(var_list())
+        grads_and_vars = self._gradients(loss, variables, grad_loss)
+        built = _variable_list(var_list())
+        if [v._uid for v in built] != [v._uid for v in variables]:
+            grads_and_vars = self._gradients(loss, built, grad_loss)
+        return grads_and_vars
+
+    def _gradients(self, loss, var_list: list[Variable], grad_loss: Any):
         seen_reads: set[int] = set()
 
         def loss_of(values):
@@ -992,7 +996,7 @@ class Optimizer:
                 return jnp.asarray(out)
 
         with _binding_lock:
-            out, vjp = jax.vjp(loss_of, [v.value for v in var_list])
+            out, vjp = jax.vjp(loss_of, [v._value for v in var_list])
         cotangent = jnp.ones_like(out) if grad_loss is None else jnp.asarray(grad_loss)
         (grads,) = vjp(cotangent.astype(out.dtype))
         return [
@@ -1076,6 +1080,15 @@ class _Constant:
         return self.value
 
 
+def _placeholders(hyperparams: dict[str, Any]) -> dict[str, Any]:
+    """Numbers for building the functional twin (the step passes the current values), schedules
+    as they are."""
+    return {
+        k: v if _is_step_schedule(v) else float(np.asarray(_plain(v)))
+        for k, v in hyperparams.items()
+    }
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, Variable):
         return value.value
@@ -1107,6 +1120,18 @@ def _initial_value(initializer: Any, shape: tuple[int, ...], dtype: Any) -> jax.
     if callable(initializer) and not hasattr(initializer, "shape"):
         return jnp.asarray(initializer(shape=shape, dtype=dtype), dtype)
     return jnp.broadcast_to(jnp.asarray(initializer, dtype), shape)
+
+
+def _variable_list(var_list: Any) -> list[Variable]:
+    """The Variables of a (nested) list; None entries (not built yet) are skipped."""
+    variables = list(jax.tree.leaves(var_list, is_leaf=lambda x: isinstance(x, Variable)))
+    for i, v in enumerate(variables):
+        if not isinstance(v, Variable):
+            raise TypeError(
+                f"compute_gradients: var_list item {i} must be a kopt.Variable, received "
+                f"{type(v).__name__}"
+            )
+    return variables
 
 
 def _as_pairs(grads_and_vars: Any) -> list[tuple[Any, Any]]:

@@ -155,6 +155,9 @@ class LossScaleOptimizer(Optimizer):
     def variables(self):
         return self.weights
 
+    def _create_all_weights(self, var_list):
+        self._optimizer._create_all_weights(var_list)
+
     def get_slot(self, var, slot_name):
         return self._optimizer.get_slot(var, slot_name)
 

@@ -1,0 +1,51 @@
+"""Every built-in facade class, configured so that all of its slots exist, for the facade tests."""
+
+import numpy as np
+
+import kopt
+
+# class name -> constructor kwargs (every slot and option in use).
+BUILTINS = {
+    "SGD": dict(learning_rate=0.1, momentum=0.9, nesterov=True),
+    "Adam": dict(learning_rate=0.1, amsgrad=True),
+    "Adagrad": dict(learning_rate=0.1),
+    "Adadelta": dict(learning_rate=1.0),
+    "Adamax": dict(learning_rate=0.1),
+    "Nadam": dict(learning_rate=0.1),
+    "RMSprop": dict(learning_rate=0.1, momentum=0.5, centered=True),
+    "Ftrl": dict(
+        learning_rate=0.1,
+        l1_regularization_strength=0.01,
+        l2_regularization_strength=0.01,
+        l2_shrinkage_regularization_strength=0.01,
+        beta=0.1,
+    ),
+    "AdamW": dict(learning_rate=0.1),
+    "Lion": dict(learning_rate=0.1),
+    "Lamb": dict(learning_rate=0.1),
+    "Adafactor": dict(learning_rate=0.1),
+}
+
+NAMES = list(BUILTINS)
+
+
+def make(name, **overrides):
+    """A fresh optimizer of the built-in class ``name``."""
+    return getattr(kopt.optimizers, name)(**{**BUILTINS[name], **overrides})
+
+
+def make_variables():
+    """A matrix and a vector (Adafactor factors the matrix)."""
+    return [
+        kopt.Variable(np.linspace(-1.0, 1.0, 6, dtype=np.float32).reshape(3, 2), name="w"),
+        kopt.Variable(np.array([0.5, -0.25], np.float32), name="b"),
+    ]
+
+
+def gradients(steps, seed=0):
+    """``steps`` lists of gradients for :func:`make_variables`."""
+    rng = np.random.default_rng(seed)
+    return [
+        [rng.normal(size=(3, 2)).astype(np.float32), rng.normal(size=(2,)).astype(np.float32)]
+        for _ in range(steps)
+    ]
