@@ -121,11 +121,18 @@ __all__ = [
     "slot_names",
 ]
 
-from kopt.variables import Variable  # noqa: E402
 from kopt import constraints, optimizers  # noqa: E402
+from kopt.variables import Variable  # noqa: E402
 
 __all__ += ["Variable", "constraints", "optimizers"]
 
 from kopt.distributed import jit_update, shard_state, state_sharding  # noqa: E402
 
 __all__ += ["jit_update", "shard_state", "state_sharding"]
+
+from kopt.transforms._weight_decay import (  # noqa: E402
+    DecoupledWeightDecayState,
+    decoupled_weight_decay,
+)
+
+__all__ += ["DecoupledWeightDecayState", "decoupled_weight_decay"]

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 import kopt
+from kopt.base import GradientTransformation, OptimizerState
 from kopt.optimizers.base import Optimizer, _is_step_schedule
 from kopt.optimizers.schedules import LearningRateSchedule
+from kopt.transforms._weight_decay import decoupled_weight_decay
 
 EPSILON = 1e-7
 
@@ -30,6 +33,19 @@ def _flag_momentum(owner: str, momentum: Any) -> bool:
     return True
 
 
+def _check_slot_dtype(owner: str, slot_dtype: Any) -> None:
+    """``slot_dtype`` must be None or a floating dtype (the slots' dtype, e.g. float32 slots for
+    bfloat16 variables)."""
+    if slot_dtype is None:
+        return
+    try:
+        dtype = jnp.dtype(slot_dtype)
+    except TypeError as e:
+        raise TypeError(f"{owner}: `slot_dtype` must be a dtype, received {slot_dtype!r}") from e
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"{owner}: `slot_dtype` must be a floating dtype, received {dtype}")
+
+
 def _momentum_value(flag: bool, value: Any) -> Any:
     if not flag:
         return 0.0
@@ -37,9 +53,18 @@ def _momentum_value(flag: bool, value: Any) -> Any:
 
 
 class _KerasV2(Optimizer):
-    """Shared constructor tail of the legacy classes: learning rate (``lr`` wins) and decay."""
+    """Shared constructor tail of the legacy classes: learning rate (``lr`` wins) and decay.
+
+    Each also takes ``slot_dtype`` (kopt's, not Keras's): the dtype of its slots, e.g. float32
+    slots for bfloat16 variables (default: each variable's dtype).
+    """
 
     _EPSILON_ATTR = True
+
+    def __init__(self, name: str, slot_dtype: Any = None, **kwargs: Any):
+        _check_slot_dtype(type(self).__name__, slot_dtype)
+        super().__init__(name, **kwargs)
+        self.slot_dtype = slot_dtype
 
     def _init_learning_rate(self, learning_rate: Any, kwargs: dict[str, Any]) -> None:
         self._set_hyper("learning_rate", kwargs.get("lr", learning_rate))
@@ -49,11 +74,14 @@ class _KerasV2(Optimizer):
         return {"epsilon": self.epsilon} if hasattr(self, "epsilon") else {}
 
     def _base_config(self) -> dict[str, Any]:
-        return {
+        config = {
             **super().get_config(),
             "learning_rate": self._serialize_hyperparameter("learning_rate"),
             "decay": self._serialize_hyperparameter("decay"),
         }
+        if self.slot_dtype is not None:
+            config["slot_dtype"] = jnp.dtype(self.slot_dtype).name
+        return config
 
 
 class SGD(_KerasV2):
@@ -83,6 +111,7 @@ class SGD(_KerasV2):
             _momentum_value(self._momentum, hp["momentum"]),
             self.nesterov,
             decay=hp["decay"],
+            slot_dtype=self.slot_dtype,
         )
 
     def get_config(self):
@@ -132,6 +161,7 @@ class Adam(_KerasV2):
             hp.get("epsilon", self.epsilon),
             self.amsgrad,
             decay=hp["decay"],
+            slot_dtype=self.slot_dtype,
         )
 
     def get_config(self):
@@ -196,6 +226,7 @@ class Adagrad(_KerasV2):
             self._initial_accumulator_value,
             hp.get("epsilon", self.epsilon),
             decay=hp["decay"],
+            slot_dtype=self.slot_dtype,
         )
 
     def get_config(self):
@@ -228,7 +259,11 @@ class Adadelta(_KerasV2):
 
     def _transformation(self, hp):
         return kopt.adadelta(
-            hp["learning_rate"], hp["rho"], hp.get("epsilon", self.epsilon), decay=hp["decay"]
+            hp["learning_rate"],
+            hp["rho"],
+            hp.get("epsilon", self.epsilon),
+            decay=hp["decay"],
+            slot_dtype=self.slot_dtype,
         )
 
     def get_config(self):
@@ -269,6 +304,7 @@ class Adamax(_KerasV2):
             hp["beta_2"],
             hp.get("epsilon", self.epsilon),
             decay=hp["decay"],
+            slot_dtype=self.slot_dtype,
         )
 
     def get_config(self):
@@ -324,6 +360,7 @@ class Nadam(_KerasV2):
             hp["beta_2"],
             hp.get("epsilon", self.epsilon),
             schedule_decay=hp.get("schedule_decay", hp.get("decay")),
+            slot_dtype=self.slot_dtype,
         )
 
     def get_config(self):
@@ -375,6 +412,7 @@ class RMSprop(_KerasV2):
             hp.get("epsilon", self.epsilon),
             self.centered,
             decay=hp["decay"],
+            slot_dtype=self.slot_dtype,
         )
 
     def get_config(self):
@@ -479,6 +517,7 @@ class Ftrl(_KerasV2):
                 "l2_shrinkage_regularization_strength", self._l2_shrinkage_regularization_strength
             ),
             decay=hp["decay"],
+            slot_dtype=self.slot_dtype,
         )
 
     def get_config(self):
@@ -498,21 +537,139 @@ class Ftrl(_KerasV2):
 
 
 class _Keras3(Optimizer):
-    """The Keras 3 optimizers behind the same facade: plain float arguments, no ``decay``."""
+    """The Keras 3 optimizers behind the same facade: plain float arguments, no ``decay``.
+
+    Each takes Keras 3's common arguments too, with Keras 3's meaning and validation:
+
+    - ``weight_decay``: decoupled decay ``var -= var * weight_decay * lr`` before the update
+      (:func:`kopt.decoupled_weight_decay`; AdamW's twin does it itself);
+    - ``use_ema``, ``ema_momentum``, ``ema_overwrite_frequency``: an exponential moving average of
+      the variables after each update (:func:`kopt.ema`), the slot ``"average"``
+      (``get_slot(var, "average")``), copied into the variables every
+      ``ema_overwrite_frequency`` updates or by :meth:`finalize_variable_values`;
+    - ``gradient_accumulation_steps`` (k): the gradients of k calls are averaged and the update
+      (decay, step, EMA) runs on every k-th call only, inside a ``lax.cond``
+      (:func:`kopt.accumulate_gradients`). ``iterations`` counts calls (Keras 3's
+      ``_iterations``); bias corrections and EMA count updates (``iterations // k``, Keras 3's
+      ``iterations``); a learning-rate schedule sees the call count, as in Keras 3. The
+      accumulators are state without a slot name, so such an optimizer must be given the same
+      variables, in the same order, every call. Unlike Keras 3, ``clipnorm``/``clipvalue``/
+      ``global_clipnorm`` clip each call's gradients (the tf.keras pipeline), not their mean;
+
+    and ``slot_dtype`` (kopt's): the slots' dtype (default: each variable's).
+
+    Which pieces the update has (decay, EMA, accumulation) is fixed at the first step; their
+    numbers (``weight_decay``, ``ema_momentum``) can change between steps without recompiling.
+    """
 
     _ATTRS: tuple[str, ...] = ()
+    _DECAYS_ITSELF = False  # AdamW: its functional twin applies weight_decay
+    _HAS_SLOT_DTYPE = True
+
+    def __init__(
+        self,
+        name: str,
+        weight_decay: float | None = None,
+        use_ema: bool = False,
+        ema_momentum: float = 0.99,
+        ema_overwrite_frequency: int | None = None,
+        gradient_accumulation_steps: int | None = None,
+        slot_dtype: Any = None,
+        **kwargs: Any,
+    ):
+        owner = type(self).__name__
+        if weight_decay is not None:
+            kopt.base.check_hyperparam(owner, "weight_decay", weight_decay, allow_schedule=False)
+        if gradient_accumulation_steps:
+            if (
+                isinstance(gradient_accumulation_steps, bool)
+                or not isinstance(gradient_accumulation_steps, int)
+                or gradient_accumulation_steps < 2
+            ):
+                raise ValueError(
+                    "`gradient_accumulation_steps` must be an integer >= 2. Received: "
+                    f"gradient_accumulation_steps={gradient_accumulation_steps}"
+                )
+        if use_ema:
+            if not isinstance(ema_momentum, (int, float)) or not 0 <= ema_momentum <= 1:
+                raise ValueError(
+                    "`ema_momentum` must be in the range [0, 1]. Received: "
+                    f"ema_momentum={ema_momentum}"
+                )
+            if ema_overwrite_frequency and (
+                not isinstance(ema_overwrite_frequency, int)
+                or isinstance(ema_overwrite_frequency, bool)
+                or ema_overwrite_frequency < 1
+            ):
+                raise ValueError(
+                    "`ema_overwrite_frequency` must be an integer >= 1 or None. Received: "
+                    f"ema_overwrite_frequency={ema_overwrite_frequency}"
+                )
+        if slot_dtype is not None and not self._HAS_SLOT_DTYPE:
+            raise ValueError(
+                f"{owner}: `slot_dtype` is not supported; its slots follow the variables' dtype"
+            )
+        _check_slot_dtype(owner, slot_dtype)
+        super().__init__(name, **kwargs)
+        self.weight_decay = weight_decay
+        self.use_ema = bool(use_ema)
+        self.ema_momentum = ema_momentum
+        self.ema_overwrite_frequency = ema_overwrite_frequency or None
+        self.gradient_accumulation_steps = gradient_accumulation_steps or None
+        self.slot_dtype = slot_dtype
 
     def _init_keras3(self, learning_rate: Any, kwargs: dict[str, Any], **attrs: Any) -> None:
         self._set_hyper("learning_rate", kwargs.get("lr", learning_rate))
         for k, v in attrs.items():
             object.__setattr__(self, k, v)
 
+    def _twin(self, hp: dict[str, Any]) -> GradientTransformation:
+        """The functional optimizer itself (without the Keras 3 options)."""
+        raise NotImplementedError
+
+    def _transformation(self, hp):
+        k = self.gradient_accumulation_steps
+        if k and _is_step_schedule(hp.get("learning_rate")):
+            # Pieces count updates; Keras 3 calls the schedule with the call count, which at the
+            # n-th update (from 0) is n * k + k - 1.
+            schedule = hp["learning_rate"]
+            hp = {**hp, "learning_rate": lambda step: schedule(step * k + (k - 1))}
+        tx = self._twin(hp)
+        if self.weight_decay is not None and not self._DECAYS_ITSELF:
+            tx = decoupled_weight_decay(
+                tx, hp.get("weight_decay", self.weight_decay), hp["learning_rate"]
+            )
+        if self.use_ema:
+            tx = kopt.chain(
+                tx, kopt.ema(hp.get("momentum", self.ema_momentum), self.ema_overwrite_frequency)
+            )
+        if k:
+            tx = kopt.accumulate_gradients(tx, k, "mean")
+        return tx
+
+    def _static_transformation(self):
+        tx = super()._static_transformation()
+        k = self.gradient_accumulation_steps
+        return _count_updates_not_calls(tx, k) if k else tx
+
     def _plain_hyperparams(self):
-        return {
+        out = {
             k: getattr(self, k)
             for k in self._ATTRS
             if isinstance(getattr(self, k), (int, float)) and not isinstance(getattr(self, k), bool)
         }
+        if self.weight_decay is not None:
+            out["weight_decay"] = self.weight_decay
+        if self.use_ema:
+            out["momentum"] = self.ema_momentum
+        return out
+
+    def finalize_variable_values(self, var_list: list[Any]) -> None:
+        """With ``use_ema``, sets each variable to its moving average (Keras 3's method, which
+        ``fit`` calls at the end of training); otherwise does nothing."""
+        if self.use_ema:
+            for var in var_list:
+                var.assign(self.get_slot(var, "average").value)
 
     def get_config(self):
         config = {
@@ -520,7 +677,32 @@ class _Keras3(Optimizer):
             "learning_rate": self._serialize_hyperparameter("learning_rate"),
         }
         config.update({k: getattr(self, k) for k in self._ATTRS})
+        config.update(
+            weight_decay=self.weight_decay,
+            use_ema=self.use_ema,
+            ema_momentum=self.ema_momentum,
+            ema_overwrite_frequency=self.ema_overwrite_frequency,
+            gradient_accumulation_steps=self.gradient_accumulation_steps,
+        )
+        if self.slot_dtype is not None:
+            config["slot_dtype"] = jnp.dtype(self.slot_dtype).name
         return config
+
+
+def _count_updates_not_calls(tx: GradientTransformation, k: int) -> GradientTransformation:
+    """The facade writes its one step count, ``iterations`` (calls), into every piece of the
+    state; under gradient accumulation the pieces count updates, ``iterations // k``."""
+
+    def per_update(state):
+        if isinstance(state, OptimizerState):
+            return state._replace(count=state.count // k)
+        return state
+
+    def update_fn(updates, state, params=None):
+        state = jax.tree.map(per_update, state, is_leaf=lambda x: isinstance(x, OptimizerState))
+        return tx.update(updates, state, params)
+
+    return GradientTransformation(tx.init, update_fn)
 
 
 class AdamW(_Keras3):
@@ -537,6 +719,7 @@ class AdamW(_Keras3):
 
     _SLOT_ORDER = ("m", "v", "vhat")
     _ATTRS = ("weight_decay", "beta_1", "beta_2", "epsilon", "amsgrad")
+    _DECAYS_ITSELF = True
 
     def __init__(
         self,
@@ -562,7 +745,7 @@ class AdamW(_Keras3):
             amsgrad=bool(amsgrad),
         )
 
-    def _transformation(self, hp):
+    def _twin(self, hp):
         return kopt.adamw(
             hp["learning_rate"],
             hp.get("weight_decay", self.weight_decay),
@@ -570,6 +753,7 @@ class AdamW(_Keras3):
             hp.get("beta_2", self.beta_2),
             hp.get("epsilon", self.epsilon),
             self.amsgrad,
+            slot_dtype=self.slot_dtype,
         )
 
 
@@ -597,9 +781,12 @@ class Lion(_Keras3):
         super().__init__(name, **kwargs)
         self._init_keras3(learning_rate, kwargs, beta_1=beta_1, beta_2=beta_2)
 
-    def _transformation(self, hp):
+    def _twin(self, hp):
         return kopt.lion(
-            hp["learning_rate"], hp.get("beta_1", self.beta_1), hp.get("beta_2", self.beta_2)
+            hp["learning_rate"],
+            hp.get("beta_1", self.beta_1),
+            hp.get("beta_2", self.beta_2),
+            slot_dtype=self.slot_dtype,
         )
 
 
@@ -621,12 +808,13 @@ class Lamb(_Keras3):
         super().__init__(name, **kwargs)
         self._init_keras3(learning_rate, kwargs, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon)
 
-    def _transformation(self, hp):
+    def _twin(self, hp):
         return kopt.lamb(
             hp["learning_rate"],
             hp.get("beta_1", self.beta_1),
             hp.get("beta_2", self.beta_2),
             hp.get("epsilon", self.epsilon),
+            slot_dtype=self.slot_dtype,
         )
 
 
@@ -643,6 +831,7 @@ class Adafactor(_Keras3):
     """
 
     _SLOT_ORDER = ("r", "c", "v")
+    _HAS_SLOT_DTYPE = False
     _ATTRS = ("beta_2_decay", "epsilon_1", "epsilon_2", "clip_threshold", "relative_step")
 
     def __init__(
@@ -667,7 +856,7 @@ class Adafactor(_Keras3):
             relative_step=bool(relative_step),
         )
 
-    def _transformation(self, hp):
+    def _twin(self, hp):
         return kopt.adafactor(
             hp["learning_rate"],
             hp.get("beta_2_decay", self.beta_2_decay),

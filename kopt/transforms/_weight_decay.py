@@ -1,0 +1,88 @@
+"""Keras 3's ``weight_decay`` argument for any optimizer: decay the params first, then step."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from kopt.base import (
+    GradientTransformation,
+    OptimizerState,
+    check_hyperparam,
+    current_hyperparams,
+    init_hyperparams,
+    safe_increment,
+    schedules_of,
+)
+from kopt.sparse import as_dense, is_indexed_slices
+
+
+class DecoupledWeightDecayState(NamedTuple):
+    """State of :func:`decoupled_weight_decay`: its hyperparameters, then the inner state."""
+
+    decay: OptimizerState
+    inner_state: Any
+
+
+def decoupled_weight_decay(
+    inner: GradientTransformation, weight_decay: Any, learning_rate: Any = 0.001
+) -> GradientTransformation:
+    r"""Decays the params by ``weight_decay * learning_rate`` before ``inner`` steps from them.
+
+    .. math:: w' = w - \eta\,\lambda\,w, \qquad w \leftarrow w' + \mathrm{inner}(g, w')
+
+    This is what Keras 3 does for every optimizer given ``weight_decay`` (decoupled decay,
+    Loshchilov and Hutter, 2019): the decay comes first, so an optimizer that reads the params
+    (Lamb's trust ratio, Adafactor's relative step) sees the decayed ones. ``learning_rate`` should
+    be the inner optimizer's own (a schedule is evaluated at this transformation's step count).
+    Needs ``params``.
+
+    Args:
+        inner: the optimizer.
+        weight_decay: the decay rate (a number, scalar array or schedule).
+        learning_rate: the learning rate that scales the decay.
+
+    Returns:
+        A transformation whose updates move each param to ``w' + inner(g, w')``.
+
+    Raises:
+        ValueError: for a negative rate, or ``update`` without ``params``.
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> tx = kopt.decoupled_weight_decay(kopt.lion(0.5), weight_decay=0.1, learning_rate=0.5)
+        >>> w = jnp.array([2.0, 2.0])
+        >>> u, _ = tx.update(jnp.array([0.0, 1.0]), tx.init(w), w)
+        >>> kopt.apply_updates(w, u)  # 2 - 2 * 0.1 * 0.5, then Lion's -0.5 * sign(g)
+        Array([1.9, 1.4], dtype=float32)
+    """
+    owner = "decoupled_weight_decay"
+    check_hyperparam(owner, "weight_decay", weight_decay)
+    check_hyperparam(owner, "learning_rate", learning_rate)
+    hyper = {"weight_decay": weight_decay, "learning_rate": learning_rate}
+    schedules = schedules_of(hyper)
+
+    def init_fn(params):
+        decay = OptimizerState(jnp.zeros([], jnp.int32), init_hyperparams(hyper), {})
+        return DecoupledWeightDecayState(decay, inner.init(params))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError(f"{owner}: this transformation needs `params` in update()")
+        hp = current_hyperparams(state.decay, schedules)
+        rate = hp["weight_decay"] * hp["learning_rate"]
+        decayed = jax.tree.map(lambda p: p - p * rate.astype(p.dtype), params)
+        inner_updates, inner_state = inner.update(updates, state.inner_state, decayed)
+        new_updates = jax.tree.map(
+            lambda u, d, p: (d - p) + as_dense(u, jnp.shape(p)),
+            inner_updates,
+            decayed,
+            params,
+            is_leaf=is_indexed_slices,
+        )
+        decay = OptimizerState(safe_increment(state.decay.count), hp, {})
+        return new_updates, DecoupledWeightDecayState(decay, inner_state)
+
+    return GradientTransformation(init_fn, update_fn)

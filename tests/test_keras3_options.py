@@ -1,0 +1,282 @@
+"""Keras 3's common optimizer arguments on the facade's Keras 3 classes (AdamW, Lion, Lamb,
+Adafactor): ``gradient_accumulation_steps``, ``weight_decay``, ``use_ema``, ``ema_momentum``,
+``ema_overwrite_frequency``; and ``kopt.decoupled_weight_decay``.
+
+Values are checked against NumPy re-derivations of Keras 3's update rules, Keras 3's own golden
+value for weight decay, and (for accumulation) the same optimizer stepping once on the mean
+gradient.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kopt
+from kopt.optimizers import Adafactor, AdamW, Lamb, Lion
+
+RNG = np.random.default_rng(3)
+W0 = {
+    "w": RNG.normal(size=(4, 3)).astype(np.float32),
+    "b": RNG.normal(size=(3,)).astype(np.float32),
+}
+MICRO_GRADS = [
+    {k: RNG.normal(size=v.shape).astype(np.float32) for k, v in W0.items()} for _ in range(6)
+]
+
+KERAS3 = {
+    "AdamW": lambda **kw: AdamW(learning_rate=0.05, **kw),
+    "Lion": lambda **kw: Lion(learning_rate=0.05, weight_decay=0.1, **kw),
+    "Lamb": lambda **kw: Lamb(learning_rate=0.05, weight_decay=0.1, **kw),
+    "Adafactor": lambda **kw: Adafactor(learning_rate=0.05, weight_decay=0.1, **kw),
+}
+
+
+def make_variables():
+    return {k: kopt.Variable(v, name=k) for k, v in W0.items()}
+
+
+def apply(opt, variables, grads):
+    opt.apply_gradients([(jnp.asarray(grads[k]), variables[k]) for k in variables])
+
+
+# --- gradient accumulation ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(KERAS3))
+def test_accumulation_equals_one_step_on_the_mean_gradient(name):
+    accumulating, acc_vars = KERAS3[name](gradient_accumulation_steps=3), make_variables()
+    reference, ref_vars = KERAS3[name](), make_variables()
+    for start in (0, 3):  # two updates: bias corrections must count updates, not calls
+        before = {k: v.numpy() for k, v in acc_vars.items()}
+        for i in range(3):
+            apply(accumulating, acc_vars, MICRO_GRADS[start + i])
+            if i < 2:  # the first k-1 calls change no variable
+                for k, v in acc_vars.items():
+                    np.testing.assert_array_equal(v.numpy(), before[k])
+        mean = {k: np.mean([g[k] for g in MICRO_GRADS[start : start + 3]], axis=0) for k in W0}
+        apply(reference, ref_vars, mean)
+        for k in W0:
+            np.testing.assert_allclose(
+                acc_vars[k].numpy(), ref_vars[k].numpy(), rtol=2e-6, atol=1e-7, err_msg=k
+            )
+    assert int(accumulating.iterations.numpy()) == 6  # calls, as Keras 3's `_iterations`
+    assert int(reference.iterations.numpy()) == 2
+    for slot in reference.get_slot_names():
+        for k in W0:
+            np.testing.assert_allclose(
+                accumulating.get_slot(acc_vars[k], slot).numpy(),
+                reference.get_slot(ref_vars[k], slot).numpy(),
+                rtol=2e-6,
+                atol=1e-7,
+            )
+
+
+def test_facade_inner_update_runs_once_per_k_calls():
+    """The functional twin records each run of its update; a learning-rate schedule sees the call
+    count at the update (k - 1, then 2k - 1), as Keras 3 calls it with `_iterations`."""
+    runs = []
+
+    def record(updates, state, params=None):
+        jax.debug.callback(lambda: runs.append(1))
+        return updates, state
+
+    class RecordingLion(Lion):
+        def _twin(self, hp):
+            return kopt.chain(kopt.GradientTransformation(lambda p: (), record), super()._twin(hp))
+
+    opt = RecordingLion(learning_rate=lambda step: 0.01 * (step + 1), gradient_accumulation_steps=3)
+    var = kopt.Variable(W0["w"])
+    grads = [g["w"] for g in MICRO_GRADS] + [MICRO_GRADS[0]["w"]]
+    for g in grads:
+        opt.apply_gradients([(jnp.asarray(g), var)])
+    jax.effects_barrier()
+    assert len(runs) == 2  # 7 calls, k = 3
+    assert opt.compile_count == 1
+
+    w, m = W0["w"].astype(np.float64), np.zeros_like(W0["w"], np.float64)
+    for n, calls in enumerate((2, 5)):  # Lion on the mean gradient, lr at the call count
+        g = np.mean(grads[3 * n : 3 * n + 3], axis=0)
+        w = w - 0.01 * (calls + 1) * np.sign(0.9 * m + 0.1 * g)
+        m = 0.99 * m + 0.01 * g
+    np.testing.assert_allclose(var.numpy(), w, rtol=1e-6, atol=1e-7)
+
+
+def test_functional_inner_update_runs_once_per_k_calls():
+    runs = []
+
+    def record(updates, state, params=None):
+        jax.debug.callback(lambda: runs.append(1))
+        return updates, state
+
+    inner = kopt.chain(kopt.GradientTransformation(lambda p: (), record), kopt.sgd(1.0))
+    tx = kopt.accumulate_gradients(inner, every_k=4)
+    step = jax.jit(tx.update)
+    state = tx.init(W0)
+    for grads in MICRO_GRADS + MICRO_GRADS:
+        _, state = step(grads, state, W0)
+    jax.effects_barrier()
+    assert len(runs) == 3  # 12 calls, k = 4
+
+
+# --- weight decay --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [Lion, Lamb, Adafactor, AdamW], ids=lambda c: c.__name__)
+def test_weight_decay_matches_keras3_golden(cls):
+    """Keras 3's shared test_weight_decay: 2.0 decayed three times at lr=1, wd=0.004."""
+    var = kopt.Variable(2.0)
+    opt = cls(learning_rate=1.0, weight_decay=0.004)
+    for _ in range(3):
+        opt.apply_gradients([(jnp.zeros(()), var)])
+    np.testing.assert_allclose(var.numpy(), 1.9760959, rtol=0, atol=1e-6)
+
+
+def numpy_lamb(w, grads_seq, lr, wd, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
+    """Keras 3: decay first, then Lamb's step with the trust ratio of the decayed weights."""
+    w = {k: v.astype(np.float64) for k, v in w.items()}
+    m = {k: np.zeros_like(v) for k, v in w.items()}
+    v = {k: np.zeros_like(x) for k, x in w.items()}
+    for t, grads in enumerate(grads_seq, start=1):
+        for k in w:
+            w[k] = w[k] - w[k] * wd * lr
+            m[k] = beta_1 * m[k] + (1 - beta_1) * grads[k]
+            v[k] = beta_2 * v[k] + (1 - beta_2) * grads[k] ** 2
+            r = (m[k] / (1 - beta_1**t)) / (np.sqrt(v[k] / (1 - beta_2**t)) + epsilon)
+            w_norm, r_norm = np.linalg.norm(w[k]), np.linalg.norm(r)
+            ratio = w_norm / r_norm if w_norm > 0 and r_norm > 0 else 1.0
+            w[k] = w[k] - lr * ratio * r
+    return w
+
+
+def test_lamb_weight_decay_comes_before_the_trust_ratio():
+    opt, variables = Lamb(learning_rate=0.2, weight_decay=0.5), make_variables()
+    for grads in MICRO_GRADS[:3]:
+        apply(opt, variables, grads)
+    expected = numpy_lamb(W0, MICRO_GRADS[:3], lr=0.2, wd=0.5)
+    for k in W0:
+        np.testing.assert_allclose(variables[k].numpy(), expected[k], rtol=1e-5, atol=1e-6)
+
+
+def test_decoupled_weight_decay_functional_with_schedule():
+    lr = kopt.schedules.exponential_decay(0.5, decay_steps=1, decay_rate=0.5)
+    tx = kopt.decoupled_weight_decay(kopt.lion(lr), weight_decay=0.2, learning_rate=lr)
+    params = {k: jnp.asarray(v) for k, v in W0.items()}
+    state = tx.init(params)
+    expected = {k: v.astype(np.float64) for k, v in W0.items()}
+    m = {k: np.zeros_like(v) for k, v in expected.items()}
+    for step, grads in enumerate(MICRO_GRADS[:3]):
+        updates, state = tx.update(grads, state, params)
+        params = kopt.apply_updates(params, updates)
+        rate = 0.5 * 0.5**step
+        for k in W0:  # Keras 3 Lion with decay first
+            expected[k] = expected[k] - expected[k] * 0.2 * rate
+            expected[k] = expected[k] - rate * np.sign(0.9 * m[k] + 0.1 * grads[k])
+            m[k] = 0.99 * m[k] + 0.01 * grads[k]
+    for k in W0:
+        np.testing.assert_allclose(params[k], expected[k], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="needs `params`"):
+        tx.update(MICRO_GRADS[0], state)
+    with pytest.raises(ValueError, match="weight_decay"):
+        kopt.decoupled_weight_decay(kopt.lion(), weight_decay=-1.0)
+
+
+# --- EMA -----------------------------------------------------------------------------------------
+
+
+def numpy_lion_ema(w, grads_seq, lr, momentum, overwrite_frequency, beta_1=0.9, beta_2=0.99):
+    w = w.astype(np.float64)
+    m = np.zeros_like(w)
+    average = np.zeros_like(w)
+    for iteration, g in enumerate(grads_seq):
+        w = w - lr * np.sign(beta_1 * m + (1 - beta_1) * g)
+        m = beta_2 * m + (1 - beta_2) * g
+        mu = momentum if iteration != 0 else 0.0
+        average = mu * average + (1 - mu) * w
+        if overwrite_frequency and (iteration + 1) % overwrite_frequency == 0:
+            w = average.copy()
+    return w, average
+
+
+@pytest.mark.parametrize("overwrite_frequency", [None, 3])
+def test_ema_average_and_overwrite_match_keras3(overwrite_frequency):
+    opt = Lion(
+        learning_rate=0.1,
+        use_ema=True,
+        ema_momentum=0.8,
+        ema_overwrite_frequency=overwrite_frequency,
+    )
+    var = kopt.Variable(W0["w"])
+    grads = [g["w"] for g in MICRO_GRADS[:5]]
+    for g in grads:
+        opt.apply_gradients([(jnp.asarray(g), var)])
+    expected_w, expected_average = numpy_lion_ema(W0["w"], grads, 0.1, 0.8, overwrite_frequency)
+    np.testing.assert_allclose(var.numpy(), expected_w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        opt.get_slot(var, "average").numpy(), expected_average, rtol=1e-5, atol=1e-6
+    )
+    opt.finalize_variable_values([var])
+    np.testing.assert_allclose(var.numpy(), expected_average, rtol=1e-5, atol=1e-6)
+
+
+def test_ema_momentum_changes_without_recompiling():
+    opt = Lion(learning_rate=0.1, use_ema=True, ema_momentum=0.8)
+    var = kopt.Variable(W0["w"])
+    grads = [g["w"] for g in MICRO_GRADS[:3]]
+    opt.apply_gradients([(jnp.asarray(grads[0]), var)])
+    opt.ema_momentum = 0.5
+    for g in grads[1:]:
+        opt.apply_gradients([(jnp.asarray(g), var)])
+    w = W0["w"].astype(np.float64)
+    m = average = np.zeros_like(w)
+    for i, g in enumerate(grads):
+        w = w - 0.1 * np.sign(0.9 * m + 0.1 * g)
+        m = 0.99 * m + 0.01 * g
+        average = w if i == 0 else 0.5 * average + 0.5 * w
+    np.testing.assert_allclose(opt.get_slot(var, "average").numpy(), average, rtol=1e-5)
+    assert opt.compile_count == 1
+
+
+# --- arguments -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"gradient_accumulation_steps": 1}, "gradient_accumulation_steps"),
+        ({"gradient_accumulation_steps": 2.5}, "gradient_accumulation_steps"),
+        ({"use_ema": True, "ema_momentum": 1.5}, "ema_momentum"),
+        ({"use_ema": True, "ema_overwrite_frequency": -1}, "ema_overwrite_frequency"),
+        ({"use_ema": True, "ema_overwrite_frequency": 1.5}, "ema_overwrite_frequency"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+    ],
+)
+def test_invalid_arguments_are_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Lion(**kwargs)
+
+
+def test_ema_arguments_are_only_checked_with_use_ema():
+    """As Keras 3: without use_ema the EMA arguments are not validated."""
+    opt = Lion(ema_momentum=1.5, ema_overwrite_frequency=-1)
+    assert opt.get_config()["ema_momentum"] == 1.5
+    assert Lion(gradient_accumulation_steps=0).gradient_accumulation_steps is None
+
+
+@pytest.mark.parametrize("name", list(KERAS3))
+def test_config_round_trip(name):
+    opt = KERAS3[name](
+        use_ema=True, ema_momentum=0.9, ema_overwrite_frequency=5, gradient_accumulation_steps=4
+    )
+    config = opt.get_config()
+    for key, value in {
+        "use_ema": True,
+        "ema_momentum": 0.9,
+        "ema_overwrite_frequency": 5,
+        "gradient_accumulation_steps": 4,
+    }.items():
+        assert config[key] == value
+    assert config["weight_decay"] == (0.004 if name == "AdamW" else 0.1)
+    clone = type(opt).from_config(config)
+    assert clone.get_config() == config
+    assert Lion().get_config()["weight_decay"] is None
