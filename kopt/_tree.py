@@ -150,7 +150,8 @@ def full_like_param(p: Any, value: float, dtype: Any | None = None) -> jax.Array
             jnp.zeros_like(p, dtype=bool), p.astype(dtype), jax.lax.full_like(p, value, dtype)
         )
     out = jnp.full(jnp.shape(p), value, dtype)
-    sharding = getattr(p, "sharding", None)
-    if sharding is not None and isinstance(p, jax.Array):
-        return jax.device_put(out, sharding)
+    if isinstance(p, jax.Array) and p.committed:
+        return jax.device_put(out, p.sharding)
+    # An uncommitted param gets an uncommitted slot: a state that mixed committed slots with
+    # uncommitted counts would make the first jitted step compile twice.
     return out

@@ -1,0 +1,47 @@
+"""The benchmark entry point runs end to end at a tiny size. Speed is never asserted here."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_pure_benchmark_prints_a_markdown_table():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "run.py"),
+            "--quick",
+            "--only",
+            "pure",
+            "--sizes",
+            "2k:1,2k:4",
+            "--seconds",
+            "0.02",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    header = [i for i, line in enumerate(lines) if line.startswith("| optimizer | params |")]
+    assert len(header) == 1, done.stdout
+    table = []
+    for line in lines[header[0] + 2 :]:
+        if not line.startswith("|"):
+            break
+        table.append([cell.strip() for cell in line.strip("|").split("|")])
+    assert lines[header[0] + 1].startswith("|---")
+    pairs = {(row[0], row[2], row[3], row[4]) for row in table}
+    for optimizer in ("adam", "sgd_momentum", "rmsprop", "adagrad"):
+        for leaves in ("1", "4"):
+            assert (optimizer, leaves, "kopt", "optax") in pairs, done.stdout
+    for row in table:
+        assert float(row[5]) > 0 and float(row[6]) > 0 and float(row[7]) > 0, row
