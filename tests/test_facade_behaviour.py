@@ -1,0 +1,229 @@
+"""tf.keras ``OptimizerV2`` behaviours of the facade: weights and slots, gradient filtering and
+processing order, argument errors, sparse gradients, the two bridges, loss scaling."""
+
+import logging
+import warnings
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from facade_zoo import NAMES, gradients, make, make_variables
+
+import kopt
+from kopt import optimizers
+
+
+def test_weights_are_empty_until_the_first_step_then_iterations_come_first():
+    opt = optimizers.Adam(learning_rate=0.1)
+    assert opt.weights == [] and opt.get_weights() == [] and opt.variables() == []
+    a, b = kopt.Variable([1.0], name="a"), kopt.Variable([2.0], name="b")
+    assert opt.apply_gradients([]) is None
+    assert opt.weights == []
+    opt.apply_gradients([(jnp.ones(1), a), (jnp.ones(1), b)])
+    assert [w.name for w in opt.weights] == [
+        "Adam/iter:0",
+        "Adam/a/m:0",
+        "Adam/b/m:0",
+        "Adam/a/v:0",
+        "Adam/b/v:0",
+    ]
+    assert opt.weights[0] is opt.iterations
+    assert int(opt.get_weights()[0]) == 1
+
+
+def test_slots_only_for_variables_with_a_gradient(caplog):
+    a, b = kopt.Variable([1.0], name="a"), kopt.Variable([2.0], name="b")
+    opt = optimizers.Adam(learning_rate=0.1)
+    with caplog.at_level(logging.WARNING, logger="kopt"):
+        opt.apply_gradients([(jnp.ones(1), a), (None, b)])
+    assert [r.name for r in caplog.records] == ["kopt"]
+    assert "Gradients do not exist for variables ['b:0']" in caplog.records[0].getMessage()
+    assert [w.name for w in opt.weights] == ["Adam/iter:0", "Adam/a/m:0", "Adam/a/v:0"]
+    with pytest.raises(KeyError, match="b:0"):
+        opt.get_slot(b, "m")
+    np.testing.assert_array_equal(b.numpy(), [2.0])
+    # A variable the loss does not read gets no gradient, hence no slot either.
+    opt.minimize(lambda: 2.0 * a, [a, b])
+    assert [w.name for w in opt.weights][3:] == []
+
+
+def test_all_gradients_none_is_an_error():
+    a, b = kopt.Variable([1.0], name="a"), kopt.Variable([2.0], name="b")
+    opt = optimizers.SGD()
+    with pytest.raises(ValueError, match="No gradients provided for any variable") as info:
+        opt.apply_gradients([(None, a), (None, b)])
+    assert "a:0" in str(info.value) and "b:0" in str(info.value)
+    assert opt.weights == []
+
+
+def test_clip_argument_conflicts():
+    with pytest.raises(ValueError, match="both `clipnorm` and `global_clipnorm`"):
+        optimizers.Adam(clipnorm=1.0, global_clipnorm=1.0)
+    identity = lambda grads_and_vars: grads_and_vars
+    for clip in ("clipnorm", "clipvalue", "global_clipnorm"):
+        with pytest.raises(ValueError, match=f"`{clip}` cannot be set when"):
+            optimizers.SGD(gradient_transformers=[identity], **{clip: 1.0})
+        opt = optimizers.SGD(gradient_transformers=[identity])
+        with pytest.raises(ValueError, match=f"`{clip}` cannot be set when"):
+            setattr(opt, clip, 1.0)
+        assert getattr(opt, clip) is None
+
+
+def times_ten(grads_and_vars):
+    return [(10.0 * g, v) for g, v in grads_and_vars]
+
+
+def plus_one(grads_and_vars):
+    return [(g + 1.0, v) for g, v in grads_and_vars]
+
+
+def test_gradient_pipeline_order_aggregator_clipvalue_clipnorm_transformers():
+    var = kopt.Variable([0.0, 0.0])
+    opt = optimizers.SGD(
+        learning_rate=1.0, clipvalue=15.0, clipnorm=9.0, gradient_aggregator=times_ten
+    )
+    opt.gradient_transformers = [plus_one]  # tf.keras checks this only in the other direction
+    opt.apply_gradients([(jnp.array([1.0, 2.0]), var)])
+    g = np.array([10.0, 15.0])  # aggregated, then clipped by value
+    g = g * 9.0 / np.linalg.norm(g)  # then by norm
+    np.testing.assert_allclose(var.numpy(), -(g + 1.0), rtol=1e-6)
+    # experimental_aggregate_gradients=False skips the aggregator only.
+    var.assign([0.0, 0.0])
+    opt.apply_gradients([(jnp.array([1.0, 2.0]), var)], experimental_aggregate_gradients=False)
+    np.testing.assert_allclose(var.numpy(), -(np.array([1.0, 2.0]) + 1.0), rtol=1e-6)
+
+
+def test_gradient_pipeline_order_global_clipnorm_before_transformers():
+    a, b = kopt.Variable([0.0]), kopt.Variable([0.0])
+    opt = optimizers.SGD(learning_rate=1.0, global_clipnorm=1.0, gradient_aggregator=times_ten)
+    opt.gradient_transformers = [plus_one, times_ten]
+    opt.apply_gradients([(jnp.array([0.3]), a), (jnp.array([0.4]), b)])
+    # [3, 4] after aggregation, global norm 5 -> [0.6, 0.8]; then +1, then x10.
+    np.testing.assert_allclose([a.numpy()[0], b.numpy()[0]], [-16.0, -18.0], rtol=1e-6)
+
+
+def test_constructor_argument_errors():
+    with pytest.raises(TypeError, match="Unexpected keyword argument passed to optimizer: foo"):
+        optimizers.SGD(foo=1.0)
+    for kwarg in ("clipnorm", "clipvalue", "global_clipnorm", "decay", "lr"):
+        with pytest.raises(ValueError, match=f"Expected {kwarg} >= 0"):
+            optimizers.SGD(**{kwarg: -0.5})
+    with pytest.raises(ValueError, match="momentum"):
+        optimizers.SGD(momentum=1.5)
+    with pytest.raises(ValueError, match="LearningRateSchedules"):
+        optimizers.Nadam(optimizers.schedules.ExponentialDecay(0.1, 10, 0.5))
+
+
+def test_lr_keyword_is_deprecated_and_wins():
+    with pytest.warns(UserWarning, match="The `lr` argument is deprecated"):
+        opt = optimizers.SGD(learning_rate=0.5, lr=0.9)
+    np.testing.assert_allclose(opt.learning_rate.numpy(), 0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimizers.SGD(learning_rate=0.5)
+
+
+def test_get_slot_and_set_weights_errors():
+    var = kopt.Variable([1.0, 2.0], name="w")
+    opt = optimizers.Adam()
+    with pytest.raises(KeyError):
+        opt.get_slot(var, "m")
+    opt.apply_gradients([(jnp.ones(2), var)])
+    with pytest.raises(KeyError, match="nope"):
+        opt.get_slot(var, "nope")
+    weights = opt.get_weights()
+    with pytest.raises(ValueError, match="expecting 3 weights"):
+        opt.set_weights(weights[:2])
+    with pytest.raises(ValueError, match="not compatible"):
+        opt.set_weights([weights[0], np.zeros(3), weights[2]])
+    with pytest.raises(TypeError, match="w/v"):
+        opt.set_weights([np.array(7), np.ones(2), np.array(["x", "y"])])
+    for before, after in zip(weights, opt.get_weights(), strict=True):
+        np.testing.assert_array_equal(after, before)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sparse_gradients_match_the_functional_path(name):
+    opt = make(name)
+    tx = opt.as_transformation()
+    table = kopt.Variable(np.linspace(-1.0, 1.0, 10, dtype=np.float32).reshape(5, 2))
+    params = table.value
+    state = tx.init(params)
+    rng = np.random.default_rng(1)
+    for indices in ([0, 3, 0], [4, 1, 3]):
+        grad = kopt.IndexedSlices(
+            jnp.asarray(rng.normal(size=(3, 2)), jnp.float32), jnp.array(indices)
+        )
+        opt.apply_gradients([(grad, table)])
+        updates, state = tx.update(grad, state, params)
+        params = kopt.apply_updates(params, updates)
+    np.testing.assert_allclose(table.numpy(), params, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_as_transformation_gives_the_facade_numbers(name):
+    opt, variables = make(name, clipvalue=1.0), make_variables()
+    tx = opt.as_transformation()
+    params = [v.value for v in variables]
+    state = tx.init(params)
+    for grads in gradients(3):
+        opt.apply_gradients(zip([jnp.asarray(g) for g in grads], variables, strict=True))
+        updates, state = tx.update([jnp.asarray(g) for g in grads], state, params)
+        params = kopt.apply_updates(params, updates)
+    for v, p in zip(variables, params, strict=True):
+        np.testing.assert_allclose(v.numpy(), p, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "transformation",
+    [
+        optax.adam(0.1),
+        kopt.chain(kopt.clip_by_global_norm(1.0), kopt.adam(0.1)),
+        optax.chain(optax.clip(1.0), optax.sgd(0.1, momentum=0.9)),
+    ],
+    ids=["optax", "kopt-chain", "optax-chain"],
+)
+def test_from_transformation_trains_like_the_transformation(transformation):
+    opt = optimizers.from_transformation(transformation)
+    var = kopt.Variable([3.0, -2.0])
+    params = var.value
+    state = transformation.init(params)
+    for _ in range(30):
+        opt.minimize(lambda: jnp.sum(var * var), [var])
+        updates, state = transformation.update(2.0 * params, state, params)
+        params = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(var.numpy(), params, rtol=1e-5, atol=1e-6)
+    assert np.all(np.abs(var.numpy()) < 1.0)  # it moved towards the optimum
+    assert opt.compile_count == 1
+
+
+def test_loss_scale_skips_non_finite_steps_and_adapts_the_scale():
+    a, b = kopt.Variable([1.0, 2.0], name="a"), kopt.Variable([3.0], name="b")
+    opt = optimizers.LossScaleOptimizer(
+        optimizers.Adam(0.1), initial_scale=8.0, dynamic_growth_steps=2
+    )
+    opt.apply_gradients([(jnp.ones(2), a), (jnp.ones(1), b)])
+    weights = opt.inner_optimizer.get_weights()
+    values = [a.numpy(), b.numpy()]
+    opt.apply_gradients([(jnp.array([1.0, np.inf]), a), (jnp.ones(1), b)])
+    for before, after in zip(weights, opt.inner_optimizer.get_weights(), strict=True):
+        np.testing.assert_array_equal(after, before)
+    np.testing.assert_array_equal(a.numpy(), values[0])
+    np.testing.assert_array_equal(b.numpy(), values[1])
+    assert int(opt.iterations.numpy()) == 1
+    assert float(opt.loss_scale.numpy()) == 4.0
+    opt.apply_gradients([(jnp.ones(2), a), (jnp.ones(1), b)])
+    assert float(opt.loss_scale.numpy()) == 4.0
+    opt.apply_gradients([(jnp.ones(2), a), (jnp.ones(1), b)])  # 2 finite steps in a row
+    assert float(opt.loss_scale.numpy()) == 8.0
+    assert int(opt.iterations.numpy()) == 3
+
+
+def test_loss_scale_minimize_gives_the_unscaled_result():
+    var = kopt.Variable([1.0, -2.0])
+    opt = optimizers.LossScaleOptimizer(optimizers.SGD(0.1))
+    opt.minimize(lambda: jnp.sum(var * var), [var])
+    np.testing.assert_allclose(var.numpy(), [0.8, -1.6], rtol=1e-6)
+    assert float(opt.get_scaled_loss(2.0)) == 2.0 * 2.0**15
+    np.testing.assert_allclose(opt.get_unscaled_gradients([jnp.array(2.0**16), None])[0], 2.0)

@@ -1,0 +1,201 @@
+"""API.md section 3 for the facade: a rejected or failed call changes nothing, and no update is
+lost across threads."""
+
+import threading
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kopt
+from kopt import optimizers
+
+
+def snapshot(opt, variables):
+    """Everything a call could change: variables, weights (iterations, slots), hyperparameters."""
+    return {
+        "values": [v.numpy() for v in variables],
+        "names": [w.name for w in opt.weights],
+        "weights": opt.get_weights(),
+        "slot_names": list(opt.get_slot_names()),
+        "config": opt.get_config(),
+    }
+
+
+def assert_unchanged(before, after):
+    assert after["names"] == before["names"]
+    assert after["slot_names"] == before["slot_names"]
+    assert after["config"] == before["config"]
+    for key in ("values", "weights"):
+        assert len(after[key]) == len(before[key])
+        for b, a in zip(before[key], after[key], strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def trained_adam():
+    a, b = kopt.Variable([1.0, 2.0], name="a"), kopt.Variable([3.0], name="b")
+    opt = optimizers.Adam(learning_rate=0.1)
+    opt.apply_gradients([(jnp.ones(2), a), (jnp.ones(1), b)])
+    return opt, a, b
+
+
+BAD_CALLS = {
+    "non-variable": (
+        TypeError,
+        "item 1",
+        lambda opt, a, b: opt.apply_gradients([(jnp.ones(2), a), (jnp.ones(1), jnp.ones(1))]),
+    ),
+    "same variable twice": (
+        ValueError,
+        "a:0 appears twice",
+        lambda opt, a, b: opt.apply_gradients([(jnp.ones(2), a), (jnp.ones(2), a)]),
+    ),
+    "wrong shape": (
+        ValueError,
+        "b:0 has shape",
+        lambda opt, a, b: opt.apply_gradients([(jnp.ones(2), a), (jnp.ones(3), b)]),
+    ),
+    "wrong dtype": (
+        TypeError,
+        "b:0 has dtype int32",
+        lambda opt, a, b: opt.apply_gradients([(jnp.ones(2), a), (jnp.ones(1, jnp.int32), b)]),
+    ),
+    "integer variable": (
+        ValueError,
+        "int32 for step",
+        lambda opt, a, b: opt.apply_gradients(
+            [(jnp.ones(2), a), (jnp.ones(1, jnp.int32), kopt.Variable([1], name="step"))]
+        ),
+    ),
+    "new variable beside a bad one": (
+        ValueError,
+        "b:0 has shape",
+        lambda opt, a, b: opt.apply_gradients(
+            [(jnp.ones(1), kopt.Variable([0.0], name="c")), (jnp.ones(2), b)]
+        ),
+    ),
+    "string learning rate": (
+        TypeError,
+        "learning_rate",
+        lambda opt, a, b: setattr(opt, "learning_rate", "0.1"),
+    ),
+    "beta_1 above 1": (ValueError, "beta_1", lambda opt, a, b: setattr(opt, "beta_1", 1.5)),
+    "negative decay": (ValueError, "decay", lambda opt, a, b: setattr(opt, "decay", -0.1)),
+    "negative lr": (ValueError, "learning_rate", lambda opt, a, b: setattr(opt, "lr", -1.0)),
+    "negative clipnorm": (ValueError, "clipnorm", lambda opt, a, b: setattr(opt, "clipnorm", -1)),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+def test_bad_input_names_the_culprit_and_changes_nothing(case):
+    error, match, call = BAD_CALLS[case]
+    opt, a, b = trained_adam()
+    before = snapshot(opt, [a, b])
+    with pytest.raises(error, match=match):
+        call(opt, a, b)
+    assert_unchanged(before, snapshot(opt, [a, b]))
+    opt.apply_gradients([(jnp.ones(2), a), (jnp.ones(1), b)])  # still usable
+    assert int(opt.iterations.numpy()) == 2
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: optimizers.SGD(learning_rate="0.1"), TypeError, "learning_rate"),
+        (lambda: optimizers.SGD(momentum=1.5), ValueError, "momentum"),
+        (lambda: optimizers.RMSprop(momentum=-0.5), ValueError, "momentum"),
+        (lambda: optimizers.SGD(decay=-0.1), ValueError, "decay"),
+        (lambda: optimizers.Adam(beta_1="0.9"), TypeError, "beta_1"),
+        (lambda: optimizers.SGD(clipvalue=[1.0]), TypeError, "clipvalue"),
+    ],
+)
+def test_bad_constructor_arguments(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_sgd_momentum_above_one_is_refused_after_construction_too():
+    opt = optimizers.SGD(learning_rate=0.1, momentum=0.5)
+    var = kopt.Variable([1.0])
+    opt.apply_gradients([(jnp.ones(1), var)])
+    before = snapshot(opt, [var])
+    with pytest.raises(ValueError, match="momentum"):
+        opt.momentum = 1.5
+    assert_unchanged(before, snapshot(opt, [var]))
+
+
+class Boom(Exception):
+    pass
+
+
+def raising_transformer(grads_and_vars):
+    if len(grads_and_vars) > 1:
+        raise Boom("transformer")
+    return grads_and_vars
+
+
+def raising_constraint(w):
+    raise Boom("constraint")
+
+
+@pytest.mark.parametrize("name", ["Adam", "Nadam", "Ftrl"])
+@pytest.mark.parametrize("failure", ["transformer", "constraint"])
+def test_exception_mid_step_changes_nothing_and_creates_no_slots(name, failure):
+    a = kopt.Variable([1.0, 2.0], name="a")
+    b = kopt.Variable(
+        [3.0], name="b", constraint=raising_constraint if failure == "constraint" else None
+    )
+    transformers = [raising_transformer] if failure == "transformer" else None
+    opt = getattr(optimizers, name)(learning_rate=0.1, gradient_transformers=transformers)
+    fresh = snapshot(opt, [a, b])
+    with pytest.raises(Boom):  # on a fresh optimizer: no weights at all afterwards
+        opt.apply_gradients([(jnp.ones(2), a), (jnp.ones(1), b)])
+    assert_unchanged(fresh, snapshot(opt, [a, b]))
+    assert opt.weights == []
+
+    opt.apply_gradients([(jnp.ones(2), a)])
+    before = snapshot(opt, [a, b])
+    with pytest.raises(Boom):  # b's slots would be new: they must not stay
+        opt.apply_gradients([(jnp.ones(2), a), (jnp.ones(1), b)])
+    assert_unchanged(before, snapshot(opt, [a, b]))
+    with pytest.raises(KeyError):
+        opt.get_slot(b, opt.get_slot_names()[0])
+    opt.apply_gradients([(jnp.ones(2), a)])  # the optimizer still works
+    assert int(opt.iterations.numpy()) == 2
+    assert not np.array_equal(a.numpy(), before["values"][0])
+
+
+def test_threads_lose_no_update():
+    var = kopt.Variable(0.0)
+    opt = optimizers.SGD(learning_rate=1.0)
+
+    def work():
+        for _ in range(50):
+            opt.apply_gradients([(jnp.float32(1.0), var)])
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert float(var.numpy()) == -200.0
+    assert int(opt.iterations.numpy()) == 200
+    assert opt.compile_count == 1
+
+
+def test_threads_minimizing_their_own_variables_share_one_optimizer():
+    variables = [kopt.Variable(float(i)) for i in range(4)]
+    opt = optimizers.SGD(learning_rate=0.25)
+
+    def work(var):
+        for _ in range(10):
+            opt.minimize(lambda: (var - 10.0) ** 2, [var])
+
+    threads = [threading.Thread(target=work, args=(v,)) for v in variables]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, var in enumerate(variables):  # w <- w - 0.25 * 2 (w - 10): halves the distance
+        np.testing.assert_allclose(var.numpy(), 10.0 - (10.0 - i) * 0.5**10, rtol=1e-6)
+    assert int(opt.iterations.numpy()) == 40

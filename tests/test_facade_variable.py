@@ -1,0 +1,143 @@
+"""``kopt.Variable`` and ``kopt.constraints`` under the facade, against NumPy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import kopt
+from kopt import constraints, optimizers
+
+
+def test_numpy_on_the_left_is_differentiable_in_minimize():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 3)).astype(np.float32)
+    y = rng.normal(size=(5, 2)).astype(np.float32)
+    w = kopt.Variable(np.ones((3, 2), np.float32))
+    b = kopt.Variable(np.zeros(2, np.float32))
+    optimizers.SGD(learning_rate=0.1).minimize(lambda: jnp.mean((x @ w + b - y) ** 2), [w, b])
+    error = x.astype(np.float64) @ np.ones((3, 2)) - y
+    np.testing.assert_allclose(w.numpy(), 1.0 - 0.1 * x.T @ error / 5.0, rtol=1e-5)
+    np.testing.assert_allclose(b.numpy(), -0.1 * error.sum(0) / 5.0, rtol=1e-5, atol=1e-7)
+
+
+def test_jnp_functions_on_variables_inside_the_loss():
+    v = kopt.Variable([0.5, -0.25])
+    optimizers.SGD(learning_rate=1.0).minimize(
+        lambda: jnp.sum(jnp.tanh(v)) + jnp.dot(v, v) + jnp.max(2.0 * v), [v]
+    )
+    x = np.array([0.5, -0.25])
+    grad = 1.0 - np.tanh(x) ** 2 + 2.0 * x + np.array([2.0, 0.0])
+    np.testing.assert_allclose(v.numpy(), x - grad, rtol=1e-6)
+
+
+def test_operators_and_numpy_conversion():
+    v = kopt.Variable([1.0, -2.0, 4.0], name="v")
+    x = np.array([2.0, 2.0, 2.0], np.float32)
+    np.testing.assert_allclose(x * v, [2.0, -4.0, 8.0])
+    np.testing.assert_allclose(x - v, [1.0, 4.0, -2.0])
+    np.testing.assert_allclose(1.0 / v, [1.0, -0.5, 0.25])
+    np.testing.assert_allclose(v**2, [1.0, 4.0, 16.0])
+    np.testing.assert_allclose(-v, [-1.0, 2.0, -4.0])
+    np.testing.assert_allclose(abs(v), [1.0, 2.0, 4.0])
+    np.testing.assert_allclose(v[1:], [-2.0, 4.0])
+    assert list(np.asarray(v > 0)) == [True, False, True]
+    array = np.asarray(v)
+    assert isinstance(array, np.ndarray) and array.dtype == np.float32
+    np.testing.assert_array_equal(array, [1.0, -2.0, 4.0])
+    assert v.shape == (3,) and v.dtype == jnp.float32 and v.name == "v:0" and v.trainable
+
+
+def test_assign_family():
+    v = kopt.Variable([1.0, 2.0])
+    assert v.assign([3.0, 4.0]) is v
+    v.assign_add([1.0, 1.0])
+    v.assign_sub(np.array([0.5, 0.5]))
+    v.assign_add(kopt.Variable([1.0, 0.0]))
+    np.testing.assert_array_equal(v.numpy(), [4.5, 4.5])
+    assert v.dtype == jnp.float32
+    with pytest.raises(ValueError, match="shape"):
+        v.assign([1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(v.numpy(), [4.5, 4.5])
+
+
+def test_values_read_before_a_step_stay_valid():
+    v = kopt.Variable([1.0, 2.0])
+    opt = optimizers.Adam(learning_rate=0.1)
+    opt.apply_gradients([(jnp.ones(2), v)])
+    before, slot_before = v.value, opt.get_slot(v, "m").value
+    snapshot, slot_snapshot = np.array(before), np.array(slot_before)
+    opt.apply_gradients([(jnp.ones(2), v)])
+    opt.apply_gradients([(v.value, v)])  # the variable's own value as its gradient
+    np.testing.assert_array_equal(np.asarray(before), snapshot)
+    np.testing.assert_array_equal(np.asarray(slot_before), slot_snapshot)
+    assert not np.array_equal(v.numpy(), snapshot)
+
+
+def max_norm(w, max_value, axis):
+    norms = np.sqrt(np.sum(w**2, axis=axis, keepdims=True))
+    return w * np.clip(norms, 0, max_value) / (1e-7 + norms)
+
+
+def test_constraints_against_numpy():
+    w = np.array([[3.0, -0.1], [4.0, 0.2], [-1.0, 0.0]])
+    norms0 = np.sqrt(np.sum(w**2, axis=0, keepdims=True))
+    norms1 = np.sqrt(np.sum(w**2, axis=1, keepdims=True))
+    cases = [
+        (constraints.NonNeg(), w * (w >= 0)),
+        (constraints.MaxNorm(2.0), max_norm(w, 2.0, 0)),
+        (constraints.MaxNorm(1.0, axis=1), max_norm(w, 1.0, 1)),
+        (constraints.UnitNorm(), w / (1e-7 + norms0)),
+        (constraints.UnitNorm(axis=1), w / (1e-7 + norms1)),
+        (
+            constraints.MinMaxNorm(0.5, 2.0, rate=0.5),
+            w * (0.5 * np.clip(norms0, 0.5, 2.0) + 0.5 * norms0) / (1e-7 + norms0),
+        ),
+    ]
+    for constraint, expected in cases:
+        actual = constraint(jnp.asarray(w, jnp.float32))
+        np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-7)
+    assert isinstance(constraints.get("max_norm"), constraints.MaxNorm)
+    config = {"class_name": "MinMaxNorm", "config": {"min_value": 1.0, "max_value": 3.0}}
+    assert constraints.get(config).max_value == 3.0
+    with pytest.raises(ValueError, match="nope"):
+        constraints.get("nope")
+
+
+def test_constraint_runs_after_the_dense_update():
+    w = kopt.Variable([[3.0], [4.0]], constraint=constraints.MaxNorm(1.0))
+    optimizers.SGD(learning_rate=1.0).apply_gradients([(jnp.array([[-3.0], [-4.0]]), w)])
+    np.testing.assert_allclose(w.numpy(), max_norm(np.array([[6.0], [8.0]]), 1.0, 0), rtol=1e-6)
+    v = kopt.Variable([1.0, -1.0], constraint=lambda x: jnp.clip(x, -0.5, 0.5))
+    optimizers.Adam(learning_rate=0.1).apply_gradients([(jnp.array([-1.0, 1.0]), v)])
+    np.testing.assert_allclose(v.numpy(), [0.5, -0.5])
+
+
+def test_sparse_gradient_with_a_constraint_is_refused_and_changes_nothing():
+    table = kopt.Variable(np.ones((4, 2), np.float32), constraint=constraints.NonNeg())
+    opt = optimizers.Adam(learning_rate=0.1)
+    opt.apply_gradients([(jnp.ones((4, 2)), table)])
+    weights, values = opt.get_weights(), table.numpy()
+    with pytest.raises(RuntimeError, match="constraint"):
+        opt.apply_gradients([(kopt.IndexedSlices(jnp.ones((1, 2)), jnp.array([1])), table)])
+    np.testing.assert_array_equal(table.numpy(), values)
+    for before, after in zip(weights, opt.get_weights(), strict=True):
+        np.testing.assert_array_equal(after, before)
+
+
+def test_sharded_variable_and_its_slots_keep_their_sharding():
+    mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    w = kopt.Variable(jax.device_put(jnp.arange(8.0).reshape(8, 1), sharding), name="w")
+    opt = optimizers.Adam(learning_rate=0.1)
+    for _ in range(2):
+        opt.apply_gradients([(jnp.ones((8, 1)), w)])
+    assert w.value.sharding == sharding
+    for name in ("m", "v"):
+        assert opt.get_slot(w, name).value.sharding == sharding
+    w.assign(np.arange(8.0, dtype=np.float32).reshape(8, 1))
+    assert w.value.sharding == sharding
+    optimizers.SGD(learning_rate=0.5).apply_gradients([(jnp.ones((8, 1)), w)])
+    np.testing.assert_allclose(w.numpy(), np.arange(8.0).reshape(8, 1) - 0.5)
+    assert w.value.sharding == sharding
