@@ -116,7 +116,7 @@ def batches(n: int, steps: int, rng: np.random.Generator):
 def run_recipe(name, tx, steps, data, params0, progress):
     (x, y), (x_test, y_test) = data
     step = make_step(tx)
-    params, opt_state = params0, tx.init(params0)
+    params, opt_state = params0, jax.jit(tx.init)(params0)
     rng = np.random.default_rng(1)
     for idx in tqdm(
         batches(len(x), steps, rng), total=steps, desc=name, leave=False, disable=not progress
@@ -140,7 +140,7 @@ def reduce_on_plateau(steps, data, params0, progress):
         updates, opt_state = tx.update(grads, opt_state, params)
         return kopt.apply_updates(params, updates), opt_state, loss
 
-    params, opt_state = params0, tx.init(params0)
+    params, opt_state = params0, jax.jit(tx.init)(params0)
     lr, best, patience, evaluate_every = 3e-2, np.inf, 0, max(steps // 20, 1)
     rng = np.random.default_rng(1)
     used = set()
