@@ -132,6 +132,15 @@ class Variable:
         obj._uid = next(_uid)
         return obj
 
+    # copies and pickles are new variables: their own uid (slots and programs are keyed by it)
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_uid"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._handed_out = True  # a shallow copy shares the buffer
+        self._uid = next(_uid)
+
     # --- state ---------------------------------------------------------------------------
     @property
     def value(self) -> jax.Array:

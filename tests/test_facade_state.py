@@ -1,6 +1,8 @@
 """The facade's compiled step and its state: no recompiles on hyperparameter or schedule changes,
 ``get_config``/``set_weights`` round trips that continue bit-identically, serialization."""
 
+import copy
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -174,3 +176,18 @@ def test_unknown_names_are_errors_naming_them():
         optimizers.get(42)
     with pytest.raises(TypeError, match="bogus"):
         optimizers.deserialize({"class_name": "Adam", "config": {"bogus": 1}})
+
+
+def test_deepcopy_is_an_independent_optimizer():
+    var = kopt.Variable([1.0, 2.0])
+    opt = optimizers.Adam(learning_rate=0.42)
+    assert copy.deepcopy(opt).get_config()["learning_rate"] == pytest.approx(0.42)
+    opt.apply_gradients([(jnp.ones(2), var)])
+    clone = copy.deepcopy(opt)
+    clone.learning_rate = 0.1
+    clone.apply_gradients([(jnp.ones(2), var)])
+    assert int(opt.iterations.numpy()) == 1 and int(clone.iterations.numpy()) == 2
+    np.testing.assert_allclose(opt.get_slot(var, "m").numpy(), [0.1, 0.1], rtol=1e-6)
+    np.testing.assert_allclose(clone.get_slot(var, "m").numpy(), [0.19, 0.19], rtol=1e-6)
+    np.testing.assert_allclose(opt.learning_rate.numpy(), 0.42)
+    assert clone.weights[0] is clone.iterations and clone.compile_count == 1

@@ -1,5 +1,8 @@
 """``kopt.Variable`` and ``kopt.constraints`` under the facade, against NumPy."""
 
+import copy
+import pickle
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -141,3 +144,16 @@ def test_sharded_variable_and_its_slots_keep_their_sharding():
     optimizers.SGD(learning_rate=0.5).apply_gradients([(jnp.ones((8, 1)), w)])
     np.testing.assert_allclose(w.numpy(), np.arange(8.0).reshape(8, 1) - 0.5)
     assert w.value.sharding == sharding
+
+
+def test_copies_and_pickles_are_independent_variables():
+    v = kopt.Variable([1.0, 2.0], name="w")
+    opt = optimizers.Adam(learning_rate=0.1)
+    opt.apply_gradients([(jnp.ones(2), v)])
+    for clone in (copy.copy(v), copy.deepcopy(v), pickle.loads(pickle.dumps(v))):
+        assert clone.name == "w:0"
+        np.testing.assert_array_equal(clone.numpy(), v.numpy())
+        with pytest.raises(KeyError):  # not the original: it has no slots yet
+            opt.get_slot(clone, "m")
+        clone.assign([5.0, 5.0])
+    assert not np.array_equal(v.numpy(), [5.0, 5.0])

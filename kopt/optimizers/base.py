@@ -1066,6 +1066,17 @@ class Optimizer:
             )
         return cls(**config)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """For copies: everything but the lock and the compiled programs (they bind this
+        optimizer's own variables)."""
+        skip = ("_lock", "_programs", "_transformations", "compile_count")
+        return {k: v for k, v in self.__dict__.items() if k not in skip}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.__dict__.update(_lock=threading.RLock(), _programs={}, _transformations={})
+        self.__dict__["compile_count"] = 0
+
     def __repr__(self) -> str:
         return f"<kopt.optimizers.{type(self).__name__} name={self._name!r}>"
 
