@@ -3,3 +3,15 @@
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# "ci" (the default) keeps `make test` inside its time budget; HYPOTHESIS_PROFILE=long for a
+# deeper local run.
+settings.register_profile(
+    "ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile(
+    "long", max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
