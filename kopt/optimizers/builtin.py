@@ -14,7 +14,7 @@ import numpy as np
 
 import kopt
 from kopt.base import GradientTransformation, OptimizerState
-from kopt.optimizers.base import Optimizer, _is_step_schedule
+from kopt.optimizers.base import Optimizer, _initial_value, _is_step_schedule
 from kopt.optimizers.schedules import LearningRateSchedule
 from kopt.transforms._weight_decay import decoupled_weight_decay
 
@@ -46,13 +46,26 @@ def _check_slot_dtype(owner: str, slot_dtype: Any) -> None:
         raise TypeError(f"{owner}: `slot_dtype` must be a floating dtype, received {dtype}")
 
 
+class _SlotDtype:
+    """``slot_dtype``: every slot the optimizer creates has that dtype (default: its variable's).
+    The functional twin gets the same ``slot_dtype``, so the update runs in it."""
+
+    def add_slot(self, var, slot_name, initializer="zeros", shape=None):
+        created = slot_name not in self._slots.get(getattr(var, "_uid", None), {})
+        slot = super().add_slot(var, slot_name, initializer, shape)
+        if created and self.slot_dtype is not None:
+            value = _initial_value(initializer, slot.shape, self.slot_dtype)
+            slot._value = jax.device_put(value, slot.value.sharding)
+        return slot
+
+
 def _momentum_value(flag: bool, value: Any) -> Any:
     if not flag:
         return 0.0
     return value if _is_step_schedule(value) else jnp.asarray(value, jnp.float32)
 
 
-class _KerasV2(Optimizer):
+class _KerasV2(_SlotDtype, Optimizer):
     """Shared constructor tail of the legacy classes: learning rate (``lr`` wins) and decay.
 
     Each also takes ``slot_dtype`` (kopt's, not Keras's): the dtype of its slots, e.g. float32
@@ -536,7 +549,7 @@ class Ftrl(_KerasV2):
         }
 
 
-class _Keras3(Optimizer):
+class _Keras3(_SlotDtype, Optimizer):
     """The Keras 3 optimizers behind the same facade: plain float arguments, no ``decay``.
 
     Each takes Keras 3's common arguments too, with Keras 3's meaning and validation:
