@@ -161,6 +161,21 @@ def test_sparse_gradients_match_the_functional_path(name):
     np.testing.assert_allclose(table.numpy(), params, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("clip", ["clipvalue", "clipnorm", "global_clipnorm"])
+def test_sparse_gradients_are_clipped(clip):
+    table = kopt.Variable(np.zeros((4, 2), np.float32))
+    opt = optimizers.SGD(learning_rate=1.0, **{clip: 1.0})
+    values = np.array([[3.0, 4.0], [0.3, 0.4]], np.float32)
+    opt.apply_gradients([(kopt.IndexedSlices(jnp.asarray(values), jnp.array([2, 0])), table)])
+    if clip == "clipvalue":
+        clipped = np.clip(values, -1.0, 1.0)
+    else:  # one tensor: per-tensor and global norms agree (the norm of the values, 5.0249)
+        clipped = values / np.linalg.norm(values)
+    expected = np.zeros((4, 2))
+    expected[[2, 0]] = -clipped
+    np.testing.assert_allclose(table.numpy(), expected, rtol=1e-6)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_as_transformation_gives_the_facade_numbers(name):
     opt, variables = make(name, clipvalue=1.0), make_variables()

@@ -560,7 +560,8 @@ class Optimizer:
             value = hypers.get(attr, getattr(self, "_" + attr))
             grads = [g for g, _ in grads_and_vars]
             tx = make(value)
-            clipped, _ = tx.update(grads, tx.init(grads))
+            params = [v.value for _, v in grads_and_vars]  # grads may be IndexedSlices
+            clipped, _ = tx.update(grads, tx.init(params))
             grads_and_vars = list(zip(clipped, [v for _, v in grads_and_vars], strict=True))
         for transformer in self.gradient_transformers:
             grads_and_vars = transformer(grads_and_vars)
