@@ -1,0 +1,299 @@
+"""Checkpoints with orbax-checkpoint: functional states, and facade optimizers with their variables.
+
+:func:`save_state` / :func:`restore_state` store any pytree of arrays (an optimizer state, or
+``{"params": ..., "opt_state": ...}``); restoring needs a tree like the saved one (for example
+``tx.init(params)``), which gives the structure, dtypes and shardings.
+
+:func:`save_optimizer` / :func:`restore_optimizer` store a facade optimizer: its config (as
+:func:`kopt.optimizers.serialize` gives it, in ``config.json``), its step count, its slots keyed by
+variable name and slot name, its other weights keyed by their names, and the variables' values
+keyed by variable name. Restoring builds the optimizer from the config, creates its weights for
+the given variables and sets them, so a run continues exactly where it stopped, in another
+process too. Sharded arrays are saved shard by shard and restored with the shardings of the
+target (the given state, or the variables' values); a leaf of the target that is not committed to
+a device comes back uncommitted.
+
+Orbax must be installed (``pip install orbax-checkpoint``; it is in kopt's ``test`` extra).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kopt.base import OptState, PyTree
+
+CONFIG_FILE = "config.json"
+STATE_DIR = "state"
+
+
+def _orbax():
+    try:
+        import orbax.checkpoint as ocp
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "kopt.checkpoint needs orbax-checkpoint: pip install orbax-checkpoint"
+        ) from e
+    return ocp
+
+
+def _target(tree: PyTree) -> PyTree:
+    """Shape, dtype and sharding of each leaf: where orbax puts the restored arrays."""
+
+    def one(leaf):
+        sharding = getattr(leaf, "sharding", None)
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+    return jax.tree.map(one, tree)
+
+
+def _save_tree(path: Path, tree: PyTree, overwrite: bool) -> None:
+    ocp = _orbax()
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path.absolute(), tree, force=overwrite)
+        checkpointer.wait_until_finished()
+
+
+def _restore_tree(path: Path, like: PyTree) -> PyTree:
+    ocp = _orbax()
+    if not path.exists():
+        raise FileNotFoundError(f"kopt.checkpoint: no checkpoint at {str(path)!r}")
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(path.absolute(), _target(like))
+    # A leaf that was not committed to a device (a step count made by jnp.zeros) comes back
+    # uncommitted too, so that jit may place it beside sharded arrays.
+    return jax.tree.map(
+        lambda new, old: new if getattr(old, "committed", True) else jnp.asarray(np.asarray(new)),
+        restored,
+        like,
+    )
+
+
+def _check_new(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise FileExistsError(
+            f"kopt.checkpoint: {str(path)!r} exists; pass overwrite=True to replace it"
+        )
+
+
+def save_state(path: str | Path, state: PyTree, *, overwrite: bool = False) -> None:
+    """Saves a pytree of arrays (an optimizer state, params, or both) to the directory ``path``.
+
+    Args:
+        path: a directory that does not exist yet (or ``overwrite=True``).
+        state: the tree; sharded arrays are saved shard by shard.
+        overwrite: replace an existing checkpoint at ``path``.
+
+    Raises:
+        FileExistsError: if ``path`` exists and ``overwrite`` is False.
+
+    Example:
+        >>> import tempfile, jax.numpy as jnp, kopt
+        >>> from kopt.checkpoint import restore_state, save_state
+        >>> tx = kopt.sgd(0.1, momentum=0.9)
+        >>> state = tx.init({"w": jnp.zeros(2)})
+        >>> _, state = tx.update({"w": jnp.ones(2)}, state, {"w": jnp.zeros(2)})
+        >>> path = tempfile.mkdtemp() + "/ckpt"
+        >>> save_state(path, state)
+        >>> restored = restore_state(path, tx.init({"w": jnp.zeros(2)}))
+        >>> kopt.get_slot(restored, "momentum")["w"]
+        Array([-0.1, -0.1], dtype=float32)
+    """
+    path = Path(path)
+    _check_new(path, overwrite)
+    _save_tree(path, state, overwrite)
+
+
+def restore_state(path: str | Path, like_state: OptState) -> OptState:
+    """Restores a tree saved by :func:`save_state`.
+
+    Args:
+        path: the checkpoint directory.
+        like_state: a tree with the saved structure (e.g. ``tx.init(params)``, or its
+            ``jax.eval_shape``); each restored leaf gets its dtype and sharding.
+
+    Returns:
+        The restored tree, structured like ``like_state``.
+
+    Raises:
+        FileNotFoundError: if there is no checkpoint at ``path``.
+    """
+    return _restore_tree(Path(path), like_state)
+
+
+def _variable_names(variables: Iterable[Any]) -> dict[str, Any]:
+    from kopt.variables import Variable
+
+    out: dict[str, Any] = {}
+    for i, var in enumerate(variables):
+        if not isinstance(var, Variable):
+            raise TypeError(
+                f"kopt.checkpoint: variables item {i} must be a kopt.Variable, received "
+                f"{type(var).__name__}"
+            )
+        if var.name in out:
+            raise ValueError(
+                f"kopt.checkpoint: two variables are named {var.name!r}; checkpoints key "
+                "variables by name, so give them distinct names"
+            )
+        out[var.name] = var
+    return out
+
+
+def _optimizer_layout(optimizer: Any, variables: dict[str, Any]) -> dict[str, Any]:
+    """Where each optimizer weight belongs: ``{"slots": {variable name: [slot names]}, "other":
+    [weight names]}`` (the step count aside)."""
+    slots: dict[str, list[str]] = {}
+    for name, var in variables.items():
+        for slot_name in optimizer.get_slot_names():
+            try:
+                optimizer.get_slot(var, slot_name)
+            except KeyError:
+                continue
+            slots.setdefault(name, []).append(slot_name)
+    in_slots = {
+        id(optimizer.get_slot(variables[name], slot))
+        for name, names in slots.items()
+        for slot in names
+    }
+    iterations = optimizer.iterations
+    other = [w.name for w in optimizer.weights if id(w) not in in_slots and w is not iterations]
+    return {"slots": slots, "other": other}
+
+
+def _optimizer_weights(optimizer: Any, variables: dict[str, Any], layout: dict[str, Any]):
+    """The optimizer's Variables in the order of ``layout``: iterations, slots, other."""
+    by_name = {w.name: w for w in optimizer.weights}
+    slots = [
+        optimizer.get_slot(variables[name], slot)
+        for name, names in layout["slots"].items()
+        for slot in names
+    ]
+    return [optimizer.iterations, *slots, *(by_name[name] for name in layout["other"])]
+
+
+def save_optimizer(
+    path: str | Path, optimizer: Any, variables: Iterable[Any], *, overwrite: bool = False
+) -> None:
+    """Saves a facade optimizer (config and state) and the values of ``variables``.
+
+    Args:
+        path: a directory that does not exist yet (or ``overwrite=True``).
+        optimizer: a :class:`kopt.optimizers.Optimizer` whose config is JSON-serializable.
+        variables: the variables it trains, with distinct names; their slots are stored under
+            their names.
+        overwrite: replace an existing checkpoint at ``path``.
+
+    Raises:
+        FileExistsError: if ``path`` exists and ``overwrite`` is False.
+        TypeError: for a non-variable, or a config that JSON cannot store (a plain Python
+            function as learning rate, for instance).
+        ValueError: if two variables share a name.
+
+    Example:
+        >>> import tempfile, jax.numpy as jnp, kopt
+        >>> from kopt.checkpoint import restore_optimizer, save_optimizer
+        >>> var = kopt.Variable([1.0, 2.0], name="w")
+        >>> opt = kopt.optimizers.Adam(learning_rate=0.1)
+        >>> _ = opt.apply_gradients([(jnp.ones(2), var)])
+        >>> path = tempfile.mkdtemp() + "/ckpt"
+        >>> save_optimizer(path, opt, [var])
+        >>> var.assign([0.0, 0.0]).numpy()
+        array([0., 0.], dtype=float32)
+        >>> restored = restore_optimizer(path, [var])
+        >>> var.numpy().round(4), int(restored.iterations.numpy())
+        (array([0.9, 1.9], dtype=float32), 1)
+    """
+    from kopt.optimizers import serialize
+
+    path = Path(path)
+    named = _variable_names(variables)
+    config = {"optimizer": serialize(optimizer), "variables": list(named)}
+    try:
+        json.dumps(config)
+    except TypeError as e:
+        raise TypeError(
+            f"save_optimizer: the config of {optimizer!r} cannot be stored as JSON ({e}); use "
+            "numbers or kopt.optimizers.schedules objects for its hyperparameters"
+        ) from e
+    _check_new(path, overwrite)
+    optimizer._create_all_weights(list(named.values()))  # as the restored one will have them
+    layout = _optimizer_layout(optimizer, named)
+    tree = {
+        "optimizer": [w.value for w in _optimizer_weights(optimizer, named, layout)],
+        "variables": [var.value for var in named.values()],
+    }
+    _save_tree(path / STATE_DIR, tree, overwrite)
+    (path / CONFIG_FILE).write_text(json.dumps({**config, "layout": layout}, indent=1))
+
+
+def restore_optimizer(
+    path: str | Path,
+    variables: Iterable[Any],
+    *,
+    restore_variables: bool = True,
+    custom_objects: dict[str, Any] | None = None,
+) -> Any:
+    """Rebuilds an optimizer saved by :func:`save_optimizer` for ``variables``.
+
+    The optimizer is created from the saved config, its weights are built for ``variables``
+    (matched to the saved ones by variable name) and set to the saved values, each keeping the
+    sharding of its variable. With ``restore_variables`` (the default) the variables are set to
+    their saved values too.
+
+    Args:
+        path: the checkpoint directory.
+        variables: the variables to train, named as when saved (their order does not matter).
+        restore_variables: whether to assign the saved values to ``variables``.
+        custom_objects: your own optimizer classes, by name.
+
+    Returns:
+        The restored optimizer.
+
+    Raises:
+        FileNotFoundError: if there is no checkpoint at ``path``.
+        ValueError: if the variables' names or the optimizer's weights differ from the saved ones.
+    """
+    from kopt.optimizers import deserialize
+
+    path = Path(path)
+    config_file = path / CONFIG_FILE
+    if not config_file.exists():
+        raise FileNotFoundError(f"restore_optimizer: no checkpoint at {str(path)!r}")
+    config = json.loads(config_file.read_text())
+    named = _variable_names(variables)
+    if set(config["variables"]) != set(named):
+        raise ValueError(
+            f"restore_optimizer: the checkpoint has variables {sorted(config['variables'])}, "
+            f"received {sorted(named)}"
+        )
+    optimizer = deserialize(config["optimizer"], custom_objects=custom_objects)
+    order = config["variables"]
+    optimizer._create_all_weights([named[name] for name in order])  # the order they were saved in
+    layout = _optimizer_layout(optimizer, {name: named[name] for name in order})
+    if layout != config["layout"]:
+        raise ValueError(
+            "restore_optimizer: the rebuilt optimizer's weights do not match the checkpoint's: "
+            f"saved {config['layout']}, rebuilt {layout}"
+        )
+    weights = _optimizer_weights(optimizer, named, layout)
+    like = {
+        "optimizer": [w.value for w in weights],
+        "variables": [named[name].value for name in order],
+    }
+    restored = _restore_tree(path / STATE_DIR, like)
+    for weight, value in zip(weights, restored["optimizer"], strict=True):
+        weight._value = value
+    if restore_variables:
+        for name, value in zip(order, restored["variables"], strict=True):
+            named[name]._value = value
+    return optimizer
+
+
+__all__ = ["restore_optimizer", "restore_state", "save_optimizer", "save_state"]

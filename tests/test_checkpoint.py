@@ -1,0 +1,115 @@
+"""kopt.checkpoint: a run checkpointed half-way and resumed in a new process continues
+bit-identically to the uninterrupted run, for the functional API and the facade (sharded params
+on 4 simulated devices, slots, scalar slots, accumulators, EMA and loss scale included)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from checkpoint_worker import (
+    FACADE,
+    FUNCTIONAL,
+    SAVED_AT,
+    STEPS,
+    facade_run,
+    facade_values,
+    facade_variables,
+    functional_run,
+    initial_params,
+)
+
+import kopt
+from kopt import optimizers
+from kopt.checkpoint import restore_optimizer, restore_state, save_optimizer, save_state
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (simulated) devices")
+WORKER = Path(__file__).resolve().parent / "checkpoint_worker.py"
+
+
+def test_resumed_in_a_new_process_continues_bit_identically(tmp_path):
+    params = initial_params()
+    uninterrupted = functional_run(params, FUNCTIONAL.init(params), 0, STEPS)
+    half = functional_run(params, FUNCTIONAL.init(params), 0, SAVED_AT)
+    save_state(tmp_path / "functional", {"params": half[0], "state": half[1]})
+
+    expected = {}
+    for case, make in FACADE.items():
+        variables = facade_variables()
+        opt = make()
+        facade_run(opt, variables, 0, STEPS)
+        expected[case] = facade_values(opt, variables)
+        variables = facade_variables()
+        opt = make()
+        facade_run(opt, variables, 0, SAVED_AT)
+        save_optimizer(tmp_path / case, opt, variables)
+
+    result = subprocess.run(
+        [sys.executable, str(WORKER), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    resumed = np.load(tmp_path / "functional.npz")
+    leaves = jax.tree.leaves(uninterrupted)
+    assert len(resumed.files) == len(leaves)
+    for i, leaf in enumerate(leaves):
+        np.testing.assert_array_equal(resumed[f"arr_{i}"], np.asarray(leaf), err_msg=f"leaf {i}")
+    for case in FACADE:
+        resumed = np.load(tmp_path / f"{case}.npz")
+        assert sorted(resumed.files) == sorted(expected[case]), case
+        for name, value in expected[case].items():
+            np.testing.assert_array_equal(resumed[name], value, err_msg=f"{case}: {name}")
+
+
+def test_restore_state_keeps_structure_and_sharding(tmp_path):
+    params = initial_params()
+    tx = kopt.chain(kopt.masked(kopt.adam(0.1), {"kernel": True, "bias": False}), kopt.ema(0.9))
+    state = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    _, state = tx.update(grads, state, params)
+    save_state(tmp_path / "s", state)
+    restored = restore_state(tmp_path / "s", tx.init(params))
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert a.sharding.is_equivalent_to(b.sharding, a.ndim)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        save_state(tmp_path / "s", state)
+    save_state(tmp_path / "s", state, overwrite=True)
+    with pytest.raises(FileNotFoundError):
+        restore_state(tmp_path / "missing", state)
+
+
+def test_save_optimizer_writes_keyed_config_and_checks_on_restore(tmp_path):
+    a = kopt.Variable(jnp.ones(3), name="a")
+    b = kopt.Variable(jnp.ones(2), name="b")
+    opt = optimizers.Adam(0.1)
+    opt.apply_gradients([(jnp.ones(3), a), (jnp.ones(2), b)])
+    save_optimizer(tmp_path / "c", opt, [a, b])
+    config = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert config["optimizer"]["class_name"] == "Adam"
+    assert config["variables"] == ["a:0", "b:0"]
+    assert config["layout"]["slots"] == {"a:0": ["m", "v"], "b:0": ["m", "v"]}
+
+    other = kopt.Variable(jnp.ones(3), name="other")
+    with pytest.raises(ValueError, match="variables"):
+        restore_optimizer(tmp_path / "c", [a, other])
+    with pytest.raises(ValueError, match="named 'a:0'"):
+        save_optimizer(tmp_path / "d", opt, [a, kopt.Variable(1.0, name="a")])
+    with pytest.raises(TypeError, match="JSON"):
+        save_optimizer(tmp_path / "e", optimizers.SGD(lambda step: 0.1), [a])
+    # restored for variables given in another order, without touching their values
+    a.assign(jnp.zeros(3))
+    restored = restore_optimizer(tmp_path / "c", [b, a], restore_variables=False)
+    np.testing.assert_array_equal(a.numpy(), np.zeros(3))
+    np.testing.assert_array_equal(restored.get_slot(b, "m").numpy(), opt.get_slot(b, "m").numpy())
+    assert int(restored.iterations.numpy()) == 1
