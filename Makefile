@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo clean
+.PHONY: setup test lint demo docs clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,6 +21,10 @@ test: lint
 
 demo: $(STAMP)
 	$(PY) examples/quickstart.py
+
+docs: $(STAMP)
+	$(PIP) install -e '.[docs]'
+	$(VENV)/bin/mkdocs build --strict
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
