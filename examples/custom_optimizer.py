@@ -6,18 +6,17 @@ declare hyperparameters with ``_set_hyper``, create slots in ``_create_slots`` w
 ``var.assign*``, and list the hyperparameters in ``get_config``. The same class runs on kopt
 after a mechanical port:
 
-======================================  ============================================
-tf.keras                                kopt
-======================================  ============================================
-``tf.keras.optimizers.Optimizer``       ``kopt.optimizers.Optimizer``
-``tf.Variable``                         ``kopt.Variable``
-``tf.sqrt``, ``tf.square``, ...         ``jnp.sqrt``, ``jnp.square``, ...
-``tf.cast(x, dtype)``                   ``jnp.asarray(x).astype(dtype)``
-``var.dtype.base_dtype``                ``var.dtype``
-``tf.GradientTape`` + ``apply_gradients``  ``opt.compute_gradients`` + ``apply_gradients``
-``self._resource_scatter_update(...)``  ``slot.assign(slot.value.at[indices].set(...))``
-``@tf.function``                        not needed: kopt compiles the step with ``jax.jit``
-======================================  ============================================
+    tf.keras                                  kopt
+    ----------------------------------------  ----------------------------------------------
+    tf.keras.optimizers.Optimizer             kopt.optimizers.Optimizer
+    tf.Variable                               kopt.Variable
+    tf.sqrt, tf.square, ...                   jnp.sqrt, jnp.square, ...
+    tf.cast(x, dtype)                         jnp.asarray(x).astype(dtype)
+    var.dtype.base_dtype                      var.dtype
+    tf.GradientTape + apply_gradients         opt.compute_gradients + opt.apply_gradients
+    self._resource_scatter_update(x, i, v)    x.assign(x.value.at[i].set(v))
+    self._resource_scatter_add(x, i, v)       x.assign(x.value.at[i].add(v))
+    @tf.function on the apply methods         not needed: kopt compiles the whole step
 
 The optimizer below is AdaBelief (Zhuang et al., 2020, "AdaBelief Optimizer: Adapting Stepsizes
 by the Belief in Observed Gradients"), which kopt does not ship:

@@ -11,7 +11,7 @@ largest difference). The script prints a table (final loss, test accuracy, ms pe
 API) and saves the loss curves to a PNG.
 
 Run:
-    python examples/quickstart.py                 # about 15 s on 2 CPU cores
+    python examples/quickstart.py     # about 20 s of CPU time, mostly compiling
     python examples/quickstart.py --steps 50 --out /tmp/loss.png
 """
 
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
 
     header = (
         f"{'optimizer':<13} {'final loss':>10} {'test acc':>9} {'facade ms/step':>15} "
-        f"{'jitted ms/step':>15} {'max |Δw| facade vs jitted':>26}"
+        f"{'jitted ms/step':>15} {'max |w_facade - w_jitted|':>26}"
     )
     print(header)
     print("-" * len(header))
