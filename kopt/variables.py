@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 from typing import Any
@@ -12,6 +13,40 @@ import numpy as np
 
 _uid = itertools.count()
 _reads = threading.local()
+_bindings = threading.local()  # this thread's uid -> traced value, while a step or loss traces
+donation_lock = threading.RLock()  # a buffer is handed out or donated, never both at once
+_readers = 0  # gradient computations in flight, which hold variables' buffers
+
+
+@contextlib.contextmanager
+def reading():
+    """Variables' buffers read within the block stay valid: donating updates copy meanwhile."""
+    global _readers
+    with donation_lock:
+        _readers += 1
+    try:
+        yield
+    finally:
+        with donation_lock:
+            _readers -= 1
+
+
+@contextlib.contextmanager
+def bound(variables: list[Variable], values: list[Any]):
+    """Within the block and this thread only, ``variables`` read and write the (traced)
+    ``values`` instead of their own; other threads keep seeing the real values."""
+    table = getattr(_bindings, "table", None)
+    if table is None:
+        table = _bindings.table = {}
+    saved = {v._uid: table[v._uid] for v in variables if v._uid in table}
+    try:
+        for v, value in zip(variables, values, strict=True):
+            table[v._uid] = value
+        yield
+    finally:
+        for v in variables:
+            table.pop(v._uid, None)
+        table.update(saved)
 
 
 class track_reads:
@@ -85,43 +120,56 @@ class Variable:
             )
         if name is not None and not isinstance(name, str):
             raise TypeError(f"Variable: `name` must be a string, received {type(name).__name__}")
+        self._uid = next(_uid)
         self._value = _as_array(initial_value, dtype, "initial_value")
         self._trainable = bool(trainable)
         self._shared_name = name or "Variable"
         self._constraint = constraint
-        self._uid = next(_uid)
+
+    @property
+    def _current(self):
+        """The value (this thread's traced one while bound), for metadata and internal reads."""
+        table = getattr(_bindings, "table", None)
+        if table and self._uid in table:
+            return table[self._uid]
+        return self._storage
 
     @property
     def _value(self):
+        """The value for a computation. Records the read (``track_reads``) and, outside a
+        trace, marks the buffer as handed out, so that a donating update copies it first."""
         seen = getattr(_reads, "seen", None)
         if seen is not None:
             seen.add(self._uid)
-        return self._storage
+        value = self._current
+        if isinstance(value, jax.core.Tracer):
+            return value
+        with donation_lock:
+            self._handed_out = True
+            return self._current
 
     @_value.setter
     def _value(self, value):
-        self._storage = value
-        self._handed_out = False
-
-    def _hand_out(self) -> Any:
-        """The value for code outside the variable. Marks the buffer as shared, so that an
-        update that reuses (donates) the variable's memory copies it first."""
-        value = self._value
-        if not isinstance(value, jax.core.Tracer):
-            self._handed_out = True
-        return value
+        table = getattr(_bindings, "table", None)
+        if table and self._uid in table:
+            table[self._uid] = value
+            return
+        with donation_lock:
+            self._storage = value
+            self._handed_out = False
 
     def _donatable_value(self) -> Any:
-        """The value for a compiled update that donates its inputs: the buffer itself, or a copy
-        when it was handed out, so that values read before the update stay valid."""
+        """The value for a compiled update that donates (reuses) its inputs, under
+        ``donation_lock``: the buffer itself, or a copy if it was handed out or a gradient
+        computation is in flight, so that values read elsewhere stay valid."""
         value = self._storage
-        if self._handed_out:
+        if self._handed_out or _readers:
             return _keep_sharding(jnp.array(value, copy=True), value)
         return value
 
     # pytree: the value is the leaf, so jnp functions and jax transformations accept it
     def tree_flatten(self):
-        return (self._hand_out(),), (self._shared_name, self._trainable, self._constraint)
+        return (self._value,), (self._shared_name, self._trainable, self._constraint)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
@@ -145,15 +193,16 @@ class Variable:
     @property
     def value(self) -> jax.Array:
         """The current value (a ``jax.Array``; it stays valid after later updates)."""
-        return self._hand_out()
+        return self._value
 
     def read_value(self) -> jax.Array:
         """The current value (tf.Variable's spelling)."""
-        return self._hand_out()
+        return self._value
 
     def numpy(self) -> np.ndarray:
         """A NumPy copy of the value."""
-        return np.array(self._value)
+        with donation_lock:
+            return np.array(self._current)
 
     def assign(self, value: Any, read_value: bool = True) -> Variable:
         """Replaces the value (same shape; cast to the variable's dtype); returns the variable.
@@ -180,19 +229,19 @@ class Variable:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self._value.shape)
+        return tuple(self._current.shape)
 
     @property
     def dtype(self):
-        return self._value.dtype
+        return self._current.dtype
 
     @property
     def ndim(self) -> int:
-        return self._value.ndim
+        return self._current.ndim
 
     @property
     def size(self) -> int:
-        return int(self._value.size)
+        return int(self._current.size)
 
     @property
     def name(self) -> str:
@@ -208,7 +257,7 @@ class Variable:
 
     @property
     def sharding(self):
-        return getattr(self._value, "sharding", None)
+        return getattr(self._current, "sharding", None)
 
     @property
     def device(self) -> str:
@@ -223,10 +272,11 @@ class Variable:
 
     # --- array protocol --------------------------------------------------------------------
     def __jax_array__(self):
-        return self._hand_out()
+        return self._value
 
     def __array__(self, dtype=None, copy=None):
-        out = np.asarray(self._value)
+        with donation_lock:
+            out = np.asarray(self._current)
         return out.astype(dtype) if dtype is not None else out
 
     def __float__(self):
@@ -239,7 +289,7 @@ class Variable:
         return bool(self._value)
 
     def __len__(self):
-        return len(self._value)
+        return len(self._current)
 
     def __iter__(self):
         return iter(self._value)
@@ -266,7 +316,7 @@ class Variable:
     def __getattr__(self, name):
         if name.startswith("_"):
             raise AttributeError(name)
-        return getattr(self._hand_out(), name)
+        return getattr(self._value, name)
 
     __add__, __radd__ = _binary(lambda a, b: a + b)
     __sub__, __rsub__ = _binary(lambda a, b: a - b)

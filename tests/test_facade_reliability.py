@@ -199,3 +199,38 @@ def test_threads_minimizing_their_own_variables_share_one_optimizer():
     for i, var in enumerate(variables):  # w <- w - 0.25 * 2 (w - 10): halves the distance
         np.testing.assert_allclose(var.numpy(), 10.0 - (10.0 - i) * 0.5**10, rtol=1e-6)
     assert int(opt.iterations.numpy()) == 40
+
+
+def test_threads_minimizing_a_shared_variable_while_another_reads_it():
+    shared = kopt.Variable(np.zeros(64, np.float32))
+    opt = optimizers.SGD(learning_rate=0.01)
+    errors, stop = [], threading.Event()
+
+    def train():
+        try:
+            for _ in range(15):
+                opt.minimize(lambda: jnp.sum((shared - 1.0) ** 2), [shared])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    def watch():
+        try:
+            while not stop.is_set():
+                np.asarray(shared)
+                shared.numpy()
+                float(jnp.sum(shared.value))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    trainers = [threading.Thread(target=train) for _ in range(3)]
+    for t in trainers:
+        t.start()
+    for t in trainers:
+        t.join()
+    stop.set()
+    watcher.join()
+    assert errors == []
+    assert int(opt.iterations.numpy()) == 45
+    assert np.all(shared.numpy() > 0.5)  # every step moved it towards 1 (w <- 0.98 w + 0.02)

@@ -33,12 +33,11 @@ from kopt.optimizers.schedules import deserialize as deserialize_schedule
 from kopt.optimizers.schedules import serialize as serialize_schedule
 from kopt.sparse import IndexedSlices
 from kopt.transforms import clip_by_global_norm, clip_by_norm, clip_by_value
-from kopt.variables import Variable, track_reads
+from kopt.variables import Variable, bound, donation_lock, reading, track_reads
 
 logger = logging.getLogger("kopt")
 
 _VALID_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
-_binding_lock = threading.RLock()  # variables are shared objects: bind them one trace at a time
 
 
 class PerReplica:
@@ -645,7 +644,7 @@ class Optimizer:
         if not new:
             return
         tx = self._static_transformation()
-        state = tx.init([v._value for v in new])
+        state = tx.init([v._current for v in new])
         layout = codec.describe(state, len(new))
         if layout.opaque:
             self._create_opaque(state, layout, var_list, new)
@@ -776,20 +775,21 @@ class Optimizer:
         program = self._programs.get(key)
         if program is None:
             program = self._compile(var_list, state_vars, hyper_vars, grads, aggregate)
-        new_vars, new_state, new_iterations = program(
-            [v._donatable_value() for v in var_list],
-            grads,
-            [s._donatable_value() for s in state_vars],
-            self.iterations.value,
-            [h.value for h in hyper_vars],
-            dynamic,
-        )
+        with donation_lock:  # no other thread picks up a buffer while it is donated
+            new_vars, new_state, new_iterations = program(
+                [v._donatable_value() for v in var_list],
+                grads,
+                [s._donatable_value() for s in state_vars],
+                self.iterations.value,
+                [h.value for h in hyper_vars],
+                dynamic,
+            )
+            for v, value in zip(var_list, new_vars, strict=True):
+                v._value = value
+            for s, value in zip(state_vars, new_state, strict=True):
+                s._value = value
+            self._iterations._value = new_iterations
         self._programs[key] = program  # cached once it ran: a failed one may bind dropped slots
-        for v, value in zip(var_list, new_vars, strict=True):
-            v._value = value
-        for s, value in zip(state_vars, new_state, strict=True):
-            s._value = value
-        self._iterations._value = new_iterations
 
     def _state_variables(self, var_list: list[Variable]) -> list[Variable]:
         """Every optimizer variable one step reads and writes, in a fixed order."""
@@ -855,11 +855,10 @@ class Optimizer:
         def step(var_values, grads, state_values, iteration, hyper_values, dynamic):
             self.compile_count += 1
             with (
-                _binding_lock,
-                _bound(var_list, var_values),
-                _bound(state_vars, state_values),
-                _bound([iterations], [iteration]),
-                _bound(hyper_vars, hyper_values),
+                bound(var_list, var_values),
+                bound(state_vars, state_values),
+                bound([iterations], [iteration]),
+                bound(hyper_vars, hyper_values),
                 self._step_values(dynamic),
             ):
                 gv = list(zip(grads, var_list, strict=True))
@@ -991,15 +990,15 @@ class Optimizer:
         seen_reads: set[int] = set()
 
         def loss_of(values):
-            with _bound(var_list, values), track_reads() as reads:
+            with bound(var_list, values), track_reads() as reads:
                 out = self._transform_loss(loss())
                 seen_reads.update(reads)
                 return jnp.asarray(out)
 
-        with _binding_lock:
-            out, vjp = jax.vjp(loss_of, [v._value for v in var_list])
-        cotangent = jnp.ones_like(out) if grad_loss is None else jnp.asarray(grad_loss)
-        (grads,) = vjp(cotangent.astype(out.dtype))
+        with reading():  # the forward and backward passes hold the variables' buffers
+            out, vjp = jax.vjp(loss_of, [v._current for v in var_list])
+            cotangent = jnp.ones_like(out) if grad_loss is None else jnp.asarray(grad_loss)
+            (grads,) = vjp(cotangent.astype(out.dtype))
         return [
             (g if v._uid in seen_reads else None, v) for g, v in zip(grads, var_list, strict=True)
         ]
@@ -1107,19 +1106,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, _Constant):
         return value.value
     return value
-
-
-@contextlib.contextmanager
-def _bound(variables: list[Variable], values: list[Any]):
-    """Temporarily gives ``variables`` the (traced) ``values``; restores them afterwards."""
-    saved = [v._storage for v in variables]
-    try:
-        for v, value in zip(variables, values, strict=True):
-            v._storage = value
-        yield
-    finally:
-        for v, value in zip(variables, saved, strict=True):
-            v._storage = value
 
 
 def _initial_value(initializer: Any, shape: tuple[int, ...], dtype: Any) -> jax.Array:
