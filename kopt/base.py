@@ -411,8 +411,12 @@ def slot_names(state: OptState) -> list[str]:
 
 
 def _slot_holders(state: Any):
+    from kopt.transforms._flat import FlattenedState  # here: kopt.transforms imports this module
+
     if isinstance(state, OptimizerState):
         yield state
+    elif isinstance(state, FlattenedState):
+        yield from _slot_holders(state.unflattened())
     elif isinstance(state, (tuple, list)):
         for s in state:
             yield from _slot_holders(s)

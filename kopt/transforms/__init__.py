@@ -16,6 +16,7 @@ from kopt.transforms._clipping import (
     clip_by_value,
     global_norm,
 )
+from kopt.transforms._flat import FlatLayout, FlattenedState, flatten
 from kopt.transforms._learning_rate import add_decayed_weights, scale_by_learning_rate
 from kopt.transforms._momentum import (
     scale_by_adafactor,
@@ -39,6 +40,8 @@ from kopt.transforms._wrappers import (
 __all__ = [
     "AccumulateState",
     "ApplyIfFiniteState",
+    "FlatLayout",
+    "FlattenedState",
     "MaskedState",
     "MultiTransformState",
     "accumulate_gradients",
@@ -50,6 +53,7 @@ __all__ = [
     "clip_by_norm",
     "clip_by_value",
     "ema",
+    "flatten",
     "global_norm",
     "masked",
     "multi_transform",

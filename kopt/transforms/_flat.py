@@ -1,0 +1,199 @@
+"""``flatten``: an elementwise transformation run on one buffer per dtype instead of many leaves."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from kopt._tree import check_floating_params, check_leaf, check_same_structure
+from kopt.base import GradientTransformation, OptimizerState, PyTree
+from kopt.sparse import IndexedSlices, is_indexed_slices
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class FlatLayout:
+    """Where each param leaf lives in a :func:`flatten` state (static: no arrays, hashable).
+
+    Attributes:
+        treedef: the params' tree structure.
+        paths: each leaf's path, as ``jax.tree_util.keystr`` writes it.
+        shapes: each leaf's shape.
+        groups: ``(key, leaf indices)`` of each packed buffer, one per param dtype.
+        loose: ``(key, leaf index)`` of each leaf kept as its own array.
+    """
+
+    treedef: Any
+    paths: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    groups: tuple[tuple[str, tuple[int, ...]], ...]
+    loose: tuple[tuple[str, int], ...]
+
+    def pack(self, tree: PyTree, owner: str, what: str) -> dict[str, Any]:
+        """The packed form of a tree shaped like the params: ``{key: buffer or leaf}``."""
+        leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_indexed_slices)
+        if treedef != self.treedef:
+            reference = self.treedef.unflatten(
+                [jax.ShapeDtypeStruct(s, jnp.float32) for s in self.shapes]
+            )
+            check_same_structure(tree, reference, owner, "params")
+            raise ValueError(f"{owner}: the {what} tree {treedef} differs from {self.treedef}")
+        packed = {}
+        for key, indices in self.groups:
+            parts = []
+            for i in indices:
+                leaf = leaves[i]
+                if isinstance(leaf, (int, float)) and not isinstance(leaf, bool):
+                    leaf = jnp.asarray(leaf, jnp.float32)
+                if isinstance(leaf, IndexedSlices):
+                    raise TypeError(
+                        f"{owner}: {what} {self.paths[i]} is an IndexedSlices but its param is "
+                        "packed into a flat buffer; lower `max_leaf_size` below its size "
+                        f"({math.prod(self.shapes[i])}) to keep it sparse"
+                    )
+                if what == "gradient":
+                    check_leaf(self.paths[i], leaf, self.shapes[i], owner)
+                elif tuple(jnp.shape(leaf)) != self.shapes[i]:
+                    raise ValueError(
+                        f"{owner}: {what} {self.paths[i]} has shape {tuple(jnp.shape(leaf))}, "
+                        f"expected {self.shapes[i]} (the shape it had in init)"
+                    )
+                parts.append(jnp.ravel(leaf))
+            packed[key] = jnp.concatenate(parts)
+        for key, i in self.loose:
+            packed[key] = leaves[i]
+        return packed
+
+    def unpack(self, packed: dict[str, Any]) -> PyTree:
+        """The tree shaped like the params that :meth:`pack` made ``packed`` from."""
+        leaves: list[Any] = [None] * len(self.shapes)
+        for key, indices in self.groups:
+            buffer, offset = packed[key], 0
+            for i in indices:
+                size = math.prod(self.shapes[i])
+                leaves[i] = buffer[offset : offset + size].reshape(self.shapes[i])
+                offset += size
+        for key, i in self.loose:
+            leaves[i] = packed[key]
+        return self.treedef.unflatten(leaves)
+
+    def is_packed(self, tree: Any) -> bool:
+        """Whether ``tree`` is shaped like the packed form (a slot, not a scalar slot)."""
+        keys = {key for key, _ in self.groups} | {key for key, _ in self.loose}
+        return isinstance(tree, dict) and set(tree) == keys
+
+
+class FlattenedState(NamedTuple):
+    """State of :func:`flatten`: the inner state over the packed buffers, and their layout.
+
+    :func:`kopt.get_slot` and :func:`kopt.slot_names` read it through :meth:`unflattened`,
+    so slots come back shaped like the params.
+    """
+
+    inner_state: Any
+    layout: FlatLayout
+
+    def unflattened(self) -> Any:
+        """The inner state with every slot unpacked to a tree shaped like the params."""
+
+        def unpack_slots(s):
+            if not isinstance(s, OptimizerState):
+                return s
+            slots = {
+                name: self.layout.unpack(tree) if self.layout.is_packed(tree) else tree
+                for name, tree in s.slots.items()
+            }
+            return s._replace(slots=slots)
+
+        return jax.tree.map(
+            unpack_slots, self.inner_state, is_leaf=lambda x: isinstance(x, OptimizerState)
+        )
+
+
+def _is_sharded(p: Any) -> bool:
+    """True for a param split over several devices (concrete or, with explicit axes, traced)."""
+    if isinstance(p, jax.core.Tracer):
+        spec = getattr(getattr(jax.typeof(p), "sharding", None), "spec", None)
+        return spec is not None and any(axis is not None for axis in spec)
+    sharding = getattr(p, "sharding", None)
+    return sharding is not None and not sharding.is_fully_replicated
+
+
+def flatten(
+    transformation: GradientTransformation, max_leaf_size: int = 16384
+) -> GradientTransformation:
+    """Runs an elementwise ``transformation`` on one flat buffer per dtype instead of per leaf.
+
+    A jitted step over many small leaves spends its time on buffers, not arithmetic: every
+    slot leaf is one more kernel and one more output (see ``benchmarks/``). ``flatten`` packs
+    the params of at most ``max_leaf_size`` elements into one 1-D buffer per dtype, so each
+    slot of those leaves is a single array; the gradients are concatenated on the way in and
+    the updates split on the way out. Larger leaves, and leaves sharded over several devices,
+    stay as they are (their slots keep the params' sharding).
+
+    Only for transformations that treat every element alike: every kopt optimizer except
+    :func:`kopt.lamb` and :func:`kopt.adafactor` (and building blocks such as
+    :func:`kopt.clip_by_norm`, :func:`kopt.masked`, :func:`kopt.multi_transform`, whose result
+    depends on the leaves' shapes or tree). Sparse gradients of packed leaves are rejected.
+    :func:`kopt.get_slot` still returns slots shaped like the params, and hyperparameters are
+    read and set as usual. The updates equal the unflattened transformation's (up to rounding).
+
+    Args:
+        transformation: the elementwise transformation to run packed.
+        max_leaf_size: the largest leaf (in elements) to pack.
+
+    Returns:
+        A transformation with a :class:`FlattenedState`.
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> tx = kopt.flatten(kopt.sgd(learning_rate=0.1, momentum=0.9))
+        >>> params = {"w": jnp.zeros((2, 2)), "b": jnp.zeros(2)}
+        >>> state = tx.init(params)
+        >>> grads = {"w": jnp.ones((2, 2)), "b": -jnp.ones(2)}
+        >>> updates, state = tx.update(grads, state, params)
+        >>> updates["b"]
+        Array([0.1, 0.1], dtype=float32)
+        >>> kopt.get_slot(state, "momentum")["w"].shape
+        (2, 2)
+    """
+    owner = "flatten"
+    if isinstance(max_leaf_size, bool) or not isinstance(max_leaf_size, int) or max_leaf_size < 0:
+        raise ValueError(
+            f"{owner}: `max_leaf_size` must be an int >= 0, received {max_leaf_size!r}"
+        )
+
+    def init_fn(params):
+        check_floating_params(params, owner)
+        flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+        paths = tuple(jax.tree_util.keystr(path) or "<root>" for path, _ in flat)
+        shapes = tuple(tuple(jnp.shape(p)) for _, p in flat)
+        by_dtype: dict[str, list[int]] = {}
+        loose = []
+        for i, (_, p) in enumerate(flat):
+            if math.prod(shapes[i]) <= max_leaf_size and not _is_sharded(p):
+                by_dtype.setdefault(f"packed {jnp.result_type(p).name}", []).append(i)
+            else:
+                loose.append((paths[i], i))
+        layout = FlatLayout(
+            treedef,
+            paths,
+            shapes,
+            tuple((key, tuple(indices)) for key, indices in by_dtype.items()),
+            tuple(loose),
+        )
+        return FlattenedState(transformation.init(layout.pack(params, owner, "param")), layout)
+
+    def update_fn(updates, state, params=None):
+        layout = state.layout
+        packed_params = None if params is None else layout.pack(params, owner, "param")
+        packed_updates, inner_state = transformation.update(
+            layout.pack(updates, owner, "gradient"), state.inner_state, packed_params
+        )
+        return layout.unpack(packed_updates), FlattenedState(inner_state, layout)
+
+    return GradientTransformation(init_fn, update_fn)
