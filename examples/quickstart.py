@@ -177,6 +177,7 @@ def plot(curves: dict[str, np.ndarray], steps: int, out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = ["-", "--", ":", "-."]
@@ -184,6 +185,7 @@ def plot(curves: dict[str, np.ndarray], steps: int, out: Path) -> None:
         steps_axis = np.arange(1, len(losses) + 1)
         ax.plot(steps_axis, smooth(losses), styles[i % len(styles)], label=name, linewidth=1.6)
     ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step")
     ax.set_ylabel(f"training loss (cross-entropy, batch {BATCH_SIZE}, smoothed)")
     ax.set_title(f"kopt optimizers: MLP on scikit-learn digits, {steps} steps")
