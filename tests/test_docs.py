@@ -95,3 +95,10 @@ def test_python_examples_in_the_docs_run():
         timeout=600,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_readme_opens_with_the_two_commands():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    first_block = re.search(r"```\w*\n(.*?)```", readme, re.DOTALL).group(1)
+    assert first_block.strip().splitlines() == ["make demo", "make test"]
+    assert readme.index("## Quick start") < readme.index("```")
