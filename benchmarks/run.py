@@ -96,6 +96,7 @@ def timed_row(
     budget: Budget,
     notes: list[str],
     target: float | None = None,
+    bandwidth: bool = True,
 ) -> Row | None:
     """Builds both contenders and times them as a pair; a contender that cannot run is a note."""
     n_params, n_leaves = size
@@ -113,7 +114,7 @@ def timed_row(
         return None
     row.timing = harness.paired(step_a, step_b, budget)
     bytes_per_param = harness.BYTES_PER_PARAM.get(optimizer)
-    if bytes_per_param:
+    if bandwidth and bytes_per_param:
         row.gbps = bytes_per_param * n_params / (row.timing.a_ms * 1e-3) / 1e9
     del step_a, step_b
     print(f"  {row.a_name} vs {row.b_name}, {where}: {row.timing.ratio:.2f}", file=sys.stderr)
@@ -270,19 +271,25 @@ def suite_peers(cfg: Config) -> Section:
         "A is kopt's jitted pure step or its facade; B is the peer as its users run it. "
         "Rows run in another interpreter say so in the notes.",
     )
-    rows = peer_rows(cfg, None, section.notes)
+    local_notes: list[str] = []
+    rows = peer_rows(cfg, None, local_notes)
     missing = [
         name
         for name in ("tf.keras legacy eager", "tf.keras legacy tf.function", "torch fused")
         if not any(r is not None and r.b_name == name for r in rows)
     ]
+    ran_elsewhere: set[str] = set()
     for python in cfg.peer_pythons:
         if not missing:
             break
         child_rows, child_notes = run_peer_child(python, cfg, missing)
         rows += child_rows
         section.notes += child_notes
-        missing = [m for m in missing if not any(r.b_name == m for r in child_rows)]
+        ran_elsewhere |= {r.b_name for r in child_rows}
+        missing = [m for m in missing if m not in ran_elsewhere]
+    section.notes[:0] = [
+        n for n in local_notes if not any(n.startswith(f"skipped {m} rows") for m in ran_elsewhere)
+    ]
     if not cfg.peer_pythons and missing:
         section.notes.append(
             "no --peer-python given: rows needing an interpreter with tensorflow/torch were not "
@@ -362,6 +369,7 @@ def suite_sparse(cfg: Config) -> Section:
                 ("dense", lambda o=optimizer: sparse_step(o, vocab, dim, batch, False)),
                 cfg.budget,
                 section.notes,
+                bandwidth=False,
             )
         )
     section.table = table_of(rows, cfg)
@@ -506,24 +514,30 @@ def suite_compile(cfg: Config) -> Section:
     changes = 5
     section = Section(
         "Compilations while a hyperparameter changes (Adam)",
-        f"Backend compilations counted with `jax.monitoring` over {changes} learning-rate "
-        f"changes, each followed by a step, after one warm-up change and step "
-        f"({harness.format_size(n)} params in {leaves} leaves). 0 means the change is data.",
+        "Backend compilations counted with `jax.monitoring`: in a fresh optimizer's first two "
+        f"steps (1 is ideal: one program), then over {changes} learning-rate changes each "
+        f"followed by a step (0 is ideal: the change is data). {harness.format_size(n)} params "
+        f"in {leaves} leaves; a throwaway instance runs first so eager helpers are compiled.",
     )
     body = []
     for name, build in compile_cases():
         try:
+            warm = build(n, leaves)
+            warm(0.5)
+            warm(0.4)
             change_and_step = build(n, leaves)
-            change_and_step(0.5)
-            count = count_compilations(
+            first = count_compilations(lambda s=change_and_step: [s(0.5), s(0.4)])
+            later = count_compilations(
                 lambda s=change_and_step: [s(0.1 * i) for i in range(changes)]
             )
-            body.append([name, str(count)])
+            body.append([name, str(first), str(later)])
         except Unavailable as e:
             section.notes.append(f"skipped {name}: {e}")
         except Exception as e:
             section.notes.append(f"failed {name}: {type(e).__name__}: {e}")
-    section.table = harness.markdown_table(["how the learning rate changes", "compilations"], body)
+    section.table = harness.markdown_table(
+        ["how the learning rate changes", "first two steps", f"next {changes} changes"], body
+    )
     return section
 
 
@@ -721,7 +735,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def header(cfg: Config, argv: list[str]) -> str:
+def header(cfg: Config, argv: list[str], loads: list[tuple[float, ...]]) -> str:
     machine = harness.machine_description()
     commit = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
@@ -740,6 +754,9 @@ def header(cfg: Config, argv: list[str]) -> str:
         "|---|---|",
     ]
     lines += [f"| {k} | {v} |" for k, v in machine.items()]
+    if loads:
+        shown = " at start, ".join(", ".join(f"{x:.1f}" for x in load) for load in loads)
+        lines.append(f"| load average (1, 5, 15 min) | {shown} at end |")
     if cfg.inplace_gbps:
         lines.append(
             f"| in-place bandwidth | {cfg.inplace_gbps:.1f} GB/s (jitted, donated `a + b` on "
@@ -782,11 +799,14 @@ def main(argv: list[str] | None = None) -> int:
         "memory": suite_memory,
         "compile": suite_compile,
     }
+    loads = [os.getloadavg()] if hasattr(os, "getloadavg") else []
     sections = []
     for name in args.only:
         print(f"[{name}]", file=sys.stderr)
         sections.append(suites[name](cfg))
-    report = "\n\n".join([header(cfg, argv)] + [s.markdown() for s in sections]) + "\n"
+    if loads:
+        loads.append(os.getloadavg())
+    report = "\n\n".join([header(cfg, argv, loads)] + [s.markdown() for s in sections]) + "\n"
     print(report)
     if args.output is not None:
         args.output.write_text(report)
