@@ -124,7 +124,7 @@ def _is_sharded(p: Any) -> bool:
 
 
 def flatten(
-    transformation: GradientTransformation, max_leaf_size: int = 16384
+    transformation: GradientTransformation, max_leaf_size: int = 8192
 ) -> GradientTransformation:
     """Runs an elementwise ``transformation`` on one flat buffer per dtype instead of per leaf.
 
@@ -133,7 +133,9 @@ def flatten(
     the params of at most ``max_leaf_size`` elements into one 1-D buffer per dtype, so each
     slot of those leaves is a single array; the gradients are concatenated on the way in and
     the updates split on the way out. Larger leaves, and leaves sharded over several devices,
-    stay as they are (their slots keep the params' sharding).
+    stay as they are (their slots keep the params' sharding). Under ``jax.jit(tx.init)`` without
+    explicit mesh axes a param's sharding is not known at trace time: call ``init`` outside
+    ``jit`` when small params are sharded.
 
     Only for transformations that treat every element alike: every kopt optimizer except
     :func:`kopt.lamb` and :func:`kopt.adafactor` (and building blocks such as
@@ -144,7 +146,9 @@ def flatten(
 
     Args:
         transformation: the elementwise transformation to run packed.
-        max_leaf_size: the largest leaf (in elements) to pack.
+        max_leaf_size: the largest leaf (in elements) to pack. Packing copies the gradient
+            into the buffer; on a 2-core CPU that costs more than the leaf's own buffers save
+            somewhere between 8k and 16k float32 elements.
 
     Returns:
         A transformation with a :class:`FlattenedState`.
