@@ -149,6 +149,9 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     return: only those rows are changed (a scatter-add, no table-sized temporary). ``None``
     leaves are left alone.
 
+    Raises:
+        ValueError: if a dense update's shape differs from its param's (no broadcasting).
+
     Example:
         >>> import jax.numpy as jnp, kopt
         >>> kopt.apply_updates({"w": jnp.ones(2, jnp.bfloat16)}, {"w": jnp.ones(2)})["w"].dtype
@@ -156,16 +159,24 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     """
     from kopt.sparse import IndexedSlices, is_indexed_slices
 
-    def add(p, u):
+    def add(path, p, u):
         if u is None or p is None:
             return p
         if isinstance(u, IndexedSlices):
             rows = u.values.astype(jnp.promote_types(p.dtype, u.values.dtype))
             new = p.astype(rows.dtype).at[u.indices].add(rows, mode="drop")
             return new.astype(p.dtype)
-        return (jnp.asarray(p) + u).astype(jnp.asarray(p).dtype)
+        p = jnp.asarray(p)
+        if jnp.shape(u) != p.shape:
+            raise ValueError(
+                f"apply_updates: update {jax.tree_util.keystr(path) or '<root>'} has shape "
+                f"{jnp.shape(u)}, expected the param's shape {p.shape}"
+            )
+        return (p + u).astype(p.dtype)
 
-    return jax.tree.map(add, params, updates, is_leaf=lambda x: x is None or is_indexed_slices(x))
+    return jax.tree_util.tree_map_with_path(
+        add, params, updates, is_leaf=lambda x: x is None or is_indexed_slices(x)
+    )
 
 
 def safe_increment(count: jax.Array) -> jax.Array:

@@ -194,3 +194,10 @@ def test_schedule_arguments_are_checked():
         kopt.schedules.cosine_decay("0.1", decay_steps=10)
     with pytest.raises(ValueError, match="boundaries"):
         kopt.schedules.piecewise_constant_decay([1, 2], [0.1, 0.2])
+
+
+def test_apply_updates_refuses_to_broadcast():
+    params = {"dense": {"kernel": jnp.ones((3, 1))}}
+    with pytest.raises(ValueError, match=re.escape("['dense']['kernel']")) as info:
+        kopt.apply_updates(params, {"dense": {"kernel": jnp.ones(3)}})
+    assert "(3,)" in str(info.value) and "(3, 1)" in str(info.value)

@@ -27,17 +27,14 @@ def dense_equivalent():
     return g
 
 
-def warmed_up(tx):
-    table = jnp.asarray(TABLE)
-    updates, state = jax.jit(tx.update)(jnp.asarray(WARMUP), tx.init(table), table)
-    return kopt.apply_updates(table, updates), state
-
-
 def sparse_and_dense_steps(tx):
-    table, state = warmed_up(tx)
+    update = jax.jit(tx.update)
+    table = jnp.asarray(TABLE)
+    updates, state = update(jnp.asarray(WARMUP), tx.init(table), table)
+    table = kopt.apply_updates(table, updates)
     sparse = kopt.IndexedSlices(jnp.asarray(VALUES), jnp.asarray(INDICES), (6, 3))
-    sparse_updates, sparse_state = jax.jit(tx.update)(sparse, state, table)
-    dense_updates, dense_state = jax.jit(tx.update)(jnp.asarray(dense_equivalent()), state, table)
+    sparse_updates, sparse_state = update(sparse, state, table)
+    dense_updates, dense_state = update(jnp.asarray(dense_equivalent()), state, table)
     return {
         "before": (np.asarray(table), state),
         "sparse": (
