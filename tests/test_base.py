@@ -4,6 +4,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference as ref
 import pytest
 from optimizer_zoo import OPTIMIZERS
 
@@ -199,3 +200,28 @@ def test_apply_updates_scatter_adds_indexed_slices():
     padded = kopt.IndexedSlices(jnp.ones((2, 2)), jnp.array([0, 4]))
     new = kopt.apply_updates(table, padded)
     np.testing.assert_array_equal(new, [[1, 1], [0, 0], [0, 0], [0, 0]])
+
+
+def test_vmap_over_models_and_learning_rates():
+    w0 = np.array([[1.0, -2.0], [0.5, 0.25], [-1.0, 3.0]])
+    grads_seq = [np.cos(w0 + t) for t in range(3)]
+    tx = kopt.adam(0.1)
+    params, state = jnp.asarray(w0, jnp.float32), jax.vmap(tx.init)(jnp.asarray(w0, jnp.float32))
+    step = jax.jit(jax.vmap(tx.update))
+    for g in grads_seq:
+        updates, state = step(jnp.asarray(g, jnp.float32), state, params)
+        params = kopt.apply_updates(params, updates)
+    for i in range(3):
+        expected = ref.adam(w0[i], [g[i] for g in grads_seq], lr=0.1)
+        np.testing.assert_allclose(params[i], expected, rtol=1e-5)
+
+    # A learning-rate sweep: one model, one state per learning rate.
+    tx = kopt.sgd(0.0)
+
+    def sweep(lr):
+        state = kopt.set_hyperparam(tx.init(jnp.ones(2)), "learning_rate", lr)
+        updates, _ = tx.update(jnp.array([1.0, -2.0]), state)
+        return updates
+
+    updates = jax.jit(jax.vmap(sweep))(jnp.array([0.1, 0.5, 1.0]))
+    np.testing.assert_allclose(updates, [[-0.1, 0.2], [-0.5, 1.0], [-1.0, 2.0]], rtol=1e-6)
