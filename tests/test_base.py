@@ -225,3 +225,29 @@ def test_vmap_over_models_and_learning_rates():
 
     updates = jax.jit(jax.vmap(sweep))(jnp.array([0.1, 0.5, 1.0]))
     np.testing.assert_allclose(updates, [[-0.1, 0.2], [-0.5, 1.0], [-1.0, 2.0]], rtol=1e-6)
+
+
+def test_wrapped_and_chained_states_never_retrace():
+    chex.clear_trace_counter()
+    inner = kopt.multi_transform(
+        {"a": kopt.adam(0.1), "b": kopt.sgd(0.1, momentum=0.9)}, {"w": "a", "b": "b"}
+    )
+    tx = kopt.chain(
+        kopt.clip_by_global_norm(1.0),
+        kopt.apply_if_finite(kopt.accumulate_gradients(inner, 2), 2),
+        kopt.ema(0.9, overwrite_frequency=3),
+    )
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return kopt.apply_updates(params, updates), state
+
+    params = small_params()
+    state = tx.init(params)
+    for i in range(6):
+        state = kopt.set_hyperparam(state, "learning_rate", 0.05 * i)
+        state = kopt.set_hyperparam(state, "global_clipnorm", 1.0 + i)
+        params, state = step(params, state, ones_like_tree(params))
+    assert float(kopt.get_hyperparam(state, "global_clipnorm")) == 6.0
