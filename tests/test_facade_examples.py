@@ -53,7 +53,7 @@ def test_custom_loop_with_var_list_fn_sees_fresh_data_every_step():
     loss_fn = lambda: jnp.mean(jnp.square(model(input) - output), axis=-1)  # per sample, as mse
     var_list_fn = lambda: model.trainable_weights
     kernel, bias = None, None
-    for input, output in data:  # noqa: A001 - the names of tf.keras's example
+    for input, output in data:  # tf.keras's example names, read by the closure
         opt.minimize(loss_fn, var_list_fn)
         if kernel is None:  # NumPy twin, from the values the model was created with
             kernel = np.linspace(-0.5, 0.5, 6).reshape(3, 2)
