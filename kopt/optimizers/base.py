@@ -44,9 +44,10 @@ class PerReplica:
     """Per-replica gradients stacked along a leading replica axis, as ``pmap`` returns them.
 
     ``apply_gradients`` hands them to ``gradient_aggregator``; the default one sums over the
-    replica axis before clipping (tf.keras's cross-replica sum). With
-    ``experimental_aggregate_gradients=False`` they go to your own ``gradient_aggregator`` /
-    ``gradient_transformers`` unreduced, which must return plain gradients.
+    replica axis before clipping (tf.keras's cross-replica sum), and your own aggregator may
+    average or otherwise reduce them instead. ``experimental_aggregate_gradients=False`` skips
+    the aggregator, as in tf.keras: the gradients must then already be reduced, and a
+    ``PerReplica`` gradient is rejected (nothing changes).
 
     Example:
         >>> import jax.numpy as jnp, kopt
