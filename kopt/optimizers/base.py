@@ -203,6 +203,7 @@ class Optimizer:
         self._iterations: Variable | None = None
         self._lock = threading.RLock()
         self._programs: dict[Any, Any] = {}
+        self._validated: set[Any] = set()  # call signatures that passed validation
         self._transformations: dict[Any, core.GradientTransformation] = {}
         self.compile_count = 0
         self._clipnorm = self._global_clipnorm = self._clipvalue = None
@@ -708,11 +709,15 @@ class Optimizer:
         pairs = _filter_empty_gradients(pairs)
         if not pairs:
             return None
-        self._validate(pairs, experimental_aggregate_gradients)
+        signature = _signature(pairs, experimental_aggregate_gradients)
+        if signature is None or signature not in self._validated:
+            self._validate(pairs, experimental_aggregate_gradients)
         with self._lock, self._rollback_on_error():
             var_list = [v for _, v in pairs]
             self._create_all_weights(var_list)
-            self._run_step(pairs, experimental_aggregate_gradients)
+            self._run_step(pairs, experimental_aggregate_gradients, signature)
+        if signature is not None:
+            self._validated.add(signature)
         return self._iterations
 
     def _validate(self, pairs, aggregate: bool) -> None:
@@ -767,12 +772,12 @@ class Optimizer:
             self._opaque[:] = opaque
             raise
 
-    def _run_step(self, pairs, aggregate: bool) -> None:
+    def _run_step(self, pairs, aggregate: bool, signature=None) -> None:
         var_list = [v for _, v in pairs]
         grads = [g.value if isinstance(g, Variable) else g for g, _ in pairs]
         state_vars = self._state_variables(var_list)
         hyper_vars, dynamic = self._step_arguments()
-        key = self._program_key(var_list, grads, aggregate, state_vars, hyper_vars)
+        key = self._program_key(var_list, grads, aggregate, state_vars, hyper_vars, signature)
         program = self._programs.get(key)
         if program is None:
             program = self._compile(var_list, state_vars, hyper_vars, grads, aggregate)
@@ -809,42 +814,45 @@ class Optimizer:
         for attr in ("clipvalue", "clipnorm", "global_clipnorm"):
             value = getattr(self, "_" + attr)
             if value is not None:
-                dynamic["clip:" + attr] = jnp.asarray(value, jnp.float32)
+                dynamic["clip:" + attr] = self._device_constant(value)
         if self._uses_transformation():
             for name, value in self._plain_hyperparams().items():
-                dynamic["plain:" + name] = jnp.asarray(value, jnp.float32)
+                dynamic["plain:" + name] = self._device_constant(value)
         return hyper_vars, dynamic
+
+    def _device_constant(self, value: Any) -> jax.Array:
+        """A float32 device scalar for a Python number, made once per distinct value."""
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return jnp.asarray(value, jnp.float32)
+        cache = self.__dict__.setdefault("_constants", {})
+        out = cache.get(value)
+        if out is None:
+            if len(cache) > 64:
+                cache.clear()
+            out = cache[value] = jnp.asarray(value, jnp.float32)
+        return out
 
     def _plain_hyperparams(self) -> dict[str, float]:
         """Built-ins: functional hyperparameters that are plain attributes in Keras (epsilon)."""
         return {}
 
-    def _program_key(self, var_list, grads, aggregate: bool, state_vars, hyper_vars):
-        def describe(g):
-            if isinstance(g, IndexedSlices):
-                return ("sparse", tuple(g.values.shape), str(g.values.dtype))
-            if isinstance(g, PerReplica):
-                return ("replica", tuple(jnp.shape(g.values)))
-            return ("dense", tuple(jnp.shape(g)), str(getattr(g, "dtype", type(g))))
-
+    def _program_key(self, var_list, grads, aggregate: bool, state_vars, hyper_vars, signature):
+        if signature is None:
+            signature = _signature(list(zip(grads, var_list, strict=True)), aggregate)
         hyper_kinds = tuple(
             (k, "var" if isinstance(v, Variable) else id(v) if _is_step_schedule(v) else "call")
-            for k, v in sorted(self._hyper.items())
+            for k, v in self._hyper.items()
         )
         return (
-            tuple(v._uid for v in var_list),
+            signature,
             tuple(s._uid for s in state_vars),  # the program binds these very variables
             tuple(h._uid for h in hyper_vars),
-            tuple(describe(g) for g in grads),
-            tuple(str(v.sharding) for v in var_list),
+            tuple(getattr(v._storage, "sharding", None) for v in var_list),
             tuple(id(v.constraint) for v in var_list),
             hyper_kinds,
-            tuple(
-                getattr(self, "_" + a) is None for a in ("clipvalue", "clipnorm", "global_clipnorm")
-            ),
+            (self._clipvalue is None, self._clipnorm is None, self._global_clipnorm is None),
             id(self.gradient_aggregator),
             tuple(id(t) for t in self.gradient_transformers),
-            aggregate,
             self._initial_decay,
         )
 
@@ -1070,12 +1078,14 @@ class Optimizer:
     def __getstate__(self) -> dict[str, Any]:
         """For copies: everything but the lock and the compiled programs (they bind this
         optimizer's own variables)."""
-        skip = ("_lock", "_programs", "_transformations", "compile_count")
+        skip = ("_lock", "_programs", "_transformations", "compile_count", "_validated")
         return {k: v for k, v in self.__dict__.items() if k not in skip}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.__dict__.update(_lock=threading.RLock(), _programs={}, _transformations={})
+        self.__dict__.update(
+            _lock=threading.RLock(), _programs={}, _transformations={}, _validated=set()
+        )
         self.__dict__["compile_count"] = 0
 
     def __repr__(self) -> str:
@@ -1216,3 +1226,28 @@ def _check_gradient(g: Any, v: Variable, aggregate: bool) -> None:
         raise TypeError(
             f"apply_gradients: the gradient for {v.name} has dtype {g.dtype}, expected {v.dtype}"
         )
+
+
+def _signature(pairs, aggregate: bool):
+    """What validation depends on, per pair: the variable and the gradient's kind, shape and
+    dtype. A call whose signature passed validation before skips it (None: validate)."""
+    out = []
+    for g, v in pairs:
+        if type(v) is not Variable:
+            return None
+        kind = type(g)
+        if kind is IndexedSlices:
+            g_sig = (
+                kind,
+                g.values.shape,
+                g.values.dtype,
+                g.indices.shape,
+                g.indices.dtype,
+                g.dense_shape,
+            )
+        elif kind is PerReplica:
+            g_sig = (kind, getattr(g.values, "shape", None), getattr(g.values, "dtype", None))
+        else:
+            g_sig = (kind, getattr(g, "shape", None), getattr(g, "dtype", None))
+        out.append((v._uid, g_sig))
+    return tuple(out), aggregate
