@@ -39,7 +39,8 @@ def scale_by_adam(
         u = \frac{\sqrt{1 - \beta_2^t}}{1 - \beta_1^t}\,\frac{m}{\sqrt{v} + \epsilon}
 
     With ``amsgrad``, ``vhat = max(vhat, v)`` (of the raw ``v``) replaces ``v`` in the root.
-    A sparse gradient is applied as the dense gradient with zero rows (Keras decays every row).
+    A sparse gradient decays every row's moments and adds its rows (duplicates summed first),
+    as Keras's sparse path does, without building a table-sized gradient.
     Slots: ``m``, ``v`` and, with amsgrad, ``vhat``. Reference: Kingma and Ba, 2014.
 
     Example:
@@ -63,10 +64,16 @@ def scale_by_adam(
 
     def rule(g, s, p, c):
         m, v = s["m"], s["v"]
-        g = as_dense(g, m.shape).astype(m.dtype)
         c = cast_coefficients(c, m.dtype)
-        m = m + (g - m) * (1 - c["beta_1"])
-        v = v + (g * g - v) * (1 - c["beta_2"])
+        if isinstance(g, IndexedSlices):  # Keras's sparse path: decay every row, add the rows
+            d = deduplicate(g, m.shape[0])
+            rows = d.values.astype(m.dtype)
+            m = (m * c["beta_1"]).at[d.indices].add(rows * (1 - c["beta_1"]), mode="drop")
+            v = (v * c["beta_2"]).at[d.indices].add(rows * rows * (1 - c["beta_2"]), mode="drop")
+        else:
+            g = g.astype(m.dtype)
+            m = m + (g - m) * (1 - c["beta_1"])
+            v = v + (g * g - v) * (1 - c["beta_2"])
         new = {"m": m, "v": v}
         if amsgrad:
             new["vhat"] = v = jnp.maximum(s["vhat"], v)
