@@ -234,8 +234,8 @@ def check_hyperparam(
         raise TypeError(
             f"{owner}: `{name}` must be {expected}, received {type(value).__name__}: {value!r:.80}"
         )
-    if number != number:
-        raise ValueError(f"{owner}: `{name}` must be a number, received nan")
+    if number != number or number in (float("inf"), float("-inf")):
+        raise ValueError(f"{owner}: `{name}` must be a finite number, received {number}")
     if low is not None and (number < low or (not low_inclusive and number == low)):
         bound = f">= {low}" if low_inclusive else f"> {low}"
         raise ValueError(f"{owner}: `{name}` must be {bound}, received {number}")

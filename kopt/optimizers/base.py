@@ -245,6 +245,14 @@ class Optimizer:
         schedule or callable replaces it.
         """
         _check_number(type(self).__name__, name, value)
+        if not callable(value) or isinstance(value, Variable):
+            number = float(np.asarray(value.numpy() if isinstance(value, Variable) else value))
+            if not np.isfinite(number):
+                raise ValueError(
+                    f"{type(self).__name__}: `{name}` must be finite, received {value}"
+                )
+            if name in ("learning_rate", "decay") and number < 0:
+                raise ValueError(f"{type(self).__name__}: `{name}` must be >= 0, received {value}")
         with self._lock:
             current = self._hyper.get(name)
             if current is not None and self._uses_transformation():

@@ -1,0 +1,47 @@
+"""Learning rates that are negative or not finite are refused by both APIs, at construction and
+later; NaN gradients propagate through plain optimizers as in tf.keras."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kopt
+from kopt import optimizers
+
+BAD = [-1.0, float("nan"), float("inf")]
+
+
+@pytest.mark.parametrize("value", BAD)
+@pytest.mark.parametrize("factory", [kopt.sgd, kopt.adam, kopt.rmsprop, kopt.lion])
+def test_functional_optimizers_refuse_the_learning_rate(factory, value):
+    with pytest.raises(ValueError, match="learning_rate"):
+        factory(learning_rate=value)
+
+
+@pytest.mark.parametrize("value", BAD)
+@pytest.mark.parametrize("cls", [optimizers.SGD, optimizers.Adam, optimizers.AdamW])
+def test_facade_refuses_the_learning_rate_at_construction(cls, value):
+    with pytest.raises(ValueError, match="learning_rate"):
+        cls(learning_rate=value)
+
+
+@pytest.mark.parametrize("value", BAD)
+def test_facade_refuses_the_learning_rate_later_and_keeps_the_old_one(value):
+    opt = optimizers.Adam(learning_rate=0.1)
+    var = kopt.Variable([1.0])
+    opt.apply_gradients([(jnp.ones(1), var)])
+    before = var.numpy()
+    with pytest.raises(ValueError, match="learning_rate"):
+        opt.learning_rate = value
+    assert float(opt.learning_rate.numpy()) == pytest.approx(0.1)
+    np.testing.assert_array_equal(var.numpy(), before)
+
+
+@pytest.mark.parametrize("cls", [optimizers.SGD, optimizers.Adam, optimizers.RMSprop])
+def test_nan_gradients_propagate_like_tf_keras(cls):
+    # tf.keras's plain optimizers apply a NaN gradient: the variable becomes NaN.
+    opt = cls(learning_rate=0.1)
+    var = kopt.Variable([1.0, 2.0])
+    opt.apply_gradients([(jnp.array([jnp.nan, 1.0]), var)])
+    value = var.numpy()
+    assert np.isnan(value[0]) and np.isfinite(value[1])
