@@ -117,7 +117,9 @@ def kopt_facade(optimizer: str, n_params: int, n_leaves: int) -> Step:
 
     def step():
         opt.apply_gradients(zip(grads, variables, strict=True))
-        variables[-1].value.block_until_ready()
+        # Reading a variable's value hands its buffer out, so the next update would copy it
+        # first; the step count comes out of the same program and costs a scalar.
+        opt.iterations.value.block_until_ready()
 
     step()
     return step
