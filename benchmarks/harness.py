@@ -63,19 +63,21 @@ class Row:
 
 @dataclasses.dataclass
 class Budget:
-    """How long to time each pair: ``seconds`` in all, between ``min_reps`` and ``max_reps``."""
+    """How long to time each pair: ``seconds`` in all over ``rounds`` fresh pairs, each round
+    between ``min_reps`` and ``max_reps`` iterations after ``warmup``."""
 
     seconds: float
     min_reps: int
     max_reps: int
     warmup: int
+    rounds: int = 1
 
 
-def paired(a: Step, b: Step, budget: Budget) -> Timing:
+def paired(a: Step, b: Step, budget: Budget) -> tuple[list[float], list[float]]:
     """Times ``a`` and ``b`` alternately in one loop (ABBA order) so machine drift cancels.
 
-    Each step must run one full update and wait for it. The ratio is the median of the
-    per-iteration ratios ``a_i / b_i``, so a slow spell that hits both sides cancels out.
+    Each step must run one full update and wait for it. Returns the seconds of every step of
+    ``a`` and of ``b``, paired by iteration.
     """
     for _ in range(budget.warmup):
         a()
@@ -103,6 +105,33 @@ def paired(a: Step, b: Step, budget: Budget) -> Timing:
     finally:
         if gc_was_enabled:
             gc.enable()
+    return ta, tb
+
+
+def paired_rounds(
+    build_a: Callable[[], Step], build_b: Callable[[], Step], budget: Budget
+) -> Timing:
+    """:func:`paired` over ``budget.rounds`` freshly built pairs, built in alternating order.
+
+    Fresh instances average out where each one's buffers landed in memory: two instances of
+    the very same 40 MB step can differ by 10 % for as long as they live. The ratio is the
+    median of all per-iteration ratios ``a_i / b_i``, so a slow spell hitting both cancels.
+    """
+    ta: list[float] = []
+    tb: list[float] = []
+    share = dataclasses.replace(budget, seconds=budget.seconds / budget.rounds)
+    for r in range(budget.rounds):
+        if r % 2 == 0:
+            a = build_a()
+            b = build_b()
+        else:
+            b = build_b()
+            a = build_a()
+        xa, xb = paired(a, b, share)
+        ta += xa
+        tb += xb
+        del a, b
+        gc.collect()
     ratios = sorted(x / y for x, y in zip(ta, tb, strict=True))
     q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
     return Timing(
@@ -111,7 +140,7 @@ def paired(a: Step, b: Step, budget: Budget) -> Timing:
         ratio=statistics.median(ratios),
         ratio_q1=q1,
         ratio_q3=q3,
-        reps=reps,
+        reps=len(ratios),
     )
 
 
@@ -148,8 +177,8 @@ def inplace_bandwidth(n: int, budget: Budget) -> float:
         box[0] = add(box[0], other)
         box[0].block_until_ready()
 
-    timing = paired(step, step, budget)
-    return 12 * n / (min(timing.a_ms, timing.b_ms) * 1e-3) / 1e9
+    times, _ = paired(step, step, dataclasses.replace(budget, rounds=1))
+    return 12 * n / statistics.median(times) / 1e9
 
 
 def machine_description() -> dict[str, str]:
