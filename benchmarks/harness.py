@@ -259,7 +259,7 @@ def rows_table(rows: Sequence[Row], inplace_gbps: float | None) -> str:
         target = (
             ""
             if r.target is None
-            else f"<= {r.target:g}" + (" ok" if t.ratio <= r.target else " **missed**")
+            else f"<= {r.target:g}" + (" ok" if round(t.ratio, 2) <= r.target else " **missed**")
         )
         if r.gbps is None:
             bandwidth = ""
