@@ -191,3 +191,21 @@ def test_deepcopy_is_an_independent_optimizer():
     np.testing.assert_allclose(clone.get_slot(var, "m").numpy(), [0.19, 0.19], rtol=1e-6)
     np.testing.assert_allclose(opt.learning_rate.numpy(), 0.42)
     assert clone.weights[0] is clone.iterations and clone.compile_count == 1
+
+
+def test_first_steps_compile_the_step_once():
+    # Fresh values are uncommitted; slots made for them must stay so, or JAX compiles the step
+    # again on the second call (when the first call's outputs come back committed).
+    import jax
+
+    compiles = []
+    jax.monitoring.register_event_listener(
+        lambda event, **kw: compiles.append(event) if "compil" in event else None
+    )
+    var = kopt.Variable(jnp.ones(3))
+    opt = optimizers.Adam(0.1)
+    opt.apply_gradients([(jnp.ones(3), var)])
+    before = len(compiles)
+    for _ in range(3):
+        opt.apply_gradients([(jnp.ones(3), var)])
+    assert len(compiles) == before

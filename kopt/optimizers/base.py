@@ -468,6 +468,7 @@ class Optimizer:
             shape == var.shape
             and var.sharding is not None
             and not isinstance(value, jax.core.Tracer)
+            and getattr(var._storage, "committed", False)  # an uncommitted one stays so
         ):
             value = jax.device_put(value, var.sharding)
         slot = Variable(value, trainable=False, name=f"{self._name}/{var._shared_name}/{slot_name}")
