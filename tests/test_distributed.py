@@ -121,22 +121,9 @@ FACADE = {
 FSDP_SPECS = {"kernel": P("data", None), "bias": P("data"), "embedding": P(None, "data")}
 
 
-ADAFACTOR_V = pytest.mark.xfail(
-    strict=True,
-    reason="Adafactor's `v` of a 2-D param is rebuilt as outer(r, c) from unsharded factored "
-    "slots, so with replicated gradients it comes back replicated (scale_by_adafactor; reported)",
-)
-
-
 @pytest.mark.parametrize(
     "name, grads_placement",
-    [
-        pytest.param(n, placement, marks=ADAFACTOR_V)
-        if (n, placement) == ("Adafactor", "replicated")
-        else (n, placement)
-        for n in FACADE
-        for placement in ("sharded", "replicated")
-    ],
+    [(n, placement) for n in FACADE for placement in ("sharded", "replicated")],
 )
 def test_facade_sharded_variables_keep_sharding_and_slots_follow(name, grads_placement):
     mesh = jax.make_mesh((4,), ("data",))

@@ -869,6 +869,9 @@ class Optimizer:
         iterations = self.iterations
         # Built outside the trace: its placeholders need the hyperparameters' concrete values.
         tx = self._static_transformation() if self._uses_transformation() else None
+        # Every sharded variable and slot leaves the step with the sharding it came in with.
+        var_shardings = [_spread_sharding(v) for v in var_list]
+        state_shardings = [_spread_sharding(s) for s in state_vars]
 
         def step(var_values, grads, state_values, iteration, hyper_values, dynamic):
             self.compile_count += 1
@@ -896,8 +899,14 @@ class Optimizer:
                     self._apply_hooks(gv)
                 new_iteration = core.safe_increment(jnp.asarray(iterations.value))
                 return (
-                    [v.value for v in var_list],
-                    [s.value for s in state_vars],
+                    [
+                        _constrain(v.value, sh)
+                        for v, sh in zip(var_list, var_shardings, strict=True)
+                    ],
+                    [
+                        _constrain(s.value, sh)
+                        for s, sh in zip(state_vars, state_shardings, strict=True)
+                    ],
                     new_iteration,
                 )
 
@@ -1260,3 +1269,24 @@ def _signature(pairs, aggregate: bool):
             g_sig = (kind, getattr(g, "shape", None), getattr(g, "dtype", None))
         out.append((v._uid, g_sig))
     return tuple(out), aggregate
+
+
+def _spread_sharding(variable: Variable) -> Any:
+    """The variable's sharding if it spans several devices (else None: left to XLA)."""
+    sharding = getattr(variable._storage, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.device_set) > 1:
+        return sharding
+    return None
+
+
+def _constrain(value: Any, sharding: Any) -> Any:
+    """Gives a traced output ``sharding``: a constraint over automatic mesh axes, a reshard
+    (when the type says otherwise) over explicit ones."""
+    if sharding is None:
+        return value
+    explicit = jax.sharding.AxisType.Explicit
+    if any(t == explicit for t in getattr(sharding.mesh, "axis_types", ())):
+        if jax.typeof(value).sharding.spec == sharding.spec:
+            return value
+        return jax.sharding.reshard(value, sharding)
+    return jax.lax.with_sharding_constraint(value, sharding)
