@@ -33,6 +33,7 @@ from kopt.optimizers.schedules import deserialize as deserialize_schedule
 from kopt.optimizers.schedules import serialize as serialize_schedule
 from kopt.sparse import IndexedSlices
 from kopt.transforms import clip_by_global_norm, clip_by_norm, clip_by_value
+from kopt.transforms._core import learning_rate_at
 from kopt.variables import Variable, bound, donation_lock, reading, track_reads
 
 logger = logging.getLogger("kopt")
@@ -305,13 +306,13 @@ class Optimizer:
             lr_t = jnp.asarray(lr_t(step)).astype(var_dtype)
         else:
             lr_t = jnp.asarray(lr_t).astype(var_dtype)
+        hp = {"learning_rate": lr_t}
         decay = self._hyper.get("decay")
         if decay is not None and not callable(decay):
-            decay_t = jnp.asarray(decay.value if isinstance(decay, Variable) else decay)
-            lr_t = lr_t / (1.0 + decay_t.astype(var_dtype) * step)
+            hp["decay"] = jnp.asarray(_plain(decay)).astype(var_dtype)
         elif self._initial_decay > 0:
-            lr_t = lr_t / (1.0 + self._initial_decay * step)
-        return lr_t
+            hp["decay"] = jnp.asarray(self._initial_decay, var_dtype)
+        return learning_rate_at(hp, step)
 
     # --- clipping properties -----------------------------------------------------------------
     def _set_clip(self, attr: str, value: Any) -> None:
