@@ -284,3 +284,27 @@ def rows_table(rows: Sequence[Row], inplace_gbps: float | None) -> str:
             ]
         )
     return markdown_table(header, body)
+
+
+def write_block(path: os.PathLike, name: str, text: str) -> None:
+    """Writes ``text`` between ``<!-- begin name -->`` and ``<!-- end name -->`` in ``path``.
+
+    The rest of the file stays: the CPU report (``run.py``) and the GPU report (``gpu.py``) are
+    made on different machines and kept in one ``RESULTS.md``. A file without the markers gets
+    the block appended (a new file holds only the block).
+    """
+    from pathlib import Path
+
+    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
+    block = f"{begin}\n{text.rstrip()}\n{end}\n"
+    target = Path(path)
+    old = target.read_text() if target.exists() else ""
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        tail = rest.split(end, 1)[1].lstrip("\n")
+        new = head + block + ("\n" + tail if tail else "")
+    elif old.strip():
+        new = old.rstrip() + "\n\n" + block
+    else:
+        new = block
+    target.write_text(new)

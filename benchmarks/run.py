@@ -733,7 +733,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[p for p in [os.environ.get("KOPT_BENCH_PEER_PYTHON")] if p],
         help="another interpreter for the tf.keras/torch rows (env KOPT_BENCH_PEER_PYTHON)",
     )
-    parser.add_argument("--output", type=Path, default=None, help="also write the report here")
+    parser.add_argument("--output", type=Path, default=None, help="also write the report into this file's CPU block")
     parser.add_argument("--peer-child", help=argparse.SUPPRESS)
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -825,7 +825,7 @@ def main(argv: list[str] | None = None) -> int:
     report = "\n\n".join([header(cfg, argv, loads)] + [s.markdown() for s in sections]) + "\n"
     print(report)
     if args.output is not None:
-        args.output.write_text(report)
+        harness.write_block(args.output, "cpu", report)
     return 0
 
 

@@ -1,0 +1,387 @@
+"""kopt's GPU benchmark: one script, run on a machine with a CUDA GPU, reported as Markdown.
+
+    python benchmarks/gpu.py --output benchmarks/RESULTS.md   # replaces the GPU block there
+    python benchmarks/gpu.py --quick                           # small sizes (runs on a CPU too)
+
+What it measures, each as paired A/B timings (the same machinery as ``run.py``):
+
+- the card's in-place bandwidth: a jitted, donated ``a + b`` over 100M float32 (12 bytes per
+  element), next to the card's specified peak where the device name is known;
+- kopt's jitted, donated pure step against optax's, for Adam, SGD with momentum, RMSprop and
+  Adagrad, with 100M params in 1, 200 and 1,000 leaves and 1M params in 100 leaves, with the
+  bandwidth each reaches (bytes an in-place step must move over its median time);
+- many leaves against one leaf: kopt's step over 100M params in 200 or 1,000 leaves against
+  the same 100M params in one leaf (same bytes, so the ratio is the per-byte cost of leaves);
+- kopt against torch.optim's fused Adam and SGD on the same card, where torch with CUDA is
+  installed;
+- the facade's ``apply_gradients`` against kopt's pure step.
+
+Arrays are made on the device (``jax.random``, ``torch.randn``) so that building 100M-param
+contenders takes no host time. JAX's preallocation is turned off so torch can share the card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:0] = [str(HERE), str(ROOT)]
+
+import contenders  # noqa: E402
+import harness  # noqa: E402
+from contenders import Unavailable  # noqa: E402
+from harness import Budget, Row  # noqa: E402
+
+OPTIMIZERS = ("adam", "sgd_momentum", "rmsprop", "adagrad")
+FULL_SIZES = ((100_000_000, 1), (100_000_000, 200), (100_000_000, 1000), (1_000_000, 100))
+QUICK_SIZES = ((1_000_000, 1), (1_000_000, 20), (1_000_000, 100), (10_000, 10))
+FULL_BUDGET = Budget(seconds=0.8, min_reps=10, max_reps=500, warmup=3, rounds=2)
+QUICK_BUDGET = Budget(seconds=0.1, min_reps=3, max_reps=100, warmup=1)
+BLOCK = "gpu"
+
+# Specified memory bandwidth (GB/s) by a fragment of the device's name, for the share of peak.
+SPEC_GBPS = {
+    "H100 80GB HBM3": 3350,
+    "H100 PCIe": 2000,
+    "H100 NVL": 3900,
+    "H200": 4800,
+    "A100-SXM4-80GB": 2039,
+    "A100-SXM4-40GB": 1555,
+    "A100-PCIE-40GB": 1555,
+    "A100 80GB PCIe": 1935,
+    "L4": 300,
+    "A10G": 600,
+    "T4": 320,
+}
+
+
+def spec_gbps(device_kind: str) -> float | None:
+    for fragment, gbps in SPEC_GBPS.items():
+        if fragment in device_kind:
+            return gbps
+    return None
+
+
+def device_leaves(n_params: int, n_leaves: int, seed: int) -> list:
+    """``n_leaves`` float32 vectors of ``n_params`` values in all, made on the default device."""
+    import jax
+    import numpy as np
+
+    size = n_params // n_leaves
+    sizes = [size + n_params - size * n_leaves] + [size] * (n_leaves - 1)
+    whole = jax.random.normal(jax.random.key(seed), (n_params,), jax.numpy.float32)
+    if n_leaves == 1:
+        return [whole]
+    parts = jax.jit(lambda x: tuple(jax.numpy.split(x, np.cumsum(sizes)[:-1])))(whole)
+    del whole
+    return list(parts)
+
+
+def device_tree(n_params: int, n_leaves: int, seed: int) -> dict:
+    leaves = device_leaves(n_params, n_leaves, seed)
+    return {harness.leaf_name(i): x for i, x in enumerate(leaves)}
+
+
+def kopt_pure(optimizer: str, n_params: int, n_leaves: int, flat: bool = False) -> harness.Step:
+    import kopt
+
+    tx = contenders.kopt_transformation(optimizer)
+    if flat:
+        # Every leaf packed: on a GPU a leaf is a kernel launch, whatever its size.
+        tx = kopt.flatten(tx, max_leaf_size=n_params)
+    params = device_tree(n_params, n_leaves, 0)
+    return contenders.pure_step(tx, kopt.apply_updates, params, device_tree(n_params, n_leaves, 1))
+
+
+def optax_pure(optimizer: str, n_params: int, n_leaves: int) -> harness.Step:
+    import optax
+
+    tx = contenders.optax_transformation(optimizer)
+    params = device_tree(n_params, n_leaves, 0)
+    return contenders.pure_step(tx, optax.apply_updates, params, device_tree(n_params, n_leaves, 1))
+
+
+def kopt_facade(optimizer: str, n_params: int, n_leaves: int) -> harness.Step:
+    import kopt
+    from kopt import optimizers
+
+    variables = [kopt.Variable(x) for x in device_leaves(n_params, n_leaves, 0)]
+    grads = device_leaves(n_params, n_leaves, 1)
+    opt = contenders._keras_like(optimizers, optimizer)
+
+    def step():
+        opt.apply_gradients(zip(grads, variables, strict=True))
+        opt.iterations.value.block_until_ready()
+
+    step()
+    return step
+
+
+def torch_fused_cuda(optimizer: str, n_params: int, n_leaves: int) -> harness.Step:
+    """torch.optim's fused Adam or SGD over CUDA tensors (its fastest GPU implementation)."""
+    try:
+        import torch
+    except ImportError as e:
+        raise Unavailable("torch is not installed") from e
+    if not torch.cuda.is_available():
+        raise Unavailable("torch sees no CUDA device")
+    size = n_params // n_leaves
+    sizes = [size + n_params - size * n_leaves] + [size] * (n_leaves - 1)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    params = [
+        torch.nn.Parameter(torch.randn(s, device="cuda", generator=gen)) for s in sizes
+    ]
+    for p in params:
+        p.grad = torch.randn(p.shape, device="cuda", generator=gen)
+    if optimizer == "adam":
+        a = contenders.ADAM
+        opt = torch.optim.Adam(params, lr=a["learning_rate"], eps=a["epsilon"], fused=True)
+    elif optimizer == "sgd_momentum":
+        s = contenders.SGD_MOMENTUM
+        opt = torch.optim.SGD(params, lr=s["learning_rate"], momentum=s["momentum"], fused=True)
+    else:
+        raise Unavailable(f"no fused torch {optimizer}")
+
+    def step():
+        with torch.no_grad():
+            opt.step()
+        torch.cuda.synchronize()
+
+    step()
+    return step
+
+
+def timed(
+    rows: list[Row],
+    notes: list[str],
+    suite: str,
+    optimizer: str,
+    size: tuple[int, int],
+    a: tuple[str, Callable[[], harness.Step]],
+    b: tuple[str, Callable[[], harness.Step]],
+    budget: Budget,
+    target: float | None = None,
+) -> None:
+    n_params, n_leaves = size
+    row = Row(suite, optimizer, n_params, n_leaves, a[0], b[0], target=target)
+    where = f"{optimizer}, {harness.format_size(n_params)} params in {n_leaves} leaves"
+    try:
+        row.timing = harness.paired_rounds(a[1], b[1], budget)
+    except Unavailable as e:
+        notes.append(f"skipped {a[0]} vs {b[0]} ({where}): {e}")
+        return
+    except Exception as e:
+        notes.append(f"failed {a[0]} vs {b[0]} ({where}): {type(e).__name__}: {e}")
+        traceback.print_exc(file=sys.stderr)
+        return
+    row.gbps = harness.BYTES_PER_PARAM[optimizer] * n_params / (row.timing.a_ms * 1e-3) / 1e9
+    print(f"  {a[0]} vs {b[0]}, {where}: {row.timing.ratio:.2f}", file=sys.stderr, flush=True)
+    rows.append(row)
+
+
+def report(args: argparse.Namespace) -> str:
+    import tempfile
+
+    import jax
+
+    # Contenders are rebuilt every round: let identical programs come from the compilation
+    # cache instead of compiling again (1,000-leaf steps take seconds to compile on a GPU).
+    jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="kopt-bench-"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+    sizes = QUICK_SIZES if args.quick else FULL_SIZES
+    budget = QUICK_BUDGET if args.quick else FULL_BUDGET
+    big = max(n for n, _ in sizes)
+    device = jax.devices()[0]
+    kind = getattr(device, "device_kind", device.platform)
+    machine = harness.machine_description()
+    machine["device"] = f"{kind} ({device.platform}, {jax.device_count()} device(s))"
+    inplace = harness.inplace_bandwidth(big, dataclasses.replace(budget, seconds=1.0))
+    spec = spec_gbps(kind)
+    machine["in-place bandwidth"] = f"{inplace:.0f} GB/s (jitted, donated `a + b`, {big:,} float32)"
+    if spec:
+        machine["specified bandwidth"] = f"{spec} GB/s; in-place reaches {100 * inplace / spec:.0f} %"
+    try:
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version,clocks.max.memory", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        if smi.returncode == 0 and smi.stdout.strip():
+            machine["nvidia-smi (driver, max memory clock)"] = smi.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    print(f"device {kind}; in-place {inplace:.0f} GB/s", file=sys.stderr, flush=True)
+
+    def sizes_for(optimizer: str) -> list[tuple[int, int]]:
+        # Adam gets every size; the others skip the middle leaf count to save device time.
+        middle = sorted({k for n, k in sizes if n == big})[1:-1]
+        return [s for s in sizes if optimizer == "adam" or s[0] != big or s[1] not in middle]
+
+    notes: list[str] = []
+    pure: list[Row] = []
+    for optimizer in args.optimizers:
+        for size in sizes_for(optimizer):
+            n, k = size
+            timed(
+                pure,
+                notes,
+                "pure",
+                optimizer,
+                size,
+                ("kopt", lambda o=optimizer, n=n, k=k: kopt_pure(o, n, k)),
+                ("optax", lambda o=optimizer, n=n, k=k: optax_pure(o, n, k)),
+                budget,
+                target=1.0,
+            )
+    leaves: list[Row] = []
+    for optimizer in args.optimizers:
+        for n, k in sizes_for(optimizer):
+            if n != big or k == 1:
+                continue
+            timed(
+                leaves,
+                notes,
+                "leaves",
+                optimizer,
+                (n, k),
+                (f"kopt, {k} leaves", lambda o=optimizer, n=n, k=k: kopt_pure(o, n, k)),
+                ("kopt, 1 leaf", lambda o=optimizer, n=n: kopt_pure(o, n, 1)),
+                budget,
+                target=1.0,
+            )
+    for optimizer in args.optimizers:
+        n, k = min(sizes)
+        timed(
+            pure,
+            notes,
+            "pure",
+            optimizer,
+            (n, k),
+            ("kopt.flatten", lambda o=optimizer, n=n, k=k: kopt_pure(o, n, k, flat=True)),
+            ("optax", lambda o=optimizer, n=n, k=k: optax_pure(o, n, k)),
+            budget,
+            target=1.0,
+        )
+    torch_rows: list[Row] = []
+    for optimizer in ("adam", "sgd_momentum"):
+        if optimizer not in args.optimizers:
+            continue
+        for size in sizes:
+            n, k = size
+            timed(
+                torch_rows,
+                notes,
+                "torch",
+                optimizer,
+                size,
+                ("kopt", lambda o=optimizer, n=n, k=k: kopt_pure(o, n, k)),
+                ("torch fused", lambda o=optimizer, n=n, k=k: torch_fused_cuda(o, n, k)),
+                budget,
+            )
+    facade: list[Row] = []
+    for size in sizes:
+        n, k = size
+        timed(
+            facade,
+            notes,
+            "facade",
+            "adam",
+            size,
+            ("kopt facade", lambda n=n, k=k: kopt_facade("adam", n, k)),
+            ("kopt pure", lambda n=n, k=k: kopt_pure("adam", n, k)),
+            budget,
+        )
+
+    def share(rows: list[Row]) -> str:
+        table = harness.rows_table(rows, inplace)
+        if not spec:
+            return table
+        extra = [
+            f"{r.optimizer}, {harness.format_size(r.n_params)} in {r.n_leaves}: "
+            f"{100 * r.gbps / spec:.0f} % of the specified {spec} GB/s"
+            for r in rows
+            if r.gbps is not None and r.n_params == big and r.a_name == "kopt"
+        ]
+        return table + ("\n\n" + "; ".join(extra) + "." if extra else "")
+
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    parts = [
+        "# GPU",
+        "",
+        f"Run on {now}, kopt at commit `{git_commit()}`: `python benchmarks/gpu.py"
+        + (" --quick" if args.quick else "")
+        + "`",
+        "",
+        harness.markdown_table(["machine", ""], [[k, v] for k, v in machine.items()]),
+        "",
+        "Times are medians per step in ms; *A/B* is the median of per-iteration ratios of A and "
+        "B timed alternately (see the CPU report). *A GB/s* is the bytes an in-place step must "
+        "move (28 per param for Adam, 20 for the others) over A's median time, with its share "
+        "of the measured in-place bandwidth.",
+        "",
+        "## Pure step: kopt against optax",
+        "",
+        share(pure),
+        "",
+        f"## Many leaves against one leaf (kopt, the same {harness.format_size(big)} params)",
+        "",
+        harness.rows_table(leaves, inplace),
+        "",
+        "## kopt against torch.optim fused, on the same card",
+        "",
+        harness.rows_table(torch_rows, inplace),
+        "",
+        "## Facade `apply_gradients` against kopt's pure step",
+        "",
+        harness.rows_table(facade, inplace),
+    ]
+    if notes:
+        parts += [""] + [f"- {n}" for n in notes]
+    return "\n".join(parts) + "\n"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+        )
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, few repetitions")
+    parser.add_argument(
+        "--optimizers",
+        default=",".join(OPTIMIZERS),
+        type=lambda s: tuple(x for x in s.split(",") if x),
+        help="comma-separated, of " + ", ".join(OPTIMIZERS),
+    )
+    parser.add_argument(
+        "--output", type=Path, default=None, help="write the report into this file's GPU block"
+    )
+    args = parser.parse_args(argv)
+    text = report(args)
+    print(text)
+    if args.output is not None:
+        harness.write_block(args.output, BLOCK, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
