@@ -138,9 +138,7 @@ def torch_fused_cuda(optimizer: str, n_params: int, n_leaves: int) -> harness.St
     size = n_params // n_leaves
     sizes = [size + n_params - size * n_leaves] + [size] * (n_leaves - 1)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    params = [
-        torch.nn.Parameter(torch.randn(s, device="cuda", generator=gen)) for s in sizes
-    ]
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda", generator=gen)) for s in sizes]
     for p in params:
         p.grad = torch.randn(p.shape, device="cuda", generator=gen)
     if optimizer == "adam":
@@ -211,7 +209,9 @@ def report(args: argparse.Namespace) -> str:
     spec = spec_gbps(kind)
     machine["in-place bandwidth"] = f"{inplace:.0f} GB/s (jitted, donated `a + b`, {big:,} float32)"
     if spec:
-        machine["specified bandwidth"] = f"{spec} GB/s; in-place reaches {100 * inplace / spec:.0f} %"
+        machine["specified bandwidth"] = (
+            f"{spec} GB/s; in-place reaches {100 * inplace / spec:.0f} %"
+        )
     try:
         smi = subprocess.run(
             ["nvidia-smi", "--query-gpu=driver_version,clocks.max.memory", "--format=csv,noheader"],
@@ -317,7 +317,7 @@ def report(args: argparse.Namespace) -> str:
         ]
         return table + ("\n\n" + "; ".join(extra) + "." if extra else "")
 
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
         "# GPU",
         "",

@@ -733,7 +733,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[p for p in [os.environ.get("KOPT_BENCH_PEER_PYTHON")] if p],
         help="another interpreter for the tf.keras/torch rows (env KOPT_BENCH_PEER_PYTHON)",
     )
-    parser.add_argument("--output", type=Path, default=None, help="also write the report into this file's CPU block")
+    parser.add_argument(
+        "--output", type=Path, default=None, help="also write the report into this file's CPU block"
+    )
     parser.add_argument("--peer-child", help=argparse.SUPPRESS)
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
