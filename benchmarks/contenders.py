@@ -72,24 +72,105 @@ def pure_step(transformation, apply_updates, params: dict, grads: dict) -> Step:
     """A step closure over a jitted, donated pure step of ``transformation``."""
     fn = jitted_step(transformation, apply_updates)
     box = [params, transformation.init(params)]
-    last = max(params)
+    last = last_leaf(params)
 
     def step():
         box[0], box[1] = fn(box[0], box[1], grads)
-        box[0][last].block_until_ready()
+        last(box[0]).block_until_ready()
 
     step()
     return step
 
 
-def kopt_pure(optimizer: str, n_params: int, n_leaves: int, wrap=None) -> Step:
+def last_leaf(tree):
+    """A cheap accessor of one output array to wait on (a dict's last key, a Packed's buffer)."""
+    if isinstance(tree, dict):
+        key = max(tree)
+        return lambda t: t[key]
+    key = list(tree.buffers)[-1]
+    return lambda t: t.buffers[key]
+
+
+def kopt_pure(optimizer: str, n_params: int, n_leaves: int, wrap=None, pack=False) -> Step:
+    """kopt's jitted step; ``pack``: params and gradients as :func:`kopt.pack` buffers (the
+    gradient of a loss taken with respect to packed params is packed)."""
     import kopt
 
     tx = kopt_transformation(optimizer)
     if wrap is not None:
         tx = wrap(tx)
     params = jax_tree(n_params, n_leaves, 0)
-    return pure_step(tx, kopt.apply_updates, params, jax_tree(n_params, n_leaves, 1))
+    grads = jax_tree(n_params, n_leaves, 1)
+    if pack:
+        params, grads = kopt.pack(params), kopt.pack(grads)
+    return pure_step(tx, kopt.apply_updates, params, grads)
+
+
+def mlp_params(n_params: int, n_leaves: int, seed: int) -> dict[str, Any]:
+    """An MLP of ``n_leaves // 2`` square tanh layers (kernel and bias) of about ``n_params``."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    layers = max(n_leaves // 2, 1)
+    width = max(int((n_params / layers) ** 0.5), 2)
+    rng = np.random.default_rng(seed)
+    params = {}
+    for i in range(layers):
+        w = rng.standard_normal((width, width), dtype=np.float32) / np.float32(width**0.5)
+        params[f"w{i:04d}"] = jnp.asarray(w)
+        params[f"b{i:04d}"] = jnp.zeros(width, jnp.float32)
+    return params
+
+
+def mlp_loss(params: dict[str, Any], x, y):
+    import jax.numpy as jnp
+
+    h = x
+    for i in range(len(params) // 2):
+        h = jnp.tanh(h @ params[f"w{i:04d}"] + params[f"b{i:04d}"])
+    return jnp.mean((h - y) ** 2)
+
+
+def train_step(library: str, optimizer: str, n_params: int, n_leaves: int, batch=64) -> Step:
+    """A whole jitted training step of an MLP (loss, gradient, update), params and state
+    donated: ``library`` is ``"optax"``, ``"kopt"`` or ``"kopt.pack"`` (params packed, the
+    model reading them through ``unpack()``)."""
+    import jax
+    import jax.numpy as jnp
+
+    params = mlp_params(n_params, n_leaves, 0)
+    width = params["w0000"].shape[0]
+    x = jax.random.normal(jax.random.key(1), (batch, width))
+    y = jnp.tanh(jax.random.normal(jax.random.key(2), (batch, width)))
+    if library == "optax":
+        import optax
+
+        tx, apply_updates, loss = optax_transformation(optimizer), optax.apply_updates, mlp_loss
+    else:
+        import kopt
+
+        tx, apply_updates, loss = kopt_transformation(optimizer), kopt.apply_updates, mlp_loss
+        if library == "kopt.pack":
+            params = kopt.pack(params)
+
+            def loss(p, x, y):
+                return mlp_loss(p.unpack(), x, y)
+
+    def step_fn(params, state, x, y):
+        grads = jax.grad(loss)(params, x, y)
+        updates, state = tx.update(grads, state, params)
+        return apply_updates(params, updates), state
+
+    fn = jax.jit(step_fn, donate_argnums=(0, 1))
+    box = [params, tx.init(params)]
+    last = last_leaf(params)
+
+    def step():
+        box[0], box[1] = fn(box[0], box[1], x, y)
+        last(box[0]).block_until_ready()
+
+    step()
+    return step
 
 
 def optax_pure(optimizer: str, n_params: int, n_leaves: int) -> Step:

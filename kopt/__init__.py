@@ -6,6 +6,7 @@ in :mod:`kopt.optimizers` (stateful optimizers over :class:`kopt.Variable`).
 """
 
 from kopt import schedules
+from kopt._packed import Packed, pack
 from kopt._version import __version__
 from kopt.alias import (
     adadelta,
@@ -77,6 +78,7 @@ __all__ = [
     "MaskedState",
     "MultiTransformState",
     "OptimizerState",
+    "Packed",
     "__version__",
     "accumulate_gradients",
     "adadelta",
@@ -106,6 +108,7 @@ __all__ = [
     "masked",
     "multi_transform",
     "nadam",
+    "pack",
     "rmsprop",
     "scale_by_adadelta",
     "scale_by_adafactor",

@@ -72,11 +72,11 @@ class FlatLayout:
         """The tree shaped like the params that :meth:`pack` made ``packed`` from."""
         leaves: list[Any] = [None] * len(self.shapes)
         for key, indices in self.groups:
-            buffer, offset = packed[key], 0
-            for i in indices:
-                size = math.prod(self.shapes[i])
-                leaves[i] = buffer[offset : offset + size].reshape(self.shapes[i])
-                offset += size
+            sizes = [math.prod(self.shapes[i]) for i in indices]
+            # One split, not a slice per leaf: its gradient is one concatenation, where the
+            # gradients of separate slices are a buffer-sized pad each, summed.
+            for i, part in zip(indices, _split(jnp.asarray(packed[key]), sizes), strict=True):
+                leaves[i] = part.reshape(self.shapes[i])
         for key, i in self.loose:
             leaves[i] = packed[key]
         return self.treedef.unflatten(leaves)
@@ -112,6 +112,39 @@ class FlattenedState(NamedTuple):
         return jax.tree.map(
             unpack_slots, self.inner_state, is_leaf=lambda x: isinstance(x, OptimizerState)
         )
+
+
+def _split(buffer: Any, sizes: list[int]) -> list[Any]:
+    if hasattr(jax.lax, "split"):
+        return jax.lax.split(buffer, sizes)
+    offsets, parts = 0, []
+    for size in sizes:
+        parts.append(buffer[offsets : offsets + size])
+        offsets += size
+    return parts
+
+
+def make_layout(params: PyTree, max_leaf_size: int | None) -> FlatLayout:
+    """The layout packing every leaf of at most ``max_leaf_size`` elements (None: every leaf)
+    that is not split over several devices into one 1-D buffer per dtype."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    paths = tuple(jax.tree_util.keystr(path) or "<root>" for path, _ in flat)
+    shapes = tuple(tuple(jnp.shape(p)) for _, p in flat)
+    by_dtype: dict[str, list[int]] = {}
+    loose = []
+    for i, (_, p) in enumerate(flat):
+        small = max_leaf_size is None or math.prod(shapes[i]) <= max_leaf_size
+        if small and not _is_sharded(p):
+            by_dtype.setdefault(f"packed {jnp.result_type(p).name}", []).append(i)
+        else:
+            loose.append((paths[i], i))
+    return FlatLayout(
+        treedef,
+        paths,
+        shapes,
+        tuple((key, tuple(indices)) for key, indices in by_dtype.items()),
+        tuple(loose),
+    )
 
 
 def _is_sharded(p: Any) -> bool:
@@ -173,23 +206,7 @@ def flatten(
 
     def init_fn(params):
         check_floating_params(params, owner)
-        flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-        paths = tuple(jax.tree_util.keystr(path) or "<root>" for path, _ in flat)
-        shapes = tuple(tuple(jnp.shape(p)) for _, p in flat)
-        by_dtype: dict[str, list[int]] = {}
-        loose = []
-        for i, (_, p) in enumerate(flat):
-            if math.prod(shapes[i]) <= max_leaf_size and not _is_sharded(p):
-                by_dtype.setdefault(f"packed {jnp.result_type(p).name}", []).append(i)
-            else:
-                loose.append((paths[i], i))
-        layout = FlatLayout(
-            treedef,
-            paths,
-            shapes,
-            tuple((key, tuple(indices)) for key, indices in by_dtype.items()),
-            tuple(loose),
-        )
+        layout = make_layout(params, max_leaf_size)
         return FlattenedState(transformation.init(layout.pack(params, owner, "param")), layout)
 
     def update_fn(updates, state, params=None):

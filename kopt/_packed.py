@@ -1,0 +1,125 @@
+"""``pack``: params kept in one buffer per dtype, so a step passes a few arrays, not hundreds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from kopt._tree import check_floating_params
+from kopt.base import PyTree
+from kopt.transforms._flat import FlatLayout, make_layout
+
+__all__ = ["Packed", "pack"]
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class Packed:
+    """A tree of params stored as one 1-D buffer per dtype (plus any leaves left loose).
+
+    Made by :func:`pack`. It is a pytree whose leaves are the buffers, so every optimizer,
+    ``jax.grad``, ``jax.jit`` and :func:`kopt.apply_updates` see a few large arrays: the
+    gradient of a loss taken with respect to a ``Packed`` is a ``Packed`` of the same layout,
+    an optimizer's slots are ``Packed`` too, and :meth:`unpack` gives any of them back shaped
+    like the original tree.
+
+    Attributes:
+        buffers: ``{key: array}``: ``"packed <dtype>"`` for each packed buffer, the leaf's path
+            for each loose leaf.
+        layout: where each original leaf lives (static).
+    """
+
+    __slots__ = ("buffers", "layout")
+
+    def __init__(self, buffers: dict[str, Any], layout: FlatLayout):
+        self.buffers = buffers
+        self.layout = layout
+
+    def unpack(self) -> PyTree:
+        """The tree this was packed from (inside ``jit``: slices and reshapes of the buffers)."""
+        return self.layout.unpack(self.buffers)
+
+    def tree_flatten_with_keys(self):
+        keys = [key for key, _ in self.layout.groups] + [key for key, _ in self.layout.loose]
+        children = [(jax.tree_util.DictKey(key), self.buffers[key]) for key in keys]
+        return children, self.layout
+
+    @classmethod
+    def tree_unflatten(cls, layout: FlatLayout, children) -> Packed:
+        keys = [key for key, _ in layout.groups] + [key for key, _ in layout.loose]
+        return cls(dict(zip(keys, children, strict=True)), layout)
+
+    def __repr__(self) -> str:
+        parts = ", ".join(
+            f"{key!r}: {getattr(b, 'dtype', type(b).__name__)}{list(jnp.shape(b))}"
+            if hasattr(b, "shape")
+            else f"{key!r}: {b!r}"
+            for key, b in self.buffers.items()
+        )
+        return f"Packed({len(self.layout.shapes)} leaves in {{{parts}}})"
+
+
+def pack(params: PyTree, max_leaf_size: int | None = None) -> Packed:
+    """Stores ``params`` as one 1-D buffer per dtype: a step then moves a few arrays.
+
+    A jitted step over many small leaves spends its time on arrays, not arithmetic: every
+    array passed in or out of a compiled call costs about a microsecond of dispatch on the
+    host, and on a GPU each leaf is also a kernel launch (``benchmarks/RESULTS.md``).
+    :func:`kopt.flatten` packs the optimizer's slots; ``pack`` packs the params themselves, so
+    the params, their gradient and every slot are a few buffers end to end. The model reads
+    its params through :meth:`Packed.unpack` inside the loss::
+
+        packed = kopt.pack(params)
+        state = tx.init(packed)
+
+        @jax.jit
+        def train_step(packed, state, batch):
+            grads = jax.grad(lambda p: loss(p.unpack(), batch))(packed)   # a Packed
+            updates, state = tx.update(grads, state, packed)
+            return kopt.apply_updates(packed, updates), state
+
+    The unpacked leaves are slices of the buffers, and their gradients are written into one
+    buffer again: a copy of the params and of the gradient per step, which is what a few
+    large leaves trade for hundreds of small ones. Leaves larger than ``max_leaf_size``, and
+    leaves split over several devices, stay loose (as their own arrays, keeping their
+    sharding).
+
+    Only for optimizers that treat every element alike, as with :func:`kopt.flatten`:
+    per-leaf pieces (``clipnorm``, :func:`kopt.clip_by_norm`, :func:`kopt.lamb`,
+    :func:`kopt.adafactor`, masks and labels by leaf) would see the buffers as the leaves.
+    Slots are ``Packed`` like the params: ``kopt.get_slot(state, "m").unpack()`` is shaped like
+    the original tree.
+
+    Args:
+        params: a tree of floating-point arrays.
+        max_leaf_size: leaves of more elements stay loose; None (the default) packs every leaf.
+
+    Returns:
+        A :class:`Packed`.
+
+    Example:
+        >>> import jax.numpy as jnp, kopt
+        >>> params = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}
+        >>> packed = kopt.pack(params)
+        >>> packed
+        Packed(2 leaves in {'packed float32': float32[9]})
+        >>> tx = kopt.sgd(learning_rate=0.5, momentum=0.9)
+        >>> state = tx.init(packed)
+        >>> grads = kopt.pack({"w": jnp.ones((2, 3)), "b": jnp.ones(3)})
+        >>> updates, state = tx.update(grads, state, packed)
+        >>> kopt.apply_updates(packed, updates).unpack()["b"]
+        Array([-0.5, -0.5, -0.5], dtype=float32)
+    """
+    owner = "pack"
+    if max_leaf_size is not None and (
+        isinstance(max_leaf_size, bool) or not isinstance(max_leaf_size, int) or max_leaf_size < 0
+    ):
+        raise ValueError(
+            f"{owner}: `max_leaf_size` must be None or an int >= 0, received {max_leaf_size!r}"
+        )
+    if isinstance(params, Packed):
+        raise TypeError(f"{owner}: `params` is already a Packed")
+    check_floating_params(params, owner)
+    layout = make_layout(params, max_leaf_size)
+    return Packed(layout.pack(params, owner, "param"), layout)

@@ -1,0 +1,213 @@
+"""kopt.pack: params as one buffer per dtype, checked against the same optimizers unpacked."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from golden_cases import (
+    OPTIMIZER_CASES,
+    assert_close,
+    functional_optimizer,
+    gradient_stream,
+    initial_params,
+    tolerance_for,
+)
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import kopt
+
+# Elementwise optimizers only (see test_flat.py), and dense gradients: jax.grad of a packed
+# loss never makes IndexedSlices.
+PACKABLE = [
+    c
+    for c in OPTIMIZER_CASES
+    if c["class_name"] not in ("Lamb", "Adafactor")
+    and "clipnorm" not in c["kwargs"]
+    and c["sparse"] is None
+]
+
+
+def tree():
+    return {
+        "dense": {
+            "kernel": jnp.linspace(-1.0, 1.0, 12, dtype=jnp.float32).reshape(3, 4),
+            "bias": jnp.array([0.5, -0.25, 1.0, 0.0], jnp.float32),
+        },
+        "scale": jnp.array(2.0, jnp.float32),
+        "half": jnp.array([1.0, -2.0, 0.5], jnp.bfloat16),
+        "big": jnp.arange(64, dtype=jnp.float32).reshape(8, 8) / 64,
+    }
+
+
+def loss(params, x):
+    h = jnp.tanh(x @ params["dense"]["kernel"] + params["dense"]["bias"]) * params["scale"]
+    return (
+        jnp.sum(h**2)
+        + jnp.sum(params["half"].astype(jnp.float32) ** 2)
+        + jnp.sum(jnp.sin(params["big"]))
+    )
+
+
+@pytest.mark.parametrize("case", PACKABLE, ids=[c["id"] for c in PACKABLE])
+def test_packed_optimizer_matches_keras(case):
+    params = kopt.pack(initial_params(case))
+    assert len(params.buffers) == 1
+    tx = functional_optimizer(case)
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for grads in gradient_stream(case):
+        updates, state = update(kopt.pack(grads), state, params)
+        params = kopt.apply_updates(params, updates)
+    rtol = tolerance_for(case)
+    expected = case["expected"]
+    variables = params.unpack()
+    for i, (p, e) in enumerate(zip(variables, expected["variables"], strict=True)):
+        assert_close(p, e, f"{case['id']}: variable {i}", rtol)
+        for name, value in expected["slots"][i].items():
+            slot = kopt.get_slot(state, name)
+            assert isinstance(slot, kopt.Packed), name
+            assert_close(slot.unpack()[i], value, f"{case['id']}: slot {name}[{i}]", rtol)
+
+
+def test_pack_groups_by_dtype_and_round_trips():
+    params = tree()
+    packed = kopt.pack(params, max_leaf_size=16)
+    assert set(packed.buffers) == {"packed float32", "packed bfloat16", "['big']"}
+    assert packed.buffers["packed float32"].shape == (12 + 4 + 1,)
+    assert packed.buffers["packed bfloat16"].dtype == jnp.bfloat16
+    back = packed.unpack()
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    for (path, a), b in zip(
+        jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(back), strict=True
+    ):
+        assert a.dtype == b.dtype and a.shape == b.shape, path
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    everything = kopt.pack(params)
+    assert set(everything.buffers) == {"packed float32", "packed bfloat16"}
+    assert "5 leaves" in repr(everything)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: kopt.adam(0.05),
+        lambda: kopt.sgd(0.1, momentum=0.9, nesterov=True),
+        lambda: kopt.rmsprop(0.01, momentum=0.5, centered=True),
+        lambda: kopt.adagrad(0.1),
+        lambda: kopt.adamw(0.05, weight_decay=0.1),
+        lambda: kopt.lion(0.01),
+    ],
+    ids=["adam", "sgd_nesterov", "rmsprop_centered", "adagrad", "adamw", "lion"],
+)
+def test_training_on_packed_params_matches_the_tree(make):
+    x = jnp.linspace(-1.0, 1.0, 6, dtype=jnp.float32).reshape(2, 3)
+    tx = make()
+
+    @jax.jit
+    def tree_step(params, state):
+        grads = jax.grad(loss)(params, x)
+        updates, state = tx.update(grads, state, params)
+        return kopt.apply_updates(params, updates), state
+
+    @jax.jit
+    def packed_step(packed, state):
+        grads = jax.grad(lambda p: loss(p.unpack(), x))(packed)
+        assert isinstance(grads, kopt.Packed)
+        updates, state = tx.update(grads, state, packed)
+        return kopt.apply_updates(packed, updates), state
+
+    params = tree()
+    packed = kopt.pack(params, max_leaf_size=16)
+    state, packed_state = tx.init(params), tx.init(packed)
+    for _ in range(5):
+        params, state = tree_step(params, state)
+        packed, packed_state = packed_step(packed, packed_state)
+    chex.assert_trees_all_close(packed.unpack(), params, rtol=1e-5, atol=1e-6)
+    for name in kopt.slot_names(state):
+        chex.assert_trees_all_close(
+            kopt.get_slot(packed_state, name).unpack(),
+            kopt.get_slot(state, name),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+
+
+def test_gradient_of_a_packed_loss_is_one_concatenation_not_a_pad_per_leaf():
+    params = {f"w{i:02d}": jnp.ones(10) for i in range(30)}
+    packed = kopt.pack(params)
+
+    def packed_loss(p):
+        return sum(jnp.sum(v**2) for v in p.unpack().values())
+
+    grads = jax.grad(packed_loss)(packed)
+    np.testing.assert_allclose(grads.buffers["packed float32"], np.full(300, 2.0))
+    jaxpr = jax.make_jaxpr(jax.grad(packed_loss))(packed)
+    primitives = [eqn.primitive.name for eqn in jaxpr.jaxpr.eqns]
+    # A slice per leaf would transpose to 30 buffer-sized pads summed: 30x the work.
+    assert "pad" not in primitives and "dynamic_update_slice" not in primitives, primitives
+
+
+def test_hyperparameters_change_without_retracing():
+    tx = kopt.sgd(learning_rate=0.1, momentum=0.5)
+    packed = kopt.pack(tree())
+    grads = jax.tree.map(jnp.ones_like, packed)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(packed, state):
+        updates, state = tx.update(grads, state, packed)
+        return kopt.apply_updates(packed, updates), state
+
+    state = tx.init(packed)
+    for lr in (0.1, 0.2, 0.3):
+        state = kopt.set_hyperparam(state, "learning_rate", lr)
+        packed, state = step(packed, state)
+    # momentum a: -0.1, -0.05 - 0.2, -0.125 - 0.3 per unit gradient
+    bias = kopt.get_slot(state, "momentum").unpack()["dense"]["bias"]
+    np.testing.assert_allclose(bias, [-0.425] * 4, rtol=1e-6)
+
+
+def test_bad_inputs_are_rejected_naming_the_culprit():
+    with pytest.raises(TypeError, match=r"pack: param \['n'\] must be a floating-point array"):
+        kopt.pack({"x": jnp.zeros(2), "n": jnp.zeros(2, jnp.int32)})
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError, match=r"pack: `max_leaf_size` .*" + repr(bad).split(".")[0]):
+            kopt.pack({"x": jnp.zeros(2)}, max_leaf_size=bad)
+    packed = kopt.pack({"x": jnp.zeros(2)})
+    with pytest.raises(TypeError, match="already a Packed"):
+        kopt.pack(packed)
+    # Gradients packed with another layout do not match the params, and nothing is updated.
+    params = kopt.pack(tree())
+    tx = kopt.adam(0.1)
+    state = tx.init(params)
+    before = jax.tree.map(np.asarray, state)
+    with pytest.raises(ValueError, match=r"unexpected .*\['big'\]"):
+        tx.update(kopt.pack(tree(), max_leaf_size=16), state, params)
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, state), before)
+
+
+@pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (simulated) devices")
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
+def test_sharded_leaves_stay_loose_and_keep_their_sharding(axis_type):
+    mesh = jax.make_mesh((4,), ("x",), axis_types=(axis_type,))
+    params = {
+        "rows": jax.device_put(jnp.ones((8, 4)), NamedSharding(mesh, P("x", None))),
+        "bias": jax.device_put(jnp.ones(8), NamedSharding(mesh, P())),
+    }
+    packed = kopt.pack(params)
+    assert set(packed.buffers) == {"packed float32", "['rows']"}
+    tx = kopt.adam(0.1)
+
+    @jax.jit
+    def step(packed, state):
+        updates, state = tx.update(jax.tree.map(jnp.ones_like, packed), state, packed)
+        return kopt.apply_updates(packed, updates), state
+
+    packed, state = step(packed, tx.init(packed))
+    rows = packed.buffers["['rows']"]
+    assert rows.sharding.is_equivalent_to(params["rows"].sharding, rows.ndim)
+    for slot in ("m", "v"):
+        leaf = kopt.get_slot(state, slot).buffers["['rows']"]
+        assert leaf.sharding.is_equivalent_to(rows.sharding, rows.ndim), slot
