@@ -13,6 +13,10 @@ import numpy as np
 
 _uid = itertools.count()
 _reads = threading.local()
+# Bumped whenever a variable takes a value that is not on a single device, so that the
+# optimizers' cached step keys (which record multi-device shardings) are recomputed.
+placement_epoch = [0]
+_SINGLE_DEVICE = jax.sharding.SingleDeviceSharding
 _bindings = threading.local()  # this thread's uid -> traced value, while a step or loss traces
 donation_lock = threading.RLock()  # a buffer is handed out or donated, never both at once
 _readers = 0  # gradient computations in flight, which hold variables' buffers
@@ -157,6 +161,8 @@ class Variable:
         with donation_lock:
             self._storage = value
             self._handed_out = False
+            if type(getattr(value, "sharding", None)) is not _SINGLE_DEVICE:
+                placement_epoch[0] += 1  # a value that may span devices: step keys look again
 
     def _donatable_value(self) -> Any:
         """The value for a compiled update that donates (reuses) its inputs, under

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kopt import base as core
+from kopt import variables as variables_module
 from kopt.optimizers import _state_codec as codec
 from kopt.optimizers.schedules import LearningRateSchedule
 from kopt.optimizers.schedules import deserialize as deserialize_schedule
@@ -34,7 +35,7 @@ from kopt.optimizers.schedules import serialize as serialize_schedule
 from kopt.sparse import IndexedSlices
 from kopt.transforms import clip_by_global_norm, clip_by_norm, clip_by_value
 from kopt.transforms._core import learning_rate_at
-from kopt.variables import Variable, bound, donation_lock, reading, track_reads
+from kopt.variables import Variable, _bindings, bound, donation_lock, reading, track_reads
 
 logger = logging.getLogger("kopt")
 
@@ -205,6 +206,7 @@ class Optimizer:
         self._lock = threading.RLock()
         self._programs: dict[Any, Any] = {}
         self._validated: set[Any] = set()  # call signatures that passed validation
+        self._key_memo: dict[Any, Any] = {}  # signature -> (token, step key, state variables)
         self._transformations: dict[Any, core.GradientTransformation] = {}
         self.compile_count = 0
         self._clipnorm = self._global_clipnorm = self._clipvalue = None
@@ -722,10 +724,16 @@ class Optimizer:
         signature = _signature(pairs, experimental_aggregate_gradients)
         if signature is None or signature not in self._validated:
             self._validate(pairs, experimental_aggregate_gradients)
-        with self._lock, self._rollback_on_error():
-            var_list = [v for _, v in pairs]
-            self._create_all_weights(var_list)
-            self._run_step(pairs, experimental_aggregate_gradients, signature)
+        with self._lock:
+            memo = None if signature is None else self._key_memo.get(signature)
+            if memo is not None and memo[0] == self._step_token():
+                # These very variables stepped before and no weight was made since: nothing
+                # to create, so nothing to roll back.
+                self._run_step(pairs, experimental_aggregate_gradients, signature, memo)
+            else:
+                with self._rollback_on_error():
+                    self._create_all_weights([v for _, v in pairs])
+                    self._run_step(pairs, experimental_aggregate_gradients, signature)
         if signature is not None:
             self._validated.add(signature)
         return self._iterations
@@ -782,30 +790,64 @@ class Optimizer:
             self._opaque[:] = opaque
             raise
 
-    def _run_step(self, pairs, aggregate: bool, signature=None) -> None:
+    def _step_token(self) -> tuple:
+        """What a cached step key of a signature stays valid for (see ``_run_step``)."""
+        return (len(self._weights), variables_module.placement_epoch[0], self._key_token())
+
+    def _run_step(self, pairs, aggregate: bool, signature=None, memo=None) -> None:
         var_list = [v for _, v in pairs]
         grads = [g.value if isinstance(g, Variable) else g for g, _ in pairs]
-        state_vars = self._state_variables(var_list)
         hyper_vars, dynamic = self._step_arguments()
-        key = self._program_key(var_list, grads, aggregate, state_vars, hyper_vars, signature)
+        # The per-variable parts of the key (slots, shardings, constraints) only change when a
+        # weight is created or a variable takes a multi-device value: a repeated call with the
+        # same signature reuses them instead of walking every variable again.
+        if memo is not None:
+            token, key, state_vars = memo
+        else:
+            token = self._step_token()
+            state_vars = self._state_variables(var_list)
+            key = self._program_key(var_list, grads, aggregate, state_vars, hyper_vars, signature)
         program = self._programs.get(key)
         if program is None:
             program = self._compile(var_list, state_vars, hyper_vars, grads, aggregate)
         with donation_lock:  # no other thread picks up a buffer while it is donated
+            if variables_module._readers:
+                var_values = [v._donatable_value() for v in var_list]
+                state_values = [s._donatable_value() for s in state_vars]
+            else:  # _donatable_value inlined: a copy only of buffers handed out
+                var_values = [
+                    v._donatable_value() if v._handed_out else v._storage for v in var_list
+                ]
+                state_values = [
+                    s._donatable_value() if s._handed_out else s._storage for s in state_vars
+                ]
             new_vars, new_state, new_iterations = program(
-                [v._donatable_value() for v in var_list],
+                var_values,
                 grads,
-                [s._donatable_value() for s in state_vars],
+                state_values,
                 self.iterations.value,
                 [h.value for h in hyper_vars],
                 dynamic,
             )
-            for v, value in zip(var_list, new_vars, strict=True):
-                v._value = value
-            for s, value in zip(state_vars, new_state, strict=True):
-                s._value = value
-            self._iterations._value = new_iterations
+            if getattr(_bindings, "table", None):  # inside a trace: bind, do not store
+                for v, value in zip(var_list, new_vars, strict=True):
+                    v._value = value
+                for s, value in zip(state_vars, new_state, strict=True):
+                    s._value = value
+                self._iterations._value = new_iterations
+            else:  # the setter's work, once for all (donation_lock is held)
+                for v, value in zip(var_list, new_vars, strict=True):
+                    v._storage = value
+                    v._handed_out = False
+                for s, value in zip(state_vars, new_state, strict=True):
+                    s._storage = value
+                    s._handed_out = False
+                self._iterations._value = new_iterations
         self._programs[key] = program  # cached once it ran: a failed one may bind dropped slots
+        if signature is not None:
+            if len(self._key_memo) > 64:
+                self._key_memo.clear()
+            self._key_memo[signature] = (token, key, state_vars)
 
     def _state_variables(self, var_list: list[Variable]) -> list[Variable]:
         """Every optimizer variable one step reads and writes, in a fixed order."""
@@ -846,24 +888,37 @@ class Optimizer:
         """Built-ins: functional hyperparameters that are plain attributes in Keras (epsilon)."""
         return {}
 
-    def _program_key(self, var_list, grads, aggregate: bool, state_vars, hyper_vars, signature):
-        if signature is None:
-            signature = _signature(list(zip(grads, var_list, strict=True)), aggregate)
+    def _key_token(self) -> tuple:
+        """The parts of a step's key that are not per variable (cheap to recompute)."""
         hyper_kinds = tuple(
-            (k, "var" if isinstance(v, Variable) else id(v) if _is_step_schedule(v) else "call")
+            (
+                k,
+                ("var", v._uid)
+                if isinstance(v, Variable)
+                else id(v)
+                if _is_step_schedule(v)
+                else "call",
+            )
             for k, v in self._hyper.items()
         )
         return (
-            signature,
-            tuple(s._uid for s in state_vars),  # the program binds these very variables
-            tuple(h._uid for h in hyper_vars),
-            tuple(getattr(v._storage, "sharding", None) for v in var_list),
-            tuple(id(v.constraint) for v in var_list),
             hyper_kinds,
             (self._clipvalue is None, self._clipnorm is None, self._global_clipnorm is None),
             id(self.gradient_aggregator),
             tuple(id(t) for t in self.gradient_transformers),
             self._initial_decay,
+        )
+
+    def _program_key(self, var_list, grads, aggregate: bool, state_vars, hyper_vars, signature):
+        if signature is None:
+            signature = _signature(list(zip(grads, var_list, strict=True)), aggregate)
+        return (
+            signature,
+            tuple(s._uid for s in state_vars),  # the program binds these very variables
+            tuple(h._uid for h in hyper_vars),
+            tuple(map(_spread_sharding, var_list)),  # single-device placement is jit's
+            tuple(id(v.constraint) for v in var_list),
+            self._key_token(),
         )
 
     def _compile(self, var_list, state_vars, hyper_vars, grads, aggregate: bool):
@@ -1168,8 +1223,11 @@ def _as_pairs(grads_and_vars: Any) -> list[tuple[Any, Any]]:
             "apply_gradients: `grads_and_vars` must be an iterable of (gradient, variable) "
             f"pairs, received {type(grads_and_vars).__name__}"
         )
+    items = list(grads_and_vars)
+    if set(map(type, items)) <= {tuple, list} and set(map(len, items)) <= {2}:
+        return [(g, v) for g, v in items]  # the common case, without a Python loop per check
     pairs = []
-    for i, pair in enumerate(grads_and_vars):
+    for i, pair in enumerate(items):
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
             raise TypeError(
                 f"apply_gradients: item {i} of `grads_and_vars` must be a (gradient, variable) "
@@ -1272,9 +1330,14 @@ def _signature(pairs, aggregate: bool):
     return tuple(out), aggregate
 
 
+_SINGLE_DEVICE = jax.sharding.SingleDeviceSharding
+
+
 def _spread_sharding(variable: Variable) -> Any:
     """The variable's sharding if it spans several devices (else None: left to XLA)."""
     sharding = getattr(variable._storage, "sharding", None)
+    if type(sharding) is _SINGLE_DEVICE:
+        return None
     if isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.device_set) > 1:
         return sharding
     return None
