@@ -1,0 +1,68 @@
+"""A repeated apply_gradients reuses its cached step key; everything the key stands for still
+takes effect when it changes between calls."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import kopt
+from kopt import optimizers
+
+
+def test_gradient_transformers_and_clipping_changed_between_calls_take_effect():
+    v = kopt.Variable(jnp.zeros(2))
+    opt = optimizers.SGD(learning_rate=1.0)
+    g = jnp.array([3.0, 4.0])
+    opt.apply_gradients([(g, v)])
+    np.testing.assert_allclose(v.numpy(), [-3.0, -4.0])
+    opt.gradient_transformers = [lambda gv: [(grad * 0.5, var) for grad, var in gv]]
+    opt.apply_gradients([(g, v)])
+    np.testing.assert_allclose(v.numpy(), [-4.5, -6.0])
+    opt.gradient_transformers = []
+    opt.clipnorm = 1.0
+    opt.apply_gradients([(g, v)])
+    np.testing.assert_allclose(v.numpy(), [-5.1, -6.8], rtol=1e-6)
+
+
+def test_a_hyperparameter_turned_into_a_schedule_and_back_takes_effect():
+    v = kopt.Variable(jnp.zeros(1))
+    opt = optimizers.SGD(learning_rate=0.1)
+    g = jnp.ones(1)
+    opt.apply_gradients([(g, v)])
+    opt.learning_rate = lambda: 1.0
+    opt.apply_gradients([(g, v)])
+    opt.learning_rate = kopt.Variable(jnp.asarray(10.0))
+    opt.apply_gradients([(g, v)])
+    np.testing.assert_allclose(v.numpy(), [-11.1], rtol=1e-6)
+
+
+def test_new_variables_and_slots_between_calls_are_stepped_with_their_own_slots():
+    a, b = kopt.Variable(jnp.zeros(2)), kopt.Variable(jnp.zeros(3))
+    opt = optimizers.SGD(learning_rate=1.0, momentum=0.5)
+    opt.apply_gradients([(jnp.ones(2), a)])
+    opt.apply_gradients([(jnp.ones(2), a)])
+    opt.apply_gradients([(jnp.ones(2), a), (jnp.ones(3), b)])
+    # a's momentum: -1, -1.5, -1.75; b's first step: -1
+    np.testing.assert_allclose(a.numpy(), [-4.25] * 2)
+    np.testing.assert_allclose(b.numpy(), [-1.0] * 3)
+    np.testing.assert_allclose(opt.get_slot(b, "momentum").numpy(), [-1.0] * 3)
+
+
+@pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (simulated) devices")
+def test_sharded_variables_keep_their_sharding_over_cached_steps():
+    mesh = jax.make_mesh((4,), ("x",))
+    sharding = NamedSharding(mesh, P("x", None))
+    v = kopt.Variable(jax.device_put(jnp.zeros((8, 2)), sharding))
+    w = kopt.Variable(jnp.zeros(3))
+    opt = optimizers.Adam(learning_rate=0.1)
+    grads = [(jax.device_put(jnp.ones((8, 2)), sharding), v), (jnp.ones(3), w)]
+    for _ in range(3):
+        opt.apply_gradients(grads)
+    assert opt.compile_count == 1
+    assert v.value.sharding.is_equivalent_to(sharding, 2)
+    for name in ("m", "v"):
+        assert opt.get_slot(v, name).value.sharding.is_equivalent_to(sharding, 2), name
+    np.testing.assert_allclose(v.numpy(), np.full((8, 2), -0.3), rtol=1e-4)
