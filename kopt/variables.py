@@ -125,7 +125,7 @@ class Variable:
         if name is not None and not isinstance(name, str):
             raise TypeError(f"Variable: `name` must be a string, received {type(name).__name__}")
         self._uid = next(_uid)
-        self._value = _as_array(initial_value, dtype, "initial_value")
+        self._value = _full_spec(_as_array(initial_value, dtype, "initial_value"))
         self._trainable = bool(trainable)
         self._shared_name = name or "Variable"
         self._constraint = constraint
@@ -362,6 +362,23 @@ def _as_array(value: Any, dtype: Any, what: str) -> jax.Array:
         raise TypeError(
             f"Variable: `{what}` must be array-like, received {value!r:.60}: {e}"
         ) from e
+
+
+def _full_spec(value: Any) -> Any:
+    """``value`` with its partition spec written out to every dimension (``P()`` of a vector
+    becomes ``P(None,)``), as a compiled step's outputs carry it: with explicit mesh axes the
+    spec is part of the type, and the short spelling would compile the first step twice."""
+    sharding = getattr(value, "sharding", None)
+    if (
+        not isinstance(sharding, jax.sharding.NamedSharding)
+        or isinstance(value, jax.core.Tracer)
+        or len(sharding.spec) >= value.ndim
+    ):
+        return value
+    spec = jax.sharding.PartitionSpec(*sharding.spec, *[None] * (value.ndim - len(sharding.spec)))
+    return jax.device_put(
+        value, jax.sharding.NamedSharding(sharding.mesh, spec, memory_kind=sharding.memory_kind)
+    )
 
 
 def _keep_sharding(new: jax.Array, old: Any) -> jax.Array:

@@ -790,6 +790,29 @@ class Optimizer:
             self._opaque[:] = opaque
             raise
 
+    def _place_on_mesh(self, var_list: list[Variable]) -> None:
+        """When some variables span a mesh, puts ``iterations`` and the uncommitted
+        single-device variables and slots on it, replicated, where the step would return them:
+        otherwise the first step changes their placement, and (with explicit mesh axes, where
+        placement is part of the type) the second step compiles again."""
+        mesh = next((s.mesh for s in map(_spread_sharding, var_list) if s is not None), None)
+        if mesh is None:
+            return
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        movable = [self._iterations] if self._iterations is not None else []
+        for v in var_list:
+            movable.append(v)
+            movable.extend(self._slots.get(v._uid, {}).values())
+        for v in movable:
+            value = v._storage
+            if isinstance(value, jax.core.Tracer) or not isinstance(value, jax.Array):
+                continue
+            current = value.sharding
+            if isinstance(current, jax.sharding.NamedSharding) and current.mesh == mesh:
+                continue
+            if v is self._iterations or not value.committed:
+                v._value = variables_module._full_spec(jax.device_put(value, replicated))
+
     def _step_token(self) -> tuple:
         """What a cached step key of a signature stays valid for (see ``_run_step``)."""
         return (len(self._weights), variables_module.placement_epoch[0], self._key_token())
@@ -804,6 +827,7 @@ class Optimizer:
         if memo is not None:
             token, key, state_vars = memo
         else:
+            self._place_on_mesh(var_list)
             token = self._step_token()
             state_vars = self._state_variables(var_list)
             key = self._program_key(var_list, grads, aggregate, state_vars, hyper_vars, signature)
@@ -916,7 +940,7 @@ class Optimizer:
             signature,
             tuple(s._uid for s in state_vars),  # the program binds these very variables
             tuple(h._uid for h in hyper_vars),
-            tuple(map(_spread_sharding, var_list)),  # single-device placement is jit's
+            tuple(_sharding_key(_spread_sharding(v)) for v in var_list),
             tuple(id(v.constraint) for v in var_list),
             self._key_token(),
         )
@@ -1341,6 +1365,18 @@ def _spread_sharding(variable: Variable) -> Any:
     if isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.device_set) > 1:
         return sharding
     return None
+
+
+def _sharding_key(sharding: Any) -> Any:
+    """A multi-device sharding as a step key: equal for equal layouts (``P()`` and
+    ``P(None,)`` are one layout, and a step's outputs can come back spelled either way).
+    Single-device placement (None here) is left to ``jit``."""
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return sharding
+    spec = list(sharding.spec)
+    while spec and spec[-1] is None:
+        spec.pop()
+    return sharding.mesh, tuple(spec), sharding.memory_kind
 
 
 def _constrain(value: Any, sharding: Any) -> Any:
