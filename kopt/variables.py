@@ -366,13 +366,14 @@ def _as_array(value: Any, dtype: Any, what: str) -> jax.Array:
 
 def _full_spec(value: Any) -> Any:
     """``value`` with its partition spec written out to every dimension (``P()`` of a vector
-    becomes ``P(None,)``), as a compiled step's outputs carry it: with explicit mesh axes the
-    spec is part of the type, and the short spelling would compile the first step twice."""
+    becomes ``P(None,)``) on a mesh with explicit axes, as a compiled step's outputs carry it
+    there: the spec is part of the type, and the short spelling would compile twice."""
     sharding = getattr(value, "sharding", None)
     if (
         not isinstance(sharding, jax.sharding.NamedSharding)
         or isinstance(value, jax.core.Tracer)
         or len(sharding.spec) >= value.ndim
+        or jax.sharding.AxisType.Explicit not in getattr(sharding.mesh, "axis_types", ())
     ):
         return value
     spec = jax.sharding.PartitionSpec(*sharding.spec, *[None] * (value.ndim - len(sharding.spec)))
