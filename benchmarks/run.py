@@ -8,13 +8,16 @@ Suites (``--only``, comma-separated or repeated):
 
 - ``pure``: kopt's jitted pure step (``update`` + ``apply_updates``, params and state donated)
   against optax's, for Adam, SGD with momentum, RMSprop and Adagrad, with the issue's targets.
+- ``train``: a whole jitted training step of an MLP (loss, gradient, update) in optax, kopt and
+  kopt with ``kopt.pack`` params.
 - ``facade``: ``kopt.optimizers.Adam().apply_gradients`` over ``kopt.Variable``s against kopt's
   pure step (skipped with a note until ``kopt.optimizers`` imports).
 - ``peers``: kopt (pure step, and the facade when it imports) against Keras 3 (eager
   ``apply_gradients`` and jitted ``stateless_apply``), tf.keras's legacy optimizers (eager and in
   ``tf.function``) and torch.optim's fused Adam, each where installed. ``--peer-python`` names
   another interpreter to run the TensorFlow/torch rows in when they are not importable here.
-- ``sparse``: row-sparse (``kopt.IndexedSlices``) against dense updates of an embedding table.
+- ``sparse``: row-sparse (``kopt.IndexedSlices``) against dense updates of an embedding table
+  (Adagrad on 512 rows of 1M x 64 is the issue's target), with the sparse step's XLA buffers.
 - ``memory``: XLA's buffer analysis and the peak resident memory of one step, each
   configuration in its own process.
 - ``compile``: how many programs are compiled while a hyperparameter changes.
@@ -51,7 +54,7 @@ import harness  # noqa: E402
 from contenders import Unavailable  # noqa: E402
 from harness import Budget, Row  # noqa: E402
 
-SUITES = ("pure", "facade", "peers", "sparse", "memory", "compile")
+SUITES = ("pure", "train", "facade", "peers", "sparse", "memory", "compile")
 OPTIMIZERS = ("adam", "sgd_momentum", "rmsprop", "adagrad")
 FULL_SIZES = ((10_000_000, 1), (10_000_000, 200), (100_000, 100))
 QUICK_SIZES = ((200_000, 1), (200_000, 20), (10_000, 10))
@@ -135,7 +138,10 @@ def suite_pure(cfg: Config) -> Section:
         "`jax.jit(step, donate_argnums=(0, 1))` with `step(params, state, grads)` running "
         "`update` then `apply_updates`, in each library. Targets are the issue's (full sizes "
         "only). `kopt.flatten` rows wrap the same optimizer in `kopt.flatten` (slots of small "
-        "leaves packed into one buffer per dtype). The *A/A* rows time two instances of the "
+        "leaves packed into one buffer per dtype). `kopt.pack` rows keep the params (and so "
+        "their gradients and slots) in `kopt.pack` buffers, as a model that reads them through "
+        "`unpack()` does; what that costs the rest of a training step is in the *training "
+        "step* section. The *A/A* rows time two instances of the "
         "same optax step: how far from 1 a ratio strays with no difference at all.",
     )
     rows = []
@@ -159,6 +165,24 @@ def suite_pure(cfg: Config) -> Section:
                     target=None if cfg.quick else TARGETS.get(size),
                 )
             )
+            if leaves > 1 and hasattr(kopt, "pack"):
+                rows.append(
+                    timed_row(
+                        "pure",
+                        optimizer,
+                        size,
+                        (
+                            "kopt.pack",
+                            lambda o=optimizer, n=n, k=leaves: contenders.kopt_pure(
+                                o, n, k, pack=True
+                            ),
+                        ),
+                        optax_step,
+                        cfg.budget,
+                        section.notes,
+                        target=None if cfg.quick else TARGETS.get(size),
+                    )
+                )
             if flatten is not None and leaves > 1:
                 rows.append(
                     timed_row(
@@ -193,6 +217,40 @@ def suite_pure(cfg: Config) -> Section:
         )
     if flatten is None:
         section.notes.append("no `kopt.flatten` rows: this kopt has no `kopt.flatten`")
+    section.table = table_of(rows, cfg)
+    return section
+
+
+def suite_train(cfg: Config) -> Section:
+    section = Section(
+        "Training step: an MLP, loss to updated params (Adam)",
+        "One jitted, donated step of a tanh MLP (`leaves / 2` square layers, kernel and bias, "
+        "batch 64): loss, gradient, update, `apply_updates`, in each library. `kopt.pack` "
+        "keeps the params in `kopt.pack` buffers and the model reads them through `unpack()`, "
+        "so the step includes slicing the params out and writing the gradient into one buffer.",
+    )
+    rows = []
+    for size in cfg.sizes:
+        n, leaves = size
+        if leaves < 2:
+            continue
+        optax_step = ("optax", lambda n=n, k=leaves: contenders.train_step("optax", "adam", n, k))
+        for library in ("kopt", "kopt.pack"):
+            rows.append(
+                timed_row(
+                    "train",
+                    "adam",
+                    size,
+                    (
+                        library,
+                        lambda lib=library, n=n, k=leaves: contenders.train_step(lib, "adam", n, k),
+                    ),
+                    optax_step,
+                    cfg.budget,
+                    section.notes,
+                    bandwidth=False,
+                )
+            )
     section.table = table_of(rows, cfg)
     return section
 
@@ -364,16 +422,19 @@ def peer_child(request: dict) -> None:
 
 
 def suite_sparse(cfg: Config) -> Section:
-    vocab, dim, batch = (5_000, 16, 64) if cfg.quick else (200_000, 64, 4_096)
+    # The case: Adagrad updating 512 rows of a 1M x 64 table.
+    vocab, dim, batch = (5_000, 16, 64) if cfg.quick else (1_000_000, 64, 512)
     section = Section(
         "Sparse against dense updates (kopt)",
         f"An embedding table of {vocab:,} x {dim} float32 and a gradient of {batch:,} rows "
-        "(random indices, duplicates included): the step with the gradient as "
+        "(random indices, duplicates included): the jitted, donated step with the gradient as "
         "`kopt.IndexedSlices` (A) against the same step with it dense (B). Adam decays "
         "every row's moments and moves every row, as Keras's sparse Adam does, so its step "
-        "stays table-sized.",
+        "stays table-sized. The second table is the compiled sparse step's own buffers, from "
+        "XLA's `memory_analysis()`: a table-sized temporary would show there.",
     )
     rows = []
+    memory = []
     for optimizer in ("sgd", "sgd_momentum", "adagrad", "adam"):
         rows.append(
             timed_row(
@@ -384,14 +445,35 @@ def suite_sparse(cfg: Config) -> Section:
                 ("dense", lambda o=optimizer: sparse_step(o, vocab, dim, batch, False)),
                 cfg.budget,
                 section.notes,
+                target=None if cfg.quick or optimizer != "adagrad" else 0.1,
                 bandwidth=False,
             )
         )
+        try:
+            analysis = sparse_step(optimizer, vocab, dim, batch, True, analyse=True)
+        except Exception as e:  # memory_analysis is not available on every backend
+            section.notes.append(f"no memory analysis for {optimizer}: {type(e).__name__}: {e}")
+            continue
+        table_mb = vocab * dim * 4 / 1e6
+        memory.append(
+            [
+                optimizer,
+                f"{table_mb:.1f}",
+                f"{analysis.temp_size_in_bytes / 1e6:.2f}",
+                f"{(analysis.output_size_in_bytes - analysis.alias_size_in_bytes) / 1e6:.2f}",
+            ]
+        )
     section.table = table_of(rows, cfg)
+    if memory:
+        section.table += "\n\n" + harness.markdown_table(
+            ["optimizer", "table MB", "XLA temp MB", "XLA out, not aliased MB"], memory
+        )
     return section
 
 
-def sparse_step(optimizer: str, vocab: int, dim: int, batch: int, sparse: bool) -> harness.Step:
+def sparse_step(
+    optimizer: str, vocab: int, dim: int, batch: int, sparse: bool, analyse: bool = False
+):
     import jax.numpy as jnp
     import numpy as np
 
@@ -407,6 +489,9 @@ def sparse_step(optimizer: str, vocab: int, dim: int, batch: int, sparse: bool) 
         tx = kopt.sgd(0.01)
     else:
         tx = contenders.kopt_transformation(optimizer)
+    if analyse:
+        step = contenders.jitted_step(tx, kopt.apply_updates)
+        return step.lower(table, tx.init(table), grads).compile().memory_analysis()
     return contenders.pure_step(tx, kopt.apply_updates, table, grads)
 
 
@@ -811,6 +896,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg.inplace_gbps = harness.inplace_bandwidth(max(n for n, _ in cfg.sizes), budget)
     suites = {
         "pure": suite_pure,
+        "train": suite_train,
         "facade": suite_facade,
         "peers": suite_peers,
         "sparse": suite_sparse,
