@@ -40,15 +40,17 @@ class Packed:
         """The tree this was packed from (inside ``jit``: slices and reshapes of the buffers)."""
         return self.layout.unpack(self.buffers)
 
+    def tree_flatten(self):  # on every jitted call: kept short
+        buffers = self.buffers
+        return [buffers[key] for key in self.layout.keys], self.layout
+
     def tree_flatten_with_keys(self):
-        keys = [key for key, _ in self.layout.groups] + [key for key, _ in self.layout.loose]
-        children = [(jax.tree_util.DictKey(key), self.buffers[key]) for key in keys]
+        children = [(jax.tree_util.DictKey(key), self.buffers[key]) for key in self.layout.keys]
         return children, self.layout
 
     @classmethod
     def tree_unflatten(cls, layout: FlatLayout, children) -> Packed:
-        keys = [key for key, _ in layout.groups] + [key for key, _ in layout.loose]
-        return cls(dict(zip(keys, children, strict=True)), layout)
+        return cls(dict(zip(layout.keys, children, strict=True)), layout)
 
     def __repr__(self) -> str:
         parts = ", ".join(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -32,6 +33,11 @@ class FlatLayout:
     shapes: tuple[tuple[int, ...], ...]
     groups: tuple[tuple[str, tuple[int, ...]], ...]
     loose: tuple[tuple[str, int], ...]
+
+    @functools.cached_property
+    def keys(self) -> tuple[str, ...]:
+        """The packed form's keys, in order: the packed buffers', then the loose leaves'."""
+        return tuple(key for key, _ in self.groups) + tuple(key for key, _ in self.loose)
 
     def pack(self, tree: PyTree, owner: str, what: str) -> dict[str, Any]:
         """The packed form of a tree shaped like the params: ``{key: buffer or leaf}``."""
