@@ -10,8 +10,9 @@ What it measures, each as paired A/B timings (the same machinery as ``run.py``):
 - kopt's jitted, donated pure step against optax's, for Adam, SGD with momentum, RMSprop and
   Adagrad, with 100M params in 1, 200 and 1,000 leaves and 1M params in 100 leaves, with the
   bandwidth each reaches (bytes an in-place step must move over its median time);
-- many leaves against one leaf: kopt's step over 100M params in 200 or 1,000 leaves against
-  the same 100M params in one leaf (same bytes, so the ratio is the per-byte cost of leaves);
+- many leaves against one leaf: kopt's step over 100M params in 200 or 1,000 leaves (as they
+  are, with ``kopt.flatten``, and with ``kopt.pack(max_leaf_size=None)``) against the same
+  100M params in one leaf (same bytes, so the ratio is the per-byte cost of leaves);
 - kopt against torch.optim's fused Adam and SGD on the same card, where torch with CUDA is
   installed;
 - the facade's ``apply_gradients`` against kopt's pure step.
@@ -97,21 +98,23 @@ def device_tree(n_params: int, n_leaves: int, seed: int) -> dict:
 REPEAT = [10]
 
 
-def repeated_pure_step(tx, apply_updates, params: dict, grads: dict) -> harness.Step:
+def repeated_pure_step(tx, apply_updates, params, grads) -> harness.Step:
     fn = contenders.jitted_step(tx, apply_updates)
     box = [params, tx.init(params)]
-    last = max(params)
+    last = contenders.last_leaf(params)
 
     def step():
         for _ in range(REPEAT[0]):
             box[0], box[1] = fn(box[0], box[1], grads)
-        box[0][last].block_until_ready()
+        last(box[0]).block_until_ready()
 
     step()
     return step
 
 
-def kopt_pure(optimizer: str, n_params: int, n_leaves: int, flat: bool = False) -> harness.Step:
+def kopt_pure(
+    optimizer: str, n_params: int, n_leaves: int, flat: bool = False, pack: bool = False
+) -> harness.Step:
     import kopt
 
     tx = contenders.kopt_transformation(optimizer)
@@ -119,32 +122,11 @@ def kopt_pure(optimizer: str, n_params: int, n_leaves: int, flat: bool = False) 
         # Every leaf packed: on a GPU a leaf is a kernel launch, whatever its size.
         tx = kopt.flatten(tx, max_leaf_size=n_params)
     params = device_tree(n_params, n_leaves, 0)
-    return repeated_pure_step(tx, kopt.apply_updates, params, device_tree(n_params, n_leaves, 1))
-
-
-def packed_apply(params, updates):
-    """``apply_updates`` done on one concatenated buffer, then split back into the leaves."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    p_leaves, treedef = jax.tree_util.tree_flatten(params)
-    u_leaves = jax.tree_util.tree_leaves(updates)
-    flat = jnp.concatenate([jnp.ravel(p) for p in p_leaves]) + jnp.concatenate(
-        [jnp.ravel(u) for u in u_leaves]
-    )
-    offsets = np.cumsum([p.size for p in p_leaves])[:-1]
-    parts = jnp.split(flat, offsets)
-    return treedef.unflatten([x.reshape(p.shape) for x, p in zip(parts, p_leaves, strict=True)])
-
-
-def kopt_packed(optimizer: str, n_params: int, n_leaves: int) -> harness.Step:
-    """kopt.flatten with the params added on one buffer too (an experiment, not a kopt API)."""
-    import kopt
-
-    tx = kopt.flatten(contenders.kopt_transformation(optimizer), max_leaf_size=n_params)
-    params = device_tree(n_params, n_leaves, 0)
-    return repeated_pure_step(tx, packed_apply, params, device_tree(n_params, n_leaves, 1))
+    grads = device_tree(n_params, n_leaves, 1)
+    if pack:  # params, gradients and slots in one buffer (as jax.grad of a packed loss gives)
+        params = kopt.pack(params, max_leaf_size=None)
+        grads = kopt.pack(grads, max_leaf_size=None)
+    return repeated_pure_step(tx, kopt.apply_updates, params, grads)
 
 
 def optax_pure(optimizer: str, n_params: int, n_leaves: int) -> harness.Step:
@@ -343,21 +325,20 @@ def report(args: argparse.Namespace) -> str:
                 budget,
                 target=1.0,
             )
-            if optimizer == "adam":
-                timed(
-                    leaves,
-                    notes,
-                    "leaves",
-                    optimizer,
-                    (n, k),
-                    (
-                        f"packed apply, {k} leaves",
-                        lambda o=optimizer, n=n, k=k: kopt_packed(o, n, k),
-                    ),
-                    ("kopt, 1 leaf", lambda o=optimizer, n=n: kopt_pure(o, n, 1)),
-                    budget,
-                    target=1.0,
-                )
+            timed(
+                leaves,
+                notes,
+                "leaves",
+                optimizer,
+                (n, k),
+                (
+                    f"kopt.pack, {k} leaves",
+                    lambda o=optimizer, n=n, k=k: kopt_pure(o, n, k, pack=True),
+                ),
+                ("kopt, 1 leaf", lambda o=optimizer, n=n: kopt_pure(o, n, 1)),
+                budget,
+                target=1.0,
+            )
     for optimizer in args.optimizers:
         n, k = min(sizes)
         timed(
@@ -367,6 +348,17 @@ def report(args: argparse.Namespace) -> str:
             optimizer,
             (n, k),
             ("kopt.flatten", lambda o=optimizer, n=n, k=k: kopt_pure(o, n, k, flat=True)),
+            ("optax", lambda o=optimizer, n=n, k=k: optax_pure(o, n, k)),
+            budget,
+            target=1.0,
+        )
+        timed(
+            pure,
+            notes,
+            "pure",
+            optimizer,
+            (n, k),
+            ("kopt.pack", lambda o=optimizer, n=n, k=k: kopt_pure(o, n, k, pack=True)),
             ("optax", lambda o=optimizer, n=n, k=k: optax_pure(o, n, k)),
             budget,
             target=1.0,
