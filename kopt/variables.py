@@ -349,7 +349,9 @@ def _as_array(value: Any, dtype: Any, what: str) -> jax.Array:
         raise TypeError(f"Variable: `{what}` must be array-like, received {type(value).__name__}")
     try:
         if isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer):
-            out = jnp.array(value, dtype=dtype, copy=True)
+            # A variable's dtype is definite: a weakly typed value (jnp.full(s, 1.0)) would
+            # come back strongly typed from the first step and compile the second one again.
+            out = jnp.array(value, dtype=dtype or value.dtype, copy=True)
             return _keep_sharding(out, value)
         if isinstance(value, jax.core.Tracer):
             return value.astype(dtype) if dtype is not None else value

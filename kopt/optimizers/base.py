@@ -20,7 +20,7 @@ import re
 import threading
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +29,7 @@ import numpy as np
 from kopt import base as core
 from kopt import variables as variables_module
 from kopt.optimizers import _state_codec as codec
+from kopt.optimizers._slot_groups import PackedSlot, SlotGroup, group_slots
 from kopt.optimizers.schedules import LearningRateSchedule
 from kopt.optimizers.schedules import deserialize as deserialize_schedule
 from kopt.optimizers.schedules import serialize as serialize_schedule
@@ -201,6 +202,7 @@ class Optimizer:
         self._weights: list[Variable] = []
         self._non_slot: dict[str, Variable] = {}
         self._opaque: list[Variable] = []
+        self._slot_groups: list[SlotGroup] = []
         self._opaque_owner: tuple[int, ...] | None = None
         self._iterations: Variable | None = None
         self._lock = threading.RLock()
@@ -681,6 +683,10 @@ class Optimizer:
                     self.add_slot(var, name, per_var[name][i], shape=jnp.shape(per_var[name][i]))
         for var in new:
             self._slots.setdefault(var._uid, {})
+        if not any(_spread_sharding(v) is not None for v in var_list):
+            # Small slots share buffers, so the step passes a few arrays instead of hundreds.
+            created = [s for v in new for s in self._slots[v._uid].values()]
+            self._slot_groups.extend(group_slots(created))
 
     def _create_opaque(self, state, layout, var_list, new) -> None:
         if self._opaque_owner is not None or len(new) != len(var_list):
@@ -770,6 +776,7 @@ class Optimizer:
             dict(self._non_slot),
             list(self._opaque),
             self._opaque_owner,
+            list(self._slot_groups),
         )
         try:
             yield
@@ -782,6 +789,7 @@ class Optimizer:
                 non_slot,
                 opaque,
                 self._opaque_owner,
+                self._slot_groups[:],
             ) = before
             self._slots.clear()
             self._slots.update(slots)
@@ -803,7 +811,13 @@ class Optimizer:
         for v in var_list:
             movable.append(v)
             movable.extend(self._slots.get(v._uid, {}).values())
+        for g in self._slot_groups:
+            current = getattr(g.buffer, "sharding", None)
+            if not (isinstance(current, jax.sharding.NamedSharding) and current.mesh == mesh):
+                g.buffer = jax.device_put(g.buffer, replicated)
         for v in movable:
+            if isinstance(v, PackedSlot):
+                continue
             value = v._storage
             if isinstance(value, jax.core.Tracer) or not isinstance(value, jax.Array):
                 continue
@@ -825,26 +839,31 @@ class Optimizer:
         # weight is created or a variable takes a multi-device value: a repeated call with the
         # same signature reuses them instead of walking every variable again.
         if memo is not None:
-            token, key, state_vars = memo
+            token, key, plan = memo
         else:
             self._place_on_mesh(var_list)
             token = self._step_token()
             state_vars = self._state_variables(var_list)
+            plan = _plan_state(state_vars)
             key = self._program_key(var_list, grads, aggregate, state_vars, hyper_vars, signature)
+            key += (tuple(g.uid for g in plan.groups),)
         program = self._programs.get(key)
         if program is None:
-            program = self._compile(var_list, state_vars, hyper_vars, grads, aggregate)
+            program = self._compile(var_list, plan, hyper_vars, grads, aggregate)
+        loose = plan.loose
         with donation_lock:  # no other thread picks up a buffer while it is donated
             if variables_module._readers:
                 var_values = [v._donatable_value() for v in var_list]
-                state_values = [s._donatable_value() for s in state_vars]
+                state_values = [s._donatable_value() for s in loose]
             else:  # _donatable_value inlined: a copy only of buffers handed out
                 var_values = [
                     v._donatable_value() if v._handed_out else v._storage for v in var_list
                 ]
                 state_values = [
-                    s._donatable_value() if s._handed_out else s._storage for s in state_vars
+                    s._donatable_value() if s._handed_out else s._storage for s in loose
                 ]
+            # Grouped slots travel as their groups' buffers, which are never handed out.
+            state_values += [g.buffer for g in plan.groups]
             new_vars, new_state, new_iterations = program(
                 var_values,
                 grads,
@@ -853,25 +872,31 @@ class Optimizer:
                 [h.value for h in hyper_vars],
                 dynamic,
             )
+            n_loose = len(loose)
             if getattr(_bindings, "table", None):  # inside a trace: bind, do not store
                 for v, value in zip(var_list, new_vars, strict=True):
                     v._value = value
-                for s, value in zip(state_vars, new_state, strict=True):
+                for s, value in zip(loose, new_state[:n_loose], strict=True):
                     s._value = value
+                for g, value in zip(plan.groups, new_state[n_loose:], strict=True):
+                    for m, part in zip(g.members, g.split(value), strict=True):
+                        m._value = part
                 self._iterations._value = new_iterations
             else:  # the setter's work, once for all (donation_lock is held)
                 for v, value in zip(var_list, new_vars, strict=True):
                     v._storage = value
                     v._handed_out = False
-                for s, value in zip(state_vars, new_state, strict=True):
+                for s, value in zip(loose, new_state[:n_loose], strict=True):
                     s._storage = value
                     s._handed_out = False
+                for g, value in zip(plan.groups, new_state[n_loose:], strict=True):
+                    g.buffer = value
                 self._iterations._value = new_iterations
         self._programs[key] = program  # cached once it ran: a failed one may bind dropped slots
         if signature is not None:
             if len(self._key_memo) > 64:
                 self._key_memo.clear()
-            self._key_memo[signature] = (token, key, state_vars)
+            self._key_memo[signature] = (token, key, plan)
 
     def _state_variables(self, var_list: list[Variable]) -> list[Variable]:
         """Every optimizer variable one step reads and writes, in a fixed order."""
@@ -945,19 +970,32 @@ class Optimizer:
             self._key_token(),
         )
 
-    def _compile(self, var_list, state_vars, hyper_vars, grads, aggregate: bool):
+    def _compile(self, var_list, plan, hyper_vars, grads, aggregate: bool):
         iterations = self.iterations
         # Built outside the trace: its placeholders need the hyperparameters' concrete values.
         tx = self._static_transformation() if self._uses_transformation() else None
         # Every sharded variable and slot leaves the step with the sharding it came in with.
         var_shardings = [_spread_sharding(v) for v in var_list]
-        state_shardings = [_spread_sharding(s) for s in state_vars]
+        loose = plan.loose
+        state_shardings = [_spread_sharding(s) for s in loose]
 
         def step(var_values, grads, state_values, iteration, hyper_values, dynamic):
             self.compile_count += 1
+            # Each grouped slot this step touches is bound to its slice of its group's buffer.
+            state_vars, state_inputs = list(loose), list(state_values[: len(loose)])
+            group_parts = []
+            for g, buffer, present in zip(
+                plan.groups, state_values[len(loose) :], plan.present, strict=True
+            ):
+                parts = g.split(buffer)
+                group_parts.append(parts)
+                for m, part, here in zip(g.members, parts, present, strict=True):
+                    if here:
+                        state_vars.append(m)
+                        state_inputs.append(part)
             with (
                 bound(var_list, var_values),
-                bound(state_vars, state_values),
+                bound(state_vars, state_inputs),
                 bound([iterations], [iteration]),
                 bound(hyper_vars, hyper_values),
                 self._step_values(dynamic),
@@ -983,9 +1021,17 @@ class Optimizer:
                         _constrain(v.value, sh)
                         for v, sh in zip(var_list, var_shardings, strict=True)
                     ],
-                    [
-                        _constrain(s.value, sh)
-                        for s, sh in zip(state_vars, state_shardings, strict=True)
+                    [_constrain(s.value, sh) for s, sh in zip(loose, state_shardings, strict=True)]
+                    + [
+                        jnp.concatenate(
+                            [
+                                jnp.ravel(m.value if here else part)
+                                for m, part, here in zip(g.members, parts, present, strict=True)
+                            ]
+                        )
+                        for g, parts, present in zip(
+                            plan.groups, group_parts, plan.present, strict=True
+                        )
                     ],
                     new_iteration,
                 )
@@ -1365,6 +1411,28 @@ def _spread_sharding(variable: Variable) -> Any:
     if isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.device_set) > 1:
         return sharding
     return None
+
+
+class _StatePlan(NamedTuple):
+    """How a step passes the optimizer's variables: each loose one as its own array, grouped
+    slots as their groups' buffers (``present``: which members this step updates)."""
+
+    loose: list[Variable]
+    groups: list[SlotGroup]
+    present: list[tuple[bool, ...]]
+
+
+def _plan_state(state_vars: list[Variable]) -> _StatePlan:
+    loose, groups, members = [], [], set()
+    for s in state_vars:
+        if isinstance(s, PackedSlot):
+            members.add(s._uid)
+            if s._group not in groups:
+                groups.append(s._group)
+        else:
+            loose.append(s)
+    present = [tuple(m._uid in members for m in g.members) for g in groups]
+    return _StatePlan(loose, groups, present)
 
 
 def _sharding_key(sharding: Any) -> Any:

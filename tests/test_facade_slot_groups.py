@@ -1,0 +1,100 @@
+"""The facade keeps small slots in shared buffers; each still behaves as its own variable."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kopt
+from kopt import optimizers
+from kopt.optimizers._slot_groups import MAX_GROUPED_SIZE, PackedSlot
+
+
+def small_model():
+    return [kopt.Variable(jnp.full((2, 3), float(i)), name=f"w{i}") for i in range(4)] + [
+        kopt.Variable(jnp.zeros(MAX_GROUPED_SIZE + 1), name="big")
+    ]
+
+
+def numpy_adam(p, grads, lr=0.1, b1=0.9, b2=0.999, eps=1e-7):
+    m = np.zeros_like(p)
+    v = np.zeros_like(p)
+    for t, g in enumerate(grads, start=1):
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        lr_t = lr * np.sqrt(1 - b2**t) / (1 - b1**t)
+        p = p - lr_t * m / (np.sqrt(v) + eps)
+    return p, m, v
+
+
+def test_small_slots_are_grouped_and_step_like_their_own_variables():
+    variables = small_model()
+    opt = optimizers.Adam(learning_rate=0.1)
+    rng = np.random.default_rng(0)
+    grads = [[rng.standard_normal(v.shape).astype(np.float32) for v in variables] for _ in range(3)]
+    for gs in grads:
+        opt.apply_gradients(zip([jnp.asarray(g) for g in gs], variables, strict=True))
+    assert opt.compile_count == 1
+    for i, v in enumerate(variables):
+        m, s = opt.get_slot(v, "m"), opt.get_slot(v, "v")
+        assert isinstance(m, PackedSlot) == (v.size <= MAX_GROUPED_SIZE), v.name
+        assert (m.shape, m.dtype, s.shape) == (v.shape, v.dtype, v.shape)
+        p, em, ev = numpy_adam(np.full(v.shape, float(i) if i < 4 else 0.0), [g[i] for g in grads])
+        np.testing.assert_allclose(v.numpy(), p, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(m.numpy(), em, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(s.value), ev, rtol=1e-5, atol=1e-7)
+
+
+def test_a_step_over_some_variables_leaves_the_others_slots_alone():
+    a, b, c = (kopt.Variable(jnp.zeros(3)) for _ in range(3))
+    opt = optimizers.SGD(learning_rate=1.0, momentum=0.5)
+    opt.apply_gradients([(jnp.ones(3), a), (jnp.ones(3), b), (jnp.ones(3), c)])
+    assert isinstance(opt.get_slot(b, "momentum"), PackedSlot)
+    opt.apply_gradients([(jnp.ones(3), a), (2 * jnp.ones(3), c)])
+    np.testing.assert_allclose(opt.get_slot(a, "momentum").numpy(), [-1.5] * 3)
+    np.testing.assert_allclose(opt.get_slot(b, "momentum").numpy(), [-1.0] * 3)
+    np.testing.assert_allclose(opt.get_slot(c, "momentum").numpy(), [-2.5] * 3)
+    np.testing.assert_allclose(b.numpy(), [-1.0] * 3)
+
+
+def test_assigning_a_slot_feeds_the_next_step_and_values_read_earlier_stay_valid():
+    a, b = kopt.Variable(jnp.zeros(2)), kopt.Variable(jnp.zeros(2))
+    opt = optimizers.SGD(learning_rate=1.0, momentum=0.5)
+    opt.apply_gradients([(jnp.ones(2), a), (jnp.ones(2), b)])
+    slot = opt.get_slot(a, "momentum")
+    before = slot.value
+    slot.assign([10.0, 20.0])
+    opt.apply_gradients([(jnp.ones(2), a), (jnp.ones(2), b)])
+    np.testing.assert_allclose(np.asarray(before), [-1.0, -1.0])  # not donated away
+    np.testing.assert_allclose(slot.numpy(), [4.0, 9.0])  # 0.5 * [10, 20] - 1
+    np.testing.assert_allclose(opt.get_slot(b, "momentum").numpy(), [-1.5, -1.5])
+    with pytest.raises(ValueError, match="shape"):
+        slot.assign(jnp.zeros(3))
+    np.testing.assert_allclose(slot.numpy(), [4.0, 9.0])
+
+
+def test_weights_round_trip_through_get_and_set_weights():
+    variables = small_model()
+    opt = optimizers.Adam(learning_rate=0.1)
+    opt.apply_gradients([(jnp.ones(v.shape), v) for v in variables])
+    weights = opt.get_weights()
+    other = optimizers.Adam.from_config(opt.get_config())
+    twins = [kopt.Variable(v.numpy()) for v in variables]
+    other._create_all_weights(twins)
+    other.set_weights(weights)
+    for x, y in zip(other.get_weights(), weights, strict=True):
+        np.testing.assert_array_equal(x, y)
+    for opt_, vs in ((opt, variables), (other, twins)):
+        opt_.apply_gradients([(jnp.ones(v.shape), v) for v in vs])
+    for v, t in zip(variables, twins, strict=True):
+        np.testing.assert_array_equal(v.numpy(), t.numpy())
+
+
+def test_a_grouped_slot_is_a_pytree_leaf_inside_jit():
+    a, b = kopt.Variable(jnp.ones(2)), kopt.Variable(jnp.ones(2))
+    opt = optimizers.Adagrad(learning_rate=0.1)
+    opt.apply_gradients([(jnp.ones(2), a), (jnp.ones(2), b)])
+    slot = opt.get_slot(a, "accumulator")
+    assert isinstance(slot, PackedSlot)
+    total = jax.jit(lambda s: jnp.sum(s * 2))(slot)
+    np.testing.assert_allclose(total, 2 * np.sum(slot.numpy()))
