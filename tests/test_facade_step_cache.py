@@ -66,3 +66,23 @@ def test_sharded_variables_keep_their_sharding_over_cached_steps():
     for name in ("m", "v"):
         assert opt.get_slot(v, name).value.sharding.is_equivalent_to(sharding, 2), name
     np.testing.assert_allclose(v.numpy(), np.full((8, 2), -0.3), rtol=1e-4)
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["adam", "loss_scale"])
+def test_a_step_makes_no_round_trip_to_the_host(wrap):
+    variables = [kopt.Variable(jnp.ones(4)) for _ in range(3)]
+    opt = optimizers.Adam(learning_rate=0.1)
+    if wrap:
+        opt = optimizers.LossScaleOptimizer(opt, initial_scale=4.0, dynamic_growth_steps=2)
+    grads = [jnp.ones(4), jnp.ones(4), jnp.ones(4)]
+    bad = [jnp.ones(4), jnp.full(4, jnp.inf), jnp.ones(4)]
+    opt.apply_gradients(zip(grads, variables, strict=True))  # compiles
+    with jax.transfer_guard_device_to_host("disallow"):
+        for gs in (grads, bad, grads, grads):
+            opt.apply_gradients(zip(gs, variables, strict=True))
+    assert opt.iterations.numpy() == (4 if wrap else 5)
+    if wrap:
+        # good steps 1, 2 (scale 4 -> 8), inf (8 -> 4), good steps 1, 2 (4 -> 8)
+        assert float(opt.loss_scale.numpy()) == 8.0
+        assert int(opt._good_steps.numpy()) == 0
+    assert np.all(np.isfinite(variables[1].numpy())) == wrap

@@ -34,7 +34,7 @@ from kopt.optimizers.schedules import LearningRateSchedule
 from kopt.optimizers.schedules import deserialize as deserialize_schedule
 from kopt.optimizers.schedules import serialize as serialize_schedule
 from kopt.sparse import IndexedSlices
-from kopt.transforms import clip_by_global_norm, clip_by_norm, clip_by_value
+from kopt.transforms import all_finite, clip_by_global_norm, clip_by_norm, clip_by_value
 from kopt.transforms._core import learning_rate_at
 from kopt.variables import Variable, _bindings, bound, donation_lock, reading, track_reads
 
@@ -203,6 +203,9 @@ class Optimizer:
         self._non_slot: dict[str, Variable] = {}
         self._opaque: list[Variable] = []
         self._slot_groups: list[SlotGroup] = []
+        # Set by a LossScaleOptimizer wrapping this one: steps whose gradients are not all
+        # finite change nothing but its scale, decided inside the compiled step.
+        self._guard: Any = None
         self._opaque_owner: tuple[int, ...] | None = None
         self._iterations: Variable | None = None
         self._lock = threading.RLock()
@@ -903,6 +906,8 @@ class Optimizer:
         out = list(self._non_slot.values()) + list(self._opaque)
         for v in var_list:
             out.extend(self._slots.get(v._uid, {}).values())
+        if self._guard is not None:  # a LossScaleOptimizer's scale, updated in the same step
+            out.extend(self._guard._guard_variables())
         return out
 
     def _step_arguments(self) -> tuple[list[Variable], dict[str, jax.Array]]:
@@ -956,6 +961,7 @@ class Optimizer:
             id(self.gradient_aggregator),
             tuple(id(t) for t in self.gradient_transformers),
             self._initial_decay,
+            None if self._guard is None else self._guard._guard_key(),
         )
 
     def _program_key(self, var_list, grads, aggregate: bool, state_vars, hyper_vars, signature):
@@ -978,6 +984,7 @@ class Optimizer:
         var_shardings = [_spread_sharding(v) for v in var_list]
         loose = plan.loose
         state_shardings = [_spread_sharding(s) for s in loose]
+        guard = self._guard
 
         def step(var_values, grads, state_values, iteration, hyper_values, dynamic):
             self.compile_count += 1
@@ -1016,23 +1023,47 @@ class Optimizer:
                 else:
                     self._apply_hooks(gv)
                 new_iteration = core.safe_increment(jnp.asarray(iterations.value))
+                new_vars = [v.value for v in var_list]
+                new_loose = [s.value for s in loose]
+                new_groups = [
+                    jnp.concatenate(
+                        [
+                            jnp.ravel(m.value if here else part)
+                            for m, part, here in zip(g.members, parts, present, strict=True)
+                        ]
+                    )
+                    for g, parts, present in zip(
+                        plan.groups, group_parts, plan.present, strict=True
+                    )
+                ]
+                if guard is not None:
+                    # Not all finite: keep every input as it came (the guard's own scale and
+                    # counter excepted, which it has just updated).
+                    finite = all_finite(list(grads))
+                    guard._guard_update(finite)
+                    kept = {v._uid for v in guard._guard_variables()}
+                    new_vars = [
+                        jnp.where(finite, n, o) for n, o in zip(new_vars, var_values, strict=True)
+                    ]
+                    new_loose = [
+                        s.value if s._uid in kept else jnp.where(finite, n, o)
+                        for s, n, o in zip(loose, new_loose, state_values, strict=False)
+                    ]
+                    new_groups = [
+                        jnp.where(finite, n, o)
+                        for n, o in zip(new_groups, state_values[len(loose) :], strict=True)
+                    ]
+                    new_iteration = jnp.where(finite, new_iteration, iteration)
                 return (
                     [
-                        _constrain(v.value, sh)
-                        for v, sh in zip(var_list, var_shardings, strict=True)
+                        _constrain(value, sh)
+                        for value, sh in zip(new_vars, var_shardings, strict=True)
                     ],
-                    [_constrain(s.value, sh) for s, sh in zip(loose, state_shardings, strict=True)]
-                    + [
-                        jnp.concatenate(
-                            [
-                                jnp.ravel(m.value if here else part)
-                                for m, part, here in zip(g.members, parts, present, strict=True)
-                            ]
-                        )
-                        for g, parts, present in zip(
-                            plan.groups, group_parts, plan.present, strict=True
-                        )
-                    ],
+                    [
+                        _constrain(value, sh)
+                        for value, sh in zip(new_loose, state_shardings, strict=True)
+                    ]
+                    + new_groups,
                     new_iteration,
                 )
 

@@ -6,8 +6,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from kopt.optimizers.base import Optimizer, _as_pairs, _filter_empty_gradients
-from kopt.transforms import all_finite
+from kopt.optimizers.base import Optimizer
 from kopt.variables import Variable
 
 
@@ -115,34 +114,35 @@ class LossScaleOptimizer(Optimizer):
         """Applies the gradients with the inner optimizer if they are all finite; otherwise
         changes nothing but the scale. Gradients must already be unscaled
         (:meth:`get_unscaled_gradients`; :meth:`minimize` does it)."""
-        pairs = _filter_empty_gradients(_as_pairs(grads_and_vars))
-        if not pairs:
-            return None
-        self._optimizer._validate(pairs, experimental_aggregate_gradients)
+        # One compiled step decides on the device whether the gradients are all finite,
+        # applies them or keeps everything, and moves the scale: no round trip to the host.
         with self._lock:
-            finite = bool(all_finite([g for g, _ in pairs]))
-            if finite:
-                result = self._optimizer.apply_gradients(
-                    pairs,
-                    name=name,
-                    experimental_aggregate_gradients=experimental_aggregate_gradients,
-                )
-            else:
-                result = self._optimizer._iterations
-            if self.dynamic:
-                self._update_scale(finite)
-            return result
+            self._optimizer._guard = self
+            return self._optimizer.apply_gradients(
+                grads_and_vars,
+                name=name,
+                experimental_aggregate_gradients=experimental_aggregate_gradients,
+            )
 
-    def _update_scale(self, finite: bool) -> None:
-        if finite:
-            good = int(self._good_steps.numpy()) + 1
-            if good >= self.dynamic_growth_steps:
-                self._loss_scale.assign(self._loss_scale.value * 2.0)
-                good = 0
-            self._good_steps.assign(good)
-        else:
-            self._loss_scale.assign(jnp.maximum(self._loss_scale.value / 2.0, 1.0))
-            self._good_steps.assign(0)
+    # --- the guard the inner optimizer's step calls (see Optimizer._compile) ----------------
+    def _guard_variables(self) -> list[Variable]:
+        return [self._loss_scale, self._good_steps] if self.dynamic else []
+
+    def _guard_key(self) -> tuple:
+        return (id(self), self.dynamic, self.dynamic_growth_steps)
+
+    def _guard_update(self, finite: Any) -> None:
+        """Inside the step (variables bound): halve the scale after a non-finite step, double
+        it after ``dynamic_growth_steps`` finite ones in a row."""
+        if not self.dynamic:
+            return
+        scale = self._loss_scale.value
+        good = self._good_steps.value + 1
+        grow = good >= self.dynamic_growth_steps
+        self._loss_scale.assign(
+            jnp.where(finite, jnp.where(grow, scale * 2.0, scale), jnp.maximum(scale / 2.0, 1.0))
+        )
+        self._good_steps.assign(jnp.where(finite & ~grow, good, 0).astype(jnp.int32))
 
     @property
     def iterations(self):
