@@ -300,69 +300,39 @@ def report(args: argparse.Namespace) -> str:
         for n, k in sizes_for(optimizer):
             if n != big or k == 1:
                 continue
-            timed(
-                leaves,
-                notes,
-                "leaves",
-                optimizer,
-                (n, k),
-                (f"kopt, {k} leaves", lambda o=optimizer, n=n, k=k: kopt_pure(o, n, k)),
-                ("kopt, 1 leaf", lambda o=optimizer, n=n: kopt_pure(o, n, 1)),
-                budget,
-                target=1.0,
-            )
-            timed(
-                leaves,
-                notes,
-                "leaves",
-                optimizer,
-                (n, k),
-                (
-                    f"kopt.flatten, {k} leaves",
-                    lambda o=optimizer, n=n, k=k: kopt_pure(o, n, k, flat=True),
-                ),
-                ("kopt, 1 leaf", lambda o=optimizer, n=n: kopt_pure(o, n, 1)),
-                budget,
-                target=1.0,
-            )
-            timed(
-                leaves,
-                notes,
-                "leaves",
-                optimizer,
-                (n, k),
-                (
-                    f"kopt.pack, {k} leaves",
-                    lambda o=optimizer, n=n, k=k: kopt_pure(o, n, k, pack=True),
-                ),
-                ("kopt, 1 leaf", lambda o=optimizer, n=n: kopt_pure(o, n, 1)),
-                budget,
-                target=1.0,
-            )
+            for variant, options in (
+                ("kopt", {}),
+                ("kopt.flatten", {"flat": True}),
+                ("kopt.pack", {"pack": True}),
+            ):
+                timed(
+                    leaves,
+                    notes,
+                    "leaves",
+                    optimizer,
+                    (n, k),
+                    (
+                        f"{variant}, {k} leaves",
+                        lambda o=optimizer, n=n, k=k, kw=options: kopt_pure(o, n, k, **kw),
+                    ),
+                    ("kopt, 1 leaf", lambda o=optimizer, n=n: kopt_pure(o, n, 1)),
+                    budget,
+                    target=1.0,
+                )
     for optimizer in args.optimizers:
         n, k = min(sizes)
-        timed(
-            pure,
-            notes,
-            "pure",
-            optimizer,
-            (n, k),
-            ("kopt.flatten", lambda o=optimizer, n=n, k=k: kopt_pure(o, n, k, flat=True)),
-            ("optax", lambda o=optimizer, n=n, k=k: optax_pure(o, n, k)),
-            budget,
-            target=1.0,
-        )
-        timed(
-            pure,
-            notes,
-            "pure",
-            optimizer,
-            (n, k),
-            ("kopt.pack", lambda o=optimizer, n=n, k=k: kopt_pure(o, n, k, pack=True)),
-            ("optax", lambda o=optimizer, n=n, k=k: optax_pure(o, n, k)),
-            budget,
-            target=1.0,
-        )
+        for variant, options in (("kopt.flatten", {"flat": True}), ("kopt.pack", {"pack": True})):
+            timed(
+                pure,
+                notes,
+                "pure",
+                optimizer,
+                (n, k),
+                (variant, lambda o=optimizer, n=n, k=k, kw=options: kopt_pure(o, n, k, **kw)),
+                ("optax", lambda o=optimizer, n=n, k=k: optax_pure(o, n, k)),
+                budget,
+                target=1.0,
+            )
     torch_rows: list[Row] = []
     for optimizer in ("adam", "sgd_momentum"):
         if optimizer not in args.optimizers:

@@ -145,7 +145,7 @@ def suite_pure(cfg: Config) -> Section:
         "same optax step: how far from 1 a ratio strays with no difference at all.",
     )
     rows = []
-    flatten = getattr(kopt, "flatten", None)
+    flatten = kopt.flatten
     for optimizer in cfg.optimizers:
         for size in cfg.sizes:
             n, leaves = size
@@ -165,34 +165,22 @@ def suite_pure(cfg: Config) -> Section:
                     target=None if cfg.quick else TARGETS.get(size),
                 )
             )
-            if leaves > 1 and hasattr(kopt, "pack"):
+            if leaves == 1:
+                continue
+            # The same optimizer with its params packed, and with its slots packed.
+            for variant, options in (
+                ("kopt.pack", {"pack": True}),
+                ("kopt.flatten", {"wrap": flatten}),
+            ):
                 rows.append(
                     timed_row(
                         "pure",
                         optimizer,
                         size,
                         (
-                            "kopt.pack",
-                            lambda o=optimizer, n=n, k=leaves: contenders.kopt_pure(
-                                o, n, k, pack=True
-                            ),
-                        ),
-                        optax_step,
-                        cfg.budget,
-                        section.notes,
-                        target=None if cfg.quick else TARGETS.get(size),
-                    )
-                )
-            if flatten is not None and leaves > 1:
-                rows.append(
-                    timed_row(
-                        "pure",
-                        optimizer,
-                        size,
-                        (
-                            "kopt.flatten",
-                            lambda o=optimizer, n=n, k=leaves: contenders.kopt_pure(
-                                o, n, k, wrap=flatten
+                            variant,
+                            lambda o=optimizer, n=n, k=leaves, kw=options: contenders.kopt_pure(
+                                o, n, k, **kw
                             ),
                         ),
                         optax_step,
@@ -215,8 +203,6 @@ def suite_pure(cfg: Config) -> Section:
                 section.notes,
             )
         )
-    if flatten is None:
-        section.notes.append("no `kopt.flatten` rows: this kopt has no `kopt.flatten`")
     section.table = table_of(rows, cfg)
     return section
 
