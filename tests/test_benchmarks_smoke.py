@@ -45,3 +45,34 @@ def test_quick_pure_benchmark_prints_a_markdown_table():
             assert (optimizer, leaves, "kopt", "optax") in pairs, done.stdout
     for row in table:
         assert float(row[5]) > 0 and float(row[6]) > 0 and float(row[7]) > 0, row
+
+
+def test_gpu_benchmark_runs_small_on_the_cpu_and_writes_its_block(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    results.write_text("<!-- begin cpu -->\nkept\n<!-- end cpu -->\n")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "gpu.py"),
+            "--quick",
+            "--optimizers",
+            "adam",
+            "--repeat",
+            "2",
+            "--output",
+            str(results),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = results.read_text()
+    assert text.startswith("<!-- begin cpu -->\nkept\n<!-- end cpu -->")
+    assert "<!-- begin gpu -->" in text and text.rstrip().endswith("<!-- end gpu -->")
+    for variant in ("kopt.pack, 100 leaves", "kopt.flatten, 100 leaves", "kopt, 100 leaves"):
+        assert f"| {variant} | kopt, 1 leaf |" in text, variant
