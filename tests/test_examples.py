@@ -18,6 +18,7 @@ SCRIPTS = {
     "composing_transforms.py": False,
     "flax_linen.py": False,
     "equinox_mlp.py": False,
+    "packed_params.py": False,
     "schedules_gallery.py": True,
 }
 TESTED_ELSEWHERE = {"data_parallel.py"}  # tests/test_data_parallel.py runs it in two processes
