@@ -98,3 +98,24 @@ def test_a_grouped_slot_is_a_pytree_leaf_inside_jit():
     assert isinstance(slot, PackedSlot)
     total = jax.jit(lambda s: jnp.sum(s * 2))(slot)
     np.testing.assert_allclose(total, 2 * np.sum(slot.numpy()))
+
+
+@pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (simulated) devices")
+def test_grouped_slots_follow_the_model_onto_a_mesh_and_compile_once():
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((4,), ("x",))
+    small = [kopt.Variable(jnp.ones(3)), kopt.Variable(jnp.ones(3))]
+    opt = optimizers.Adam(learning_rate=0.1)
+    opt.apply_gradients([(jnp.ones(3), v) for v in small])
+    assert isinstance(opt.get_slot(small[0], "m"), PackedSlot)
+    rows = kopt.Variable(jax.device_put(jnp.ones((8, 2)), NamedSharding(mesh, P("x", None))))
+    grads = [(jnp.ones(3), small[0]), (jnp.ones(3), small[1])]
+    grads.append((jax.device_put(jnp.ones((8, 2)), NamedSharding(mesh, P("x", None))), rows))
+    count = opt.compile_count
+    for _ in range(3):
+        opt.apply_gradients(grads)
+    assert opt.compile_count == count + 1
+    assert rows.value.sharding.spec == P("x", None)
+    np.testing.assert_allclose(small[0].numpy(), np.full(3, 0.6), rtol=1e-5)

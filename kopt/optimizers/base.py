@@ -817,7 +817,7 @@ class Optimizer:
         for g in self._slot_groups:
             current = getattr(g.buffer, "sharding", None)
             if not (isinstance(current, jax.sharding.NamedSharding) and current.mesh == mesh):
-                g.buffer = jax.device_put(g.buffer, replicated)
+                g.buffer = variables_module._full_spec(jax.device_put(g.buffer, replicated))
         for v in movable:
             if isinstance(v, PackedSlot):
                 continue
