@@ -211,3 +211,20 @@ def test_sharded_leaves_stay_loose_and_keep_their_sharding(axis_type):
     for slot in ("m", "v"):
         leaf = kopt.get_slot(state, slot).buffers["['rows']"]
         assert leaf.sharding.is_equivalent_to(rows.sharding, rows.ndim), slot
+
+
+def test_packed_params_work_with_optax_pieces_and_key_paths():
+    optax = pytest.importorskip("optax")
+    params = tree()
+    packed = kopt.pack(params)
+    tx = kopt.chain(optax.clip_by_global_norm(1.0), kopt.adam(0.1))
+    state = tx.init(packed)
+    grads = jax.tree.map(jnp.ones_like, packed)
+    updates, state = jax.jit(tx.update)(grads, state, packed)
+    new = optax.apply_updates(packed, updates)
+    assert isinstance(new, kopt.Packed)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(new)[0]]
+    assert paths == ["['packed float32']", "['packed bfloat16']"]
+    # The same steps on the tree: clipping by the global norm sees the same values.
+    tree_updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+    chex.assert_trees_all_close(updates.unpack(), tree_updates, rtol=1e-5)
