@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from kopt.transforms._flat import _split
 from kopt.variables import Variable, donation_lock
 
 # Slots of at most this many elements are grouped; larger ones cost little per element anyway.
@@ -117,7 +118,7 @@ class SlotGroup:
 
     def split(self, buffer: Any) -> list[Any]:
         """The members' values out of ``buffer`` (traced), shaped like the slots."""
-        parts = jax.lax.split(buffer, self.sizes) if len(self.sizes) > 1 else [buffer]
+        parts = _split(buffer, list(self.sizes))
         return [p.reshape(m.shape) for p, m in zip(parts, self.members, strict=True)]
 
 

@@ -211,7 +211,7 @@ class Optimizer:
         self._lock = threading.RLock()
         self._programs: dict[Any, Any] = {}
         self._validated: set[Any] = set()  # call signatures that passed validation
-        self._key_memo: dict[Any, Any] = {}  # signature -> (token, step key, state variables)
+        self._key_memo: dict[Any, Any] = {}  # signature -> (token, step key, state plan)
         self._transformations: dict[Any, core.GradientTransformation] = {}
         self.compile_count = 0
         self._clipnorm = self._global_clipnorm = self._clipvalue = None
