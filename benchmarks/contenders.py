@@ -68,14 +68,16 @@ def jitted_step(transformation, apply_updates):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def pure_step(transformation, apply_updates, params: dict, grads: dict) -> Step:
-    """A step closure over a jitted, donated pure step of ``transformation``."""
+def pure_step(transformation, apply_updates, params, grads, repeat: int = 1) -> Step:
+    """A step closure over a jitted, donated pure step of ``transformation``: ``repeat`` steps
+    dispatched back to back, then one wait."""
     fn = jitted_step(transformation, apply_updates)
     box = [params, transformation.init(params)]
     last = last_leaf(params)
 
     def step():
-        box[0], box[1] = fn(box[0], box[1], grads)
+        for _ in range(repeat):
+            box[0], box[1] = fn(box[0], box[1], grads)
         last(box[0]).block_until_ready()
 
     step()

@@ -29,7 +29,6 @@ import datetime
 import os
 import subprocess
 import sys
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,6 +39,7 @@ sys.path[:0] = [str(HERE), str(ROOT)]
 
 import contenders  # noqa: E402
 import harness  # noqa: E402
+import run  # noqa: E402
 from contenders import Unavailable  # noqa: E402
 from harness import Budget, Row  # noqa: E402
 
@@ -98,20 +98,6 @@ def device_tree(n_params: int, n_leaves: int, seed: int) -> dict:
 REPEAT = [10]
 
 
-def repeated_pure_step(tx, apply_updates, params, grads) -> harness.Step:
-    fn = contenders.jitted_step(tx, apply_updates)
-    box = [params, tx.init(params)]
-    last = contenders.last_leaf(params)
-
-    def step():
-        for _ in range(REPEAT[0]):
-            box[0], box[1] = fn(box[0], box[1], grads)
-        last(box[0]).block_until_ready()
-
-    step()
-    return step
-
-
 def kopt_pure(
     optimizer: str, n_params: int, n_leaves: int, flat: bool = False, pack: bool = False
 ) -> harness.Step:
@@ -126,7 +112,7 @@ def kopt_pure(
     if pack:  # params, gradients and slots in one buffer (as jax.grad of a packed loss gives)
         params = kopt.pack(params, max_leaf_size=None)
         grads = kopt.pack(grads, max_leaf_size=None)
-    return repeated_pure_step(tx, kopt.apply_updates, params, grads)
+    return contenders.pure_step(tx, kopt.apply_updates, params, grads, REPEAT[0])
 
 
 def optax_pure(optimizer: str, n_params: int, n_leaves: int) -> harness.Step:
@@ -134,27 +120,9 @@ def optax_pure(optimizer: str, n_params: int, n_leaves: int) -> harness.Step:
 
     tx = contenders.optax_transformation(optimizer)
     params = device_tree(n_params, n_leaves, 0)
-    return repeated_pure_step(tx, optax.apply_updates, params, device_tree(n_params, n_leaves, 1))
-
-
-def inplace_bandwidth(n: int, budget: Budget) -> float:
-    """GB/s of a jitted, donated ``a + b`` over ``n`` float32, REPEAT at a time."""
-    import statistics
-
-    import jax
-    import jax.numpy as jnp
-
-    add = jax.jit(lambda a, b: a + b, donate_argnums=0)
-    box = [jnp.ones(n, jnp.float32)]
-    other = jnp.ones(n, jnp.float32)
-
-    def step():
-        for _ in range(REPEAT[0]):
-            box[0] = add(box[0], other)
-        box[0].block_until_ready()
-
-    times, _ = harness.paired(step, step, dataclasses.replace(budget, seconds=1.0, rounds=1))
-    return 12 * n * REPEAT[0] / statistics.median(times) / 1e9
+    return contenders.pure_step(
+        tx, optax.apply_updates, params, device_tree(n_params, n_leaves, 1), REPEAT[0]
+    )
 
 
 def kopt_facade(optimizer: str, n_params: int, n_leaves: int) -> harness.Step:
@@ -218,22 +186,12 @@ def timed(
     budget: Budget,
     target: float | None = None,
 ) -> None:
-    n_params, n_leaves = size
-    row = Row(suite, optimizer, n_params, n_leaves, a[0], b[0], target=target)
-    where = f"{optimizer}, {harness.format_size(n_params)} params in {n_leaves} leaves"
-    try:
-        t = harness.paired_rounds(a[1], b[1], budget)
-        row.timing = dataclasses.replace(t, a_ms=t.a_ms / REPEAT[0], b_ms=t.b_ms / REPEAT[0])
-    except Unavailable as e:
-        notes.append(f"skipped {a[0]} vs {b[0]} ({where}): {e}")
-        return
-    except Exception as e:
-        notes.append(f"failed {a[0]} vs {b[0]} ({where}): {type(e).__name__}: {e}")
-        traceback.print_exc(file=sys.stderr)
-        return
-    row.gbps = harness.BYTES_PER_PARAM[optimizer] * n_params / (row.timing.a_ms * 1e-3) / 1e9
-    print(f"  {a[0]} vs {b[0]}, {where}: {row.timing.ratio:.2f}", file=sys.stderr, flush=True)
-    rows.append(row)
+    """``run.timed_row`` for contenders that run REPEAT steps a call; kept rows go to ``rows``."""
+    row = run.timed_row(
+        suite, optimizer, size, a, b, budget, notes, target=target, steps_per_call=REPEAT[0]
+    )
+    if row is not None:
+        rows.append(row)
 
 
 def report(args: argparse.Namespace) -> str:
@@ -254,7 +212,9 @@ def report(args: argparse.Namespace) -> str:
     kind = getattr(device, "device_kind", device.platform)
     machine = harness.machine_description()
     machine["device"] = f"{kind} ({device.platform}, {jax.device_count()} device(s))"
-    inplace = inplace_bandwidth(big, budget)
+    inplace = harness.inplace_bandwidth(
+        big, dataclasses.replace(budget, seconds=1.0), repeat=REPEAT[0]
+    )
     spec = spec_gbps(kind)
     machine["in-place bandwidth"] = f"{inplace:.0f} GB/s (jitted, donated `a + b`, {big:,} float32)"
     if spec:

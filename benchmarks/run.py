@@ -102,13 +102,19 @@ def timed_row(
     notes: list[str],
     target: float | None = None,
     bandwidth: bool = True,
+    steps_per_call: int = 1,
 ) -> Row | None:
-    """Builds both contenders and times them as a pair; a contender that cannot run is a note."""
+    """Builds both contenders and times them as a pair; a contender that cannot run is a note.
+    ``steps_per_call``: how many optimizer steps each call of a contender runs (times are per
+    step)."""
     n_params, n_leaves = size
     row = Row(suite, optimizer, n_params, n_leaves, a[0], b[0], target=target)
     where = f"{optimizer}, {harness.format_size(n_params)} params in {n_leaves} leaves"
     try:
-        row.timing = harness.paired_rounds(a[1], b[1], budget)
+        t = harness.paired_rounds(a[1], b[1], budget)
+        row.timing = dataclasses.replace(
+            t, a_ms=t.a_ms / steps_per_call, b_ms=t.b_ms / steps_per_call
+        )
     except Unavailable as e:
         notes.append(f"skipped {a[0]} vs {b[0]} ({where}): {e}")
         return None
@@ -119,7 +125,11 @@ def timed_row(
     bytes_per_param = harness.BYTES_PER_PARAM.get(optimizer)
     if bandwidth and bytes_per_param:
         row.gbps = bytes_per_param * n_params / (row.timing.a_ms * 1e-3) / 1e9
-    print(f"  {row.a_name} vs {row.b_name}, {where}: {row.timing.ratio:.2f}", file=sys.stderr)
+    print(
+        f"  {row.a_name} vs {row.b_name}, {where}: {row.timing.ratio:.2f}",
+        file=sys.stderr,
+        flush=True,
+    )
     return row
 
 

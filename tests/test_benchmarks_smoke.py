@@ -8,26 +8,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_quick_pure_benchmark_prints_a_markdown_table():
+def run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
+    """Runs ``benchmarks/<script>`` as a user would (one device: no simulated ones)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "run.py"),
-            "--quick",
-            "--only",
-            "pure",
-            "--sizes",
-            "2k:1,2k:4",
-            "--seconds",
-            "0.02",
-        ],
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
         env=env,
         timeout=600,
         check=False,
+    )
+
+
+def test_quick_pure_benchmark_prints_a_markdown_table():
+    done = run_benchmark(
+        "run.py", "--quick", "--only", "pure", "--sizes", "2k:1,2k:4", "--seconds", "0.02"
     )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
@@ -50,25 +47,8 @@ def test_quick_pure_benchmark_prints_a_markdown_table():
 def test_gpu_benchmark_runs_small_on_the_cpu_and_writes_its_block(tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("<!-- begin cpu -->\nkept\n<!-- end cpu -->\n")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "gpu.py"),
-            "--quick",
-            "--optimizers",
-            "adam",
-            "--repeat",
-            "2",
-            "--output",
-            str(results),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=600,
-        check=False,
+    done = run_benchmark(
+        "gpu.py", "--quick", "--optimizers", "adam", "--repeat", "2", "--output", str(results)
     )
     assert done.returncode == 0, done.stderr[-3000:]
     text = results.read_text()
