@@ -731,10 +731,11 @@ class Optimizer:
         if not pairs:
             return None
         signature = _signature(pairs, experimental_aggregate_gradients)
-        if signature is None or signature not in self._validated:
+        # A signature with a cached step key stepped (so passed validation) before.
+        memo = None if signature is None else self._key_memo.get(signature)
+        if memo is None and (signature is None or signature not in self._validated):
             self._validate(pairs, experimental_aggregate_gradients)
         with self._lock:
-            memo = None if signature is None else self._key_memo.get(signature)
             if memo is not None and memo[0] == self._step_token():
                 # These very variables stepped before and no weight was made since: nothing
                 # to create, so nothing to roll back.
