@@ -92,8 +92,8 @@ def pack(params: PyTree, max_leaf_size: int | None = 16384) -> Packed:
     Only for optimizers that treat every element alike, as with :func:`kopt.flatten`:
     per-leaf pieces (``clipnorm``, :func:`kopt.clip_by_norm`, :func:`kopt.lamb`,
     :func:`kopt.adafactor`, masks and labels by leaf) would see the buffers as the leaves.
-    Slots are ``Packed`` like the params: ``kopt.get_slot(state, "m").unpack()`` is shaped like
-    the original tree.
+    The state keeps its slots ``Packed`` like the params; :func:`kopt.get_slot` returns them
+    unpacked, shaped like the original tree.
 
     Args:
         params: a tree of floating-point arrays.

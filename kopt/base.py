@@ -386,6 +386,9 @@ def set_hyperparam(state: OptState, name: str, value: Any) -> OptState:
 def get_slot(state: OptState, name: str) -> PyTree:
     """Returns the slot ``name`` of an optimizer state: a pytree shaped like the params.
 
+    For params kept packed (:func:`kopt.pack`), the slot is unpacked too: its leaves have the
+    shapes of the original params, whatever buffers the state keeps them in.
+
     Slot names are Keras's: ``"m"``, ``"v"``, ``"vhat"``, ``"momentum"``, ``"accumulator"``,
     ``"accum_grad"``, ``"accum_var"``, ``"rms"``, ``"mg"``, ``"linear"`` (and Adafactor's ``"r"``,
     ``"c"``; Nadam's scalar ``"momentum_cache"``).
@@ -402,7 +405,7 @@ def get_slot(state: OptState, name: str) -> PyTree:
     names = []
     for holder in _slot_holders(state):
         if name in holder.slots:
-            return holder.slots[name]
+            return _unpacked(holder.slots[name])
         names.extend(holder.slots)
     raise ValueError(f"get_slot: no slot named {name!r} in this state; it has {sorted(set(names))}")
 
@@ -419,6 +422,15 @@ def slot_names(state: OptState) -> list[str]:
     for holder in _slot_holders(state):
         out.extend(n for n in holder.slots if n not in out)
     return out
+
+
+def _unpacked(slot: PyTree) -> PyTree:
+    from kopt._packed import Packed  # here: kopt._packed imports this module
+
+    def is_packed(x):
+        return isinstance(x, Packed)
+
+    return jax.tree.map(lambda x: x.unpack() if is_packed(x) else x, slot, is_leaf=is_packed)
 
 
 def _slot_holders(state: Any):
