@@ -155,3 +155,29 @@ def full_like_param(p: Any, value: float, dtype: Any | None = None) -> jax.Array
     # An uncommitted param gets an uncommitted slot: a state that mixed committed slots with
     # uncommitted counts would make the first jitted step compile twice.
     return out
+
+
+def reduced_like_param(p: Any, axis: int, dtype: Any | None = None) -> jax.Array:
+    """Zeros shaped like ``p`` without ``axis`` (a factored statistic), with p's sharding of the
+    axes that remain: a statistic of a kernel split by rows is split the same way.
+
+    Under ``jax.jit`` it is a reduction of a param-dependent zero array, so XLA's sharding
+    propagation (or the explicit mesh axes) gives it the remaining axes' sharding.
+    """
+    dtype = dtype or jnp.result_type(p)
+    if isinstance(p, jax.core.Tracer):
+        return jnp.sum(full_like_param(p, 0.0, dtype), axis=axis)
+    shape = list(jnp.shape(p))
+    axis %= len(shape)
+    del shape[axis]
+    out = jnp.zeros(shape, dtype)
+    if not (isinstance(p, jax.Array) and p.committed):
+        return out
+    sharding = p.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = list(sharding.spec) + [None] * (p.ndim - len(sharding.spec))
+        del spec[axis]
+        sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+    elif not isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        return jax.jit(reduced_like_param, static_argnums=(1, 2))(p, axis, dtype)
+    return jax.device_put(out, sharding)

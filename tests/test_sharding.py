@@ -98,3 +98,36 @@ def test_wrapper_state_follows_param_sharding(axis_type):
         for name, p in params.items():
             assert updates[name].sharding.is_equivalent_to(p.sharding, p.ndim), name
             assert state[1].slots["average"][name].sharding.is_equivalent_to(p.sharding, p.ndim)
+
+
+# Adafactor's factored statistics drop one axis of a rank >= 2 param: r the last, c the one
+# before; each keeps the sharding of the axes that remain.
+FACTORED_SPECS = {
+    "rows": {"r": P("x"), "c": P(None)},
+    "cols": {"r": P(None), "c": P("x")},
+}
+
+
+@AXIS_TYPES
+def test_adafactor_factored_slots_follow_the_remaining_axes(axis_type):
+    tx = kopt.adafactor(0.01)
+    with sharded_params(axis_type) as params:
+        mesh = params["rows"].sharding.mesh
+
+        @jax.jit
+        def step(params, state):
+            grads = jax.tree.map(lambda p: jnp.full_like(p, 0.25), params)
+            updates, state = tx.update(grads, state, params)
+            return kopt.apply_updates(params, updates), state
+
+        init_state = tx.init(params)
+        jit_state = jax.jit(tx.init)(params)
+        _, stepped = step(params, jit_state)
+        for what, state in (("init", init_state), ("jit(init)", jit_state), ("step", stepped)):
+            for name, specs in FACTORED_SPECS.items():
+                for slot, spec in specs.items():
+                    leaf = kopt.get_slot(state, slot)[name]
+                    assert leaf.shape == (SHAPES[name][0] if slot == "r" else SHAPES[name][1],)
+                    assert leaf.sharding.is_equivalent_to(NamedSharding(mesh, spec), 1), (
+                        f"{what}: {slot}[{name!r}] has {leaf.sharding}, expected {spec}"
+                    )

@@ -6,6 +6,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from kopt._tree import reduced_like_param
 from kopt.base import GradientTransformation, check_hyperparam
 from kopt.sparse import IndexedSlices, deduplicate, gather_rows, scatter_rows
 from kopt.transforms._core import (
@@ -392,18 +393,18 @@ def scale_by_adafactor(
         new["v"] = v
         return -(alpha * u_hat), new
 
-    def row_slot(p):
-        shape = jnp.shape(p)
-        return jnp.zeros(shape[:-1] if len(shape) >= 2 else (), jnp.result_type(p))
+    def factored_slot(axis):
+        def make(p):
+            if jnp.ndim(p) >= 2:
+                return reduced_like_param(p, axis)
+            return jnp.zeros((), jnp.result_type(p))
 
-    def col_slot(p):
-        shape = jnp.shape(p)
-        return jnp.zeros(shape[:-2] + shape[-1:] if len(shape) >= 2 else (), jnp.result_type(p))
+        return make
 
     return leafwise_transformation(
         owner,
         hyper,
-        {"r": row_slot, "c": col_slot, "v": constant_slot(0.0)},
+        {"r": factored_slot(-1), "c": factored_slot(-2), "v": constant_slot(0.0)},
         rule,
         prepare=prepare,
         needs_params=True,
