@@ -11,7 +11,9 @@ so a jitted step can read or change them without recompiling.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -192,6 +194,23 @@ def is_schedule(value: Any) -> bool:
     return callable(value) and not isinstance(value, (jax.Array, float, int))
 
 
+_REPORTED_AS: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "kopt_reported_as", default=None
+)
+
+
+@contextlib.contextmanager
+def reported_as(owner: str) -> Iterator[None]:
+    """Within it, :func:`check_hyperparam` names ``owner`` in its errors instead of the piece
+    that checks: the Keras facade builds its functional twin this way, so ``Adam(beta_1=1.5)``
+    is reported as ``Adam``'s, not as the inner ``scale_by_adam``'s."""
+    token = _REPORTED_AS.set(owner)
+    try:
+        yield
+    finally:
+        _REPORTED_AS.reset(token)
+
+
 def check_hyperparam(
     owner: str,
     name: str,
@@ -208,6 +227,7 @@ def check_hyperparam(
         TypeError: if ``value`` is not a number, scalar array or (where allowed) a callable.
         ValueError: if a concrete number lies outside ``[low, high]``.
     """
+    owner = _REPORTED_AS.get() or owner
     if is_schedule(value):
         if not allow_schedule:
             raise TypeError(f"{owner}: `{name}` cannot be a schedule, received {value!r}")

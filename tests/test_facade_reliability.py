@@ -114,6 +114,46 @@ def test_bad_constructor_arguments(make, error, match):
         make()
 
 
+@pytest.mark.parametrize(
+    "cls, kwargs",
+    [
+        ("Adam", {"beta_1": 1.5}),
+        ("Adam", {"epsilon": -1.0}),
+        ("Adamax", {"beta_1": -0.1}),
+        ("Nadam", {"beta_2": 1.5}),
+        ("RMSprop", {"rho": 2.0}),
+        ("Adadelta", {"rho": 1.5}),
+        ("AdamW", {"weight_decay": -1.0}),
+        ("Lamb", {"beta_2": -1.0}),
+        ("Adafactor", {"clip_threshold": 0.0}),
+    ],
+)
+def test_out_of_range_constructor_argument_names_the_class_not_the_inner_piece(cls, kwargs):
+    ((arg, value),) = kwargs.items()
+    with pytest.raises(ValueError) as info:
+        getattr(optimizers, cls)(**kwargs)
+    message = str(info.value)
+    assert message.startswith(f"{cls}: `{arg}`"), message
+    assert f"received {value}" in message, message  # as given, not its float32 rounding
+    assert "scale_by" not in message and "add_decayed" not in message, message
+
+
+def test_a_callable_hyperparameter_is_read_at_the_first_step_and_checked_there():
+    calls = []
+
+    def learning_rate():
+        calls.append(1)
+        return 0.1
+
+    opt = optimizers.Adam(learning_rate=learning_rate, beta_1=1.5)
+    assert not calls  # the constructor does not call it
+    var = kopt.Variable([1.0])
+    with pytest.raises(ValueError, match="^Adam: `beta_1`"):
+        opt.apply_gradients([(jnp.ones(1), var)])
+    np.testing.assert_array_equal(var.numpy(), [1.0])
+    assert opt.weights == []  # no slots and no step count were made
+
+
 def test_sgd_momentum_above_one_is_refused_after_construction_too():
     opt = optimizers.SGD(learning_rate=0.1, momentum=0.5)
     var = kopt.Variable([1.0])

@@ -14,6 +14,7 @@ optimizer written the tf.keras way (``_create_slots`` / ``_resource_apply_dense`
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import re
@@ -164,6 +165,29 @@ class Optimizer:
     _SLOT_ORDER: tuple[str, ...] = ()
     _INTERLEAVE_SLOTS = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Each subclass's ``__init__`` ends by checking the hyperparameters it was given
+        against the functional twin (once, when the outermost ``__init__`` returns), so a bad
+        value is refused by the constructor rather than by the first step."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+
+        @functools.wraps(init)
+        def checked_init(self, *args: Any, **kw: Any) -> None:
+            depth = self.__dict__.get("_init_depth", 0)
+            self.__dict__["_init_depth"] = depth + 1
+            try:
+                init(self, *args, **kw)
+            finally:
+                self.__dict__["_init_depth"] = depth
+            if depth == 0:
+                del self.__dict__["_init_depth"]
+                self._check_hyperparameters()
+
+        cls.__init__ = checked_init
+
     def __init__(
         self,
         name: str,
@@ -266,7 +290,7 @@ class Optimizer:
             if current is not None and self._uses_transformation():
                 # The functional twin owns the valid ranges: a value it rejects is not set.
                 hyper = {**self._hyper, name: value}
-                self._transformation(_placeholders(self._transformation_hyperparams(hyper)))
+                self._build_transformation(_placeholders(self._transformation_hyperparams(hyper)))
             if isinstance(value, Variable):
                 self._hyper[name] = value
             elif callable(value):
@@ -612,6 +636,22 @@ class Optimizer:
     def _uses_transformation(self) -> bool:
         return type(self)._transformation is not Optimizer._transformation
 
+    def _build_transformation(self, hyperparams: dict[str, Any]) -> core.GradientTransformation:
+        """:meth:`_transformation`, with its argument errors naming this optimizer's class."""
+        with core.reported_as(type(self).__name__):
+            return self._transformation(hyperparams)
+
+    def _check_hyperparameters(self) -> None:
+        """Builds the functional twin once to check the constructor's hyperparameters. One given
+        as a zero-argument callable is read at the first step, not here, as in tf.keras; the
+        others are then checked at that step too."""
+        if not self._uses_transformation() or any(
+            callable(v) and not isinstance(v, Variable) and not _is_step_schedule(v)
+            for v in self._hyper.values()
+        ):
+            return
+        self._build_transformation(_placeholders(self._transformation_hyperparams()))
+
     def _static_transformation(self) -> core.GradientTransformation:
         """The twin with schedules in place and numbers as placeholders, cached per schedules."""
         hp = self._transformation_hyperparams()
@@ -620,7 +660,7 @@ class Optimizer:
         )
         tx = self._transformations.get(key)
         if tx is None:
-            tx = self._transformation(_placeholders(hp))
+            tx = self._build_transformation(_placeholders(hp))
             self._transformations[key] = tx
         return tx
 
@@ -655,7 +695,7 @@ class Optimizer:
             pieces.append(clip_by_norm(self._clipnorm))
         if self._global_clipnorm is not None:
             pieces.append(clip_by_global_norm(self._global_clipnorm))
-        pieces.append(self._transformation(hp))
+        pieces.append(self._build_transformation(hp))
         return core.chain(*pieces) if len(pieces) > 1 else pieces[0]
 
     def _create_transformation_slots(self, var_list: list[Variable]) -> None:
@@ -1282,9 +1322,17 @@ def _placeholders(hyperparams: dict[str, Any]) -> dict[str, Any]:
     """Numbers for building the functional twin (the step passes the current values), schedules
     as they are."""
     return {
-        k: v if _is_step_schedule(v) else float(np.asarray(_plain(v)))
+        k: v if _is_step_schedule(v) else _shortest_float(np.asarray(_plain(v)))
         for k, v in hyperparams.items()
     }
+
+
+def _shortest_float(value: np.ndarray) -> float:
+    """A float32 hyperparameter as the Python float it prints as (0.1, not 0.10000000149...),
+    so a message that quotes it shows the value the user gave."""
+    if value.dtype == np.float32:
+        return float(str(value))
+    return float(value)
 
 
 def _plain(value: Any) -> Any:
