@@ -153,3 +153,36 @@ def test_float64_params_with_x64_enabled():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("ok")
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_lamb_on_float16_params_takes_its_trust_ratio_in_float32(jit):
+    # A gradient of 4e-3 leaves v at 0 in float16, so r is about 4e3 there: r**2 overflows
+    # float16, and a float16 trust ratio would be 0 (no update at all). Epsilon 1e-7 is
+    # subnormal in float16, which XLA may flush to zero (r infinite, the update NaN).
+    p = jnp.linspace(-1.0, 1.0, 12, dtype=jnp.float32).astype(jnp.float16)
+    g = jnp.cos(jnp.arange(12.0)).astype(jnp.float16)
+    tx = kopt.lamb(0.01)
+    update = jax.jit(tx.update) if jit else tx.update
+    u, state = update(g, tx.init(p), p)
+    assert u.dtype == jnp.float16
+    # NumPy, in float64 from the float16 slots the step stored.
+    m = np.asarray(kopt.get_slot(state, "m"), np.float64)
+    v = np.asarray(kopt.get_slot(state, "v"), np.float64)
+    assert v[-1] == 0.0
+    r = (m / (1 - 0.9)) / (np.sqrt(v / (1 - 0.999)) + 1e-7)
+    expected = -0.01 * np.linalg.norm(np.asarray(p, np.float64)) / np.linalg.norm(r) * r
+    np.testing.assert_allclose(np.asarray(u, np.float64), expected, rtol=2e-3, atol=1e-7)
+    assert abs(float(u[-1])) > 1e-2
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_adafactor_on_float16_params_takes_its_rms_in_float32(jit):
+    # RMS(w) = 300: w**2 = 9e4 overflows float16, which would make the step infinite.
+    p = jnp.full((4,), 300.0, jnp.float16)
+    tx = kopt.adafactor(learning_rate=0.001)
+    update = jax.jit(tx.update) if jit else tx.update
+    u, _ = update(jnp.ones(4, jnp.float16), tx.init(p), p)
+    assert u.dtype == jnp.float16
+    # Step 1: v = g**2, so u_t = 1 and RMS(u_t) = 1; u = -RMS(w) * min(lr, 1) * u_t.
+    np.testing.assert_allclose(np.asarray(u, np.float32), -0.3, rtol=1e-3)

@@ -384,16 +384,21 @@ def scale_by_lamb(
     def rule(g, s, p, c):
         m, v = s["m"], s["v"]
         g = as_dense(g, m.shape).astype(m.dtype)
+        c32 = cast_coefficients(c, jnp.float32)
         c = cast_coefficients(c, m.dtype)
         m = m + (g - m) * (1 - c["beta_1"])
         v = v + (g * g - v) * (1 - c["beta_2"])
-        r = (m / c["one_minus_beta_1_power"]) / (
-            jnp.sqrt(v / c["one_minus_beta_2_power"]) + c["epsilon"]
+        # The slots keep their dtype; the ratio and the norms are computed in float32 (as
+        # global_norm is). In float16 an epsilon of 1e-7 is subnormal, which XLA may flush to
+        # zero, and a sum of squares overflows long before the update itself is out of range.
+        m32, v32 = m.astype(jnp.float32), v.astype(jnp.float32)
+        r = (m32 / c32["one_minus_beta_1_power"]) / (
+            jnp.sqrt(v32 / c32["one_minus_beta_2_power"]) + c32["epsilon"]
         )
-        w_norm = jnp.sqrt(jnp.sum(p.astype(m.dtype) ** 2))
-        r_norm = jnp.sqrt(jnp.sum(r**2))
+        w_norm = jnp.sqrt(jnp.sum(jnp.square(p.astype(m.dtype).astype(jnp.float32))))
+        r_norm = jnp.sqrt(jnp.sum(jnp.square(r)))
         ratio = jnp.where(w_norm > 0, jnp.where(r_norm > 0, w_norm / r_norm, 1.0), 1.0)
-        return ratio * r, {"m": m, "v": v}
+        return (ratio * r).astype(m.dtype), {"m": m, "v": v}
 
     return leafwise_transformation(
         owner,

@@ -366,8 +366,8 @@ def scale_by_adafactor(
         rho = jnp.minimum(hp["learning_rate"], 1.0 / jnp.sqrt(t))
         return {**hp, "rho": rho, "beta_2_t": 1.0 - t ** hp["beta_2_decay"]}, scalars
 
-    def rms(x):
-        return jnp.sqrt(jnp.mean(jnp.square(x)))
+    def rms(x):  # accumulated in float32: a float16 mean of squares overflows early
+        return jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32)))).astype(x.dtype)
 
     def rule(g, s, p, c):
         v = s["v"]
