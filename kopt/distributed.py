@@ -55,8 +55,8 @@ def leaf_sharding(
     Example:
         >>> import jax, kopt
         >>> mesh = jax.make_mesh((1,), ("data",))
-        >>> kopt.distributed.leaf_sharding((3, 8), mesh, "data").spec
-        P(None, 'data')
+        >>> tuple(kopt.distributed.leaf_sharding((3, 8), mesh, "data").spec)
+        (None, 'data')
     """
     size = _axis_size(mesh, axis_name)
     candidates = [d for d, n in enumerate(shape) if n % size == 0 and n >= size]
@@ -134,8 +134,8 @@ def shard_state(
         >>> import jax, jax.numpy as jnp, kopt
         >>> mesh = jax.make_mesh((1,), ("data",))
         >>> state = kopt.shard_state(kopt.sgd(0.1, momentum=0.9).init(jnp.zeros(8)), mesh, "data")
-        >>> kopt.get_slot(state, "momentum").sharding.spec
-        P('data',)
+        >>> tuple(kopt.get_slot(state, "momentum").sharding.spec)
+        ('data',)
     """
     return jax.device_put(state, state_sharding(state, mesh, axis_name, params))
 
