@@ -1374,8 +1374,10 @@ def _as_pairs(grads_and_vars: Any) -> list[tuple[Any, Any]]:
             f"pairs, received {type(grads_and_vars).__name__}"
         )
     items = list(grads_and_vars)
-    if set(map(type, items)) <= {tuple, list} and set(map(len, items)) <= {2}:
-        return [(g, v) for g, v in items]  # the common case, without a Python loop per check
+    kinds = set(map(type, items))
+    if kinds <= {tuple, list} and set(map(len, items)) <= {2}:
+        # The common case, without a Python loop per check (pairs from zip() kept as they are).
+        return items if kinds <= {tuple} else [(g, v) for g, v in items]
     pairs = []
     for i, pair in enumerate(items):
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
@@ -1388,7 +1390,7 @@ def _as_pairs(grads_and_vars: Any) -> list[tuple[Any, Any]]:
 
 
 def _filter_empty_gradients(pairs):
-    kept = [(g, v) for g, v in pairs if g is not None]
+    kept = [pair for pair in pairs if pair[0] is not None]
     if pairs and not kept:
         names = ([getattr(v, "name", repr(v)) for _, v in pairs],)
         raise ValueError(
@@ -1458,6 +1460,12 @@ def _check_gradient(g: Any, v: Variable, aggregate: bool) -> None:
 def _signature(pairs, aggregate: bool):
     """What validation depends on, per pair: the variable and the gradient's kind, shape and
     dtype. A call whose signature passed validation before skips it (None: validate)."""
+    try:  # the common case, arrays for variables: one comprehension, the aval for both
+        out = [(v._uid, type(g), g.aval) for g, v in pairs if type(v) is Variable]
+    except AttributeError:  # a gradient that is not an array (IndexedSlices, PerReplica, ...)
+        out = None
+    if out is not None and len(out) == len(pairs):
+        return tuple(out), aggregate
     out = []
     for g, v in pairs:
         if type(v) is not Variable:
