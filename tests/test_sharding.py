@@ -131,3 +131,12 @@ def test_adafactor_factored_slots_follow_the_remaining_axes(axis_type):
                     assert leaf.sharding.is_equivalent_to(NamedSharding(mesh, spec), 1), (
                         f"{what}: {slot}[{name!r}] has {leaf.sharding}, expected {spec}"
                     )
+
+
+def test_adafactor_factored_slots_stay_on_a_committed_params_device():
+    device = jax.devices()[1]
+    p = jax.device_put(jnp.ones((4, 3)), device)
+    state = kopt.adafactor(0.01).init({"w": p})
+    for slot in ("r", "c", "v"):
+        leaf = kopt.get_slot(state, slot)["w"]
+        assert leaf.devices() == {device} and leaf.committed, slot
