@@ -181,7 +181,7 @@ def test_unknown_names_are_errors_naming_them():
 def test_deepcopy_is_an_independent_optimizer():
     var = kopt.Variable([1.0, 2.0])
     opt = optimizers.Adam(learning_rate=0.42)
-    assert copy.deepcopy(opt).get_config()["learning_rate"] == pytest.approx(0.42)
+    assert copy.deepcopy(opt).get_config()["learning_rate"] == 0.42  # exactly, as tf.keras
     opt.apply_gradients([(jnp.ones(2), var)])
     clone = copy.deepcopy(opt)
     clone.learning_rate = 0.1

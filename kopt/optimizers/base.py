@@ -326,7 +326,10 @@ class Optimizer:
             value = value()
         if isinstance(value, Variable):
             value = value.numpy()
-        return np.asarray(value).item()
+        value = np.asarray(value)
+        # A float32 hyperparameter is reported as the number it prints as (0.42, as given and
+        # as tf.keras reports it), not as its float64 expansion 0.41999998688697815.
+        return _shortest_float(value) if value.dtype == np.float32 else value.item()
 
     def _decayed_lr(self, var_dtype: Any) -> jax.Array:
         """Keras's learning rate for this step: schedule at ``iterations``, then
@@ -1328,8 +1331,9 @@ def _placeholders(hyperparams: dict[str, Any]) -> dict[str, Any]:
 
 
 def _shortest_float(value: np.ndarray) -> float:
-    """A float32 hyperparameter as the Python float it prints as (0.1, not 0.10000000149...),
-    so a message that quotes it shows the value the user gave."""
+    """A float32 hyperparameter as the Python float it prints as (0.1, not 0.10000000149...):
+    the value the user gave, in error messages and in ``get_config``. Converting it back to
+    float32 gives the same value."""
     if value.dtype == np.float32:
         return float(str(value))
     return float(value)
