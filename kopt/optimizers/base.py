@@ -326,10 +326,7 @@ class Optimizer:
             value = value()
         if isinstance(value, Variable):
             value = value.numpy()
-        value = np.asarray(value)
-        # A float32 hyperparameter is reported as the number it prints as (0.42, as given and
-        # as tf.keras reports it), not as its float64 expansion 0.41999998688697815.
-        return _shortest_float(value) if value.dtype == np.float32 else value.item()
+        return _python_number(np.asarray(value))
 
     def _decayed_lr(self, var_dtype: Any) -> jax.Array:
         """Keras's learning rate for this step: schedule at ``iterations``, then
@@ -1325,18 +1322,18 @@ def _placeholders(hyperparams: dict[str, Any]) -> dict[str, Any]:
     """Numbers for building the functional twin (the step passes the current values), schedules
     as they are."""
     return {
-        k: v if _is_step_schedule(v) else _shortest_float(np.asarray(_plain(v)))
+        k: v if _is_step_schedule(v) else float(_python_number(np.asarray(_plain(v))))
         for k, v in hyperparams.items()
     }
 
 
-def _shortest_float(value: np.ndarray) -> float:
-    """A float32 hyperparameter as the Python float it prints as (0.1, not 0.10000000149...):
-    the value the user gave, in error messages and in ``get_config``. Converting it back to
-    float32 gives the same value."""
+def _python_number(value: np.ndarray) -> Any:
+    """A hyperparameter as a Python number; a float32 one as the float it prints as (0.42, as
+    given and as tf.keras reports it, not 0.41999998688697815), for error messages and
+    ``get_config``. Converting it back to float32 gives the same value."""
     if value.dtype == np.float32:
         return float(str(value))
-    return float(value)
+    return value.item()
 
 
 def _plain(value: Any) -> Any:
