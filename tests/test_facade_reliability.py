@@ -274,3 +274,65 @@ def test_threads_minimizing_a_shared_variable_while_another_reads_it():
     assert errors == []
     assert int(opt.iterations.numpy()) == 45
     assert np.all(shared.numpy() > 0.5)  # every step moved it towards 1 (w <- 0.98 w + 0.02)
+
+
+PLAIN_ATTRIBUTES = {
+    "Adam epsilon < 0": (lambda: optimizers.Adam(0.1), "epsilon", -1.0, "Adam: `epsilon`"),
+    "Adam epsilon NaN": (lambda: optimizers.Adam(0.1), "epsilon", float("nan"), "`epsilon`"),
+    "Adam epsilon None": (lambda: optimizers.Adam(0.1), "epsilon", None, "`epsilon`"),
+    "RMSprop epsilon < 0": (lambda: optimizers.RMSprop(0.1), "epsilon", -1.0, "`epsilon`"),
+    "AdamW beta_1 > 1": (lambda: optimizers.AdamW(0.1), "beta_1", 1.5, "AdamW: `beta_1`"),
+    "Lamb epsilon < 0": (lambda: optimizers.Lamb(0.1), "epsilon", -1.0, "Lamb: `epsilon`"),
+    "Adafactor clip_threshold 0": (
+        lambda: optimizers.Adafactor(0.1),
+        "clip_threshold",
+        0.0,
+        "`clip_threshold`",
+    ),
+    "Lion weight_decay < 0": (
+        lambda: optimizers.Lion(0.1, weight_decay=0.1),
+        "weight_decay",
+        -0.5,
+        "`weight_decay`",
+    ),
+    "Lion ema_momentum > 1": (
+        lambda: optimizers.Lion(0.1, use_ema=True),
+        "ema_momentum",
+        1.5,
+        "`ema_momentum`",
+    ),
+    "Lion ema_overwrite_frequency < 1": (
+        lambda: optimizers.Lion(0.1, use_ema=True),
+        "ema_overwrite_frequency",
+        -1,
+        "`ema_overwrite_frequency`",
+    ),
+    "Lion gradient_accumulation_steps 1": (
+        lambda: optimizers.Lion(0.1),
+        "gradient_accumulation_steps",
+        1,
+        "`gradient_accumulation_steps`",
+    ),
+    "Adam epsilon < 0, callable learning rate": (
+        lambda: optimizers.Adam(lambda: 0.1),
+        "epsilon",
+        -1.0,
+        "Adam: `epsilon`",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(PLAIN_ATTRIBUTES))
+def test_plain_attributes_set_out_of_range_are_refused_like_the_constructor_refuses_them(case):
+    make, attr, value, match = PLAIN_ATTRIBUTES[case]
+    opt = make()
+    var = kopt.Variable([1.0, 2.0])
+    opt.apply_gradients([(jnp.ones(2), var)])
+    old = getattr(opt, attr)
+    before = snapshot(opt, [var])
+    with pytest.raises((ValueError, TypeError), match=match):
+        setattr(opt, attr, value)
+    assert getattr(opt, attr) == old
+    assert_unchanged(before, snapshot(opt, [var]))
+    opt.apply_gradients([(jnp.ones(2), var)])  # the optimizer still trains
+    assert int(opt.iterations.numpy()) == 2

@@ -280,3 +280,100 @@ def test_config_round_trip(name):
     clone = type(opt).from_config(config)
     assert clone.get_config() == config
     assert Lion().get_config()["weight_decay"] is None
+
+
+# --- attributes set after the first step -----------------------------------------------------
+
+
+def numpy_adamw(w, grads_seq, lr, wd, beta_2, amsgrad_from, beta_1=0.9, epsilon=1e-7):
+    """Keras 3's AdamW; AMSGrad switched on before step ``amsgrad_from`` (from 0), with
+    ``vhat`` starting at zero there."""
+    w = w.astype(np.float64)
+    m = np.zeros_like(w)
+    v = np.zeros_like(w)
+    vhat = np.zeros_like(w)
+    for i, g in enumerate(grads_seq):
+        t = i + 1
+        w = w - w * wd * lr
+        alpha = lr * np.sqrt(1 - beta_2**t) / (1 - beta_1**t)
+        m = m + (g - m) * (1 - beta_1)
+        v = v + (g * g - v) * (1 - beta_2)
+        denominator = v
+        if i >= amsgrad_from:
+            vhat = np.maximum(vhat, v)
+            denominator = vhat
+        w = w - alpha * m / (np.sqrt(denominator) + epsilon)
+    return w, vhat
+
+
+def test_amsgrad_switched_on_later_makes_vhat_and_uses_it():
+    opt = AdamW(learning_rate=0.05, weight_decay=0.1, beta_2=0.5)
+    var = kopt.Variable(W0["w"])
+    grads = [g["w"] * s for g, s in zip(MICRO_GRADS, (4, 4, 1, 0.5, 0.25, 0.1), strict=True)]
+    for i, g in enumerate(grads):
+        if i == 2:
+            opt.amsgrad = True
+        opt.apply_gradients([(jnp.asarray(g), var)])
+    expected_w, expected_vhat = numpy_adamw(W0["w"], grads, 0.05, 0.1, 0.5, amsgrad_from=2)
+    never, _ = numpy_adamw(W0["w"], grads, 0.05, 0.1, 0.5, amsgrad_from=len(grads))
+    assert np.max(np.abs(expected_w - never)) > 1e-3  # the data makes AMSGrad matter
+    np.testing.assert_allclose(var.numpy(), expected_w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(opt.get_slot(var, "vhat").numpy(), expected_vhat, rtol=1e-5)
+    assert [w.name.split("/")[-1] for w in opt.weights] == ["iter:0", "m:0", "v:0", "vhat:0"]
+
+
+def test_ema_switched_on_later_starts_from_the_variable():
+    opt = Lion(learning_rate=0.1, ema_momentum=0.8)
+    var = kopt.Variable(W0["w"])
+    grads = [g["w"] for g in MICRO_GRADS[:5]]
+    for i, g in enumerate(grads):
+        if i == 2:
+            opt.use_ema = True
+        opt.apply_gradients([(jnp.asarray(g), var)])
+    w = W0["w"].astype(np.float64)
+    m = np.zeros_like(w)
+    for i, g in enumerate(grads):
+        if i == 2:
+            average = w.copy()  # made from the variable's value when EMA is switched on
+        w = w - 0.1 * np.sign(0.9 * m + 0.1 * g)
+        m = 0.99 * m + 0.01 * g
+        if i >= 2:
+            average = 0.8 * average + 0.2 * w
+    np.testing.assert_allclose(var.numpy(), w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(opt.get_slot(var, "average").numpy(), average, rtol=1e-5)
+
+
+def test_weight_decay_set_later_decays_from_then_on():
+    opt = Lion(learning_rate=0.1)
+    var = kopt.Variable(W0["w"])
+    grads = [g["w"] for g in MICRO_GRADS[:4]]
+    for i, g in enumerate(grads):
+        if i == 2:
+            opt.weight_decay = 0.5
+        opt.apply_gradients([(jnp.asarray(g), var)])
+    w = W0["w"].astype(np.float64)
+    m = np.zeros_like(w)
+    for i, g in enumerate(grads):
+        if i >= 2:
+            w = w - w * 0.5 * 0.1
+        w = w - 0.1 * np.sign(0.9 * m + 0.1 * g)
+        m = 0.99 * m + 0.01 * g
+    np.testing.assert_allclose(var.numpy(), w, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_accumulation_cannot_change_after_the_first_step():
+    opt = Lion(learning_rate=0.1)
+    var = kopt.Variable(W0["w"])
+    opt.apply_gradients([(jnp.asarray(MICRO_GRADS[0]["w"]), var)])
+    before = [np.asarray(w) for w in opt.get_weights()], var.numpy()
+    opt.gradient_accumulation_steps = 2
+    with pytest.raises(ValueError, match=r"`gradient_accumulation_steps` \(None -> 2\)"):
+        opt.apply_gradients([(jnp.asarray(MICRO_GRADS[1]["w"]), var)])
+    after = [np.asarray(w) for w in opt.get_weights()], var.numpy()
+    assert len(after[0]) == len(before[0])
+    for b, a in zip(before[0], after[0], strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(after[1], before[1])
+    opt.gradient_accumulation_steps = None  # set back: training goes on
+    opt.apply_gradients([(jnp.asarray(MICRO_GRADS[1]["w"]), var)])
+    assert int(opt.iterations.numpy()) == 2

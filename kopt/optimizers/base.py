@@ -164,6 +164,7 @@ class Optimizer:
     # For built-ins: slot names in Keras's creation order, and whether they interleave per var.
     _SLOT_ORDER: tuple[str, ...] = ()
     _INTERLEAVE_SLOTS = False
+    _STRUCTURAL: tuple[str, ...] = ()  # plain attributes that choose the update's form
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Each subclass's ``__init__`` ends by checking the hyperparameters it was given
@@ -231,6 +232,8 @@ class Optimizer:
         # finite change nothing but its scale, decided inside the compiled step.
         self._guard: Any = None
         self._opaque_owner: tuple[int, ...] | None = None
+        # Per variable, the structure (see ``_structure``) its slots were made for.
+        self._slot_structure: dict[int, tuple] = {}
         self._iterations: Variable | None = None
         self._lock = threading.RLock()
         self._programs: dict[Any, Any] = {}
@@ -261,8 +264,49 @@ class Optimizer:
         hyper = self.__dict__.get("_hyper")
         if hyper is not None and name in hyper:
             self._set_hyper(name, value)
+        elif (
+            name[0] != "_"
+            and hyper is not None
+            and "_init_depth" not in self.__dict__  # the constructor checks once, at its end
+            and name in self._checked_attributes()
+        ):
+            self._set_checked_attribute(name, value)
         else:
             object.__setattr__(self, name, value)
+
+    def _checked_attributes(self) -> frozenset[str]:
+        """Plain attributes (not hyperparameter variables) whose values the functional twin
+        checks: ``epsilon``, the structural flags, the Keras 3 options."""
+        return frozenset(self._STRUCTURAL) | frozenset(self._plain_hyperparams())
+
+    def _set_checked_attribute(self, name: str, value: Any) -> None:
+        """Sets ``name``, unless the optimizer it makes is refused: then the attribute keeps
+        its value and the error (naming the class and the argument) is raised."""
+        missing = object()
+        with self._lock:
+            old = self.__dict__.get(name, missing)
+            object.__setattr__(self, name, value)
+            try:
+                self._check_attributes()
+            except BaseException:
+                if old is missing:
+                    del self.__dict__[name]
+                else:
+                    object.__setattr__(self, name, old)
+                raise
+
+    def _check_attributes(self) -> None:
+        """Builds the functional twin from the current attributes to check them. A
+        hyperparameter given as a callable is not called for this (0.0 stands in)."""
+        if not self._uses_transformation():
+            return
+        hyper = {
+            k: 0.0
+            if callable(v) and not isinstance(v, Variable) and not _is_step_schedule(v)
+            else v
+            for k, v in self._hyper.items()
+        }
+        self._build_transformation(_placeholders(self._transformation_hyperparams(hyper)))
 
     def __dir__(self):
         names = list(super().__dir__()) + list(self._hyper)
@@ -657,7 +701,7 @@ class Optimizer:
         hp = self._transformation_hyperparams()
         key = tuple(
             (k, id(v)) if _is_step_schedule(v) else (k, None) for k, v in sorted(hp.items())
-        )
+        ) + (self._structure(),)
         tx = self._transformations.get(key)
         if tx is None:
             tx = self._build_transformation(_placeholders(hp))
@@ -699,13 +743,26 @@ class Optimizer:
         return core.chain(*pieces) if len(pieces) > 1 else pieces[0]
 
     def _create_transformation_slots(self, var_list: list[Variable]) -> None:
-        new = [v for v in var_list if v._uid not in self._slots]
-        if not new:
+        """Creates the slots ``var_list`` lacks: all of them for a variable new to this
+        optimizer, and those a structural attribute (``amsgrad``, ``centered``...) set since
+        its slots were made now calls for, as tf.keras's eager ``_create_slots`` does on every
+        call. Existing slots keep their values; ones no longer used stay, as in tf.keras."""
+        structure = self._structure()
+        todo = [
+            v
+            for v in var_list
+            if v._uid not in self._slots or self._slot_structure.get(v._uid) != structure
+        ]
+        if not todo:
             return
+        new = [v for v in todo if v._uid not in self._slots]
         tx = self._static_transformation()
-        state = tx.init([v._current for v in new])
-        layout = codec.describe(state, len(new))
-        if layout.opaque:
+        state = tx.init([v._current for v in todo])
+        layout = codec.describe(state, len(todo))
+        stale = [v for v in todo if v._uid in self._slots]
+        if stale:
+            self._check_opaque_unchanged(layout.opaque_values(state), stale)
+        if layout.opaque and (self._opaque_owner is None or new):
             self._create_opaque(state, layout, var_list, new)
         for name, value in layout.scalar_slots(state).items():
             if name not in self._non_slot:
@@ -717,19 +774,40 @@ class Optimizer:
             n for n in per_var if n not in self._SLOT_ORDER
         ]
         if self._INTERLEAVE_SLOTS:
-            for i, var in enumerate(new):
-                for name in names:
-                    self.add_slot(var, name, per_var[name][i], shape=jnp.shape(per_var[name][i]))
+            order = [(i, name) for i in range(len(todo)) for name in names]
         else:
-            for name in names:
-                for i, var in enumerate(new):
-                    self.add_slot(var, name, per_var[name][i], shape=jnp.shape(per_var[name][i]))
-        for var in new:
+            order = [(i, name) for name in names for i in range(len(todo))]
+        created = []
+        for i, name in order:
+            var = todo[i]
+            if name not in self._slots.get(var._uid, ()):
+                value = per_var[name][i]
+                created.append(self.add_slot(var, name, value, shape=jnp.shape(value)))
+        for var in todo:
             self._slots.setdefault(var._uid, {})
+            self._slot_structure[var._uid] = structure
         if not any(_spread_sharding(v) is not None for v in var_list):
             # Small slots share buffers, so the step passes a few arrays instead of hundreds.
-            created = [s for v in new for s in self._slots[v._uid].values()]
             self._slot_groups.extend(group_slots(created))
+
+    def _check_opaque_unchanged(self, opaque: list[Any], stale: list[Variable]) -> None:
+        """State without a slot name (accumulators, wrapped optax state) is made once: a
+        structural change that would reshape it is refused, naming the attributes."""
+        if [(jnp.shape(x), jnp.result_type(x)) for x in opaque] == [
+            (w.shape, jnp.dtype(w.dtype)) for w in self._opaque
+        ]:
+            return
+        before = dict(self._slot_structure.get(stale[0]._uid, ()))
+        changed = [
+            f"`{k}` ({before.get(k)!r} -> {v!r})"
+            for k, v in self._structure()
+            if k not in before or before[k] != v
+        ]
+        raise ValueError(
+            f"{type(self).__name__}: {', '.join(changed) or 'the structure'} changed after the "
+            "first step, which would change the state this optimizer keeps beside its slots; "
+            "set it back, or start a new optimizer"
+        )
 
     def _create_opaque(self, state, layout, var_list, new) -> None:
         if self._opaque_owner is not None or len(new) != len(var_list):
@@ -821,6 +899,7 @@ class Optimizer:
             list(self._opaque),
             self._opaque_owner,
             list(self._slot_groups),
+            dict(self._slot_structure),
         )
         try:
             yield
@@ -834,7 +913,10 @@ class Optimizer:
                 opaque,
                 self._opaque_owner,
                 self._slot_groups[:],
+                slot_structure,
             ) = before
+            self._slot_structure.clear()
+            self._slot_structure.update(slot_structure)
             self._slots.clear()
             self._slots.update(slots)
             self._non_slot.clear()
@@ -979,6 +1061,12 @@ class Optimizer:
             out = cache[value] = jnp.asarray(value, jnp.float32)
         return out
 
+    def _structure(self) -> tuple[tuple[str, Any], ...]:
+        """``(name, value)`` of the plain attributes that choose the update's form rather than
+        its numbers (``_STRUCTURAL``): changing one rebuilds the step and makes the slots it
+        calls for."""
+        return tuple((name, getattr(self, name, None)) for name in self._STRUCTURAL)
+
     def _plain_hyperparams(self) -> dict[str, float]:
         """Built-ins: functional hyperparameters that are plain attributes in Keras (epsilon)."""
         return {}
@@ -1003,6 +1091,7 @@ class Optimizer:
             tuple(id(t) for t in self.gradient_transformers),
             self._initial_decay,
             None if self._guard is None else self._guard._guard_key(),
+            self._structure(),
         )
 
     def _program_key(self, var_list, grads, aggregate: bool, state_vars, hyper_vars, signature):

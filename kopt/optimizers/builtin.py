@@ -110,6 +110,7 @@ class SGD(_KerasV2):
     """
 
     _SLOT_ORDER = ("momentum",)
+    _STRUCTURAL = ("nesterov",)
 
     def __init__(self, learning_rate=0.01, momentum=0.0, nesterov=False, name="SGD", **kwargs):
         super().__init__(name, **kwargs)
@@ -148,6 +149,7 @@ class Adam(_KerasV2):
     """
 
     _SLOT_ORDER = ("m", "v", "vhat")
+    _STRUCTURAL = ("amsgrad",)
 
     def __init__(
         self,
@@ -398,6 +400,7 @@ class RMSprop(_KerasV2):
     """
 
     _SLOT_ORDER = ("rms", "momentum", "mg")
+    _STRUCTURAL = ("centered",)
 
     def __init__(
         self,
@@ -549,6 +552,43 @@ class Ftrl(_KerasV2):
         }
 
 
+def _check_keras3_options(
+    owner: str,
+    weight_decay: Any,
+    use_ema: Any,
+    ema_momentum: Any,
+    ema_overwrite_frequency: Any,
+    gradient_accumulation_steps: Any,
+) -> None:
+    """Keras 3's checks of its common options (the EMA ones only with ``use_ema``)."""
+    if weight_decay is not None:
+        kopt.base.check_hyperparam(owner, "weight_decay", weight_decay, allow_schedule=False)
+    if gradient_accumulation_steps:
+        if (
+            isinstance(gradient_accumulation_steps, bool)
+            or not isinstance(gradient_accumulation_steps, int)
+            or gradient_accumulation_steps < 2
+        ):
+            raise ValueError(
+                "`gradient_accumulation_steps` must be an integer >= 2. Received: "
+                f"gradient_accumulation_steps={gradient_accumulation_steps}"
+            )
+    if use_ema:
+        if not isinstance(ema_momentum, (int, float)) or not 0 <= ema_momentum <= 1:
+            raise ValueError(
+                f"`ema_momentum` must be in the range [0, 1]. Received: ema_momentum={ema_momentum}"
+            )
+        if ema_overwrite_frequency and (
+            not isinstance(ema_overwrite_frequency, int)
+            or isinstance(ema_overwrite_frequency, bool)
+            or ema_overwrite_frequency < 1
+        ):
+            raise ValueError(
+                "`ema_overwrite_frequency` must be an integer >= 1 or None. Received: "
+                f"ema_overwrite_frequency={ema_overwrite_frequency}"
+            )
+
+
 class _Keras3(_SlotDtype, Optimizer):
     """The Keras 3 optimizers behind the same facade: plain float arguments, no ``decay``.
 
@@ -571,8 +611,12 @@ class _Keras3(_SlotDtype, Optimizer):
 
     and ``slot_dtype`` (kopt's): the slots' dtype (default: each variable's).
 
-    Which pieces the update has (decay, EMA, accumulation) is fixed at the first step; their
-    numbers (``weight_decay``, ``ema_momentum``) can change between steps without recompiling.
+    Their numbers (``weight_decay``, ``ema_momentum``) can change between steps without
+    recompiling. Switching a piece on or off between steps (``weight_decay`` from None,
+    ``use_ema``, ``amsgrad``) compiles the new form once and makes the slots it needs (an
+    ``average`` starts as the variable's value; ``vhat`` at zero), where Keras 3 fails;
+    ``gradient_accumulation_steps`` cannot change after the first step (its accumulators are
+    made once), and trying raises a ``ValueError`` at the next step.
     """
 
     _ATTRS: tuple[str, ...] = ()
@@ -591,33 +635,14 @@ class _Keras3(_SlotDtype, Optimizer):
         **kwargs: Any,
     ):
         owner = type(self).__name__
-        if weight_decay is not None:
-            kopt.base.check_hyperparam(owner, "weight_decay", weight_decay, allow_schedule=False)
-        if gradient_accumulation_steps:
-            if (
-                isinstance(gradient_accumulation_steps, bool)
-                or not isinstance(gradient_accumulation_steps, int)
-                or gradient_accumulation_steps < 2
-            ):
-                raise ValueError(
-                    "`gradient_accumulation_steps` must be an integer >= 2. Received: "
-                    f"gradient_accumulation_steps={gradient_accumulation_steps}"
-                )
-        if use_ema:
-            if not isinstance(ema_momentum, (int, float)) or not 0 <= ema_momentum <= 1:
-                raise ValueError(
-                    "`ema_momentum` must be in the range [0, 1]. Received: "
-                    f"ema_momentum={ema_momentum}"
-                )
-            if ema_overwrite_frequency and (
-                not isinstance(ema_overwrite_frequency, int)
-                or isinstance(ema_overwrite_frequency, bool)
-                or ema_overwrite_frequency < 1
-            ):
-                raise ValueError(
-                    "`ema_overwrite_frequency` must be an integer >= 1 or None. Received: "
-                    f"ema_overwrite_frequency={ema_overwrite_frequency}"
-                )
+        _check_keras3_options(
+            owner,
+            weight_decay,
+            use_ema,
+            ema_momentum,
+            ema_overwrite_frequency,
+            gradient_accumulation_steps,
+        )
         if slot_dtype is not None and not self._HAS_SLOT_DTYPE:
             raise ValueError(
                 f"{owner}: `slot_dtype` is not supported; its slots follow the variables' dtype"
@@ -664,6 +689,35 @@ class _Keras3(_SlotDtype, Optimizer):
         tx = super()._static_transformation()
         k = self.gradient_accumulation_steps
         return _count_updates_not_calls(tx, k) if k else tx
+
+    def _checked_attributes(self):
+        return frozenset(self._ATTRS) | {
+            "weight_decay",
+            "use_ema",
+            "ema_momentum",
+            "ema_overwrite_frequency",
+            "gradient_accumulation_steps",
+        }
+
+    def _check_attributes(self):
+        _check_keras3_options(
+            type(self).__name__,
+            self.weight_decay,
+            self.use_ema,
+            self.ema_momentum,
+            self.ema_overwrite_frequency,
+            self.gradient_accumulation_steps,
+        )
+        super()._check_attributes()
+
+    def _structure(self):
+        flags = [k for k in self._ATTRS if isinstance(getattr(self, k), bool)]
+        return tuple((k, getattr(self, k)) for k in flags) + (
+            ("weight_decay is None", self.weight_decay is None),
+            ("use_ema", self.use_ema),
+            ("ema_overwrite_frequency", self.ema_overwrite_frequency),
+            ("gradient_accumulation_steps", self.gradient_accumulation_steps),
+        )
 
     def _plain_hyperparams(self):
         out = {

@@ -309,8 +309,11 @@ def apply_if_finite(
 def ema(momentum: Any = 0.99, overwrite_frequency: int | None = None) -> GradientTransformation:
     """Keeps an exponential moving average of the params after each update (Keras 3's EMA).
 
-    Put it last in a chain. The average (slot ``"average"``) is set to the params on the first
-    step, then ``average = momentum * average + (1 - momentum) * new_params``. With
+    Put it last in a chain. The average (slot ``"average"``) starts as a copy of the params and
+    is set to the updated params on the first step (count 0), then
+    ``average = momentum * average + (1 - momentum) * new_params``. A state made later in a
+    run (the facade switching ``use_ema`` on) therefore averages from the params it was made
+    with, not from zero. With
     ``overwrite_frequency=n``, every n-th step replaces the params by the average (the update
     becomes ``average - params``). Updates pass through unchanged otherwise. Needs ``params``.
 
@@ -336,7 +339,7 @@ def ema(momentum: Any = 0.99, overwrite_frequency: int | None = None) -> Gradien
         )
 
     def init_fn(params):
-        average = slot_like(params, 0.0, None)
+        average = jax.tree.map(jnp.copy, params)
         return OptimizerState(
             jnp.zeros([], jnp.int32),
             init_hyperparams({"momentum": momentum}),

@@ -722,6 +722,146 @@ def run_schedule(case_id, source, cls_name, kwargs):
 # --------------------------------------------------------------------------
 
 
+# --------------------------------------------------------------------------
+# Attributes assigned between steps (tf.keras legacy, eager)
+# --------------------------------------------------------------------------
+
+
+def change_cases():
+    """(id, class_name, kwargs, {step: {attribute: value}}): before ``apply_gradients`` of
+    ``step`` (from 0), the attributes are assigned as a user would, ``opt.amsgrad = True``.
+    ``beta_2 = 0.5`` lets ``v`` fall between steps, so AMSGrad's ``vhat`` differs from it."""
+    return [
+        (
+            "change_adam_amsgrad_on",
+            "Adam",
+            {"learning_rate": 0.1, "beta_2": 0.5},
+            {4: {"amsgrad": True}},
+        ),
+        (
+            "change_adam_amsgrad_off",
+            "Adam",
+            {"learning_rate": 0.1, "beta_2": 0.5, "amsgrad": True},
+            {4: {"amsgrad": False}},
+        ),
+        (
+            "change_adam_numbers",
+            "Adam",
+            {"learning_rate": 0.1},
+            {3: {"learning_rate": 0.05, "beta_1": 0.5}, 6: {"beta_2": 0.9, "epsilon": 0.1}},
+        ),
+        (
+            "change_sgd_nesterov",
+            "SGD",
+            {"learning_rate": 0.1, "momentum": 0.9},
+            {4: {"nesterov": True}, 8: {"nesterov": False}},
+        ),
+        ("change_sgd_momentum_from_zero", "SGD", {"learning_rate": 0.1}, {4: {"momentum": 0.9}}),
+        (
+            "change_sgd_momentum_numbers",
+            "SGD",
+            {"learning_rate": 0.1, "momentum": 0.5},
+            {4: {"momentum": 0.9, "learning_rate": 0.02}, 8: {"momentum": 0.0}},
+        ),
+        (
+            "change_rmsprop_centered_on",
+            "RMSprop",
+            {"learning_rate": 0.1, "momentum": 0.5},
+            {4: {"centered": True}},
+        ),
+        (
+            "change_rmsprop_centered_off",
+            "RMSprop",
+            {"learning_rate": 0.1, "centered": True},
+            {4: {"centered": False}},
+        ),
+        (
+            "change_rmsprop_numbers",
+            "RMSprop",
+            {"learning_rate": 0.1, "momentum": 0.5},
+            {4: {"rho": 0.5, "epsilon": 0.01}, 8: {"momentum": 0.0}},
+        ),
+        (
+            "change_adagrad_epsilon",
+            "Adagrad",
+            {"learning_rate": 0.1},
+            {4: {"epsilon": 0.5, "learning_rate": 0.3}},
+        ),
+        (
+            "change_adadelta_numbers",
+            "Adadelta",
+            {"learning_rate": 1.0},
+            {4: {"rho": 0.5, "epsilon": 1e-3}},
+        ),
+        (
+            "change_adamax_numbers",
+            "Adamax",
+            {"learning_rate": 0.1},
+            {4: {"beta_1": 0.5, "beta_2": 0.9, "epsilon": 0.1}},
+        ),
+        (
+            "change_nadam_numbers",
+            "Nadam",
+            {"learning_rate": 0.1},
+            {4: {"beta_1": 0.5, "epsilon": 0.5}},
+        ),
+        (
+            "change_ftrl_numbers",
+            "Ftrl",
+            {"learning_rate": 0.1},
+            {
+                4: {
+                    "l1_regularization_strength": 0.1,
+                    "l2_regularization_strength": 0.1,
+                    "learning_rate_power": -0.7,
+                    "beta": 0.2,
+                }
+            },
+        ),
+    ]
+
+
+def run_change_case(case_id, cls_name, kwargs, changes):
+    initial, grads, _ = make_data(case_id, DENSE_SHAPES)
+    opt = getattr(LEGACY, cls_name)(**kwargs)
+    tf_vars = [
+        tf.Variable(init, dtype=tf.float32, name=name)
+        for (name, _), init in zip(DENSE_SHAPES, initial, strict=True)
+    ]
+    trajectory = []
+    for step in range(STEPS):
+        for attr, value in changes.get(step, {}).items():
+            setattr(opt, attr, value)
+        tf_grads = [tf.constant(g, tf.float32) for g in grads[step]]
+        opt.apply_gradients(zip(tf_grads, tf_vars, strict=True))
+        trajectory.append([to_json_array(v.numpy()) for v in tf_vars])
+    slot_names = list(opt.get_slot_names())
+    variables, gradients, _ = describe_inputs(DENSE_SHAPES, initial, grads, [], None)
+    return {
+        "id": case_id,
+        "source": "tf_keras_legacy",
+        "class_name": cls_name,
+        "kwargs": json_safe(kwargs),
+        "changes": {str(step): json_safe(attrs) for step, attrs in changes.items()},
+        "steps": STEPS,
+        "variables": variables,
+        "gradients": gradients,
+        "sparse": None,
+        "learning_rate_schedule": None,
+        "expected": {
+            "trajectory": trajectory,
+            "slots": [
+                {name: to_json_array(opt.get_slot(v, name).numpy()) for name in slot_names}
+                for v in tf_vars
+            ],
+            "slot_names": slot_names,
+            "weight_names": [w.name for w in opt.weights],
+            "weights": [to_json_array(w) for w in opt.get_weights()],
+            "config": json_safe(opt.get_config()),
+        },
+    }
+
+
 def versions():
     import jax
 
@@ -775,15 +915,20 @@ def main() -> int:
             assert np.all(np.isfinite(v)), c["id"]
 
     sched_cases = [run_schedule(*c) for c in schedule_cases()]
+    change = [run_change_case(*c) for c in change_cases()]
 
     opt_meta = dict(meta, steps=STEPS, base_seed=BASE_SEED)
     write_json(FIXTURE_DIR / "optimizers.json", dict(opt_meta, cases=opt_cases))
     write_json(FIXTURE_DIR / "schedules.json", dict(meta, cases=sched_cases))
+    write_json(FIXTURE_DIR / "attribute_changes.json", dict(opt_meta, cases=change))
 
-    for name in ("optimizers.json", "schedules.json"):
+    for name in ("optimizers.json", "schedules.json", "attribute_changes.json"):
         p = FIXTURE_DIR / name
         print(f"wrote {p} ({p.stat().st_size / 1024:.1f} KiB)")
-    print(f"{len(opt_cases)} optimizer cases, {len(sched_cases)} schedule cases")
+    print(
+        f"{len(opt_cases)} optimizer cases, {len(sched_cases)} schedule cases, "
+        f"{len(change)} attribute-change cases"
+    )
     return 0
 
 
