@@ -39,6 +39,49 @@ def test_a_hyperparameter_turned_into_a_schedule_and_back_takes_effect():
     np.testing.assert_allclose(v.numpy(), [-11.1], rtol=1e-6)
 
 
+class ScaledSGD(optimizers.Optimizer):
+    """A custom optimizer, written the tf.keras way, that reads plain attributes in its hooks."""
+
+    def __init__(self, learning_rate=0.1, scale=1.0, use_momentum=False, name="ScaledSGD"):
+        super().__init__(name)
+        self._set_hyper("learning_rate", learning_rate)
+        self.scale = scale
+        self.use_momentum = use_momentum
+
+    def _create_slots(self, var_list):
+        if self.use_momentum:
+            for var in var_list:
+                self.add_slot(var, "momentum")
+
+    def _resource_apply_dense(self, grad, var, apply_state=None):
+        lr = self._get_hyper("learning_rate", var.dtype)
+        if self.use_momentum:
+            m = self.get_slot(var, "momentum")
+            m.assign(0.5 * m + grad)
+            grad = m.value
+        var.assign_sub(lr * self.scale * grad)
+
+
+def test_a_custom_optimizers_plain_attributes_set_between_calls_take_effect():
+    """tf.keras run eagerly reads ``self.scale`` at every call; the compiled step is kept per
+    the attributes' values, so a change takes effect and a value seen before reuses its step."""
+    opt = ScaledSGD()
+    var = kopt.Variable(np.ones(2, np.float32))
+    g = jnp.ones(2)
+    expected, m = 1.0, 0.0
+    for scale, use_momentum in [(1.0, False), (2.0, False), (1.0, False), (1.0, True), (1.0, True)]:
+        opt.scale, opt.use_momentum = scale, use_momentum
+        opt.apply_gradients([(g, var)])
+        if use_momentum:
+            m = 0.5 * m + 1.0
+            expected -= 0.1 * scale * m
+        else:
+            expected -= 0.1 * scale
+        np.testing.assert_allclose(var.numpy(), [expected] * 2, rtol=1e-6)
+    assert opt.get_slot_names() == ["momentum"]
+    assert opt.compile_count == 3  # scale 1, scale 2, momentum; scale 1 again reuses the first
+
+
 def test_new_variables_and_slots_between_calls_are_stepped_with_their_own_slots():
     a, b = kopt.Variable(jnp.zeros(2)), kopt.Variable(jnp.zeros(3))
     opt = optimizers.SGD(learning_rate=1.0, momentum=0.5)

@@ -272,6 +272,9 @@ class Optimizer:
         ):
             self._set_checked_attribute(name, value)
         else:
+            if name[0] != "_" and name != "compile_count" and "_init_depth" not in self.__dict__:
+                # A custom optimizer's hooks may read it while the step is traced.
+                self.__dict__["_attribute_epoch"] = self.__dict__.get("_attribute_epoch", 0) + 1
             object.__setattr__(self, name, value)
 
     def _checked_attributes(self) -> frozenset[str]:
@@ -955,7 +958,30 @@ class Optimizer:
 
     def _step_token(self) -> tuple:
         """What a cached step key of a signature stays valid for (see ``_run_step``)."""
-        return (len(self._weights), variables_module.placement_epoch[0], self._key_token())
+        return (
+            len(self._weights),
+            variables_module.placement_epoch[0],
+            self.__dict__.get("_attribute_epoch", 0),
+            self._key_token(),
+        )
+
+    def _traced_attributes(self) -> tuple:
+        """Public plain-number, flag and string attributes of a custom optimizer (one that
+        updates through ``_resource_apply_*``): its hooks may read them while the step is
+        traced, so the compiled step is kept per their values. Setting one between steps then
+        takes effect, as in tf.keras run eagerly (compiling once per new value); a value meant
+        to change often belongs in a hyperparameter (``_set_hyper``)."""
+        if self._uses_transformation():
+            return ()
+        out = []
+        for name, value in self.__dict__.items():
+            if name[0] == "_" or name == "compile_count":
+                continue
+            if isinstance(value, np.generic) and value.ndim == 0:
+                value = value.item()
+            if value is None or isinstance(value, (bool, int, float, str)):
+                out.append((name, value))
+        return tuple(sorted(out))
 
     def _run_step(self, pairs, aggregate: bool, signature=None, memo=None) -> None:
         var_list = [v for _, v in pairs]
@@ -1104,6 +1130,7 @@ class Optimizer:
             tuple(_sharding_key(_spread_sharding(v)) for v in var_list),
             tuple(id(v.constraint) for v in var_list),
             self._key_token(),
+            self._traced_attributes(),
         )
 
     def _compile(self, var_list, plan, hyper_vars, grads, aggregate: bool):
