@@ -82,6 +82,22 @@ def test_a_custom_optimizers_plain_attributes_set_between_calls_take_effect():
     assert opt.compile_count == 3  # scale 1, scale 2, momentum; scale 1 again reuses the first
 
 
+class TraceCountingSGD(ScaledSGD):
+    def _resource_apply_dense(self, grad, var, apply_state=None):
+        self.traces = getattr(self, "traces", 0) + 1  # written while traced: not a step input
+        super()._resource_apply_dense(grad, var, apply_state)
+
+
+def test_an_attribute_the_hooks_write_while_traced_does_not_recompile_the_step():
+    opt = TraceCountingSGD()
+    var = kopt.Variable(np.ones(2, np.float32))
+    for _ in range(4):
+        opt.apply_gradients([(jnp.ones(2), var)])
+    np.testing.assert_allclose(var.numpy(), [0.6, 0.6], rtol=1e-6)
+    assert opt.compile_count == 1
+    assert opt.traces == 1
+
+
 def test_new_variables_and_slots_between_calls_are_stepped_with_their_own_slots():
     a, b = kopt.Variable(jnp.zeros(2)), kopt.Variable(jnp.zeros(3))
     opt = optimizers.SGD(learning_rate=1.0, momentum=0.5)

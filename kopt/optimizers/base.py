@@ -272,9 +272,13 @@ class Optimizer:
         ):
             self._set_checked_attribute(name, value)
         else:
-            if name[0] != "_" and name != "compile_count" and "_init_depth" not in self.__dict__:
-                # A custom optimizer's hooks may read it while the step is traced.
-                self.__dict__["_attribute_epoch"] = self.__dict__.get("_attribute_epoch", 0) + 1
+            if name[0] != "_" and "_init_depth" not in self.__dict__:
+                if self.__dict__.get("_tracing"):
+                    self.__dict__.setdefault("_written_in_trace", set()).add(name)
+                else:
+                    # A custom optimizer's hooks may read it while the step is traced.
+                    epoch = self.__dict__.get("_attribute_epoch", 0)
+                    self.__dict__["_attribute_epoch"] = epoch + 1
             object.__setattr__(self, name, value)
 
     def _checked_attributes(self) -> frozenset[str]:
@@ -973,9 +977,10 @@ class Optimizer:
         to change often belongs in a hyperparameter (``_set_hyper``)."""
         if self._uses_transformation():
             return ()
+        written = self.__dict__.get("_written_in_trace", ())
         out = []
         for name, value in self.__dict__.items():
-            if name[0] == "_" or name == "compile_count":
+            if name[0] == "_" or name == "compile_count" or name in written:
                 continue
             if isinstance(value, np.generic) and value.ndim == 0:
                 value = value.item()
@@ -1143,7 +1148,7 @@ class Optimizer:
         state_shardings = [_spread_sharding(s) for s in loose]
         guard = self._guard
 
-        def step(var_values, grads, state_values, iteration, hyper_values, dynamic):
+        def traced(var_values, grads, state_values, iteration, hyper_values, dynamic):
             self.compile_count += 1
             # Each grouped slot this step touches is bound to its slice of its group's buffer.
             state_vars, state_inputs = list(loose), list(state_values[: len(loose)])
@@ -1223,6 +1228,14 @@ class Optimizer:
                     + new_groups,
                     new_iteration,
                 )
+
+        def step(*args):
+            # Attributes the hooks write while traced are not inputs of the step.
+            self.__dict__["_tracing"] = self.__dict__.get("_tracing", 0) + 1
+            try:
+                return traced(*args)
+            finally:
+                self.__dict__["_tracing"] -= 1
 
         return jax.jit(step, donate_argnums=(0, 2))
 
