@@ -159,14 +159,15 @@ def apply_updates(params: Params, updates: Updates) -> Params:
         >>> kopt.apply_updates({"w": jnp.ones(2, jnp.bfloat16)}, {"w": jnp.ones(2)})["w"].dtype
         dtype(bfloat16)
     """
-    from kopt.sparse import IndexedSlices, is_indexed_slices
+    from kopt.sparse import IndexedSlices, in_range, is_indexed_slices
 
     def add(path, p, u):
         if u is None or p is None:
             return p
         if isinstance(u, IndexedSlices):
             rows = u.values.astype(jnp.promote_types(p.dtype, u.values.dtype))
-            new = p.astype(rows.dtype).at[u.indices].add(rows, mode="drop")
+            indices = in_range(u.indices, jnp.shape(p)[0])
+            new = p.astype(rows.dtype).at[indices].add(rows, mode="drop")
             return new.astype(p.dtype)
         p = jnp.asarray(p)
         if jnp.shape(u) != p.shape:

@@ -14,8 +14,11 @@ class IndexedSlices:
 
     ``values[i]`` is the gradient of row ``indices[i]`` of a table of shape ``dense_shape``.
     Indices may repeat: optimizers sum duplicates before any non-linear slot update, as Keras
-    does. It is a pytree (``values`` and ``indices`` are its leaves), so it passes through
-    ``jax.jit`` and can stand in a gradient tree in place of a dense array.
+    does. A row index outside ``[0, num_rows)``, negative ones included, names no row: its
+    values are ignored by every update (a compiled step cannot raise, as tf.keras's kernels
+    do; negative indices do not count from the end). It is a pytree (``values`` and
+    ``indices`` are its leaves), so it passes through ``jax.jit`` and can stand in a gradient
+    tree in place of a dense array.
 
     Args:
         values: array of shape ``[n, *dense_shape[1:]]``.
@@ -60,7 +63,7 @@ class IndexedSlices:
         if shape is None:
             raise ValueError("IndexedSlices.to_dense: dense_shape is unknown; pass `shape`")
         zeros = jnp.zeros(shape, self.values.dtype)
-        return zeros.at[self.indices].add(self.values, mode="drop")
+        return zeros.at[in_range(self.indices, shape[0])].add(self.values, mode="drop")
 
 
 def is_indexed_slices(x: Any) -> bool:
@@ -68,14 +71,23 @@ def is_indexed_slices(x: Any) -> bool:
     return isinstance(x, IndexedSlices)
 
 
+def in_range(indices: jax.Array, num_rows: int) -> jax.Array:
+    """``indices`` with every one outside ``[0, num_rows)`` (negative ones too) replaced by
+    ``num_rows``, which scatters drop. JAX's scatters would otherwise count a negative index
+    from the end, and ``jnp.take`` would clamp it to row 0."""
+    indices = jnp.asarray(indices)
+    return jnp.where((indices < 0) | (indices >= num_rows), num_rows, indices)
+
+
 def deduplicate(grad: IndexedSlices, num_rows: int) -> IndexedSlices:
     """Sums the values of repeated indices.
 
-    The result has as many rows as ``grad`` (static shapes); the unused tail has index
-    ``num_rows`` (out of range, dropped by scatters) and zero values.
+    The result has as many rows as ``grad`` (static shapes); the unused tail, and every index
+    outside ``[0, num_rows)``, has index ``num_rows`` (out of range, dropped by scatters).
     """
     n = grad.indices.shape[0]
-    unique, inverse = jnp.unique(grad.indices, size=n, fill_value=num_rows, return_inverse=True)
+    indices = in_range(grad.indices, num_rows)
+    unique, inverse = jnp.unique(indices, size=n, fill_value=num_rows, return_inverse=True)
     summed = jax.ops.segment_sum(grad.values, inverse.reshape(-1), num_segments=n)
     return IndexedSlices(summed, unique, grad.dense_shape)
 

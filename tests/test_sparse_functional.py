@@ -175,3 +175,56 @@ def test_sparse_and_dense_leaves_mix_in_one_tree():
     np.testing.assert_allclose(new["emb"][4], [-1.0, -1.0], rtol=1e-6)  # -g / sqrt(g**2)
     np.testing.assert_array_equal(new["emb"][:4], np.zeros((4, 2)))
     np.testing.assert_allclose(new["w"], [-1.0, 1.0], rtol=1e-6)
+
+
+ALL_SPARSE = {
+    **ROW_SPARSE,
+    "adam": lambda: kopt.adam(0.1),
+    "adam_amsgrad": lambda: kopt.adam(0.1, amsgrad=True),
+    "nadam": lambda: kopt.nadam(0.1),
+    "rmsprop": lambda: kopt.rmsprop(0.1),
+    "lion": lambda: kopt.lion(0.1),
+}
+
+
+@pytest.mark.parametrize("name", list(ALL_SPARSE))
+@pytest.mark.parametrize("bad", [-1, -6, -7, 6, 100])
+def test_an_index_outside_the_table_names_no_row(name, bad):
+    """Negative indices do not count from the end and large ones are not clamped: the rows
+    they name are ignored by the slots and the params alike (a compiled step cannot raise)."""
+    tx = ALL_SPARSE[name]()
+    update = jax.jit(tx.update)
+    table = jnp.asarray(TABLE)
+    state = tx.init(table)
+    with_bad = kopt.IndexedSlices(
+        jnp.asarray(np.concatenate([VALUES, 100 * VALUES[:1]])),
+        jnp.asarray(np.append(INDICES, bad).astype(np.int32)),
+        (6, 3),
+    )
+    without = kopt.IndexedSlices(jnp.asarray(VALUES), jnp.asarray(INDICES), (6, 3))
+    bad_updates, bad_state = update(with_bad, state, table)
+    updates, good_state = update(without, state, table)
+    np.testing.assert_array_equal(
+        np.asarray(kopt.apply_updates(table, bad_updates)),
+        np.asarray(kopt.apply_updates(table, updates)),
+    )
+    for slot, value in slots_of(good_state).items():
+        np.testing.assert_array_equal(slots_of(bad_state)[slot], value, err_msg=slot)
+    np.testing.assert_array_equal(with_bad.to_dense(), without.to_dense())
+
+
+def test_the_facade_ignores_an_index_outside_the_table():
+    for name in ("SGD", "Adagrad", "RMSprop", "Adam"):
+        var = kopt.Variable([[1.0], [2.0], [3.0]])
+        ref = kopt.Variable([[1.0], [2.0], [3.0]])
+        opt, ref_opt = getattr(kopt.optimizers, name)(0.1), getattr(kopt.optimizers, name)(0.1)
+        bad = kopt.IndexedSlices(jnp.array([[1.0], [0.5]]), jnp.array([-1, 1]), (3, 1))
+        opt.apply_gradients([(bad, var)])
+        ref_opt.apply_gradients(
+            [(kopt.IndexedSlices(jnp.array([[0.5]]), jnp.array([1]), (3, 1)), ref)]
+        )
+        np.testing.assert_array_equal(var.numpy(), ref.numpy(), err_msg=name)
+        for slot in opt.get_slot_names():
+            np.testing.assert_array_equal(
+                opt.get_slot(var, slot).numpy(), ref_opt.get_slot(ref, slot).numpy(), err_msg=slot
+            )
