@@ -336,3 +336,16 @@ def test_plain_attributes_set_out_of_range_are_refused_like_the_constructor_refu
     assert_unchanged(before, snapshot(opt, [var]))
     opt.apply_gradients([(jnp.ones(2), var)])  # the optimizer still trains
     assert int(opt.iterations.numpy()) == 2
+
+
+@pytest.mark.parametrize("attr", ["learning_rate", "lr"])
+def test_nadam_refuses_a_schedule_assigned_later_as_its_constructor_does(attr):
+    opt = optimizers.Nadam(0.1)
+    var = kopt.Variable([1.0, 2.0])
+    opt.apply_gradients([(jnp.ones(2), var)])
+    before = snapshot(opt, [var])
+    with pytest.raises(ValueError, match="Nadam optimizer does not support"):
+        setattr(opt, attr, optimizers.schedules.ExponentialDecay(0.1, 10, 0.5))
+    assert_unchanged(before, snapshot(opt, [var]))
+    opt.apply_gradients([(jnp.ones(2), var)])
+    assert float(opt.learning_rate.numpy()) == pytest.approx(0.1)

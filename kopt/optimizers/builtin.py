@@ -331,6 +331,14 @@ class Adamax(_KerasV2):
         }
 
 
+def _refuse_schedule(learning_rate: Any) -> None:
+    if isinstance(learning_rate, LearningRateSchedule):
+        raise ValueError(
+            "The Nadam optimizer does not support tf.keras.optimizers.LearningRateSchedules "
+            "as the learning rate."
+        )
+
+
 class Nadam(_KerasV2):
     """Nadam with Keras's momentum-cache schedule; tf.keras's legacy ``Nadam``.
 
@@ -353,17 +361,20 @@ class Nadam(_KerasV2):
     ):
         kwargs["decay"] = kwargs.pop("schedule_decay", 0.004)
         learning_rate = kwargs.get("lr", learning_rate)
-        if isinstance(learning_rate, LearningRateSchedule):
-            raise ValueError(
-                "The Nadam optimizer does not support tf.keras.optimizers.LearningRateSchedules "
-                "as the learning rate."
-            )
+        _refuse_schedule(learning_rate)
         super().__init__(name, **kwargs)
         self._set_hyper("learning_rate", learning_rate)
         self._set_hyper("decay", self._initial_decay)
         self._set_hyper("beta_1", beta_1)
         self._set_hyper("beta_2", beta_2)
         self.epsilon = epsilon or EPSILON
+
+    def _set_hyper(self, name, value):
+        """As the constructor, refuses a schedule assigned as the learning rate later (tf.keras
+        takes the assignment, then fails at every step)."""
+        if name == "learning_rate":
+            _refuse_schedule(value)
+        super()._set_hyper(name, value)
 
     def _functional_name(self, name):
         return "schedule_decay" if name == "decay" else name
