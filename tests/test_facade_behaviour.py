@@ -245,3 +245,24 @@ def test_loss_scale_minimize_gives_the_unscaled_result():
     np.testing.assert_allclose(var.numpy(), [0.8, -1.6], rtol=1e-6)
     assert float(opt.get_scaled_loss(2.0)) == 2.0 * 2.0**15
     np.testing.assert_allclose(opt.get_unscaled_gradients([jnp.array(2.0**16), None])[0], 2.0)
+
+
+def test_gradients_given_as_python_values_are_converted_as_tf_keras_converts_them():
+    """tf.keras converts a list, tuple or number to a tensor (floats to float32); a float64
+    NumPy array stays float64 and is refused for a float32 variable, in both."""
+    expected = kopt.Variable([1.0, 2.0])
+    optimizers.Adam(0.1).apply_gradients([(np.array([1.0, 0.5], np.float32), expected)])
+    for grad in ([1.0, 0.5], (1.0, 0.5)):
+        var = kopt.Variable([1.0, 2.0])
+        optimizers.Adam(0.1).apply_gradients([(grad, var)])
+        np.testing.assert_array_equal(var.numpy(), expected.numpy())
+    scalar = kopt.Variable(1.0)
+    optimizers.SGD(0.1).apply_gradients([(0.5, scalar)])
+    assert float(scalar.numpy()) == pytest.approx(0.95)
+    for bad, match in (([1, 1], "int32"), (np.array([1.0, 0.5]), "float64")):
+        var = kopt.Variable([1.0, 2.0])
+        opt = optimizers.SGD(0.1)
+        with pytest.raises(TypeError, match=match):
+            opt.apply_gradients([(bad, var)])
+        np.testing.assert_array_equal(var.numpy(), [1.0, 2.0])
+        assert opt.weights == []

@@ -1519,8 +1519,16 @@ def _as_pairs(grads_and_vars: Any) -> list[tuple[Any, Any]]:
     return pairs
 
 
+# Gradients given as Python values are converted as tf.keras converts them (floats to float32).
+_PYTHON_VALUES = frozenset((list, tuple, float, int))
+
+
 def _filter_empty_gradients(pairs):
-    kept = [pair for pair in pairs if pair[0] is not None]
+    kept = [
+        pair if type(pair[0]) not in _PYTHON_VALUES else (jnp.asarray(pair[0]), pair[1])
+        for pair in pairs
+        if pair[0] is not None
+    ]
     if pairs and not kept:
         names = ([getattr(v, "name", repr(v)) for _, v in pairs],)
         raise ValueError(
