@@ -98,6 +98,25 @@ def test_an_attribute_the_hooks_write_while_traced_does_not_recompile_the_step()
     assert opt.traces == 1
 
 
+class SlotCountingSGD(ScaledSGD):
+    def _create_slots(self, var_list):
+        self.create_slots_calls = getattr(self, "create_slots_calls", 0) + 1
+        super()._create_slots(var_list)
+
+
+def test_an_attribute_set_again_to_its_value_keeps_the_cached_step():
+    """A loop that assigns the same value before every step (``opt.scale = config.scale``)
+    keeps the cached step key: no new weights are looked for, nothing recompiles."""
+    opt = SlotCountingSGD()
+    var = kopt.Variable(np.ones(2, np.float32))
+    for _ in range(5):
+        opt.scale = 1.0
+        opt.apply_gradients([(jnp.ones(2), var)])
+    np.testing.assert_allclose(var.numpy(), [0.5, 0.5], rtol=1e-6)
+    assert opt.compile_count == 1
+    assert opt.create_slots_calls == 1
+
+
 def test_new_variables_and_slots_between_calls_are_stepped_with_their_own_slots():
     a, b = kopt.Variable(jnp.zeros(2)), kopt.Variable(jnp.zeros(3))
     opt = optimizers.SGD(learning_rate=1.0, momentum=0.5)

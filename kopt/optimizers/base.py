@@ -275,7 +275,7 @@ class Optimizer:
             if name[0] != "_" and "_init_depth" not in self.__dict__:
                 if self.__dict__.get("_tracing"):
                     self.__dict__.setdefault("_written_in_trace", set()).add(name)
-                else:
+                elif not _same_plain_value(self.__dict__.get(name, _UNSET), value):
                     # A custom optimizer's hooks may read it while the step is traced.
                     epoch = self.__dict__.get("_attribute_epoch", 0)
                     self.__dict__["_attribute_epoch"] = epoch + 1
@@ -1517,6 +1517,17 @@ def _as_pairs(grads_and_vars: Any) -> list[tuple[Any, Any]]:
             )
         pairs.append((pair[0], pair[1]))
     return pairs
+
+
+_UNSET = object()
+
+
+def _same_plain_value(old: Any, new: Any) -> bool:
+    """Whether assigning ``new`` over ``old`` leaves the attribute as it was (so a custom
+    ``_create_slots`` that sets a flag at every call keeps the cached step key)."""
+    if old is new:
+        return True
+    return type(old) is type(new) and isinstance(new, (bool, int, float, str)) and bool(old == new)
 
 
 # Gradients given as Python values are converted as tf.keras converts them (floats to float32).
