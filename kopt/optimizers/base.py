@@ -289,14 +289,13 @@ class Optimizer:
     def _set_checked_attribute(self, name: str, value: Any) -> None:
         """Sets ``name``, unless the optimizer it makes is refused: then the attribute keeps
         its value and the error (naming the class and the argument) is raised."""
-        missing = object()
         with self._lock:
-            old = self.__dict__.get(name, missing)
+            old = self.__dict__.get(name, _UNSET)
             object.__setattr__(self, name, value)
             try:
                 self._check_attributes()
             except BaseException:
-                if old is missing:
+                if old is _UNSET:
                     del self.__dict__[name]
                 else:
                     object.__setattr__(self, name, old)

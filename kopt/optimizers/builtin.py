@@ -331,14 +331,6 @@ class Adamax(_KerasV2):
         }
 
 
-def _refuse_schedule(learning_rate: Any) -> None:
-    if isinstance(learning_rate, LearningRateSchedule):
-        raise ValueError(
-            "The Nadam optimizer does not support tf.keras.optimizers.LearningRateSchedules "
-            "as the learning rate."
-        )
-
-
 class Nadam(_KerasV2):
     """Nadam with Keras's momentum-cache schedule; tf.keras's legacy ``Nadam``.
 
@@ -361,7 +353,6 @@ class Nadam(_KerasV2):
     ):
         kwargs["decay"] = kwargs.pop("schedule_decay", 0.004)
         learning_rate = kwargs.get("lr", learning_rate)
-        _refuse_schedule(learning_rate)
         super().__init__(name, **kwargs)
         self._set_hyper("learning_rate", learning_rate)
         self._set_hyper("decay", self._initial_decay)
@@ -370,10 +361,13 @@ class Nadam(_KerasV2):
         self.epsilon = epsilon or EPSILON
 
     def _set_hyper(self, name, value):
-        """As the constructor, refuses a schedule assigned as the learning rate later (tf.keras
-        takes the assignment, then fails at every step)."""
-        if name == "learning_rate":
-            _refuse_schedule(value)
+        """Refuses a schedule as the learning rate, in the constructor as tf.keras does, and
+        assigned later (tf.keras takes the assignment, then fails at every step)."""
+        if name == "learning_rate" and isinstance(value, LearningRateSchedule):
+            raise ValueError(
+                "The Nadam optimizer does not support tf.keras.optimizers.LearningRateSchedules "
+                "as the learning rate."
+            )
         super()._set_hyper(name, value)
 
     def _functional_name(self, name):
