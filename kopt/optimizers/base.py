@@ -306,12 +306,7 @@ class Optimizer:
         hyperparameter given as a callable is not called for this (0.0 stands in)."""
         if not self._uses_transformation():
             return
-        hyper = {
-            k: 0.0
-            if callable(v) and not isinstance(v, Variable) and not _is_step_schedule(v)
-            else v
-            for k, v in self._hyper.items()
-        }
+        hyper = {k: 0.0 if _is_read_per_step(v) else v for k, v in self._hyper.items()}
         self._build_transformation(_placeholders(self._transformation_hyperparams(hyper)))
 
     def __dir__(self):
@@ -695,12 +690,9 @@ class Optimizer:
         """Builds the functional twin once to check the constructor's hyperparameters. One given
         as a zero-argument callable is read at the first step, not here, as in tf.keras; the
         others are then checked at that step too."""
-        if not self._uses_transformation() or any(
-            callable(v) and not isinstance(v, Variable) and not _is_step_schedule(v)
-            for v in self._hyper.values()
-        ):
+        if any(map(_is_read_per_step, self._hyper.values())):
             return
-        self._build_transformation(_placeholders(self._transformation_hyperparams()))
+        self._check_attributes()
 
     def _static_transformation(self) -> core.GradientTransformation:
         """The twin with schedules in place and numbers as placeholders, cached per schedules."""
@@ -1068,7 +1060,7 @@ class Optimizer:
         hyper_vars = [v for v in self._hyper.values() if isinstance(v, Variable)]
         dynamic = {}
         for name, value in self._hyper.items():
-            if callable(value) and not isinstance(value, Variable) and not _is_step_schedule(value):
+            if _is_read_per_step(value):
                 dynamic["hyper:" + name] = jnp.asarray(_plain(value()), jnp.float32)
         for attr in ("clipvalue", "clipnorm", "global_clipnorm"):
             value = getattr(self, "_" + attr)
@@ -1519,6 +1511,11 @@ def _as_pairs(grads_and_vars: Any) -> list[tuple[Any, Any]]:
 
 
 _UNSET = object()
+
+
+def _is_read_per_step(value: Any) -> bool:
+    """A hyperparameter given as a zero-argument callable (not a schedule): called each step."""
+    return callable(value) and not isinstance(value, Variable) and not _is_step_schedule(value)
 
 
 def _same_plain_value(old: Any, new: Any) -> bool:
