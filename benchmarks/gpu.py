@@ -195,13 +195,17 @@ def timed(
 
 
 def report(args: argparse.Namespace) -> str:
+    import atexit
+    import shutil
     import tempfile
 
     import jax
 
     # Contenders are rebuilt every round: let identical programs come from the compilation
     # cache instead of compiling again (1,000-leaf steps take seconds to compile on a GPU).
-    jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="kopt-bench-"))
+    cache_dir = tempfile.mkdtemp(prefix="kopt-bench-")
+    atexit.register(shutil.rmtree, cache_dir, ignore_errors=True)
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 

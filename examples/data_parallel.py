@@ -74,8 +74,12 @@ def stop(children: list[subprocess.Popen]) -> None:
 
 
 def run_parent(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="kopt-data-parallel-") as out_dir:
+        return run_processes(args, Path(out_dir))
+
+
+def run_processes(args: argparse.Namespace, out_dir: Path) -> int:
     port = free_port()
-    out_dir = Path(tempfile.mkdtemp(prefix="kopt-data-parallel-"))
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}"
     env["JAX_PLATFORMS"] = "cpu"
