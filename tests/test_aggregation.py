@@ -147,3 +147,46 @@ def test_custom_gradient_aggregator_averages_and_is_skipped_when_told():
         )
     np.testing.assert_array_equal(var.numpy(), before)
     assert int(opt.iterations.numpy()) == 2
+
+
+@pytest.mark.parametrize(
+    "wrap, nan_step",
+    [
+        (lambda tx: kopt.apply_if_finite(tx, max_consecutive_errors=2), 1),
+        (lambda tx: kopt.accumulate_gradients(tx, every_k=2), None),
+    ],
+    ids=["apply_if_finite", "accumulate_gradients"],
+)
+def test_wrappers_with_a_skipping_branch_run_on_per_device_shards_in_shard_map(wrap, nan_step):
+    """A param sharded over the mesh axis is updated shard by shard inside ``shard_map``: the
+    inner update varies per device, and the wrapper's skipping branch must return zeros of the
+    same (varying) type. Each device's shard ends as the unsharded run on that shard alone."""
+    rng = np.random.default_rng(1)
+    params = rng.normal(size=(8, 3)).astype(np.float32)
+    grads = [rng.normal(size=(8, 3)).astype(np.float32) for _ in range(4)]
+    if nan_step is not None:
+        grads[nan_step][5, 2] = np.nan  # on the third device's shard only
+    tx = wrap(kopt.adam(0.1))
+
+    def train(params, grads):
+        state = tx.init(params)
+        for g in grads:
+            updates, state = tx.update(g, state, params)
+            params = kopt.apply_updates(params, updates)
+        return params
+
+    mesh = jax.make_mesh((4,), ("data",))
+    sharding = NamedSharding(mesh, P("data"))
+    sharded = jax.jit(jax.shard_map(train, mesh=mesh, in_specs=P("data"), out_specs=P("data")))
+    got = np.asarray(
+        sharded(jax.device_put(params, sharding), [jax.device_put(g, sharding) for g in grads])
+    )
+
+    expected = np.concatenate(
+        [train(params[rows], [g[rows] for g in grads]) for rows in np.split(np.arange(8), 4)]
+    )
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert np.all(np.isfinite(got))
+    if nan_step is not None:  # the skipped step moved the NaN device's shard less than the others
+        unskipped = train(params, [np.nan_to_num(g, nan=0.0) for g in grads])
+        assert not np.allclose(got[4:6], unskipped[4:6]) and np.allclose(got[:4], unskipped[:4])

@@ -25,9 +25,25 @@ def _is_leaf(x):
     return x is None or is_indexed_slices(x)
 
 
+def _varying_axes(shape: jax.ShapeDtypeStruct) -> tuple[str, ...]:
+    """The ``shard_map`` axes a value of this type varies over (none outside ``shard_map``)."""
+    axes = getattr(shape, "vma", None)  # JAX 0.9
+    if axes is None:  # later JAX
+        axes = getattr(getattr(shape, "manual_axis_type", None), "varying", None)
+    return tuple(sorted(axes or ()))
+
+
 def _zeros_shaped_like(shapes: PyTree) -> PyTree:
-    """Zeros for a tree of ``jax.ShapeDtypeStruct``: shape, dtype and (explicit) sharding."""
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype, out_sharding=s.sharding), shapes)
+    """Zeros for a tree of ``jax.ShapeDtypeStruct``: shape, dtype, (explicit) sharding and, in
+    ``shard_map``, the same per-device variance, so a ``lax.cond`` branch can return them in
+    place of a computed value."""
+
+    def zeros(s):
+        z = jnp.zeros(s.shape, s.dtype, out_sharding=s.sharding)
+        axes = _varying_axes(s)
+        return jax.lax.pcast(z, axes, to="varying") if axes else z
+
+    return jax.tree.map(zeros, shapes)
 
 
 class MaskedState(NamedTuple):
