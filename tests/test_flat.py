@@ -152,6 +152,11 @@ def test_wrong_gradients_and_arguments_are_rejected():
         tx.update({"a": jnp.zeros(3)}, state, params)
     with pytest.raises(ValueError, match=r"\['b'\] has shape \(3,\), expected \(2,\)"):
         tx.update({"a": jnp.zeros(3), "b": jnp.zeros(3)}, state, params)
+    # Same shapes under other names, or in another order, are not the params' leaves.
+    with pytest.raises(ValueError, match=r"missing \['b'\]; unexpected \['c'\]"):
+        tx.update({"a": jnp.zeros(3), "c": jnp.zeros(2)}, state, params)
+    with pytest.raises(ValueError, match="tree"):
+        tx.update([jnp.zeros(3), jnp.zeros(2)], state, params)
     with pytest.raises(ValueError, match="max_leaf_size"):
         kopt.flatten(kopt.adam(), max_leaf_size=-1)
     with pytest.raises(TypeError, match=r"\['n'\] must be a floating-point array"):

@@ -1,5 +1,6 @@
 """kopt inside optax, flax and equinox code, and optax inside kopt."""
 
+import chex
 import equinox as eqx
 import flax.linen as nn
 import jax
@@ -91,7 +92,10 @@ def test_flax_train_state_trains():
     assert int(state.opt_state[0].count) == 61
 
 
-def test_nnx_optimizer_trains():
+@pytest.mark.parametrize("flat", [False, True], ids=["adam", "flatten(adam)"])
+def test_nnx_optimizer_trains(flat):
+    """``nnx.Optimizer`` initialises with the model's ``Variable`` boxes and updates with the bare
+    arrays; ``kopt.flatten`` takes both for the same leaves and trains as the plain optimizer."""
     nnx = pytest.importorskip("flax.nnx")
 
     class MLP(nnx.Module):
@@ -104,7 +108,9 @@ def test_nnx_optimizer_trains():
 
     x, y = regression_data()
     model = MLP(nnx.Rngs(0))
-    optimizer = nnx.Optimizer(model, kopt.adam(3e-2), wrt=nnx.Param)
+    reference = MLP(nnx.Rngs(0))
+    tx = kopt.flatten(kopt.adam(3e-2)) if flat else kopt.adam(3e-2)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     @nnx.jit
     def step(model, optimizer):
@@ -116,6 +122,21 @@ def test_nnx_optimizer_trains():
     for _ in range(60):
         loss = step(model, optimizer)
     assert float(loss) < 0.1 * float(first)
+
+    # The same 61 steps as the plain functional loop over the model's arrays.
+    graphdef, params = nnx.split(reference, nnx.Param)
+    plain = kopt.adam(3e-2)
+    state = plain.init(params)
+    for _ in range(61):
+        grads = jax.grad(lambda p: jnp.mean((nnx.merge(graphdef, p)(x) - y) ** 2))(params)
+        updates, state = plain.update(grads, state, params)
+        params = kopt.apply_updates(params, updates)
+    chex.assert_trees_all_close(
+        nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+        nnx.to_pure_dict(params),
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 def test_equinox_model_trains_with_none_leaves():

@@ -42,7 +42,7 @@ class FlatLayout:
     def pack(self, tree: PyTree, owner: str, what: str) -> dict[str, Any]:
         """The packed form of a tree shaped like the params: ``{key: buffer or leaf}``."""
         leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_indexed_slices)
-        if treedef != self.treedef:
+        if treedef != self.treedef and not self._boxes_removed(tree):
             reference = self.treedef.unflatten(
                 [jax.ShapeDtypeStruct(s, jnp.float32) for s in self.shapes]
             )
@@ -74,8 +74,28 @@ class FlatLayout:
             packed[key] = leaves[i]
         return packed
 
-    def unpack(self, packed: dict[str, Any]) -> PyTree:
-        """The tree shaped like the params that :meth:`pack` made ``packed`` from."""
+    def _boxes_removed(self, tree: PyTree) -> bool:
+        """Whether ``tree`` is the params' tree with each leaf's box taken off: the same
+        leaves, by shape, at paths that the params' paths extend (``flax.nnx.Optimizer``
+        initialises with ``Variable`` boxes, at ``['w'].value``, and updates with the bare
+        arrays, at ``['w']``)."""
+        flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_indexed_slices)[0]
+        if len(flat) != len(self.paths):
+            return False
+        for (path, leaf), param_path, shape in zip(flat, self.paths, self.shapes, strict=True):
+            path = jax.tree_util.keystr(path)
+            rest = param_path[len(path) :]
+            if not param_path.startswith(path) or rest[:1] not in ("", ".", "["):
+                return False
+            values = leaf.values if isinstance(leaf, IndexedSlices) else leaf
+            rows = 1 if isinstance(leaf, IndexedSlices) else 0
+            if tuple(jnp.shape(values))[rows:] != shape[rows:]:
+                return False
+        return True
+
+    def unpack(self, packed: dict[str, Any], treedef: Any = None) -> PyTree:
+        """The tree shaped like the params (or ``treedef``, the structure of the tree
+        :meth:`pack` took) that ``packed`` was made from."""
         leaves: list[Any] = [None] * len(self.shapes)
         for key, indices in self.groups:
             sizes = [math.prod(self.shapes[i]) for i in indices]
@@ -85,7 +105,7 @@ class FlatLayout:
                 leaves[i] = part.reshape(self.shapes[i])
         for key, i in self.loose:
             leaves[i] = packed[key]
-        return self.treedef.unflatten(leaves)
+        return (self.treedef if treedef is None else treedef).unflatten(leaves)
 
     def is_packed(self, tree: Any) -> bool:
         """Whether ``tree`` is shaped like the packed form (a slot, not a scalar slot)."""
@@ -221,6 +241,7 @@ def flatten(
         packed_updates, inner_state = transformation.update(
             layout.pack(updates, owner, "gradient"), state.inner_state, packed_params
         )
-        return layout.unpack(packed_updates), FlattenedState(inner_state, layout)
+        treedef = jax.tree.structure(updates, is_leaf=is_indexed_slices)
+        return layout.unpack(packed_updates, treedef), FlattenedState(inner_state, layout)
 
     return GradientTransformation(init_fn, update_fn)
