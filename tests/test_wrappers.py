@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpy_reference as ref
+import optax
 import pytest
 
 import kopt
@@ -100,6 +101,38 @@ def test_accumulate_gradients_accepts_sparse_gradients():
     _, state = tx.update(rows, state, table)
     updates, state = tx.update(rows, state, table)
     np.testing.assert_allclose(updates, [[0, 0], [-2, -2], [0, 0], [0, 0]])  # mean of 2 * 2
+
+
+def test_accumulate_gradients_keeps_its_state_for_a_none_gradient_leaf():
+    """A None gradient (no gradient for that param this call) leaves the state's structure as
+    it was, so ``lax.scan`` and ``jit`` see one state type; at a boundary the inner update gets
+    None for it (kopt's optimizers refuse that, naming the param; optax's pass it through), and
+    a later real gradient for the same param accumulates as usual."""
+    params = {"w": jnp.zeros(2), "b": jnp.zeros(2)}
+    strict = kopt.accumulate_gradients(kopt.sgd(1.0), every_k=2)
+    with pytest.raises(ValueError, match=r"missing \['b'\]"):
+        strict.update({"w": jnp.ones(2), "b": None}, strict.init(params), params)
+
+    tx = kopt.accumulate_gradients(optax.sgd(1.0), every_k=2, reduction="sum")
+    state = tx.init(params)
+    structure = jax.tree.structure(state)
+    half = {"w": jnp.ones(2), "b": None}
+
+    def step(state, _):
+        updates, state = tx.update(half, state, params)
+        return state, updates
+
+    state, updates = jax.lax.scan(step, state, length=2)  # raises if the structure changed
+    assert jax.tree.structure(state) == structure
+    np.testing.assert_array_equal(updates["w"], [[0, 0], [-2, -2]])
+    assert updates["b"] is None
+
+    full = {"w": jnp.ones(2), "b": jnp.full(2, 3.0)}
+    _, state = tx.update(half, state, params)
+    updates, state = tx.update(full, state, params)
+    np.testing.assert_array_equal(updates["w"], [-2, -2])
+    np.testing.assert_array_equal(updates["b"], [-3, -3])
+    assert jax.tree.structure(state) == structure
 
 
 def test_apply_if_finite_skips_a_bad_step():

@@ -206,8 +206,10 @@ def accumulate_gradients(
         return AccumulateState(jnp.zeros([], jnp.int32), zeros, transformation.init(params))
 
     def update_fn(updates, state, params=None):
+        # A None gradient leaf (no gradient this call) keeps its accumulator, so the state's
+        # structure never changes, and passes None to the inner update at a boundary.
         total = jax.tree.map(
-            lambda g, a: None if g is None else a + as_dense(g, a.shape).astype(a.dtype),
+            lambda g, a: a if g is None else a + as_dense(g, a.shape).astype(a.dtype),
             updates,
             state.accumulated,
             is_leaf=_is_leaf,
@@ -216,7 +218,12 @@ def accumulate_gradients(
 
         def apply_inner(operand):
             total, inner_state = operand
-            grads = total if reduction == "sum" else jax.tree.map(lambda x: x / every_k, total)
+            grads = jax.tree.map(
+                lambda g, t: None if g is None else t if reduction == "sum" else t / every_k,
+                updates,
+                total,
+                is_leaf=_is_leaf,
+            )
             new_updates, inner_state = transformation.update(grads, inner_state, params)
             new_updates = jax.tree.map(
                 lambda u, a: None if u is None else as_dense(u, a.shape),
