@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -150,28 +151,57 @@ def jit_update(
     """Compiles ``(grads, state, params) -> (new_params, new_state)`` for sharded state.
 
     ``new_state`` is produced with ``state_shardings`` (from :func:`state_sharding`) and
-    ``new_params`` with ``params_shardings`` (None: as XLA chooses, replicated for replicated
-    params). The state is donated, so its memory is reused.
+    ``new_params`` with ``params_shardings``. By default each new param keeps its param's
+    sharding, and a param without a mesh sharding (an array on one device) comes back
+    replicated over the state's mesh: ZeRO-1 keeps the params replicated. The state is
+    donated, so its memory is reused.
 
     Args:
         transformation: the optimizer.
         state_shardings: the state's shardings, e.g. ``kopt.state_sharding(state, mesh, "data")``.
-        params_shardings: the params' shardings (a tree, or one sharding for all), or None.
+        params_shardings: the params' shardings (a tree, or one sharding for all), or None for
+            the params' own, as above (one program per distinct set of them).
         donate: whether to donate the state buffers to the step.
 
     Returns:
-        The jitted step.
+        The compiled step.
     """
 
     def step(grads, state, params):
         updates, state = transformation.update(grads, state, params)
         return apply_updates(params, updates), state
 
-    return jax.jit(
-        step,
-        out_shardings=(params_shardings, state_shardings),
-        donate_argnums=(1,) if donate else (),
-    )
+    def compiled(shardings):
+        return jax.jit(
+            step, out_shardings=(shardings, state_shardings), donate_argnums=(1,) if donate else ()
+        )
+
+    if params_shardings is not None:
+        return compiled(params_shardings)
+
+    meshes = [
+        s.mesh
+        for s in jax.tree.leaves(state_shardings, is_leaf=lambda s: isinstance(s, NamedSharding))
+        if isinstance(s, NamedSharding)
+    ]
+    replicated = NamedSharding(meshes[0], P()) if meshes else None
+    programs: dict[Any, Callable] = {}
+
+    def kept(param):
+        if isinstance(param, jax.core.Tracer):  # inside an outer jit: that jit decides
+            return None
+        sharding = getattr(param, "sharding", None)
+        return sharding if isinstance(sharding, NamedSharding) else replicated
+
+    def update(grads, state, params):
+        leaves, treedef = jax.tree.flatten(params)
+        key = (treedef, tuple(kept(p) for p in leaves))
+        program = programs.get(key)
+        if program is None:
+            program = programs[key] = compiled(treedef.unflatten(key[1]))
+        return program(grads, state, params)
+
+    return update
 
 
 __all__ = ["jit_update", "leaf_sharding", "shard_state", "state_sharding"]

@@ -166,3 +166,37 @@ def test_facade_sharded_variables_keep_sharding_and_slots_follow(name, grads_pla
             )
             checked += 1
     assert checked > 0
+
+
+def test_jit_update_keeps_params_shardings_by_default():
+    """Without ``params_shardings`` the new params keep their params' shardings, and params on
+    one device come back replicated over the state's mesh (ZeRO-1 as docs/distribution.md
+    writes it); only the state is split."""
+    mesh = jax.make_mesh((4,), ("data",))
+    tx = kopt.adam(0.1)
+    grads = {"w": jnp.ones((16, 3)), "b": jnp.ones(8)}
+    expected = kopt.apply_updates(
+        {"w": jnp.zeros((16, 3)), "b": jnp.zeros(8)},
+        tx.update(grads, tx.init(grads), grads)[0],
+    )
+    cases = {
+        "uncommitted": {"w": jnp.zeros((16, 3)), "b": jnp.zeros(8)},
+        "replicated": jax.device_put(
+            {"w": jnp.zeros((16, 3)), "b": jnp.zeros(8)}, NamedSharding(mesh, P())
+        ),
+        "own": {
+            "w": jax.device_put(jnp.zeros((16, 3)), NamedSharding(mesh, P(None, None))),
+            "b": jax.device_put(jnp.zeros(8), NamedSharding(mesh, P("data"))),
+        },
+    }
+    for case, params in cases.items():
+        state = kopt.shard_state(tx.init(params), mesh, "data", params)
+        update = kopt.jit_update(tx, kopt.state_sharding(state, mesh, "data", params))
+        new_params, state = update(grads, state, params)
+        assert kopt.get_slot(state, "m")["w"].sharding.spec == P("data", None), case
+        assert new_params["w"].sharding.is_fully_replicated, case
+        b_spec = P("data") if case == "own" else P()
+        assert new_params["b"].sharding.spec == b_spec, case
+        chex.assert_trees_all_close(new_params, expected, rtol=1e-6)
+        new_params, state = update(grads, state, new_params)
+        assert new_params["w"].sharding.is_fully_replicated, case
