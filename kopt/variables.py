@@ -216,7 +216,10 @@ class Variable:
         Raises:
             ValueError: if the shape differs.
         """
-        new = _as_array(_value_of(value), self.dtype, "value")
+        value = _value_of(value)
+        if jnp.issubdtype(self.dtype, jnp.integer):
+            _check_integral(value, self.dtype, self.name)
+        new = _as_array(value, self.dtype, "value")
         if tuple(new.shape) != self.shape:
             raise ValueError(
                 f"Variable {self.name}: cannot assign a value of shape {tuple(new.shape)} to a "
@@ -226,12 +229,17 @@ class Variable:
         return self
 
     def assign_add(self, delta: Any, read_value: bool = True) -> Variable:
-        """Adds ``delta`` to the value; returns the variable."""
-        return self.assign(self._value + jnp.asarray(_value_of(delta)))
+        """Adds ``delta`` to the value, atomically (no concurrent update, another thread's
+        ``assign_add`` or an optimizer step, is lost); returns the variable."""
+        delta = jnp.asarray(_value_of(delta))
+        with donation_lock:
+            return self.assign(self._value + delta)
 
     def assign_sub(self, delta: Any, read_value: bool = True) -> Variable:
-        """Subtracts ``delta`` from the value; returns the variable."""
-        return self.assign(self._value - jnp.asarray(_value_of(delta)))
+        """Subtracts ``delta`` from the value, atomically; returns the variable."""
+        delta = jnp.asarray(_value_of(delta))
+        with donation_lock:
+            return self.assign(self._value - delta)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -342,6 +350,30 @@ class Variable:
 
     def __ne__(self, other):
         return self._value != _value_of(other)
+
+
+def _check_integral(value: Any, dtype: Any, name: str) -> None:
+    """Refuses, for an integer variable, a value that would not survive the cast: a non-integer
+    (TypeError, as tf.Variable) or one out of the dtype's range (ValueError, instead of a
+    wrapped count)."""
+    if isinstance(value, jax.core.Tracer) or isinstance(value, str) or value is None:
+        return
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError):
+        return  # _as_array reports it
+    if array.dtype.kind not in "biu":
+        raise TypeError(
+            f"Variable {name}: cannot assign a value of dtype {array.dtype} to a variable of "
+            f"dtype {np.dtype(dtype).name}"
+        )
+    info = np.iinfo(dtype)
+    if array.size and (array.min() < info.min or array.max() > info.max):
+        raise ValueError(
+            f"Variable {name}: the value {array.max() if array.max() > info.max else array.min()} "
+            f"is out of the range of its dtype {np.dtype(dtype).name} "
+            f"[{info.min}, {info.max}]"
+        )
 
 
 def _as_array(value: Any, dtype: Any, what: str) -> jax.Array:

@@ -83,6 +83,64 @@ BAD_CALLS = {
     "negative decay": (ValueError, "decay", lambda opt, a, b: setattr(opt, "decay", -0.1)),
     "negative lr": (ValueError, "learning_rate", lambda opt, a, b: setattr(opt, "lr", -1.0)),
     "negative clipnorm": (ValueError, "clipnorm", lambda opt, a, b: setattr(opt, "clipnorm", -1)),
+    # get_slot raises tf.keras's KeyError, which is also a ValueError here.
+    "unknown slot name": (
+        ValueError,
+        "No slot 'zzz' for variable 'a:0'",
+        lambda opt, a, b: opt.get_slot(a, "zzz"),
+    ),
+    "get_slot of a non-variable": (
+        KeyError,
+        "No slots for variable",
+        lambda opt, a, b: opt.get_slot(jnp.ones(2), "m"),
+    ),
+    "grad_loss of the wrong shape": (
+        ValueError,
+        r"`grad_loss` has shape \(3,\), but the loss has shape \(2,\)",
+        lambda opt, a, b: opt.minimize(lambda: a * 2.0, [a], grad_loss=jnp.ones(3)),
+    ),
+    "negative slot shape": (
+        ValueError,
+        "`shape` of slot 'q'",
+        lambda opt, a, b: opt.add_slot(a, "q", shape=(-1,)),
+    ),
+    "set_weights(None)": (
+        TypeError,
+        "`weights` must be a list",
+        lambda opt, a, b: opt.set_weights(None),
+    ),
+    "negative step count in set_weights": (
+        ValueError,
+        r"step count \(iterations\) must be >= 0",
+        lambda opt, a, b: opt.set_weights([np.int64(-3), *opt.get_weights()[1:]]),
+    ),
+    "float step count in set_weights": (
+        TypeError,
+        r"step count \(iterations\) must be an integer",
+        lambda opt, a, b: opt.set_weights([np.float32(2.5), *opt.get_weights()[1:]]),
+    ),
+    "iterations assigned a float": (
+        TypeError,
+        "iter:0: cannot assign a value of dtype float",
+        lambda opt, a, b: opt.iterations.assign(2.7),
+    ),
+    "iterations assigned past int32": (
+        ValueError,
+        "iter:0: the value 8589934592 is out of the range of its dtype int32",
+        lambda opt, a, b: opt.iterations.assign(2**33),
+    ),
+    "sparse gradient for a constrained variable": (
+        RuntimeError,  # tf.keras's type; also a ValueError here
+        "constraint function on a sparse variable \\(c:0\\)",
+        lambda opt, a, b: opt.apply_gradients(
+            [
+                (
+                    kopt.IndexedSlices(jnp.ones((1, 2)), jnp.array([0]), (2, 2)),
+                    kopt.Variable(jnp.ones((2, 2)), name="c", constraint=lambda w: w),
+                )
+            ]
+        ),
+    ),
 }
 
 
@@ -221,6 +279,48 @@ def test_threads_lose_no_update():
     assert float(var.numpy()) == -200.0
     assert int(opt.iterations.numpy()) == 200
     assert opt.compile_count == 1
+
+
+def test_step_count_from_a_longer_run_saturates_in_set_weights():
+    """tf.keras saves ``iterations`` as int64: a count past int32 is capped at ``2**31 - 1``, as
+    training caps it, instead of wrapping to a negative (or zero) count."""
+    for saved in (2**31 + 5, 2**32 + 7, 2**33):
+        opt, a, b = trained_adam()
+        opt.set_weights([np.int64(saved), *opt.get_weights()[1:]])
+        assert int(opt.iterations.numpy()) == 2**31 - 1
+        opt.apply_gradients([(jnp.ones(2), a), (jnp.ones(1), b)])
+        assert int(opt.iterations.numpy()) == 2**31 - 1
+        assert np.all(np.isfinite(a.numpy()))
+
+
+def test_variable_assign_add_loses_no_update_across_threads():
+    """``assign_add``/``assign_sub`` are atomic: against each other and against optimizer steps
+    on the same variable."""
+    counter = kopt.Variable(0.0)
+    var = kopt.Variable(0.0)
+    opt = optimizers.SGD(learning_rate=1.0)
+
+    def add():
+        for _ in range(100):
+            counter.assign_add(1.0)
+            var.assign_add(1.0)
+
+    def sub():
+        for _ in range(100):
+            counter.assign_sub(0.5)
+
+    def step():
+        for _ in range(100):
+            opt.apply_gradients([(jnp.float32(1.0), var)])  # var -= 1
+
+    threads = [threading.Thread(target=f) for f in (add, add, sub, step, step)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert float(counter.numpy()) == 150.0
+    assert float(var.numpy()) == 0.0
+    assert int(opt.iterations.numpy()) == 200
 
 
 def test_threads_minimizing_their_own_variables_share_one_optimizer():

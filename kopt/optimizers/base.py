@@ -37,7 +37,15 @@ from kopt.optimizers.schedules import serialize as serialize_schedule
 from kopt.sparse import IndexedSlices
 from kopt.transforms import all_finite, clip_by_global_norm, clip_by_norm, clip_by_value
 from kopt.transforms._core import learning_rate_at
-from kopt.variables import Variable, _bindings, bound, donation_lock, reading, track_reads
+from kopt.variables import (
+    Variable,
+    _bindings,
+    _check_integral,
+    bound,
+    donation_lock,
+    reading,
+    track_reads,
+)
 
 logger = logging.getLogger("kopt")
 
@@ -475,7 +483,7 @@ class Optimizer:
         Raises:
             ValueError: if the count or any shape differs (nothing is changed then).
         """
-        weights = list(weights)
+        weights = weight_list(weights)
         with self._lock:
             params = self.weights
             if len(params) != len(weights):
@@ -492,6 +500,10 @@ class Optimizer:
                         f"Optimizer weight shape {p.shape} not compatible with provided weight "
                         f"shape {shape} (weight {p.name})."
                     )
+                if p is self._iterations:
+                    w = _saturated_count(w)
+                elif jnp.issubdtype(p.dtype, jnp.integer):
+                    _check_integral(w, p.dtype, p.name)
                 try:
                     arrays.append(jnp.asarray(w, p.dtype))
                 except (TypeError, ValueError) as e:
@@ -534,12 +546,12 @@ class Optimizer:
         """
         if not isinstance(var, Variable):
             raise TypeError(f"add_slot: `var` must be a kopt.Variable, received {var!r:.60}")
+        shape = var.shape if shape is None else _slot_shape(shape, slot_name)
         if slot_name not in self._slot_names:
             self._slot_names.append(slot_name)
         slots = self._slots.setdefault(var._uid, {})
         if slot_name in slots:
             return slots[slot_name]
-        shape = var.shape if shape is None else tuple(shape)
         value = _initial_value(initializer, shape, var.dtype)
         if (
             shape == var.shape
@@ -561,10 +573,12 @@ class Optimizer:
         """
         uid = getattr(var, "_uid", None)
         if uid not in self._slots:
-            raise KeyError(f"No slots for variable {getattr(var, 'name', var)!r} in {self._name}")
+            raise _SlotKeyError(
+                f"No slots for variable {getattr(var, 'name', var)!r:.80} in {self._name}"
+            )
         slots = self._slots[uid]
         if slot_name not in slots:
-            raise KeyError(
+            raise _SlotKeyError(
                 f"No slot {slot_name!r} for variable {var.name!r}; it has {sorted(slots)}"
             )
         return slots[slot_name]
@@ -1343,6 +1357,11 @@ class Optimizer:
         with reading():  # the forward and backward passes hold the variables' buffers
             out, vjp = jax.vjp(loss_of, [v._current for v in var_list])
             cotangent = jnp.ones_like(out) if grad_loss is None else jnp.asarray(grad_loss)
+            if cotangent.shape != out.shape:
+                raise ValueError(
+                    f"minimize: `grad_loss` has shape {cotangent.shape}, but the loss has shape "
+                    f"{out.shape}"
+                )
             (grads,) = vjp(cotangent.astype(out.dtype))
         return [
             (g if v._uid in seen_reads else None, v) for g, v in zip(grads, var_list, strict=True)
@@ -1464,6 +1483,31 @@ def _plain(value: Any) -> Any:
     return value
 
 
+class _SlotKeyError(KeyError, ValueError):
+    """No such slot: a KeyError, as tf.keras raises, and a ValueError, as kopt's bad inputs."""
+
+
+class _SparseConstraintError(RuntimeError, ValueError):
+    """A sparse gradient for a constrained variable: tf.keras's RuntimeError, and a
+    ValueError, as kopt's bad inputs."""
+
+
+def _slot_shape(shape: Any, slot_name: str) -> tuple[int, ...]:
+    """``add_slot``'s ``shape`` as a tuple of ints >= 0, or a ValueError naming it."""
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        dims = None
+    if dims is None or not all(
+        isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in dims
+    ):
+        raise ValueError(
+            f"add_slot: `shape` of slot {slot_name!r} must be a sequence of ints >= 0, "
+            f"received {shape!r}"
+        )
+    return tuple(int(d) for d in dims)
+
+
 def _initial_value(initializer: Any, shape: tuple[int, ...], dtype: Any) -> jax.Array:
     if isinstance(initializer, str):
         if initializer == "zeros":
@@ -1552,6 +1596,29 @@ def _filter_empty_gradients(pairs):
     return kept
 
 
+def weight_list(weights: Any) -> list[Any]:
+    """``set_weights``'s argument as a list, or a TypeError naming it."""
+    if isinstance(weights, (str, bytes)) or not hasattr(weights, "__iter__"):
+        raise TypeError(
+            f"set_weights: `weights` must be a list of arrays, received {type(weights).__name__}"
+        )
+    return list(weights)
+
+
+def _saturated_count(value: Any) -> Any:
+    """A step count from ``set_weights`` for the int32 ``iterations``: capped at ``2**31 - 1``
+    as training caps it (tf.keras's count is int64, so a long run's may be larger); a negative
+    or non-integer count is refused."""
+    count = np.asarray(value)
+    if count.dtype.kind not in "iu":
+        raise TypeError(
+            f"set_weights: the step count (iterations) must be an integer, received {count.dtype}"
+        )
+    if count.min(initial=0) < 0:
+        raise ValueError(f"set_weights: the step count (iterations) must be >= 0, received {count}")
+    return np.minimum(count, np.iinfo(np.int32).max)
+
+
 def _check_gradient(g: Any, v: Variable, aggregate: bool) -> None:
     if isinstance(g, PerReplica):
         values = g.values
@@ -1563,9 +1630,9 @@ def _check_gradient(g: Any, v: Variable, aggregate: bool) -> None:
         return
     if isinstance(g, IndexedSlices):
         if v.constraint is not None:
-            raise RuntimeError(
-                f"Cannot use a constraint function on a sparse variable. Received: grad={g}, "
-                f"var.constraint={v.constraint}."
+            raise _SparseConstraintError(
+                f"Cannot use a constraint function on a sparse variable ({v.name}). Received: "
+                f"grad={g}, var.constraint={v.constraint}."
             )
         if (
             not hasattr(g.values, "shape")

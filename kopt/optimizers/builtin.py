@@ -14,7 +14,7 @@ import numpy as np
 
 import kopt
 from kopt.base import GradientTransformation, OptimizerState
-from kopt.optimizers.base import Optimizer, _initial_value, _is_step_schedule
+from kopt.optimizers.base import Optimizer, _initial_value, _is_step_schedule, weight_list
 from kopt.optimizers.schedules import LearningRateSchedule
 from kopt.transforms._weight_decay import decoupled_weight_decay
 
@@ -190,6 +190,7 @@ class Adam(_KerasV2):
 
     def set_weights(self, weights):
         """As tf.keras: a V1 weight list holding ``vhat`` for every variable is truncated."""
+        weights = weight_list(weights)
         params = self.weights
         num_vars = int((len(params) - 1) / 2)
         if len(weights) == 3 * num_vars + 1:
@@ -252,7 +253,7 @@ class Adagrad(_KerasV2):
         }
 
     def set_weights(self, weights):
-        super().set_weights(_prepend_iterations(self, list(weights)))
+        super().set_weights(_prepend_iterations(self, weight_list(weights)))
 
 
 class Adadelta(_KerasV2):
@@ -289,7 +290,7 @@ class Adadelta(_KerasV2):
         }
 
     def set_weights(self, weights):
-        super().set_weights(_prepend_iterations(self, list(weights)))
+        super().set_weights(_prepend_iterations(self, weight_list(weights)))
 
 
 class Adamax(_KerasV2):
@@ -446,7 +447,7 @@ class RMSprop(_KerasV2):
         }
 
     def set_weights(self, weights):
-        super().set_weights(_prepend_iterations(self, list(weights)))
+        super().set_weights(_prepend_iterations(self, weight_list(weights)))
 
 
 RMSProp = RMSprop
