@@ -216,6 +216,72 @@ def test_from_transformation_trains_like_the_transformation(transformation):
     assert opt.compile_count == 1
 
 
+def test_from_transformation_hyperparameters_are_attributes_set_without_recompiling():
+    """A wrapped kopt piece's hyperparameters are the optimizer's: setting one between steps
+    (as a Keras callback does) takes effect at the next step, compiled once. Checked against
+    the functional AdamW with the same values changed with ``set_hyperparam``."""
+    tx = kopt.chain(kopt.clip_by_global_norm(1.0), kopt.adamw(0.1, weight_decay=0.05))
+    opt = optimizers.from_transformation(tx)
+    assert float(opt.learning_rate.numpy()) == pytest.approx(0.1)
+    assert float(opt.weight_decay.numpy()) == pytest.approx(0.05)
+    var = kopt.Variable([3.0, -2.0])
+    params, state = var.value, tx.init(var.value)
+    for step, (lr, wd) in enumerate([(0.1, 0.05), (0.02, 0.05), (0.02, 0.3), (0.5, 0.0)]):
+        opt.lr, opt.weight_decay = lr, wd
+        state = kopt.set_hyperparam(
+            kopt.set_hyperparam(state, "learning_rate", lr), "weight_decay", wd
+        )
+        opt.minimize(lambda: jnp.sum(var * var), [var])
+        updates, state = tx.update(2.0 * params, state, params)
+        params = kopt.apply_updates(params, updates)
+        np.testing.assert_allclose(var.numpy(), params, rtol=1e-6, err_msg=f"step {step}")
+    assert opt.compile_count == 1
+    derived = opt.as_transformation().init(var.value)
+    assert float(kopt.get_hyperparam(derived, "learning_rate")) == 0.5
+    assert float(kopt.get_hyperparam(derived, "weight_decay")) == 0.0
+
+
+@pytest.mark.parametrize(
+    "transformation, attribute, why",
+    [
+        (kopt.sgd(kopt.schedules.exponential_decay(0.1, 10, 0.5)), "lr", "follows a schedule"),
+        (
+            kopt.multi_transform({"a": kopt.sgd(0.1), "b": kopt.sgd(0.01)}, ["a"]),
+            "learning_rate",
+            "pieces hold different values",
+        ),
+    ],
+    ids=["scheduled", "two-values"],
+)
+def test_from_transformation_refuses_a_hyperparameter_it_cannot_hold(
+    transformation, attribute, why
+):
+    """Setting such a hyperparameter raises, changes nothing, and the optimizer trains on with
+    the transformation's own values."""
+    opt = optimizers.from_transformation(transformation)
+    var = kopt.Variable([1.0])
+    params, state = [var.value], transformation.init([var.value])
+    opt.apply_gradients([(jnp.ones(1), var)])
+    weights = opt.get_weights()
+    with pytest.raises(AttributeError, match=f"`learning_rate`.*{why}"):
+        setattr(opt, attribute, 0.5)
+    assert "learning_rate" not in vars(opt)
+    for w, before in zip(opt.get_weights(), weights, strict=True):
+        np.testing.assert_array_equal(w, before)
+    opt.apply_gradients([(jnp.ones(1), var)])
+    for _ in range(2):
+        updates, state = transformation.update([jnp.ones(1)], state, params)
+        params = kopt.apply_updates(params, updates)
+    np.testing.assert_allclose(var.numpy(), params[0], rtol=1e-6)
+
+
+def test_from_transformation_takes_numbers_not_schedules_for_a_held_hyperparameter():
+    opt = optimizers.from_transformation(kopt.sgd(0.1))
+    with pytest.raises(TypeError, match="schedule for `learning_rate` goes into the wrapped"):
+        opt.learning_rate = kopt.optimizers.schedules.ExponentialDecay(0.1, 10, 0.5)
+    assert float(opt.learning_rate.numpy()) == pytest.approx(0.1)
+
+
 def test_loss_scale_skips_non_finite_steps_and_adapts_the_scale():
     a, b = kopt.Variable([1.0, 2.0], name="a"), kopt.Variable([3.0], name="b")
     opt = optimizers.LossScaleOptimizer(

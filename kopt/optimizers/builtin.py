@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import kopt
-from kopt.base import GradientTransformation, OptimizerState
+from kopt.base import GradientTransformation, OptimizerState, _hyperparam_holders
 from kopt.optimizers.base import Optimizer, _initial_value, _is_step_schedule, weight_list
 from kopt.optimizers.schedules import LearningRateSchedule
 from kopt.transforms._weight_decay import decoupled_weight_decay
@@ -954,22 +954,93 @@ class TransformationOptimizer(Optimizer):
             )
         super().__init__(name or "Transformation")
         self._wrapped = transformation
+        settable, self._fixed_hyperparams = _wrapped_hyperparams(transformation)
+        self._held_hyperparams = frozenset(
+            key for key in settable if key not in self._hyper and not hasattr(type(self), key)
+        )
+        for key in sorted(self._held_hyperparams):
+            self._set_hyper(key, settable[key])
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        key = "learning_rate" if name == "lr" else name
+        fixed = self.__dict__.get("_fixed_hyperparams", {})
+        if key in fixed:
+            raise AttributeError(
+                f"{self._name}: `{key}` of the wrapped transformation cannot be set on the "
+                f"optimizer ({fixed[key]}); build the transformation with the value you want"
+            )
+        if key in self.__dict__.get("_hyper", {}) and _is_step_schedule(value):
+            raise TypeError(
+                f"{self._name}: a schedule for `{key}` goes into the wrapped transformation "
+                "(kopt.optimizers.from_transformation(kopt.sgd(schedule))); the optimizer takes "
+                f"a number here, received {type(value).__name__}"
+            )
+        super().__setattr__(name, value)
 
     def _transformation(self, hp):
-        return self._wrapped
+        held = {k: v for k, v in hp.items() if k in self._held_hyperparams}
+        if not held:
+            return self._wrapped
+        wrapped = self._wrapped
+
+        def init(params):  # the wrapped state, holding the optimizer's values
+            state = wrapped.init(params)
+            for key, value in held.items():
+                state = kopt.set_hyperparam(state, key, value)
+            return state
+
+        return GradientTransformation(init, wrapped.update)
 
     def get_config(self):
         return super().get_config()
 
 
+def _wrapped_hyperparams(transformation: Any) -> tuple[dict[str, float], dict[str, str]]:
+    """The hyperparameters a wrapped transformation keeps in its kopt states: (those the facade
+    can hold, name -> value; those it cannot, name -> why). A hyperparameter is held when every
+    piece storing it has one value and none follows a schedule (found by one update of a
+    scalar probe from marked values: a schedule overwrites its mark)."""
+    probe = [jnp.zeros((), jnp.float32)]
+    try:
+        state = transformation.init(probe)
+        values: dict[str, set[float]] = {}
+        foreign = set()  # held by an optax piece too: that piece's own
+        for holder in _hyperparam_holders(state):
+            for key, value in holder.hyperparams.items():
+                if isinstance(holder, OptimizerState):
+                    values.setdefault(key, set()).add(float(value))
+                else:
+                    foreign.add(key)
+        values = {key: v for key, v in values.items() if key not in foreign}
+        marks = {key: max(v) + 0.5 for key, v in values.items()}
+        marked = state
+        for key, mark in marks.items():
+            marked = kopt.set_hyperparam(marked, key, mark)
+        _, after = transformation.update(probe, marked, probe)
+        scheduled = {
+            key
+            for holder in _hyperparam_holders(after)
+            if isinstance(holder, OptimizerState)
+            for key, value in holder.hyperparams.items()
+            if key in marks and float(value) != np.float32(marks[key])
+        }
+    except Exception:  # a transformation that cannot run on a scalar: no hyperparameters held
+        return {}, {}
+    fixed = {key: "it follows a schedule" for key in scheduled}
+    fixed.update({key: "pieces hold different values" for key, v in values.items() if len(v) > 1})
+    return {key: v.pop() for key, v in values.items() if key not in fixed}, fixed
+
+
 def from_transformation(transformation: Any, name: str | None = None) -> Optimizer:
     """Puts any kopt or optax transformation behind the Keras facade.
 
-    Its hyperparameters stay in its state (read them with ``kopt.get_hyperparam`` on
-    ``opt.as_transformation()``'s state, or change them by building a new transformation). The
-    state is kept in the optimizer's weights; slots of kopt pieces are available through
-    ``get_slot``. A transformation whose state is not per-variable (most optax ones) must be
-    called with the same variables every step.
+    The hyperparameters kopt pieces keep in their state become the optimizer's, read and set
+    as attributes (``opt.learning_rate = 0.05``) without recompiling, unless one follows a
+    schedule or pieces hold different values for it: setting those raises AttributeError
+    (build the transformation with the value you want). An optax piece's hyperparameters stay
+    its own. The state is kept in the optimizer's weights; slots of kopt pieces are available
+    through ``get_slot``. A transformation whose state is not per-variable (most optax ones)
+    must be called with the same variables every step.
 
     Example:
         >>> import jax.numpy as jnp, kopt, optax
