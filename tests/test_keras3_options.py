@@ -219,6 +219,63 @@ def test_ema_average_and_overwrite_match_keras3(overwrite_frequency):
     np.testing.assert_allclose(var.numpy(), expected_average, rtol=1e-5, atol=1e-6)
 
 
+def numpy_lion_ema_accumulated(w, grads_seq, k, lr, momentum, overwrite_frequency):
+    """Keras 3 (JAX backend) with ``gradient_accumulation_steps=k`` and ``use_ema``: Lion runs on
+    the mean gradient every k-th call, but the average moves on every call (it is outside the
+    accumulation cond), with ``iterations = calls // k``; so does the overwrite check."""
+    w = w.astype(np.float64)
+    m, average, total = np.zeros_like(w), np.zeros_like(w), np.zeros_like(w)
+    for call, g in enumerate(grads_seq):
+        total = total + g
+        if (call + 1) % k == 0:
+            mean, total = total / k, np.zeros_like(w)
+            w = w - lr * np.sign(0.9 * m + 0.1 * mean)
+            m = 0.99 * m + 0.01 * mean
+        iterations = call // k
+        mu = momentum if iterations != 0 else 0.0
+        average = mu * average + (1 - mu) * w
+        if overwrite_frequency and (iterations + 1) % overwrite_frequency == 0:
+            w = average.copy()
+    return w, average
+
+
+@pytest.mark.parametrize("overwrite_frequency", [None, 2])
+def test_ema_moves_on_every_call_under_gradient_accumulation_as_keras3(overwrite_frequency):
+    """The facade and its ``as_transformation()`` alike."""
+    kwargs = dict(
+        learning_rate=0.1,
+        use_ema=True,
+        ema_momentum=0.7,
+        ema_overwrite_frequency=overwrite_frequency,
+        gradient_accumulation_steps=2,
+    )
+    grads = [g["w"] for g in MICRO_GRADS] * 2
+    expected_w, expected_average = numpy_lion_ema_accumulated(
+        W0["w"], grads, 2, 0.1, 0.7, overwrite_frequency
+    )
+    opt = Lion(**kwargs)
+    var = kopt.Variable(W0["w"])
+    for g in grads:
+        opt.apply_gradients([(jnp.asarray(g), var)])
+    np.testing.assert_allclose(var.numpy(), expected_w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        opt.get_slot(var, "average").numpy(), expected_average, rtol=1e-5, atol=1e-6
+    )
+    assert opt.compile_count == 1
+
+    tx = Lion(**kwargs).as_transformation()
+    params = jnp.asarray(W0["w"])
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    for g in grads:
+        updates, state = step(jnp.asarray(g), state, params)
+        params = kopt.apply_updates(params, updates)
+    np.testing.assert_allclose(params, expected_w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        kopt.get_slot(state, "average"), expected_average, rtol=1e-5, atol=1e-6
+    )
+
+
 def test_ema_momentum_changes_without_recompiling():
     opt = Lion(learning_rate=0.1, use_ema=True, ema_momentum=0.8)
     var = kopt.Variable(W0["w"])
@@ -235,6 +292,61 @@ def test_ema_momentum_changes_without_recompiling():
         average = w if i == 0 else 0.5 * average + 0.5 * w
     np.testing.assert_allclose(opt.get_slot(var, "average").numpy(), average, rtol=1e-5)
     assert opt.compile_count == 1
+
+
+# --- clipping ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attr", ["clipnorm", "clipvalue", "global_clipnorm"])
+def test_a_clipping_argument_of_zero_means_no_clipping_as_in_keras3(attr):
+    """Keras 3 clips only by a positive value (``if self.clipnorm and self.clipnorm > 0``); a
+    tf.keras legacy class clips to zero. Lion's step is ``lr * sign(...)``, so an unclipped
+    gradient moves every element by exactly lr."""
+    var = kopt.Variable([1.0, -2.0])
+    opt = Lion(learning_rate=0.1, **{attr: 0.0})
+    opt.apply_gradients([(jnp.array([3.0, -4.0]), var)])
+    np.testing.assert_allclose(var.numpy(), [0.9, -1.9], rtol=1e-6)
+    assert getattr(opt, attr) == 0.0
+    setattr(opt, attr, 0.5)  # now on: still lr * sign for Lion, so check the clipped slot
+    opt.apply_gradients([(jnp.array([3.0, -4.0]), var)])
+    clipped = {"clipnorm": np.array([3.0, -4.0]) * 0.5 / 5.0, "clipvalue": np.array([0.5, -0.5])}
+    clipped["global_clipnorm"] = clipped["clipnorm"]
+    np.testing.assert_allclose(
+        opt.get_slot(var, "m").numpy(),
+        0.99 * 0.01 * np.array([3.0, -4.0]) + 0.01 * clipped[attr],
+        rtol=1e-5,
+    )
+    legacy = kopt.optimizers.SGD(learning_rate=0.1, **{attr: 0.0})
+    legacy_var = kopt.Variable([1.0, -2.0])
+    legacy.apply_gradients([(jnp.array([3.0, -4.0]), legacy_var)])
+    np.testing.assert_array_equal(legacy_var.numpy(), [1.0, -2.0])  # tf.keras: clipped to zero
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"clipnorm": 1.0, "clipvalue": 0.5},
+        {"clipvalue": 0.5, "global_clipnorm": 1.0},
+        {"clipnorm": 1.0, "global_clipnorm": 1.0},
+    ],
+)
+@pytest.mark.parametrize("cls", [Lion, Lamb, Adafactor, AdamW], ids=lambda c: c.__name__)
+def test_only_one_clipping_argument_as_in_keras3(cls, kwargs):
+    with pytest.raises(
+        ValueError, match="Only one of `clipnorm`, `clipvalue` and `global_clipnorm`"
+    ):
+        cls(**kwargs)
+    first, second = kwargs
+    opt = cls(**{first: kwargs[first]})
+    var = kopt.Variable(W0["w"])
+    opt.apply_gradients([(jnp.asarray(MICRO_GRADS[0]["w"]), var)])
+    weights, value = opt.get_weights(), var.numpy()
+    with pytest.raises(ValueError, match=f"Only one of .*{second}={kwargs[second]}"):
+        setattr(opt, second, kwargs[second])
+    assert getattr(opt, second) is None
+    for w, before in zip(opt.get_weights(), weights, strict=True):
+        np.testing.assert_array_equal(w, before)
+    np.testing.assert_array_equal(var.numpy(), value)
 
 
 # --- arguments -----------------------------------------------------------------------------------

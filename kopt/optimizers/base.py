@@ -412,6 +412,15 @@ class Optimizer:
                 raise ValueError(f"Expected {attr} >= 0, received: {value}")
         object.__setattr__(self, "_" + attr, value)
 
+    def _active_clips(self) -> dict[str, Any]:
+        """The clipping arguments in effect, in tf.keras's order: every one that is set (0
+        included: tf.keras clips to zero)."""
+        return {
+            attr: value
+            for attr in ("clipvalue", "clipnorm", "global_clipnorm")
+            if (value := getattr(self, "_" + attr)) is not None
+        }
+
     @property
     def clipnorm(self) -> float | None:
         """Per-tensor gradient norm clipping (``None`` for none)."""
@@ -651,14 +660,15 @@ class Optimizer:
         """Clipping (``clipvalue``, ``clipnorm``, ``global_clipnorm``) then
         ``gradient_transformers``, in tf.keras's order."""
         hypers = self.__dict__.get("_step_clip_values", {})
+        active = self._active_clips()
         for attr, make in (
             ("clipvalue", clip_by_value),
             ("clipnorm", clip_by_norm),
             ("global_clipnorm", clip_by_global_norm),
         ):
-            if getattr(self, "_" + attr) is None:
+            if attr not in active:
                 continue
-            value = hypers.get(attr, getattr(self, "_" + attr))
+            value = hypers.get(attr, active[attr])
             grads = [g for g, _ in grads_and_vars]
             tx = make(value)
             params = [v.value for _, v in grads_and_vars]  # grads may be IndexedSlices
@@ -745,12 +755,13 @@ class Optimizer:
             for k, v in self._transformation_hyperparams().items()
         }
         pieces = []
-        if self._clipvalue is not None:
-            pieces.append(clip_by_value(self._clipvalue))
-        if self._clipnorm is not None:
-            pieces.append(clip_by_norm(self._clipnorm))
-        if self._global_clipnorm is not None:
-            pieces.append(clip_by_global_norm(self._global_clipnorm))
+        active = self._active_clips()
+        if "clipvalue" in active:
+            pieces.append(clip_by_value(active["clipvalue"]))
+        if "clipnorm" in active:
+            pieces.append(clip_by_norm(active["clipnorm"]))
+        if "global_clipnorm" in active:
+            pieces.append(clip_by_global_norm(active["global_clipnorm"]))
         pieces.append(self._build_transformation(hp))
         return core.chain(*pieces) if len(pieces) > 1 else pieces[0]
 
@@ -1076,10 +1087,8 @@ class Optimizer:
         for name, value in self._hyper.items():
             if _is_read_per_step(value):
                 dynamic["hyper:" + name] = jnp.asarray(_plain(value()), jnp.float32)
-        for attr in ("clipvalue", "clipnorm", "global_clipnorm"):
-            value = getattr(self, "_" + attr)
-            if value is not None:
-                dynamic["clip:" + attr] = self._device_constant(value)
+        for attr, value in self._active_clips().items():
+            dynamic["clip:" + attr] = self._device_constant(value)
         if self._uses_transformation():
             for name, value in self._plain_hyperparams().items():
                 dynamic["plain:" + name] = self._device_constant(value)
@@ -1122,7 +1131,7 @@ class Optimizer:
         )
         return (
             hyper_kinds,
-            (self._clipvalue is None, self._clipnorm is None, self._global_clipnorm is None),
+            tuple(self._active_clips()),
             id(self.gradient_aggregator),
             tuple(id(t) for t in self.gradient_transformers),
             self._initial_decay,

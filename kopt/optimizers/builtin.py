@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import kopt
-from kopt.base import GradientTransformation, OptimizerState, _hyperparam_holders
+from kopt.base import GradientTransformation, OptimizerState, _hyperparam_holders, safe_increment
 from kopt.optimizers.base import Optimizer, _initial_value, _is_step_schedule, weight_list
 from kopt.optimizers.schedules import LearningRateSchedule
 from kopt.transforms._weight_decay import decoupled_weight_decay
@@ -595,6 +595,18 @@ def _check_keras3_options(
             )
 
 
+_CLIPS = ("clipnorm", "clipvalue", "global_clipnorm")
+
+
+def _check_one_clip(clipnorm: Any, clipvalue: Any, global_clipnorm: Any) -> None:
+    """Keras 3's rule: at most one clipping argument is set."""
+    if sum(v is not None for v in (clipnorm, clipvalue, global_clipnorm)) > 1:
+        raise ValueError(
+            "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set. Received: "
+            f"clipnorm={clipnorm}, clipvalue={clipvalue}, global_clipnorm={global_clipnorm}"
+        )
+
+
 class _Keras3(_SlotDtype, Optimizer):
     """The Keras 3 optimizers behind the same facade: plain float arguments, no ``decay``.
 
@@ -607,13 +619,16 @@ class _Keras3(_SlotDtype, Optimizer):
       (``get_slot(var, "average")``), copied into the variables every
       ``ema_overwrite_frequency`` updates or by :meth:`finalize_variable_values`;
     - ``gradient_accumulation_steps`` (k): the gradients of k calls are averaged and the update
-      (decay, step, EMA) runs on every k-th call only, inside a ``lax.cond``
+      (decay, step) runs on every k-th call only, inside a ``lax.cond``
       (:func:`kopt.accumulate_gradients`). ``iterations`` counts calls (Keras 3's
       ``_iterations``); bias corrections and EMA count updates (``iterations // k``, Keras 3's
       ``iterations``); a learning-rate schedule sees the call count, as in Keras 3. The
       accumulators are state without a slot name, so such an optimizer must be given the same
-      variables, in the same order, every call. Unlike Keras 3, ``clipnorm``/``clipvalue``/
-      ``global_clipnorm`` clip each call's gradients (the tf.keras pipeline), not their mean;
+      variables, in the same order, every call. The EMA, as in Keras 3, moves on every call,
+      also between updates. Unlike Keras 3, ``clipnorm``/``clipvalue``/``global_clipnorm``
+      clip each call's gradients (the tf.keras pipeline), not their mean;
+    - ``clipnorm``, ``clipvalue``, ``global_clipnorm``: Keras 3's rules, at most one of them,
+      and 0 means no clipping (tf.keras's classes clip to zero);
 
     and ``slot_dtype`` (kopt's): the slots' dtype (default: each variable's).
 
@@ -649,6 +664,7 @@ class _Keras3(_SlotDtype, Optimizer):
             ema_overwrite_frequency,
             gradient_accumulation_steps,
         )
+        _check_one_clip(**{k: kwargs.get(k) for k in _CLIPS})
         if slot_dtype is not None and not self._HAS_SLOT_DTYPE:
             raise ValueError(
                 f"{owner}: `slot_dtype` is not supported; its slots follow the variables' dtype"
@@ -661,6 +677,15 @@ class _Keras3(_SlotDtype, Optimizer):
         self.ema_overwrite_frequency = ema_overwrite_frequency or None
         self.gradient_accumulation_steps = gradient_accumulation_steps or None
         self.slot_dtype = slot_dtype
+
+    def _set_clip(self, attr: str, value: Any) -> None:
+        if value is not None:
+            _check_one_clip(**{**{k: getattr(self, "_" + k, None) for k in _CLIPS}, attr: value})
+        super()._set_clip(attr, value)
+
+    def _active_clips(self) -> dict[str, Any]:
+        # Keras 3 clips only by a positive value: 0 is off (tf.keras clips to zero).
+        return {k: v for k, v in super()._active_clips().items() if float(np.asarray(v)) > 0}
 
     def _init_keras3(self, learning_rate: Any, kwargs: dict[str, Any], **attrs: Any) -> None:
         self._set_hyper("learning_rate", kwargs.get("lr", learning_rate))
@@ -683,12 +708,13 @@ class _Keras3(_SlotDtype, Optimizer):
             tx = decoupled_weight_decay(
                 tx, hp.get("weight_decay", self.weight_decay), hp["learning_rate"]
             )
-        if self.use_ema:
-            tx = kopt.chain(
-                tx, kopt.ema(hp.get("momentum", self.ema_momentum), self.ema_overwrite_frequency)
-            )
         if k:
             tx = kopt.accumulate_gradients(tx, k, "mean")
+        if self.use_ema:
+            # Keras 3 moves the average on every call, also between updates (outside its
+            # accumulation cond), with its count of updates, iterations // k.
+            average = kopt.ema(hp.get("momentum", self.ema_momentum), self.ema_overwrite_frequency)
+            tx = kopt.chain(tx, _counting_updates(average, k) if k else average)
         return tx
 
     def _static_transformation(self):
@@ -764,16 +790,37 @@ class _Keras3(_SlotDtype, Optimizer):
 
 def _count_updates_not_calls(tx: GradientTransformation, k: int) -> GradientTransformation:
     """The facade writes its one step count, ``iterations`` (calls), into every piece of the
-    state; under gradient accumulation the pieces count updates, ``iterations // k``."""
+    state; under gradient accumulation the accumulated pieces count updates, ``iterations //
+    k`` (the EMA after them divides for itself: :func:`_counting_updates`)."""
 
     def per_update(state):
-        if isinstance(state, OptimizerState):
-            return state._replace(count=state.count // k)
+        return state._replace(count=state.count // k)
+
+    def accumulated(state):
+        if isinstance(state, kopt.AccumulateState):
+            return state._replace(
+                inner_state=jax.tree.map(
+                    per_update, state.inner_state, is_leaf=lambda x: isinstance(x, OptimizerState)
+                )
+            )
         return state
 
     def update_fn(updates, state, params=None):
-        state = jax.tree.map(per_update, state, is_leaf=lambda x: isinstance(x, OptimizerState))
+        state = jax.tree.map(
+            accumulated, state, is_leaf=lambda x: isinstance(x, kopt.AccumulateState)
+        )
         return tx.update(updates, state, params)
+
+    return GradientTransformation(tx.init, update_fn)
+
+
+def _counting_updates(tx: GradientTransformation, k: int) -> GradientTransformation:
+    """``tx`` (one kopt piece) run on every call, seeing the count of updates, ``calls // k``,
+    while its state counts calls."""
+
+    def update_fn(updates, state, params=None):
+        updates, new_state = tx.update(updates, state._replace(count=state.count // k), params)
+        return updates, new_state._replace(count=safe_increment(state.count))
 
     return GradientTransformation(tx.init, update_fn)
 
