@@ -236,8 +236,15 @@ def cosine_decay_restarts(
             fraction = fraction - restart
         else:
             restart = jnp.floor(jnp.log(1.0 - fraction * (1.0 - t)) / jnp.log(t))
-            done = (1.0 - t**restart) / (1.0 - t)
-            fraction = (fraction - done) / t**restart
+            # At a period's first step the quotient of logs can round to just under (or over)
+            # the integer; the periods' own bounds settle which period the step is in.
+
+            def done(r):  # steps in the first r periods, in units of first_decay_steps
+                return (1.0 - t**r) / (1.0 - t)
+
+            restart = jnp.where(fraction >= done(restart + 1), restart + 1, restart)
+            restart = jnp.where(fraction < done(restart), restart - 1, restart)
+            fraction = (fraction - done(restart)) / t**restart
         cosine = 0.5 * _const(m_mul) ** restart * (1.0 + jnp.cos(pi * fraction))
         return _const(initial_learning_rate) * ((1 - a) * cosine + a)
 

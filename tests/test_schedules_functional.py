@@ -106,3 +106,33 @@ def test_schedules_vmap_over_integer_steps():
         values = jax.jit(jax.vmap(fn))(jnp.asarray(steps, jnp.int32))
         assert values.dtype == jnp.float32, name
         np.testing.assert_allclose(values, expected, rtol=2e-5, atol=1e-7, err_msg=name)
+
+
+def numpy_cosine_restarts(step, initial, first, t_mul, alpha=0.0):
+    """SGDR by walking the periods in float64: period i lasts first * t_mul**i steps."""
+    start, length, i = 0.0, float(first), 0
+    while step >= start + length - 1e-9:
+        start, length, i = start + length, length * t_mul, i + 1
+    fraction = (step - start) / length
+    return initial * ((1 - alpha) * 0.5 * (1 + math.cos(math.pi * fraction)) + alpha)
+
+
+def test_cosine_decay_restarts_starts_each_period_on_its_first_step_when_compiled():
+    """At a period's first step ``log(...)/log(t_mul)`` can round to just under the integer
+    under XLA, which missed the restart for that step (lr 0 instead of the initial one)."""
+    for t_mul in (1.1177740431631642, 1.5, 2.0, 3.0):
+        for first in (4, 10, 100):
+            fn = jax.jit(schedules.cosine_decay_restarts(0.1, first, t_mul=t_mul))
+            boundary, steps = 0.0, []
+            for i in range(6):
+                boundary += first * t_mul**i
+                if abs(boundary - round(boundary)) < 1e-9:
+                    steps += [round(boundary) - 1, round(boundary), round(boundary) + 1]
+            for step in steps:
+                np.testing.assert_allclose(
+                    float(fn(jnp.asarray(step, jnp.int32))),
+                    numpy_cosine_restarts(step, 0.1, first, t_mul),
+                    rtol=1e-4,
+                    atol=1e-6,
+                    err_msg=f"t_mul={t_mul} first_decay_steps={first} step={step}",
+                )
