@@ -235,6 +235,7 @@ class Optimizer:
         self._weights: list[Variable] = []
         self._non_slot: dict[str, Variable] = {}
         self._opaque: list[Variable] = []
+        self._added_weights: list[Variable] = []  # made by add_weight
         self._slot_groups: list[SlotGroup] = []
         # Set by a LossScaleOptimizer wrapping this one: steps whose gradients are not all
         # finite change nothing but its scale, decided inside the compiled step.
@@ -532,14 +533,19 @@ class Optimizer:
         synchronization: Any = None,
         aggregation: Any = None,
     ) -> Variable:
-        """Creates a non-slot variable owned by the optimizer (not added to :attr:`weights`)."""
+        """Creates a non-slot variable owned by the optimizer (not added to :attr:`weights`, as
+        in tf.keras). Every step passes it into the compiled update and back, so a hook may
+        read it and ``assign`` to it, and a value assigned between steps is the one read."""
         dtype = dtype or jnp.float32
         value = _initial_value(initializer, tuple(shape), dtype)
-        return Variable(
+        weight = Variable(
             value,
             trainable=bool(trainable) if trainable is not None else True,
             name=f"{self._name}/{name}",
         )
+        with self._lock:
+            self._added_weights.append(weight)
+        return weight
 
     def add_slot(
         self, var: Variable, slot_name: str, initializer: Any = "zeros", shape: Any = None
@@ -980,6 +986,7 @@ class Optimizer:
         """What a cached step key of a signature stays valid for (see ``_run_step``)."""
         return (
             len(self._weights),
+            len(self._added_weights),
             variables_module.placement_epoch[0],
             self.__dict__.get("_attribute_epoch", 0),
             self._key_token(),
@@ -1073,7 +1080,7 @@ class Optimizer:
 
     def _state_variables(self, var_list: list[Variable]) -> list[Variable]:
         """Every optimizer variable one step reads and writes, in a fixed order."""
-        out = list(self._non_slot.values()) + list(self._opaque)
+        out = list(self._non_slot.values()) + list(self._opaque) + list(self._added_weights)
         for v in var_list:
             out.extend(self._slots.get(v._uid, {}).values())
         if self._guard is not None:  # a LossScaleOptimizer's scale, updated in the same step
