@@ -82,6 +82,59 @@ def test_a_custom_optimizers_plain_attributes_set_between_calls_take_effect():
     assert opt.compile_count == 3  # scale 1, scale 2, momentum; scale 1 again reuses the first
 
 
+class ExcludingSGD(optimizers.Optimizer):
+    """Decoupled weight decay except for variables named in a list attribute, with the decay and
+    its per-name factors in a tuple and a dict (containers of plain values)."""
+
+    def __init__(self, exclude=(), rates=(0.5, 1.0), factors=None, name="ExcludingSGD"):
+        super().__init__(name)
+        self._set_hyper("learning_rate", 0.1)
+        self.exclude_from_weight_decay = list(exclude)
+        self.rates = rates
+        self.factors = factors or {}
+
+    def _resource_apply_dense(self, grad, var, apply_state=None):
+        base = var.name.split(":")[0]
+        if base not in self.exclude_from_weight_decay:
+            var.assign_sub(var * self.rates[0] * self.rates[1] * self.factors.get(base, 1.0))
+        var.assign_sub(self._get_hyper("learning_rate", var.dtype) * grad)
+
+
+def test_list_tuple_and_dict_attributes_changed_between_calls_take_effect():
+    """Reassigned or changed in place, as tf.keras run eagerly reads them at every call; equal
+    contents reuse the step compiled for them."""
+    opt = ExcludingSGD(exclude=["b"])
+    w, b = (
+        kopt.Variable(np.ones(2, np.float32), name="w"),
+        kopt.Variable(np.ones(2, np.float32), name="b"),
+    )
+    expected = {"w": 1.0, "b": 1.0}
+
+    def step(exclude, decay, factors):
+        opt.apply_gradients([(jnp.zeros(2), w), (jnp.zeros(2), b)])
+        for name in expected:
+            if name not in exclude:
+                expected[name] *= 1 - decay[0] * decay[1] * factors.get(name, 1.0)
+        np.testing.assert_allclose(w.numpy(), [expected["w"]] * 2, rtol=1e-6)
+        np.testing.assert_allclose(b.numpy(), [expected["b"]] * 2, rtol=1e-6)
+
+    step(["b"], (0.5, 1.0), {})
+    opt.exclude_from_weight_decay = ["w"]  # reassigned
+    step(["w"], (0.5, 1.0), {})
+    opt.exclude_from_weight_decay.append("b")  # changed in place
+    step(["w", "b"], (0.5, 1.0), {})
+    opt.exclude_from_weight_decay = []
+    opt.rates = (0.5, 0.2)
+    opt.factors = {"b": 2.0}
+    step([], (0.5, 0.2), {"b": 2.0})
+    opt.factors["b"] = 3.0
+    step([], (0.5, 0.2), {"b": 3.0})
+    opt.exclude_from_weight_decay = ["b"]
+    opt.rates, opt.factors = (0.5, 1.0), {}
+    step(["b"], (0.5, 1.0), {})  # the first step's values: its program again
+    assert opt.compile_count == 5
+
+
 class TraceCountingSGD(ScaledSGD):
     def _resource_apply_dense(self, grad, var, apply_state=None):
         self.traces = getattr(self, "traces", 0) + 1  # written while traced: not a step input

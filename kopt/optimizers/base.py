@@ -990,11 +990,14 @@ class Optimizer:
             variables_module.placement_epoch[0],
             self.__dict__.get("_attribute_epoch", 0),
             self._key_token(),
+            self._traced_attributes(),  # a list attribute may change in place
         )
 
     def _traced_attributes(self) -> tuple:
-        """Public plain-number, flag and string attributes of a custom optimizer (one that
-        updates through ``_resource_apply_*``): its hooks may read them while the step is
+        """Public plain attributes of a custom optimizer (one that updates through
+        ``_resource_apply_*``): numbers, flags, strings, and lists, tuples, sets and dicts of
+        them (an ``exclude_from_weight_decay`` list, a ``betas`` tuple). Its hooks may read them
+        while the step is
         traced, so the compiled step is kept per their values. Setting one between steps then
         takes effect, as in tf.keras run eagerly (compiling once per new value); a value meant
         to change often belongs in a hyperparameter (``_set_hyper``)."""
@@ -1005,11 +1008,10 @@ class Optimizer:
         for name, value in self.__dict__.items():
             if name[0] == "_" or name == "compile_count" or name in written:
                 continue
-            if isinstance(value, np.generic) and value.ndim == 0:
-                value = value.item()
-            if value is None or isinstance(value, (bool, int, float, str)):
-                out.append((name, value))
-        return tuple(sorted(out))
+            key = _plain_key(value)
+            if key is not _NOT_PLAIN:
+                out.append((name, key))
+        return tuple(sorted(out, key=lambda item: item[0]))
 
     def _run_step(self, pairs, aggregate: bool, signature=None, memo=None) -> None:
         var_list = [v for _, v in pairs]
@@ -1578,12 +1580,39 @@ def _is_read_per_step(value: Any) -> bool:
     return callable(value) and not isinstance(value, Variable) and not _is_step_schedule(value)
 
 
+_NOT_PLAIN = object()
+
+
+def _plain_key(value: Any) -> Any:
+    """A hashable stand-in for a plain value (None, a number, flag or string, or a list, tuple,
+    set or dict of plain values, nested), equal for equal values and telling types apart;
+    ``_NOT_PLAIN`` for anything else (an array, a function, an object)."""
+    if isinstance(value, np.generic) and value.ndim == 0:
+        value = value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return (type(value).__name__, value)
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [_plain_key(v) for v in value]
+        if any(item is _NOT_PLAIN for item in items):
+            return _NOT_PLAIN
+        if isinstance(value, (set, frozenset)):
+            return (type(value).__name__, frozenset(items))
+        return (type(value).__name__, tuple(items))
+    if isinstance(value, dict):
+        items = [(_plain_key(k), _plain_key(v)) for k, v in value.items()]
+        if any(k is _NOT_PLAIN or v is _NOT_PLAIN for k, v in items):
+            return _NOT_PLAIN
+        return ("dict", frozenset(items))
+    return _NOT_PLAIN
+
+
 def _same_plain_value(old: Any, new: Any) -> bool:
     """Whether assigning ``new`` over ``old`` leaves the attribute as it was (so a custom
     ``_create_slots`` that sets a flag at every call keeps the cached step key)."""
     if old is new:
         return True
-    return type(old) is type(new) and isinstance(new, (bool, int, float, str)) and bool(old == new)
+    key = _plain_key(new)
+    return key is not _NOT_PLAIN and key == _plain_key(old)
 
 
 # Gradients given as Python values are converted as tf.keras converts them (floats to float32).
