@@ -210,8 +210,12 @@ class Variable:
         with donation_lock:
             return np.array(self._current)
 
-    def assign(self, value: Any, read_value: bool = True) -> Variable:
+    def assign(
+        self, value: Any, use_locking: Any = None, name: Any = None, read_value: bool = True
+    ) -> Variable:
         """Replaces the value (same shape; cast to the variable's dtype); returns the variable.
+        ``use_locking`` and ``name`` are tf.Variable's, accepted and ignored (every assignment
+        is atomic).
 
         Raises:
             ValueError: if the shape differs.
@@ -228,14 +232,18 @@ class Variable:
         self._value = _keep_sharding(new, self._value)
         return self
 
-    def assign_add(self, delta: Any, read_value: bool = True) -> Variable:
+    def assign_add(
+        self, delta: Any, use_locking: Any = None, name: Any = None, read_value: bool = True
+    ) -> Variable:
         """Adds ``delta`` to the value, atomically (no concurrent update, another thread's
         ``assign_add`` or an optimizer step, is lost); returns the variable."""
         delta = jnp.asarray(_value_of(delta))
         with donation_lock:
             return self.assign(self._value + delta)
 
-    def assign_sub(self, delta: Any, read_value: bool = True) -> Variable:
+    def assign_sub(
+        self, delta: Any, use_locking: Any = None, name: Any = None, read_value: bool = True
+    ) -> Variable:
         """Subtracts ``delta`` from the value, atomically; returns the variable."""
         delta = jnp.asarray(_value_of(delta))
         with donation_lock:

@@ -236,6 +236,7 @@ class Optimizer:
         self._non_slot: dict[str, Variable] = {}
         self._opaque: list[Variable] = []
         self._added_weights: list[Variable] = []  # made by add_weight
+        self._use_locking = True  # read by ported tf.keras hooks (`use_locking=...`)
         self._slot_groups: list[SlotGroup] = []
         # Set by a LossScaleOptimizer wrapping this one: steps whose gradients are not all
         # finite change nothing but its scale, decided inside the compiled step.
@@ -562,12 +563,13 @@ class Optimizer:
         if not isinstance(var, Variable):
             raise TypeError(f"add_slot: `var` must be a kopt.Variable, received {var!r:.60}")
         shape = var.shape if shape is None else _slot_shape(shape, slot_name)
+        existing = self._slots.get(var._uid, {}).get(slot_name)
+        if existing is not None:
+            return existing
+        value = _initial_value(initializer, shape, var.dtype)  # may refuse: nothing made yet
         if slot_name not in self._slot_names:
             self._slot_names.append(slot_name)
         slots = self._slots.setdefault(var._uid, {})
-        if slot_name in slots:
-            return slots[slot_name]
-        value = _initial_value(initializer, shape, var.dtype)
         if (
             shape == var.shape
             and var.sharding is not None
@@ -623,7 +625,14 @@ class Optimizer:
     def _resource_apply_sparse(
         self, grad: Any, var: Variable, indices: Any, apply_state: Any
     ) -> Any:
-        """Hook: update the rows ``indices`` (unique) of ``var`` for gradient rows ``grad``."""
+        """Hook: update the rows ``indices`` of ``var`` for gradient rows ``grad``.
+
+        The indices are unique, as in tf.keras, but a compiled step has fixed shapes: where the
+        gradient named a row twice, the duplicate's place holds the index ``var.shape[0]``
+        (outside the table) and a zero gradient row. Scatters (``var.value.at[indices]``) skip
+        it; a computation over all the named rows (a norm of gathered rows, their count) must
+        leave it out, with ``indices < var.shape[0]``.
+        """
         raise NotImplementedError("`_resource_apply_sparse` Must be implemented in subclasses.")
 
     def _resource_apply_sparse_duplicate_indices(
@@ -1277,6 +1286,18 @@ class Optimizer:
             self._hyper.update(saved)
 
     def _apply_hooks(self, gv) -> None:
+        try:
+            self._apply_hooks_traced(gv)
+        except jax.errors.ConcretizationTypeError as e:
+            raise TypeError(
+                f"{type(self).__name__}: a hook (`_prepare_local`, `_resource_apply_dense` or "
+                "`_resource_apply_sparse`) needed a concrete value, but it runs while the step "
+                "is traced: use jnp.where or jax.lax.cond instead of a Python `if` on a value, "
+                "and jnp operations instead of float() or .numpy(). JAX's message follows.\n"
+                f"{e}"
+            ) from e
+
+    def _apply_hooks_traced(self, gv) -> None:
         apply_state = self._prepare([v for _, v in gv])
         apply_sparse = inspect.signature(self._resource_apply_sparse).parameters
         apply_dense = inspect.signature(self._resource_apply_dense).parameters
@@ -1528,11 +1549,15 @@ def _slot_shape(shape: Any, slot_name: str) -> tuple[int, ...]:
 
 def _initial_value(initializer: Any, shape: tuple[int, ...], dtype: Any) -> jax.Array:
     if isinstance(initializer, str):
-        if initializer == "zeros":
+        # Keras's identifiers, in either spelling ("zeros", "Zeros").
+        if initializer.lower() == "zeros":
             return jnp.zeros(shape, dtype)
-        if initializer == "ones":
+        if initializer.lower() == "ones":
             return jnp.ones(shape, dtype)
-        raise ValueError(f"Unknown initializer {initializer!r}; use 'zeros', 'ones' or a value")
+        raise ValueError(
+            f"Unknown initializer {initializer!r}; use 'zeros', 'ones', a value or a callable "
+            "(shape, dtype) -> array"
+        )
     if callable(initializer) and not hasattr(initializer, "shape"):
         return jnp.asarray(initializer(shape=shape, dtype=dtype), dtype)
     return jnp.broadcast_to(jnp.asarray(initializer, dtype), shape)
