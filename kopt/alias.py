@@ -14,6 +14,7 @@ from typing import Any
 from kopt.base import GradientTransformation, chain
 from kopt.transforms import (
     add_decayed_weights,
+    masked,
     scale_by_adadelta,
     scale_by_adafactor,
     scale_by_adagrad,
@@ -251,11 +252,15 @@ def adamw(
     epsilon: Any = 1e-7,
     amsgrad: bool = False,
     *,
+    mask: Any = None,
     slot_dtype: Any = None,
 ) -> GradientTransformation:
     r"""AdamW with Keras 3 semantics: decoupled decay ``w -= w * weight_decay * lr`` plus Adam.
 
-    Needs ``params`` in ``update``. Reference: Loshchilov and Hutter, 2019.
+    Needs ``params`` in ``update``. ``mask`` (a pytree of bools shaped like the params, or a
+    function ``params -> mask``) selects the params that decay, as Keras 3's
+    ``exclude_from_weight_decay`` leaves others out; None decays all. Reference: Loshchilov and
+    Hutter, 2019.
 
     Example:
         >>> import jax.numpy as jnp, kopt
@@ -267,9 +272,10 @@ def adamw(
     """
     if weight_decay is None:
         raise ValueError("adamw: `weight_decay` cannot be None; use kopt.adam for no decay")
+    decay = add_decayed_weights(weight_decay)
     return chain(
         scale_by_adam(beta_1, beta_2, epsilon, amsgrad, slot_dtype),
-        add_decayed_weights(weight_decay),
+        decay if mask is None else masked(decay, mask),
         scale_by_learning_rate(learning_rate),
     )
 

@@ -294,6 +294,75 @@ def test_ema_momentum_changes_without_recompiling():
     assert opt.compile_count == 1
 
 
+# --- weight decay exclusions ------------------------------------------------------------------
+
+
+def numpy_lion(w, grads_seq, lr, wd, beta_1=0.9, beta_2=0.99):
+    w, m = w.astype(np.float64), np.zeros_like(w, np.float64)
+    for g in grads_seq:
+        w = w - w * wd * lr
+        w = w - lr * np.sign(beta_1 * m + (1 - beta_1) * g)
+        m = beta_2 * m + (1 - beta_2) * g
+    return w
+
+
+@pytest.mark.parametrize("cls", [Lion, AdamW], ids=lambda c: c.__name__)
+def test_exclude_from_weight_decay_by_variable_and_by_name(cls):
+    """Keras 3's ``exclude_from_weight_decay(var_list, var_names)``: the excluded variables
+    step without decay, the others with it (NumPy re-derivations; AdamW against the
+    functional AdamW given the same mask)."""
+    names = ["dense/kernel", "dense/bias", "embedding"]
+    values = [RNG.normal(size=(3, 2)).astype(np.float32) for _ in names]
+    grads = [[RNG.normal(size=(3, 2)).astype(np.float32) for _ in names] for _ in range(3)]
+    variables = [kopt.Variable(v, name=n) for v, n in zip(values, names, strict=True)]
+    opt = cls(learning_rate=0.1, weight_decay=0.3)
+    opt.exclude_from_weight_decay(var_list=[variables[2]], var_names=["bias"])
+    for step in grads:
+        opt.apply_gradients(zip([jnp.asarray(g) for g in step], variables, strict=True))
+    decays = [True, False, False]
+    if cls is Lion:
+        expected = [
+            numpy_lion(v, [step[i] for step in grads], 0.1, 0.3 if decays[i] else 0.0)
+            for i, v in enumerate(values)
+        ]
+    else:
+        tx = kopt.adamw(0.1, weight_decay=0.3, mask=decays)
+        params, state = [jnp.asarray(v) for v in values], tx.init([jnp.asarray(v) for v in values])
+        for step in grads:
+            updates, state = tx.update([jnp.asarray(g) for g in step], state, params)
+            params = kopt.apply_updates(params, updates)
+        undecayed = kopt.adam(0.1)  # an excluded variable steps as plain Adam
+        p, s = jnp.asarray(values[1]), undecayed.init(jnp.asarray(values[1]))
+        for step in grads:
+            u, s = undecayed.update(jnp.asarray(step[1]), s, p)
+            p = kopt.apply_updates(p, u)
+        np.testing.assert_allclose(params[1], p, rtol=1e-6)
+        expected = params
+    for v, e in zip(variables, expected, strict=True):
+        np.testing.assert_allclose(v.numpy(), e, rtol=1e-5, atol=1e-6, err_msg=v.name)
+    assert opt.compile_count == 1
+
+    weights = opt.get_weights()
+    with pytest.raises(ValueError, match="only be configured before the optimizer is built"):
+        opt.exclude_from_weight_decay(var_names=["kernel"])
+    for w, before in zip(opt.get_weights(), weights, strict=True):
+        np.testing.assert_array_equal(w, before)
+    with pytest.raises(ValueError, match="mask="):
+        opt.as_transformation()
+
+
+def test_decoupled_weight_decay_mask_leaves_unselected_params_undecayed():
+    params = {"w": jnp.full(2, 2.0), "b": jnp.full(2, 2.0)}
+    for mask in ({"w": True, "b": False}, lambda p: {"w": True, "b": False}):
+        tx = kopt.decoupled_weight_decay(
+            kopt.sgd(0.5), weight_decay=0.1, learning_rate=0.5, mask=mask
+        )
+        updates, _ = tx.update({"w": jnp.ones(2), "b": jnp.ones(2)}, tx.init(params), params)
+        new = kopt.apply_updates(params, updates)
+        np.testing.assert_allclose(new["w"], 2.0 - 2.0 * 0.1 * 0.5 - 0.5)
+        np.testing.assert_allclose(new["b"], 2.0 - 0.5)
+
+
 # --- clipping ------------------------------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ config keys, and which functional optimizer it wraps. No update rule is written 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
@@ -17,6 +18,7 @@ from kopt.base import GradientTransformation, OptimizerState, _hyperparam_holder
 from kopt.optimizers.base import Optimizer, _initial_value, _is_step_schedule, weight_list
 from kopt.optimizers.schedules import LearningRateSchedule
 from kopt.transforms._weight_decay import decoupled_weight_decay
+from kopt.variables import Variable
 
 EPSILON = 1e-7
 
@@ -678,6 +680,62 @@ class _Keras3(_SlotDtype, Optimizer):
         self.gradient_accumulation_steps = gradient_accumulation_steps or None
         self.slot_dtype = slot_dtype
 
+    def exclude_from_weight_decay(
+        self, var_list: list[Variable] | None = None, var_names: list[str] | None = None
+    ) -> None:
+        """Leaves variables out of ``weight_decay``, as Keras 3: those in ``var_list``, and those
+        whose name contains one of ``var_names`` (regular expressions, e.g. ``["bias"]``).
+
+        Raises:
+            ValueError: once the optimizer has made its weights (after its first step).
+        """
+        if self._iterations is not None or self._slots:
+            raise ValueError(
+                "`exclude_from_weight_decay()` can only be configured before the optimizer is "
+                "built."
+            )
+        if var_list is not None and not all(isinstance(v, Variable) for v in var_list):
+            raise TypeError("exclude_from_weight_decay: `var_list` must hold kopt.Variables")
+        self._excluded = frozenset(v._uid for v in var_list or ())
+        self._excluded_names = re.compile("|".join(set(var_names))) if var_names else None
+
+    def _use_weight_decay(self, variable: Variable) -> bool:
+        """Whether ``variable`` decays (Keras 3's rule)."""
+        if variable._uid in self.__dict__.get("_excluded", ()):
+            return False
+        pattern = self.__dict__.get("_excluded_names")
+        return pattern is None or pattern.search(variable.name) is None
+
+    def _decay_mask(self, params: list[Any]) -> list[bool]:
+        """The weight decay mask of the variables being stepped (every param outside a step,
+        where only the state's structure, which the mask does not change, is made)."""
+        variables = self.__dict__.get("_stepped")
+        if variables is None or len(variables) != len(params):
+            return [True] * len(params)
+        return [self._use_weight_decay(v) for v in variables]
+
+    def _excludes_some(self) -> bool:
+        return (
+            bool(self.__dict__.get("_excluded")) or self.__dict__.get("_excluded_names") is not None
+        )
+
+    def _apply_transformation(self, tx, gv, dynamic) -> None:
+        self.__dict__["_stepped"] = [v for _, v in gv]
+        try:
+            super()._apply_transformation(tx, gv, dynamic)
+        finally:
+            del self.__dict__["_stepped"]
+
+    def as_transformation(self) -> GradientTransformation:
+        if self.weight_decay is not None and self._excludes_some():
+            raise ValueError(
+                f"{type(self).__name__}.as_transformation: `exclude_from_weight_decay` names "
+                "variables, which a pure transformation does not have; give the mask to the "
+                "functional optimizer instead (kopt.adamw(..., mask=...), "
+                "kopt.decoupled_weight_decay(..., mask=...))"
+            )
+        return super().as_transformation()
+
     def _set_clip(self, attr: str, value: Any) -> None:
         if value is not None:
             _check_one_clip(**{**{k: getattr(self, "_" + k, None) for k in _CLIPS}, attr: value})
@@ -703,10 +761,11 @@ class _Keras3(_SlotDtype, Optimizer):
             # n-th update (from 0) is n * k + k - 1.
             schedule = hp["learning_rate"]
             hp = {**hp, "learning_rate": lambda step: schedule(step * k + (k - 1))}
-        tx = self._twin(hp)
+        mask = self._decay_mask if self._excludes_some() else None
+        tx = self._twin({**hp, "mask": mask}) if self._DECAYS_ITSELF else self._twin(hp)
         if self.weight_decay is not None and not self._DECAYS_ITSELF:
             tx = decoupled_weight_decay(
-                tx, hp.get("weight_decay", self.weight_decay), hp["learning_rate"]
+                tx, hp.get("weight_decay", self.weight_decay), hp["learning_rate"], mask
             )
         if k:
             tx = kopt.accumulate_gradients(tx, k, "mean")
@@ -873,6 +932,7 @@ class AdamW(_Keras3):
             hp.get("beta_2", self.beta_2),
             hp.get("epsilon", self.epsilon),
             self.amsgrad,
+            mask=hp.get("mask"),
             slot_dtype=self.slot_dtype,
         )
 

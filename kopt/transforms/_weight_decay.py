@@ -27,7 +27,10 @@ class DecoupledWeightDecayState(NamedTuple):
 
 
 def decoupled_weight_decay(
-    inner: GradientTransformation, weight_decay: Any, learning_rate: Any = 0.001
+    inner: GradientTransformation,
+    weight_decay: Any,
+    learning_rate: Any = 0.001,
+    mask: Any = None,
 ) -> GradientTransformation:
     r"""Decays the params by ``weight_decay * learning_rate`` before ``inner`` steps from them.
 
@@ -43,6 +46,9 @@ def decoupled_weight_decay(
         inner: the optimizer.
         weight_decay: the decay rate (a number, scalar array or schedule).
         learning_rate: the learning rate that scales the decay.
+        mask: which params decay: a pytree of bools shaped like the params (a prefix works
+            too) or a function ``params -> mask``; None decays every param. Keras 3's
+            ``exclude_from_weight_decay`` in functional form.
 
     Returns:
         A transformation whose updates move each param to ``w' + inner(g, w')``.
@@ -74,6 +80,15 @@ def decoupled_weight_decay(
         hp = current_hyperparams(state.decay, schedules)
         rate = hp["weight_decay"] * hp["learning_rate"]
         decayed = jax.tree.map(lambda p: p - p * rate.astype(p.dtype), params)
+        if mask is not None:
+            keep = mask(params) if callable(mask) else mask
+            decayed = jax.tree.map(
+                lambda decays, new, old: new if decays else old,
+                keep,
+                decayed,
+                params,
+                is_leaf=lambda x: x is None,
+            )
         inner_updates, inner_state = inner.update(updates, state.inner_state, decayed)
         new_updates = jax.tree.map(
             lambda u, d, p: (d - p) + as_dense(u, jnp.shape(p)),
