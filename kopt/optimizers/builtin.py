@@ -698,6 +698,7 @@ class _Keras3(_SlotDtype, Optimizer):
             raise TypeError("exclude_from_weight_decay: `var_list` must hold kopt.Variables")
         self._excluded = frozenset(v._uid for v in var_list or ())
         self._excluded_names = re.compile("|".join(set(var_names))) if var_names else None
+        self._transformations.clear()  # none built with a mask yet
 
     def _use_weight_decay(self, variable: Variable) -> bool:
         """Whether ``variable`` decays (Keras 3's rule)."""
