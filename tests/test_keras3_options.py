@@ -342,6 +342,8 @@ def test_exclude_from_weight_decay_by_variable_and_by_name(cls):
         np.testing.assert_allclose(v.numpy(), e, rtol=1e-5, atol=1e-6, err_msg=v.name)
     assert opt.compile_count == 1
 
+    with pytest.raises(TypeError, match="`var_names` must be a list of strings"):
+        cls().exclude_from_weight_decay(var_names="bias")  # not the letters b, i, a, s
     weights = opt.get_weights()
     with pytest.raises(ValueError, match="only be configured before the optimizer is built"):
         opt.exclude_from_weight_decay(var_names=["kernel"])

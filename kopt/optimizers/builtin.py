@@ -696,6 +696,11 @@ class _Keras3(_SlotDtype, Optimizer):
             )
         if var_list is not None and not all(isinstance(v, Variable) for v in var_list):
             raise TypeError("exclude_from_weight_decay: `var_list` must hold kopt.Variables")
+        if isinstance(var_names, str) or not all(isinstance(n, str) for n in var_names or ()):
+            raise TypeError(
+                "exclude_from_weight_decay: `var_names` must be a list of strings, received "
+                f"{var_names!r}"
+            )
         self._excluded = frozenset(v._uid for v in var_list or ())
         self._excluded_names = re.compile("|".join(set(var_names))) if var_names else None
         self._transformations.clear()  # none built with a mask yet
