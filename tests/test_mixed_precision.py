@@ -127,6 +127,82 @@ def test_loss_scale_non_finite_step_changes_no_variable_and_lowers_the_scale():
     assert int(opt.iterations.numpy()) == 1
 
 
+def test_loss_scale_unscales_float16_gradients_past_its_range_and_keeps_dtypes():
+    """A float16 gradient is multiplied by ``1 / scale`` taken in float32 (the scale ``2**16``
+    itself is infinite in float16), as tf.keras does; a float16 loss stays float16 when scaled,
+    and an IndexedSlices keeps its indices with its rows scaled."""
+    opt = optimizers.LossScaleOptimizer(optimizers.SGD(1.0), initial_scale=2.0**16)
+    (g,) = opt.get_unscaled_gradients([jnp.array([1000.0], jnp.float16)])
+    assert g.dtype == jnp.float16
+    np.testing.assert_allclose(np.float32(g[0]), 1000.0 / 2**16, rtol=1e-3)
+    assert opt.get_scaled_loss(jnp.float16(2.0)).dtype == jnp.float16
+    assert opt.get_scaled_loss(lambda: jnp.asarray(2.0, jnp.bfloat16))().dtype == jnp.bfloat16
+    rows = kopt.IndexedSlices(jnp.full((2, 3), 2.0**16), jnp.array([0, 2]), (4, 3))
+    (sparse,) = opt.get_unscaled_gradients([rows])
+    assert isinstance(sparse, kopt.IndexedSlices)
+    np.testing.assert_array_equal(sparse.indices, [0, 2])
+    np.testing.assert_allclose(sparse.values, np.ones((2, 3)))
+
+    var = kopt.Variable(jnp.array([1.0, 2.0], jnp.float16))
+    # A float32 loss of float16 variables: the scaled gradient is 2**-8 * 2**16 = 256 per
+    # element, in float16, unscaled at 2**16.
+    opt.minimize(lambda: jnp.sum(var.value.astype(jnp.float32) * 2.0**-8), [var])
+    np.testing.assert_allclose(np.float32(var.numpy()), [1.0 - 2.0**-8, 2.0 - 2.0**-8])
+
+
+def test_loss_scale_never_grows_past_float32():
+    opt = optimizers.LossScaleOptimizer(
+        optimizers.SGD(0.1), initial_scale=2.0**127, dynamic_growth_steps=1
+    )
+    var = kopt.Variable([1.0])
+    for _ in range(3):
+        opt.apply_gradients([(jnp.array([1.0]), var)])
+    assert float(opt.loss_scale.numpy()) == 2.0**127  # tf.keras grows only to a finite scale
+    np.testing.assert_allclose(var.numpy(), [0.7], rtol=1e-6)  # no step was skipped
+
+
+def test_the_inner_optimizer_called_directly_applies_what_it_is_given():
+    """The wrapper's non-finite check belongs to the wrapper's calls only (tf.keras)."""
+    inner = optimizers.SGD(0.1)
+    opt = optimizers.LossScaleOptimizer(inner)
+    var = kopt.Variable([1.0])
+    opt.apply_gradients([(jnp.array([jnp.nan]), var)])  # skipped by the wrapper
+    np.testing.assert_array_equal(var.numpy(), [1.0])
+    inner.apply_gradients([(jnp.array([2.0]), var)])
+    inner.apply_gradients([(jnp.array([jnp.nan]), var)])  # applied: the inner has no guard
+    assert np.isnan(var.numpy()[0])
+    assert float(opt.loss_scale.numpy()) == 2.0**14  # halved once, by the wrapper's step only
+    assert int(inner.iterations.numpy()) == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"dynamic": "dynamic"}, TypeError, "`dynamic` must be a bool"),
+        ({"dynamic": 128}, TypeError, "`dynamic` must be a bool"),
+        ({"initial_scale": float("nan")}, ValueError, "`initial_scale` must be finite and > 0"),
+        ({"initial_scale": float("inf")}, ValueError, "`initial_scale` must be finite and > 0"),
+        ({"initial_scale": 0.0}, ValueError, "`initial_scale` must be finite and > 0"),
+        ({"initial_scale": "big"}, TypeError, "`initial_scale` must be a number"),
+    ],
+)
+def test_loss_scale_arguments_are_checked(kwargs, error, match):
+    inner = optimizers.SGD(0.1)
+    with pytest.raises(error, match=match):
+        optimizers.LossScaleOptimizer(inner, **kwargs)
+    optimizers.LossScaleOptimizer(inner)  # the refused call did not claim the inner optimizer
+
+
+def test_loss_scale_takes_numpy_and_array_scales_and_wraps_an_optimizer_once():
+    for scale in (np.float32(4.0), jnp.asarray(4.0), 4):
+        opt = optimizers.LossScaleOptimizer(optimizers.SGD(0.1), initial_scale=scale)
+        assert float(opt.loss_scale.numpy()) == 4.0
+    inner = optimizers.SGD(0.1)
+    optimizers.LossScaleOptimizer(inner)
+    with pytest.raises(ValueError, match="already wrapped by a LossScaleOptimizer"):
+        optimizers.LossScaleOptimizer(inner)
+
+
 def test_apply_if_finite_skips_bad_steps_in_training():
     tx = kopt.apply_if_finite(kopt.adam(0.05, slot_dtype=jnp.float32), max_consecutive_errors=3)
     w = jnp.zeros(4, jnp.bfloat16)

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 from kopt.optimizers.base import Optimizer
+from kopt.sparse import IndexedSlices
 from kopt.variables import Variable
 
 
@@ -52,6 +54,16 @@ class LossScaleOptimizer(Optimizer):
             )
         if isinstance(inner_optimizer, LossScaleOptimizer):
             raise TypeError("LossScaleOptimizer: `inner_optimizer` is already a LossScaleOptimizer")
+        if not isinstance(dynamic, bool):
+            raise TypeError(
+                f"LossScaleOptimizer: `dynamic` must be a bool, received {dynamic!r} (a fixed "
+                "scale goes in `initial_scale`, with dynamic=False)"
+            )
+        if inner_optimizer.__dict__.get("_wrapped_by_loss_scale"):
+            raise ValueError(
+                "LossScaleOptimizer: `inner_optimizer` is already wrapped by a "
+                "LossScaleOptimizer; an optimizer can only be wrapped by one"
+            )
         if not dynamic and initial_scale is None:
             raise ValueError("LossScaleOptimizer: `initial_scale` must be given when dynamic=False")
         if not dynamic and dynamic_growth_steps is not None:
@@ -62,10 +74,20 @@ class LossScaleOptimizer(Optimizer):
             initial_scale = 2.0**15
         if dynamic_growth_steps is None and dynamic:
             dynamic_growth_steps = 2000
-        if not isinstance(initial_scale, (int, float)) or initial_scale <= 0:
-            raise ValueError(
-                f"LossScaleOptimizer: `initial_scale` must be > 0, received {initial_scale!r}"
+        try:
+            scale = float(np.asarray(initial_scale))
+        except (TypeError, ValueError):
+            scale = None
+        if isinstance(initial_scale, bool) or scale is None:
+            raise TypeError(
+                f"LossScaleOptimizer: `initial_scale` must be a number, received {initial_scale!r}"
             )
+        if not np.isfinite(scale) or scale <= 0:
+            raise ValueError(
+                "LossScaleOptimizer: `initial_scale` must be finite and > 0, received "
+                f"{initial_scale!r}"
+            )
+        initial_scale = scale
         if dynamic and (not isinstance(dynamic_growth_steps, int) or dynamic_growth_steps < 1):
             raise ValueError(
                 "LossScaleOptimizer: `dynamic_growth_steps` must be an int >= 1, received "
@@ -84,6 +106,7 @@ class LossScaleOptimizer(Optimizer):
         self._good_steps = Variable(
             jnp.int32(0), trainable=False, name="LossScaleOptimizer/good_steps"
         )
+        inner_optimizer._wrapped_by_loss_scale = True
 
     @property
     def inner_optimizer(self) -> Optimizer:
@@ -95,15 +118,17 @@ class LossScaleOptimizer(Optimizer):
         return self._loss_scale
 
     def get_scaled_loss(self, loss: Any) -> Any:
-        """``loss * loss_scale`` (a callable loss gives a callable)."""
+        """``loss * loss_scale``, in the loss's dtype (a callable loss gives a callable)."""
         if callable(loss):
-            return lambda: loss() * self._loss_scale.value
-        return loss * self._loss_scale.value
+            return lambda: _times(loss(), self._loss_scale.value)
+        return _times(loss, self._loss_scale.value)
 
     def get_unscaled_gradients(self, grads: list[Any]) -> list[Any]:
-        """Each gradient divided by the loss scale (None stays None)."""
-        scale = self._loss_scale.value
-        return [None if g is None else g / scale.astype(jnp.result_type(g)) for g in grads]
+        """Each gradient times ``1 / loss_scale``, the reciprocal taken in float32 (a float16
+        scale of ``2**16`` would be infinite); an ``IndexedSlices`` has its rows scaled, and
+        None stays None."""
+        reciprocal = 1.0 / self._loss_scale.value
+        return [None if g is None else _times(g, reciprocal) for g in grads]
 
     def compute_gradients(self, loss, var_list, grad_loss=None):
         pairs = self._optimizer.compute_gradients(self.get_scaled_loss(loss), var_list, grad_loss)
@@ -116,13 +141,16 @@ class LossScaleOptimizer(Optimizer):
         (:meth:`get_unscaled_gradients`; :meth:`minimize` does it)."""
         # One compiled step decides on the device whether the gradients are all finite,
         # applies them or keeps everything, and moves the scale: no round trip to the host.
-        with self._lock:
+        with self._lock, self._optimizer._lock:
             self._optimizer._guard = self
-            return self._optimizer.apply_gradients(
-                grads_and_vars,
-                name=name,
-                experimental_aggregate_gradients=experimental_aggregate_gradients,
-            )
+            try:
+                return self._optimizer.apply_gradients(
+                    grads_and_vars,
+                    name=name,
+                    experimental_aggregate_gradients=experimental_aggregate_gradients,
+                )
+            finally:  # the inner optimizer, called directly, applies what it is given
+                self._optimizer._guard = None
 
     # --- the guard the inner optimizer's step calls (see Optimizer._compile) ----------------
     def _guard_variables(self) -> list[Variable]:
@@ -139,8 +167,9 @@ class LossScaleOptimizer(Optimizer):
         scale = self._loss_scale.value
         good = self._good_steps.value + 1
         grow = good >= self.dynamic_growth_steps
+        grown = jnp.where(jnp.isfinite(scale * 2.0), scale * 2.0, scale)  # float32's end
         self._loss_scale.assign(
-            jnp.where(finite, jnp.where(grow, scale * 2.0, scale), jnp.maximum(scale / 2.0, 1.0))
+            jnp.where(finite, jnp.where(grow, grown, scale), jnp.maximum(scale / 2.0, 1.0))
         )
         self._good_steps.assign(jnp.where(finite & ~grow, good, 0).astype(jnp.int32))
 
@@ -198,3 +227,11 @@ class LossScaleOptimizer(Optimizer):
         if isinstance(inner, dict):
             inner = deserialize(inner, custom_objects=custom_objects)
         return cls(inner, **config)
+
+
+def _times(x: Any, factor: Any) -> Any:
+    """``x * factor`` in ``x``'s dtype (an ``IndexedSlices``: its rows)."""
+    if isinstance(x, IndexedSlices):
+        return IndexedSlices(_times(x.values, factor), x.indices, x.dense_shape)
+    x = jnp.asarray(x)
+    return x * jnp.asarray(factor).astype(x.dtype)
