@@ -600,6 +600,24 @@ def _check_keras3_options(
 _CLIPS = ("clipnorm", "clipvalue", "global_clipnorm")
 
 
+def _check_loss_scale_factor(owner: str, factor: Any) -> None:
+    """Keras 3's ``loss_scale_factor``: None or a positive, finite number."""
+    if factor is None:
+        return
+    if isinstance(factor, bool) or not isinstance(factor, (int, float, np.number)):
+        raise TypeError(
+            f"{owner}: `loss_scale_factor` must be a number or None, received {factor!r}"
+        )
+    if not np.isfinite(factor) or factor <= 0:
+        raise ValueError(f"{owner}: `loss_scale_factor` must be > 0, received {factor!r}")
+
+
+def _divided(g: Any, factor: float) -> Any:
+    if isinstance(g, kopt.IndexedSlices):
+        return kopt.IndexedSlices(_divided(g.values, factor), g.indices, g.dense_shape)
+    return g / jnp.asarray(factor, jnp.result_type(g))
+
+
 def _check_one_clip(clipnorm: Any, clipvalue: Any, global_clipnorm: Any) -> None:
     """Keras 3's rule: at most one clipping argument is set."""
     if sum(v is not None for v in (clipnorm, clipvalue, global_clipnorm)) > 1:
@@ -655,9 +673,11 @@ class _Keras3(_SlotDtype, Optimizer):
         ema_overwrite_frequency: int | None = None,
         gradient_accumulation_steps: int | None = None,
         slot_dtype: Any = None,
+        loss_scale_factor: float | None = None,
         **kwargs: Any,
     ):
         owner = type(self).__name__
+        _check_loss_scale_factor(owner, loss_scale_factor)
         _check_keras3_options(
             owner,
             weight_decay,
@@ -679,21 +699,32 @@ class _Keras3(_SlotDtype, Optimizer):
         self.ema_overwrite_frequency = ema_overwrite_frequency or None
         self.gradient_accumulation_steps = gradient_accumulation_steps or None
         self.slot_dtype = slot_dtype
+        self.loss_scale_factor = loss_scale_factor
+
+    def scale_loss(self, loss: Any) -> Any:
+        """``loss * loss_scale_factor`` (Keras 3's; the loss itself without a factor)."""
+        return loss if self.loss_scale_factor is None else loss * self.loss_scale_factor
+
+    def _transform_loss(self, loss: Any) -> Any:
+        return self.scale_loss(super()._transform_loss(loss))
+
+    def _transform_gradients(self, grads_and_vars):
+        # Keras 3 divides the gradients it is given by the factor before clipping them.
+        factor = self.loss_scale_factor
+        if factor is not None:
+            grads_and_vars = [
+                (g if g is None else _divided(g, factor), v) for g, v in grads_and_vars
+            ]
+        return super()._transform_gradients(grads_and_vars)
 
     def exclude_from_weight_decay(
         self, var_list: list[Variable] | None = None, var_names: list[str] | None = None
     ) -> None:
         """Leaves variables out of ``weight_decay``, as Keras 3: those in ``var_list``, and those
         whose name contains one of ``var_names`` (regular expressions, e.g. ``["bias"]``).
-
-        Raises:
-            ValueError: once the optimizer has made its weights (after its first step).
+        Each call replaces the previous one. Keras 3 takes it only before the first step; kopt
+        also later (after ``restore_optimizer``, say): the next step compiles with it.
         """
-        if self._iterations is not None or self._slots:
-            raise ValueError(
-                "`exclude_from_weight_decay()` can only be configured before the optimizer is "
-                "built."
-            )
         if var_list is not None and not all(isinstance(v, Variable) for v in var_list):
             raise TypeError("exclude_from_weight_decay: `var_list` must hold kopt.Variables")
         if isinstance(var_names, str) or not all(isinstance(n, str) for n in var_names or ()):
@@ -701,9 +732,9 @@ class _Keras3(_SlotDtype, Optimizer):
                 "exclude_from_weight_decay: `var_names` must be a list of strings, received "
                 f"{var_names!r}"
             )
-        self._excluded = frozenset(v._uid for v in var_list or ())
-        self._excluded_names = re.compile("|".join(set(var_names))) if var_names else None
-        self._transformations.clear()  # none built with a mask yet
+        with self._lock:
+            self._excluded = frozenset(v._uid for v in var_list or ())
+            self._excluded_names = re.compile("|".join(set(var_names))) if var_names else None
 
     def _use_weight_decay(self, variable: Variable) -> bool:
         """Whether ``variable`` decays (Keras 3's rule)."""
@@ -794,9 +825,11 @@ class _Keras3(_SlotDtype, Optimizer):
             "ema_momentum",
             "ema_overwrite_frequency",
             "gradient_accumulation_steps",
+            "loss_scale_factor",
         }
 
     def _check_attributes(self):
+        _check_loss_scale_factor(type(self).__name__, self.loss_scale_factor)
         _check_keras3_options(
             type(self).__name__,
             self.weight_decay,
@@ -814,6 +847,10 @@ class _Keras3(_SlotDtype, Optimizer):
             ("use_ema", self.use_ema),
             ("ema_overwrite_frequency", self.ema_overwrite_frequency),
             ("gradient_accumulation_steps", self.gradient_accumulation_steps),
+            ("loss_scale_factor", self.loss_scale_factor),
+            # Which variables decay is part of the compiled step.
+            ("excluded", self.__dict__.get("_excluded", frozenset())),
+            ("excluded_names", getattr(self.__dict__.get("_excluded_names"), "pattern", None)),
         )
 
     def _plain_hyperparams(self):
@@ -847,6 +884,7 @@ class _Keras3(_SlotDtype, Optimizer):
             ema_momentum=self.ema_momentum,
             ema_overwrite_frequency=self.ema_overwrite_frequency,
             gradient_accumulation_steps=self.gradient_accumulation_steps,
+            loss_scale_factor=self.loss_scale_factor,
         )
         if self.slot_dtype is not None:
             config["slot_dtype"] = jnp.dtype(self.slot_dtype).name
