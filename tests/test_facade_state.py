@@ -2,6 +2,7 @@
 ``get_config``/``set_weights`` round trips that continue bit-identically, serialization."""
 
 import copy
+import pickle
 
 import jax.numpy as jnp
 import numpy as np
@@ -125,6 +126,34 @@ def test_schedule_round_trip_continues_bit_identically():
         np.testing.assert_array_equal(c.numpy(), v.numpy())
 
 
+def test_schedules_and_optimizers_holding_them_pickle():
+    from kopt.optimizers import schedules
+
+    made = [
+        schedules.ExponentialDecay(0.1, 10, 0.5),
+        schedules.PiecewiseConstantDecay([5, 10], [0.1, 0.05, 0.01]),
+        schedules.PolynomialDecay(0.1, 20, 0.001, power=2.0),
+        schedules.InverseTimeDecay(0.1, 5, 0.5),
+        schedules.CosineDecay(0.1, 20, alpha=0.1),
+        schedules.CosineDecayRestarts(0.1, 5, t_mul=1.5),
+    ]
+    for schedule in made:
+        clone = pickle.loads(pickle.dumps(schedule))
+        assert clone.get_config() == schedule.get_config()
+        for step_ in (0.0, 3.0, 7.0, 12.0):
+            assert float(clone(step_)) == float(schedule(step_)), type(schedule).__name__
+    grads = gradients(4, seed=5)
+    opt, variables = optimizers.SGD(learning_rate=made[0], momentum=0.9), make_variables()
+    for g in grads[:2]:
+        step(opt, variables, g)
+    clone, clone_variables = pickle.loads(pickle.dumps((opt, variables)))
+    for g in grads[2:]:
+        step(opt, variables, g)
+        step(clone, clone_variables, g)
+    for v, c in zip(variables, clone_variables, strict=True):
+        np.testing.assert_array_equal(c.numpy(), v.numpy())
+
+
 def test_loss_scale_optimizer_round_trip():
     opt = optimizers.LossScaleOptimizer(
         optimizers.Adam(0.1), initial_scale=8.0, dynamic_growth_steps=2
@@ -191,6 +220,41 @@ def test_deepcopy_is_an_independent_optimizer():
     np.testing.assert_allclose(clone.get_slot(var, "m").numpy(), [0.19, 0.19], rtol=1e-6)
     np.testing.assert_allclose(opt.learning_rate.numpy(), 0.42)
     assert clone.weights[0] is clone.iterations and clone.compile_count == 1
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda: optimizers.Adam(0.1),
+        lambda: optimizers.Lion(0.1, gradient_accumulation_steps=2),
+        lambda: optimizers.LossScaleOptimizer(optimizers.Adam(0.1)),
+    ],
+    ids=["Adam", "Lion-accumulating", "LossScale"],
+)
+def test_an_optimizer_copied_with_its_variables_steps_them_with_their_slots(how, make_opt):
+    """``deepcopy((opt, variables))`` or a pickle of both: the copy owns the copied variables'
+    slots (and accumulators) and continues exactly as the original does."""
+    grads = gradients(4, seed=7)
+    opt, variables = make_opt(), make_variables()
+    for g in grads[:2]:
+        step(opt, variables, g)
+    both = (opt, variables)
+    clone, clone_variables = (
+        copy.deepcopy(both) if how == "deepcopy" else pickle.loads(pickle.dumps(both))
+    )
+    assert len(clone.weights) == len(opt.weights)
+    for v, c in zip(variables, clone_variables, strict=True):
+        for name in opt.get_slot_names():
+            np.testing.assert_array_equal(
+                clone.get_slot(c, name).numpy(), opt.get_slot(v, name).numpy()
+            )
+    for g in grads[2:]:
+        step(opt, variables, g)
+        step(clone, clone_variables, g)
+    for v, c in zip(variables, clone_variables, strict=True):
+        np.testing.assert_array_equal(c.numpy(), v.numpy())
+    assert len(clone.weights) == len(opt.weights)
 
 
 def test_first_steps_compile_the_step_once():

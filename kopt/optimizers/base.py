@@ -14,6 +14,7 @@ optimizer written the tf.keras way (``_create_slots`` / ``_resource_apply_dense`
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import logging
@@ -231,6 +232,9 @@ class Optimizer:
         self._name = name or _snake_case(owner)
         self._initial_decay = float(kwargs.get("decay") or 0.0)
         self._slots: dict[int, dict[str, Variable]] = {}
+        # The variable each slot dict belongs to: a copy or unpickling of the optimizer with its
+        # variables re-keys the slots to the copied variables (``_rekey``).
+        self._slot_owners: dict[int, Variable] = {}
         self._slot_names: list[str] = []
         self._weights: list[Variable] = []
         self._non_slot: dict[str, Variable] = {}
@@ -563,6 +567,7 @@ class Optimizer:
         if not isinstance(var, Variable):
             raise TypeError(f"add_slot: `var` must be a kopt.Variable, received {var!r:.60}")
         shape = var.shape if shape is None else _slot_shape(shape, slot_name)
+        self._adopt_copies()
         existing = self._slots.get(var._uid, {}).get(slot_name)
         if existing is not None:
             return existing
@@ -570,6 +575,7 @@ class Optimizer:
         if slot_name not in self._slot_names:
             self._slot_names.append(slot_name)
         slots = self._slots.setdefault(var._uid, {})
+        self._slot_owners[var._uid] = var
         if (
             shape == var.shape
             and var.sharding is not None
@@ -588,6 +594,7 @@ class Optimizer:
         Raises:
             KeyError: naming the variable or slot when there is none (as in tf.keras).
         """
+        self._adopt_copies()
         uid = getattr(var, "_uid", None)
         if uid not in self._slots:
             raise _SlotKeyError(
@@ -611,6 +618,7 @@ class Optimizer:
     def _create_all_weights(self, var_list: list[Variable]) -> None:
         """Creates ``iterations`` and the slots of ``var_list`` (as tf.keras's private method of
         the same name; useful before :meth:`set_weights`)."""
+        self._adopt_copies()
         _ = self.iterations
         if self._uses_transformation():
             self._create_transformation_slots(var_list)
@@ -823,6 +831,7 @@ class Optimizer:
                 created.append(self.add_slot(var, name, value, shape=jnp.shape(value)))
         for var in todo:
             self._slots.setdefault(var._uid, {})
+            self._slot_owners[var._uid] = var
             self._slot_structure[var._uid] = structure
         if not any(_spread_sharding(v) is not None for v in var_list):
             # Small slots share buffers, so the step passes a few arrays instead of hundreds.
@@ -882,6 +891,9 @@ class Optimizer:
             ValueError: if every gradient is None, a variable repeats, or a shape or dtype is
                 wrong. A rejected call changes nothing.
         """
+        if "_copy_memo" in self.__dict__:
+            with self._lock:
+                self._adopt_copies()
         pairs = _as_pairs(grads_and_vars)
         pairs = _filter_empty_gradients(pairs)
         if not pairs:
@@ -957,6 +969,8 @@ class Optimizer:
             self._slot_structure.update(slot_structure)
             self._slots.clear()
             self._slots.update(slots)
+            for uid in [uid for uid in self._slot_owners if uid not in slots]:
+                del self._slot_owners[uid]
             self._non_slot.clear()
             self._non_slot.update(non_slot)
             self._opaque[:] = opaque
@@ -1469,18 +1483,84 @@ class Optimizer:
             )
         return cls(**config)
 
+    _UNCOPIED = (
+        "_lock",
+        "_programs",
+        "_transformations",
+        "compile_count",
+        "_validated",
+        "_key_memo",
+        "_copy_memo",
+    )
+
     def __getstate__(self) -> dict[str, Any]:
-        """For copies: everything but the lock and the compiled programs (they bind this
-        optimizer's own variables)."""
-        skip = ("_lock", "_programs", "_transformations", "compile_count", "_validated")
-        return {k: v for k, v in self.__dict__.items() if k not in skip}
+        """For copies and pickles: everything but the lock and the compiled programs (they
+        bind this optimizer's own variables). The variables that own slots go along, so an
+        optimizer unpickled with its variables finds their slots."""
+        return {k: v for k, v in self.__dict__.items() if k not in self._UNCOPIED}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.__dict__.update(
-            _lock=threading.RLock(), _programs={}, _transformations={}, _validated=set()
+            _lock=threading.RLock(),
+            _programs={},
+            _transformations={},
+            _validated=set(),
+            _key_memo={},
         )
         self.__dict__["compile_count"] = 0
+        # Unpickled: the owners came along as new variables (new uids); their slots follow.
+        self._rekey({uid: owner for uid, owner in self.__dict__.get("_slot_owners", {}).items()})
+
+    def __deepcopy__(self, memo: dict) -> Optimizer:
+        """A deep copy whose slots belong to the copies of their variables when those are
+        copied in the same ``copy.deepcopy`` call (``deepcopy((opt, variables))``), and to the
+        original variables otherwise (``deepcopy(opt)``, then stepping the same model)."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        state = self.__getstate__()
+        owners = state.pop("_slot_owners", {})
+        new.__setstate__(copy.deepcopy(state, memo))
+        new.__dict__["_slot_owners"] = dict(owners)  # the originals, for now
+        new.__dict__["_copy_memo"] = memo  # variables copied later in this call show up here
+        return new
+
+    def _adopt_copies(self) -> None:
+        """After ``__deepcopy__``: re-key the slots of variables that were copied in the same
+        call to their copies (once, at the first use)."""
+        memo = self.__dict__.pop("_copy_memo", None)
+        if memo:
+            self._rekey(
+                {
+                    uid: memo[id(owner)]
+                    for uid, owner in self._slot_owners.items()
+                    if isinstance(memo.get(id(owner)), Variable)
+                }
+            )
+
+    def _rekey(self, owners: dict[int, Variable]) -> None:
+        """Moves the slots (and what else is keyed by a variable) from each old uid to its new
+        owner's."""
+        moved = {old: v for old, v in owners.items() if v._uid != old}
+        if not moved:
+            return
+        for old, v in moved.items():
+            if old in self._slots:
+                self._slots[v._uid] = self._slots.pop(old)
+            if old in self._slot_structure:
+                self._slot_structure[v._uid] = self._slot_structure.pop(old)
+            self._slot_owners.pop(old, None)
+            self._slot_owners[v._uid] = v
+        uids = {old: v._uid for old, v in moved.items()}
+        if self._opaque_owner is not None:  # the variables a non-slot state was made for
+            self._opaque_owner = tuple(uids.get(u, u) for u in self._opaque_owner)
+        self._rekeyed(uids)
+        self._programs.clear()
+        self._key_memo.clear()
+        self._validated.clear()
+
+    def _rekeyed(self, uids: dict[int, int]) -> None:
+        """Hook for subclasses that key more state by variable uid."""
 
     def __repr__(self) -> str:
         return f"<kopt.optimizers.{type(self).__name__} name={self._name!r}>"

@@ -736,6 +736,11 @@ class _Keras3(_SlotDtype, Optimizer):
             self._excluded = frozenset(v._uid for v in var_list or ())
             self._excluded_names = re.compile("|".join(set(var_names))) if var_names else None
 
+    def _rekeyed(self, uids: dict[int, int]) -> None:
+        excluded = self.__dict__.get("_excluded")
+        if excluded:
+            self._excluded = frozenset(uids.get(u, u) for u in excluded)
+
     def _use_weight_decay(self, variable: Variable) -> bool:
         """Whether ``variable`` decays (Keras 3's rule)."""
         if variable._uid in self.__dict__.get("_excluded", ()):

@@ -66,6 +66,14 @@ class _Builtin(LearningRateSchedule):
     def get_config(self) -> dict[str, Any]:
         return {**self._config, "name": self.name}
 
+    # Pickled by its arguments: the schedule function is a closure, rebuilt on load.
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_schedule"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._schedule = type(self)._FUNCTION(**self._config)
+
 
 class ExponentialDecay(_Builtin):
     """``initial_learning_rate * decay_rate ** (step / decay_steps)``, floored with staircase.
