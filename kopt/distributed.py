@@ -172,9 +172,16 @@ def jit_update(
         return apply_updates(params, updates), state
 
     def compiled(shardings):
-        return jax.jit(
+        program = jax.jit(
             step, out_shardings=(shardings, state_shardings), donate_argnums=(1,) if donate else ()
         )
+
+        def run(grads, state, params):
+            # A state on the host (jax.device_get, a pickle) or on one device goes to its
+            # shardings first; one already there is passed as it is.
+            return program(grads, jax.device_put(state, state_shardings), params)
+
+        return run
 
     if params_shardings is not None:
         return compiled(params_shardings)
