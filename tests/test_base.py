@@ -251,3 +251,18 @@ def test_wrapped_and_chained_states_never_retrace():
         state = kopt.set_hyperparam(state, "global_clipnorm", 1.0 + i)
         params, state = step(params, state, ones_like_tree(params))
     assert float(kopt.get_hyperparam(state, "global_clipnorm")) == 6.0
+
+
+def test_ftrl_with_a_zero_accumulator_and_a_zero_gradient_keeps_the_weight_at_zero():
+    """Keras's FTRL kernel sets the weight to 0 where |linear| <= l1, without dividing: with
+    ``initial_accumulator_value=0`` an element whose gradient is 0 has a zero quadratic term,
+    and the division gave 0 / 0 = NaN."""
+    params = jnp.array([1.0, 2.0])
+    for l1 in (0.0, 0.1):
+        tx = kopt.ftrl(0.1, initial_accumulator_value=0.0, l1_regularization_strength=l1)
+        updates, state = tx.update(jnp.array([0.0, 0.5]), tx.init(params), params)
+        new = kopt.apply_updates(params, updates)
+        # Element 1 by hand: accumulator 0.25, linear 0.5 - (0.5 - 0) / 0.1 * 2 = -9.5,
+        # quadratic 0.5 / 0.1 = 5, weight (clip(-9.5, -l1, l1) + 9.5) / 5.
+        np.testing.assert_allclose(new, [0.0, (-l1 + 9.5) / 5.0], rtol=1e-6)
+        assert np.all(np.isfinite(kopt.get_slot(state, "linear")))

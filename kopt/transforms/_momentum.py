@@ -278,7 +278,9 @@ def scale_by_ftrl(
         linear = linear + g_shrunk - (root(new_acc) - root(acc)) / c["lr"] * w
         l1 = c["l1_regularization_strength"]
         numerator = jnp.clip(linear, -l1, l1) - linear
-        new_w = numerator / (root(new_acc) / c["lr"] + 2 * c["l2_adjusted"])
+        quadratic = root(new_acc) / c["lr"] + 2 * c["l2_adjusted"]
+        # As Keras's kernel: 0 where |linear| <= l1 (also when quadratic is 0: no 0 / 0).
+        new_w = jnp.where(jnp.abs(linear) > l1, numerator / quadratic, 0.0)
         return new_w - w, new_acc, linear
 
     def rule(g, s, p, c):
