@@ -146,6 +146,24 @@ def _variable_names(variables: Iterable[Any]) -> dict[str, Any]:
     return out
 
 
+def _in_training_order(optimizer: Any, named: dict[str, Any]) -> dict[str, Any]:
+    """``named`` in the order the optimizer's state that is not per variable (gradient
+    accumulators) was made for, if it has such state: a restore rebuilds it in the saved
+    order, so that must be the training order, whatever order the caller gave."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    owner = inner.__dict__.get("_opaque_owner")
+    if owner is None:
+        return named
+    by_uid = {var._uid: name for name, var in named.items()}
+    if set(by_uid) != set(owner):
+        raise ValueError(
+            "save_optimizer: the optimizer keeps state for the variables it was trained with "
+            "(its gradient accumulators); `variables` must be exactly those, received "
+            f"{list(named)}"
+        )
+    return {by_uid[uid]: named[by_uid[uid]] for uid in owner}
+
+
 def _optimizer_layout(optimizer: Any, variables: dict[str, Any]) -> dict[str, Any]:
     """Where each optimizer weight belongs: ``{"slots": {variable name: [slot names]}, "other":
     [weight names]}`` (the step count aside)."""
@@ -213,8 +231,12 @@ def save_optimizer(
     from kopt.optimizers import serialize
 
     path = Path(path)
-    named = _variable_names(variables)
-    config = {"optimizer": serialize(optimizer), "variables": list(named)}
+    named = _in_training_order(optimizer, _variable_names(variables))
+    config = {
+        "optimizer": serialize(optimizer),
+        "variables": list(named),
+        "shapes": {name: list(var.shape) for name, var in named.items()},
+    }
     try:
         json.dumps(config)
     except TypeError as e:
@@ -273,6 +295,12 @@ def restore_optimizer(
             f"restore_optimizer: the checkpoint has variables {sorted(config['variables'])}, "
             f"received {sorted(named)}"
         )
+    for name, shape in config.get("shapes", {}).items():
+        if tuple(named[name].shape) != tuple(shape):
+            raise ValueError(
+                f"restore_optimizer: variable {name!r} has shape {tuple(named[name].shape)}, but "
+                f"the checkpoint's has shape {tuple(shape)}"
+            )
     optimizer = deserialize(config["optimizer"], custom_objects=custom_objects)
     order = config["variables"]
     optimizer._create_all_weights([named[name] for name in order])  # the order they were saved in

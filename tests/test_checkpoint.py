@@ -113,3 +113,38 @@ def test_save_optimizer_writes_keyed_config_and_checks_on_restore(tmp_path):
     np.testing.assert_array_equal(a.numpy(), np.zeros(3))
     np.testing.assert_array_equal(restored.get_slot(b, "m").numpy(), opt.get_slot(b, "m").numpy())
     assert int(restored.iterations.numpy()) == 1
+
+
+def test_restore_names_a_variable_of_another_shape_and_changes_nothing(tmp_path):
+    a = kopt.Variable(jnp.ones(3), name="w")
+    opt = optimizers.Adam(0.1)
+    opt.apply_gradients([(jnp.ones(3), a)])
+    save_optimizer(tmp_path / "c", opt, [a])
+    other = kopt.Variable(jnp.full(2, 5.0), name="w")
+    with pytest.raises(ValueError, match=r"variable 'w:0' has shape \(2,\).* shape \(3,\)"):
+        restore_optimizer(tmp_path / "c", [other])
+    np.testing.assert_array_equal(other.numpy(), [5.0, 5.0])
+
+
+def test_an_accumulating_optimizer_saved_with_its_variables_in_any_order_restores(tmp_path):
+    """Gradient accumulators are kept in training order; saving with the variables in another
+    order stores them in training order, so the restored optimizer continues exactly."""
+
+    def fresh():
+        return [kopt.Variable([1.0, 2.0, 3.0], name="kernel"), kopt.Variable([0.5], name="bias")]
+
+    grads = [[jnp.full(3, 0.1 * i), jnp.full(1, -0.2 * i)] for i in range(1, 6)]
+    variables = fresh()
+    opt = optimizers.Lion(0.1, gradient_accumulation_steps=2)
+    for g in grads[:3]:
+        opt.apply_gradients(zip(g, variables, strict=True))
+    save_optimizer(tmp_path / "c", opt, [variables[1], variables[0]])
+    resumed_variables = fresh()
+    resumed = restore_optimizer(tmp_path / "c", resumed_variables)
+    for g in grads[3:]:
+        opt.apply_gradients(zip(g, variables, strict=True))
+        resumed.apply_gradients(zip(g, resumed_variables, strict=True))
+    for v, r in zip(variables, resumed_variables, strict=True):
+        np.testing.assert_array_equal(r.numpy(), v.numpy())
+    with pytest.raises(ValueError, match="must be exactly those"):
+        save_optimizer(tmp_path / "d", opt, [variables[0]])
