@@ -182,18 +182,29 @@ def _optimizer_layout(optimizer: Any, variables: dict[str, Any]) -> dict[str, An
     }
     iterations = optimizer.iterations
     other = [w.name for w in optimizer.weights if id(w) not in in_slots and w is not iterations]
-    return {"slots": slots, "other": other}
+    layout = {"slots": slots, "other": other}
+    added = _added_weights(optimizer)
+    if added:  # a custom optimizer's add_weight weights: not in `weights`, but its state
+        layout["added"] = [w.name for w in added]
+    return layout
+
+
+def _added_weights(optimizer: Any) -> list[Any]:
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    return list(inner.__dict__.get("_added_weights", ()))
 
 
 def _optimizer_weights(optimizer: Any, variables: dict[str, Any], layout: dict[str, Any]):
-    """The optimizer's Variables in the order of ``layout``: iterations, slots, other."""
+    """The optimizer's Variables in the order of ``layout``: iterations, slots, other, then a
+    custom optimizer's ``add_weight`` weights."""
     by_name = {w.name: w for w in optimizer.weights}
     slots = [
         optimizer.get_slot(variables[name], slot)
         for name, names in layout["slots"].items()
         for slot in names
     ]
-    return [optimizer.iterations, *slots, *(by_name[name] for name in layout["other"])]
+    other = [by_name[name] for name in layout["other"]]
+    return [optimizer.iterations, *slots, *other, *_added_weights(optimizer)]
 
 
 def save_optimizer(
