@@ -275,6 +275,26 @@ def test_from_transformation_refuses_a_hyperparameter_it_cannot_hold(
     np.testing.assert_allclose(var.numpy(), params[0], rtol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "transformation",
+    [
+        kopt.accumulate_gradients(kopt.sgd(kopt.schedules.exponential_decay(0.1, 10, 0.5)), 2),
+        kopt.masked(kopt.sgd(0.1), [True, False]),  # cannot run on a one-scalar probe
+        optax.inject_hyperparams(optax.sgd)(learning_rate=0.1),  # optax's own
+    ],
+    ids=["scheduled-inside-accumulation", "unprobed", "optax"],
+)
+def test_from_transformation_refuses_a_learning_rate_it_would_ignore(transformation):
+    opt = optimizers.from_transformation(transformation)
+    with pytest.raises(AttributeError, match="`learning_rate` of the wrapped transformation"):
+        opt.learning_rate = 0.0
+    with pytest.raises(AttributeError, match="`learning_rate` of the wrapped transformation"):
+        opt.lr = 0.0
+    assert "learning_rate" not in vars(opt)
+    opt.my_note = "kept"  # other attributes are the user's own
+    assert opt.my_note == "kept"
+
+
 def test_from_transformation_takes_numbers_not_schedules_for_a_held_hyperparameter():
     opt = optimizers.from_transformation(kopt.sgd(0.1))
     with pytest.raises(TypeError, match="schedule for `learning_rate` goes into the wrapped"):

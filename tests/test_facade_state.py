@@ -257,6 +257,28 @@ def test_an_optimizer_copied_with_its_variables_steps_them_with_their_slots(how,
     assert len(clone.weights) == len(opt.weights)
 
 
+def test_a_copy_of_an_unstepped_copy_and_exclusions_made_before_any_step_follow_the_copies():
+    grads = gradients(3, seed=11)
+    opt, variables = optimizers.SGD(0.1, momentum=0.9), make_variables()
+    step(opt, variables, grads[0])
+    first, first_variables = copy.deepcopy((opt, variables))
+    second, second_variables = copy.deepcopy((first, first_variables))  # first never stepped
+    for g in grads[1:]:
+        step(opt, variables, g)
+        step(second, second_variables, g)
+    for v, c in zip(variables, second_variables, strict=True):
+        np.testing.assert_array_equal(c.numpy(), v.numpy())
+
+    lion, lion_variables = optimizers.Lion(0.1, weight_decay=0.5), make_variables()
+    lion.exclude_from_weight_decay(var_list=[lion_variables[1]])
+    clone, clone_variables = copy.deepcopy((lion, lion_variables))  # no slots yet
+    for g in grads:
+        step(lion, lion_variables, g)
+        step(clone, clone_variables, g)
+    for v, c in zip(lion_variables, clone_variables, strict=True):
+        np.testing.assert_array_equal(c.numpy(), v.numpy())
+
+
 def test_first_steps_compile_the_step_once():
     # Fresh values are uncommitted; slots made for them must stay so, or JAX compiles the step
     # again on the second call (when the first call's outputs come back committed).

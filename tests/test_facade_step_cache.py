@@ -135,6 +135,26 @@ def test_list_tuple_and_dict_attributes_changed_between_calls_take_effect():
     assert opt.compile_count == 5
 
 
+def test_a_nan_attribute_and_a_large_list_attribute_keep_one_program():
+    """NaN equals itself in the step's key (a NumPy NaN is a new float at every read), and a
+    large list is hashed into the key once, not at every call; reassigning it still counts."""
+    opt = ExcludingSGD(exclude=[f"x{i}" for i in range(1000)])
+    opt.threshold = np.float32("nan")
+    w, b = (
+        kopt.Variable(np.ones(2, np.float32), name="w"),
+        kopt.Variable(np.ones(2, np.float32), name="b"),
+    )
+    for _ in range(3):
+        opt.apply_gradients([(jnp.zeros(2), w), (jnp.zeros(2), b)])
+    assert opt.compile_count == 1
+    np.testing.assert_allclose(w.numpy(), 0.5**3)
+    opt.exclude_from_weight_decay = [f"x{i}" for i in range(1000)] + ["w"]
+    opt.apply_gradients([(jnp.zeros(2), w), (jnp.zeros(2), b)])
+    np.testing.assert_allclose(w.numpy(), 0.5**3)  # now excluded
+    np.testing.assert_allclose(b.numpy(), 0.5**4)
+    assert opt.compile_count == 2
+
+
 class TraceCountingSGD(ScaledSGD):
     def _resource_apply_dense(self, grad, var, apply_state=None):
         self.traces = getattr(self, "traces", 0) + 1  # written while traced: not a step input

@@ -1013,17 +1013,18 @@ class Optimizer:
             variables_module.placement_epoch[0],
             self.__dict__.get("_attribute_epoch", 0),
             self._key_token(),
-            self._traced_attributes(),  # a list attribute may change in place
+            self._traced_attributes(small=True),  # a list attribute may change in place
         )
 
-    def _traced_attributes(self) -> tuple:
+    def _traced_attributes(self, small: bool = False) -> tuple:
         """Public plain attributes of a custom optimizer (one that updates through
         ``_resource_apply_*``): numbers, flags, strings, and lists, tuples, sets and dicts of
         them (an ``exclude_from_weight_decay`` list, a ``betas`` tuple). Its hooks may read them
-        while the step is
-        traced, so the compiled step is kept per their values. Setting one between steps then
-        takes effect, as in tf.keras run eagerly (compiling once per new value); a value meant
-        to change often belongs in a hyperparameter (``_set_hyper``)."""
+        while the step is traced, so the compiled step is kept per their values. Setting one
+        between steps then takes effect, as in tf.keras run eagerly (compiling once per new
+        value); a value meant to change often belongs in a hyperparameter (``_set_hyper``).
+        ``small`` (the per-call check) leaves out containers longer than ``_SMALL_CONTAINER``:
+        changing one of those in place goes unseen, reassigning it does not."""
         if self._uses_transformation():
             return ()
         written = self.__dict__.get("_written_in_trace", ())
@@ -1031,6 +1032,8 @@ class Optimizer:
         for name, value in self.__dict__.items():
             if name[0] == "_" or name == "compile_count" or name in written:
                 continue
+            if small and isinstance(value, _CONTAINERS) and len(value) > _SMALL_CONTAINER:
+                continue  # read per call only if small; reassigning a large one still counts
             key = _plain_key(value)
             if key is not _NOT_PLAIN:
                 out.append((name, key))
@@ -1181,7 +1184,7 @@ class Optimizer:
             tuple(_sharding_key(_spread_sharding(v)) for v in var_list),
             tuple(id(v.constraint) for v in var_list),
             self._key_token(),
-            self._traced_attributes(),
+            _Hashed(self._traced_attributes()),  # may be large: hashed once, not per call
         )
 
     def _compile(self, var_list, plan, hyper_vars, grads, aggregate: bool):
@@ -1493,10 +1496,21 @@ class Optimizer:
         "_copy_memo",
     )
 
+    # Maps uid -> Variable of the variables this optimizer keys state by (their slots; a
+    # subclass's own, such as weight decay exclusions): copies re-key that state (``_rekey``).
+    _OWNER_MAPS: tuple[str, ...] = ("_slot_owners",)
+
+    def _owners(self) -> dict[int, Variable]:
+        out: dict[int, Variable] = {}
+        for name in self._OWNER_MAPS:
+            out.update(self.__dict__.get(name) or {})
+        return out
+
     def __getstate__(self) -> dict[str, Any]:
         """For copies and pickles: everything but the lock and the compiled programs (they
         bind this optimizer's own variables). The variables that own slots go along, so an
         optimizer unpickled with its variables finds their slots."""
+        self._adopt_copies()  # a copy of a copy: settle the first copy's owners first
         return {k: v for k, v in self.__dict__.items() if k not in self._UNCOPIED}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -1509,8 +1523,8 @@ class Optimizer:
             _key_memo={},
         )
         self.__dict__["compile_count"] = 0
-        # Unpickled: the owners came along as new variables (new uids); their slots follow.
-        self._rekey({uid: owner for uid, owner in self.__dict__.get("_slot_owners", {}).items()})
+        # Unpickled: the owners came along as new variables (new uids); their state follows.
+        self._rekey(self._owners())
 
     def __deepcopy__(self, memo: dict) -> Optimizer:
         """A deep copy whose slots belong to the copies of their variables when those are
@@ -1519,9 +1533,10 @@ class Optimizer:
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         state = self.__getstate__()
-        owners = state.pop("_slot_owners", {})
+        owners = {name: state.pop(name, None) or {} for name in self._OWNER_MAPS}
         new.__setstate__(copy.deepcopy(state, memo))
-        new.__dict__["_slot_owners"] = dict(owners)  # the originals, for now
+        for name, owned in owners.items():
+            new.__dict__[name] = dict(owned)  # the originals, for now
         new.__dict__["_copy_memo"] = memo  # variables copied later in this call show up here
         return new
 
@@ -1533,7 +1548,7 @@ class Optimizer:
             self._rekey(
                 {
                     uid: memo[id(owner)]
-                    for uid, owner in self._slot_owners.items()
+                    for uid, owner in self._owners().items()
                     if isinstance(memo.get(id(owner)), Variable)
                 }
             )
@@ -1549,8 +1564,11 @@ class Optimizer:
                 self._slots[v._uid] = self._slots.pop(old)
             if old in self._slot_structure:
                 self._slot_structure[v._uid] = self._slot_structure.pop(old)
-            self._slot_owners.pop(old, None)
-            self._slot_owners[v._uid] = v
+            for name in self._OWNER_MAPS:
+                owned = self.__dict__.get(name)
+                if owned and old in owned:
+                    del owned[old]
+                    owned[v._uid] = v
         uids = {old: v._uid for old, v in moved.items()}
         if self._opaque_owner is not None:  # the variables a non-slot state was made for
             self._opaque_owner = tuple(uids.get(u, u) for u in self._opaque_owner)
@@ -1685,7 +1703,27 @@ def _is_read_per_step(value: Any) -> bool:
     return callable(value) and not isinstance(value, Variable) and not _is_step_schedule(value)
 
 
+class _Hashed:
+    """A key part whose hash is computed once (a tuple's is computed at every lookup)."""
+
+    __slots__ = ("_hash", "value")
+
+    def __init__(self, value: Any):
+        self.value = value
+        self._hash = hash(value)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: Any) -> bool:
+        return self is other or (
+            isinstance(other, _Hashed) and self._hash == other._hash and self.value == other.value
+        )
+
+
 _NOT_PLAIN = object()
+_CONTAINERS = (list, tuple, set, frozenset, dict)
+_SMALL_CONTAINER = 256  # containers up to this length are checked for in-place changes
 
 
 def _plain_key(value: Any) -> Any:
@@ -1694,6 +1732,8 @@ def _plain_key(value: Any) -> Any:
     ``_NOT_PLAIN`` for anything else (an array, a function, an object)."""
     if isinstance(value, np.generic) and value.ndim == 0:
         value = value.item()
+    if isinstance(value, float) and value != value:
+        return ("float", "nan")  # NaN equals itself here: the same program, not a new one
     if value is None or isinstance(value, (bool, int, float, str)):
         return (type(value).__name__, value)
     if isinstance(value, (list, tuple, set, frozenset)):

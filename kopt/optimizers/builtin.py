@@ -733,17 +733,15 @@ class _Keras3(_SlotDtype, Optimizer):
                 f"{var_names!r}"
             )
         with self._lock:
-            self._excluded = frozenset(v._uid for v in var_list or ())
+            self._excluded_vars = {v._uid: v for v in var_list or ()}
             self._excluded_names = re.compile("|".join(set(var_names))) if var_names else None
 
-    def _rekeyed(self, uids: dict[int, int]) -> None:
-        excluded = self.__dict__.get("_excluded")
-        if excluded:
-            self._excluded = frozenset(uids.get(u, u) for u in excluded)
+    # The excluded variables, by uid: copies re-key them as they do slots.
+    _OWNER_MAPS = (*Optimizer._OWNER_MAPS, "_excluded_vars")
 
     def _use_weight_decay(self, variable: Variable) -> bool:
         """Whether ``variable`` decays (Keras 3's rule)."""
-        if variable._uid in self.__dict__.get("_excluded", ()):
+        if variable._uid in (self.__dict__.get("_excluded_vars") or {}):
             return False
         pattern = self.__dict__.get("_excluded_names")
         return pattern is None or pattern.search(variable.name) is None
@@ -758,7 +756,8 @@ class _Keras3(_SlotDtype, Optimizer):
 
     def _excludes_some(self) -> bool:
         return (
-            bool(self.__dict__.get("_excluded")) or self.__dict__.get("_excluded_names") is not None
+            bool(self.__dict__.get("_excluded_vars"))
+            or self.__dict__.get("_excluded_names") is not None
         )
 
     def _apply_transformation(self, tx, gv, dynamic) -> None:
@@ -854,7 +853,7 @@ class _Keras3(_SlotDtype, Optimizer):
             ("gradient_accumulation_steps", self.gradient_accumulation_steps),
             ("loss_scale_factor", self.loss_scale_factor),
             # Which variables decay is part of the compiled step.
-            ("excluded", self.__dict__.get("_excluded", frozenset())),
+            ("excluded", frozenset(self.__dict__.get("_excluded_vars") or ())),
             ("excluded_names", getattr(self.__dict__.get("_excluded_names"), "pattern", None)),
         )
 
@@ -1120,10 +1119,14 @@ class TransformationOptimizer(Optimizer):
     def __setattr__(self, name: str, value: Any) -> None:
         key = "learning_rate" if name == "lr" else name
         fixed = self.__dict__.get("_fixed_hyperparams", {})
-        if key in fixed:
+        held = self.__dict__.get("_held_hyperparams")
+        if key in fixed or (held is not None and key in _HYPERPARAM_NAMES and key not in held):
+            why = fixed.get(
+                key, "no kopt piece of it was found keeping it in its state, so it would be ignored"
+            )
             raise AttributeError(
                 f"{self._name}: `{key}` of the wrapped transformation cannot be set on the "
-                f"optimizer ({fixed[key]}); build the transformation with the value you want"
+                f"optimizer ({why}); build the transformation with the value you want"
             )
         if key in self.__dict__.get("_hyper", {}) and _is_step_schedule(value):
             raise TypeError(
@@ -1151,6 +1154,18 @@ class TransformationOptimizer(Optimizer):
         return super().get_config()
 
 
+# Hyperparameter names of kopt's optimizers and Keras's: on a from_transformation optimizer
+# that does not hold one, setting it would have no effect, so it is refused.
+_HYPERPARAM_NAMES = frozenset(
+    (
+        "learning_rate momentum beta_1 beta_2 epsilon rho weight_decay decay "
+        "initial_accumulator_value learning_rate_power l1_regularization_strength "
+        "l2_regularization_strength l2_shrinkage_regularization_strength beta beta_2_decay "
+        "epsilon_1 epsilon_2 clip_threshold ema_momentum"
+    ).split()
+)
+
+
 def _wrapped_hyperparams(transformation: Any) -> tuple[dict[str, float], dict[str, str]]:
     """The hyperparameters a wrapped transformation keeps in its kopt states: (those the facade
     can hold, name -> value; those it cannot, name -> why). A hyperparameter is held when every
@@ -1172,6 +1187,16 @@ def _wrapped_hyperparams(transformation: Any) -> tuple[dict[str, float], dict[st
         marked = state
         for key, mark in marks.items():
             marked = kopt.set_hyperparam(marked, key, mark)
+        # An accumulator due now: the probe's one update reaches the pieces it wraps.
+        marked = jax.tree.map(
+            lambda s: (
+                s._replace(mini_step=jnp.asarray(2**30, jnp.int32))
+                if isinstance(s, kopt.AccumulateState)
+                else s
+            ),
+            marked,
+            is_leaf=lambda s: isinstance(s, kopt.AccumulateState),
+        )
         _, after = transformation.update(probe, marked, probe)
         scheduled = {
             key
