@@ -199,8 +199,9 @@ def test_as_transformation_gives_the_facade_numbers(name):
         optax.adam(0.1),
         kopt.chain(kopt.clip_by_global_norm(1.0), kopt.adam(0.1)),
         optax.chain(optax.clip(1.0), optax.sgd(0.1, momentum=0.9)),
+        kopt.flatten(kopt.adam(0.1)),  # slots in packed buffers, not per variable
     ],
-    ids=["optax", "kopt-chain", "optax-chain"],
+    ids=["optax", "kopt-chain", "optax-chain", "kopt-flatten"],
 )
 def test_from_transformation_trains_like_the_transformation(transformation):
     opt = optimizers.from_transformation(transformation)

@@ -2,15 +2,17 @@
 
 The facade keeps one slot variable per (variable, slot name), scalar slots (Nadam's momentum
 cache) as non-slot weights, the step count in ``iterations`` and the hyperparameters in its own
-variables. Anything else in a state (an optax piece's state, a wrapper's counters) is "opaque":
-kept as one variable per leaf. ``describe`` reads a state's layout; ``assemble`` builds a state
-from the facade's values inside the compiled step; ``extract`` reads the new values back.
+variables. Anything else in a state (an optax piece's state, a wrapper's counters, slots that
+are not per variable) is "opaque": kept as one variable per leaf. ``describe`` reads a state's
+layout; ``assemble`` builds a state from the facade's values inside the compiled step;
+``extract`` reads the new values back.
 """
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 
 from kopt.base import OptimizerState
@@ -36,6 +38,8 @@ def _walk(node: Any, n: int, visit_state, visit_leaf):
         return type(node)(_walk(x, n, visit_state, visit_leaf) for x in node)
     if isinstance(node, dict):
         return {k: _walk(v, n, visit_state, visit_leaf) for k, v in node.items()}
+    if not jax.tree_util.tree_leaves(node):
+        return node  # static data of the state (kopt.flatten's layout): no value to keep
     return visit_leaf(node)
 
 
@@ -70,6 +74,8 @@ def extract(state: Any, n: int) -> tuple[dict[str, list[Any]], dict[str, Any], l
         for name, tree in s.slots.items():
             if _per_var(tree, n):
                 per_var.setdefault(name, list(tree))
+            elif isinstance(tree, (dict, tuple)):  # not per variable (kopt.flatten's buffers)
+                opaque.extend(jax.tree.leaves(tree))
             else:
                 scalars.setdefault(name, tree)
         return s
@@ -103,6 +109,9 @@ def assemble(
             if isinstance(tree, list):
                 values = slots[name]
                 new_slots[name] = [None if t is None else values[i] for i, t in enumerate(tree)]
+            elif isinstance(tree, (dict, tuple)):
+                parts, treedef = jax.tree.flatten(tree)
+                new_slots[name] = treedef.unflatten([next(leaves) for _ in parts])
             else:
                 new_slots[name] = scalar_slots[name]
         hp = {
