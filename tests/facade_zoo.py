@@ -1,8 +1,10 @@
 """Every built-in facade class, configured so that all of its slots exist, for the facade tests."""
 
+import jax.numpy as jnp
 import numpy as np
 
 import kopt
+from kopt import optimizers
 
 # class name -> constructor kwargs (every slot and option in use).
 BUILTINS = {
@@ -49,3 +51,28 @@ def gradients(steps, seed=0):
         [rng.normal(size=(3, 2)).astype(np.float32), rng.normal(size=(2,)).astype(np.float32)]
         for _ in range(steps)
     ]
+
+
+class NormTracker(optimizers.Optimizer):
+    """A custom optimizer written the tf.keras way with non-slot weights (``add_weight``): one
+    its hook updates (an EMA of the gradient norm) and one it only reads (a multiplier the user
+    may assign). They are its state, though not in ``weights`` (as in tf.keras)."""
+
+    def __init__(self, learning_rate=0.1, name="NormTracker", **kwargs):
+        super().__init__(name, **kwargs)
+        self._set_hyper("learning_rate", learning_rate)
+
+    def _create_slots(self, var_list):
+        if not hasattr(self, "norm_ema"):
+            self.norm_ema = self.add_weight("norm_ema", shape=[], trainable=False)
+            self.mult = self.add_weight("mult", shape=[], initializer="ones", trainable=False)
+
+    def _resource_apply_dense(self, grad, var, apply_state=None):
+        ema = self.norm_ema.assign(0.9 * self.norm_ema + 0.1 * jnp.linalg.norm(grad))
+        lr = self._get_hyper("learning_rate", var.dtype)
+        return var.assign_sub(lr * self.mult * grad / (1.0 + ema))
+
+    def get_config(self):
+        config = super().get_config()
+        config["learning_rate"] = self._serialize_hyperparameter("learning_rate")
+        return config

@@ -23,6 +23,7 @@ from checkpoint_worker import (
     functional_run,
     initial_params,
 )
+from facade_zoo import NormTracker
 
 import kopt
 from kopt import optimizers
@@ -150,38 +151,16 @@ def test_an_accumulating_optimizer_saved_with_its_variables_in_any_order_restore
         save_optimizer(tmp_path / "d", opt, [variables[0]])
 
 
-class NormScaledSGD(optimizers.Optimizer):
-    """A custom optimizer whose state includes an ``add_weight`` weight (an EMA of the
-    gradient norm), which is not in ``weights`` (as in tf.keras) but is its state."""
-
-    def __init__(self, learning_rate=0.1, name="NormScaledSGD", **kwargs):
-        super().__init__(name, **kwargs)
-        self._set_hyper("learning_rate", learning_rate)
-
-    def _create_slots(self, var_list):
-        if not hasattr(self, "norm_ema"):
-            self.norm_ema = self.add_weight("norm_ema", shape=[], trainable=False)
-
-    def _resource_apply_dense(self, grad, var, apply_state=None):
-        ema = self.norm_ema.assign(0.5 * self.norm_ema + 0.5 * jnp.linalg.norm(grad))
-        return var.assign_sub(self._get_hyper("learning_rate", var.dtype) * grad / (1.0 + ema))
-
-    def get_config(self):
-        config = super().get_config()
-        config["learning_rate"] = self._serialize_hyperparameter("learning_rate")
-        return config
-
-
 def test_a_custom_optimizers_add_weight_state_is_saved_and_restored(tmp_path):
     grads = [jnp.full(2, float(i)) for i in range(1, 6)]
     var = kopt.Variable(jnp.ones(2), name="w")
-    opt = NormScaledSGD()
+    opt = NormTracker()
     for g in grads[:2]:
         opt.apply_gradients([(g, var)])
     save_optimizer(tmp_path / "c", opt, [var])
     resumed_var = kopt.Variable(jnp.zeros(2), name="w")
     resumed = restore_optimizer(
-        tmp_path / "c", [resumed_var], custom_objects={"NormScaledSGD": NormScaledSGD}
+        tmp_path / "c", [resumed_var], custom_objects={"NormTracker": NormTracker}
     )
     assert float(resumed.norm_ema.numpy()) == float(opt.norm_ema.numpy()) != 0.0
     for g in grads[2:]:

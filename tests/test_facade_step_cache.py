@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from facade_zoo import NormTracker
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -237,25 +238,6 @@ def test_a_step_makes_no_round_trip_to_the_host(wrap):
         assert float(opt.loss_scale.numpy()) == 8.0
         assert int(opt._good_steps.numpy()) == 0
     assert np.all(np.isfinite(variables[1].numpy())) == wrap
-
-
-class NormTracker(optimizers.Optimizer):
-    """A custom optimizer with a non-slot weight (``add_weight``) that its hook updates (an EMA
-    of the gradient norm) and one it only reads (a multiplier the user may assign)."""
-
-    def __init__(self, learning_rate=0.1, name="NormTracker", **kwargs):
-        super().__init__(name, **kwargs)
-        self._set_hyper("learning_rate", learning_rate)
-
-    def _create_slots(self, var_list):
-        if not hasattr(self, "norm_ema"):
-            self.norm_ema = self.add_weight("norm_ema", shape=[], trainable=False)
-            self.mult = self.add_weight("mult", shape=[], initializer="ones", trainable=False)
-
-    def _resource_apply_dense(self, grad, var, apply_state=None):
-        ema = self.norm_ema.assign(0.9 * self.norm_ema + 0.1 * jnp.linalg.norm(grad))
-        lr = self._get_hyper("learning_rate", var.dtype)
-        return var.assign_sub(lr * self.mult * grad / (1.0 + ema))
 
 
 def test_add_weight_weights_are_read_and_written_by_every_compiled_step():
