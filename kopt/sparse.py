@@ -66,6 +66,13 @@ class IndexedSlices:
         return zeros.at[in_range(self.indices, shape[0])].add(self.values, mode="drop")
 
 
+def map_values(fn: Any, g: Any) -> Any:
+    """Applies ``fn`` to a dense gradient or to the values (rows) of an IndexedSlices."""
+    if isinstance(g, IndexedSlices):
+        return IndexedSlices(fn(g.values), g.indices, g.dense_shape)
+    return fn(g)
+
+
 def is_indexed_slices(x: Any) -> bool:
     """True for an :class:`IndexedSlices`."""
     return isinstance(x, IndexedSlices)

@@ -17,6 +17,7 @@ import kopt
 from kopt.base import GradientTransformation, OptimizerState, _hyperparam_holders, safe_increment
 from kopt.optimizers.base import Optimizer, _initial_value, _is_step_schedule, weight_list
 from kopt.optimizers.schedules import LearningRateSchedule
+from kopt.sparse import map_values
 from kopt.transforms._weight_decay import decoupled_weight_decay
 from kopt.variables import Variable
 
@@ -567,8 +568,10 @@ def _check_keras3_options(
     ema_momentum: Any,
     ema_overwrite_frequency: Any,
     gradient_accumulation_steps: Any,
+    loss_scale_factor: Any = None,
 ) -> None:
     """Keras 3's checks of its common options (the EMA ones only with ``use_ema``)."""
+    _check_loss_scale_factor(owner, loss_scale_factor)
     if weight_decay is not None:
         kopt.base.check_hyperparam(owner, "weight_decay", weight_decay, allow_schedule=False)
     if gradient_accumulation_steps:
@@ -610,12 +613,6 @@ def _check_loss_scale_factor(owner: str, factor: Any) -> None:
         )
     if not np.isfinite(factor) or factor <= 0:
         raise ValueError(f"{owner}: `loss_scale_factor` must be > 0, received {factor!r}")
-
-
-def _divided(g: Any, factor: float) -> Any:
-    if isinstance(g, kopt.IndexedSlices):
-        return kopt.IndexedSlices(_divided(g.values, factor), g.indices, g.dense_shape)
-    return g / jnp.asarray(factor, jnp.result_type(g))
 
 
 def _check_one_clip(clipnorm: Any, clipvalue: Any, global_clipnorm: Any) -> None:
@@ -677,7 +674,6 @@ class _Keras3(_SlotDtype, Optimizer):
         **kwargs: Any,
     ):
         owner = type(self).__name__
-        _check_loss_scale_factor(owner, loss_scale_factor)
         _check_keras3_options(
             owner,
             weight_decay,
@@ -685,6 +681,7 @@ class _Keras3(_SlotDtype, Optimizer):
             ema_momentum,
             ema_overwrite_frequency,
             gradient_accumulation_steps,
+            loss_scale_factor,
         )
         _check_one_clip(**{k: kwargs.get(k) for k in _CLIPS})
         if slot_dtype is not None and not self._HAS_SLOT_DTYPE:
@@ -713,7 +710,8 @@ class _Keras3(_SlotDtype, Optimizer):
         factor = self.loss_scale_factor
         if factor is not None:
             grads_and_vars = [
-                (g if g is None else _divided(g, factor), v) for g, v in grads_and_vars
+                (g if g is None else map_values(lambda x: x / jnp.asarray(factor, x.dtype), g), v)
+                for g, v in grads_and_vars
             ]
         return super()._transform_gradients(grads_and_vars)
 
@@ -833,7 +831,6 @@ class _Keras3(_SlotDtype, Optimizer):
         }
 
     def _check_attributes(self):
-        _check_loss_scale_factor(type(self).__name__, self.loss_scale_factor)
         _check_keras3_options(
             type(self).__name__,
             self.weight_decay,
@@ -841,6 +838,7 @@ class _Keras3(_SlotDtype, Optimizer):
             self.ema_momentum,
             self.ema_overwrite_frequency,
             self.gradient_accumulation_steps,
+            self.loss_scale_factor,
         )
         super()._check_attributes()
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kopt.optimizers.base import Optimizer
-from kopt.sparse import IndexedSlices
+from kopt.sparse import map_values
 from kopt.variables import Variable
 
 
@@ -231,7 +231,4 @@ class LossScaleOptimizer(Optimizer):
 
 def _times(x: Any, factor: Any) -> Any:
     """``x * factor`` in ``x``'s dtype (an ``IndexedSlices``: its rows)."""
-    if isinstance(x, IndexedSlices):
-        return IndexedSlices(_times(x.values, factor), x.indices, x.dense_shape)
-    x = jnp.asarray(x)
-    return x * jnp.asarray(factor).astype(x.dtype)
+    return map_values(lambda v: jnp.asarray(v) * jnp.asarray(factor).astype(jnp.result_type(v)), x)

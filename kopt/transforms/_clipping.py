@@ -16,15 +16,8 @@ from kopt.base import (
     safe_increment,
     schedules_of,
 )
-from kopt.sparse import IndexedSlices, is_indexed_slices
+from kopt.sparse import IndexedSlices, is_indexed_slices, map_values
 from kopt.transforms._core import leafwise_transformation
-
-
-def _map_values(fn, g):
-    """Applies ``fn`` to a dense gradient or to the values of an IndexedSlices."""
-    if isinstance(g, IndexedSlices):
-        return IndexedSlices(fn(g.values), g.indices, g.dense_shape)
-    return fn(g)
 
 
 def clip_by_value(clipvalue: Any) -> GradientTransformation:
@@ -43,7 +36,7 @@ def clip_by_value(clipvalue: Any) -> GradientTransformation:
             v = c["clipvalue"].astype(x.dtype)
             return jnp.clip(x, -v, v)
 
-        return _map_values(clip, g), {}
+        return map_values(clip, g), {}
 
     return leafwise_transformation("clip_by_value", {"clipvalue": clipvalue}, {}, rule)
 
@@ -69,7 +62,7 @@ def clip_by_norm(clipnorm: Any) -> GradientTransformation:
             norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, l2sum, 1.0)), l2sum)
             return x * clip_norm / jnp.maximum(norm, clip_norm)
 
-        return _map_values(clip, g), {}
+        return map_values(clip, g), {}
 
     return leafwise_transformation("clip_by_norm", {"clipnorm": clipnorm}, {}, rule)
 
@@ -120,7 +113,7 @@ def clip_by_global_norm(global_clipnorm: Any) -> GradientTransformation:
         norm = global_norm(updates)
         scale = clip_norm * jnp.minimum(1.0 / norm, 1.0 / clip_norm) + (norm - norm)
         updates = jax.tree.map(
-            lambda g: _map_values(lambda x: x * scale.astype(x.dtype), g),
+            lambda g: map_values(lambda x: x * scale.astype(x.dtype), g),
             updates,
             is_leaf=is_indexed_slices,
         )
