@@ -99,11 +99,13 @@ def save_state(path: str | Path, state: PyTree, *, overwrite: bool = False) -> N
         >>> tx = kopt.sgd(0.1, momentum=0.9)
         >>> state = tx.init({"w": jnp.zeros(2)})
         >>> _, state = tx.update({"w": jnp.ones(2)}, state, {"w": jnp.zeros(2)})
-        >>> path = tempfile.mkdtemp() + "/ckpt"
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> path = tmp.name + "/ckpt"
         >>> save_state(path, state)
         >>> restored = restore_state(path, tx.init({"w": jnp.zeros(2)}))
         >>> kopt.get_slot(restored, "momentum")["w"]
         Array([-0.1, -0.1], dtype=float32)
+        >>> tmp.cleanup()
     """
     path = Path(path)
     _check_new(path, overwrite)
@@ -231,13 +233,15 @@ def save_optimizer(
         >>> var = kopt.Variable([1.0, 2.0], name="w")
         >>> opt = kopt.optimizers.Adam(learning_rate=0.1)
         >>> _ = opt.apply_gradients([(jnp.ones(2), var)])
-        >>> path = tempfile.mkdtemp() + "/ckpt"
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> path = tmp.name + "/ckpt"
         >>> save_optimizer(path, opt, [var])
         >>> var.assign([0.0, 0.0]).numpy()
         array([0., 0.], dtype=float32)
         >>> restored = restore_optimizer(path, [var])
         >>> var.numpy().round(4), int(restored.iterations.numpy())
         (array([0.9, 1.9], dtype=float32), 1)
+        >>> tmp.cleanup()
     """
     from kopt.optimizers import serialize
 

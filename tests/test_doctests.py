@@ -3,6 +3,7 @@
 import doctest
 import importlib
 import pkgutil
+import tempfile
 
 import pytest
 
@@ -18,12 +19,15 @@ MODULES = ["kopt"] + sorted(
 
 
 @pytest.mark.parametrize("name", MODULES)
-def test_docstring_examples(name):
+def test_docstring_examples(name, tmp_path, monkeypatch):
     module = importlib.import_module(name)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     result = doctest.testmod(
         module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, report=True
     )
     assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed in {name}"
+    # An example a user copies should not leave files behind (the checkpoint examples once did).
+    assert not list(tmp_path.iterdir()), f"{name}'s examples left {list(tmp_path.iterdir())}"
 
 
 FUNCTIONAL_CORE = ("kopt.base", "kopt.alias", "kopt.transforms", "kopt.sparse", "kopt.schedules")
