@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -80,8 +81,8 @@ def identity() -> GradientTransformation:
         del params
         return EmptyState()
 
-    def update_fn(updates, state, params=None):
-        del params
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
         return updates, state
 
     return GradientTransformation(init_fn, update_fn)
@@ -113,7 +114,7 @@ def chain(*transformations: Any) -> GradientTransformation:
                 f"received {type(t).__name__}: {t!r:.80}"
             )
     inits = tuple(t.init for t in transformations)
-    updates_fns = tuple(t.update for t in transformations)
+    updates_fns = tuple(extra_args_update(t) for t in transformations)
 
     def init_fn(params):
         return tuple(fn(params) for fn in inits)
@@ -126,22 +127,55 @@ def chain(*transformations: Any) -> GradientTransformation:
             )
         new_state = []
         for fn, s in zip(updates_fns, state, strict=True):
-            updates, s = _call_update(fn, updates, s, params, extra_args)
+            updates, s = fn(updates, s, params, **extra_args)
             new_state.append(s)
         return updates, tuple(new_state)
 
     return GradientTransformation(init_fn, update_fn)
 
 
-def _call_update(fn, updates, state, params, extra_args):
-    """Calls an update function, passing extra keyword arguments only where accepted."""
-    if extra_args:
-        try:
-            return fn(updates, state, params, **extra_args)
-        except TypeError as e:
-            if "unexpected keyword" not in str(e):
-                raise
-    return fn(updates, state, params)
+def extra_args_update(transformation: Any) -> Callable[..., tuple[Updates, OptState]]:
+    """``transformation.update`` as a function that takes any extra keyword arguments.
+
+    optax passes extra arguments (``value=``, ``grad=``, ``value_fn=``...) through a chain to
+    the pieces that take them. Every kopt transformation takes them (and its wrappers pass them
+    on); for another object, its ``update`` signature decides: a ``**kwargs`` parameter takes
+    them all, named keyword parameters take those names, and the rest are not passed. The
+    signature is read once, here, so an error raised inside ``update`` is never mistaken for
+    a refused argument.
+    """
+    update = transformation.update
+    accepted = _accepted_extra_args(transformation)
+    if accepted is None:
+        return update
+
+    def call(updates, state, params=None, **extra_args):
+        return update(
+            updates, state, params, **{k: extra_args[k] for k in accepted & extra_args.keys()}
+        )
+
+    return call
+
+
+def _accepted_extra_args(transformation: Any) -> frozenset[str] | None:
+    """The extra keyword arguments ``transformation.update`` takes (None: any)."""
+    if any(c.__name__ == "GradientTransformationExtraArgs" for c in type(transformation).__mro__):
+        return None  # optax's protocol for transformations that take extra arguments
+    try:
+        parameters = list(inspect.signature(transformation.update).parameters.values())
+    except (TypeError, ValueError):  # no signature to read: pass none, as optax does
+        return frozenset()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    # The first three positional parameters are (updates, state, params), whatever their names.
+    skipped = [p for p in parameters if p.kind in positional][:3]
+    return frozenset(
+        p.name
+        for p in parameters
+        if p not in skipped
+        and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    )
 
 
 def apply_updates(params: Params, updates: Updates) -> Params:

@@ -63,6 +63,108 @@ def test_kopt_update_accepts_optax_extra_args_in_kopt_chain():
     np.testing.assert_allclose(updates, [-1.0, 1.0], rtol=1e-5)
 
 
+def _public_transformations():
+    """Every public kopt transformation, each built with its arguments (no arguments where
+    the defaults do), and the wrappers around an optax piece that needs ``value=``."""
+    inner = kopt.sgd(0.1)
+    txs = {}
+    for name in kopt.__all__:
+        factory = getattr(kopt, name)
+        if callable(factory) and not isinstance(factory, type):
+            try:
+                tx = factory()
+            except TypeError:  # takes required arguments: built below
+                continue
+            if isinstance(tx, kopt.GradientTransformation):
+                txs[name] = tx
+    txs.update(
+        clip_by_value=kopt.clip_by_value(1.0),
+        clip_by_norm=kopt.clip_by_norm(1.0),
+        clip_by_global_norm=kopt.clip_by_global_norm(1.0),
+        add_decayed_weights=kopt.add_decayed_weights(0.1),
+        decoupled_weight_decay=kopt.decoupled_weight_decay(inner, 0.1, 0.1),
+        masked=kopt.masked(optax.polyak_sgd(), {"w": True}),
+        multi_transform=kopt.multi_transform({"a": optax.polyak_sgd()}, {"w": "a"}),
+        accumulate_gradients=kopt.accumulate_gradients(optax.polyak_sgd(), 2),
+        apply_if_finite=kopt.apply_if_finite(optax.polyak_sgd()),
+        flatten=kopt.flatten(optax.polyak_sgd()),
+        chain=kopt.chain(kopt.clip_by_norm(1.0), optax.polyak_sgd()),
+    )
+    return txs
+
+
+def test_every_transformation_takes_optax_extra_args():
+    """optax's extra arguments (``value=`` for a line search, Polyak step sizes...) reach every
+    kopt transformation (which ignores them) and, through kopt's wrappers, the optax pieces
+    inside that need them; ``nnx.Optimizer.update(..., value=loss)`` passes them this way."""
+    txs = _public_transformations()
+    assert {"sgd", "rmsprop", "ftrl", "adafactor", "ema", "identity"} <= set(txs)
+    p = {"w": jnp.array([1.0, 2.0])}
+    g = {"w": jnp.array([0.5, -0.5])}
+    around_polyak = ("masked", "multi_transform", "accumulate_gradients", "apply_if_finite")
+    around_polyak += ("flatten", "chain")
+    for name, tx in txs.items():
+        if name not in around_polyak:
+            state = tx.init(p)
+            with_value, _ = tx.update(g, state, p, value=jnp.float32(0.5))
+            plain, _ = tx.update(g, state, p)
+            chex.assert_trees_all_close(with_value, plain, custom_message=name)
+    # Polyak's step is value / ||g||^2 = 0.5 / 0.5 = 1.0: the value reached the optax piece.
+    for name in around_polyak:
+        tx = txs[name]
+        state = tx.init(p)
+        for _ in range(2):  # accumulate_gradients runs the inner update on the 2nd call
+            u, state = tx.update(g, state, p, value=jnp.float32(0.5))
+        np.testing.assert_allclose(u["w"], [-0.5, 0.5], rtol=1e-6, err_msg=name)
+
+
+def test_chain_passes_extra_args_only_where_accepted():
+    seen = []
+
+    def takes_value(updates, state, params=None, *, value):
+        seen.append(("takes_value", value))
+        return updates, state
+
+    def plain(updates, state, params=None):
+        seen.append(("plain", None))
+        return updates, state
+
+    pieces = [
+        kopt.GradientTransformation(lambda p: (), takes_value),
+        kopt.GradientTransformation(lambda p: (), plain),
+        optax.scale(2.0),  # an optax piece without extra arguments
+    ]
+    tx = kopt.chain(*pieces)
+    u, _ = tx.update(jnp.ones(1), tx.init(jnp.ones(1)), None, value=3.0, other=4.0)
+    assert seen == [("takes_value", 3.0), ("plain", None)]
+    np.testing.assert_allclose(u, [2.0])
+
+
+def test_chain_does_not_hide_a_type_error_raised_inside_a_piece():
+    """A TypeError from a piece's own code propagates; it is not taken for a refused extra
+    argument (the piece is not run a second time without the arguments)."""
+    calls = []
+
+    def buggy(updates, state, params=None, **extra_args):
+        calls.append(extra_args)
+        raise TypeError("f() got an unexpected keyword argument 'bogus'")
+
+    tx = kopt.chain(kopt.GradientTransformation(lambda p: (), buggy))
+    with pytest.raises(TypeError, match="bogus"):
+        tx.update(jnp.ones(1), tx.init(jnp.ones(1)), None, value=1.0)
+    assert calls == [{"value": 1.0}]
+
+
+def test_nnx_optimizer_update_with_value_for_every_optimizer():
+    nnx = pytest.importorskip("flax.nnx")
+    for name in ("sgd", "rmsprop", "ftrl", "adafactor", "adam"):
+        model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+        optimizer = nnx.Optimizer(model, getattr(kopt, name)(), wrt=nnx.Param)
+        loss, grads = nnx.value_and_grad(lambda m: jnp.sum(m(jnp.ones((1, 2))) ** 2))(model)
+        optimizer.update(model, grads, value=loss)
+        assert int(optimizer.step[...]) == 1, name
+
+
 class LinenMLP(nn.Module):
     @nn.compact
     def __call__(self, x):

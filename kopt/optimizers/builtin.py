@@ -910,11 +910,11 @@ def _count_updates_not_calls(tx: GradientTransformation, k: int) -> GradientTran
             )
         return state
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
         state = jax.tree.map(
             accumulated, state, is_leaf=lambda x: isinstance(x, kopt.AccumulateState)
         )
-        return tx.update(updates, state, params)
+        return tx.update(updates, state, params, **extra_args)
 
     return GradientTransformation(tx.init, update_fn)
 
@@ -923,8 +923,10 @@ def _counting_updates(tx: GradientTransformation, k: int) -> GradientTransformat
     """``tx`` (one kopt piece) run on every call, seeing the count of updates, ``calls // k``,
     while its state counts calls."""
 
-    def update_fn(updates, state, params=None):
-        updates, new_state = tx.update(updates, state._replace(count=state.count // k), params)
+    def update_fn(updates, state, params=None, **extra_args):
+        updates, new_state = tx.update(
+            updates, state._replace(count=state.count // k), params, **extra_args
+        )
         return updates, new_state._replace(count=safe_increment(state.count))
 
     return GradientTransformation(tx.init, update_fn)

@@ -48,7 +48,9 @@ def aggregate_gradients(
         del params
         return EmptyState()
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+
         def one(g):
             if isinstance(g, IndexedSlices):
                 if g.dense_shape is None:

@@ -106,8 +106,8 @@ def clip_by_global_norm(global_clipnorm: Any) -> GradientTransformation:
         del params
         return OptimizerState(jnp.zeros([], jnp.int32), init_hyperparams(hyper), {})
 
-    def update_fn(updates, state, params=None):
-        del params
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
         hp = current_hyperparams(state, schedules)
         clip_norm = hp["global_clipnorm"]
         norm = global_norm(updates)

@@ -75,7 +75,8 @@ def leafwise_transformation(
             slots=state_slots,
         )
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
         hp = current_hyperparams(state, schedules)
         step = state.count.astype(jnp.float32)
         scalars = {name: state.slots[name] for name in scalar_slots}

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from kopt._tree import check_floating_params, check_leaf, check_same_structure
-from kopt.base import GradientTransformation, OptimizerState, PyTree
+from kopt.base import GradientTransformation, OptimizerState, PyTree, extra_args_update
 from kopt.sparse import IndexedSlices, is_indexed_slices
 
 
@@ -235,11 +235,13 @@ def flatten(
         layout = make_layout(params, max_leaf_size)
         return FlattenedState(transformation.init(layout.pack(params, owner, "param")), layout)
 
-    def update_fn(updates, state, params=None):
+    inner_update = extra_args_update(transformation)
+
+    def update_fn(updates, state, params=None, **extra_args):
         layout = state.layout
         packed_params = None if params is None else layout.pack(params, owner, "param")
-        packed_updates, inner_state = transformation.update(
-            layout.pack(updates, owner, "gradient"), state.inner_state, packed_params
+        packed_updates, inner_state = inner_update(
+            layout.pack(updates, owner, "gradient"), state.inner_state, packed_params, **extra_args
         )
         treedef = jax.tree.structure(updates, is_leaf=is_indexed_slices)
         return layout.unpack(packed_updates, treedef), FlattenedState(inner_state, layout)

@@ -12,6 +12,7 @@ from kopt.base import (
     OptimizerState,
     check_hyperparam,
     current_hyperparams,
+    extra_args_update,
     init_hyperparams,
     safe_increment,
     schedules_of,
@@ -74,7 +75,9 @@ def decoupled_weight_decay(
         decay = OptimizerState(jnp.zeros([], jnp.int32), init_hyperparams(hyper), {})
         return DecoupledWeightDecayState(decay, inner.init(params))
 
-    def update_fn(updates, state, params=None):
+    inner_update = extra_args_update(inner)
+
+    def update_fn(updates, state, params=None, **extra_args):
         if params is None:
             raise ValueError(f"{owner}: this transformation needs `params` in update()")
         hp = current_hyperparams(state.decay, schedules)
@@ -89,7 +92,7 @@ def decoupled_weight_decay(
                 params,
                 is_leaf=lambda x: x is None,
             )
-        inner_updates, inner_state = inner.update(updates, state.inner_state, decayed)
+        inner_updates, inner_state = inner_update(updates, state.inner_state, decayed, **extra_args)
         new_updates = jax.tree.map(
             lambda u, d, p: (d - p) + as_dense(u, jnp.shape(p)),
             inner_updates,

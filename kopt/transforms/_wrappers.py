@@ -15,6 +15,7 @@ from kopt.base import (
     PyTree,
     apply_updates,
     check_hyperparam,
+    extra_args_update,
     init_hyperparams,
     safe_increment,
 )
@@ -80,13 +81,17 @@ def masked(
         (Array([0.5, 0.5], dtype=float32), Array([0., 0.], dtype=float32))
     """
 
+    inner_update = extra_args_update(inner)
+
     def init_fn(params):
         return MaskedState(inner.init(_select(params, _resolve(mask, params))))
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
         m = _resolve(mask, params if params is not None else updates)
         sub_params = None if params is None else _select(params, m)
-        new_sub, inner_state = inner.update(_select(updates, m), state.inner_state, sub_params)
+        new_sub, inner_state = inner_update(
+            _select(updates, m), state.inner_state, sub_params, **extra_args
+        )
         merged = jax.tree.map(
             lambda keep, new, old: new if keep else old,
             m,
@@ -146,12 +151,12 @@ def multi_transform(
             {k: masked(tx, ms[k]).init(params) for k, tx in transformations.items()}
         )
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
         ms = masks(params if params is not None else updates)
         new_states = {}
         for k, tx in transformations.items():
             updates, new_states[k] = masked(tx, ms[k]).update(
-                updates, state.inner_states[k], params
+                updates, state.inner_states[k], params, **extra_args
             )
         return updates, MultiTransformState(new_states)
 
@@ -201,11 +206,13 @@ def accumulate_gradients(
             f"accumulate_gradients: `reduction` must be 'mean' or 'sum', received {reduction!r}"
         )
 
+    inner_update = extra_args_update(transformation)
+
     def init_fn(params):
         zeros = slot_like(params, 0.0, None)
         return AccumulateState(jnp.zeros([], jnp.int32), zeros, transformation.init(params))
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
         # A None gradient leaf (no gradient this call) keeps its accumulator, so the state's
         # structure never changes, and passes None to the inner update at a boundary.
         total = jax.tree.map(
@@ -224,7 +231,7 @@ def accumulate_gradients(
                 total,
                 is_leaf=_is_leaf,
             )
-            new_updates, inner_state = transformation.update(grads, inner_state, params)
+            new_updates, inner_state = inner_update(grads, inner_state, params, **extra_args)
             new_updates = jax.tree.map(
                 lambda u, a: None if u is None else as_dense(u, a.shape),
                 new_updates,
@@ -298,6 +305,8 @@ def apply_if_finite(
             f"{max_consecutive_errors!r}"
         )
 
+    inner_update = extra_args_update(transformation)
+
     def init_fn(params):
         return ApplyIfFiniteState(
             jnp.zeros([], jnp.int32),
@@ -306,14 +315,14 @@ def apply_if_finite(
             transformation.init(params),
         )
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
         finite = all_finite(updates)
         notfinite = jnp.where(finite, 0, state.notfinite_count + 1).astype(jnp.int32)
         run = finite | (notfinite > max_consecutive_errors)
 
         def apply_inner(operand):
             updates, inner_state = operand
-            return transformation.update(updates, inner_state, params)
+            return inner_update(updates, inner_state, params, **extra_args)
 
         def skip(operand):
             updates, inner_state = operand
@@ -369,7 +378,8 @@ def ema(momentum: Any = 0.99, overwrite_frequency: int | None = None) -> Gradien
             {"average": average},
         )
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
         if params is None:
             raise ValueError("ema: this transformation needs `params` in update()")
         m = jnp.where(state.count == 0, 0.0, state.hyperparams["momentum"])
