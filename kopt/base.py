@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = Any
 Params = PyTree
@@ -246,6 +247,19 @@ def reported_as(owner: str) -> Iterator[None]:
         _REPORTED_AS.reset(token)
 
 
+def check_flag(owner: str, name: str, value: Any) -> None:
+    """Raises TypeError unless ``value`` is a bool (Python's or NumPy's).
+
+    A flag given a number is refused rather than read as true: it is most often a value meant
+    for another argument, passed by position in another library's order.
+    """
+    owner = _REPORTED_AS.get() or owner
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(
+            f"{owner}: `{name}` must be a bool, received {type(value).__name__} {value!r:.80}"
+        )
+
+
 def check_hyperparam(
     owner: str,
     name: str,
@@ -360,7 +374,9 @@ def get_hyperparam(state: OptState, name: str) -> jax.Array:
         name: the hyperparameter's name, e.g. ``"learning_rate"``.
 
     Returns:
-        The float32 scalar stored in the state.
+        The float32 scalar stored in the state: the value the kopt piece holding it uses. (An
+        optax ``inject_hyperparams`` state around a kopt optimizer holds the values it injects,
+        which kopt does not use; the kopt value is the one returned.)
 
     Raises:
         ValueError: if no part of the state has a hyperparameter of that name.
@@ -371,10 +387,15 @@ def get_hyperparam(state: OptState, name: str) -> jax.Array:
         >>> float(kopt.get_hyperparam(state, "learning_rate"))
         0.009999999776482582
     """
-    for holder in _hyperparam_holders(state):
-        if name in holder.hyperparams:
+    holders = [h for h in _hyperparam_holders(state) if name in h.hyperparams]
+    if not holders:
+        raise _unknown_hyperparam("get_hyperparam", state, name)
+    # A kopt piece uses the value in its own state. An optax ``inject_hyperparams`` state
+    # around a kopt optimizer also holds the value it injects, which kopt does not use.
+    for holder in holders:
+        if type(holder).__module__.startswith("kopt."):
             return holder.hyperparams[name]
-    raise _unknown_hyperparam("get_hyperparam", state, name)
+    return holders[0].hyperparams[name]
 
 
 def _unknown_hyperparam(owner: str, state: OptState, name: str) -> ValueError:

@@ -115,6 +115,11 @@ def save_state(path: str | Path, state: PyTree, *, overwrite: bool = False) -> N
 def restore_state(path: str | Path, like_state: OptState) -> OptState:
     """Restores a tree saved by :func:`save_state`.
 
+    The hyperparameters come back with the rest of the state, as a tf.keras optimizer's
+    hyperparameter variables do: a state restored into ``kopt.adam(1e-5)`` keeps the saved
+    learning rate. To resume with another value, set it afterwards with
+    :func:`kopt.set_hyperparam`.
+
     Args:
         path: the checkpoint directory.
         like_state: a tree with the saved structure (e.g. ``tx.init(params)``, or its

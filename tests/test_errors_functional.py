@@ -201,3 +201,27 @@ def test_apply_updates_refuses_to_broadcast():
     with pytest.raises(ValueError, match=re.escape("['dense']['kernel']")) as info:
         kopt.apply_updates(params, {"dense": {"kernel": jnp.ones(3)}})
     assert "(3,)" in str(info.value) and "(3, 1)" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "build, flag",
+    [
+        # optax's positional order, passed to kopt's Keras order: eps_root lands on amsgrad,
+        # eps on rmsprop's momentum... and a third number on sgd's nesterov.
+        (lambda: kopt.adam(1e-3, 0.9, 0.999, 1e-8, 1e-8), "amsgrad"),
+        (lambda: kopt.adamw(1e-3, 0.01, 0.9, 0.999, 1e-8, 1e-8), "amsgrad"),
+        (lambda: kopt.sgd(0.1, 0.9, 0.5), "nesterov"),
+        (lambda: kopt.rmsprop(0.1, 0.9, 0.0, 1e-7, 1), "centered"),
+        (lambda: kopt.adafactor(relative_step=0), "relative_step"),
+    ],
+)
+def test_a_flag_given_a_number_is_a_type_error(build, flag):
+    with pytest.raises(TypeError, match=f"`{flag}` must be a bool, received"):
+        build()
+
+
+def test_numpy_bools_are_flags():
+    import numpy as np
+
+    tx = kopt.adam(amsgrad=np.bool_(True))
+    assert "vhat" in kopt.slot_names(tx.init(params()))

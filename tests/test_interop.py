@@ -55,6 +55,19 @@ def test_set_hyperparam_reaches_optax_inject_hyperparams():
     np.testing.assert_allclose(updates, [-2.0, 2.0])
 
 
+def test_get_hyperparam_reports_the_value_kopt_uses_under_inject_hyperparams():
+    """``optax.inject_hyperparams(kopt.sgd)`` injects values kopt does not use (its state holds
+    the learning rate); ``kopt.get_hyperparam`` reports the one used, not the injected one."""
+    tx = optax.inject_hyperparams(kopt.sgd)(learning_rate=optax.linear_schedule(1.0, 0.0, 10))
+    params = jnp.zeros(1)
+    state = tx.init(params)
+    for _ in range(3):
+        updates, state = tx.update(jnp.ones(1), state, params)
+        np.testing.assert_allclose(updates, [-1.0])  # the step uses 1.0 throughout
+    assert float(state.hyperparams["learning_rate"]) == pytest.approx(0.8)  # optax's record
+    assert float(kopt.get_hyperparam(state, "learning_rate")) == 1.0
+
+
 def test_kopt_update_accepts_optax_extra_args_in_kopt_chain():
     # optax.chain passes extra keyword arguments only to pieces that accept them.
     tx = optax.chain(optax.scale_by_adam(), kopt.scale_by_learning_rate(1.0))

@@ -126,7 +126,7 @@ class SGD(_KerasV2):
         return kopt.sgd(
             hp["learning_rate"],
             _momentum_value(self._momentum, hp["momentum"]),
-            self.nesterov,
+            bool(self.nesterov),
             decay=hp["decay"],
             slot_dtype=self.slot_dtype,
         )
@@ -177,7 +177,7 @@ class Adam(_KerasV2):
             hp["beta_1"],
             hp["beta_2"],
             hp.get("epsilon", self.epsilon),
-            self.amsgrad,
+            bool(self.amsgrad),
             decay=hp["decay"],
             slot_dtype=self.slot_dtype,
         )
@@ -435,7 +435,7 @@ class RMSprop(_KerasV2):
             hp["rho"],
             _momentum_value(self._momentum, hp["momentum"]),
             hp.get("epsilon", self.epsilon),
-            self.centered,
+            bool(self.centered),
             decay=hp["decay"],
             slot_dtype=self.slot_dtype,
         )
@@ -979,7 +979,7 @@ class AdamW(_Keras3):
             hp.get("beta_1", self.beta_1),
             hp.get("beta_2", self.beta_2),
             hp.get("epsilon", self.epsilon),
-            self.amsgrad,
+            bool(self.amsgrad),
             mask=hp.get("mask"),
             slot_dtype=self.slot_dtype,
         )
@@ -1091,7 +1091,7 @@ class Adafactor(_Keras3):
             hp.get("epsilon_1", self.epsilon_1),
             hp.get("epsilon_2", self.epsilon_2),
             hp.get("clip_threshold", self.clip_threshold),
-            self.relative_step,
+            bool(self.relative_step),
         )
 
 

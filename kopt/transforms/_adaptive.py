@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from kopt.base import GradientTransformation, check_hyperparam
+from kopt.base import GradientTransformation, check_flag, check_hyperparam
 from kopt.sparse import IndexedSlices, as_dense, deduplicate, gather_rows, scatter_rows
 from kopt.transforms._core import (
     cast_coefficients,
@@ -53,6 +53,7 @@ def scale_by_adam(
     owner = "scale_by_adam"
     _check_betas(owner, beta_1=beta_1, beta_2=beta_2)
     check_hyperparam(owner, "epsilon", epsilon)
+    check_flag(owner, "amsgrad", amsgrad)
     slots = {"m": constant_slot(0.0, slot_dtype), "v": constant_slot(0.0, slot_dtype)}
     if amsgrad:
         slots["vhat"] = constant_slot(0.0, slot_dtype)

@@ -7,7 +7,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from kopt._tree import reduced_like_param
-from kopt.base import GradientTransformation, check_hyperparam
+from kopt.base import GradientTransformation, check_flag, check_hyperparam
 from kopt.sparse import IndexedSlices, deduplicate, gather_rows, scatter_rows
 from kopt.transforms._core import (
     cast_coefficients,
@@ -63,6 +63,7 @@ def scale_by_sgd(
     check_hyperparam(owner, "learning_rate", learning_rate)
     check_hyperparam(owner, "decay", decay)
     _check_momentum(owner, momentum)
+    check_flag(owner, "nesterov", nesterov)
     with_momentum = uses_momentum(momentum)
     hyper = {"learning_rate": learning_rate, "decay": decay, "momentum": momentum}
 
@@ -132,6 +133,7 @@ def scale_by_rmsprop(
     check_hyperparam(owner, "rho", rho, high=1.0)
     check_hyperparam(owner, "epsilon", epsilon)
     _check_momentum(owner, momentum)
+    check_flag(owner, "centered", centered)
     with_momentum = uses_momentum(momentum)
     hyper = {
         "learning_rate": learning_rate,
@@ -354,6 +356,7 @@ def scale_by_adafactor(
     check_hyperparam(owner, "epsilon_1", epsilon_1)
     check_hyperparam(owner, "epsilon_2", epsilon_2)
     check_hyperparam(owner, "clip_threshold", clip_threshold, low=0.0, low_inclusive=False)
+    check_flag(owner, "relative_step", relative_step)
     del relative_step
     hyper = {
         "learning_rate": learning_rate,
