@@ -440,7 +440,7 @@ def set_hyperparam(state: OptState, name: str, value: Any) -> OptState:
                 v = getattr(s, field)
                 if field == "hyperparams" and name in v:
                     found = True
-                    v = {**v, name: new_value.astype(jnp.asarray(v[name]).dtype)}
+                    v = {**v, name: _placed_like(v[name], new_value)}
                 elif field not in ("slots", "count", "hyperparams"):
                     v = rebuild(v)
                 fields[field] = v
@@ -457,6 +457,24 @@ def set_hyperparam(state: OptState, name: str, value: Any) -> OptState:
     if not found:
         raise _unknown_hyperparam("set_hyperparam", state, name)
     return new_state
+
+
+def _placed_like(old: Any, new: jax.Array) -> jax.Array:
+    """``new``, a scalar, with ``old``'s dtype, shape and placement.
+
+    A state on a device mesh holds its hyperparameters there (replicated), and ``pmap``'s holds
+    one copy per device; a value placed elsewhere would make the next step compile again or
+    fail. Inside a trace the step decides the placement.
+    """
+    old = jnp.asarray(old) if not isinstance(old, jax.Array) else old
+    new = new.astype(old.dtype)
+    if old.shape:
+        new = jnp.broadcast_to(new, old.shape)
+    if not isinstance(old, jax.core.Tracer) and not isinstance(
+        old.sharding, jax.sharding.SingleDeviceSharding
+    ):
+        new = jax.device_put(new, old.sharding)
+    return new
 
 
 def get_slot(state: OptState, name: str) -> PyTree:

@@ -190,3 +190,70 @@ def test_wrappers_with_a_skipping_branch_run_on_per_device_shards_in_shard_map(w
     if nan_step is not None:  # the skipped step moved the NaN device's shard less than the others
         unskipped = train(params, [np.nan_to_num(g, nan=0.0) for g in grads])
         assert not np.allclose(got[4:6], unskipped[4:6]) and np.allclose(got[:4], unskipped[:4])
+
+
+@pytest.mark.parametrize("how", ["shard_map", "shard_map_no_check_vma", "pmap"])
+def test_apply_if_finite_around_aggregation_skips_on_every_replica_together(how):
+    """With ``apply_if_finite`` outside the aggregation, one replica's NaN gradient used to make
+    that replica skip the branch holding the ``psum`` while the others waited in it (a hang,
+    or an abort after XLA's rendezvous timeout). The decision is now shared: all skip."""
+    tx = kopt.apply_if_finite(
+        kopt.chain(kopt.aggregate_gradients("data", "mean"), kopt.sgd(0.1)), 2
+    )
+    params = jnp.zeros(3)
+    grads = np.ones((4, 3), np.float32)
+    grads[2, 0] = np.nan  # one replica's gradient only
+
+    def step(g):
+        state = tx.init(params)
+        updates, state = tx.update(g[0] if how != "pmap" else g, state, params)
+        counters = jnp.stack([state.notfinite_count, state.total_notfinite])
+        return kopt.apply_updates(params, updates)[None], counters[None]
+
+    mesh = jax.make_mesh((4,), ("data",))
+    if how == "pmap":
+        new, counters = jax.pmap(step, axis_name="data")(grads)
+    else:
+        grads = jax.device_put(grads, NamedSharding(mesh, P("data")))
+        new, counters = jax.jit(
+            jax.shard_map(
+                step,
+                mesh=mesh,
+                in_specs=P("data"),
+                out_specs=(P("data"), P("data")),
+                check_vma=how == "shard_map",
+            )
+        )(grads)
+    np.testing.assert_array_equal(np.asarray(new).reshape(4, 3), 0.0)  # skipped everywhere
+    np.testing.assert_array_equal(np.asarray(counters).reshape(4, 2), 1)
+
+    # A finite step on every replica still runs the aggregated update.
+    fine = np.ones((4, 3), np.float32)
+    if how == "pmap":
+        new, _ = jax.pmap(step, axis_name="data")(fine)
+    else:
+        new, _ = jax.jit(
+            jax.shard_map(
+                step,
+                mesh=mesh,
+                in_specs=P("data"),
+                out_specs=(P("data"), P("data")),
+                check_vma=how == "shard_map",
+            )
+        )(jax.device_put(fine, NamedSharding(mesh, P("data"))))
+    np.testing.assert_allclose(np.asarray(new).reshape(4, 3), -0.1)
+
+
+def test_apply_if_finite_without_collectives_decides_per_replica():
+    """Independent replicas (an ensemble, no aggregation) keep deciding on their own."""
+    tx = kopt.apply_if_finite(kopt.sgd(0.1), 2)
+    grads = np.ones((4, 3), np.float32)
+    grads[2, 0] = np.nan
+
+    def step(g):
+        updates, _ = tx.update(g, tx.init(jnp.zeros(3)), jnp.zeros(3))
+        return updates
+
+    out = np.asarray(jax.pmap(step, axis_name="data")(grads))
+    np.testing.assert_array_equal(out[2], 0.0)
+    np.testing.assert_allclose(out[[0, 1, 3]], -0.1)

@@ -279,6 +279,38 @@ def all_finite(tree: PyTree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
+# Primitives that exchange data between replicas (their names, by prefix, across JAX versions).
+_COLLECTIVES = ("psum", "pmin", "pmax", "pmean", "all_gather", "all_to_all", "ppermute")
+_COLLECTIVES += ("reduce_scatter", "psum_scatter")
+
+
+def _collective_axes(fn: Callable[..., Any], *args: Any) -> tuple[Any, ...]:
+    """The named axes over which ``fn(*args)`` runs collectives (``psum``, ``all_gather``...),
+    read from its jaxpr, nested ones (in ``cond``, ``scan``...) included."""
+    axes: list[Any] = []
+
+    def visit(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name.startswith(_COLLECTIVES):
+                for key in ("axes", "axis_name"):
+                    names = eqn.params.get(key)
+                    names = names if isinstance(names, (tuple, list)) else (names,)
+                    # Integers name positional axes (a reduction, not a replica exchange).
+                    axes.extend(
+                        a
+                        for a in names
+                        if a is not None and not isinstance(a, int) and a not in axes
+                    )
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr holds its Jaxpr
+                    if hasattr(sub, "eqns"):
+                        visit(sub)
+
+    visit(jax.make_jaxpr(fn)(*args).jaxpr)
+    return tuple(axes)
+
+
 def apply_if_finite(
     transformation: GradientTransformation, max_consecutive_errors: int = 5
 ) -> GradientTransformation:
@@ -286,6 +318,10 @@ def apply_if_finite(
 
     After ``max_consecutive_errors`` skipped steps in a row the next bad step is passed to the
     inner transformation (so a run that only produces bad gradients fails visibly).
+
+    Inside ``shard_map`` or ``pmap``, when the inner transformation exchanges data between
+    replicas (an :func:`aggregate_gradients` in it), the decision is taken jointly over those
+    axes: one replica's bad gradient skips the step on all, which keeps them in step.
 
     Example:
         >>> import jax.numpy as jnp, kopt
@@ -316,13 +352,19 @@ def apply_if_finite(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
-        finite = all_finite(updates)
-        notfinite = jnp.where(finite, 0, state.notfinite_count + 1).astype(jnp.int32)
-        run = finite | (notfinite > max_consecutive_errors)
-
         def apply_inner(operand):
             updates, inner_state = operand
             return inner_update(updates, inner_state, params, **extra_args)
+
+        finite = all_finite(updates)
+        axes = _collective_axes(apply_inner, (updates, state.inner_state))
+        if axes:
+            # The inner update talks to the other replicas (an aggregate_gradients inside it):
+            # they must all run it or all skip it, or those running it wait forever for the
+            # others. So one replica's bad gradient skips the step everywhere.
+            finite = jax.lax.pmin(finite.astype(jnp.int32), axes) > 0
+        notfinite = jnp.where(finite, 0, state.notfinite_count + 1).astype(jnp.int32)
+        run = finite | (notfinite > max_consecutive_errors)
 
         def skip(operand):
             updates, inner_state = operand

@@ -1,0 +1,57 @@
+"""``kopt.set_hyperparam`` outside a jitted step on multi-device states: the new value takes the
+old one's placement (mesh-replicated, or one copy per device under ``pmap``), so the next step
+neither compiles again nor fails."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import kopt
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (simulated) devices")
+
+
+@pytest.mark.parametrize("spec", [P(), P("data", None)], ids=["replicated", "sharded"])
+def test_set_hyperparam_between_jitted_steps_on_a_mesh_does_not_recompile(spec):
+    mesh = jax.make_mesh((4,), ("data",))
+    tx = kopt.adam(0.1)
+    params = {"w": jax.device_put(np.ones((8, 2), np.float32), NamedSharding(mesh, spec))}
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+    compiles = 0
+
+    @jax.jit
+    def step(params, state):
+        nonlocal compiles
+        compiles += 1
+        updates, state = tx.update(grads, state, params)
+        return kopt.apply_updates(params, updates), state
+
+    state = jax.jit(tx.init)(params)
+    params, state = step(params, state)
+    params, state = step(params, state)
+    before = compiles
+    for lr in (0.05, 0.01):
+        state = kopt.set_hyperparam(state, "learning_rate", lr)
+        lr_leaf = kopt.get_hyperparam(state, "learning_rate")
+        assert lr_leaf.sharding.is_equivalent_to(NamedSharding(mesh, P()), 0)
+        params, state = step(params, state)
+    assert compiles == before
+    assert float(kopt.get_hyperparam(state, "learning_rate")) == np.float32(0.01)
+
+
+def test_set_hyperparam_outside_pmap_keeps_one_copy_per_device():
+    tx = kopt.sgd(0.1)
+    params = np.zeros((4, 3), np.float32)
+    state = jax.pmap(tx.init)(params)
+
+    def step(p, s):
+        updates, s = tx.update(jnp.ones(3), s, p)
+        return kopt.apply_updates(p, updates), s
+
+    state = kopt.set_hyperparam(state, "learning_rate", 0.5)
+    assert kopt.get_hyperparam(state, "learning_rate").shape == (4,)
+    new, state = jax.pmap(step)(params, state)
+    np.testing.assert_allclose(new, -0.5)
