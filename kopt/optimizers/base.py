@@ -357,9 +357,19 @@ class Optimizer:
             elif isinstance(current, Variable):
                 current.assign(jnp.asarray(value, jnp.float32).astype(current.dtype))
             else:
-                self._hyper[name] = Variable(
-                    jnp.asarray(value, jnp.float32), trainable=False, name=f"{self._name}/{name}"
-                )
+                # A number after a schedule or callable goes back into the variable it had
+                # before (the step compiled for it is keyed by that variable), not a new one.
+                numbers = self.__dict__.setdefault("_number_hypers", {})
+                var = numbers.get(name)
+                if var is None:
+                    var = numbers[name] = Variable(
+                        jnp.asarray(value, jnp.float32),
+                        trainable=False,
+                        name=f"{self._name}/{name}",
+                    )
+                else:
+                    var.assign(jnp.asarray(value, jnp.float32).astype(var.dtype))
+                self._hyper[name] = var
 
     def _get_hyper(self, name: str, dtype: Any = None) -> Any:
         """The hyperparameter: its Variable (cast to ``dtype`` if given), the schedule object,
@@ -1158,7 +1168,7 @@ class Optimizer:
                 k,
                 ("var", v._uid)
                 if isinstance(v, Variable)
-                else id(v)
+                else _Same(v)
                 if _is_step_schedule(v)
                 else "call",
             )
@@ -1167,8 +1177,8 @@ class Optimizer:
         return (
             hyper_kinds,
             tuple(self._active_clips()),
-            id(self.gradient_aggregator),
-            tuple(id(t) for t in self.gradient_transformers),
+            _Same(self.gradient_aggregator),
+            tuple(_Same(t) for t in self.gradient_transformers),
             self._initial_decay,
             None if self._guard is None else self._guard._guard_key(),
             self._structure(),
@@ -1182,7 +1192,7 @@ class Optimizer:
             tuple(s._uid for s in state_vars),  # the program binds these very variables
             tuple(h._uid for h in hyper_vars),
             tuple(_sharding_key(_spread_sharding(v)) for v in var_list),
-            tuple(id(v.constraint) for v in var_list),
+            tuple(_Same(v.constraint) for v in var_list),
             self._key_token(),
             _Hashed(self._traced_attributes()),  # may be large: hashed once, not per call
         )
@@ -1764,20 +1774,69 @@ def _same_plain_value(old: Any, new: Any) -> bool:
 _PYTHON_VALUES = frozenset((list, tuple, float, int))
 
 
+class _Same:
+    """A step-key part standing for one object (a gradient transformer, a constraint...): equal
+    only to a part holding that very object. It keeps the object alive while the key is cached,
+    so a new object cannot come to the freed one's ``id`` and be taken for it."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+    def __eq__(self, other: Any) -> bool:
+        return type(other) is _Same and other.obj is self.obj
+
+
+def _bucketed_rows(g: IndexedSlices, v: Any) -> IndexedSlices:
+    """``g`` padded to a power-of-two number of rows with zero rows at index ``v.shape[0]``
+    (outside the table, so every update skips them, as it does a duplicate's place). The step
+    then compiles once per bucket, not once per row count, which changes from batch to batch.
+    A gradient that is not well formed is left for validation to report."""
+    values, indices = g.values, g.indices
+    shape = getattr(values, "shape", None)
+    if not shape or getattr(indices, "shape", None) != shape[:1] or not getattr(v, "shape", ()):
+        return g
+    n = shape[0]
+    size = 1 << max(n - 1, 0).bit_length()
+    if size == n:
+        return g
+    padding = size - n
+    values = jnp.pad(jnp.asarray(values), [(0, padding)] + [(0, 0)] * (len(shape) - 1))
+    indices = jnp.pad(jnp.asarray(indices), (0, padding), constant_values=v.shape[0])
+    return IndexedSlices(values, indices, g.dense_shape)
+
+
+_CONVERTED = _PYTHON_VALUES | {IndexedSlices}
+
+
+def _name_of(v: Any) -> str:
+    # Not getattr(v, "name", repr(v)): the default would be built (a host copy of the value)
+    # for every variable, on every call.
+    return v.name if hasattr(v, "name") else repr(v)
+
+
 def _filter_empty_gradients(pairs):
     kept = [
-        pair if type(pair[0]) not in _PYTHON_VALUES else (jnp.asarray(pair[0]), pair[1])
+        pair
+        if type(pair[0]) not in _CONVERTED
+        else (_bucketed_rows(*pair), pair[1])
+        if type(pair[0]) is IndexedSlices
+        else (jnp.asarray(pair[0]), pair[1])
         for pair in pairs
         if pair[0] is not None
     ]
     if pairs and not kept:
-        names = ([getattr(v, "name", repr(v)) for _, v in pairs],)
+        names = ([_name_of(v) for _, v in pairs],)
         raise ValueError(
             f"No gradients provided for any variable: {names}. Provided `grads_and_vars` is "
             f"{tuple(pairs)}."
         )
     if len(kept) < len(pairs):
-        missing = [getattr(v, "name", repr(v)) for g, v in pairs if g is None]
+        missing = [_name_of(v) for g, v in pairs if g is None]
         logger.warning(
             "Gradients do not exist for variables %s when minimizing the loss. If you're using "
             "`model.compile()`, did you forget to provide a `loss` argument?",

@@ -1,0 +1,86 @@
+"""What the facade's cached steps are keyed by: a replaced hook never runs an old program, a
+number set after a schedule reuses its program, and sparse gradients compile per bucket of row
+counts rather than per row count."""
+
+import logging
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kopt
+from kopt.optimizers import SGD, Adagrad, Adam
+
+
+def scale_by(k):
+    return lambda pairs: [(g * k, v) for g, v in pairs]
+
+
+@pytest.mark.parametrize("hook", ["gradient_transformers", "gradient_aggregator"])
+def test_a_replaced_hook_is_used_even_at_a_reused_address(hook):
+    """The step was keyed by the hooks' ``id()``; a new closure made after the old one was
+    freed could take its address and run the old program."""
+    var = kopt.Variable([0.0])
+    opt = SGD(1.0)
+    for k in range(1, 8):
+        before = float(var.numpy()[0])
+        # Each closure is freed when the next replaces it, so addresses get reused.
+        setattr(opt, hook, [scale_by(float(k))] if hook == "gradient_transformers" else None)
+        if hook == "gradient_aggregator":
+            opt.gradient_aggregator = scale_by(float(k))
+        opt.apply_gradients([(jnp.ones(1), var)])
+        assert float(var.numpy()[0]) - before == pytest.approx(-k), k
+
+
+@pytest.mark.parametrize("make", [Adam, kopt.optimizers.AdamW])
+def test_a_number_after_a_schedule_reuses_its_program(make):
+    var = kopt.Variable([1.0, 2.0])
+    opt = make(0.1)
+    schedule = kopt.optimizers.schedules.ExponentialDecay(0.1, 10, 0.5)
+    for value in (0.1, schedule):  # both kinds compiled once
+        opt.learning_rate = value
+        opt.apply_gradients([(jnp.ones(2), var)])
+    compiled = opt.compile_count
+    for i in range(6):
+        opt.learning_rate = schedule if i % 2 else 0.05 * (i + 1)
+        opt.apply_gradients([(jnp.ones(2), var)])
+    assert opt.compile_count == compiled
+    opt.learning_rate = 0.25
+    assert float(opt.learning_rate.numpy()) == 0.25  # the number took effect in place
+
+
+def test_sparse_gradients_compile_per_bucket_of_row_counts_with_the_same_result():
+    rows, dim = 50, 3
+    rng = np.random.default_rng(0)
+    table = kopt.Variable(jnp.zeros((rows, dim)))
+    opt = Adagrad(0.1)
+    reference = np.zeros((rows, dim), np.float32)
+    accumulator = np.full((rows, dim), 0.1, np.float32)
+    for n in range(9, 17):  # one bucket (16 rows) for eight row counts
+        indices = rng.integers(0, rows, n).astype(np.int32)
+        values = rng.normal(size=(n, dim)).astype(np.float32)
+        opt.apply_gradients([(kopt.IndexedSlices(values, indices, (rows, dim)), table)])
+        summed = np.zeros((rows, dim), np.float32)
+        np.add.at(summed, indices, values)
+        touched = np.unique(indices)
+        accumulator[touched] += summed[touched] ** 2
+        reference[touched] -= 0.1 * summed[touched] / (np.sqrt(accumulator[touched]) + 1e-7)
+    assert opt.compile_count == 1  # counts 9 to 16 all pad to 16 rows
+    np.testing.assert_allclose(table.numpy(), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_a_none_gradient_does_not_format_its_variable(caplog):
+    class Counted(kopt.Variable):
+        reprs = 0
+
+        def __repr__(self):
+            Counted.reprs += 1
+            return super().__repr__()
+
+    used, unused = kopt.Variable([1.0]), Counted([2.0], name="unused")
+    opt = SGD(0.1)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            opt.apply_gradients([(jnp.ones(1), used), (None, unused)])
+    assert Counted.reprs == 0
+    assert "unused" in caplog.text
