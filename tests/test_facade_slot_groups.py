@@ -119,3 +119,29 @@ def test_grouped_slots_follow_the_model_onto_a_mesh_and_compile_once():
     assert opt.compile_count == count + 1
     assert rows.value.sharding.spec == P("x", None)
     np.testing.assert_allclose(small[0].numpy(), np.full(3, 0.6), rtol=1e-5)
+
+
+def test_reading_and_writing_grouped_slots_compiles_nothing():
+    """``get_weights``/``set_weights`` (and so checkpoints) read and write every grouped slot;
+    one jitted slice or update per slot shape made the first of them compile for seconds."""
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, duration, **kw: compiles.append(event) if "backend_compile" in event else None
+    )
+    variables = [kopt.Variable(jnp.ones((i, 2 + i % 3))) for i in range(1, 13)]  # 12 shapes
+    opt = optimizers.Adam(0.1)
+    opt.apply_gradients([(jnp.ones(v.shape), v) for v in variables])
+    assert any(isinstance(s, PackedSlot) for s in opt.weights)
+    before = len(compiles)
+    weights = opt.get_weights()
+    opt.set_weights([w + 1 for w in weights])
+    again = opt.get_weights()
+    assert len(compiles) == before
+    for w, a in zip(weights, again, strict=True):
+        np.testing.assert_array_equal(a, w + 1)
+    # The written values feed the next step, which compiles nothing new either.
+    slot = opt.get_slot(variables[0], "m")
+    slot.assign(jnp.full(slot.shape, 5.0))
+    np.testing.assert_array_equal(opt.get_slot(variables[0], "m").numpy(), 5.0)
+    opt.apply_gradients([(jnp.zeros(v.shape), v) for v in variables])
+    np.testing.assert_allclose(opt.get_slot(variables[0], "m").numpy(), 4.5, rtol=1e-6)

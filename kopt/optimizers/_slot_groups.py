@@ -10,13 +10,13 @@ slice while it traces, and returns the buffer rebuilt from the slots' new values
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kopt.transforms._flat import _split
 from kopt.variables import Variable, donation_lock
@@ -25,16 +25,6 @@ from kopt.variables import Variable, donation_lock
 MAX_GROUPED_SIZE = 16384
 
 _group_ids = itertools.count()
-
-
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _read(buffer: jax.Array, offset: jax.Array, size: int, shape: tuple[int, ...]) -> jax.Array:
-    return jax.lax.dynamic_slice(buffer, (offset,), (size,)).reshape(shape)
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def _write(buffer: jax.Array, value: jax.Array, offset: jax.Array) -> jax.Array:
-    return jax.lax.dynamic_update_slice(buffer, jnp.ravel(value).astype(buffer.dtype), (offset,))
 
 
 class PackedSlot(Variable):
@@ -91,30 +81,67 @@ class SlotGroup:
         self.uid = next(_group_ids)
         self.members: tuple[PackedSlot, ...] = tuple(members)  # type: ignore[assignment]
         self.sizes = tuple(math.prod(v.shape) for v in values)
+        self.offsets = tuple(itertools.accumulate(self.sizes, initial=0))[:-1]
         self.buffer = jnp.concatenate([jnp.ravel(v) for v in values])
         offset = 0
-        for m, v, size in zip(members, values, self.sizes, strict=True):
+        for i, (m, v, size) in enumerate(zip(members, values, self.sizes, strict=True)):
             m.__dict__.pop("_storage", None)
             m.__class__ = PackedSlot
             m._group = self
+            m._index = i
             m._offset = offset
             m._slot_shape = tuple(v.shape)
             m._slot_dtype = v.dtype
             offset += size
 
+    # Reads and writes outside a step slice a host copy of the buffer and place the result
+    # back: XLA:CPU takes tens of milliseconds to compile even a slice, and one program per
+    # member's shape made the first get_weights or restore of a model with many shapes take
+    # seconds. The host copy is kept until the buffer changes; writes wait until it is next read.
+
+    @property
+    def buffer(self) -> jax.Array:
+        if self._pending:
+            with donation_lock:
+                host = np.array(self._host())  # a copy to write into
+                for i, value in self._pending.items():
+                    start = self.offsets[i]
+                    host[start : start + self.sizes[i]] = np.ravel(value)
+                self._buffer = jax.device_put(host, self._buffer.sharding)
+                self._host_copy = (self._buffer, host)
+                self._pending = {}
+        return self._buffer
+
+    @buffer.setter
+    def buffer(self, value: jax.Array) -> None:
+        self._buffer = value
+        self._host_copy = None
+        self._pending = {}
+
+    def _host(self) -> np.ndarray:
+        """The current buffer (without pending writes) on the host."""
+        cached = self._host_copy
+        if cached is None or cached[0] is not self._buffer:
+            with donation_lock:
+                cached = self._host_copy = (self._buffer, np.asarray(self._buffer))
+        return cached[1]
+
     def read(self, member: PackedSlot) -> jax.Array:
-        with donation_lock:
-            return _read(self.buffer, member._offset, math.prod(member._slot_shape), member.shape)
+        i = member._index
+        value = self._pending.get(i)
+        if value is None:
+            start = self.offsets[i]
+            value = self._host()[start : start + self.sizes[i]].reshape(member.shape)
+        return jax.device_put(value, self._buffer.sharding)
 
     def write(self, member: PackedSlot, value: Any) -> None:
-        value = jnp.asarray(value)
+        value = np.asarray(value)
         if tuple(value.shape) != member.shape:
             raise ValueError(
                 f"Variable {member.name}: cannot store a value of shape {tuple(value.shape)} in "
                 f"a slot of shape {member.shape}"
             )
-        with donation_lock:
-            self.buffer = _write(self.buffer, value, member._offset)
+        self._pending = {**self._pending, member._index: value.astype(self._buffer.dtype)}
 
     def split(self, buffer: Any) -> list[Any]:
         """The members' values out of ``buffer`` (traced), shaped like the slots."""
