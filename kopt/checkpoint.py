@@ -11,7 +11,9 @@ keyed by variable name. Restoring builds the optimizer from the config, creates 
 the given variables and sets them, so a run continues exactly where it stopped, in another
 process too. Sharded arrays are saved shard by shard and restored with the shardings of the
 target (the given state, or the variables' values); a leaf of the target that is not committed to
-a device comes back uncommitted.
+a device comes back uncommitted. An optimizer's own ``gradient_aggregator`` and
+``gradient_transformers`` are functions, which a checkpoint cannot store: ``save_optimizer``
+records that they were set, and ``restore_optimizer`` refuses to go on without them.
 
 Orbax must be installed (``pip install orbax-checkpoint``; it is in kopt's ``test`` extra).
 """
@@ -256,6 +258,7 @@ def save_optimizer(
         "optimizer": serialize(optimizer),
         "variables": list(named),
         "shapes": {name: list(var.shape) for name, var in named.items()},
+        "hooks": _custom_hooks(optimizer),
     }
     try:
         json.dumps(config)
@@ -275,12 +278,30 @@ def save_optimizer(
     (path / CONFIG_FILE).write_text(json.dumps({**config, "layout": layout}, indent=1))
 
 
+def _custom_hooks(optimizer: Any) -> list[str]:
+    """The gradient hooks ``optimizer`` was given, which a checkpoint cannot store (they are
+    Python functions, and tf.keras leaves them out of its config too)."""
+    from kopt.optimizers.base import all_reduce_sum_gradients
+
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    hooks = []
+    if getattr(inner, "gradient_aggregator", all_reduce_sum_gradients) is not (
+        all_reduce_sum_gradients
+    ):
+        hooks.append("gradient_aggregator")
+    if getattr(inner, "gradient_transformers", None):
+        hooks.append("gradient_transformers")
+    return hooks
+
+
 def restore_optimizer(
     path: str | Path,
     variables: Iterable[Any],
     *,
     restore_variables: bool = True,
     custom_objects: dict[str, Any] | None = None,
+    gradient_aggregator: Any = None,
+    gradient_transformers: Any = None,
 ) -> Any:
     """Rebuilds an optimizer saved by :func:`save_optimizer` for ``variables``.
 
@@ -294,13 +315,18 @@ def restore_optimizer(
         variables: the variables to train, named as when saved (their order does not matter).
         restore_variables: whether to assign the saved values to ``variables``.
         custom_objects: your own optimizer classes, by name.
+        gradient_aggregator: the saved optimizer's ``gradient_aggregator``, if it had one of its
+            own: a checkpoint stores no functions.
+        gradient_transformers: likewise, its ``gradient_transformers``.
 
     Returns:
         The restored optimizer.
 
     Raises:
         FileNotFoundError: if there is no checkpoint at ``path``.
-        ValueError: if the variables' names or the optimizer's weights differ from the saved ones.
+        ValueError: if the variables' names or the optimizer's weights differ from the saved ones,
+            or the saved optimizer had a gradient hook that is not passed here (without it the
+            run would go on with other gradients, silently).
     """
     from kopt.optimizers import deserialize
 
@@ -309,6 +335,17 @@ def restore_optimizer(
     if not config_file.exists():
         raise FileNotFoundError(f"restore_optimizer: no checkpoint at {str(path)!r}")
     config = json.loads(config_file.read_text())
+    given = {
+        "gradient_aggregator": gradient_aggregator,
+        "gradient_transformers": gradient_transformers,
+    }
+    missing = [hook for hook in config.get("hooks", []) if not given[hook]]
+    if missing:
+        raise ValueError(
+            f"restore_optimizer: the saved optimizer had its own {' and '.join(missing)}, "
+            "which a checkpoint cannot store; pass the same to restore_optimizer "
+            f"({', '.join(f'{hook}=...' for hook in missing)})"
+        )
     named = _variable_names(variables)
     if set(config["variables"]) != set(named):
         raise ValueError(
@@ -322,6 +359,11 @@ def restore_optimizer(
                 f"the checkpoint's has shape {tuple(shape)}"
             )
     optimizer = deserialize(config["optimizer"], custom_objects=custom_objects)
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    if gradient_aggregator is not None:
+        inner.gradient_aggregator = gradient_aggregator
+    if gradient_transformers is not None:
+        inner.gradient_transformers = list(gradient_transformers)
     order = config["variables"]
     optimizer._create_all_weights([named[name] for name in order])  # the order they were saved in
     layout = _optimizer_layout(optimizer, {name: named[name] for name in order})

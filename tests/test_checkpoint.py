@@ -167,3 +167,48 @@ def test_a_custom_optimizers_add_weight_state_is_saved_and_restored(tmp_path):
         opt.apply_gradients([(g, var)])
         resumed.apply_gradients([(g, resumed_var)])
     np.testing.assert_array_equal(resumed_var.numpy(), var.numpy())
+
+
+def mean_over_replicas(pairs):
+    return [
+        (jnp.mean(g.values, axis=0), v) if isinstance(g, optimizers.PerReplica) else (g, v)
+        for g, v in pairs
+    ]
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["plain", "loss_scale"])
+def test_gradient_hooks_must_be_passed_back_to_restore(tmp_path, wrap):
+    """A checkpoint stores no functions. Restoring without the saved optimizer's own
+    gradient_aggregator went on summing replicas where it had averaged them, silently."""
+    var = kopt.Variable([0.0], name="w")
+    opt = optimizers.SGD(0.1, gradient_aggregator=mean_over_replicas)
+    if wrap:
+        opt = optimizers.LossScaleOptimizer(opt, dynamic=False, initial_scale=1.0)
+    grads = optimizers.PerReplica(jnp.ones((8, 1)))
+    opt.apply_gradients([(grads, var)])
+    save_optimizer(tmp_path / "ckpt", opt, [var])
+    var.assign([5.0])
+
+    with pytest.raises(ValueError, match="gradient_aggregator=") as info:
+        restore_optimizer(tmp_path / "ckpt", [var])
+    assert "gradient_transformers" not in str(info.value)
+    assert float(var.numpy()[0]) == 5.0  # nothing changed
+
+    restored = restore_optimizer(
+        tmp_path / "ckpt", [var], gradient_aggregator=mean_over_replicas
+    )
+    restored.apply_gradients([(grads, var)])
+    np.testing.assert_allclose(var.numpy(), [-0.2], rtol=1e-6)  # averaged: -0.1 twice
+
+
+def test_gradient_transformers_are_named_when_missing(tmp_path):
+    var = kopt.Variable([0.0], name="w")
+    double = lambda pairs: [(2 * g, v) for g, v in pairs]  # noqa: E731
+    opt = optimizers.SGD(0.1, gradient_transformers=[double])
+    opt.apply_gradients([(jnp.ones(1), var)])
+    save_optimizer(tmp_path / "ckpt", opt, [var])
+    with pytest.raises(ValueError, match="gradient_transformers"):
+        restore_optimizer(tmp_path / "ckpt", [var])
+    restored = restore_optimizer(tmp_path / "ckpt", [var], gradient_transformers=[double])
+    restored.apply_gradients([(jnp.ones(1), var)])
+    np.testing.assert_allclose(var.numpy(), [-0.4], rtol=1e-6)
