@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from facade_zoo import NormTracker
-from jax.sharding import NamedSharding
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import kopt
@@ -218,6 +218,80 @@ def test_sharded_variables_keep_their_sharding_over_cached_steps():
     for name in ("m", "v"):
         assert opt.get_slot(v, name).value.sharding.is_equivalent_to(sharding, 2), name
     np.testing.assert_allclose(v.numpy(), np.full((8, 2), -0.3), rtol=1e-4)
+
+
+needs_4_devices = pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (simulated) devices")
+mesh_axes = pytest.mark.parametrize(
+    "axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"]
+)
+
+
+@needs_4_devices
+@mesh_axes
+@pytest.mark.parametrize("spec", [P("x", None), P()], ids=["sharded", "replicated"])
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda: optimizers.Nadam(0.1),  # a scalar slot, momentum_cache
+        lambda: optimizers.LossScaleOptimizer(optimizers.Adam(0.1)),  # the scale, its counter
+        lambda: optimizers.from_transformation(kopt.accumulate_gradients(kopt.adam(0.1), 2)),
+        lambda: optimizers.from_transformation(kopt.apply_if_finite(kopt.adam(0.1))),
+        NormTracker,  # add_weight weights
+    ],
+    ids=["nadam", "loss_scale", "accumulate", "apply_if_finite", "add_weight"],
+)
+def test_state_beside_the_slots_joins_the_mesh_and_the_step_compiles_once(
+    make_opt, spec, axis_type
+):
+    mesh = jax.make_mesh((4,), ("x",), axis_types=(axis_type,))
+    sharding = NamedSharding(mesh, spec)
+    on_mesh = kopt.Variable(jax.device_put(jnp.ones((8, 2)), sharding))
+    alone = kopt.Variable(jnp.ones((8, 2)))
+    opt, reference = make_opt(), make_opt()
+    for _ in range(3):
+        opt.apply_gradients([(jnp.full((8, 2), 0.5), on_mesh)])
+        reference.apply_gradients([(jnp.full((8, 2), 0.5), alone)])
+    assert getattr(opt, "inner_optimizer", opt).compile_count == 1
+    assert on_mesh.value.sharding.is_equivalent_to(sharding, 2)
+    np.testing.assert_allclose(on_mesh.numpy(), alone.numpy(), rtol=1e-6)
+    assert not np.allclose(on_mesh.numpy(), 1.0)  # it trained
+
+
+@needs_4_devices
+@mesh_axes
+def test_minimize_with_a_plain_variable_beside_mesh_variables_compiles_once(axis_type):
+    mesh = jax.make_mesh((4,), ("x",), axis_types=(axis_type,))
+    sharding = NamedSharding(mesh, P(None, "x"))
+    w = kopt.Variable(jax.device_put(jnp.zeros((2, 8)), sharding))
+    b = kopt.Variable(jnp.zeros(8))  # on one device, until the optimizer places it
+    x = jax.device_put(jnp.ones((3, 2)), NamedSharding(mesh, P()))
+    opt = optimizers.Adam(learning_rate=0.1)
+    for _ in range(3):
+        opt.minimize(lambda: jnp.sum(x @ w + b), [w, b])  # constant gradients: 3 and 3
+    assert opt.compile_count == 1
+    assert w.value.sharding.is_equivalent_to(sharding, 2)
+    # Adam moves by the learning rate against a constant gradient's sign at every step.
+    np.testing.assert_allclose(w.numpy(), np.full((2, 8), -0.3), rtol=1e-5)
+    np.testing.assert_allclose(b.numpy(), np.full(8, -0.3), rtol=1e-5)
+
+
+@needs_4_devices
+@mesh_axes
+def test_flatten_behind_the_facade_trains_a_sharded_variable_beside_packed_ones(axis_type):
+    """kopt.flatten leaves a sharded param loose; the step lays out the state as the optimizer
+    made it, also where a traced param's sharding is invisible (automatic mesh axes)."""
+    mesh = jax.make_mesh((4,), ("x",), axis_types=(axis_type,))
+    sharding = NamedSharding(mesh, P("x", None))
+    w = kopt.Variable(jax.device_put(jnp.zeros((8, 2)), sharding))
+    b = kopt.Variable(jnp.zeros(2))
+    opt = optimizers.from_transformation(kopt.flatten(kopt.adam(0.1)))
+    for _ in range(3):
+        opt.apply_gradients([(jnp.ones((8, 2)), w), (-jnp.ones(2), b)])
+    assert opt.compile_count == 1
+    assert w.value.sharding.is_equivalent_to(sharding, 2)
+    # Adam moves by the learning rate against a constant gradient's sign at every step.
+    np.testing.assert_allclose(w.numpy(), np.full((8, 2), -0.3), rtol=1e-5)
+    np.testing.assert_allclose(b.numpy(), np.full(2, 0.3), rtol=1e-5)
 
 
 @pytest.mark.parametrize("wrap", [False, True], ids=["adam", "loss_scale"])

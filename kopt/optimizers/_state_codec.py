@@ -4,8 +4,8 @@ The facade keeps one slot variable per (variable, slot name), scalar slots (Nada
 cache) as non-slot weights, the step count in ``iterations`` and the hyperparameters in its own
 variables. Anything else in a state (an optax piece's state, a wrapper's counters, slots that
 are not per variable) is "opaque": kept as one variable per leaf. ``describe`` reads a state's
-layout; ``assemble`` builds a state from the facade's values inside the compiled step;
-``extract`` reads the new values back.
+layout; ``abstract`` keeps only a state's layout, the template ``assemble`` fills with the
+facade's values inside the compiled step; ``extract`` reads the new values back.
 """
 
 from __future__ import annotations
@@ -86,6 +86,40 @@ def extract(state: Any, n: int) -> tuple[dict[str, list[Any]], dict[str, Any], l
 
     _walk(state, n, visit_state, visit_leaf)
     return per_var, scalars, opaque
+
+
+def abstract(state: Any, n: int) -> Any:
+    """``state`` with every array as a ``jax.ShapeDtypeStruct``: a template for ``assemble``
+    that holds no buffer and no tracer. Its containers keep their order (``jax.tree.map`` would
+    sort a dict's keys, and ``extract`` reads opaque leaves in container order)."""
+
+    def shape_of(x):
+        return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+
+    def visit_state(s):
+        return OptimizerState(
+            shape_of(s.count),
+            {k: shape_of(v) for k, v in s.hyperparams.items()},
+            {name: jax.tree.map(shape_of, tree) for name, tree in s.slots.items()},
+        )
+
+    return _walk(state, n, visit_state, shape_of)
+
+
+def with_hyperparams(template: Any, source: Any, n: int) -> Any:
+    """``template`` holding the hyperparameters of ``source``, another state of the same
+    transformation (its kopt states in the same order)."""
+    found = []
+
+    def collect(s):
+        found.append(s.hyperparams)
+        return s
+
+    _walk(source, n, collect, lambda leaf: leaf)
+    hyperparams = iter(found)
+    return _walk(
+        template, n, lambda s: s._replace(hyperparams=next(hyperparams)), lambda leaf: leaf
+    )
 
 
 def assemble(

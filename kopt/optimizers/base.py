@@ -988,17 +988,17 @@ class Optimizer:
 
     def _place_on_mesh(self, var_list: list[Variable]) -> None:
         """When some variables span a mesh, puts ``iterations`` and the uncommitted
-        single-device variables and slots on it, replicated, where the step would return them:
-        otherwise the first step changes their placement, and (with explicit mesh axes, where
-        placement is part of the type) the second step compiles again."""
+        single-device variables and optimizer state (slots, scalar slots, a wrapped
+        transformation's state, ``add_weight`` weights, a LossScaleOptimizer's scale) on it,
+        replicated, where the step would return them: otherwise the first step changes their
+        placement, and the second step compiles again."""
         mesh = next((s.mesh for s in map(_spread_sharding, var_list) if s is not None), None)
         if mesh is None:
             return
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         movable = [self._iterations] if self._iterations is not None else []
-        for v in var_list:
-            movable.append(v)
-            movable.extend(self._slots.get(v._uid, {}).values())
+        movable += var_list
+        movable += self._state_variables(var_list)
         for g in self._slot_groups:
             current = getattr(g.buffer, "sharding", None)
             if not (isinstance(current, jax.sharding.NamedSharding) and current.mesh == mesh):
@@ -1201,6 +1201,7 @@ class Optimizer:
         iterations = self.iterations
         # Built outside the trace: its placeholders need the hyperparameters' concrete values.
         tx = self._static_transformation() if self._uses_transformation() else None
+        template = None if tx is None else _state_template(tx, var_list)
         # Every sharded variable and slot leaves the step with the sharding it came in with.
         var_shardings = [_spread_sharding(v) for v in var_list]
         loose = plan.loose
@@ -1240,7 +1241,7 @@ class Optimizer:
                         )
                 gv = self._transform_gradients(gv)
                 if tx is not None:
-                    self._apply_transformation(tx, gv, dynamic)
+                    self._apply_transformation(tx, gv, dynamic, template)
                 else:
                     self._apply_hooks(gv)
                 new_iteration = core.safe_increment(jnp.asarray(iterations.value))
@@ -1341,7 +1342,7 @@ class Optimizer:
                 if v.constraint is not None:
                     v.assign(v.constraint(v))
 
-    def _apply_transformation(self, tx, gv, dynamic) -> None:
+    def _apply_transformation(self, tx, gv, dynamic, template) -> None:
         var_list = [v for _, v in gv]
         hp = {
             name: jnp.asarray(_plain(value), jnp.float32)
@@ -1351,7 +1352,11 @@ class Optimizer:
         hp = {self._functional_name(k): v for k, v in hp.items()}
         hp.update({k[6:]: v for k, v in dynamic.items() if k.startswith("plain:")})
         # Traced, so only its structure and its constant hyperparameters survive compilation.
-        template = tx.init([v.value for v in var_list])
+        traced = tx.init([v.value for v in var_list])
+        if template is None:  # the variables had no concrete values (a step inside a trace)
+            template = traced
+        else:  # the stored state's layout, with the constant hyperparameters
+            template = codec.with_hyperparams(template, traced, len(var_list))
         state = codec.assemble(
             template,
             count=jnp.asarray(self.iterations.value),
@@ -1420,6 +1425,10 @@ class Optimizer:
                 seen_reads.update(reads)
                 return jnp.asarray(out)
 
+        if variables_module.placement_epoch[0]:  # some variable ever spanned devices
+            # A plain variable beside mesh ones goes to the mesh before its gradient is taken,
+            # not by the step after: its gradient's placement is then the same every step.
+            self._place_on_mesh(var_list)
         with reading():  # the forward and backward passes hold the variables' buffers
             out, vjp = jax.vjp(loss_of, [v._current for v in var_list])
             cotangent = jnp.ones_like(out) if grad_loss is None else jnp.asarray(grad_loss)
@@ -1960,6 +1969,19 @@ def _spread_sharding(variable: Variable) -> Any:
     if isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.device_set) > 1:
         return sharding
     return None
+
+
+def _state_template(tx: core.GradientTransformation, var_list: list[Variable]) -> Any:
+    """The shapes of ``tx.init``'s state for the variables' concrete values, as the optimizer
+    made its state (None when they are traced). A layout may depend on a param's sharding
+    (``kopt.flatten`` leaves a sharded one loose), which a traced param does not show over
+    automatic mesh axes, so the step's own ``tx.init`` could lay the state out otherwise."""
+    values = [v._current for v in var_list]
+    if any(isinstance(x, jax.core.Tracer) for x in values):
+        return None
+    out = []
+    jax.eval_shape(lambda: out.append(codec.abstract(tx.init(values), len(values))))
+    return out[0]
 
 
 class _StatePlan(NamedTuple):

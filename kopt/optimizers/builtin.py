@@ -758,10 +758,10 @@ class _Keras3(_SlotDtype, Optimizer):
             or self.__dict__.get("_excluded_names") is not None
         )
 
-    def _apply_transformation(self, tx, gv, dynamic) -> None:
+    def _apply_transformation(self, tx, gv, dynamic, template) -> None:
         self.__dict__["_stepped"] = [v for _, v in gv]
         try:
-            super()._apply_transformation(tx, gv, dynamic)
+            super()._apply_transformation(tx, gv, dynamic, template)
         finally:
             del self.__dict__["_stepped"]
 
