@@ -194,9 +194,7 @@ def test_gradient_hooks_must_be_passed_back_to_restore(tmp_path, wrap):
     assert "gradient_transformers" not in str(info.value)
     assert float(var.numpy()[0]) == 5.0  # nothing changed
 
-    restored = restore_optimizer(
-        tmp_path / "ckpt", [var], gradient_aggregator=mean_over_replicas
-    )
+    restored = restore_optimizer(tmp_path / "ckpt", [var], gradient_aggregator=mean_over_replicas)
     restored.apply_gradients([(grads, var)])
     np.testing.assert_allclose(var.numpy(), [-0.2], rtol=1e-6)  # averaged: -0.1 twice
 
