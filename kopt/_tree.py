@@ -17,8 +17,9 @@ def _path_str(path) -> str:
     return jax.tree_util.keystr(path) or "<root>"
 
 
-def check_floating_params(params: PyTree, owner: str) -> None:
-    """Raises TypeError naming the first param leaf that is not a floating-point array."""
+def check_floating_params(params: PyTree, owner: str, *, allow_complex: bool = True) -> None:
+    """Raises TypeError naming the first param leaf that is not a floating-point array (or,
+    without ``allow_complex``, that is complex: for a rule with no complex form)."""
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         dtype = getattr(leaf, "dtype", None)
         if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
@@ -26,6 +27,25 @@ def check_floating_params(params: PyTree, owner: str) -> None:
                 f"{owner}: param {_path_str(path)} must be a floating-point array, received "
                 f"{type(leaf).__name__} of dtype {dtype}"
             )
+        if not allow_complex and jnp.issubdtype(dtype, jnp.complexfloating):
+            raise TypeError(
+                f"{owner}: param {_path_str(path)} has complex dtype {dtype}, expected a real "
+                f"floating-point array ({owner} has no complex form)"
+            )
+
+
+def abs_sq(x: jax.Array) -> jax.Array:
+    """``|x|**2``, real: ``x * x`` for a real dtype, ``re(x)**2 + im(x)**2`` for a complex one
+    (in the matching real dtype). Every second moment and squared norm is taken with it."""
+    if jnp.iscomplexobj(x):
+        return x.real * x.real + x.imag * x.imag
+    return x * x
+
+
+def at_least_float32(x: jax.Array) -> jax.Array:
+    """``x`` upcast to float32 (float16/bfloat16), else as it is: a complex ``x`` keeps its
+    imaginary part (``astype(float32)`` would drop it)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def check_same_structure(updates: PyTree, reference: PyTree, owner: str, what: str) -> None:

@@ -194,7 +194,7 @@ def apply_updates(params: Params, updates: Updates) -> Params:
         >>> kopt.apply_updates({"w": jnp.ones(2, jnp.bfloat16)}, {"w": jnp.ones(2)})["w"].dtype
         dtype(bfloat16)
     """
-    from kopt.sparse import IndexedSlices, in_range, is_indexed_slices
+    from kopt.sparse import IndexedSlices, in_range, is_indexed_slices, scatter_add_rows
 
     def add(path, p, u):
         if u is None or p is None:
@@ -202,7 +202,7 @@ def apply_updates(params: Params, updates: Updates) -> Params:
         if isinstance(u, IndexedSlices):
             rows = u.values.astype(jnp.promote_types(p.dtype, u.values.dtype))
             indices = in_range(u.indices, jnp.shape(p)[0])
-            new = p.astype(rows.dtype).at[indices].add(rows, mode="drop")
+            new = scatter_add_rows(p.astype(rows.dtype), indices, rows)
             return new.astype(p.dtype)
         p = jnp.asarray(p)
         if jnp.shape(u) != p.shape:

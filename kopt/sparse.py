@@ -6,6 +6,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 
 @jax.tree_util.register_pytree_node_class
@@ -62,8 +64,8 @@ class IndexedSlices:
         shape = shape or self.dense_shape
         if shape is None:
             raise ValueError("IndexedSlices.to_dense: dense_shape is unknown; pass `shape`")
-        zeros = jnp.zeros(shape, self.values.dtype)
-        return zeros.at[in_range(self.indices, shape[0])].add(self.values, mode="drop")
+        zeros = jnp.zeros(shape, self.values.dtype, out_sharding=_whole_rows_sharding(self.values))
+        return scatter_add_rows(zeros, in_range(self.indices, shape[0]), self.values)
 
 
 def map_values(fn: Any, g: Any) -> Any:
@@ -93,20 +95,61 @@ def deduplicate(grad: IndexedSlices, num_rows: int) -> IndexedSlices:
     outside ``[0, num_rows)``, has index ``num_rows`` (out of range, dropped by scatters).
     """
     n = grad.indices.shape[0]
-    indices = in_range(grad.indices, num_rows)
+    indices = in_range(_whole_rows(grad.indices), num_rows)
     unique, inverse = jnp.unique(indices, size=n, fill_value=num_rows, return_inverse=True)
-    summed = jax.ops.segment_sum(grad.values, inverse.reshape(-1), num_segments=n)
+    summed = jax.ops.segment_sum(_whole_rows(grad.values), inverse.reshape(-1), num_segments=n)
     return IndexedSlices(summed, unique, grad.dense_shape)
 
 
+def _explicit_sharding(x: jax.Array) -> NamedSharding | None:
+    """``x``'s sharding where its mesh has Explicit axes, else None (one device, Auto axes, or
+    inside ``shard_map``). Over Explicit axes JAX asks a gather or a scatter on a split axis
+    for its output's sharding (``out_sharding=``) instead of choosing one."""
+    sharding = jax.typeof(x).sharding
+    return sharding if sharding.mesh.explicit_axes else None
+
+
+def _whole_rows_sharding(x: jax.Array) -> NamedSharding | None:
+    """Over Explicit mesh axes, ``x``'s sharding with the first axis whole on every device (the
+    others split as in ``x``); None otherwise."""
+    sharding = _explicit_sharding(x)
+    if sharding is None:
+        return None
+    return NamedSharding(sharding.mesh, P(None, *sharding.spec[1:]))
+
+
+def _whole_rows(x: jax.Array) -> jax.Array:
+    """``x`` with its first axis whole on every device where Explicit mesh axes split it: the
+    sort that finds duplicate indices needs all of them (Auto axes gather them implicitly)."""
+    sharding = _whole_rows_sharding(x)
+    if sharding is None or sharding.spec == jax.typeof(x).sharding.spec:
+        return x
+    return jax.sharding.reshard(x, sharding)
+
+
 def gather_rows(table: jax.Array, indices: jax.Array) -> jax.Array:
-    """``table[indices]``, clamping out-of-range indices (their results are later dropped)."""
-    return jnp.take(table, indices, axis=0, mode="clip")
+    """``table[indices]``, clamping out-of-range indices (their results are later dropped).
+
+    Over Explicit mesh axes the rows are whole on every device (however ``table``'s rows are
+    split) and split along the other axes as ``table`` is.
+    """
+    return table.at[indices].get(
+        mode="clip", wrap_negative_indices=False, out_sharding=_whole_rows_sharding(table)
+    )
 
 
 def scatter_rows(table: jax.Array, indices: jax.Array, rows: jax.Array) -> jax.Array:
-    """``table`` with ``rows`` written at ``indices``; out-of-range indices are dropped."""
-    return table.at[indices].set(rows.astype(table.dtype), mode="drop")
+    """``table`` with ``rows`` written at ``indices``; out-of-range indices are dropped. The
+    result keeps ``table``'s sharding."""
+    return table.at[indices].set(
+        rows.astype(table.dtype), mode="drop", out_sharding=_explicit_sharding(table)
+    )
+
+
+def scatter_add_rows(table: jax.Array, indices: jax.Array, rows: jax.Array) -> jax.Array:
+    """``table`` with ``rows`` added at ``indices`` (repeats add up); out-of-range indices are
+    dropped. The result keeps ``table``'s sharding."""
+    return table.at[indices].add(rows, mode="drop", out_sharding=_explicit_sharding(table))
 
 
 def as_dense(g: Any, shape: tuple[int, ...]) -> Any:

@@ -11,8 +11,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from kopt._tree import abs_sq, at_least_float32
 from kopt.base import GradientTransformation, check_flag, check_hyperparam
-from kopt.sparse import IndexedSlices, as_dense, deduplicate, gather_rows, scatter_rows
+from kopt.sparse import (
+    IndexedSlices,
+    as_dense,
+    deduplicate,
+    gather_rows,
+    scatter_add_rows,
+    scatter_rows,
+)
 from kopt.transforms._core import (
     cast_coefficients,
     constant_slot,
@@ -35,7 +43,7 @@ def scale_by_adam(
     r"""Adam's direction with Keras's "epsilon hat" placement.
 
     .. math::
-        m \leftarrow m + (g - m)(1 - \beta_1),\quad v \leftarrow v + (g^2 - v)(1 - \beta_2),\quad
+        m \leftarrow m + (g - m)(1 - \beta_1),\quad v \leftarrow v + (|g|^2 - v)(1 - \beta_2),\quad
         u = \frac{\sqrt{1 - \beta_2^t}}{1 - \beta_1^t}\,\frac{m}{\sqrt{v} + \epsilon}
 
     With ``amsgrad``, ``vhat = max(vhat, v)`` (of the raw ``v``) replaces ``v`` in the root.
@@ -69,12 +77,12 @@ def scale_by_adam(
         if isinstance(g, IndexedSlices):  # Keras's sparse path: decay every row, add the rows
             d = deduplicate(g, m.shape[0])
             rows = d.values.astype(m.dtype)
-            m = (m * c["beta_1"]).at[d.indices].add(rows * (1 - c["beta_1"]), mode="drop")
-            v = (v * c["beta_2"]).at[d.indices].add(rows * rows * (1 - c["beta_2"]), mode="drop")
+            m = scatter_add_rows(m * c["beta_1"], d.indices, rows * (1 - c["beta_1"]))
+            v = scatter_add_rows(v * c["beta_2"], d.indices, abs_sq(rows) * (1 - c["beta_2"]))
         else:
             g = g.astype(m.dtype)
             m = m + (g - m) * (1 - c["beta_1"])
-            v = v + (g * g - v) * (1 - c["beta_2"])
+            v = v + (abs_sq(g) - v) * (1 - c["beta_2"])
         new = {"m": m, "v": v}
         if amsgrad:
             new["vhat"] = v = jnp.maximum(s["vhat"], v)
@@ -92,7 +100,7 @@ def scale_by_adam(
 def scale_by_adagrad(
     initial_accumulator_value: float = 0.1, epsilon: Any = 1e-7, slot_dtype: Any = None
 ) -> GradientTransformation:
-    r"""Adagrad's direction: ``accumulator += g**2``; ``u = g / (sqrt(accumulator) + epsilon)``.
+    r"""Adagrad's direction: ``accumulator += |g|**2``; ``u = g / (sqrt(accumulator) + epsilon)``.
 
     Sparse gradients update only the rows they name (duplicates summed first). Slot:
     ``accumulator``, starting at ``initial_accumulator_value`` (0.1, as in Keras).
@@ -111,7 +119,7 @@ def scale_by_adagrad(
     check_hyperparam(owner, "epsilon", epsilon)
 
     def step(g, acc, c):
-        acc = acc + g * g
+        acc = acc + abs_sq(g)
         return g / (jnp.sqrt(acc) + c["epsilon"]), acc
 
     def rule(g, s, p, c):
@@ -141,9 +149,9 @@ def scale_by_adadelta(
     r"""Adadelta's direction, epsilon inside both roots (Keras-exact).
 
     .. math::
-        a_g \leftarrow \rho a_g + (1-\rho) g^2,\quad
+        a_g \leftarrow \rho a_g + (1-\rho) |g|^2,\quad
         u = \sqrt{a_x + \epsilon}\,/\sqrt{a_g + \epsilon}\; g,\quad
-        a_x \leftarrow \rho a_x + (1-\rho) u^2
+        a_x \leftarrow \rho a_x + (1-\rho) |u|^2
 
     Slots ``accum_grad`` and ``accum_var``. Sparse gradients update only their rows.
     Reference: Zeiler, 2012.
@@ -160,9 +168,9 @@ def scale_by_adadelta(
     check_hyperparam(owner, "epsilon", epsilon)
 
     def step(g, ag, av, c):
-        ag = ag * c["rho"] + g * g * (1 - c["rho"])
+        ag = ag * c["rho"] + abs_sq(g) * (1 - c["rho"])
         u = jnp.sqrt(av + c["epsilon"]) * jax.lax.rsqrt(ag + c["epsilon"]) * g
-        av = av * c["rho"] + u * u * (1 - c["rho"])
+        av = av * c["rho"] + abs_sq(u) * (1 - c["rho"])
         return u, ag, av
 
     def rule(g, s, p, c):
@@ -253,7 +261,7 @@ def scale_by_nadam(
     running product :math:`\Pi_t = \prod_{i \le t} \mu_i` (scalar slot ``momentum_cache``):
 
     .. math::
-        m \leftarrow \beta_1 m + (1-\beta_1) g,\quad v \leftarrow \beta_2 v + (1-\beta_2) g^2,\\
+        m \leftarrow \beta_1 m + (1-\beta_1) g,\quad v \leftarrow \beta_2 v + (1-\beta_2) |g|^2,\\
         \bar m = (1-\mu_t)\frac{g}{1-\Pi_t} + \mu_{t+1}\frac{m}{1-\Pi_t\mu_{t+1}},\quad
         u = \frac{\bar m}{\sqrt{v / (1-\beta_2^t)} + \epsilon}
 
@@ -300,13 +308,13 @@ def scale_by_nadam(
         if isinstance(g, IndexedSlices):
             d = deduplicate(g, m.shape[0])
             gv = d.values.astype(m.dtype)
-            m = (m * c["beta_1"]).at[d.indices].add(gv * (1 - c["beta_1"]), mode="drop")
-            v = (v * c["beta_2"]).at[d.indices].add(gv * gv * (1 - c["beta_2"]), mode="drop")
+            m = scatter_add_rows(m * c["beta_1"], d.indices, gv * (1 - c["beta_1"]))
+            v = scatter_add_rows(v * c["beta_2"], d.indices, abs_sq(gv) * (1 - c["beta_2"]))
             u = direction(gv, gather_rows(m, d.indices), gather_rows(v, d.indices), c)
             return IndexedSlices(u, d.indices, m.shape), {"m": m, "v": v}
         g = g.astype(m.dtype)
         m = c["beta_1"] * m + (1 - c["beta_1"]) * g
-        v = c["beta_2"] * v + (1 - c["beta_2"]) * (g * g)
+        v = c["beta_2"] * v + (1 - c["beta_2"]) * abs_sq(g)
         return direction(g, m, v, c), {"m": m, "v": v}
 
     return leafwise_transformation(
@@ -325,7 +333,8 @@ def scale_by_lion(
     r"""Lion's direction (Keras 3): ``u = sign(beta_1 m + (1 - beta_1) g)``; then
     ``m = beta_2 m + (1 - beta_2) g``.
 
-    Slot ``m``. ``beta_1`` must lie in (0, 1] (0 degenerates to sign SGD). Reference: Chen et
+    Slot ``m``. ``beta_1`` must lie in (0, 1] (0 degenerates to sign SGD). For a complex
+    param, ``sign(x)`` is ``x / |x|`` (0 at 0), as in optax's ``lion``. Reference: Chen et
     al., 2023, "Symbolic Discovery of Optimization Algorithms".
 
     Example:
@@ -388,16 +397,16 @@ def scale_by_lamb(
         c32 = cast_coefficients(c, jnp.float32)
         c = cast_coefficients(c, m.dtype)
         m = m + (g - m) * (1 - c["beta_1"])
-        v = v + (g * g - v) * (1 - c["beta_2"])
-        # The slots keep their dtype; the ratio and the norms are computed in float32 (as
-        # global_norm is). In float16 an epsilon of 1e-7 is subnormal, which XLA may flush to
+        v = v + (abs_sq(g) - v) * (1 - c["beta_2"])
+        # The slots keep their dtype; the ratio and the norms are computed in at least float32
+        # (as global_norm is). In float16 an epsilon of 1e-7 is subnormal, which XLA may flush to
         # zero, and a sum of squares overflows long before the update itself is out of range.
-        m32, v32 = m.astype(jnp.float32), v.astype(jnp.float32)
+        m32, v32 = at_least_float32(m), at_least_float32(v)
         r = (m32 / c32["one_minus_beta_1_power"]) / (
             jnp.sqrt(v32 / c32["one_minus_beta_2_power"]) + c32["epsilon"]
         )
-        w_norm = jnp.sqrt(jnp.sum(jnp.square(p.astype(m.dtype).astype(jnp.float32))))
-        r_norm = jnp.sqrt(jnp.sum(jnp.square(r)))
+        w_norm = jnp.sqrt(jnp.sum(abs_sq(at_least_float32(p.astype(m.dtype)))))
+        r_norm = jnp.sqrt(jnp.sum(abs_sq(r)))
         ratio = jnp.where(w_norm > 0, jnp.where(r_norm > 0, w_norm / r_norm, 1.0), 1.0)
         return (ratio * r).astype(m.dtype), {"m": m, "v": v}
 

@@ -7,6 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from kopt._tree import abs_sq, at_least_float32
 from kopt.base import (
     GradientTransformation,
     OptimizerState,
@@ -23,6 +24,8 @@ from kopt.transforms._core import leafwise_transformation
 def clip_by_value(clipvalue: Any) -> GradientTransformation:
     """Clips every gradient element to ``[-clipvalue, clipvalue]`` (Keras's ``clipvalue``).
 
+    Complex params are refused (TypeError at ``init``): complex numbers have no order to clip in.
+
     Example:
         >>> import jax.numpy as jnp, kopt
         >>> tx = kopt.clip_by_value(1.0)
@@ -38,13 +41,16 @@ def clip_by_value(clipvalue: Any) -> GradientTransformation:
 
         return map_values(clip, g), {}
 
-    return leafwise_transformation("clip_by_value", {"clipvalue": clipvalue}, {}, rule)
+    return leafwise_transformation(
+        "clip_by_value", {"clipvalue": clipvalue}, {}, rule, supports_complex=False
+    )
 
 
 def clip_by_norm(clipnorm: Any) -> GradientTransformation:
     """Rescales each gradient tensor whose L2 norm exceeds ``clipnorm`` (Keras's ``clipnorm``).
 
-    ``g * clipnorm / max(||g||, clipnorm)``, per tensor (not global).
+    ``g * clipnorm / max(||g||, clipnorm)``, per tensor (not global); ``||g||**2`` sums
+    ``|g|**2``, so a complex gradient is measured by its modulus.
 
     Example:
         >>> import jax.numpy as jnp, kopt
@@ -56,8 +62,8 @@ def clip_by_norm(clipnorm: Any) -> GradientTransformation:
 
     def rule(g, s, p, c):
         def clip(x):
-            clip_norm = c["clipnorm"].astype(x.dtype)
-            l2sum = jnp.sum(x * x)
+            l2sum = jnp.sum(abs_sq(x))
+            clip_norm = c["clipnorm"].astype(l2sum.dtype)
             positive = l2sum > 0
             norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, l2sum, 1.0)), l2sum)
             return x * clip_norm / jnp.maximum(norm, clip_norm)
@@ -70,6 +76,8 @@ def clip_by_norm(clipnorm: Any) -> GradientTransformation:
 def global_norm(updates: Any) -> jax.Array:
     """The L2 norm of all gradient leaves together (values of IndexedSlices count as given).
 
+    Computed in at least float32; a complex leaf contributes ``|g|**2``.
+
     Example:
         >>> import jax.numpy as jnp, kopt
         >>> float(kopt.global_norm({"a": jnp.array([3.0]), "b": jnp.array([[4.0]])}))
@@ -81,7 +89,7 @@ def global_norm(updates: Any) -> jax.Array:
     ]
     if not leaves:
         return jnp.zeros((), jnp.float32)
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+    return jnp.sqrt(sum(jnp.sum(abs_sq(at_least_float32(x))) for x in leaves))
 
 
 def clip_by_global_norm(global_clipnorm: Any) -> GradientTransformation:

@@ -46,6 +46,7 @@ def leafwise_transformation(
     prepare: Callable[..., tuple[dict[str, jax.Array], dict[str, jax.Array]]] | None = None,
     scalar_slots: Mapping[str, float] | None = None,
     needs_params: bool = False,
+    supports_complex: bool = True,
 ) -> GradientTransformation:
     """Builds a transformation from a per-leaf rule.
 
@@ -60,12 +61,14 @@ def leafwise_transformation(
             ``step`` is the float32 count before the increment. Defaults to ``hp``.
         scalar_slots: slots that are one scalar for the whole tree (Nadam's momentum cache).
         needs_params: whether ``update`` requires ``params``.
+        supports_complex: whether the rule has a complex form; if not, ``init`` refuses complex
+            params with a TypeError naming the param.
     """
     schedules = schedules_of(hyperparams)
     scalar_slots = dict(scalar_slots or {})
 
     def init_fn(params):
-        check_floating_params(params, owner)
+        check_floating_params(params, owner, allow_complex=supports_complex)
         state_slots = {name: jax.tree.map(make, params) for name, make in slots.items()}
         for name, value in scalar_slots.items():
             state_slots[name] = jnp.asarray(value, jnp.float32)

@@ -6,9 +6,15 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from kopt._tree import reduced_like_param
+from kopt._tree import abs_sq, at_least_float32, reduced_like_param
 from kopt.base import GradientTransformation, check_flag, check_hyperparam
-from kopt.sparse import IndexedSlices, deduplicate, gather_rows, scatter_rows
+from kopt.sparse import (
+    IndexedSlices,
+    deduplicate,
+    gather_rows,
+    scatter_add_rows,
+    scatter_rows,
+)
 from kopt.transforms._core import (
     cast_coefficients,
     constant_slot,
@@ -108,12 +114,12 @@ def scale_by_rmsprop(
     Without momentum (epsilon outside the root):
 
     .. math::
-        s \leftarrow \rho s + (1-\rho) g^2,\quad
-        u = -\frac{lr_t\, g}{\sqrt{s - \bar g^2} + \epsilon}
+        s \leftarrow \rho s + (1-\rho) |g|^2,\quad
+        u = -\frac{lr_t\, g}{\sqrt{s - |\bar g|^2} + \epsilon}
 
     With momentum (epsilon inside the root, slot ``momentum``):
 
-    .. math:: a \leftarrow \mu a + \frac{lr_t\, g}{\sqrt{s - \bar g^2 + \epsilon}},\quad u = -a
+    .. math:: a \leftarrow \mu a + \frac{lr_t\, g}{\sqrt{s - |\bar g|^2 + \epsilon}},\quad u = -a
 
     where :math:`\bar g` (slot ``mg``, only when ``centered``) is the running mean gradient.
     Slots ``rms``, ``momentum``, ``mg``. Sparse: with momentum only the named rows move; without
@@ -144,10 +150,10 @@ def scale_by_rmsprop(
     }
 
     def fused_step(g, ms, mg, mom, c):
-        ms = ms + (g * g - ms) * (1 - c["rho"])
+        ms = ms + (abs_sq(g) - ms) * (1 - c["rho"])
         if centered:
             mg = mg + (g - mg) * (1 - c["rho"])
-            denom = (ms - mg * mg) + c["epsilon"]
+            denom = (ms - abs_sq(mg)) + c["epsilon"]
         else:
             denom = ms + c["epsilon"]
         mom = mom * c["momentum"] + (g * c["lr"]) / jnp.sqrt(denom)
@@ -185,22 +191,22 @@ def scale_by_rmsprop(
         if isinstance(g, IndexedSlices):
             d = deduplicate(g, rms.shape[0])
             gv, idx = d.values.astype(rms.dtype), d.indices
-            rms = (rms * c["rho"]).at[idx].add((1 - c["rho"]) * (gv * gv), mode="drop")
+            rms = scatter_add_rows(rms * c["rho"], idx, (1 - c["rho"]) * abs_sq(gv))
             denom = gather_rows(rms, idx)
             new = {"rms": rms}
             if centered:
-                mg = (mg * c["rho"]).at[idx].add((1 - c["rho"]) * gv, mode="drop")
-                denom = denom - gather_rows(mg, idx) ** 2
+                mg = scatter_add_rows(mg * c["rho"], idx, (1 - c["rho"]) * gv)
+                denom = denom - abs_sq(gather_rows(mg, idx))
                 new["mg"] = mg
             u = -(c["lr"] * gv) / (jnp.sqrt(denom) + c["epsilon"])
             return IndexedSlices(u, idx, rms.shape), new
         g = g.astype(rms.dtype)
-        rms = c["rho"] * rms + (1 - c["rho"]) * (g * g)
+        rms = c["rho"] * rms + (1 - c["rho"]) * abs_sq(g)
         denom = rms
         new = {"rms": rms}
         if centered:
             mg = c["rho"] * mg + (1 - c["rho"]) * g
-            denom = rms - mg * mg
+            denom = rms - abs_sq(mg)
             new["mg"] = mg
         return -(c["lr"] * g) / (jnp.sqrt(denom) + c["epsilon"]), new
 
@@ -233,7 +239,8 @@ def scale_by_ftrl(
         w' = \frac{\mathrm{clip}(z, -\lambda_1, \lambda_1) - z}{n'^{p}/lr_t + 2\lambda_2'}
 
     Slots ``accumulator`` (starts at ``initial_accumulator_value``) and ``linear``. Needs
-    ``params``. Sparse gradients move only their rows.
+    ``params``. Sparse gradients move only their rows. Complex params are refused (TypeError
+    at ``init``): the rule clips ``z`` and compares ``|z|`` with :math:`\lambda_1`.
 
     Example:
         >>> import jax.numpy as jnp, kopt
@@ -315,6 +322,7 @@ def scale_by_ftrl(
         rule,
         prepare=prepare,
         needs_params=True,
+        supports_complex=False,
     )
 
 
@@ -329,7 +337,7 @@ def scale_by_adafactor(
     r"""Keras 3's Adafactor step, learning rate included (Shazeer and Stern, 2018).
 
     With :math:`\rho_t = \min(lr, 1/\sqrt{t})`, :math:`\hat\beta_{2t} = 1 - t^{c}`
-    (``c = beta_2_decay``) and :math:`G = g^2 + \epsilon_1`: a param of rank >= 2 keeps factored
+    (``c = beta_2_decay``) and :math:`G = |g|^2 + \epsilon_1`: a param of rank >= 2 keeps factored
     row and column means (slots ``r``, ``c``) of ``G`` over its last two axes and
     :math:`v = (r / \bar r) \otimes c`; a smaller param keeps ``v`` itself. Then
 
@@ -371,8 +379,8 @@ def scale_by_adafactor(
         rho = jnp.minimum(hp["learning_rate"], 1.0 / jnp.sqrt(t))
         return {**hp, "rho": rho, "beta_2_t": 1.0 - t ** hp["beta_2_decay"]}, scalars
 
-    def rms(x):  # accumulated in float32: a float16 mean of squares overflows early
-        return jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32)))).astype(x.dtype)
+    def rms(x):  # accumulated in at least float32: a float16 mean of squares overflows early
+        return jnp.sqrt(jnp.mean(abs_sq(at_least_float32(x)))).astype(x.dtype)
 
     def rule(g, s, p, c):
         v = s["v"]
@@ -381,7 +389,7 @@ def scale_by_adafactor(
         c = cast_coefficients(c, dtype)
         w = p.astype(dtype)
         alpha = jnp.maximum(c["epsilon_2"], rms(w)) * c["rho"]
-        g2 = jnp.square(g) + c["epsilon_1"]
+        g2 = abs_sq(g) + c["epsilon_1"]
         b = c["beta_2_t"]
         new = {"r": s["r"], "c": s["c"]}
         if v.ndim >= 2:
