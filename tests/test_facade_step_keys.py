@@ -84,3 +84,42 @@ def test_a_none_gradient_does_not_format_its_variable(caplog):
             opt.apply_gradients([(jnp.ones(1), used), (None, unused)])
     assert Counted.reprs == 0
     assert "unused" in caplog.text
+
+
+def test_a_new_schedule_of_equal_config_reuses_the_program():
+    """A warm restart often builds a new schedule equal to the last one: it compiles nothing."""
+    var = kopt.Variable([1.0, 2.0])
+    opt = Adam(kopt.optimizers.schedules.CosineDecay(0.1, 10))
+    opt.apply_gradients([(jnp.ones(2), var)])
+    compiled = opt.compile_count
+    for _ in range(3):
+        opt.learning_rate = kopt.optimizers.schedules.CosineDecay(0.1, 10)
+        opt.apply_gradients([(jnp.ones(2), var)])
+    assert opt.compile_count == compiled
+    # Another config is another function: it compiles, and its values are used.
+    opt.learning_rate = kopt.optimizers.schedules.CosineDecay(0.0, 10)
+    before = var.numpy().copy()
+    opt.apply_gradients([(jnp.ones(2), var)])
+    assert opt.compile_count == compiled + 1
+    np.testing.assert_array_equal(var.numpy(), before)  # a learning rate of 0
+
+
+def test_changing_keras3_loss_scale_factor_compiles_nothing():
+    var = kopt.Variable([0.0, 0.0])
+    opt = kopt.optimizers.Lion(learning_rate=1.0, loss_scale_factor=2.0)
+    opt.apply_gradients([(jnp.array([1.0, -1.0]), var)])
+    compiled = opt.compile_count
+    for factor in (4.0, 8.0, 0.5):
+        opt.loss_scale_factor = factor
+        opt.apply_gradients([(jnp.array([1.0, -1.0]), var)])
+    assert opt.compile_count == compiled
+    np.testing.assert_allclose(var.numpy(), [-4.0, 4.0])  # Lion: the sign, whatever the factor
+    # The new factor reaches the step: it divides the gradient there.
+    var = kopt.Variable([0.0])
+    opt = kopt.optimizers.AdamW(learning_rate=1.0, weight_decay=0.0, loss_scale_factor=10.0)
+    opt.apply_gradients([(jnp.array([10.0]), var)])
+    m_after_one = float(opt.get_slot(var, "m").numpy()[0])
+    assert m_after_one == pytest.approx(0.1)  # (1 - beta_1) * (10 / 10)
+    opt.loss_scale_factor = 100.0
+    opt.apply_gradients([(jnp.array([10.0]), var)])
+    assert float(opt.get_slot(var, "m").numpy()[0]) == pytest.approx(0.9 * 0.1 + 0.1 * 0.1)

@@ -21,6 +21,7 @@ import logging
 import re
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -1168,7 +1169,7 @@ class Optimizer:
                 k,
                 ("var", v._uid)
                 if isinstance(v, Variable)
-                else _Same(v)
+                else _schedule_key(v)
                 if _is_step_schedule(v)
                 else "call",
             )
@@ -1305,12 +1306,14 @@ class Optimizer:
         calls = {k[6:]: v for k, v in dynamic.items() if k.startswith("hyper:")}
         saved = {name: self._hyper[name] for name in calls}
         object.__setattr__(self, "_step_clip_values", clips)
+        object.__setattr__(self, "_step_dynamic", dynamic)
         for name, value in calls.items():
             self._hyper[name] = _Constant(value)
         try:
             yield
         finally:
             self.__dict__.pop("_step_clip_values", None)
+            self.__dict__.pop("_step_dynamic", None)
             self._hyper.update(saved)
 
     def _apply_hooks(self, gv) -> None:
@@ -1798,6 +1801,27 @@ class _Same:
 
     def __eq__(self, other: Any) -> bool:
         return type(other) is _Same and other.obj is self.obj
+
+
+_SCHEDULE_KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _schedule_key(schedule: Any) -> Any:
+    """A step-key part for a schedule. kopt's own schedule classes are keyed by their config:
+    two of equal config compute the same function, so a warm restart that builds a new, equal
+    schedule reuses the program. Any other schedule is keyed by the object itself."""
+    if type(schedule).__module__ != "kopt.optimizers.schedules":
+        return _Same(schedule)
+    key = _SCHEDULE_KEYS.get(schedule)
+    if key is None:
+        try:
+            config = _plain_key(schedule.get_config())
+        except Exception:  # noqa: BLE001 - a config that cannot be read: by identity
+            config = _NOT_PLAIN
+        if config is _NOT_PLAIN:
+            return _Same(schedule)
+        key = _SCHEDULE_KEYS[schedule] = (type(schedule), config)
+    return key
 
 
 def _bucketed_rows(g: IndexedSlices, v: Any) -> IndexedSlices:

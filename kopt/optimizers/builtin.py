@@ -705,10 +705,17 @@ class _Keras3(_SlotDtype, Optimizer):
     def _transform_loss(self, loss: Any) -> Any:
         return self.scale_loss(super()._transform_loss(loss))
 
+    def _step_arguments(self):
+        hyper_vars, dynamic = super()._step_arguments()
+        if self.loss_scale_factor is not None:  # a value of the step: changing it compiles nothing
+            dynamic["keras3:loss_scale_factor"] = self._device_constant(self.loss_scale_factor)
+        return hyper_vars, dynamic
+
     def _transform_gradients(self, grads_and_vars):
         # Keras 3 divides the gradients it is given by the factor before clipping them.
         factor = self.loss_scale_factor
         if factor is not None:
+            factor = self.__dict__.get("_step_dynamic", {}).get("keras3:loss_scale_factor", factor)
             grads_and_vars = [
                 (g if g is None else map_values(lambda x: x / jnp.asarray(factor, x.dtype), g), v)
                 for g, v in grads_and_vars
@@ -849,7 +856,7 @@ class _Keras3(_SlotDtype, Optimizer):
             ("use_ema", self.use_ema),
             ("ema_overwrite_frequency", self.ema_overwrite_frequency),
             ("gradient_accumulation_steps", self.gradient_accumulation_steps),
-            ("loss_scale_factor", self.loss_scale_factor),
+            ("loss_scale_factor is None", self.loss_scale_factor is None),
             # Which variables decay is part of the compiled step.
             ("excluded", frozenset(self.__dict__.get("_excluded_vars") or ())),
             ("excluded_names", getattr(self.__dict__.get("_excluded_names"), "pattern", None)),
