@@ -123,3 +123,49 @@ def test_changing_keras3_loss_scale_factor_compiles_nothing():
     opt.loss_scale_factor = 100.0
     opt.apply_gradients([(jnp.array([10.0]), var)])
     assert float(opt.get_slot(var, "m").numpy()[0]) == pytest.approx(0.9 * 0.1 + 0.1 * 0.1)
+
+
+class Scaled(kopt.optimizers.Optimizer):
+    """A custom optimizer whose hook reads ``self.scale``, set between steps."""
+
+    def __init__(self, scale):
+        super().__init__("Scaled")
+        self._set_hyper("learning_rate", 1.0)
+        self.scale = scale
+
+    def _resource_apply_dense(self, grad, var, apply_state=None):
+        factor = self.scale.factor if hasattr(self.scale, "factor") else self.scale
+        return var.assign_sub(grad * jnp.asarray(factor, var.dtype))
+
+
+class Config:
+    def __init__(self, factor):
+        self.factor = factor
+
+
+@pytest.mark.parametrize(
+    "make",
+    [np.float32, lambda x: np.asarray(x, np.float32), lambda x: jnp.asarray(x), Config],
+    ids=["np.float32", "ndarray", "jax.Array", "object"],
+)
+def test_an_attribute_a_custom_hook_reads_takes_effect_when_set(make):
+    """Arrays and objects were constants of the first compiled step: setting a new one between
+    steps went unseen. They are now part of the step's key (arrays by value or object)."""
+    var = kopt.Variable([0.0])
+    opt = Scaled(make(1.0))
+    moves = []
+    for factor in (1.0, 2.0, 3.0, 2.0):
+        opt.scale = make(factor)
+        before = float(var.numpy()[0])
+        opt.apply_gradients([(jnp.ones(1), var)])
+        moves.append(before - float(var.numpy()[0]))
+    assert moves == [1.0, 2.0, 3.0, 2.0]
+
+
+def test_a_numpy_attribute_changed_in_place_takes_effect():
+    var = kopt.Variable([0.0])
+    opt = Scaled(np.ones(1, np.float32))
+    opt.apply_gradients([(jnp.ones(1), var)])
+    opt.scale[0] = 5.0
+    opt.apply_gradients([(jnp.ones(1), var)])
+    assert float(var.numpy()[0]) == -6.0

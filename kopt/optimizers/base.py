@@ -1046,8 +1046,11 @@ class Optimizer:
             if small and isinstance(value, _CONTAINERS) and len(value) > _SMALL_CONTAINER:
                 continue  # read per call only if small; reassigning a large one still counts
             key = _plain_key(value)
-            if key is not _NOT_PLAIN:
-                out.append((name, key))
+            if key is _NOT_PLAIN:
+                key = _array_key(value)
+            if key is _NOT_PLAIN:  # an object (a config, a function): replacing it counts
+                key = _Same(value)
+            out.append((name, key))
         return tuple(sorted(out, key=lambda item: item[0]))
 
     def _run_step(self, pairs, aggregate: bool, signature=None, memo=None) -> None:
@@ -1770,6 +1773,18 @@ def _plain_key(value: Any) -> Any:
         if any(k is _NOT_PLAIN or v is _NOT_PLAIN for k, v in items):
             return _NOT_PLAIN
         return ("dict", frozenset(items))
+    return _NOT_PLAIN
+
+
+def _array_key(value: Any) -> Any:
+    """A key for an array attribute a hook may read: a small NumPy array by its values (it may
+    change in place), a JAX array by the object (it cannot); ``_NOT_PLAIN`` for the rest."""
+    if isinstance(value, jax.core.Tracer):
+        return _NOT_PLAIN
+    if isinstance(value, jax.Array):
+        return ("jax.Array", _Same(value))
+    if isinstance(value, np.ndarray) and value.size <= _SMALL_CONTAINER:
+        return ("ndarray", value.dtype.str, value.shape, value.tobytes())
     return _NOT_PLAIN
 
 
