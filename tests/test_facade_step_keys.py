@@ -169,3 +169,24 @@ def test_a_numpy_attribute_changed_in_place_takes_effect():
     opt.scale[0] = 5.0
     opt.apply_gradients([(jnp.ones(1), var)])
     assert float(var.numpy()[0]) == -6.0
+
+
+def test_a_variable_subclass_takes_the_fast_path(monkeypatch):
+    """A user's Variable subclass was validated and re-keyed on every call."""
+
+    class Tagged(kopt.Variable):
+        pass
+
+    variables = [Tagged(np.ones(3, np.float32)) for _ in range(4)]
+    opt = Adam(0.01)
+    grads = [(jnp.ones(3), v) for v in variables]
+    opt.apply_gradients(grads)
+    calls = []
+    original = type(opt)._validate
+    monkeypatch.setattr(
+        type(opt), "_validate", lambda self, *a: calls.append(1) or original(self, *a)
+    )
+    for _ in range(3):
+        opt.apply_gradients(grads)
+    assert calls == []
+    assert opt.compile_count == 1

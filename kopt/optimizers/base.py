@@ -1970,14 +1970,15 @@ def _signature(pairs, aggregate: bool):
     """What validation depends on, per pair: the variable and the gradient's kind, shape and
     dtype. A call whose signature passed validation before skips it (None: validate)."""
     try:  # the common case, arrays for variables: one comprehension, the aval for both
-        out = [(v._uid, type(g), g.aval) for g, v in pairs if type(v) is Variable]
+        # A subclass of Variable (a user's own) takes the same path: its uid names it.
+        out = [(v._uid, type(g), g.aval) for g, v in pairs if isinstance(v, Variable)]
     except AttributeError:  # a gradient that is not an array (IndexedSlices, PerReplica, ...)
         out = None
     if out is not None and len(out) == len(pairs):
         return tuple(out), aggregate
     out = []
     for g, v in pairs:
-        if type(v) is not Variable:
+        if not isinstance(v, Variable):
             return None
         kind = type(g)
         if kind is IndexedSlices:
