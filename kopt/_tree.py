@@ -177,6 +177,22 @@ def full_like_param(p: Any, value: float, dtype: Any | None = None) -> jax.Array
     return out
 
 
+def on_params_mesh(tree: PyTree, params: PyTree) -> PyTree:
+    """``tree`` (a state's counts and hyperparameters) replicated over the mesh the params are
+    placed on, if they are. After an eager ``init`` of params on a mesh these scalars would sit
+    on one device, and the first jitted step, which returns them on the mesh, would compile a
+    second time. Under ``jax.jit(init)``, or for params on one device, ``tree`` is unchanged."""
+    for leaf in jax.tree.leaves(params):
+        if isinstance(leaf, jax.core.Tracer):
+            return tree
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding) and leaf.committed:
+            return jax.device_put(
+                tree, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+            )
+    return tree
+
+
 def reduced_like_param(p: Any, axis: int, dtype: Any | None = None) -> jax.Array:
     """Zeros shaped like ``p`` without ``axis`` (a factored statistic), with p's sharding of the
     axes that remain: a statistic of a kernel split by rows is split the same way.

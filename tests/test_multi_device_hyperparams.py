@@ -55,3 +55,37 @@ def test_set_hyperparam_outside_pmap_keeps_one_copy_per_device():
     assert kopt.get_hyperparam(state, "learning_rate").shape == (4,)
     new, state = jax.pmap(step)(params, state)
     np.testing.assert_allclose(new, -0.5)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: kopt.adam(0.1),
+        lambda: kopt.nadam(),
+        lambda: kopt.chain(kopt.clip_by_global_norm(1.0), kopt.adamw()),
+        lambda: kopt.apply_if_finite(kopt.accumulate_gradients(kopt.adam(), 2)),
+        lambda: kopt.chain(kopt.sgd(0.1), kopt.ema(0.9)),
+        lambda: kopt.decoupled_weight_decay(kopt.lion(), 0.1, 0.01),
+    ],
+    ids=["adam", "nadam", "clip+adamw", "apply_if_finite(accumulate)", "ema", "weight_decay"],
+)
+def test_an_eager_init_on_a_mesh_gives_a_state_the_step_compiles_once_for(make):
+    """The counts and hyperparameters of an eager init sat on one device; the first step
+    returned them on the mesh, so the second compiled again."""
+    mesh = jax.make_mesh((4,), ("data",))
+    tx = make()
+    params = {"w": jax.device_put(np.ones((8, 2), np.float32), NamedSharding(mesh, P("data")))}
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+    compiles = 0
+
+    @jax.jit
+    def step(params, state):
+        nonlocal compiles
+        compiles += 1
+        updates, state = tx.update(grads, state, params)
+        return kopt.apply_updates(params, updates), state
+
+    state = tx.init(params)
+    for _ in range(3):
+        params, state = step(params, state)
+    assert compiles == 1

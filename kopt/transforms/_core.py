@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from kopt._tree import check_floating_params, full_like_param, map_leaves
+from kopt._tree import check_floating_params, full_like_param, map_leaves, on_params_mesh
 from kopt.base import (
     GradientTransformation,
     OptimizerState,
@@ -72,11 +72,15 @@ def leafwise_transformation(
         state_slots = {name: jax.tree.map(make, params) for name, make in slots.items()}
         for name, value in scalar_slots.items():
             state_slots[name] = jnp.asarray(value, jnp.float32)
-        return OptimizerState(
-            count=jnp.zeros([], jnp.int32),
-            hyperparams=init_hyperparams(hyperparams),
-            slots=state_slots,
+        count, hp, scalars = on_params_mesh(
+            (
+                jnp.zeros([], jnp.int32),
+                init_hyperparams(hyperparams),
+                {name: state_slots.pop(name) for name in scalar_slots},
+            ),
+            params,
         )
+        return OptimizerState(count=count, hyperparams=hp, slots={**state_slots, **scalars})
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kopt._tree import slot_like
+from kopt._tree import on_params_mesh, slot_like
 from kopt.base import (
     GradientTransformation,
     OptimizerState,
@@ -210,7 +210,8 @@ def accumulate_gradients(
 
     def init_fn(params):
         zeros = slot_like(params, 0.0, None)
-        return AccumulateState(jnp.zeros([], jnp.int32), zeros, transformation.init(params))
+        mini_step = on_params_mesh(jnp.zeros([], jnp.int32), params)
+        return AccumulateState(mini_step, zeros, transformation.init(params))
 
     def update_fn(updates, state, params=None, **extra_args):
         # A None gradient leaf (no gradient this call) keeps its accumulator, so the state's
@@ -344,12 +345,10 @@ def apply_if_finite(
     inner_update = extra_args_update(transformation)
 
     def init_fn(params):
-        return ApplyIfFiniteState(
-            jnp.zeros([], jnp.int32),
-            jnp.array(True),
-            jnp.zeros([], jnp.int32),
-            transformation.init(params),
+        counters = on_params_mesh(
+            (jnp.zeros([], jnp.int32), jnp.array(True), jnp.zeros([], jnp.int32)), params
         )
+        return ApplyIfFiniteState(*counters, transformation.init(params))
 
     def update_fn(updates, state, params=None, **extra_args):
         def apply_inner(operand):
@@ -414,11 +413,10 @@ def ema(momentum: Any = 0.99, overwrite_frequency: int | None = None) -> Gradien
 
     def init_fn(params):
         average = jax.tree.map(jnp.copy, params)
-        return OptimizerState(
-            jnp.zeros([], jnp.int32),
-            init_hyperparams({"momentum": momentum}),
-            {"average": average},
+        count, hp = on_params_mesh(
+            (jnp.zeros([], jnp.int32), init_hyperparams({"momentum": momentum})), params
         )
+        return OptimizerState(count, hp, {"average": average})
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
