@@ -1048,9 +1048,8 @@ class Optimizer:
             key = _plain_key(value)
             if key is _NOT_PLAIN:
                 key = _array_key(value)
-            if key is _NOT_PLAIN:  # an object (a config, a function): replacing it counts
-                key = _Same(value)
-            out.append((name, key))
+            if key is not _NOT_PLAIN:
+                out.append((name, key))
         return tuple(sorted(out, key=lambda item: item[0]))
 
     def _run_step(self, pairs, aggregate: bool, signature=None, memo=None) -> None:
@@ -1777,12 +1776,9 @@ def _plain_key(value: Any) -> Any:
 
 
 def _array_key(value: Any) -> Any:
-    """A key for an array attribute a hook may read: a small NumPy array by its values (it may
-    change in place), a JAX array by the object (it cannot); ``_NOT_PLAIN`` for the rest."""
-    if isinstance(value, jax.core.Tracer):
-        return _NOT_PLAIN
-    if isinstance(value, jax.Array):
-        return ("jax.Array", _Same(value))
+    """A small NumPy array attribute, keyed by its values (it may change in place), as NumPy
+    scalars are. JAX arrays and other objects are not keyed: an attribute holding one that a
+    hook does not read (a gradient norm kept for logging) would make every call compile."""
     if isinstance(value, np.ndarray) and value.size <= _SMALL_CONTAINER:
         return ("ndarray", value.dtype.str, value.shape, value.tobytes())
     return _NOT_PLAIN
