@@ -257,3 +257,27 @@ def test_apply_if_finite_without_collectives_decides_per_replica():
     out = np.asarray(jax.pmap(step, axis_name="data")(grads))
     np.testing.assert_array_equal(out[2], 0.0)
     np.testing.assert_allclose(out[[0, 1, 3]], -0.1)
+
+
+def test_apply_if_finite_around_an_update_with_its_own_shard_map():
+    """A shard_map inside the wrapped update binds its own axis: its psum is not an exchange
+    between the callers' replicas, and a pmin over that axis outside it was an unbound-axis
+    error."""
+    mesh = jax.make_mesh((4,), ("i",), axis_types=(jax.sharding.AxisType.Auto,))
+
+    def sharded_norm_clip():
+        def update(updates, state, params=None):
+            sq = jax.shard_map(
+                lambda x: jax.lax.psum(jnp.sum(x * x), "i"),
+                mesh=mesh,
+                in_specs=P("i"),
+                out_specs=P(),
+            )(updates)
+            return updates / jnp.maximum(1.0, jnp.sqrt(sq)), state
+
+        return kopt.GradientTransformation(lambda params: (), update)
+
+    tx = kopt.apply_if_finite(kopt.chain(sharded_norm_clip(), kopt.sgd(0.1)), 3)
+    params = jax.device_put(jnp.ones(8), NamedSharding(mesh, P("i")))
+    updates, _ = jax.jit(tx.update)(jnp.full(8, 2.0), tx.init(params), params)
+    np.testing.assert_allclose(updates, -0.1 * 2.0 / np.sqrt(32.0), rtol=1e-6)

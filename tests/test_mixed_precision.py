@@ -224,3 +224,15 @@ def test_apply_if_finite_skips_bad_steps_in_training():
     assert int(state.total_notfinite) == 2
     expected = numpy_adam(np.zeros(4), applied, lr=0.05, round_to=ml_dtypes.bfloat16)
     np.testing.assert_allclose(np.asarray(w, np.float64), expected, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 (simulated) devices")
+def test_unscaling_gradients_that_live_on_different_devices():
+    d0, d1 = jax.devices()[:2]
+    opt = optimizers.LossScaleOptimizer(optimizers.SGD(0.1), initial_scale=4.0)
+    grads = [jax.device_put(jnp.full(3, 4.0), d0), None, jax.device_put(jnp.full(3, 8.0), d1)]
+    unscaled = opt.get_unscaled_gradients(grads)
+    np.testing.assert_array_equal(unscaled[0], 1.0)
+    assert unscaled[1] is None
+    np.testing.assert_array_equal(unscaled[2], 2.0)
+    assert list(unscaled[2].devices()) == [d1]

@@ -128,7 +128,12 @@ class LossScaleOptimizer(Optimizer):
         """Each gradient times ``1 / loss_scale``, the reciprocal taken in float32 (a float16
         scale of ``2**16`` would be infinite); an ``IndexedSlices`` has its rows scaled, and
         None stays None."""
-        return _unscaled(list(grads), self._loss_scale.value)
+        grads = list(grads)
+        try:
+            return _unscaled(grads, self._loss_scale.value)
+        except ValueError:  # gradients on several devices: one at a time, where each lives
+            reciprocal = 1.0 / self._loss_scale.value
+            return [None if g is None else _times(g, reciprocal) for g in grads]
 
     def compute_gradients(self, loss, var_list, grad_loss=None):
         pairs = self._optimizer.compute_gradients(self.get_scaled_loss(loss), var_list, grad_loss)

@@ -283,6 +283,8 @@ def all_finite(tree: PyTree) -> jax.Array:
 # Primitives that exchange data between replicas (their names, by prefix, across JAX versions).
 _COLLECTIVES = ("psum", "pmin", "pmax", "pmean", "all_gather", "all_to_all", "ppermute")
 _COLLECTIVES += ("reduce_scatter", "psum_scatter")
+# Primitives that bind axis names of their own (a shard_map or pmap inside the update).
+_BINDING_AXES = ("shard_map", "xla_pmap", "pmap")
 
 
 def _collective_axes(fn: Callable[..., Any], *args: Any) -> tuple[Any, ...]:
@@ -302,6 +304,8 @@ def _collective_axes(fn: Callable[..., Any], *args: Any) -> tuple[Any, ...]:
                         for a in names
                         if a is not None and not isinstance(a, int) and a not in axes
                     )
+            if eqn.primitive.name in _BINDING_AXES:
+                continue  # its collectives are over the axes it binds itself, not ours
             for value in eqn.params.values():
                 for sub in value if isinstance(value, (tuple, list)) else (value,):
                     sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr holds its Jaxpr
