@@ -107,7 +107,7 @@ class SlotGroup:
                 for i, value in self._pending.items():
                     start = self.offsets[i]
                     host[start : start + self.sizes[i]] = np.ravel(value)
-                self._buffer = jax.device_put(host, self._buffer.sharding)
+                self._buffer = self._placed(host)
                 self._host_copy = (self._buffer, host)
                 self._pending = {}
         return self._buffer
@@ -132,7 +132,15 @@ class SlotGroup:
         if value is None:
             start = self.offsets[i]
             value = self._host()[start : start + self.sizes[i]].reshape(member.shape)
-        return jax.device_put(value, self._buffer.sharding)
+        return self._placed(value)
+
+    def _placed(self, value: Any) -> jax.Array:
+        """``value`` placed as the buffer is: with its sharding if it is committed to one, else
+        uncommitted, like a fresh array (committing it would make the next step compile again)."""
+        buffer = self._buffer
+        if getattr(buffer, "committed", True):
+            return jax.device_put(value, buffer.sharding)
+        return jax.device_put(value)  # uncommitted; jnp.asarray would compile per shape
 
     def write(self, member: PackedSlot, value: Any) -> None:
         value = np.asarray(value)
