@@ -208,3 +208,39 @@ def test_a_variable_subclass_takes_the_fast_path(monkeypatch):
         opt.apply_gradients(grads)
     assert calls == []
     assert opt.compile_count == 1
+
+
+def freeze(grads_and_vars):
+    return [(g, v) for g, v in grads_and_vars if not v.name.startswith("frozen")]
+
+
+def reverse(grads_and_vars):
+    return list(reversed(grads_and_vars))
+
+
+@pytest.mark.parametrize("hook", [freeze, reverse], ids=["drops a pair", "reorders pairs"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda hook: Adam(0.1, gradient_transformers=[hook]),
+        lambda hook: SGD(0.1, momentum=0.9, gradient_transformers=[hook]),
+        lambda hook: (
+            kopt.optimizers.from_transformation(kopt.flatten(kopt.adam(0.1)))
+            if hook is reverse
+            else Adam(0.1, gradient_aggregator=hook)
+        ),
+    ],
+    ids=["Adam", "SGD", "flatten or aggregator"],
+)
+def test_gradient_hooks_may_drop_or_reorder_pairs(make, hook):
+    a = kopt.Variable(np.ones(3, np.float32), name="a")
+    b = kopt.Variable(np.ones((2, 2), np.float32), name="frozen_b")
+    opt = make(hook)
+    if isinstance(opt, kopt.optimizers.TransformationOptimizer):
+        opt.gradient_transformers = [hook]
+    opt.apply_gradients([(jnp.ones(3), a), (jnp.ones((2, 2)), b)])
+    assert float(a.numpy()[0]) < 1.0
+    if hook is freeze:
+        np.testing.assert_array_equal(b.numpy(), 1.0)
+    else:
+        assert float(b.numpy()[0, 0]) < 1.0

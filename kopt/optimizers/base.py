@@ -1204,7 +1204,8 @@ class Optimizer:
         iterations = self.iterations
         # Built outside the trace: its placeholders need the hyperparameters' concrete values.
         tx = self._static_transformation() if self._uses_transformation() else None
-        template = None if tx is None else _state_template(tx, var_list)
+        # For these variables, in this order: gradient hooks may drop or reorder pairs.
+        template = None if tx is None else (_uids(var_list), _state_template(tx, var_list))
         # Every sharded variable and slot leaves the step with the sharding it came in with.
         var_shardings = [_spread_sharding(v) for v in var_list]
         loose = plan.loose
@@ -1358,7 +1359,10 @@ class Optimizer:
         hp.update({k[6:]: v for k, v in dynamic.items() if k.startswith("plain:")})
         # Traced, so only its structure and its constant hyperparameters survive compilation.
         traced = tx.init([v.value for v in var_list])
-        if template is None:  # the variables had no concrete values (a step inside a trace)
+        made_for, template = template if template is not None else (None, None)
+        if template is None or made_for != _uids(var_list):
+            # The variables had no concrete values (a step inside a trace), or the gradient
+            # hooks changed which variables step: the step's own init lays the state out.
             template = traced
         else:  # the stored state's layout, with the constant hyperparameters
             template = codec.with_hyperparams(template, traced, len(var_list))
@@ -2005,6 +2009,10 @@ def _spread_sharding(variable: Variable) -> Any:
     if isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.device_set) > 1:
         return sharding
     return None
+
+
+def _uids(var_list: list[Variable]) -> tuple[int, ...]:
+    return tuple(v._uid for v in var_list)
 
 
 def _state_template(tx: core.GradientTransformation, var_list: list[Variable]) -> Any:
