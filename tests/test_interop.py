@@ -297,3 +297,21 @@ def test_wrappers_accept_equinox_trees(wrap):
         updates, state = update(grads, state, params)
         model = eqx.apply_updates(model, updates)
     assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(updates))
+
+
+def test_flatten_passes_single_values_on_but_not_param_shaped_extra_args():
+    """The piece inside ``flatten`` sees packed buffers: a ``grad=`` tree or a ``value_fn=`` of
+    the params would not fit it, so they are left out (a clear missing-argument error) rather
+    than passed in the wrong shape."""
+    seen = {}
+
+    def spy(updates, state, params=None, **extra_args):
+        seen.update(extra_args)
+        return updates, state
+
+    tx = kopt.flatten(kopt.GradientTransformation(lambda params: (), spy))
+    params = {"w": jnp.zeros(3), "b": jnp.zeros(2)}
+    tx.update(
+        params, tx.init(params), params, value=jnp.float32(1.0), grad=params, value_fn=jnp.sum
+    )
+    assert set(seen) == {"value"}

@@ -240,6 +240,14 @@ def flatten(
     def update_fn(updates, state, params=None, **extra_args):
         layout = state.layout
         packed_params = None if params is None else layout.pack(params, owner, "param")
+        # The inner transformation sees packed buffers, so a tree of the params' shape
+        # (``grad=``) or a function of the params (``value_fn=``) would not fit it: only
+        # single values (``value=``) are passed on.
+        extra_args = {
+            k: v
+            for k, v in extra_args.items()
+            if not callable(v) and len(jax.tree.leaves(v)) == 1 and jnp.ndim(v) == 0
+        }
         packed_updates, inner_state = inner_update(
             layout.pack(updates, owner, "gradient"), state.inner_state, packed_params, **extra_args
         )
