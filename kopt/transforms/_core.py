@@ -70,6 +70,7 @@ def leafwise_transformation(
     def init_fn(params):
         check_floating_params(params, owner, allow_complex=supports_complex)
         state_slots = {name: jax.tree.map(make, params) for name, make in slots.items()}
+        _check_complex_slots(owner, params, state_slots)
         for name, value in scalar_slots.items():
             state_slots[name] = jnp.asarray(value, jnp.float32)
         count, hp, scalars = on_params_mesh(
@@ -104,6 +105,23 @@ def leafwise_transformation(
         return updates, OptimizerState(safe_increment(state.count), hp, new_slots)
 
     return GradientTransformation(init_fn, update_fn)
+
+
+def _check_complex_slots(owner: str, params: Any, slots: Mapping[str, Any]) -> None:
+    """A real ``slot_dtype`` cannot hold a complex param's statistics: the gradient cast to it
+    would lose its imaginary part, silently."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    if not any(jnp.iscomplexobj(p) for _, p in flat):
+        return
+    for name, tree in slots.items():
+        for (path, p), slot in zip(flat, jax.tree.leaves(tree), strict=False):
+            if jnp.iscomplexobj(p) and not jnp.iscomplexobj(slot):
+                where = jax.tree_util.keystr(path) or "<root>"
+                raise TypeError(
+                    f"{owner}: param {where} is {jnp.result_type(p)}, but its slot {name!r} "
+                    f"would be {jnp.result_type(slot)}; a complex param needs a complex "
+                    "slot_dtype (or None, the param's)"
+                )
 
 
 def learning_rate_at(hp: Mapping[str, jax.Array], step: jax.Array) -> jax.Array:
