@@ -411,3 +411,21 @@ def test_rules_without_a_complex_form_refuse_complex_params(build, owner):
         with pytest.raises(TypeError, match=rf"^{owner}: param \['z'\] has complex dtype"):
             init(params)
     tx.init({"real": params["real"]})  # real params are still accepted
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: kopt.adam(0.1, slot_dtype=jnp.float32),
+        lambda: kopt.rmsprop(0.1, slot_dtype=jnp.float32),
+        lambda: kopt.adagrad(0.1, slot_dtype=jnp.float32),
+        lambda: kopt.sgd(0.1, momentum=0.9, slot_dtype=jnp.float32),
+    ],
+    ids=["adam", "rmsprop", "adagrad", "sgd_momentum"],
+)
+def test_a_real_slot_dtype_for_complex_params_is_refused(make):
+    """The gradient cast to a real slot lost its imaginary part: a purely imaginary gradient
+    moved nothing, silently."""
+    with pytest.raises(TypeError, match=r"param \['z'\] is complex64, but its slot '\w+' would "):
+        make().init({"z": jnp.ones(2, jnp.complex64)})
+    make().init({"z": jnp.ones(2, jnp.float32)})  # real params are unaffected
