@@ -211,11 +211,11 @@ def test_apply_if_finite_around_aggregation_skips_on_every_replica_together(how)
         return kopt.apply_updates(params, updates)[None], counters[None]
 
     mesh = jax.make_mesh((4,), ("data",))
-    if how == "pmap":
-        new, counters = jax.pmap(step, axis_name="data")(grads)
-    else:
-        grads = jax.device_put(grads, NamedSharding(mesh, P("data")))
-        new, counters = jax.jit(
+
+    def run(grads):
+        if how == "pmap":
+            return jax.pmap(step, axis_name="data")(grads)
+        return jax.jit(
             jax.shard_map(
                 step,
                 mesh=mesh,
@@ -223,24 +223,14 @@ def test_apply_if_finite_around_aggregation_skips_on_every_replica_together(how)
                 out_specs=(P("data"), P("data")),
                 check_vma=how == "shard_map",
             )
-        )(grads)
+        )(jax.device_put(grads, NamedSharding(mesh, P("data"))))
+
+    new, counters = run(grads)
     np.testing.assert_array_equal(np.asarray(new).reshape(4, 3), 0.0)  # skipped everywhere
     np.testing.assert_array_equal(np.asarray(counters).reshape(4, 2), 1)
 
     # A finite step on every replica still runs the aggregated update.
-    fine = np.ones((4, 3), np.float32)
-    if how == "pmap":
-        new, _ = jax.pmap(step, axis_name="data")(fine)
-    else:
-        new, _ = jax.jit(
-            jax.shard_map(
-                step,
-                mesh=mesh,
-                in_specs=P("data"),
-                out_specs=(P("data"), P("data")),
-                check_vma=how == "shard_map",
-            )
-        )(jax.device_put(fine, NamedSharding(mesh, P("data"))))
+    new, _ = run(np.ones((4, 3), np.float32))
     np.testing.assert_allclose(np.asarray(new).reshape(4, 3), -0.1)
 
 
