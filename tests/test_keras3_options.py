@@ -184,20 +184,6 @@ def test_decoupled_weight_decay_functional_with_schedule():
 # --- EMA -----------------------------------------------------------------------------------------
 
 
-def numpy_lion_ema(w, grads_seq, lr, momentum, overwrite_frequency, beta_1=0.9, beta_2=0.99):
-    w = w.astype(np.float64)
-    m = np.zeros_like(w)
-    average = np.zeros_like(w)
-    for iteration, g in enumerate(grads_seq):
-        w = w - lr * np.sign(beta_1 * m + (1 - beta_1) * g)
-        m = beta_2 * m + (1 - beta_2) * g
-        mu = momentum if iteration != 0 else 0.0
-        average = mu * average + (1 - mu) * w
-        if overwrite_frequency and (iteration + 1) % overwrite_frequency == 0:
-            w = average.copy()
-    return w, average
-
-
 @pytest.mark.parametrize("overwrite_frequency", [None, 3])
 def test_ema_average_and_overwrite_match_keras3(overwrite_frequency):
     opt = Lion(
@@ -210,7 +196,9 @@ def test_ema_average_and_overwrite_match_keras3(overwrite_frequency):
     grads = [g["w"] for g in MICRO_GRADS[:5]]
     for g in grads:
         opt.apply_gradients([(jnp.asarray(g), var)])
-    expected_w, expected_average = numpy_lion_ema(W0["w"], grads, 0.1, 0.8, overwrite_frequency)
+    expected_w, expected_average = numpy_lion_ema_accumulated(
+        W0["w"], grads, 1, 0.1, 0.8, overwrite_frequency
+    )
     np.testing.assert_allclose(var.numpy(), expected_w, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(
         opt.get_slot(var, "average").numpy(), expected_average, rtol=1e-5, atol=1e-6
@@ -220,9 +208,10 @@ def test_ema_average_and_overwrite_match_keras3(overwrite_frequency):
 
 
 def numpy_lion_ema_accumulated(w, grads_seq, k, lr, momentum, overwrite_frequency):
-    """Keras 3 (JAX backend) with ``gradient_accumulation_steps=k`` and ``use_ema``: Lion runs on
-    the mean gradient every k-th call, but the average moves on every call (it is outside the
-    accumulation cond), with ``iterations = calls // k``; so does the overwrite check."""
+    """Keras 3 (JAX backend) Lion with ``use_ema`` and ``gradient_accumulation_steps=k`` (k=1:
+    no accumulation): Lion runs on the mean gradient every k-th call, but the average moves on
+    every call (it is outside the accumulation cond), with ``iterations = calls // k``; so does
+    the overwrite check."""
     w = w.astype(np.float64)
     m, average, total = np.zeros_like(w), np.zeros_like(w), np.zeros_like(w)
     for call, g in enumerate(grads_seq):
