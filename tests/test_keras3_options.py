@@ -72,6 +72,39 @@ def test_accumulation_equals_one_step_on_the_mean_gradient(name):
             )
 
 
+@pytest.mark.parametrize("clip", ["clipnorm", "clipvalue", "global_clipnorm"])
+def test_accumulation_clips_the_mean_gradient_as_keras3(clip):
+    """Keras 3 clips the mean of the k gradients at the update, not each call's gradient: the
+    same as one clipped step on the mean. The clip value is read at each update (0.5, then 0.2)
+    without a new program, and `as_transformation` clips the same way."""
+    accumulating, acc_vars = (
+        AdamW(0.05, gradient_accumulation_steps=3, **{clip: 0.5}),
+        make_variables(),
+    )
+    reference, ref_vars = AdamW(0.05, **{clip: 0.5}), make_variables()
+    tx = accumulating.as_transformation()
+    params, state = dict(W0), tx.init(dict(W0))
+    for start, value in ((0, 0.5), (3, 0.2)):
+        setattr(accumulating, clip, value)
+        setattr(reference, clip, value)
+        for i in range(3):
+            grads = {k: 4 * g for k, g in MICRO_GRADS[start + i].items()}  # large: clipped
+            apply(accumulating, acc_vars, grads)
+            if start == 0:
+                updates, state = tx.update(grads, state, params)
+                params = kopt.apply_updates(params, updates)
+        mean = {k: np.mean([4 * g[k] for g in MICRO_GRADS[start : start + 3]], axis=0) for k in W0}
+        apply(reference, ref_vars, mean)
+        if start == 0:
+            for k in W0:
+                np.testing.assert_allclose(params[k], ref_vars[k].numpy(), rtol=2e-6, atol=1e-7)
+        for k in W0:
+            np.testing.assert_allclose(
+                acc_vars[k].numpy(), ref_vars[k].numpy(), rtol=2e-6, atol=1e-7, err_msg=k
+            )
+    assert accumulating.compile_count == 1
+
+
 def test_facade_inner_update_runs_once_per_k_calls():
     """The functional twin records each run of its update; a learning-rate schedule sees the call
     count at the update (k - 1, then 2k - 1), as Keras 3 calls it with `_iterations`."""

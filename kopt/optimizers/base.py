@@ -438,6 +438,10 @@ class Optimizer:
             if (value := getattr(self, "_" + attr)) is not None
         }
 
+    def _clips_before_step(self) -> dict[str, Any]:
+        """The clips applied to each call's gradients, before the step (all of them here)."""
+        return self._active_clips()
+
     @property
     def clipnorm(self) -> float | None:
         """Per-tensor gradient norm clipping (``None`` for none)."""
@@ -694,7 +698,7 @@ class Optimizer:
         """Clipping (``clipvalue``, ``clipnorm``, ``global_clipnorm``) then
         ``gradient_transformers``, in tf.keras's order."""
         hypers = self.__dict__.get("_step_clip_values", {})
-        active = self._active_clips()
+        active = self._clips_before_step()
         for attr, make in (
             ("clipvalue", clip_by_value),
             ("clipnorm", clip_by_norm),
@@ -789,7 +793,7 @@ class Optimizer:
             for k, v in self._transformation_hyperparams().items()
         }
         pieces = []
-        active = self._active_clips()
+        active = self._clips_before_step()
         if "clipvalue" in active:
             pieces.append(clip_by_value(active["clipvalue"]))
         if "clipnorm" in active:

@@ -18,6 +18,7 @@ from kopt.base import GradientTransformation, OptimizerState, _hyperparam_holder
 from kopt.optimizers.base import Optimizer, _initial_value, _is_step_schedule, weight_list
 from kopt.optimizers.schedules import LearningRateSchedule
 from kopt.sparse import map_values
+from kopt.transforms._clipping import clip_by_global_norm, clip_by_norm, clip_by_value
 from kopt.transforms._weight_decay import decoupled_weight_decay
 from kopt.variables import Variable
 
@@ -601,6 +602,11 @@ def _check_keras3_options(
 
 
 _CLIPS = ("clipnorm", "clipvalue", "global_clipnorm")
+_CLIP_PIECES = {
+    "clipvalue": clip_by_value,
+    "clipnorm": clip_by_norm,
+    "global_clipnorm": clip_by_global_norm,
+}
 
 
 def _check_loss_scale_factor(owner: str, factor: Any) -> None:
@@ -642,8 +648,8 @@ class _Keras3(_SlotDtype, Optimizer):
       ``iterations``); a learning-rate schedule sees the call count, as in Keras 3. The
       accumulators are state without a slot name, so such an optimizer must be given the same
       variables, in the same order, every call. The EMA, as in Keras 3, moves on every call,
-      also between updates. Unlike Keras 3, ``clipnorm``/``clipvalue``/``global_clipnorm``
-      clip each call's gradients (the tf.keras pipeline), not their mean;
+      also between updates. ``clipnorm``/``clipvalue``/``global_clipnorm`` clip the mean of
+      the k gradients, at the update, as in Keras 3 (not each call's gradients);
     - ``clipnorm``, ``clipvalue``, ``global_clipnorm``: Keras 3's rules, at most one of them,
       and 0 means no clipping (tf.keras's classes clip to zero);
 
@@ -765,7 +771,14 @@ class _Keras3(_SlotDtype, Optimizer):
             or self.__dict__.get("_excluded_names") is not None
         )
 
+    def _clips_before_step(self) -> dict[str, Any]:
+        # With accumulation, the clips are part of the twin (they clip the mean).
+        return {} if self.gradient_accumulation_steps else self._active_clips()
+
     def _apply_transformation(self, tx, gv, dynamic, template) -> None:
+        if self.gradient_accumulation_steps:  # the clips' current values, for the twin's state
+            clips = {k[5:]: v for k, v in dynamic.items() if k.startswith("clip:")}
+            dynamic = {**dynamic, **{"plain:" + k: v for k, v in clips.items()}}
         self.__dict__["_stepped"] = [v for _, v in gv]
         try:
             super()._apply_transformation(tx, gv, dynamic, template)
@@ -814,7 +827,13 @@ class _Keras3(_SlotDtype, Optimizer):
                 tx, hp.get("weight_decay", self.weight_decay), hp["learning_rate"], mask
             )
         if k:
-            tx = kopt.accumulate_gradients(tx, k, "mean")
+            # Keras 3 clips the mean of the accumulated gradients, just before the update. The
+            # step passes the clip values in as hyperparameters (see _apply_transformation).
+            clips = [
+                _CLIP_PIECES[attr](hp.get(attr, value))
+                for attr, value in self._active_clips().items()
+            ]
+            tx = kopt.accumulate_gradients(kopt.chain(*clips, tx) if clips else tx, k, "mean")
         if self.use_ema:
             # Keras 3 moves the average on every call, also between updates (outside its
             # accumulation cond), with its count of updates, iterations // k.
@@ -856,6 +875,8 @@ class _Keras3(_SlotDtype, Optimizer):
             ("use_ema", self.use_ema),
             ("ema_overwrite_frequency", self.ema_overwrite_frequency),
             ("gradient_accumulation_steps", self.gradient_accumulation_steps),
+            # With accumulation, which clip is on is part of the twin.
+            ("clips", tuple(self._active_clips()) if self.gradient_accumulation_steps else ()),
             ("loss_scale_factor is None", self.loss_scale_factor is None),
             # Which variables decay is part of the compiled step.
             ("excluded", frozenset(self.__dict__.get("_excluded_vars") or ())),
