@@ -69,6 +69,18 @@ def test_sparse_gradients_compile_per_bucket_of_row_counts_with_the_same_result(
     np.testing.assert_allclose(table.numpy(), reference, rtol=1e-5, atol=1e-6)
 
 
+def test_weakly_and_strongly_typed_gradients_share_one_program():
+    """A Python float and ``jnp.asarray(0.5)`` are weakly typed float32, ``jnp.float32(0.5)``
+    is strongly typed: the same gradient to the step, which compiles once for all three."""
+    scalar, vector = kopt.Variable(0.0), kopt.Variable(jnp.zeros(2))
+    opt = SGD(0.1)
+    for g in (0.5, jnp.float32(0.5), jnp.asarray(0.5), jnp.float32(0.5)):
+        opt.apply_gradients([(g, scalar), (jnp.ones(2), vector)])
+    assert opt.compile_count == 1
+    np.testing.assert_allclose(scalar.numpy(), -0.2, rtol=1e-6)
+    assert scalar.dtype == jnp.float32
+
+
 def test_a_none_gradient_does_not_format_its_variable(caplog):
     class Counted(kopt.Variable):
         reprs = 0

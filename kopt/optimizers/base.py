@@ -1871,13 +1871,21 @@ def _name_of(v: Any) -> str:
     return v.name if hasattr(v, "name") else repr(v)
 
 
+def _strongly_typed(g: Any) -> jax.Array:
+    """``g`` as an array of its own dtype, strongly typed. A weakly typed one (a Python float,
+    ``jnp.asarray(0.5)``) would key, and compile, a step of its own beside the strongly typed
+    gradients (``jnp.float32(0.5)``, anything ``jax.grad`` returns) of the same dtype."""
+    g = jnp.asarray(g)
+    return jax.lax.convert_element_type(g, g.dtype) if g.weak_type else g
+
+
 def _filter_empty_gradients(pairs):
     kept = [
         pair
-        if type(pair[0]) not in _CONVERTED
+        if type(pair[0]) not in _CONVERTED and not getattr(pair[0], "weak_type", False)
         else (_bucketed_rows(*pair), pair[1])
         if type(pair[0]) is IndexedSlices
-        else (jnp.asarray(pair[0]), pair[1])
+        else (_strongly_typed(pair[0]), pair[1])
         for pair in pairs
         if pair[0] is not None
     ]
