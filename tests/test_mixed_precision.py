@@ -226,6 +226,26 @@ def test_apply_if_finite_skips_bad_steps_in_training():
     np.testing.assert_allclose(np.asarray(w, np.float64), expected, rtol=1e-2, atol=1e-3)
 
 
+def test_unscaling_a_sparse_gradient_of_a_new_row_count_does_not_recompile_the_dense_ones():
+    """The dense gradients are unscaled in one compiled call; an IndexedSlices, whose row count
+    changes from batch to batch, is scaled on its own and comes back with its own rows."""
+    from kopt.optimizers.loss_scale import _unscaled
+
+    opt = optimizers.LossScaleOptimizer(optimizers.SGD(0.1), initial_scale=4.0)
+    dense = [np.full(3, 4.0, np.float32), None]
+    for n in range(2, 7):
+        rows = kopt.IndexedSlices(np.full((n, 2), 8.0, np.float32), np.arange(n), (8, 2))
+        unscaled = opt.get_unscaled_gradients(dense + [rows])
+        if n == 2:
+            compiled = _unscaled._cache_size()
+        np.testing.assert_array_equal(unscaled[0], 1.0)
+        assert unscaled[1] is None
+        np.testing.assert_array_equal(unscaled[2].values, np.full((n, 2), 2.0))
+        np.testing.assert_array_equal(unscaled[2].indices, np.arange(n))
+        assert unscaled[2].dense_shape == (8, 2)
+    assert _unscaled._cache_size() == compiled
+
+
 @pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 (simulated) devices")
 def test_unscaling_gradients_that_live_on_different_devices():
     d0, d1 = jax.devices()[:2]

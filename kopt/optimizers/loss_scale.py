@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kopt.optimizers.base import Optimizer
-from kopt.sparse import map_values
+from kopt.sparse import IndexedSlices, map_values
 from kopt.variables import Variable
 
 
@@ -129,11 +129,23 @@ class LossScaleOptimizer(Optimizer):
         scale of ``2**16`` would be infinite); an ``IndexedSlices`` has its rows scaled, and
         None stays None."""
         grads = list(grads)
+        # An IndexedSlices is scaled on its own: its row count changes from batch to batch,
+        # and each new count would compile the call over every gradient again.
+        dense = [None if isinstance(g, IndexedSlices) else g for g in grads]
         try:
-            return _unscaled(grads, self._loss_scale.value)
+            out = _unscaled(dense, self._loss_scale.value)
         except ValueError:  # gradients on several devices: one at a time, where each lives
+            out = [None] * len(grads)
+        one_by_one = [
+            i
+            for i, (g, o) in enumerate(zip(grads, out, strict=True))
+            if o is None and g is not None
+        ]
+        if one_by_one:
             reciprocal = 1.0 / self._loss_scale.value
-            return [None if g is None else _times(g, reciprocal) for g in grads]
+            for i in one_by_one:
+                out[i] = _times(grads[i], reciprocal)
+        return out
 
     def compute_gradients(self, loss, var_list, grad_loss=None):
         pairs = self._optimizer.compute_gradients(self.get_scaled_loss(loss), var_list, grad_loss)
@@ -241,7 +253,7 @@ def _times(x: Any, factor: Any) -> Any:
 
 @jax.jit
 def _unscaled(grads: list[Any], scale: jax.Array) -> list[Any]:
-    """Every gradient times ``1 / scale``, in one compiled call (three eager operations per
-    gradient cost more than the step itself over a few hundred variables)."""
+    """Every dense gradient times ``1 / scale``, in one compiled call (three eager operations
+    per gradient cost more than the step itself over a few hundred variables)."""
     reciprocal = 1.0 / scale
     return [None if g is None else _times(g, reciprocal) for g in grads]
