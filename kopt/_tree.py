@@ -193,27 +193,41 @@ def on_params_mesh(tree: PyTree, params: PyTree) -> PyTree:
     return tree
 
 
-def reduced_like_param(p: Any, axis: int, dtype: Any | None = None) -> jax.Array:
-    """Zeros shaped like ``p`` without ``axis`` (a factored statistic), with p's sharding of the
-    axes that remain: a statistic of a kernel split by rows is split the same way.
+def reduced_like_param(p: Any, axis: int | None, dtype: Any | None = None) -> jax.Array:
+    """Zeros shaped like ``p`` without ``axis`` (a factored statistic; None: without every
+    axis, a scalar), with p's sharding of the axes that remain: a statistic of a kernel split
+    by rows is split the same way.
 
     Under ``jax.jit`` it is a reduction of a param-dependent zero array, so XLA's sharding
-    propagation (or the explicit mesh axes) gives it the remaining axes' sharding.
+    propagation (or the explicit mesh axes) gives it the remaining axes' sharding. Eagerly, the
+    spec is written as a jitted step returns it (see :func:`_spec_as_returned`), so that the
+    state of an eager ``init`` and the state the first step returns key one compiled step.
     """
     dtype = dtype or jnp.result_type(p)
     if isinstance(p, jax.core.Tracer):
         return jnp.sum(full_like_param(p, 0.0, dtype), axis=axis)
-    shape = list(jnp.shape(p))
-    axis %= len(shape)
-    del shape[axis]
-    out = jnp.zeros(shape, dtype)
+    ndim = jnp.ndim(p)
+    kept = [i for i in range(ndim) if axis is not None and i != axis % ndim]
+    out = jnp.zeros([jnp.shape(p)[i] for i in kept], dtype)
     if not (isinstance(p, jax.Array) and p.committed):
         return out
     sharding = p.sharding
     if isinstance(sharding, jax.sharding.NamedSharding):
-        spec = list(sharding.spec) + [None] * (p.ndim - len(sharding.spec))
-        del spec[axis]
-        sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+        spec = list(sharding.spec) + [None] * (ndim - len(sharding.spec))
+        spec = _spec_as_returned(sharding.mesh, [spec[i] for i in kept])
+        sharding = jax.sharding.NamedSharding(sharding.mesh, spec)
     elif not isinstance(sharding, jax.sharding.SingleDeviceSharding):
         return out  # another kind of sharding: left to XLA, as before the first step
     return jax.device_put(out, sharding)
+
+
+def _spec_as_returned(mesh: Any, spec: list[Any]) -> jax.sharding.PartitionSpec:
+    """``spec`` spelled as a jitted function returns an array of its own rank with that layout:
+    in full over a mesh with explicit axes (the array's type, ``P(None,)``), without trailing
+    Nones over automatic ones (``P()``). The two spellings are one layout, but different keys
+    of a compiled function."""
+    explicit = jax.sharding.AxisType.Explicit
+    if not any(t == explicit for t in getattr(mesh, "axis_types", ())):
+        while spec and spec[-1] is None:
+            spec = spec[:-1]
+    return jax.sharding.PartitionSpec(*spec)

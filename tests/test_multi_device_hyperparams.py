@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import kopt
@@ -83,6 +83,24 @@ def test_an_eager_init_on_a_mesh_gives_a_state_the_step_compiles_once_for(make):
     params = {"w": jax.device_put(np.ones((8, 2), np.float32), NamedSharding(mesh, P("data")))}
     step, compiles = counted_step(tx, params)
 
+    state = tx.init(params)
+    for _ in range(3):
+        params, state = step(params, state)
+    assert len(compiles) == 1
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
+def test_an_eager_adafactor_init_on_a_mesh_gives_a_state_the_step_compiles_once_for(axis_type):
+    """The column statistic of a kernel split by rows is replicated: the init spelled it
+    ``P(None,)``, the step over automatic axes ``P()``; and a vector's placeholder statistics
+    stayed on one device while the step returned them on the mesh."""
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(axis_type,))
+    tx = kopt.adafactor(0.1)
+    params = {
+        "kernel": jax.device_put(np.ones((8, 2), np.float32), NamedSharding(mesh, P("data"))),
+        "bias": jax.device_put(np.ones(8, np.float32), NamedSharding(mesh, P("data"))),
+    }
+    step, compiles = counted_step(tx, params)
     state = tx.init(params)
     for _ in range(3):
         params, state = step(params, state)

@@ -408,9 +408,8 @@ def scale_by_adafactor(
 
     def factored_slot(axis):
         def make(p):
-            if jnp.ndim(p) >= 2:
-                return reduced_like_param(p, axis)
-            return jnp.zeros((), jnp.result_type(p))
+            # A param of fewer than two axes keeps a scalar in its place (Keras's layout).
+            return reduced_like_param(p, axis if jnp.ndim(p) >= 2 else None)
 
         return make
 
