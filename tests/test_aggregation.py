@@ -116,6 +116,26 @@ def test_facade_per_replica_matches_full_batch_adam():
         np.testing.assert_allclose(variables[name].numpy(), expected[name], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("placement", ["one device", "mesh"])
+def test_facade_per_replica_gradients_from_pmap_leave_the_variable_where_it_is(placement):
+    """``pmap`` returns its values on a mesh of its own: the step ran there, moving a
+    single-device variable onto that mesh (and tracing again), and failed for a variable on a
+    mesh of the user's."""
+    per_replica = np.arange(8, dtype=np.float32).reshape(4, 2)
+    from_pmap = jax.pmap(lambda g: g)(per_replica)
+    value = np.zeros(2, np.float32)
+    if placement == "mesh":
+        value = jax.device_put(value, NamedSharding(jax.make_mesh((4,), ("data",)), P()))
+    var = kopt.Variable(value)
+    sharding = var.value.sharding
+    opt = SGD(learning_rate=0.5)
+    for _ in range(2):
+        opt.apply_gradients([(PerReplica(from_pmap), var)])
+    np.testing.assert_allclose(var.numpy(), -per_replica.sum(axis=0))
+    assert var.value.sharding == sharding
+    assert opt.compile_count == 1
+
+
 def test_custom_gradient_aggregator_averages_and_is_skipped_when_told():
     calls = []
 

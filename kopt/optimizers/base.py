@@ -1075,6 +1075,11 @@ class Optimizer:
         program = self._programs.get(key)
         if program is None:
             program = self._compile(var_list, plan, hyper_vars, grads, aggregate)
+        # Placed now that the variables are (_place_on_mesh may have moved them).
+        grads = [
+            _per_replica_beside(g, v) if type(g) is PerReplica else g
+            for g, v in zip(grads, var_list, strict=True)
+        ]
         loose = plan.loose
         with donation_lock:  # no other thread picks up a buffer while it is donated
             if variables_module._readers:
@@ -1863,6 +1868,32 @@ def _bucketed_rows(g: IndexedSlices, v: Any) -> IndexedSlices:
 
 
 _CONVERTED = _PYTHON_VALUES | {IndexedSlices}
+
+
+def _per_replica_beside(g: PerReplica, v: Variable) -> PerReplica:
+    """``g`` with its values moved onto ``v``'s devices if they are committed elsewhere: onto
+    ``v``'s mesh with the replica axis unsplit, or onto ``v``'s one device. ``pmap`` returns
+    its values on a mesh of its own; the step would otherwise run there, moving a single-device
+    ``v`` onto that mesh (and compiling again for it), or fail for a ``v`` on another mesh.
+    Values on ``v``'s mesh already, however split, are left for the step to reduce there."""
+    values, value = g.values, v._current
+    if (
+        not isinstance(values, jax.Array)
+        or isinstance(values, jax.core.Tracer)
+        or isinstance(value, jax.core.Tracer)
+        or not values.committed
+    ):
+        return g
+    target = value.sharding
+    spread = _spread_sharding(v)
+    if spread is not None:
+        if getattr(values.sharding, "mesh", None) == spread.mesh:
+            return g
+        spec = jax.sharding.PartitionSpec(None, *spread.spec)
+        target = jax.sharding.NamedSharding(spread.mesh, spec, memory_kind=spread.memory_kind)
+    elif values.sharding.device_set == target.device_set:
+        return g
+    return PerReplica(jax.device_put(values, target))
 
 
 def _name_of(v: Any) -> str:
