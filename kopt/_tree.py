@@ -18,14 +18,17 @@ def _path_str(path) -> str:
 
 
 def check_floating_params(params: PyTree, owner: str, *, allow_complex: bool = True) -> None:
-    """Raises TypeError naming the first param leaf that is not a floating-point array (or,
-    without ``allow_complex``, that is complex: for a rule with no complex form)."""
+    """Raises TypeError naming the first param leaf that is not a floating-point array or
+    Python float (or, without ``allow_complex``, that is complex: for a rule with no complex
+    form). A Python float counts as the default float dtype, as ``jnp.zeros_like`` makes it."""
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         dtype = getattr(leaf, "dtype", None)
+        if dtype is None and isinstance(leaf, (float, complex)):
+            dtype = jnp.result_type(leaf)
         if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
             raise TypeError(
-                f"{owner}: param {_path_str(path)} must be a floating-point array, received "
-                f"{type(leaf).__name__} of dtype {dtype}"
+                f"{owner}: param {_path_str(path)} must be a floating-point array or Python "
+                f"float, received {type(leaf).__name__} of dtype {dtype}"
             )
         if not allow_complex and jnp.issubdtype(dtype, jnp.complexfloating):
             raise TypeError(
@@ -125,7 +128,12 @@ def map_leaves(
         check_same_structure(updates, reference, owner, "params" if params is not None else "state")
     flat, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_indexed_slices)
     slot_leaves = {name: treedef.flatten_up_to(tree) for name, tree in slots.items()}
-    param_leaves = treedef.flatten_up_to(params) if params is not None else [None] * len(flat)
+    if params is None:
+        param_leaves = [None] * len(flat)
+    else:  # a Python float param (optax takes them) as the array jnp.asarray makes of it
+        param_leaves = [
+            p if hasattr(p, "dtype") else jnp.asarray(p) for p in treedef.flatten_up_to(params)
+        ]
     ref_leaves = treedef.flatten_up_to(reference) if reference is not None else None
     out_updates, out_slots = [], {name: [] for name in slots}
     for i, (path, g) in enumerate(flat):

@@ -60,6 +60,13 @@ def test_integer_param_in_init_names_the_path(name):
     assert "int32" in str(info.value)
 
 
+@pytest.mark.parametrize("leaf", [1, True, "w"], ids=repr)
+def test_python_int_bool_or_str_param_is_refused_naming_the_path(leaf):
+    """A Python float param is taken (as optax takes it); an int is not, as an int32 is not."""
+    with pytest.raises(TypeError, match=re.escape("['n']") + ".*" + type(leaf).__name__):
+        kopt.adam(0.1).init({"w": 1.0, "n": leaf})
+
+
 @pytest.mark.parametrize("value", ["fast", None, [0.1], {"lr": 0.1}], ids=repr)
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_non_numeric_learning_rate_is_a_type_error(name, value):

@@ -10,6 +10,7 @@ import numpy_reference as ref
 import optax
 import pytest
 from flax.training import train_state
+from optimizer_zoo import OPTIMIZERS
 
 import kopt
 
@@ -315,3 +316,56 @@ def test_flatten_passes_single_values_on_but_not_param_shaped_extra_args():
         params, tx.init(params), params, value=jnp.float32(1.0), grad=params, value_fn=jnp.sum
     )
     assert set(seen) == {"value"}
+
+
+def test_python_float_params_train_as_in_optax():
+    """optax takes a Python float param (its slots are ``jnp.zeros_like(1.0)``); kopt does too,
+    with optax's numbers, slots of that dtype and updates that are arrays."""
+    params = {"w": 1.0, "b": jnp.ones(2)}
+    grads = {"w": jnp.float32(0.5), "b": jnp.full(2, -0.25)}
+    mask = {"w": True, "b": False}
+    pairs = [
+        (kopt.sgd(0.1, momentum=0.9), optax.sgd(0.1, momentum=0.9)),
+        (
+            kopt.masked(kopt.chain(kopt.add_decayed_weights(0.2), kopt.sgd(0.1)), mask),
+            optax.masked(optax.chain(optax.add_decayed_weights(0.2), optax.sgd(0.1)), mask),
+        ),
+    ]
+    for tx, reference in pairs:
+        state, ref_state, p, ref_p = tx.init(params), reference.init(params), params, params
+        for _ in range(2):
+            updates, state = tx.update(grads, state, p)
+            ref_updates, ref_state = reference.update(grads, ref_state, ref_p)
+            p, ref_p = kopt.apply_updates(p, updates), optax.apply_updates(ref_p, ref_updates)
+        assert isinstance(updates["w"], jax.Array)
+        chex.assert_trees_all_close(p, ref_p)
+    slot = kopt.get_slot(kopt.adam(0.1).init(params), "m")["w"]
+    assert slot.dtype == jnp.zeros_like(1.0).dtype and slot.shape == ()
+    chex.assert_trees_all_equal(
+        kopt.pack(params).unpack(), {"w": jnp.float32(1.0), "b": params["b"]}
+    )
+
+
+@pytest.mark.parametrize(
+    "tx",
+    [
+        *[factory(0.1) for factory in OPTIMIZERS.values()],
+        kopt.chain(kopt.sgd(0.1), kopt.ema(0.9)),
+        kopt.decoupled_weight_decay(kopt.sgd(0.1), 0.1),
+        kopt.flatten(kopt.adam(0.1)),
+    ],
+    ids=[*OPTIMIZERS, "ema", "decoupled_weight_decay", "flatten"],
+)
+def test_a_python_float_param_trains_as_its_float32_array(tx):
+    """optax makes a Python float param a float32 array; kopt's every rule that reads the
+    param (FTRL, weight decay, Lamb's and Adafactor's norms, EMA) must too. The state is not
+    weakly typed (a jitted step would compile again when the update's state is not)."""
+    grads = {"w": jnp.float32(0.5), "b": jnp.full(2, -0.25)}
+    results = []
+    for w in (1.0, jnp.float32(1.0)):
+        params = {"w": w, "b": jnp.ones(2)}
+        state = tx.init(params)
+        assert not any(getattr(leaf, "weak_type", False) for leaf in jax.tree.leaves(state))
+        updates, state = tx.update(grads, state, params)
+        results.append((kopt.apply_updates(params, updates), state))
+    chex.assert_trees_all_equal(*results)

@@ -83,7 +83,7 @@ def decoupled_weight_decay(
             raise ValueError(f"{owner}: this transformation needs `params` in update()")
         hp = current_hyperparams(state.decay, schedules)
         rate = hp["weight_decay"] * hp["learning_rate"]
-        decayed = jax.tree.map(lambda p: p - p * rate.astype(p.dtype), params)
+        decayed = jax.tree.map(lambda p: p - p * rate.astype(jnp.result_type(p)), params)
         if mask is not None:
             keep = mask(params) if callable(mask) else mask
             decayed = jax.tree.map(

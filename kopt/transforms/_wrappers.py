@@ -416,7 +416,9 @@ def ema(momentum: Any = 0.99, overwrite_frequency: int | None = None) -> Gradien
         )
 
     def init_fn(params):
-        average = jax.tree.map(jnp.copy, params)
+        # In the param's dtype, not weakly typed (a Python float's copy would be), as the
+        # averages the update returns are: a jitted step then compiles once.
+        average = jax.tree.map(lambda p: jnp.copy(p).astype(jnp.result_type(p)), params)
         count, hp = on_params_mesh(
             (jnp.zeros([], jnp.int32), init_hyperparams({"momentum": momentum})), params
         )
