@@ -1,6 +1,7 @@
 """Learning rates that are negative or not finite are refused by both APIs, at construction and
 later; NaN gradients propagate through plain optimizers as in tf.keras."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -45,3 +46,24 @@ def test_nan_gradients_propagate_like_tf_keras(cls):
     opt.apply_gradients([(jnp.array([jnp.nan, 1.0]), var)])
     value = var.numpy()
     assert np.isnan(value[0]) and np.isfinite(value[1])
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5])
+def test_centered_rmsprop_with_rho_zero_divides_by_epsilon_under_jit(momentum):
+    """With ``rho=0`` the centered variance ``ms - mg**2`` is ``g**2 - g**2 = 0``, and tf.keras
+    divides by epsilon (``sqrt(0) + eps``, or ``sqrt(0 + eps)`` with momentum). Under
+    ``jax.jit`` XLA fused ``ms - mg * mg`` into one multiply-add, whose unrounded product left
+    rounding noise: NaN for about half the elements, far too small steps for the rest."""
+    g = (np.random.default_rng(0).normal(size=64) * 3.7).astype(np.float32)
+    lr, eps = np.float32(0.1), np.float32(1e-7)
+    root = np.sqrt(eps) if momentum else eps  # sqrt(0 + eps), or sqrt(0) + eps
+    expected = -(lr * g) / root
+    tx = kopt.rmsprop(0.1, rho=0.0, momentum=momentum, centered=True)
+    params = jnp.zeros(64)
+    for grads in (g, kopt.IndexedSlices(g, jnp.arange(64), (64,))):
+        updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+        np.testing.assert_allclose(kopt.apply_updates(params, updates), expected, rtol=1e-6)
+    opt = optimizers.RMSprop(0.1, rho=0.0, momentum=momentum, centered=True)
+    var = kopt.Variable(np.zeros(64, np.float32))
+    opt.apply_gradients([(g, var)])
+    np.testing.assert_allclose(var.numpy(), expected, rtol=1e-6)

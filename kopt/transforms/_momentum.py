@@ -100,6 +100,20 @@ def scale_by_sgd(
     return leafwise_transformation(owner, hyper, slots, rule, prepare=_learning_rate_prepare)
 
 
+def _centered_variance(ms, mg):
+    """Centered RMSprop's ``ms - |mg|**2``, rounded as Keras rounds it and never below 0.
+
+    It is at least 0 in exact arithmetic (``ms`` and ``mg`` average ``|g|**2`` and ``g`` with the
+    same weights) and exactly 0 with ``rho=0`` (``ms = |g|**2``, ``mg = g``), where Keras divides
+    by epsilon. Under ``jax.jit`` XLA contracted ``ms - mg * mg`` into a fused multiply-add,
+    which leaves the product unrounded, so that 0 came out as rounding noise of either sign:
+    NaN from the root of a negative, a step thousands of times too small from a positive.
+    The square goes through ``maximum(., 0)`` (the same value) so that it is rounded before the
+    subtraction, and the difference is clamped at 0 for any rounding left.
+    """
+    return jnp.maximum(ms - jnp.maximum(abs_sq(mg), 0), 0)
+
+
 def scale_by_rmsprop(
     learning_rate: Any = 0.001,
     rho: Any = 0.9,
@@ -153,7 +167,7 @@ def scale_by_rmsprop(
         ms = ms + (abs_sq(g) - ms) * (1 - c["rho"])
         if centered:
             mg = mg + (g - mg) * (1 - c["rho"])
-            denom = (ms - abs_sq(mg)) + c["epsilon"]
+            denom = _centered_variance(ms, mg) + c["epsilon"]
         else:
             denom = ms + c["epsilon"]
         mom = mom * c["momentum"] + (g * c["lr"]) / jnp.sqrt(denom)
@@ -196,7 +210,7 @@ def scale_by_rmsprop(
             new = {"rms": rms}
             if centered:
                 mg = scatter_add_rows(mg * c["rho"], idx, (1 - c["rho"]) * gv)
-                denom = denom - abs_sq(gather_rows(mg, idx))
+                denom = _centered_variance(denom, gather_rows(mg, idx))
                 new["mg"] = mg
             u = -(c["lr"] * gv) / (jnp.sqrt(denom) + c["epsilon"])
             return IndexedSlices(u, idx, rms.shape), new
@@ -206,7 +220,7 @@ def scale_by_rmsprop(
         new = {"rms": rms}
         if centered:
             mg = c["rho"] * mg + (1 - c["rho"]) * g
-            denom = rms - abs_sq(mg)
+            denom = _centered_variance(rms, mg)
             new["mg"] = mg
         return -(c["lr"] * g) / (jnp.sqrt(denom) + c["epsilon"]), new
 
