@@ -269,6 +269,35 @@ def test_apply_if_finite_without_collectives_decides_per_replica():
     np.testing.assert_allclose(out[[0, 1, 3]], -0.1)
 
 
+def _ragged_all_to_all_of_nothing(u):
+    sizes = jnp.zeros(4, jnp.int32)
+    return jax.lax.ragged_all_to_all(u, jnp.zeros_like(u), *[sizes] * 4, axis_name="data")
+
+
+@pytest.mark.parametrize(
+    "exchange, joint",
+    [(_ragged_all_to_all_of_nothing, True), (lambda u: u * jax.lax.axis_index("data"), False)],
+    ids=["ragged_all_to_all", "axis_index"],
+)
+def test_apply_if_finite_decides_jointly_around_any_collective(exchange, joint):
+    """Collectives were found by a list of names, which missed ``ragged_all_to_all`` (and
+    ``pbroadcast``, ``psend``...): one replica's NaN left it out of an exchange the others
+    waited in. Any primitive naming an axis now counts, except those that exchange nothing,
+    such as ``axis_index`` and the ``pvary`` casts ``shard_map`` inserts."""
+    piece = kopt.GradientTransformation(lambda params: (), lambda u, s, p=None: (exchange(u), s))
+    tx = kopt.apply_if_finite(kopt.chain(piece, kopt.sgd(0.1)), 2)
+    grads = np.ones((4, 3), np.float32)
+    grads[2, 0] = np.nan  # one replica's gradient only
+
+    def skipped(g):
+        return tx.update(g[0], tx.init(jnp.zeros(3)), jnp.zeros(3))[1].total_notfinite[None]
+
+    mesh = jax.make_mesh((4,), ("data",))
+    run = jax.jit(jax.shard_map(skipped, mesh=mesh, in_specs=P("data"), out_specs=P("data")))
+    counts = run(jax.device_put(grads, NamedSharding(mesh, P("data"))))
+    np.testing.assert_array_equal(counts, [1, 1, 1, 1] if joint else [0, 0, 1, 0])
+
+
 def test_apply_if_finite_around_an_update_with_its_own_shard_map():
     """A shard_map inside the wrapped update binds its own axis: its psum is not an exchange
     between the callers' replicas, and a pmin over that axis outside it was an unbound-axis

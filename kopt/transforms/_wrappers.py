@@ -280,21 +280,32 @@ def all_finite(tree: PyTree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-# Primitives that exchange data between replicas (their names, by prefix, across JAX versions).
-_COLLECTIVES = ("psum", "pmin", "pmax", "pmean", "all_gather", "all_to_all", "ppermute")
-_COLLECTIVES += ("reduce_scatter", "psum_scatter")
+# Primitives that name axes but exchange nothing, so a replica runs them alone: `axis_index`
+# reads the replica's own index, and the casts only change a value's type (per-device,
+# reduced; shard_map inserts `pvary` wherever a replicated value meets a per-device one).
+_LOCAL_AXIS_PRIMITIVES = ("axis_index", "pvary", "preduced")
+_LOCAL_AXIS_PRIMITIVES += ("vary_unreduced_cast_p", "reduced_vary_cast_p")
 # Primitives that bind axis names of their own (a shard_map or pmap inside the update).
 _BINDING_AXES = ("shard_map", "xla_pmap", "pmap")
 
 
 def _collective_axes(fn: Callable[..., Any], *args: Any) -> tuple[Any, ...]:
-    """The named axes over which ``fn(*args)`` runs collectives (``psum``, ``all_gather``...),
-    read from its jaxpr, nested ones (in ``cond``, ``scan``...) included."""
+    """The named axes over which ``fn(*args)`` runs collectives, read from its jaxpr, nested
+    ones (in ``cond``, ``scan``...) included.
+
+    A collective is any primitive whose ``axes`` or ``axis_name`` parameter names an axis
+    (``psum``, ``all_gather``, ``ppermute``, ``ragged_all_to_all``, ``psend``...), other than
+    the few that name one without exchanging data. A collective unknown to kopt is so counted:
+    missing one would let the replicas disagree and hang, where counting a primitive that
+    exchanges nothing only makes them decide together.
+    """
     axes: list[Any] = []
 
     def visit(jaxpr):
         for eqn in jaxpr.eqns:
-            if eqn.primitive.name.startswith(_COLLECTIVES):
+            if eqn.primitive.name in _BINDING_AXES:
+                continue  # its collectives are over the axes it binds itself, not ours
+            if eqn.primitive.name not in _LOCAL_AXIS_PRIMITIVES:
                 for key in ("axes", "axis_name"):
                     names = eqn.params.get(key)
                     names = names if isinstance(names, (tuple, list)) else (names,)
@@ -304,8 +315,6 @@ def _collective_axes(fn: Callable[..., Any], *args: Any) -> tuple[Any, ...]:
                         for a in names
                         if a is not None and not isinstance(a, int) and a not in axes
                     )
-            if eqn.primitive.name in _BINDING_AXES:
-                continue  # its collectives are over the axes it binds itself, not ours
             for value in eqn.params.values():
                 for sub in value if isinstance(value, (tuple, list)) else (value,):
                     sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr holds its Jaxpr
