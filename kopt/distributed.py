@@ -59,14 +59,39 @@ def leaf_sharding(
         >>> tuple(kopt.distributed.leaf_sharding((3, 8), mesh, "data").spec)
         (None, 'data')
     """
+    return _split_over(shape, [None] * len(shape), mesh, axis_name)
+
+
+def _split_over(
+    shape: tuple[int, ...], spec: list[Any], mesh: Mesh, axis_name: str | tuple[str, ...]
+) -> NamedSharding:
+    """``spec`` with ``axis_name`` on the largest of its free dimensions that the axis size
+    divides (the first on a tie); ``spec`` as it is when it already uses the axis, or when no
+    free dimension fits."""
+    names = {axis_name} if isinstance(axis_name, str) else set(axis_name)
+    used = {a for entry in spec for a in (entry if isinstance(entry, tuple) else (entry,))}
     size = _axis_size(mesh, axis_name)
-    candidates = [d for d, n in enumerate(shape) if n % size == 0 and n >= size]
-    if not candidates:
-        return NamedSharding(mesh, P())
-    dim = max(candidates, key=lambda d: (shape[d], -d))
-    spec = [None] * len(shape)
-    spec[dim] = axis_name
-    return NamedSharding(mesh, P(*spec))
+    candidates = [d for d, n in enumerate(shape) if spec[d] is None and n % size == 0 and n >= size]
+    if candidates and not names & used:
+        dim = max(candidates, key=lambda d: (shape[d], -d))
+        spec = [*spec[:dim], axis_name, *spec[dim + 1 :]]
+    return NamedSharding(mesh, P(*spec) if any(e is not None for e in spec) else P())
+
+
+def _slot_sharding(
+    leaf: Any, param: Any, mesh: Mesh, axis_name: str | tuple[str, ...]
+) -> NamedSharding:
+    """The ZeRO-1 sharding of a state leaf that belongs to ``param``: replicated unless it is
+    shaped like the param; then the param's own sharding (on ``mesh``) split over
+    ``axis_name`` too."""
+    shape = tuple(jnp.shape(leaf))
+    if shape != tuple(jnp.shape(param)):
+        return NamedSharding(mesh, P())  # a factored statistic, a scalar placeholder
+    sharding = getattr(param, "sharding", None)
+    if not (isinstance(sharding, NamedSharding) and sharding.mesh == mesh):
+        return leaf_sharding(shape, mesh, axis_name)
+    spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+    return _split_over(shape, spec, mesh, axis_name)
 
 
 def state_sharding(
@@ -79,17 +104,24 @@ def state_sharding(
 
     Every array leaf shaped like a param (the slots ``m``, ``v``, ..., accumulated gradients, EMA
     averages) is split over ``axis_name`` along its largest divisible dimension (see
-    :func:`leaf_sharding`); scalars (step counts, hyperparameters) are replicated. Without
-    ``params`` every leaf of rank 1 or more counts as param-shaped; pass ``params`` for an
-    optimizer with factored statistics (Adafactor's ``r`` and ``c``, which are combined by an
-    outer product that two sharded vectors cannot form under an explicit mesh): they then stay
-    replicated (they are small).
+    :func:`leaf_sharding`); scalars (step counts, hyperparameters) are replicated.
+
+    Without ``params`` every leaf of rank 1 or more counts as param-shaped. With ``params``,
+    each subtree of the state with the params' tree structure (a slot, an accumulator) is
+    matched to the params leaf by leaf: a leaf shaped like its own param is split, keeping
+    that param's sharding on ``mesh`` along its other dimensions (a param split over a
+    ``"model"`` axis keeps its slots split over it too; one already split over ``axis_name``
+    gives its slots its own sharding), and any other leaf stays replicated, such as
+    Adafactor's factored statistics ``r`` and ``c`` (small, and combined by an outer product
+    that two sharded vectors cannot form under an explicit mesh). Leaves outside such
+    subtrees are split when their shape is a param's, keeping the sharding of the params of
+    that shape when they all have the same.
 
     Args:
         state: an optimizer state, or its ``jax.eval_shape``.
         mesh: the device mesh.
         axis_name: the data-parallel mesh axis (or a tuple of axes).
-        params: the params (or their shapes); only leaves with a param's shape are split.
+        params: the params (or their shapes), to match the state's leaves to.
 
     Returns:
         A tree of ``NamedSharding`` with the state's structure, usable as ``out_shardings``.
@@ -98,17 +130,33 @@ def state_sharding(
         ValueError: if ``axis_name`` is not an axis of ``mesh``.
     """
     _axis_size(mesh, axis_name)
-    param_shapes = (
-        None if params is None else {tuple(jnp.shape(p)) for p in jax.tree.leaves(params)}
-    )
+    if params is None:
+        return jax.tree.map(lambda leaf: leaf_sharding(jnp.shape(leaf), mesh, axis_name), state)
+    params_def = jax.tree.structure(params)
+    param_leaves = params_def.flatten_up_to(params)
+    by_shape: dict[tuple[int, ...], list[Any]] = {}
+    for p in param_leaves:
+        by_shape.setdefault(tuple(jnp.shape(p)), []).append(p)
 
-    def one(leaf):
-        shape = tuple(jnp.shape(leaf))
-        if param_shapes is not None and shape not in param_shapes:
+    def like_params(node):
+        return jax.tree.structure(node) == params_def
+
+    def one(node):
+        if like_params(node):
+            leaves = params_def.flatten_up_to(node)
+            return params_def.unflatten(
+                _slot_sharding(leaf, p, mesh, axis_name)
+                for leaf, p in zip(leaves, param_leaves, strict=True)
+            )
+        # Outside such a subtree (kopt.flatten's loose slots) only the shape tells: the params
+        # of that shape give theirs if they agree, else the split of the shape alone.
+        shape = tuple(jnp.shape(node))
+        choices = {_slot_sharding(node, p, mesh, axis_name) for p in by_shape.get(shape, [])}
+        if not choices:
             return NamedSharding(mesh, P())
-        return leaf_sharding(shape, mesh, axis_name)
+        return choices.pop() if len(choices) == 1 else leaf_sharding(shape, mesh, axis_name)
 
-    return jax.tree.map(one, state)
+    return jax.tree.map(one, state, is_leaf=like_params)
 
 
 def shard_state(
@@ -119,8 +167,9 @@ def shard_state(
 ) -> OptState:
     """Returns ``state`` placed with the ZeRO-1 shardings of :func:`state_sharding`.
 
-    Each device then holds ``1 / mesh.shape[axis_name]`` of every param-shaped slot whose largest
-    dimension the axis size divides, whatever the params' sharding (typically replicated).
+    Each device then holds ``1 / mesh.shape[axis_name]`` of every param-shaped slot with a
+    dimension the axis size divides, beside the split its param has over other axes (with
+    ``params``; ZeRO-1's params are typically replicated).
 
     Args:
         state: an optimizer state (from ``tx.init``).

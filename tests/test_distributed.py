@@ -62,6 +62,37 @@ def test_leaf_sharding_picks_the_largest_divisible_dimension():
         kopt.state_sharding(kopt.adam().init(PARAMS), mesh, "model")
 
 
+def test_state_sharding_matches_each_slot_to_its_own_param():
+    """Two params of one shape, split differently over ``"model"``: each slot keeps its own
+    param's split and adds the ``"data"`` one (matched by tree position; by shape alone both
+    got the same sharding, and an explicit mesh refused the step). A factored statistic of
+    a bias's shape stays replicated."""
+    mesh = jax.make_mesh((2, 2), ("data", "model"))
+    specs = {"a": P("model", None), "b": P(None, "model"), "bias": P()}
+    params = {
+        name: jax.device_put(np.ones(shape, np.float32), NamedSharding(mesh, specs[name]))
+        for name, shape in {"a": (8, 8), "b": (8, 8), "bias": (8,)}.items()
+    }
+    factored = kopt.state_sharding(kopt.adafactor().init(params), mesh, "data", params)
+    assert kopt.get_slot(factored, "r")["a"].spec == P()  # shaped like "bias", not its slot
+    tx = kopt.sgd(0.1, momentum=0.9)
+    state = kopt.shard_state(tx.init(params), mesh, "data", params)
+    update = kopt.jit_update(tx, kopt.state_sharding(state, mesh, "data", params))
+    grads = {
+        name: jax.device_put(np.full(p.shape, 2.0, np.float32), p.sharding)
+        for name, p in params.items()
+    }
+    for _ in range(2):
+        params, state = update(grads, state, params)
+    momentum = kopt.get_slot(state, "momentum")
+    assert momentum["a"].sharding.spec == P("model", "data")
+    assert momentum["b"].sharding.spec == P("data", "model")
+    assert momentum["bias"].sharding.spec == P("data")
+    for name, p in params.items():  # 1 - 0.1 * 2, then - (0.9 * 0.2 + 0.1 * 2)
+        assert p.sharding.spec == specs[name]
+        np.testing.assert_allclose(p, 0.42, rtol=1e-6)
+
+
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_zero1_state_is_a_quarter_per_device_and_trains_like_unsharded(name):
     mesh = jax.make_mesh((4,), ("data",))
