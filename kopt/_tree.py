@@ -185,19 +185,24 @@ def full_like_param(p: Any, value: float, dtype: Any | None = None) -> jax.Array
     return out
 
 
-def on_params_mesh(tree: PyTree, params: PyTree) -> PyTree:
-    """``tree`` (a state's counts and hyperparameters) replicated over the mesh the params are
-    placed on, if they are. After an eager ``init`` of params on a mesh these scalars would sit
-    on one device, and the first jitted step, which returns them on the mesh, would compile a
-    second time. Under ``jax.jit(init)``, or for params on one device, ``tree`` is unchanged."""
+def on_params_devices(tree: PyTree, params: PyTree) -> PyTree:
+    """``tree`` (a state's counts and hyperparameters) placed where the params are committed:
+    replicated over their mesh, or on their one device. After an eager ``init`` these scalars
+    would be uncommitted (or on one device of a mesh) beside committed slots, and the first
+    jitted step, which returns them committed with the params, would compile a second time.
+    Under ``jax.jit(init)``, or for uncommitted params, ``tree`` is unchanged."""
     for leaf in jax.tree.leaves(params):
         if isinstance(leaf, jax.core.Tracer):
             return tree
-        sharding = getattr(leaf, "sharding", None)
-        if isinstance(sharding, jax.sharding.NamedSharding) and leaf.committed:
+        if not (isinstance(leaf, jax.Array) and leaf.committed):
+            continue
+        sharding = leaf.sharding
+        if isinstance(sharding, jax.sharding.NamedSharding):
             return jax.device_put(
                 tree, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
             )
+        if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+            return jax.device_put(tree, sharding)
     return tree
 
 

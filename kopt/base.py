@@ -462,17 +462,16 @@ def set_hyperparam(state: OptState, name: str, value: Any) -> OptState:
 def _placed_like(old: Any, new: jax.Array) -> jax.Array:
     """``new``, a scalar, with ``old``'s dtype, shape and placement.
 
-    A state on a device mesh holds its hyperparameters there (replicated), and ``pmap``'s holds
-    one copy per device; a value placed elsewhere would make the next step compile again or
-    fail. Inside a trace the step decides the placement.
+    A state on a device mesh holds its hyperparameters there (replicated), ``pmap``'s holds
+    one copy per device, and one committed to a device holds them there; a value placed
+    elsewhere (or left uncommitted) would make the next step compile again or fail. An
+    uncommitted value stays uncommitted. Inside a trace the step decides the placement.
     """
     old = jnp.asarray(old) if not isinstance(old, jax.Array) else old
     new = new.astype(old.dtype)
     if old.shape:
         new = jnp.broadcast_to(new, old.shape)
-    if not isinstance(old, jax.core.Tracer) and not isinstance(
-        old.sharding, jax.sharding.SingleDeviceSharding
-    ):
+    if not isinstance(old, jax.core.Tracer) and old.committed:
         new = jax.device_put(new, old.sharding)
     return new
 

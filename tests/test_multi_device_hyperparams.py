@@ -1,6 +1,9 @@
-"""``kopt.set_hyperparam`` outside a jitted step on multi-device states: the new value takes the
-old one's placement (mesh-replicated, or one copy per device under ``pmap``), so the next step
-neither compiles again nor fails."""
+"""A state's counts and hyperparameters placed as its params are: an eager ``init`` puts them on
+the params' mesh or device, and ``kopt.set_hyperparam`` outside a jitted step gives the new value
+the old one's placement (mesh-replicated, one copy per device under ``pmap``, or committed to one
+device), so the next step neither compiles again nor fails."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -105,3 +108,64 @@ def test_an_eager_adafactor_init_on_a_mesh_gives_a_state_the_step_compiles_once_
     for _ in range(3):
         params, state = step(params, state)
     assert len(compiles) == 1
+
+
+@pytest.mark.parametrize("device", [1, None], ids=["on_device_1", "uncommitted"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: kopt.adam(0.1),
+        lambda: kopt.chain(kopt.clip_by_global_norm(1.0), kopt.adamw()),
+        lambda: kopt.apply_if_finite(kopt.accumulate_gradients(kopt.adam(), 2)),
+        lambda: kopt.chain(kopt.sgd(0.1), kopt.ema(0.9)),
+        lambda: kopt.flatten(kopt.sgd(0.1, momentum=0.9)),
+    ],
+    ids=["adam", "clip+adamw", "apply_if_finite(accumulate)", "ema", "flatten"],
+)
+def test_an_eager_init_beside_params_on_one_device_gives_a_state_the_step_compiles_once_for(
+    make, device, backend_compiles
+):
+    """Params committed to a device got committed slots beside uncommitted counts and
+    hyperparameters; the first step returned those committed, so the second compiled again
+    (without tracing again). Uncommitted params keep an uncommitted state."""
+    tx = make()
+    params = {"w": jnp.ones((4, 2)), "b": jnp.ones(2)}
+    if device is not None:
+        params = jax.device_put(params, jax.devices()[device])
+    state = tx.init(params)
+    committed = {leaf.committed for leaf in jax.tree.leaves(state)}
+    assert committed == {device is not None}
+    if device is not None:
+        assert {d for leaf in jax.tree.leaves(state) for d in leaf.devices()} == {
+            jax.devices()[device]
+        }
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, state):
+        updates, state = tx.update(grads, state, params)
+        return kopt.apply_updates(params, updates), state
+
+    params, state = step(params, state)
+    first = len(backend_compiles)
+    for _ in range(2):
+        params, state = step(params, state)
+    assert len(backend_compiles) == first
+
+
+def test_set_hyperparam_keeps_a_state_on_one_device_there(backend_compiles):
+    device = jax.devices()[1]
+    tx = kopt.adam(0.1)
+    params = jax.device_put({"w": jnp.ones((4, 2))}, device)
+    step, _ = counted_step(tx, params)
+    state = tx.init(params)
+    params, state = step(params, state)
+    first = len(backend_compiles)
+    state = kopt.set_hyperparam(state, "learning_rate", 0.05)
+    lr = kopt.get_hyperparam(state, "learning_rate")
+    assert lr.committed and lr.devices() == {device}
+    params, state = step(params, state)
+    assert len(backend_compiles) == first
+    # An uncommitted state takes an uncommitted value.
+    state = kopt.set_hyperparam(tx.init({"w": jnp.ones((4, 2))}), "learning_rate", 0.05)
+    assert not kopt.get_hyperparam(state, "learning_rate").committed

@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from kopt._tree import abs_sq, at_least_float32, on_params_mesh
+from kopt._tree import abs_sq, at_least_float32, on_params_devices
 from kopt.base import (
     GradientTransformation,
     OptimizerState,
@@ -111,7 +111,7 @@ def clip_by_global_norm(global_clipnorm: Any) -> GradientTransformation:
     schedules = schedules_of(hyper)
 
     def init_fn(params):
-        count, hp = on_params_mesh((jnp.zeros([], jnp.int32), init_hyperparams(hyper)), params)
+        count, hp = on_params_devices((jnp.zeros([], jnp.int32), init_hyperparams(hyper)), params)
         return OptimizerState(count, hp, {})
 
     def update_fn(updates, state, params=None, **extra_args):

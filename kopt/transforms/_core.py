@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from kopt._tree import check_floating_params, full_like_param, map_leaves, on_params_mesh
+from kopt._tree import check_floating_params, full_like_param, map_leaves, on_params_devices
 from kopt.base import (
     GradientTransformation,
     OptimizerState,
@@ -73,7 +73,7 @@ def leafwise_transformation(
         _check_complex_slots(owner, params, state_slots)
         for name, value in scalar_slots.items():
             state_slots[name] = jnp.asarray(value, jnp.float32)
-        count, hp, scalars = on_params_mesh(
+        count, hp, scalars = on_params_devices(
             (
                 jnp.zeros([], jnp.int32),
                 init_hyperparams(hyperparams),

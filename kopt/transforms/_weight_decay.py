@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kopt._tree import on_params_mesh
+from kopt._tree import on_params_devices
 from kopt.base import (
     GradientTransformation,
     OptimizerState,
@@ -73,7 +73,7 @@ def decoupled_weight_decay(
     schedules = schedules_of(hyper)
 
     def init_fn(params):
-        count, hp = on_params_mesh((jnp.zeros([], jnp.int32), init_hyperparams(hyper)), params)
+        count, hp = on_params_devices((jnp.zeros([], jnp.int32), init_hyperparams(hyper)), params)
         return DecoupledWeightDecayState(OptimizerState(count, hp, {}), inner.init(params))
 
     inner_update = extra_args_update(inner)

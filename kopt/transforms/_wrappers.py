@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kopt._tree import on_params_mesh, slot_like
+from kopt._tree import on_params_devices, slot_like
 from kopt.base import (
     GradientTransformation,
     OptimizerState,
@@ -210,7 +210,7 @@ def accumulate_gradients(
 
     def init_fn(params):
         zeros = slot_like(params, 0.0, None)
-        mini_step = on_params_mesh(jnp.zeros([], jnp.int32), params)
+        mini_step = on_params_devices(jnp.zeros([], jnp.int32), params)
         return AccumulateState(mini_step, zeros, transformation.init(params))
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -358,7 +358,7 @@ def apply_if_finite(
     inner_update = extra_args_update(transformation)
 
     def init_fn(params):
-        counters = on_params_mesh(
+        counters = on_params_devices(
             (jnp.zeros([], jnp.int32), jnp.array(True), jnp.zeros([], jnp.int32)), params
         )
         return ApplyIfFiniteState(*counters, transformation.init(params))
@@ -428,7 +428,7 @@ def ema(momentum: Any = 0.99, overwrite_frequency: int | None = None) -> Gradien
         # In the param's dtype, not weakly typed (a Python float's copy would be), as the
         # averages the update returns are: a jitted step then compiles once.
         average = jax.tree.map(lambda p: jnp.copy(p).astype(jnp.result_type(p)), params)
-        count, hp = on_params_mesh(
+        count, hp = on_params_devices(
             (jnp.zeros([], jnp.int32), init_hyperparams({"momentum": momentum})), params
         )
         return OptimizerState(count, hp, {"average": average})
