@@ -1,6 +1,8 @@
 """A repeated apply_gradients reuses its cached step key; everything the key stands for still
 takes effect when it changes between calls."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -330,3 +332,55 @@ def test_add_weight_weights_are_read_and_written_by_every_compiled_step():
         np.testing.assert_allclose(opt.norm_ema.numpy(), ema, rtol=1e-5)
     assert opt.compile_count == 1
     assert all(w is not opt.norm_ema for w in opt.weights)  # as in tf.keras: not in weights
+
+
+@pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 (simulated) devices")
+@pytest.mark.parametrize(
+    ("make_opt", "committed"),
+    [
+        (lambda: optimizers.Adam(0.1), "variable"),
+        (lambda: optimizers.SGD(0.1, momentum=0.9), "variable"),
+        (lambda: optimizers.AdamW(0.1, use_ema=True), "variable"),
+        (lambda: optimizers.LossScaleOptimizer(optimizers.Adam(0.1)), "variable"),
+        (lambda: optimizers.Adam(0.1), "gradient"),
+    ],
+    ids=["adam", "sgd_momentum", "adamw_ema", "loss_scale", "adam_gradient"],
+)
+def test_state_beside_a_variable_on_one_device_joins_it_and_the_step_compiles_once(
+    make_opt, committed, backend_compiles
+):
+    """``iterations``, the slots of an uncommitted variable beside it and the other state came
+    back committed from the first step, so the second compiled again (without tracing again).
+    A variable realistically sits on another device than the default one."""
+    device = jax.devices()[1]
+    put = functools.partial(jax.device_put, device=device)
+    kernel = kopt.Variable(put(jnp.ones((4, 2))) if committed == "variable" else jnp.ones((4, 2)))
+    bias = kopt.Variable(jnp.ones(2))
+    grads = [(jnp.full((4, 2), 0.5), kernel), (jnp.full(2, 0.5), bias)]
+    if committed == "gradient":
+        grads[0] = (put(grads[0][0]), kernel)
+    opt = make_opt()
+    opt.apply_gradients(grads)
+    first = len(backend_compiles)
+    for _ in range(2):
+        opt.apply_gradients(grads)
+    assert len(backend_compiles) == first
+    for w in [kernel, bias, *opt.variables()]:
+        assert w.value.committed and w.value.devices() == {device}, w.name
+
+
+@pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 (simulated) devices")
+def test_minimize_with_a_plain_variable_beside_one_on_a_device_compiles_once(backend_compiles):
+    device = jax.devices()[1]
+    w = kopt.Variable(jax.device_put(jnp.zeros((2, 8)), device))
+    b = kopt.Variable(jnp.zeros(8))  # uncommitted, until the optimizer places it
+    x = jax.device_put(jnp.ones((3, 2)), device)
+    opt = optimizers.Adam(learning_rate=0.1)
+    opt.minimize(lambda: jnp.sum(x @ w + b), [w, b])
+    first = len(backend_compiles)
+    for _ in range(2):
+        opt.minimize(lambda: jnp.sum(x @ w + b), [w, b])  # constant gradients: 3 and 3
+    assert len(backend_compiles) == first
+    # Adam moves by the learning rate against a constant gradient's sign at every step.
+    np.testing.assert_allclose(w.numpy(), np.full((2, 8), -0.3), rtol=1e-5)
+    np.testing.assert_allclose(b.numpy(), np.full(8, -0.3), rtol=1e-5)

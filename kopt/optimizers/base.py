@@ -991,34 +991,43 @@ class Optimizer:
             self._opaque[:] = opaque
             raise
 
-    def _place_on_mesh(self, var_list: list[Variable]) -> None:
-        """When some variables span a mesh, puts ``iterations`` and the uncommitted
-        single-device variables and optimizer state (slots, scalar slots, a wrapped
-        transformation's state, ``add_weight`` weights, a LossScaleOptimizer's scale) on it,
-        replicated, where the step would return them: otherwise the first step changes their
-        placement, and the second step compiles again."""
+    def _place_state(self, var_list: list[Variable], grads: list[Any] = ()) -> None:
+        """Puts ``iterations`` and the uncommitted variables and optimizer state (slots, scalar
+        slots, a wrapped transformation's state, ``add_weight`` weights, a LossScaleOptimizer's
+        scale) where the step would return them: replicated over the mesh some variables span,
+        else on the one device a variable (failing that, a gradient) is committed to. Otherwise
+        the first step changes their placement, and the second step compiles again."""
         mesh = next((s.mesh for s in map(_spread_sharding, var_list) if s is not None), None)
-        if mesh is None:
-            return
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        if mesh is not None:
+            target = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+            def in_place(value):
+                return isinstance(value.sharding, jax.sharding.NamedSharding) and (
+                    value.sharding.mesh == mesh
+                )
+        else:
+            target = _committed_device([v._storage for v in var_list] + list(grads))
+            if target is None:
+                return
+
+            def in_place(value):
+                return value.committed and value.sharding == target
+
+        state = self._state_variables(var_list)
+        for g in dict.fromkeys(s._group for s in state if isinstance(s, PackedSlot)):
+            if not in_place(g.buffer):
+                g.buffer = variables_module._full_spec(jax.device_put(g.buffer, target))
         movable = [self._iterations] if self._iterations is not None else []
-        movable += var_list
-        movable += self._state_variables(var_list)
-        for g in self._slot_groups:
-            current = getattr(g.buffer, "sharding", None)
-            if not (isinstance(current, jax.sharding.NamedSharding) and current.mesh == mesh):
-                g.buffer = variables_module._full_spec(jax.device_put(g.buffer, replicated))
-        for v in movable:
+        for v in movable + var_list + state:
             if isinstance(v, PackedSlot):
                 continue
             value = v._storage
             if isinstance(value, jax.core.Tracer) or not isinstance(value, jax.Array):
                 continue
-            current = value.sharding
-            if isinstance(current, jax.sharding.NamedSharding) and current.mesh == mesh:
+            if in_place(value):
                 continue
             if v is self._iterations or not value.committed:
-                v._value = variables_module._full_spec(jax.device_put(value, replicated))
+                v._value = variables_module._full_spec(jax.device_put(value, target))
 
     def _step_token(self) -> tuple:
         """What a cached step key of a signature stays valid for (see ``_run_step``)."""
@@ -1066,7 +1075,7 @@ class Optimizer:
         if memo is not None:
             token, key, plan = memo
         else:
-            self._place_on_mesh(var_list)
+            self._place_state(var_list, grads)
             token = self._step_token()
             state_vars = self._state_variables(var_list)
             plan = _plan_state(state_vars)
@@ -1075,7 +1084,7 @@ class Optimizer:
         program = self._programs.get(key)
         if program is None:
             program = self._compile(var_list, plan, hyper_vars, grads, aggregate)
-        # Placed now that the variables are (_place_on_mesh may have moved them).
+        # Placed now that the variables are (_place_state may have moved them).
         grads = [
             _per_replica_beside(g, v) if type(g) is PerReplica else g
             for g, v in zip(grads, var_list, strict=True)
@@ -1443,12 +1452,15 @@ class Optimizer:
                 seen_reads.update(reads)
                 return jnp.asarray(out)
 
-        if variables_module.placement_epoch[0]:  # some variable ever spanned devices
-            # A plain variable beside mesh ones goes to the mesh before its gradient is taken,
-            # not by the step after: its gradient's placement is then the same every step.
-            self._place_on_mesh(var_list)
+        values = [v._current for v in var_list]
+        # Some variable ever spanned devices, or one is committed to a device: a plain variable
+        # beside them goes there before its gradient is taken, not by the step after: its
+        # gradient's placement is then the same every step.
+        if variables_module.placement_epoch[0] or _committed_device(values) is not None:
+            self._place_state(var_list)
+            values = [v._current for v in var_list]
         with reading():  # the forward and backward passes hold the variables' buffers
-            out, vjp = jax.vjp(loss_of, [v._current for v in var_list])
+            out, vjp = jax.vjp(loss_of, values)
             cotangent = jnp.ones_like(out) if grad_loss is None else jnp.asarray(grad_loss)
             if cotangent.shape != out.shape:
                 raise ValueError(
@@ -2042,6 +2054,19 @@ def _signature(pairs, aggregate: bool):
 
 
 _SINGLE_DEVICE = jax.sharding.SingleDeviceSharding
+
+
+def _committed_device(values: list[Any]) -> Any:
+    """The sharding of the first of ``values`` committed to one device (None if none is)."""
+    for value in values:
+        if (
+            isinstance(value, jax.Array)
+            and not isinstance(value, jax.core.Tracer)
+            and value.committed
+            and type(value.sharding) is _SINGLE_DEVICE
+        ):
+            return value.sharding
+    return None
 
 
 def _spread_sharding(variable: Variable) -> Any:
