@@ -16,6 +16,9 @@ _reads = threading.local()
 # Bumped whenever a variable takes a value that is not on a single device, so that the
 # optimizers' cached step keys (which record multi-device shardings) are recomputed.
 placement_epoch = [0]
+# Set once a variable takes a value committed to one device: ``minimize`` then places the
+# uncommitted variables beside it before taking gradients (a flag, not a scan per call).
+committed_seen = [False]
 _SINGLE_DEVICE = jax.sharding.SingleDeviceSharding
 _bindings = threading.local()  # this thread's uid -> traced value, while a step or loss traces
 donation_lock = threading.RLock()  # a buffer is handed out or donated, never both at once
@@ -163,6 +166,8 @@ class Variable:
             self._handed_out = False
             if type(getattr(value, "sharding", None)) is not _SINGLE_DEVICE:
                 placement_epoch[0] += 1  # a value that may span devices: step keys look again
+            elif not committed_seen[0] and getattr(value, "committed", False):
+                committed_seen[0] = True
 
     def _donatable_value(self) -> Any:
         """The value for a compiled update that donates (reuses) its inputs, under

@@ -1452,13 +1452,12 @@ class Optimizer:
                 seen_reads.update(reads)
                 return jnp.asarray(out)
 
-        values = [v._current for v in var_list]
-        # Some variable ever spanned devices, or one is committed to a device: a plain variable
-        # beside them goes there before its gradient is taken, not by the step after: its
-        # gradient's placement is then the same every step.
-        if variables_module.placement_epoch[0] or _committed_device(values) is not None:
+        # Some variable ever spanned devices, or was committed to one: a plain variable beside
+        # them goes there before its gradient is taken, not by the step after: its gradient's
+        # placement is then the same every step.
+        if variables_module.placement_epoch[0] or variables_module.committed_seen[0]:
             self._place_state(var_list)
-            values = [v._current for v in var_list]
+        values = [v._current for v in var_list]
         with reading():  # the forward and backward passes hold the variables' buffers
             out, vjp = jax.vjp(loss_of, values)
             cotangent = jnp.ones_like(out) if grad_loss is None else jnp.asarray(grad_loss)
