@@ -33,6 +33,20 @@ def _check_betas(owner, **betas):
         check_hyperparam(owner, name, value, low=0.0, high=1.0)
 
 
+def _narrow(dtype: Any) -> bool:
+    """Whether slots of ``dtype`` (float16, bfloat16) are narrower than float32."""
+    return jnp.finfo(dtype).bits < 32
+
+
+def _rounded_betas(c: dict[str, Any], dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """``beta_1`` and ``beta_2`` as the moments in ``dtype`` use them (rounded to it), in
+    float32, for the bias corrections: those must decay with the moments they correct. In
+    bfloat16 ``0.999`` rounds to 1, so ``v`` never moves, and a float32 correction
+    ``sqrt(1 - 0.999**t)`` would divide a first moment by a zero ``v`` (steps of 1e4 learning
+    rates) where the slot-dtype one is 0, as in tf.keras (no step)."""
+    return tuple(jnp.asarray(c[k]).astype(dtype).astype(jnp.float32) for k in ("beta_1", "beta_2"))
+
+
 def scale_by_adam(
     beta_1: Any = 0.9,
     beta_2: Any = 0.999,
@@ -69,10 +83,13 @@ def scale_by_adam(
     def prepare(hp, step, scalars):
         t = step + 1.0
         correction = jnp.sqrt(1.0 - hp["beta_2"] ** t) / (1.0 - hp["beta_1"] ** t)
-        return {**hp, "correction": correction}, scalars
+        return {**hp, "t": t, "correction": correction}, scalars
 
     def rule(g, s, p, c):
         m, v = s["m"], s["v"]
+        if _narrow(m.dtype):
+            b1, b2 = _rounded_betas(c, m.dtype)
+            c = {**c, "correction": jnp.sqrt(1.0 - b2 ** c["t"]) / (1.0 - b1 ** c["t"])}
         c = cast_coefficients(c, m.dtype)
         if isinstance(g, IndexedSlices):  # Keras's sparse path: decay every row, add the rows
             d = deduplicate(g, m.shape[0])
@@ -219,10 +236,14 @@ def scale_by_adamax(
     check_hyperparam(owner, "epsilon", epsilon)
 
     def prepare(hp, step, scalars):
-        return {**hp, "one_minus_beta_1_power": 1.0 - hp["beta_1"] ** (step + 1.0)}, scalars
+        t = step + 1.0
+        return {**hp, "t": t, "one_minus_beta_1_power": 1.0 - hp["beta_1"] ** t}, scalars
 
     def rule(g, s, p, c):
         m, v = s["m"], s["v"]
+        if _narrow(m.dtype):  # m's correction with the beta_1 that m decays by
+            b1 = _rounded_betas(c, m.dtype)[0]
+            c = {**c, "one_minus_beta_1_power": 1.0 - b1 ** c["t"]}
         c = cast_coefficients(c, m.dtype)
         if isinstance(g, IndexedSlices):
             d = deduplicate(g, m.shape[0])
@@ -292,6 +313,7 @@ def scale_by_nadam(
             "one_minus_schedule_new": 1.0 - schedule_new,
             "one_minus_schedule_next": 1.0 - schedule_new * mu_next,
             "v_denominator": 1.0 - hp["beta_2"] ** t,
+            "t": t,
         }
         return coeffs, {"momentum_cache": schedule_new}
 
@@ -304,6 +326,8 @@ def scale_by_nadam(
 
     def rule(g, s, p, c):
         m, v = s["m"], s["v"]
+        if _narrow(m.dtype):  # v's correction with the beta_2 that v decays by
+            c = {**c, "v_denominator": 1.0 - _rounded_betas(c, m.dtype)[1] ** c["t"]}
         c = cast_coefficients(c, m.dtype)
         if isinstance(g, IndexedSlices):
             d = deduplicate(g, m.shape[0])
