@@ -427,14 +427,21 @@ def test_loss_scale_factor_divides_the_gradients_before_clipping_as_keras3():
     assert opt.get_config()["loss_scale_factor"] == factor
     assert float(opt.scale_loss(jnp.float32(2.0))) == 16.0
     var = kopt.Variable([1.0, -2.0])
+    # ... and so does the optimizer as a pure transformation.
+    tx = Lion(learning_rate=0.1, loss_scale_factor=factor, clipnorm=1.0).as_transformation()
+    params = jnp.array([1.0, -2.0])
+    state = tx.init(params)
     w, m = np.array([1.0, -2.0]), np.zeros(2)
     for g in ([3.0, 4.0], [0.5, -0.1], [8.0, 8.0]):
         opt.apply_gradients([(jnp.array(g), var)])
+        updates, state = tx.update(jnp.array(g), state, params)
+        params = kopt.apply_updates(params, updates)
         g = np.array(g) / factor
         g = g * min(1.0, 1.0 / np.linalg.norm(g))
         w = w - 0.1 * np.sign(0.9 * m + 0.1 * g)
         m = 0.99 * m + 0.01 * g
         np.testing.assert_allclose(var.numpy(), w, rtol=1e-6)
+        np.testing.assert_allclose(params, w, rtol=1e-6)
     np.testing.assert_allclose(opt.get_slot(var, "m").numpy(), m, rtol=1e-5)
 
     scaled, plain = Lion(learning_rate=0.1, loss_scale_factor=4.0), Lion(learning_rate=0.1)

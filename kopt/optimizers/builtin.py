@@ -602,6 +602,25 @@ def _check_keras3_options(
 
 
 _CLIPS = ("clipnorm", "clipvalue", "global_clipnorm")
+
+
+def _divided_by(factor: float) -> GradientTransformation:
+    """Gradients divided by ``factor`` (Keras 3's ``loss_scale_factor``, before the clips)."""
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        divided = jax.tree.map(
+            lambda g: (
+                None if g is None else map_values(lambda x: x / jnp.asarray(factor, x.dtype), g)
+            ),
+            updates,
+            is_leaf=lambda x: x is None or isinstance(x, kopt.IndexedSlices),
+        )
+        return divided, state
+
+    return GradientTransformation(lambda params: kopt.EmptyState(), update_fn)
+
+
 _CLIP_PIECES = {
     "clipvalue": clip_by_value,
     "clipnorm": clip_by_norm,
@@ -793,7 +812,10 @@ class _Keras3(_SlotDtype, Optimizer):
                 "functional optimizer instead (kopt.adamw(..., mask=...), "
                 "kopt.decoupled_weight_decay(..., mask=...))"
             )
-        return super().as_transformation()
+        tx = super().as_transformation()
+        if self.loss_scale_factor is None:
+            return tx
+        return kopt.chain(_divided_by(self.loss_scale_factor), tx)
 
     def _set_clip(self, attr: str, value: Any) -> None:
         if value is not None:
