@@ -133,6 +133,8 @@ def gather_rows(table: jax.Array, indices: jax.Array) -> jax.Array:
     Over Explicit mesh axes the rows are whole on every device (however ``table``'s rows are
     split) and split along the other axes as ``table`` is.
     """
+    if table.shape[0] == 0:  # no row to clamp to (an empty table): every index is dropped
+        return jnp.zeros(jnp.shape(indices) + table.shape[1:], table.dtype)
     return table.at[indices].get(
         mode="clip", wrap_negative_indices=False, out_sharding=_whole_rows_sharding(table)
     )

@@ -228,3 +228,14 @@ def test_the_facade_ignores_an_index_outside_the_table():
             np.testing.assert_array_equal(
                 opt.get_slot(var, slot).numpy(), ref_opt.get_slot(ref, slot).numpy(), err_msg=slot
             )
+
+
+@pytest.mark.parametrize("name", ["Adagrad", "RMSprop", "Ftrl"])
+def test_the_facade_takes_an_empty_gradient_for_an_empty_table(name):
+    """A table with no rows (an empty embedding) and a gradient naming none: tf.keras steps
+    and changes nothing; the padded row the step adds has no table row to clamp to."""
+    table = kopt.Variable(np.zeros((0, 2), np.float32))
+    opt = getattr(kopt.optimizers, name)(0.1)
+    grad = kopt.IndexedSlices(jnp.zeros((0, 2)), jnp.zeros((0,), jnp.int32), (0, 2))
+    opt.apply_gradients([(grad, table)])
+    assert table.shape == (0, 2) and int(opt.iterations.numpy()) == 1
