@@ -679,3 +679,21 @@ def test_gradient_accumulation_cannot_change_after_the_first_step():
     opt.gradient_accumulation_steps = None  # set back: training goes on
     opt.apply_gradients([(jnp.asarray(MICRO_GRADS[1]["w"]), var)])
     assert int(opt.iterations.numpy()) == 2
+
+
+def test_gradient_accumulation_refuses_a_call_without_every_variable_naming_it():
+    """The accumulators are made for every variable of the first call: a later call without a
+    gradient for one of them is refused, naming it (it failed inside the step), and nothing
+    changes; Keras 3 keeps an accumulator per variable and takes such a call."""
+    opt = AdamW(learning_rate=0.1, gradient_accumulation_steps=2)
+    variables = make_variables()
+    apply(opt, variables, MICRO_GRADS[0])
+    before = [np.asarray(w) for w in opt.get_weights()], [v.numpy() for v in variables.values()]
+    with pytest.raises(ValueError, match=r"no gradient for \['b:0'\]"):
+        opt.apply_gradients([(jnp.asarray(MICRO_GRADS[1]["w"]), variables["w"])])
+    after = [np.asarray(w) for w in opt.get_weights()], [v.numpy() for v in variables.values()]
+    for b, a in zip(before[0] + before[1], after[0] + after[1], strict=True):
+        np.testing.assert_array_equal(a, b)
+    apply(opt, variables, MICRO_GRADS[1])  # every variable again: the update runs
+    assert int(opt.iterations.numpy()) == 2
+    assert not np.array_equal(variables["w"].numpy(), W0["w"])

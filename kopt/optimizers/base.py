@@ -871,6 +871,33 @@ class Optimizer:
             "set it back, or start a new optimizer"
         )
 
+    def _check_opaque_owner(self, var_list: list[Variable]) -> None:
+        """State without a slot name (gradient accumulators, a wrapped transformation's state)
+        holds every variable it was made for: a step over other variables is refused, naming
+        them, before anything changes."""
+        owner = self._opaque_owner
+        if owner is None or tuple(v._uid for v in var_list) == owner:
+            return
+        stepped = {v._uid for v in var_list}
+        names = {u: v.name for u, v in self._slot_owners.items()}
+        missing = [names.get(u, "?") for u in owner if u not in stepped]
+        extra = [v.name for v in var_list if v._uid not in set(owner)]
+        detail = "; ".join(
+            part
+            for part in (
+                f"no gradient for {missing}" if missing else "",
+                f"not in its state: {extra}" if extra else "",
+                "another order" if not (missing or extra) else "",
+            )
+            if part
+        )
+        raise ValueError(
+            f"{type(self).__name__}: its state beside the slots (gradient accumulators, a "
+            f"wrapped transformation's state) was made for {len(owner)} variables, and this "
+            f"step is over others ({detail}); give every one of them a gradient on every call "
+            "(zeros where there is none), in the same order"
+        )
+
     def _create_opaque(self, state, layout, var_list, new) -> None:
         if self._opaque_owner is not None or len(new) != len(var_list):
             raise ValueError(
@@ -1219,6 +1246,7 @@ class Optimizer:
         )
 
     def _compile(self, var_list, plan, hyper_vars, grads, aggregate: bool):
+        self._check_opaque_owner(var_list)
         iterations = self.iterations
         # Built outside the trace: its placeholders need the hyperparameters' concrete values.
         tx = self._static_transformation() if self._uses_transformation() else None
