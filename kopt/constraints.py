@@ -4,11 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
+from kopt._tree import at_least_float32
 from kopt.variables import _value_of
 
 EPSILON = 1e-7
+
+
+def _in_float32(w: Any) -> tuple[jax.Array, Any]:
+    """``w`` in at least float32, and its own dtype to round the result back to. The norm
+    constraints compute there: in float16 ``EPSILON`` is subnormal (XLA may flush it to zero,
+    so a zero slice divides 0 by 0) and a sum of squares overflows long before the weights."""
+    w = jnp.asarray(_value_of(w))
+    return at_least_float32(w), w.dtype
 
 
 class Constraint:
@@ -56,10 +66,10 @@ class MaxNorm(Constraint):
         self.axis = axis
 
     def __call__(self, w):
-        w = jnp.asarray(_value_of(w))
+        w, dtype = _in_float32(w)
         norms = jnp.sqrt(jnp.sum(jnp.square(w), axis=self.axis, keepdims=True))
         desired = jnp.clip(norms, 0, self.max_value)
-        return w * (desired / (EPSILON + norms))
+        return (w * (desired / (EPSILON + norms))).astype(dtype)
 
     def get_config(self):
         return {"max_value": self.max_value, "axis": self.axis}
@@ -79,8 +89,9 @@ class UnitNorm(Constraint):
         self.axis = axis
 
     def __call__(self, w):
-        w = jnp.asarray(_value_of(w))
-        return w / (EPSILON + jnp.sqrt(jnp.sum(jnp.square(w), axis=self.axis, keepdims=True)))
+        w, dtype = _in_float32(w)
+        norms = jnp.sqrt(jnp.sum(jnp.square(w), axis=self.axis, keepdims=True))
+        return (w / (EPSILON + norms)).astype(dtype)
 
     def get_config(self):
         return {"axis": self.axis}
@@ -111,12 +122,12 @@ class MinMaxNorm(Constraint):
         self.axis = axis
 
     def __call__(self, w):
-        w = jnp.asarray(_value_of(w))
+        w, dtype = _in_float32(w)
         norms = jnp.sqrt(jnp.sum(jnp.square(w), axis=self.axis, keepdims=True))
         desired = (
             self.rate * jnp.clip(norms, self.min_value, self.max_value) + (1 - self.rate) * norms
         )
-        return w * (desired / (EPSILON + norms))
+        return (w * (desired / (EPSILON + norms))).astype(dtype)
 
     def get_config(self):
         return {

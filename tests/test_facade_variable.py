@@ -108,6 +108,25 @@ def test_constraints_against_numpy():
         constraints.get("nope")
 
 
+def test_norm_constraints_of_float16_weights_compute_in_float32():
+    """A zero or tiny float16 slice: float16's subnormal epsilon (flushed to zero) divided 0 by
+    0, and float16 squares of 1e-5 underflow. The NumPy float64 result, rounded to float16."""
+    w = np.array([[0.0, 3e-5], [0.0, -2e-5], [0.0, 1e-5]], np.float16)
+    w64 = w.astype(np.float64)
+    norms = np.sqrt(np.sum(w64**2, axis=0, keepdims=True))
+    cases = [
+        (constraints.UnitNorm(), w64 / (1e-7 + norms)),
+        (constraints.MaxNorm(1.0), max_norm(w64, 1.0, 0)),
+        (constraints.MinMaxNorm(1.0, 2.0, rate=1.0), w64 * 1.0 / (1e-7 + norms)),
+    ]
+    for constraint, expected in cases:
+        actual = constraint(jnp.asarray(w))
+        assert actual.dtype == jnp.float16
+        np.testing.assert_allclose(
+            np.asarray(actual, np.float64), expected.astype(np.float16), rtol=2e-3, atol=1e-7
+        )
+
+
 def test_constraint_runs_after_the_dense_update():
     w = kopt.Variable([[3.0], [4.0]], constraint=constraints.MaxNorm(1.0))
     optimizers.SGD(learning_rate=1.0).apply_gradients([(jnp.array([[-3.0], [-4.0]]), w)])
