@@ -203,6 +203,62 @@ def test_loss_scale_takes_numpy_and_array_scales_and_wraps_an_optimizer_once():
         optimizers.LossScaleOptimizer(inner)
 
 
+def test_loss_scale_clipping_is_the_inner_optimizers():
+    """tf.keras's LossScaleOptimizer reads and sets ``clipnorm``, ``clipvalue`` and
+    ``global_clipnorm`` on its inner optimizer. Observed in tf_keras 2.21: ``LossScaleOptimizer(
+    SGD(1.0, clipnorm=1.0)).clipnorm`` is 1.0, and after ``lso.clipvalue = 0.5`` a step with the
+    gradient [3, -3] moves the variable from [0, 0] to [-0.5, 0.5]."""
+    inner = optimizers.SGD(1.0, clipnorm=1.0)
+    opt = optimizers.LossScaleOptimizer(inner)
+    assert (opt.clipnorm, opt.clipvalue, opt.global_clipnorm) == (1.0, None, None)
+    opt.clipnorm = None
+    opt.clipvalue = 0.5
+    opt.global_clipnorm = 2.0
+    assert (inner.clipnorm, inner.clipvalue, inner.global_clipnorm) == (None, 0.5, 2.0)
+    config = opt.get_config()["inner_optimizer"]["config"]
+    assert (config["clipvalue"], config["global_clipnorm"]) == (0.5, 2.0)
+    var = kopt.Variable([0.0, 0.0])
+    opt.apply_gradients([(jnp.array([3.0, -3.0]), var)])
+    np.testing.assert_array_equal(var.numpy(), [-0.5, 0.5])
+
+    # The inner optimizer's checks apply; a refused value changes nothing (tf.keras raises this
+    # ValueError for a clip set beside `gradient_transformers`).
+    with pytest.raises(ValueError, match="`clipvalue` cannot be set when `gradient_transformers`"):
+        optimizers.LossScaleOptimizer(
+            optimizers.SGD(gradient_transformers=[lambda gv: gv])
+        ).clipvalue = 0.5
+    with pytest.raises(ValueError, match="clipnorm"):
+        opt.clipnorm = -1.0
+    assert (inner.clipnorm, inner.clipvalue, inner.global_clipnorm) == (None, 0.5, 2.0)
+
+
+def test_loss_scale_delegates_add_slot_iterations_and_has_a_dynamic_counter():
+    """As tf.keras (tf_keras 2.21): ``lso.add_slot`` makes the slot on the inner optimizer,
+    ``lso.iterations = v`` sets the inner one's (a RuntimeError once it exists), and
+    ``dynamic_counter`` is the count of finite steps (None for a fixed scale)."""
+    inner = optimizers.SGD(0.1)
+    opt = optimizers.LossScaleOptimizer(inner, dynamic_growth_steps=3)
+    var = kopt.Variable([1.0, 2.0])
+    slot = opt.add_slot(var, "x", "ones")
+    assert inner.get_slot(var, "x") is slot and opt.get_slot(var, "x") is slot
+    assert opt.get_slot_names() == ["x"]
+    np.testing.assert_array_equal(slot.numpy(), [1.0, 1.0])
+    steps = kopt.Variable(np.int32(7))
+    opt.iterations = steps
+    assert inner.iterations is steps
+    with pytest.raises(RuntimeError, match="Cannot set `iterations`"):
+        opt.iterations = kopt.Variable(np.int32(3))
+    assert inner.iterations is steps
+    opt.apply_gradients([(jnp.array([1.0, 1.0]), var)])
+    assert int(opt.dynamic_counter.numpy()) == 1
+    assert (
+        optimizers.LossScaleOptimizer(
+            optimizers.SGD(), dynamic=False, initial_scale=4.0
+        ).dynamic_counter
+        is None
+    )
+
+
 def test_apply_if_finite_skips_bad_steps_in_training():
     tx = kopt.apply_if_finite(kopt.adam(0.05, slot_dtype=jnp.float32), max_consecutive_errors=3)
     w = jnp.zeros(4, jnp.bfloat16)

@@ -259,9 +259,10 @@ class Optimizer:
         self._clipnorm = self._global_clipnorm = self._clipvalue = None
         self.gradient_aggregator = gradient_aggregator or all_reduce_sum_gradients
         self.gradient_transformers = list(gradient_transformers or [])
-        self.clipnorm = kwargs.get("clipnorm")
-        self.global_clipnorm = kwargs.get("global_clipnorm")
-        self.clipvalue = kwargs.get("clipvalue")
+        # Not through the properties: a LossScaleOptimizer's delegate to its inner optimizer.
+        self._set_clip("clipnorm", kwargs.get("clipnorm"))
+        self._set_clip("global_clipnorm", kwargs.get("global_clipnorm"))
+        self._set_clip("clipvalue", kwargs.get("clipvalue"))
 
     # --- attribute access to hyperparameters --------------------------------------------------
     def __getattr__(self, name: str) -> Any:

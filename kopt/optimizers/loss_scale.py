@@ -191,8 +191,42 @@ class LossScaleOptimizer(Optimizer):
         self._good_steps.assign(jnp.where(finite & ~grow, good, 0).astype(jnp.int32))
 
     @property
+    def dynamic_counter(self) -> Variable | None:
+        """Finite steps since the scale last changed (``None`` for a fixed scale)."""
+        return self._good_steps if self.dynamic else None
+
+    @property
     def iterations(self):
         return self._optimizer.iterations
+
+    @iterations.setter
+    def iterations(self, variable: Variable) -> None:
+        self._optimizer.iterations = variable
+
+    # Clipping is the inner optimizer's, read and set through the wrapper (as tf.keras).
+    @property
+    def clipnorm(self) -> float | None:
+        return self._optimizer.clipnorm
+
+    @clipnorm.setter
+    def clipnorm(self, value: float | None) -> None:
+        self._optimizer.clipnorm = value
+
+    @property
+    def global_clipnorm(self) -> float | None:
+        return self._optimizer.global_clipnorm
+
+    @global_clipnorm.setter
+    def global_clipnorm(self, value: float | None) -> None:
+        self._optimizer.global_clipnorm = value
+
+    @property
+    def clipvalue(self) -> float | None:
+        return self._optimizer.clipvalue
+
+    @clipvalue.setter
+    def clipvalue(self, value: float | None) -> None:
+        self._optimizer.clipvalue = value
 
     @property
     def weights(self):
@@ -203,6 +237,9 @@ class LossScaleOptimizer(Optimizer):
 
     def _create_all_weights(self, var_list):
         self._optimizer._create_all_weights(var_list)
+
+    def add_slot(self, var, slot_name, initializer="zeros", shape=None):
+        return self._optimizer.add_slot(var, slot_name, initializer, shape)
 
     def get_slot(self, var, slot_name):
         return self._optimizer.get_slot(var, slot_name)
