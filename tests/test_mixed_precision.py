@@ -259,6 +259,22 @@ def test_loss_scale_delegates_add_slot_iterations_and_has_a_dynamic_counter():
     )
 
 
+def test_loss_scale_decides_finiteness_after_the_gradient_aggregator():
+    """tf.keras's wrapper aggregates first, then checks. Observed in tf_keras 2.21: with an
+    aggregator that zeroes NaNs, SGD(0.5) on [1, 2] with the gradient [nan, 1] is applied, giving
+    [1, 1.5], the scale stays 32768 and iterations is 1."""
+
+    def zero_non_finite(grads_and_vars):
+        return [(jnp.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0), v) for g, v in grads_and_vars]
+
+    opt = optimizers.LossScaleOptimizer(optimizers.SGD(0.5, gradient_aggregator=zero_non_finite))
+    var = kopt.Variable([1.0, 2.0])
+    opt.apply_gradients([(jnp.array([jnp.nan, 1.0]), var)])
+    np.testing.assert_array_equal(var.numpy(), [1.0, 1.5])
+    assert float(opt.loss_scale.numpy()) == 32768.0
+    assert int(opt.iterations.numpy()) == 1
+
+
 def test_apply_if_finite_skips_bad_steps_in_training():
     tx = kopt.apply_if_finite(kopt.adam(0.05, slot_dtype=jnp.float32), max_consecutive_errors=3)
     w = jnp.zeros(4, jnp.bfloat16)

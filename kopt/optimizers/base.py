@@ -1290,6 +1290,8 @@ class Optimizer:
                             f"apply_gradients: the gradient of {v.name} is still per-replica "
                             "after aggregation; reduce it in your gradient_aggregator"
                         )
+                # A guard decides on the aggregated gradients, as tf.keras's wrapper does.
+                aggregated = [g for g, _ in gv]
                 gv = self._transform_gradients(gv)
                 if tx is not None:
                     self._apply_transformation(tx, gv, dynamic, template)
@@ -1312,7 +1314,7 @@ class Optimizer:
                 if guard is not None:
                     # Not all finite: keep every input as it came (the guard's own scale and
                     # counter excepted, which it has just updated).
-                    finite = all_finite(list(grads))
+                    finite = all_finite(aggregated)
                     guard._guard_update(finite)
                     kept = {v._uid for v in guard._guard_variables()}
                     new_vars = [
