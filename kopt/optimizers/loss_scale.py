@@ -19,8 +19,9 @@ class LossScaleOptimizer(Optimizer):
 
     A dynamic scale starts at ``initial_scale`` (default ``2**15``), doubles after
     ``dynamic_growth_steps`` (default 2000) finite steps in a row and halves (not below 1) on a
-    step with a NaN or infinity; that step changes no variable, slot or step count. A fixed
-    scale (``dynamic=False``) needs ``initial_scale``.
+    step with a NaN or infinity; that step changes the value of no variable, slot or step count
+    (it does make the slots of a variable seen for the first time, where tf.keras waits for an
+    applied step). A fixed scale (``dynamic=False``) needs ``initial_scale``.
 
     Args:
         inner_optimizer: the optimizer that applies the (unscaled) gradients.
@@ -153,8 +154,9 @@ class LossScaleOptimizer(Optimizer):
         return list(zip(grads, [v for _, v in pairs], strict=True))
 
     def apply_gradients(self, grads_and_vars, name=None, experimental_aggregate_gradients=True):
-        """Applies the gradients with the inner optimizer if they are all finite; otherwise
-        changes nothing but the scale. Gradients must already be unscaled
+        """Applies the gradients with the inner optimizer if they are all finite (after its
+        ``gradient_aggregator``); otherwise changes no value but the scale's (new variables
+        still get their slots). Gradients must already be unscaled
         (:meth:`get_unscaled_gradients`; :meth:`minimize` does it)."""
         # One compiled step decides on the device whether the gradients are all finite,
         # applies them or keeps everything, and moves the scale: no round trip to the host.
