@@ -13,6 +13,15 @@ from kopt.sparse import IndexedSlices, map_values
 from kopt.variables import Variable
 
 
+def _inner_attribute(name: str) -> property:
+    """An attribute of the wrapped optimizer, read and set through the wrapper."""
+    return property(
+        lambda self: getattr(self._optimizer, name),
+        lambda self, value: setattr(self._optimizer, name, value),
+        doc=f"The inner optimizer's ``{name}``.",
+    )
+
+
 class LossScaleOptimizer(Optimizer):
     """Scales the loss up (so small float16 gradients do not underflow), the gradients back
     down, and skips steps whose gradients are not finite.
@@ -206,29 +215,9 @@ class LossScaleOptimizer(Optimizer):
         self._optimizer.iterations = variable
 
     # Clipping is the inner optimizer's, read and set through the wrapper (as tf.keras).
-    @property
-    def clipnorm(self) -> float | None:
-        return self._optimizer.clipnorm
-
-    @clipnorm.setter
-    def clipnorm(self, value: float | None) -> None:
-        self._optimizer.clipnorm = value
-
-    @property
-    def global_clipnorm(self) -> float | None:
-        return self._optimizer.global_clipnorm
-
-    @global_clipnorm.setter
-    def global_clipnorm(self, value: float | None) -> None:
-        self._optimizer.global_clipnorm = value
-
-    @property
-    def clipvalue(self) -> float | None:
-        return self._optimizer.clipvalue
-
-    @clipvalue.setter
-    def clipvalue(self, value: float | None) -> None:
-        self._optimizer.clipvalue = value
+    clipnorm = _inner_attribute("clipnorm")
+    global_clipnorm = _inner_attribute("global_clipnorm")
+    clipvalue = _inner_attribute("clipvalue")
 
     @property
     def weights(self):
