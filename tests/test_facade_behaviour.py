@@ -335,8 +335,9 @@ def test_loss_scale_minimize_gives_the_unscaled_result():
 
 
 def test_gradients_given_as_python_values_are_converted_as_tf_keras_converts_them():
-    """tf.keras converts a list, tuple or number to a tensor (floats to float32); a float64
-    NumPy array stays float64 and is refused for a float32 variable, in both."""
+    """tf.keras converts a list, tuple or number to a tensor with the variable's dtype as the
+    hint (integers included: see the next test); a float64 NumPy array stays float64 and is
+    refused for a float32 variable, in both."""
     expected = kopt.Variable([1.0, 2.0])
     optimizers.Adam(0.1).apply_gradients([(np.array([1.0, 0.5], np.float32), expected)])
     for grad in ([1.0, 0.5], (1.0, 0.5)):
@@ -346,10 +347,29 @@ def test_gradients_given_as_python_values_are_converted_as_tf_keras_converts_the
     scalar = kopt.Variable(1.0)
     optimizers.SGD(0.1).apply_gradients([(0.5, scalar)])
     assert float(scalar.numpy()) == pytest.approx(0.95)
-    for bad, match in (([1, 1], "int32"), (np.array([1.0, 0.5]), "float64")):
+    for bad, match in ((np.array([1.0, 0.5]), "float64"),):
         var = kopt.Variable([1.0, 2.0])
         opt = optimizers.SGD(0.1)
         with pytest.raises(TypeError, match=match):
             opt.apply_gradients([(bad, var)])
         np.testing.assert_array_equal(var.numpy(), [1.0, 2.0])
         assert opt.weights == []
+
+
+def test_python_gradients_take_the_variables_dtype_and_integer_variables_get_none():
+    """As tf.keras (checked against tf_keras 2.21): a list gradient is converted with the
+    variable's dtype as the hint (`[1, 2]` steps a float16 variable to [0.9, 1.8]); the tape
+    gives an integer variable in `var_list` no gradient, so `minimize` skips it (with the
+    None-gradient warning) and trains the rest."""
+    for dtype in (jnp.float32, jnp.float16):
+        v = kopt.Variable(jnp.array([1.0, 2.0], dtype))
+        optimizers.SGD(0.1).apply_gradients([([1, 2], v)])
+        assert v.dtype == dtype
+        np.testing.assert_allclose(v.numpy().astype(np.float32), [0.9, 1.8], rtol=1e-3)
+    w = kopt.Variable([1.0, 2.0], name="w")
+    count = kopt.Variable(np.array(3, np.int32), name="count")
+    optimizers.SGD(0.1).minimize(
+        lambda: jnp.sum(w * w) * count.value.astype(jnp.float32), [w, count]
+    )
+    np.testing.assert_allclose(w.numpy(), [1.0 - 0.1 * 6.0, 2.0 - 0.1 * 12.0], rtol=1e-6)
+    assert int(count.numpy()) == 3

@@ -1498,8 +1498,16 @@ class Optimizer:
                     f"{out.shape}"
                 )
             (grads,) = vjp(cotangent.astype(out.dtype))
+        # An integer variable's "gradient" is a NumPy float0 array: None, as tf.keras's tape
+        # gives it (apply_gradients then skips the variable with a warning).
         return [
-            (g if v._uid in seen_reads else None, v) for g, v in zip(grads, var_list, strict=True)
+            (
+                g
+                if v._uid in seen_reads and not (isinstance(g, np.ndarray) and g.dtype == _FLOAT0)
+                else None,
+                v,
+            )
+            for g, v in zip(grads, var_list, strict=True)
         ]
 
     def minimize(
@@ -1952,12 +1960,24 @@ def _strongly_typed(g: Any) -> jax.Array:
     return jax.lax.convert_element_type(g, g.dtype) if g.weak_type else g
 
 
+def _python_value(g: Any, v: Any) -> jax.Array:
+    """A gradient given as a list, tuple or Python number, in its variable's dtype (tf.keras
+    converts it with the variable's dtype as the hint: ``[1, 2]`` for a float16 variable is
+    float16). Left to the usual checks when the variable is not a floating-point one."""
+    dtype = getattr(v, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jnp.floating):
+        return jnp.asarray(g, dtype)
+    return _strongly_typed(g)
+
+
 def _filter_empty_gradients(pairs):
     kept = [
         pair
         if type(pair[0]) not in _CONVERTED and not getattr(pair[0], "weak_type", False)
         else (_bucketed_rows(*pair), pair[1])
         if type(pair[0]) is IndexedSlices
+        else (_python_value(*pair), pair[1])
+        if type(pair[0]) in _PYTHON_VALUES
         else (_strongly_typed(pair[0]), pair[1])
         for pair in pairs
         if pair[0] is not None
@@ -2084,6 +2104,7 @@ def _signature(pairs, aggregate: bool):
 
 
 _SINGLE_DEVICE = jax.sharding.SingleDeviceSharding
+_FLOAT0 = jax.dtypes.float0
 
 
 def _committed_device(values: list[Any]) -> Any:
