@@ -1488,9 +1488,9 @@ class Optimizer:
         # placement is then the same every step.
         if variables_module.placement_epoch[0] or variables_module.committed_seen[0]:
             self._place_state(var_list)
-        values = [v._current for v in var_list]
         with reading():  # the forward and backward passes hold the variables' buffers
-            out, vjp = jax.vjp(loss_of, values)
+            # Read inside: a step in another thread donates a buffer only while no one reads.
+            out, vjp = jax.vjp(loss_of, [v._current for v in var_list])
             cotangent = jnp.ones_like(out) if grad_loss is None else jnp.asarray(grad_loss)
             if cotangent.shape != out.shape:
                 raise ValueError(
