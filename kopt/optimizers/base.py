@@ -700,11 +700,7 @@ class Optimizer:
         ``gradient_transformers``, in tf.keras's order."""
         hypers = self.__dict__.get("_step_clip_values", {})
         active = self._clips_before_step()
-        for attr, make in (
-            ("clipvalue", clip_by_value),
-            ("clipnorm", clip_by_norm),
-            ("global_clipnorm", clip_by_global_norm),
-        ):
+        for attr, make in _CLIP_PIECES.items():
             if attr not in active:
                 continue
             value = hypers.get(attr, active[attr])
@@ -793,14 +789,8 @@ class Optimizer:
             k: v if _is_step_schedule(v) else jnp.asarray(_plain(v), jnp.float32)
             for k, v in self._transformation_hyperparams().items()
         }
-        pieces = []
         active = self._clips_before_step()
-        if "clipvalue" in active:
-            pieces.append(clip_by_value(active["clipvalue"]))
-        if "clipnorm" in active:
-            pieces.append(clip_by_norm(active["clipnorm"]))
-        if "global_clipnorm" in active:
-            pieces.append(clip_by_global_norm(active["global_clipnorm"]))
+        pieces = [make(active[attr]) for attr, make in _CLIP_PIECES.items() if attr in active]
         pieces.append(self._build_transformation(hp))
         return core.chain(*pieces) if len(pieces) > 1 else pieces[0]
 
@@ -2103,6 +2093,12 @@ def _signature(pairs, aggregate: bool):
     return tuple(out), aggregate
 
 
+# The clipping arguments' transformations, in the order tf.keras applies them.
+_CLIP_PIECES = {
+    "clipvalue": clip_by_value,
+    "clipnorm": clip_by_norm,
+    "global_clipnorm": clip_by_global_norm,
+}
 _SINGLE_DEVICE = jax.sharding.SingleDeviceSharding
 _FLOAT0 = jax.dtypes.float0
 

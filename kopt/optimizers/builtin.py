@@ -15,10 +15,15 @@ import numpy as np
 
 import kopt
 from kopt.base import GradientTransformation, OptimizerState, _hyperparam_holders, safe_increment
-from kopt.optimizers.base import Optimizer, _initial_value, _is_step_schedule, weight_list
+from kopt.optimizers.base import (
+    _CLIP_PIECES,
+    Optimizer,
+    _initial_value,
+    _is_step_schedule,
+    weight_list,
+)
 from kopt.optimizers.schedules import LearningRateSchedule
 from kopt.sparse import map_values
-from kopt.transforms._clipping import clip_by_global_norm, clip_by_norm, clip_by_value
 from kopt.transforms._weight_decay import decoupled_weight_decay
 from kopt.variables import Variable
 
@@ -604,28 +609,24 @@ def _check_keras3_options(
 _CLIPS = ("clipnorm", "clipvalue", "global_clipnorm")
 
 
+def _divide(g: Any, factor: Any) -> Any:
+    """A gradient (array or IndexedSlices; None stays None) divided by ``factor``."""
+    return g if g is None else map_values(lambda x: x / jnp.asarray(factor, x.dtype), g)
+
+
 def _divided_by(factor: float) -> GradientTransformation:
     """Gradients divided by ``factor`` (Keras 3's ``loss_scale_factor``, before the clips)."""
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
         divided = jax.tree.map(
-            lambda g: (
-                None if g is None else map_values(lambda x: x / jnp.asarray(factor, x.dtype), g)
-            ),
+            lambda g: _divide(g, factor),
             updates,
             is_leaf=lambda x: x is None or isinstance(x, kopt.IndexedSlices),
         )
         return divided, state
 
     return GradientTransformation(lambda params: kopt.EmptyState(), update_fn)
-
-
-_CLIP_PIECES = {
-    "clipvalue": clip_by_value,
-    "clipnorm": clip_by_norm,
-    "global_clipnorm": clip_by_global_norm,
-}
 
 
 def _check_loss_scale_factor(owner: str, factor: Any) -> None:
@@ -741,10 +742,7 @@ class _Keras3(_SlotDtype, Optimizer):
         factor = self.loss_scale_factor
         if factor is not None:
             factor = self.__dict__.get("_step_dynamic", {}).get("keras3:loss_scale_factor", factor)
-            grads_and_vars = [
-                (g if g is None else map_values(lambda x: x / jnp.asarray(factor, x.dtype), g), v)
-                for g, v in grads_and_vars
-            ]
+            grads_and_vars = [(_divide(g, factor), v) for g, v in grads_and_vars]
         return super()._transform_gradients(grads_and_vars)
 
     def exclude_from_weight_decay(
