@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from kopt.base import GradientTransformation, OptState, Params, PyTree, Updates, apply_updates
+from kopt.transforms._flat import FlatLayout, FlattenedState
 
 
 def _axis_size(mesh: Mesh, axis_name: str | tuple[str, ...]) -> int:
@@ -141,7 +143,17 @@ def state_sharding(
     def like_params(node):
         return jax.tree.structure(node) == params_def
 
+    def subtree(node):
+        return like_params(node) or _flattened_over(node, params_def)
+
     def one(node):
+        if _flattened_over(node, params_def):
+            # kopt.flatten's inner state holds {key: buffer or loose leaf} slots: its layout
+            # names the param of each loose leaf, so each is matched to its own param.
+            packed = _packed_params(node.layout, param_leaves)
+            return type(node)(
+                state_sharding(node.inner_state, mesh, axis_name, packed), node.layout
+            )
         if like_params(node):
             leaves = params_def.flatten_up_to(node)
             return params_def.unflatten(
@@ -156,7 +168,24 @@ def state_sharding(
             return NamedSharding(mesh, P())
         return choices.pop() if len(choices) == 1 else leaf_sharding(shape, mesh, axis_name)
 
-    return jax.tree.map(one, state, is_leaf=like_params)
+    return jax.tree.map(one, state, is_leaf=subtree)
+
+
+def _flattened_over(node: Any, params_def: Any) -> bool:
+    """Whether ``node`` is a :func:`kopt.flatten` state laid out for params of ``params_def``."""
+    return isinstance(node, FlattenedState) and node.layout.treedef == params_def
+
+
+def _packed_params(layout: FlatLayout, param_leaves: list[Any]) -> dict[str, Any]:
+    """The params as ``layout`` packs them: a 1-D shape per packed buffer (whose params are
+    never split over devices), each loose leaf's own param."""
+    packed: dict[str, Any] = {}
+    for key, indices in layout.groups:
+        size = sum(math.prod(layout.shapes[i]) for i in indices)
+        packed[key] = jax.ShapeDtypeStruct((size,), jnp.result_type(param_leaves[indices[0]]))
+    for key, i in layout.loose:
+        packed[key] = param_leaves[i]
+    return packed
 
 
 def shard_state(
