@@ -1477,7 +1477,10 @@ class Optimizer:
         # them goes there before its gradient is taken, not by the step after: its gradient's
         # placement is then the same every step.
         if variables_module.placement_epoch[0] or variables_module.committed_seen[0]:
-            self._place_state(var_list)
+            # Under the lock and as a reader: a step in another thread neither rewrites the
+            # slots nor donates a buffer while they are moved.
+            with self._lock, reading():
+                self._place_state(var_list)
         with reading():  # the forward and backward passes hold the variables' buffers
             # Read inside: a step in another thread donates a buffer only while no one reads.
             out, vjp = jax.vjp(loss_of, [v._current for v in var_list])
