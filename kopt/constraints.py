@@ -36,12 +36,13 @@ class Constraint:
 
 
 class NonNeg(Constraint):
-    """Clips weights at 0 from below: ``w * (w >= 0)``.
+    """Clips weights at 0 from below: ``w * (w >= 0)`` (a negative weight becomes ``-0.0``, as in
+    tf.keras).
 
     Example:
         >>> import jax.numpy as jnp, kopt
         >>> kopt.constraints.NonNeg()(jnp.array([-1.0, 2.0]))
-        Array([0., 2.], dtype=float32)
+        Array([-0.,  2.], dtype=float32)
     """
 
     def __call__(self, w):

@@ -9,21 +9,38 @@ so far, cast to float32, as Keras's optimizers pass it. The class versions with 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Schedule = Callable[[jax.Array], jax.Array]
 
 
+def _is_real(value) -> bool:
+    """A real number, as Keras takes one: a Python or NumPy int or float, or a 0-d array of one
+    (``np.float32(0.1)``, ``np.int64(1000)``, ``jnp.asarray(0.1)``); not a bool."""
+    if isinstance(value, (bool, np.bool_, jax.core.Tracer)):
+        return False
+    if isinstance(value, numbers.Real):
+        return True
+    dtype = getattr(value, "dtype", None)
+    return (
+        getattr(value, "shape", None) == ()
+        and dtype is not None
+        and (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))
+    )
+
+
 def _positive(owner: str, name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    if not _is_real(value) or not value > 0:
         raise ValueError(f"{owner}: `{name}` must be a number > 0, received {value!r}")
 
 
 def _number(owner: str, name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not _is_real(value):
         raise TypeError(f"{owner}: `{name}` must be a number, received {type(value).__name__}")
 
 

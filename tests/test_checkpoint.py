@@ -116,6 +116,25 @@ def test_save_optimizer_writes_keyed_config_and_checks_on_restore(tmp_path):
     assert int(restored.iterations.numpy()) == 1
 
 
+def test_a_schedule_made_from_numpy_values_is_saved_and_restored(tmp_path):
+    # Boundaries computed with NumPy (steps per epoch times epochs) and a float32 rate.
+    schedule = optimizers.schedules.PiecewiseConstantDecay(
+        np.array([1, 2]) * np.int64(2), [np.float32(0.5), 0.25, 0.125]
+    )
+    var = kopt.Variable(jnp.zeros(2), name="w")
+    opt = optimizers.SGD(schedule, momentum=np.float32(0.5))
+    opt.apply_gradients([(jnp.ones(2), var)])
+    save_optimizer(tmp_path / "c", opt, [var])
+    restored = restore_optimizer(tmp_path / "c", [var])
+    config = restored.get_config()["learning_rate"]["config"]
+    assert config == {"boundaries": [2, 4], "values": [0.5, 0.25, 0.125], "name": None}
+    for _ in range(4):
+        restored.apply_gradients([(jnp.ones(2), var)])
+    # tf.keras's legacy SGD(PiecewiseConstantDecay([2, 4], [0.5, 0.25, 0.125]), momentum=0.5)
+    # after five unit gradients (rates 0.5, 0.5, 0.5, 0.25, 0.25)
+    np.testing.assert_allclose(var.numpy(), [-3.40625] * 2, rtol=1e-6)
+
+
 def test_restore_names_a_variable_of_another_shape_and_changes_nothing(tmp_path):
     a = kopt.Variable(jnp.ones(3), name="w")
     opt = optimizers.Adam(0.1)

@@ -2,6 +2,7 @@
 ``get_config``/``set_weights`` round trips that continue bit-identically, serialization."""
 
 import copy
+import json
 import pickle
 
 import jax.numpy as jnp
@@ -173,6 +174,46 @@ def test_loss_scale_optimizer_round_trip():
     np.testing.assert_array_equal(clone_var.numpy(), var.numpy())
     for w, c in zip(opt.get_weights(), clone.get_weights(), strict=True):
         np.testing.assert_array_equal(c, w)
+
+
+def test_serialize_gives_json_numpy_arguments_as_python_numbers_and_lists():
+    from kopt.optimizers.schedules import PiecewiseConstantDecay
+
+    schedule = PiecewiseConstantDecay(np.array([2, 4]), np.array([0.1, 0.05, 0.01], np.float32))
+    opt = optimizers.Adam(learning_rate=schedule, epsilon=np.float32(1e-3))
+    config = json.loads(json.dumps(optimizers.serialize(opt)))
+    assert config["config"]["learning_rate"]["config"] == {
+        "boundaries": [2, 4],
+        "values": [0.1, 0.05, 0.01],
+        "name": None,
+    }
+    assert config["config"]["epsilon"] == 0.001
+    clone = optimizers.deserialize(config)
+    # tf.keras's PiecewiseConstantDecay([2, 4], [0.1, 0.05, 0.01]) at steps 2, 3 and 5
+    assert [float(clone.learning_rate(s)) for s in (2.0, 3.0, 5.0)] == [
+        float(np.float32(0.1)),
+        float(np.float32(0.05)),
+        float(np.float32(0.01)),
+    ]
+    assert clone.epsilon == 0.001
+    wrapped = json.dumps(optimizers.serialize(optimizers.LossScaleOptimizer(opt)))
+    assert '"boundaries": [2, 4]' in wrapped
+
+
+def test_default_names_are_tf_keras_snake_case():
+    # tf.keras's names for name=None (the first of each class: later ones get _1, _2, ...)
+    assert optimizers.SGD(name=None).get_config()["name"] == "sgd"
+    rmsprop = optimizers.RMSprop(name=None)
+    assert rmsprop.get_config()["name"] == "rm_sprop"
+    assert rmsprop.iterations.name == "rm_sprop/iter:0"
+    assert optimizers.AdamW(name=None).get_config()["name"] == "adam_w"  # Keras 3's
+
+
+def test_loss_scale_optimizer_config_without_its_inner_optimizer_is_a_type_error():
+    with pytest.raises(TypeError, match="inner_optimizer"):
+        optimizers.get("LossScaleOptimizer")
+    with pytest.raises(TypeError, match="inner_optimizer"):
+        optimizers.LossScaleOptimizer.from_config({"dynamic": True})
 
 
 @pytest.mark.parametrize("identifier", ["adam", "ADAM", "Adam", "rmsprop", "RMSprop", "sgd"])

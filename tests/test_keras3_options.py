@@ -584,6 +584,36 @@ def test_config_round_trip(name):
     assert Lion().get_config()["weight_decay"] is None
 
 
+def test_config_has_keras3s_keys_with_the_unset_clips_as_none():
+    # keras.optimizers.AdamW(weight_decay=0.1, clipnorm=1.0).get_config() in Keras 3.15, but
+    # for the name and the learning rate (Keras 3 writes its float32 value, 0.0010000000474974513).
+    keras3 = {
+        "weight_decay": 0.1,
+        "clipnorm": 1.0,
+        "global_clipnorm": None,
+        "clipvalue": None,
+        "use_ema": False,
+        "ema_momentum": 0.99,
+        "ema_overwrite_frequency": None,
+        "loss_scale_factor": None,
+        "gradient_accumulation_steps": None,
+        "beta_1": 0.9,
+        "beta_2": 0.999,
+        "epsilon": 1e-07,
+        "amsgrad": False,
+    }
+    config = AdamW(weight_decay=0.1, clipnorm=1.0).get_config()
+    assert {k: v for k, v in config.items() if k not in ("name", "learning_rate")} == keras3
+    assert AdamW.from_config(config).get_config() == config
+    # keras.optimizers.Lion().get_config()'s keys
+    assert set(Lion(clipvalue=0.5).get_config()) == {
+        "name", "learning_rate", "weight_decay", "clipnorm", "global_clipnorm", "clipvalue",
+        "use_ema", "ema_momentum", "ema_overwrite_frequency", "loss_scale_factor",
+        "gradient_accumulation_steps", "beta_1", "beta_2",
+    }  # fmt: skip
+    assert Lion(clipvalue=0.5).get_config()["clipvalue"] == 0.5
+
+
 # --- attributes set after the first step -----------------------------------------------------
 
 

@@ -9,6 +9,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import kopt
 from kopt import schedules
@@ -136,3 +137,25 @@ def test_cosine_decay_restarts_starts_each_period_on_its_first_step_when_compile
                     atol=1e-6,
                     err_msg=f"t_mul={t_mul} first_decay_steps={first} step={step}",
                 )
+
+
+def test_numpy_and_array_arguments_are_numbers_as_in_keras():
+    # tf.keras's schedules take NumPy scalars (a step count from NumPy is an np.int64); these are
+    # its values for the same arguments.
+    fn = schedules.exponential_decay(np.float32(0.1), np.int64(4), np.float32(0.5))
+    np.testing.assert_allclose(
+        [float(fn(s)) for s in (0, 3, 8)], [0.1, 0.0594603531062603, 0.025], rtol=1e-6
+    )
+    fn = schedules.cosine_decay_restarts(np.float32(1.0), np.int64(10), m_mul=np.float32(0.5))
+    np.testing.assert_allclose(
+        [float(fn(s)) for s in (5, 10, 25)], [0.5, 0.5, 0.0732233077287674], rtol=1e-6
+    )
+    fn = schedules.polynomial_decay(
+        jnp.asarray(0.1), np.int32(10), end_learning_rate=np.float64(0.01), power=np.float32(2.0)
+    )
+    np.testing.assert_allclose([float(fn(s)) for s in (0, 5, 20)], [0.1, 0.0325, 0.01], rtol=1e-6)
+    for bad in (np.bool_(True), np.array([0.1]), "0.1"):
+        with pytest.raises(TypeError, match="initial_learning_rate"):
+            schedules.exponential_decay(bad, 4, 0.5)
+    with pytest.raises(ValueError, match="decay_steps"):
+        schedules.exponential_decay(0.1, np.int64(0), 0.5)

@@ -55,12 +55,13 @@ _CLASSES = {
 
 
 def serialize(optimizer: Optimizer) -> dict[str, Any] | None:
-    """``{"module", "class_name", "config", "registered_name"}`` for an optimizer.
+    """``{"module", "class_name", "config", "registered_name"}`` for an optimizer; NumPy and JAX
+    values in the config become Python numbers and lists, so that JSON can store it.
 
     Example:
         >>> import kopt
         >>> kopt.optimizers.serialize(kopt.optimizers.SGD())["config"]["learning_rate"]
-        0.009999999776482582
+        0.01
     """
     if optimizer is None:
         return None
@@ -73,7 +74,7 @@ def serialize(optimizer: Optimizer) -> dict[str, Any] | None:
     return {
         "module": "kopt.optimizers",
         "class_name": type(optimizer).__name__,
-        "config": optimizer.get_config(),
+        "config": schedules._plain_config(optimizer.get_config()),
         "registered_name": None,
     }
 

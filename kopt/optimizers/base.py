@@ -94,7 +94,12 @@ def all_reduce_sum_gradients(grads_and_vars: list[tuple[Any, Any]]) -> list[tupl
 
 
 def _snake_case(name: str) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+    """The default name of an optimizer of class ``name``, as tf.keras makes it: a word break
+    before a capital that starts a lowercase run and after a lowercase letter followed by a
+    capital (``SGD`` -> ``sgd``, ``RMSprop`` -> ``rm_sprop``, ``AdamW`` -> ``adam_w``)."""
+    name = re.sub(r"(?<=.)(?=[A-Z][a-z])", "_", name)
+    name = re.sub(r"(?<=[a-z])(?=[A-Z])", "_", name).lower()
+    return name if not name.startswith("_") else "private" + name
 
 
 def _is_step_schedule(value: Any) -> bool:

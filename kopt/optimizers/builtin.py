@@ -271,7 +271,7 @@ class Adadelta(_KerasV2):
     Example:
         >>> import kopt
         >>> kopt.optimizers.Adadelta(learning_rate=1.0).get_config()["rho"]
-        0.949999988079071
+        0.95
     """
 
     _SLOT_ORDER = ("accum_grad", "accum_var")
@@ -923,9 +923,12 @@ class _Keras3(_SlotDtype, Optimizer):
                 var.assign(self.get_slot(var, "average").value)
 
     def get_config(self):
+        base = super().get_config()
         config = {
-            **super().get_config(),
+            "name": base["name"],
             "learning_rate": self._serialize_hyperparameter("learning_rate"),
+            # Keras 3's keys: every clipping argument, None when it is not set.
+            **{k: base.get(k) for k in _CLIPS},
         }
         config.update({k: getattr(self, k) for k in self._ATTRS})
         config.update(

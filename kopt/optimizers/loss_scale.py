@@ -268,6 +268,11 @@ class LossScaleOptimizer(Optimizer):
         from kopt.optimizers import deserialize
 
         config = dict(config)
+        if "inner_optimizer" not in config:
+            raise TypeError(
+                "LossScaleOptimizer.from_config: the config has no `inner_optimizer` (the "
+                f"optimizer it wraps); received keys {sorted(config)}"
+            )
         inner = config.pop("inner_optimizer")
         if isinstance(inner, dict):
             inner = deserialize(inner, custom_objects=custom_objects)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from kopt import schedules as fn
 
 
@@ -221,8 +225,31 @@ _CLASSES = {
 }
 
 
+def _plain_number(value: Any) -> Any:
+    """A NumPy or JAX number as a Python one; a float32 (or narrower) one as the float it prints
+    as (``0.1``, not ``0.10000000149011612``), which converts back to the same value."""
+    if jnp.issubdtype(value.dtype, jnp.floating) and value.dtype.itemsize < 8:
+        return float(str(value))
+    return value.item()
+
+
+def _plain_config(value: Any) -> Any:
+    """``value`` with NumPy and JAX numbers and arrays (nested in dicts, lists and tuples) made
+    Python numbers and lists, so that JSON can store it, as Keras's ``serialize`` does."""
+    if isinstance(value, dict):
+        return {k: _plain_config(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_plain_config(v) for v in value)
+    if isinstance(value, (np.generic, np.ndarray, jax.Array)):
+        array = np.asarray(value)
+        flat = [_plain_number(x) for x in array.reshape(-1)]
+        return flat[0] if array.ndim == 0 else np.array(flat, object).reshape(array.shape).tolist()
+    return value
+
+
 def serialize(learning_rate_schedule: LearningRateSchedule) -> dict[str, Any]:
-    """``{"module", "class_name", "config", "registered_name"}``, as Keras writes it.
+    """``{"module", "class_name", "config", "registered_name"}``, as Keras writes it; NumPy and
+    JAX values in the config become Python numbers and lists, so that JSON can store it.
 
     Example:
         >>> from kopt.optimizers import schedules
@@ -237,7 +264,7 @@ def serialize(learning_rate_schedule: LearningRateSchedule) -> dict[str, Any]:
     return {
         "module": "kopt.optimizers.schedules",
         "class_name": type(learning_rate_schedule).__name__,
-        "config": learning_rate_schedule.get_config(),
+        "config": _plain_config(learning_rate_schedule.get_config()),
         "registered_name": None,
     }
 
