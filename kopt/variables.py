@@ -254,6 +254,11 @@ class Variable:
         with donation_lock:
             return self.assign(self._value - delta)
 
+    def ref(self) -> VariableReference:
+        """A hashable reference to this variable, equal only to references to it (tf.Variable's
+        ``ref()``): for sets and dict keys of variables. ``.deref()`` gives the variable back."""
+        return VariableReference(self)
+
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self._current.shape)
@@ -363,6 +368,29 @@ class Variable:
 
     def __ne__(self, other):
         return self._value != _value_of(other)
+
+
+class VariableReference:
+    """What :meth:`Variable.ref` returns: hashable, and equal only to a reference to the same
+    variable (``==`` on variables compares their values)."""
+
+    __slots__ = ("_variable",)
+
+    def __init__(self, variable: Variable):
+        self._variable = variable
+
+    def deref(self) -> Variable:
+        """The variable referred to."""
+        return self._variable
+
+    def __hash__(self) -> int:
+        return id(self._variable)
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, VariableReference) and other._variable is self._variable
+
+    def __repr__(self) -> str:
+        return f"<Reference wrapping {self._variable!r}>"
 
 
 def _check_integral(value: Any, dtype: Any, name: str) -> None:

@@ -98,3 +98,223 @@ def test_a_python_if_on_a_traced_value_names_the_class_and_the_remedy():
         opt.apply_gradients([(jnp.array([3.0, 4.0]), var)])
     np.testing.assert_array_equal(var.numpy(), [3.0, 4.0])
     assert opt.weights == [] or int(opt.iterations.numpy()) == 0
+
+
+# --- tf-addons idioms: subclasses and wrappers of built-ins, flags, scalar slots ---------------
+
+
+class LazyAdam(optimizers.Adam):
+    """tf-addons' LazyAdam: the built-in Adam, with a sparse update that touches only the rows
+    named, through tf.keras's ``_resource_scatter_update`` / ``_resource_scatter_add``."""
+
+    def _resource_apply_sparse(self, grad, var, indices, apply_state=None):
+        dtype = var.dtype
+        beta_1 = self._get_hyper("beta_1", dtype)
+        beta_2 = self._get_hyper("beta_2", dtype)
+        t = jnp.asarray(self.iterations + 1).astype(dtype)
+        lr = self._decayed_lr(dtype) * jnp.sqrt(1 - beta_2**t) / (1 - beta_1**t)
+        m, v = self.get_slot(var, "m"), self.get_slot(var, "v")
+        m_rows = beta_1 * jnp.take(m, indices, axis=0) + (1 - beta_1) * grad
+        v_rows = beta_2 * jnp.take(v, indices, axis=0) + (1 - beta_2) * grad * grad
+        self._resource_scatter_update(m, indices, m_rows)
+        self._resource_scatter_update(v, indices, v_rows)
+        return self._resource_scatter_add(var, indices, -lr * m_rows / (jnp.sqrt(v_rows) + 1e-7))
+
+
+def _adam_numpy(var, m, v, g, t, lr=0.1, b1=0.9, b2=0.999, eps=1e-7):
+    m[:] = b1 * m + (1 - b1) * g
+    v[:] = b2 * v + (1 - b2) * g * g
+    var -= lr * np.sqrt(1 - b2**t) / (1 - b1**t) * m / (np.sqrt(v) + eps)
+
+
+def test_a_builtin_subclass_overriding_a_hook_runs_it_and_the_builtin_hooks():
+    opt = LazyAdam(learning_rate=0.1)
+    table = kopt.Variable(np.ones((3, 2), np.float32))
+    w = kopt.Variable(np.ones(2, np.float32))
+    rows = [(0, [1.0, 2.0]), (1, [3.0, -1.0])]
+    for i, values in rows:
+        grad = kopt.IndexedSlices(jnp.array([values]), jnp.array([i]), (3, 2))
+        opt.apply_gradients([(grad, table), (jnp.array([1.0, -1.0]), w)])
+    # NumPy: lazy rows for the table (row 0 does not move at step 2), Adam for w.
+    t_var, t_m, t_v = np.ones((3, 2)), np.zeros((3, 2)), np.zeros((3, 2))
+    w_var, w_m, w_v = np.ones(2), np.zeros(2), np.zeros(2)
+    for t, (i, values) in enumerate(rows, 1):
+        var, m, v = t_var[i : i + 1], t_m[i : i + 1], t_v[i : i + 1]
+        _adam_numpy(var, m, v, np.array([values]), t)
+        t_var[i], t_m[i], t_v[i] = var[0], m[0], v[0]
+        _adam_numpy(w_var, w_m, w_v, np.array([1.0, -1.0]), t)
+    np.testing.assert_allclose(table.numpy(), t_var, rtol=1e-5)
+    np.testing.assert_allclose(opt.get_slot(table, "m").numpy(), t_m, rtol=1e-5)
+    np.testing.assert_allclose(w.numpy(), w_var, rtol=1e-5)
+    np.testing.assert_allclose(opt.get_slot(w, "v").numpy(), w_v, rtol=1e-4)  # 1 - 0.999
+    assert opt.get_slot_names() == ["m", "v"] and opt.compile_count == 1
+
+
+class DecoupledWeightDecay:
+    """tf-addons' mixin for a built-in: a hyperparameter, ``_prepare_local`` and a dense hook
+    that decays then calls the built-in's, and a per-call ``decay_var_list`` of ``ref()``s."""
+
+    def __init__(self, weight_decay, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._set_hyper("weight_decay", weight_decay)
+        self.decay_var_list = None
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "weight_decay": self._serialize_hyperparameter("weight_decay"),
+        }
+
+    def apply_gradients(self, grads_and_vars, name=None, decay_var_list=None, **kwargs):
+        self.decay_var_list = {v.ref() for v in decay_var_list} if decay_var_list else None
+        return super().apply_gradients(grads_and_vars, name=name, **kwargs)
+
+    def _prepare_local(self, var_device, var_dtype, apply_state):
+        super()._prepare_local(var_device, var_dtype, apply_state)
+        wd = self._get_hyper("weight_decay", var_dtype)
+        apply_state[(var_device, var_dtype)]["wd_t"] = wd
+
+    def _resource_apply_dense(self, grad, var, apply_state=None):
+        if not self.decay_var_list or var.ref() in self.decay_var_list:
+            var.assign_sub(apply_state[(var.device, var.dtype)]["wd_t"] * var)
+        return super()._resource_apply_dense(grad, var, apply_state=apply_state)
+
+
+class SGDW(DecoupledWeightDecay, optimizers.SGD):
+    pass
+
+
+def test_a_weight_decay_mixin_extends_a_builtin_and_sees_its_decay_var_list():
+    opt = SGDW(0.1, learning_rate=0.1, momentum=0.9)
+    a = kopt.Variable(np.array([1.0, 2.0], np.float32))
+    b = kopt.Variable(np.array([3.0], np.float32))
+    assert a.ref() == a.ref() and a.ref() != b.ref() and a.ref().deref() is a
+    grads = [np.array([1.0, 1.0]), np.array([2.0])]
+    values, accums = [np.array([1.0, 2.0]), np.array([3.0])], [np.zeros(2), np.zeros(1)]
+    for decay_list in (None, [a], [a]):
+        pairs = [(jnp.asarray(grads[0]), a), (jnp.asarray(grads[1]), b)]
+        opt.apply_gradients(pairs, decay_var_list=decay_list)
+        for i, var in enumerate((a, b)):
+            if decay_list is None or any(var is d for d in decay_list):
+                values[i] = values[i] - 0.1 * values[i]
+            accums[i] = 0.9 * accums[i] - 0.1 * grads[i]  # tf.keras's momentum
+            values[i] = values[i] + accums[i]
+    np.testing.assert_allclose(a.numpy(), values[0], rtol=1e-6)
+    np.testing.assert_allclose(b.numpy(), values[1], rtol=1e-6)
+    np.testing.assert_allclose(opt.get_slot(b, "momentum").numpy(), accums[1], rtol=1e-6)
+    assert opt.compile_count == 2  # one step per decay list, as tf.keras retraces
+    assert opt.get_config()["weight_decay"] == 0.1 and opt.get_config()["momentum"] == 0.9
+
+
+class Lookahead(optimizers.Optimizer):
+    """tf-addons' Lookahead: an inner optimizer held in an attribute, whose slots and update
+    the wrapper's hooks use, syncing to slow weights every ``sync_period`` steps."""
+
+    def __init__(self, optimizer, sync_period=2, slow_step_size=0.5, name="Lookahead"):
+        super().__init__(name)
+        self._optimizer = optimizer
+        self._set_hyper("sync_period", sync_period)
+        self._set_hyper("slow_step_size", slow_step_size)
+
+    def apply_gradients(self, grads_and_vars, name=None, **kwargs):
+        self._optimizer._iterations = self.iterations
+        return super().apply_gradients(grads_and_vars, name, **kwargs)
+
+    def _create_slots(self, var_list):
+        self._optimizer._create_slots(var_list=var_list)
+        for var in var_list:
+            self.add_slot(var, "slow", initializer=var)
+
+    def _resource_apply_dense(self, grad, var):
+        self._optimizer._resource_apply_dense(grad, var)
+        slow = self.get_slot(var, "slow")
+        sync = (self.iterations + 1) % self._get_hyper("sync_period", jnp.int32) == 0
+        back = slow + self._get_hyper("slow_step_size", var.dtype) * (var - slow)
+        slow.assign(jnp.where(sync, back, slow))
+        var.assign(jnp.where(sync, back, var))
+
+
+def test_a_wrapper_steps_its_inner_optimizer_with_its_slots_and_current_hyperparameters():
+    inner = optimizers.SGD(learning_rate=0.1, momentum=0.5)
+    opt = Lookahead(inner)
+    var = kopt.Variable(np.array([1.0, -1.0], np.float32))
+    grad = np.array([1.0, 2.0])
+    value, slow, accum = np.array([1.0, -1.0]), np.array([1.0, -1.0]), np.zeros(2)
+    for step in range(1, 5):
+        if step == 3:
+            inner.learning_rate = 0.05  # a hyperparameter of the inner optimizer
+        opt.apply_gradients([(jnp.asarray(grad), var)])
+        accum = 0.5 * accum - (0.1 if step < 3 else 0.05) * grad
+        value = value + accum
+        if step % 2 == 0:
+            slow = value = slow + 0.5 * (value - slow)
+    np.testing.assert_allclose(var.numpy(), value, rtol=1e-6)
+    np.testing.assert_allclose(opt.get_slot(var, "slow").numpy(), slow, rtol=1e-6)
+    np.testing.assert_allclose(inner.get_slot(var, "momentum").numpy(), accum, rtol=1e-6)
+    assert opt.compile_count == 1
+
+
+class NovoGrad(optimizers.Optimizer):
+    """tf-addons' NovoGrad: a per-variable scalar second moment (``add_slot`` with a scalar
+    initial value) and a flag kept as a hyperparameter (``_set_hyper`` with a bool)."""
+
+    def __init__(self, learning_rate=0.1, grad_averaging=False, name="NovoGrad"):
+        super().__init__(name)
+        self._set_hyper("learning_rate", learning_rate)
+        self._set_hyper("grad_averaging", grad_averaging)
+
+    def _create_slots(self, var_list):
+        for var in var_list:
+            self.add_slot(var, "m")
+            self.add_slot(var, "v", initializer=jnp.zeros([], var.dtype))
+
+    def _resource_apply_dense(self, grad, var, apply_state=None):
+        m, v = self.get_slot(var, "m"), self.get_slot(var, "v")
+        first = self.iterations == 0
+        g2 = jnp.sum(jnp.square(grad))
+        v_t = v.assign(jnp.where(first, g2, 0.5 * v + 0.5 * g2))
+        grad = grad / (jnp.sqrt(v_t) + 1e-7)
+        averaging = jnp.logical_and(self._get_hyper("grad_averaging"), jnp.logical_not(first))
+        grad = jnp.where(averaging, 0.1 * grad, grad)
+        m_t = m.assign(0.9 * m + grad)
+        return var.assign_sub(self._get_hyper("learning_rate", var.dtype) * m_t)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "learning_rate": self._serialize_hyperparameter("learning_rate"),
+            "grad_averaging": self._serialize_hyperparameter("grad_averaging"),
+        }
+
+
+def test_a_flag_hyperparameter_and_a_scalar_slot_as_in_tf_keras():
+    opt = NovoGrad()
+    var = kopt.Variable(np.array([3.0, 4.0], np.float32))
+    grad = np.array([1.0, 2.0])
+    value, m = np.array([3.0, 4.0]), np.zeros(2)
+    for step in range(3):
+        if step == 1:
+            opt.grad_averaging = True  # a bool variable: no new compilation
+        opt.apply_gradients([(jnp.asarray(grad), var)])
+        scaled = grad / (np.sqrt(5.0) + 1e-7)  # v stays |g|^2 = 5
+        m = 0.9 * m + (0.1 * scaled if step >= 1 else scaled)
+        value = value - 0.1 * m
+    assert opt.get_slot(var, "v").shape == ()  # the initial value's shape, not the variable's
+    np.testing.assert_allclose(opt.get_slot(var, "v").numpy(), 5.0, rtol=1e-6)
+    np.testing.assert_allclose(var.numpy(), value, rtol=1e-6)
+    assert opt.get_config()["grad_averaging"] is True
+    assert opt.compile_count == 1
+
+
+class LazyNadam(optimizers.Nadam):
+    def _resource_apply_sparse(self, grad, var, indices, apply_state=None):
+        raise AssertionError("not reached: the gradient is dense")
+
+
+def test_a_builtin_with_shared_state_refuses_its_hooks_one_variable_at_a_time():
+    opt = LazyNadam(learning_rate=0.1)
+    var = kopt.Variable(np.array([1.0, 2.0], np.float32))
+    with pytest.raises(NotImplementedError, match=r"LazyNadam: the update of Nadam keeps state"):
+        opt.apply_gradients([(jnp.array([1.0, 1.0]), var)])
+    np.testing.assert_array_equal(var.numpy(), [1.0, 2.0])
+    assert opt.weights == [] or int(opt.iterations.numpy()) == 0

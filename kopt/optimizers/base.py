@@ -41,8 +41,10 @@ from kopt.transforms import all_finite, clip_by_global_norm, clip_by_norm, clip_
 from kopt.transforms._core import learning_rate_at
 from kopt.variables import (
     Variable,
+    VariableReference,
     _bindings,
     _check_integral,
+    _value_of,
     bound,
     donation_lock,
     reading,
@@ -91,6 +93,24 @@ def all_reduce_sum_gradients(grads_and_vars: list[tuple[Any, Any]]) -> list[tupl
         (jnp.sum(g.values, axis=0) if isinstance(g, PerReplica) else g, v)
         for g, v in grads_and_vars
     ]
+
+
+# tf.keras hooks a subclass of a built-in may override (then its step runs them).
+_HOOKS = (
+    "_create_slots",
+    "_prepare",
+    "_prepare_local",
+    "_resource_apply_dense",
+    "_resource_apply_sparse",
+    "_resource_apply_sparse_duplicate_indices",
+)
+
+
+@functools.cache
+def _runs_twin(cls: type) -> bool:
+    if cls._transformation is Optimizer._transformation:
+        return False
+    return all(getattr(cls, h) is getattr(Optimizer, h) for h in _HOOKS)
 
 
 def _snake_case(name: str) -> str:
@@ -340,10 +360,14 @@ class Optimizer:
         """Sets hyperparameter ``name`` (a number, scalar array, Variable, schedule or callable).
 
         A number assigns into the existing hyperparameter variable in place (no recompile); a
-        schedule or callable replaces it.
+        schedule or callable replaces it. A custom optimizer may also keep a flag (a bool) as a
+        hyperparameter, in a bool variable, as tf.keras does.
         """
-        _check_number(type(self).__name__, name, value)
-        if not callable(value) or isinstance(value, Variable):
+        # A custom optimizer's flag (NovoGrad's `grad_averaging`): a bool variable, as tf.keras.
+        flag = isinstance(value, (bool, np.bool_)) and not self._uses_transformation()
+        if not flag:
+            _check_number(type(self).__name__, name, value)
+        if not flag and (not callable(value) or isinstance(value, Variable)):
             number = float(np.asarray(value.numpy() if isinstance(value, Variable) else value))
             if not np.isfinite(number):
                 raise ValueError(
@@ -368,14 +392,17 @@ class Optimizer:
                 # before (the step compiled for it is keyed by that variable), not a new one.
                 numbers = self.__dict__.setdefault("_number_hypers", {})
                 var = numbers.get(name)
+                dtype = jnp.bool_ if flag else jnp.float32
+                if var is not None and (var.dtype == jnp.bool_) != flag:
+                    var = None  # a flag after a number, or a number after a flag
                 if var is None:
                     var = numbers[name] = Variable(
-                        jnp.asarray(value, jnp.float32),
+                        jnp.asarray(value, dtype),
                         trainable=False,
                         name=f"{self._name}/{name}",
                     )
                 else:
-                    var.assign(jnp.asarray(value, jnp.float32).astype(var.dtype))
+                    var.assign(jnp.asarray(value, dtype))
                 self._hyper[name] = var
 
     def _get_hyper(self, name: str, dtype: Any = None) -> Any:
@@ -581,13 +608,19 @@ class Optimizer:
         Args:
             var: the model variable.
             slot_name: e.g. ``"m"``.
-            initializer: ``"zeros"``, ``"ones"``, a number, an array, or a callable
+            initializer: ``"zeros"``, ``"ones"``, a number (filling the slot), an array or
+                variable (the initial value, as in tf.keras), or a callable
                 ``(shape, dtype) -> array``.
-            shape: the slot's shape (default: the variable's).
+            shape: the slot's shape (default: the initial value's for an array, else the
+                variable's).
         """
         if not isinstance(var, Variable):
             raise TypeError(f"add_slot: `var` must be a kopt.Variable, received {var!r:.60}")
-        shape = var.shape if shape is None else _slot_shape(shape, slot_name)
+        if shape is None and _is_array_value(initializer):
+            # tf.keras makes the slot of the value given (NovoGrad's scalar per variable).
+            shape = tuple(np.shape(initializer))
+        else:
+            shape = var.shape if shape is None else _slot_shape(shape, slot_name)
         self._adopt_copies()
         existing = self._slots.get(var._uid, {}).get(slot_name)
         if existing is not None:
@@ -634,7 +667,9 @@ class Optimizer:
 
     def _create_slots(self, var_list: list[Variable]) -> None:
         """Hook: create slots with :meth:`add_slot` (the built-ins create theirs from their
-        functional twin's initial state)."""
+        functional twin's initial state, also for a subclass calling ``super()``)."""
+        if self._has_twin():
+            self._create_transformation_slots(var_list)
 
     def _create_all_weights(self, var_list: list[Variable]) -> None:
         """Creates ``iterations`` and the slots of ``var_list`` (as tf.keras's private method of
@@ -647,12 +682,16 @@ class Optimizer:
             self._create_slots(var_list)
 
     # --- the tf.keras hooks ----------------------------------------------------------------
-    def _resource_apply_dense(self, grad: Any, var: Variable, apply_state: Any) -> Any:
-        """Hook: update ``var`` (and its slots) with ``var.assign*`` for a dense ``grad``."""
+    def _resource_apply_dense(self, grad: Any, var: Variable, apply_state: Any = None) -> Any:
+        """Hook: update ``var`` (and its slots) with ``var.assign*`` for a dense ``grad``. A
+        built-in's applies its own update to ``var``, for subclasses and wrappers that call
+        it (``super()._resource_apply_dense(...)``)."""
+        if self._has_twin():
+            return self._apply_twin(grad, var)
         raise NotImplementedError("`_resource_apply_dense` must be implemented in subclasses.")
 
     def _resource_apply_sparse(
-        self, grad: Any, var: Variable, indices: Any, apply_state: Any
+        self, grad: Any, var: Variable, indices: Any, apply_state: Any = None
     ) -> Any:
         """Hook: update the rows ``indices`` of ``var`` for gradient rows ``grad``.
 
@@ -660,9 +699,30 @@ class Optimizer:
         gradient named a row twice, the duplicate's place holds the index ``var.shape[0]``
         (outside the table) and a zero gradient row. Scatters (``var.value.at[indices]``) skip
         it; a computation over all the named rows (a norm of gathered rows, their count) must
-        leave it out, with ``indices < var.shape[0]``.
+        leave it out, with ``indices < var.shape[0]``. A built-in's applies its own sparse
+        update, as its dense hook does.
         """
+        if self._has_twin():
+            return self._apply_twin(IndexedSlices(grad, indices, var.shape), var)
         raise NotImplementedError("`_resource_apply_sparse` Must be implemented in subclasses.")
+
+    def _apply_twin(self, grad: Any, var: Variable) -> jax.Array:
+        """A built-in's update of one variable and its slots, inside the step."""
+        tx = self._static_transformation()  # built before the trace (see ``_compile``)
+        template = tx.init([var.value])
+        layout = codec.describe(template, 1)
+        if layout.opaque or layout.scalar_slots(template):
+            builtin = next(c for c in type(self).__mro__ if "_transformation" in c.__dict__)
+            raise NotImplementedError(
+                f"{type(self).__name__}: the update of {builtin.__name__} keeps "
+                "state shared by all variables, so it cannot be applied one variable at a time "
+                "from a tf.keras hook; write the update in the hook"
+            )
+        plain = {
+            "plain:" + k: jnp.asarray(v, jnp.float32) for k, v in self._plain_hyperparams().items()
+        }
+        self._apply_transformation(tx, [(grad, var)], plain, None, constrain=False)
+        return var.value
 
     def _resource_apply_sparse_duplicate_indices(
         self, grad: Any, handle: Variable, indices: Any, **kwargs: Any
@@ -672,6 +732,22 @@ class Optimizer:
 
         d = deduplicate(IndexedSlices(grad, indices, handle.shape), handle.shape[0])
         return self._resource_apply_sparse(d.values, handle, d.indices, **kwargs)
+
+    def _resource_scatter_add(self, x: Variable, i: Any, v: Any) -> jax.Array:
+        """Adds rows ``v`` to ``x`` at ``i`` (repeats add up) and returns ``x``'s new value, as
+        tf.keras's helper. Out-of-range indices (the padding a sparse hook gets) are dropped."""
+        from kopt.sparse import scatter_add_rows
+
+        x.assign(scatter_add_rows(x.value, jnp.asarray(_value_of(i)), _value_of(v)))
+        return x.value
+
+    def _resource_scatter_update(self, x: Variable, i: Any, v: Any) -> jax.Array:
+        """Writes rows ``v`` into ``x`` at ``i`` and returns ``x``'s new value, as tf.keras's
+        helper. Out-of-range indices (the padding a sparse hook gets) are dropped."""
+        from kopt.sparse import scatter_rows
+
+        x.assign(scatter_rows(x.value, jnp.asarray(_value_of(i)), jnp.asarray(_value_of(v))))
+        return x.value
 
     def _prepare(self, var_list: list[Variable]) -> dict[Any, dict[str, Any]]:
         apply_state: dict[Any, dict[str, Any]] = {}
@@ -743,6 +819,14 @@ class Optimizer:
         return out
 
     def _uses_transformation(self) -> bool:
+        """Whether the step runs the functional twin for all variables at once: a built-in's
+        does, unless a subclass overrides a tf.keras hook (LazyAdam's sparse update, a
+        decoupled-weight-decay mixin); then the step runs the hooks, and the built-in's own
+        hooks apply its twin one variable at a time."""
+        return _runs_twin(type(self))
+
+    def _has_twin(self) -> bool:
+        """Whether the class (a built-in or a subclass of one) has a functional twin."""
         return type(self)._transformation is not Optimizer._transformation
 
     def _build_transformation(self, hyperparams: dict[str, Any]) -> core.GradientTransformation:
@@ -1165,8 +1249,31 @@ class Optimizer:
         out = list(self._non_slot.values()) + list(self._opaque) + list(self._added_weights)
         for v in var_list:
             out.extend(self._slots.get(v._uid, {}).values())
+        for inner in self._nested_optimizers():
+            if inner._iterations is not None and inner._iterations is not self._iterations:
+                out.append(inner._iterations)
+            out.extend(inner._non_slot.values())
+            out.extend(inner._opaque)
+            out.extend(inner._added_weights)
+            for v in var_list:
+                out.extend(inner._slots.get(v._uid, {}).values())
         if self._guard is not None:  # a LossScaleOptimizer's scale, updated in the same step
             out.extend(self._guard._guard_variables())
+        return out
+
+    def _nested_optimizers(self) -> list[Optimizer]:
+        """The optimizers this one holds in its attributes (a Lookahead's inner optimizer, as
+        tf-addons writes it), nested ones too. A hook may call theirs, so their slots,
+        hyperparameters and step count are inputs of this one's step."""
+        out: list[Optimizer] = []
+        seen = {id(self)}
+        todo = [self]
+        while todo:
+            for name, value in todo.pop().__dict__.items():
+                if isinstance(value, Optimizer) and name != "_guard" and id(value) not in seen:
+                    seen.add(id(value))
+                    out.append(value)
+                    todo.append(value)
         return out
 
     def _step_arguments(self) -> tuple[list[Variable], dict[str, jax.Array]]:
@@ -1176,6 +1283,16 @@ class Optimizer:
         for name, value in self._hyper.items():
             if _is_read_per_step(value):
                 dynamic["hyper:" + name] = jnp.asarray(_plain(value()), jnp.float32)
+        nested = self._nested_optimizers()
+        if nested:
+            uids = {v._uid for v in hyper_vars}
+            for i, inner in enumerate(nested):
+                for name, value in inner._hyper.items():
+                    if isinstance(value, Variable) and value._uid not in uids:
+                        uids.add(value._uid)
+                        hyper_vars.append(value)
+                    elif _is_read_per_step(value):
+                        dynamic[f"nested:{i}:{name}"] = jnp.asarray(_plain(value()), jnp.float32)
         for attr, value in self._active_clips().items():
             dynamic["clip:" + attr] = self._device_constant(value)
         if self._uses_transformation():
@@ -1226,6 +1343,16 @@ class Optimizer:
             self._initial_decay,
             None if self._guard is None else self._guard._guard_key(),
             self._structure(),
+            tuple(
+                (
+                    _Same(inner),
+                    inner._key_token(),
+                    inner._traced_attributes(small=True),
+                    tuple(inner._plain_hyperparams().items()),
+                    len(inner._weights),
+                )
+                for inner in self._nested_optimizers()
+            ),
         )
 
     def _program_key(self, var_list, grads, aggregate: bool, state_vars, hyper_vars, signature):
@@ -1246,6 +1373,9 @@ class Optimizer:
         iterations = self.iterations
         # Built outside the trace: its placeholders need the hyperparameters' concrete values.
         tx = self._static_transformation() if self._uses_transformation() else None
+        for owner in (self, *self._nested_optimizers()):
+            if owner._has_twin():  # a built-in's hooks, called by a subclass or a wrapper
+                owner._static_transformation()
         # For these variables, in this order: gradient hooks may drop or reorder pairs.
         template = None if tx is None else (_uids(var_list), _state_template(tx, var_list))
         # Every sharded variable and slot leaves the step with the sharding it came in with.
@@ -1356,12 +1486,22 @@ class Optimizer:
         object.__setattr__(self, "_step_dynamic", dynamic)
         for name, value in calls.items():
             self._hyper[name] = _Constant(value)
+        # A nested optimizer's callable hyperparameters, read once per step as this one's.
+        nested = [k.split(":", 2) for k in dynamic if k.startswith("nested:")]
+        inners = self._nested_optimizers() if nested else []
+        nested_saved = []
+        for _, i, name in nested:
+            inner = inners[int(i)]
+            nested_saved.append((inner, name, inner._hyper[name]))
+            inner._hyper[name] = _Constant(dynamic[f"nested:{i}:{name}"])
         try:
             yield
         finally:
             self.__dict__.pop("_step_clip_values", None)
             self.__dict__.pop("_step_dynamic", None)
             self._hyper.update(saved)
+            for inner, name, value in nested_saved:
+                inner._hyper[name] = value
 
     def _apply_hooks(self, gv) -> None:
         try:
@@ -1392,7 +1532,7 @@ class Optimizer:
                 if v.constraint is not None:
                     v.assign(v.constraint(v))
 
-    def _apply_transformation(self, tx, gv, dynamic, template) -> None:
+    def _apply_transformation(self, tx, gv, dynamic, template, constrain: bool = True) -> None:
         var_list = [v for _, v in gv]
         hp = {
             name: jnp.asarray(_plain(value), jnp.float32)
@@ -1431,7 +1571,7 @@ class Optimizer:
         per_var, scalars, opaque = codec.extract(new_state, len(var_list))
         for i, v in enumerate(var_list):
             v._value = new_params[i]
-            if v.constraint is not None and not isinstance(grads[i], IndexedSlices):
+            if constrain and v.constraint is not None and not isinstance(grads[i], IndexedSlices):
                 v._value = jnp.asarray(v.constraint(v)).astype(v.dtype)
             for name, values in per_var.items():
                 self._slots[v._uid][name]._value = values[i]
@@ -1730,6 +1870,11 @@ def _slot_shape(shape: Any, slot_name: str) -> tuple[int, ...]:
     return tuple(int(d) for d in dims)
 
 
+def _is_array_value(initializer: Any) -> bool:
+    """An initial value given as an array or variable (not a number, name or callable)."""
+    return hasattr(initializer, "shape") and not isinstance(initializer, (str, np.generic))
+
+
 def _initial_value(initializer: Any, shape: tuple[int, ...], dtype: Any) -> jax.Array:
     if isinstance(initializer, str):
         # Keras's identifiers, in either spelling ("zeros", "Zeros").
@@ -1812,8 +1957,9 @@ _SMALL_CONTAINER = 256  # containers up to this length are checked for in-place 
 
 
 def _plain_key(value: Any) -> Any:
-    """A hashable stand-in for a plain value (None, a number, flag or string, or a list, tuple,
-    set or dict of plain values, nested), equal for equal values and telling types apart;
+    """A hashable stand-in for a plain value (None, a number, flag or string, a variable or its
+    ``ref()`` by identity, or a list, tuple, set or dict of plain values, nested), equal for
+    equal values and telling types apart;
     ``_NOT_PLAIN`` for anything else (an array, a function, an object)."""
     if isinstance(value, np.generic) and value.ndim == 0:
         value = value.item()
@@ -1821,6 +1967,10 @@ def _plain_key(value: Any) -> Any:
         return ("float", "nan")  # NaN equals itself here: the same program, not a new one
     if value is None or isinstance(value, (bool, int, float, str)):
         return (type(value).__name__, value)
+    if isinstance(value, Variable):  # by identity: which variables (a decay_var_list)
+        return ("variable", value._uid)
+    if isinstance(value, VariableReference):
+        return ("variable", value.deref()._uid)
     if isinstance(value, (list, tuple, set, frozenset)):
         items = [_plain_key(v) for v in value]
         if any(item is _NOT_PLAIN for item in items):
