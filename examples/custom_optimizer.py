@@ -14,8 +14,8 @@ after a mechanical port:
     tf.cast(x, dtype)                         jnp.asarray(x).astype(dtype)
     var.dtype.base_dtype                      var.dtype
     tf.GradientTape + apply_gradients         opt.compute_gradients + opt.apply_gradients
-    self._resource_scatter_update(x, i, v)    x.assign(x.value.at[i].set(v))
-    self._resource_scatter_add(x, i, v)       x.assign(x.value.at[i].add(v))
+    self._resource_scatter_update(x, i, v)    unchanged
+    tf.group(...), tf.control_dependencies    not needed: assignments apply in program order
     @tf.function on the apply methods         not needed: kopt compiles the whole step
 
 The optimizer below is AdaBelief (Zhuang et al., 2020, "AdaBelief Optimizer: Adapting Stepsizes

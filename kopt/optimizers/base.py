@@ -95,6 +95,10 @@ def all_reduce_sum_gradients(grads_and_vars: list[tuple[Any, Any]]) -> list[tupl
     ]
 
 
+# Counts assignments of optimizers to optimizers' attributes (and of anything over one), so
+# that the optimizers nested in one are looked for again only after such a change.
+_nesting_epoch = [0]
+
 # tf.keras hooks a subclass of a built-in may override (then its step runs them).
 _HOOKS = (
     "_create_slots",
@@ -302,6 +306,10 @@ class Optimizer:
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "lr":
             name = "learning_rate"
+        if name != "_guard" and (
+            isinstance(value, Optimizer) or isinstance(self.__dict__.get(name), Optimizer)
+        ):
+            _nesting_epoch[0] += 1  # an optimizer held by another: see _nested_optimizers
         hyper = self.__dict__.get("_hyper")
         if hyper is not None and name in hyper:
             self._set_hyper(name, value)
@@ -1265,6 +1273,9 @@ class Optimizer:
         """The optimizers this one holds in its attributes (a Lookahead's inner optimizer, as
         tf-addons writes it), nested ones too. A hook may call theirs, so their slots,
         hyperparameters and step count are inputs of this one's step."""
+        memo = self.__dict__.get("_nested_memo")
+        if memo is not None and memo[0] == _nesting_epoch[0]:
+            return memo[1]
         out: list[Optimizer] = []
         seen = {id(self)}
         todo = [self]
@@ -1274,6 +1285,7 @@ class Optimizer:
                     seen.add(id(value))
                     out.append(value)
                     todo.append(value)
+        self.__dict__["_nested_memo"] = (_nesting_epoch[0], out)
         return out
 
     def _step_arguments(self) -> tuple[list[Variable], dict[str, jax.Array]]:
@@ -1719,6 +1731,7 @@ class Optimizer:
         "_validated",
         "_key_memo",
         "_copy_memo",
+        "_nested_memo",
     )
 
     # Maps uid -> Variable of the variables this optimizer keys state by (their slots; a
