@@ -46,10 +46,15 @@ def _orbax():
 
 
 def _target(tree: PyTree) -> PyTree:
-    """Shape, dtype and sharding of each leaf: where orbax puts the restored arrays."""
+    """Shape, dtype and sharding of each leaf: where orbax puts the restored arrays. A
+    ``jax.eval_shape`` leaf over a mesh with explicit axes has a sharding on an abstract mesh,
+    which names no devices: like a leaf without a sharding, it comes back with the sharding it
+    was saved with."""
 
     def one(leaf):
         sharding = getattr(leaf, "sharding", None)
+        if isinstance(getattr(sharding, "mesh", None), jax.sharding.AbstractMesh):
+            sharding = None
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
 
     return jax.tree.map(one, tree)
@@ -125,7 +130,8 @@ def restore_state(path: str | Path, like_state: OptState) -> OptState:
     Args:
         path: the checkpoint directory.
         like_state: a tree with the saved structure (e.g. ``tx.init(params)``, or its
-            ``jax.eval_shape``); each restored leaf gets its dtype and sharding.
+            ``jax.eval_shape``); each restored leaf gets its dtype and sharding (a
+            ``jax.eval_shape`` leaf names no devices: it gets the sharding it was saved with).
 
     Returns:
         The restored tree, structured like ``like_state``.

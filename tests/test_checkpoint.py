@@ -24,6 +24,8 @@ from checkpoint_worker import (
     initial_params,
 )
 from facade_zoo import NormTracker
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import kopt
 from kopt import optimizers
@@ -229,3 +231,20 @@ def test_gradient_transformers_are_named_when_missing(tmp_path):
     restored = restore_optimizer(tmp_path / "ckpt", [var], gradient_transformers=[double])
     restored.apply_gradients([(jnp.ones(1), var)])
     np.testing.assert_allclose(var.numpy(), [-0.4], rtol=1e-6)
+
+
+def test_restore_state_into_an_eval_shape_over_an_explicit_mesh(tmp_path):
+    """``jax.eval_shape`` of an init over a mesh with explicit axes gives shardings on an
+    abstract mesh, which orbax cannot place (it failed with ``_device_assignment is not
+    implemented``): those leaves come back with the shardings they were saved with."""
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Explicit,))
+    w = np.arange(32.0, dtype=np.float32).reshape(8, 4)
+    params = {"w": jax.device_put(w, NamedSharding(mesh, P("data", None)))}
+    tx = kopt.adam(0.1)
+    _, state = tx.update({"w": jnp.ones((8, 4))}, tx.init(params), params)
+    save_state(tmp_path / "s", state)
+    like = jax.eval_shape(tx.init, params)
+    restored = restore_state(tmp_path / "s", like)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert a.sharding.is_equivalent_to(b.sharding, a.ndim), (a.sharding, b.sharding)
