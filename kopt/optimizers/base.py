@@ -1018,8 +1018,9 @@ class Optimizer:
 
         Raises:
             TypeError: for a malformed pair, a non-variable or a gradient of the wrong kind.
-            ValueError: if every gradient is None, a variable repeats, or a shape or dtype is
-                wrong. A rejected call changes nothing.
+            ValueError: if every gradient is None, a variable repeats, a shape or dtype is
+                wrong, or a ``PerReplica`` holds only this process's replicas of a variable
+                spanning several processes. A rejected call changes nothing.
         """
         if "_copy_memo" in self.__dict__:
             with self._lock:
@@ -2086,7 +2087,9 @@ def _per_replica_beside(g: PerReplica, v: Variable) -> PerReplica:
     ``v``'s mesh with the replica axis unsplit, or onto ``v``'s one device. ``pmap`` returns
     its values on a mesh of its own; the step would otherwise run there, moving a single-device
     ``v`` onto that mesh (and compiling again for it), or fail for a ``v`` on another mesh.
-    Values on ``v``'s mesh already, however split, are left for the step to reduce there."""
+    Values on ``v``'s mesh already, however split, are left for the step to reduce there.
+    Values on this process's devices only, for a ``v`` that spans other processes' devices
+    too, are refused: they hold only this process's replicas."""
     values, value = g.values, v._current
     if (
         not isinstance(values, jax.Array)
@@ -2104,6 +2107,16 @@ def _per_replica_beside(g: PerReplica, v: Variable) -> PerReplica:
         target = jax.sharding.NamedSharding(spread.mesh, spec, memory_kind=spread.memory_kind)
     elif values.sharding.device_set == target.device_set:
         return g
+    if values.is_fully_addressable and not target.is_fully_addressable:
+        # pmap's values in one process of several: only this process's replicas. Summed as
+        # they are, each process would apply another gradient (and JAX cannot move them).
+        raise ValueError(
+            f"apply_gradients: the PerReplica gradient of {v.name} holds only this process's "
+            f"replicas (its values are on devices {sorted(d.id for d in values.devices())}), "
+            f"but {v.name} spans the devices of other processes too. Make the values one "
+            "array of every process's replicas, e.g. jax.make_array_from_process_local_data("
+            "NamedSharding(mesh, P(axis)), values) over the variable's mesh"
+        )
     return PerReplica(jax.device_put(values, target))
 
 
