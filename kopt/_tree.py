@@ -191,19 +191,44 @@ def on_params_devices(tree: PyTree, params: PyTree) -> PyTree:
     would be uncommitted (or on one device of a mesh) beside committed slots, and the first
     jitted step, which returns them committed with the params, would compile a second time.
     Under ``jax.jit(init)``, or for uncommitted params, ``tree`` is unchanged."""
+    target = _params_placement(params)
+    return tree if target is None else jax.device_put(tree, target)
+
+
+def uncommitted_on_params_devices(tree: PyTree, params: PyTree) -> PyTree:
+    """``tree`` (the state of a piece kopt did not make: an optax step count is uncommitted
+    beside the committed slots ``zeros_like`` gives) with its uncommitted array leaves placed
+    as :func:`on_params_devices` places a count; committed leaves and other values are left
+    as they are. Without it a kopt combinator's eager ``init`` beside committed params gave a
+    state the first jitted step changed, and the second step compiled again."""
+    target = _params_placement(params)
+    if target is None:
+        return tree
+
+    def place(leaf):
+        if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
+            if not leaf.committed:
+                return jax.device_put(leaf, target)
+        return leaf
+
+    return jax.tree.map(place, tree)
+
+
+def _params_placement(params: PyTree) -> Any:
+    """Where a state's scalars go beside ``params``: replicated over the mesh of the first
+    committed param, or on its one device; None under a trace, for uncommitted params, or
+    for another kind of sharding."""
     for leaf in jax.tree.leaves(params):
         if isinstance(leaf, jax.core.Tracer):
-            return tree
+            return None
         if not (isinstance(leaf, jax.Array) and leaf.committed):
             continue
         sharding = leaf.sharding
         if isinstance(sharding, jax.sharding.NamedSharding):
-            return jax.device_put(
-                tree, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-            )
+            return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
         if isinstance(sharding, jax.sharding.SingleDeviceSharding):
-            return jax.device_put(tree, sharding)
-    return tree
+            return sharding
+    return None
 
 
 def reduced_like_param(p: Any, axis: int | None, dtype: Any | None = None) -> jax.Array:

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kopt._tree import uncommitted_on_params_devices
+
 PyTree = Any
 Params = PyTree
 Updates = PyTree
@@ -118,7 +120,8 @@ def chain(*transformations: Any) -> GradientTransformation:
     updates_fns = tuple(extra_args_update(t) for t in transformations)
 
     def init_fn(params):
-        return tuple(fn(params) for fn in inits)
+        # An optax piece's counts start uncommitted beside committed slots: placed as kopt's.
+        return uncommitted_on_params_devices(tuple(fn(params) for fn in inits), params)
 
     def update_fn(updates, state, params=None, **extra_args):
         if len(state) != len(updates_fns):

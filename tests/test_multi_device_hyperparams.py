@@ -8,6 +8,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -119,8 +120,19 @@ def test_an_eager_adafactor_init_on_a_mesh_gives_a_state_the_step_compiles_once_
         lambda: kopt.apply_if_finite(kopt.accumulate_gradients(kopt.adam(), 2)),
         lambda: kopt.chain(kopt.sgd(0.1), kopt.ema(0.9)),
         lambda: kopt.flatten(kopt.sgd(0.1, momentum=0.9)),
+        # optax pieces: their step counts start uncommitted beside committed slots
+        lambda: kopt.chain(optax.clip_by_global_norm(1.0), optax.adam(0.1)),
+        lambda: kopt.apply_if_finite(kopt.masked(optax.adam(0.1), {"w": True, "b": False})),
     ],
-    ids=["adam", "clip+adamw", "apply_if_finite(accumulate)", "ema", "flatten"],
+    ids=[
+        "adam",
+        "clip+adamw",
+        "apply_if_finite(accumulate)",
+        "ema",
+        "flatten",
+        "chain(optax)",
+        "apply_if_finite(masked(optax))",
+    ],
 )
 def test_an_eager_init_beside_params_on_one_device_gives_a_state_the_step_compiles_once_for(
     make, device, backend_compiles
@@ -146,6 +158,32 @@ def test_an_eager_init_beside_params_on_one_device_gives_a_state_the_step_compil
         updates, state = tx.update(grads, state, params)
         return kopt.apply_updates(params, updates), state
 
+    params, state = step(params, state)
+    first = len(backend_compiles)
+    for _ in range(2):
+        params, state = step(params, state)
+    assert len(backend_compiles) == first
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: kopt.chain(optax.clip_by_global_norm(1.0), optax.adam(0.1)),
+        lambda: kopt.accumulate_gradients(kopt.flatten(optax.adam(0.1)), 2),
+        lambda: kopt.decoupled_weight_decay(optax.adam(0.1), 0.1, 0.01),
+    ],
+    ids=["chain", "accumulate(flatten)", "weight_decay"],
+)
+def test_an_eager_init_of_optax_pieces_in_kopt_combinators_on_a_mesh_compiles_once(
+    make, backend_compiles
+):
+    """An optax piece's step count stayed uncommitted beside slots on the mesh; the first step
+    returned it there, so the second compiled again (without tracing again)."""
+    mesh = jax.make_mesh((4,), ("data",))
+    tx = make()
+    params = {"w": jax.device_put(np.ones((8, 2), np.float32), NamedSharding(mesh, P("data")))}
+    step, _ = counted_step(tx, params)
+    state = tx.init(params)
     params, state = step(params, state)
     first = len(backend_compiles)
     for _ in range(2):

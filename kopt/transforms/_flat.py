@@ -10,7 +10,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kopt._tree import check_floating_params, check_leaf, check_same_structure
+from kopt._tree import (
+    check_floating_params,
+    check_leaf,
+    check_same_structure,
+    uncommitted_on_params_devices,
+)
 from kopt.base import GradientTransformation, OptimizerState, PyTree, extra_args_update
 from kopt.sparse import IndexedSlices, is_indexed_slices
 
@@ -233,7 +238,9 @@ def flatten(
     def init_fn(params):
         check_floating_params(params, owner)
         layout = make_layout(params, max_leaf_size)
-        return FlattenedState(transformation.init(layout.pack(params, owner, "param")), layout)
+        packed = layout.pack(params, owner, "param")
+        inner_state = uncommitted_on_params_devices(transformation.init(packed), packed)
+        return FlattenedState(inner_state, layout)
 
     inner_update = extra_args_update(transformation)
 

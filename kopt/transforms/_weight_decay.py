@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kopt._tree import on_params_devices
+from kopt._tree import on_params_devices, uncommitted_on_params_devices
 from kopt.base import (
     GradientTransformation,
     OptimizerState,
@@ -74,7 +74,8 @@ def decoupled_weight_decay(
 
     def init_fn(params):
         count, hp = on_params_devices((jnp.zeros([], jnp.int32), init_hyperparams(hyper)), params)
-        return DecoupledWeightDecayState(OptimizerState(count, hp, {}), inner.init(params))
+        inner_state = uncommitted_on_params_devices(inner.init(params), params)
+        return DecoupledWeightDecayState(OptimizerState(count, hp, {}), inner_state)
 
     inner_update = extra_args_update(inner)
 

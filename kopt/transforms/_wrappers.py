@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kopt._tree import on_params_devices, slot_like
+from kopt._tree import on_params_devices, slot_like, uncommitted_on_params_devices
 from kopt.base import (
     GradientTransformation,
     OptimizerState,
@@ -84,7 +84,8 @@ def masked(
     inner_update = extra_args_update(inner)
 
     def init_fn(params):
-        return MaskedState(inner.init(_select(params, _resolve(mask, params))))
+        inner_state = inner.init(_select(params, _resolve(mask, params)))
+        return MaskedState(uncommitted_on_params_devices(inner_state, params))
 
     def update_fn(updates, state, params=None, **extra_args):
         m = _resolve(mask, params if params is not None else updates)
@@ -211,7 +212,8 @@ def accumulate_gradients(
     def init_fn(params):
         zeros = slot_like(params, 0.0, None)
         mini_step = on_params_devices(jnp.zeros([], jnp.int32), params)
-        return AccumulateState(mini_step, zeros, transformation.init(params))
+        inner_state = uncommitted_on_params_devices(transformation.init(params), params)
+        return AccumulateState(mini_step, zeros, inner_state)
 
     def update_fn(updates, state, params=None, **extra_args):
         # A None gradient leaf (no gradient this call) keeps its accumulator, so the state's
@@ -361,7 +363,8 @@ def apply_if_finite(
         counters = on_params_devices(
             (jnp.zeros([], jnp.int32), jnp.array(True), jnp.zeros([], jnp.int32)), params
         )
-        return ApplyIfFiniteState(*counters, transformation.init(params))
+        inner_state = uncommitted_on_params_devices(transformation.init(params), params)
+        return ApplyIfFiniteState(*counters, inner_state)
 
     def update_fn(updates, state, params=None, **extra_args):
         def apply_inner(operand):
