@@ -136,6 +136,27 @@ def test_facade_per_replica_gradients_from_pmap_leave_the_variable_where_it_is(p
     assert opt.compile_count == 1
 
 
+def test_facade_per_replica_gradients_from_pmap_for_a_plain_variable_compile_once(
+    backend_compiles,
+):
+    """The values were moved onto the uncommitted variable's device, committed: the first step
+    returned the variable, its slots and ``iterations`` committed there, and the second
+    compiled again (without tracing again)."""
+    per_replica = np.arange(8, dtype=np.float32).reshape(4, 2)
+    from_pmap = jax.pmap(lambda g: g)(per_replica)
+    var = kopt.Variable(np.zeros(2, np.float32))
+    device = var.value.devices()
+    opt = SGD(learning_rate=0.5, momentum=0.5)
+    opt.apply_gradients([(PerReplica(from_pmap), var)])
+    first = len(backend_compiles)
+    for _ in range(2):
+        opt.apply_gradients([(PerReplica(from_pmap), var)])
+    assert len(backend_compiles) == first
+    # momentum 0.5 against a constant gradient g: the velocity is -0.5 g, -0.75 g, -0.875 g
+    np.testing.assert_allclose(var.numpy(), -2.125 * per_replica.sum(axis=0))
+    assert var.value.devices() == device
+
+
 def test_custom_gradient_aggregator_averages_and_is_skipped_when_told():
     calls = []
 

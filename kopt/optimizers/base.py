@@ -1124,6 +1124,8 @@ class Optimizer:
         else:
             target = _committed_device([v._storage for v in var_list] + list(grads))
             if target is None:
+                target = _per_replica_device(grads, var_list)
+            if target is None:
                 return
 
             def in_place(value):
@@ -2294,6 +2296,27 @@ def _committed_device(values: list[Any]) -> Any:
             isinstance(value, jax.Array)
             and not isinstance(value, jax.core.Tracer)
             and value.committed
+            and type(value.sharding) is _SINGLE_DEVICE
+        ):
+            return value.sharding
+    return None
+
+
+def _per_replica_device(grads: Any, var_list: list[Variable]) -> Any:
+    """The device of the variable of the first committed :class:`PerReplica` gradient (None
+    if there is none). :func:`_per_replica_beside` moves ``pmap``'s values there, committed:
+    the first step would return an uncommitted variable and state committed beside them, and
+    the second would compile again."""
+    for g, v in zip(grads, var_list, strict=False):
+        if type(g) is not PerReplica:
+            continue
+        values, value = g.values, v._storage
+        if (
+            isinstance(values, jax.Array)
+            and not isinstance(values, jax.core.Tracer)
+            and values.committed
+            and isinstance(value, jax.Array)
+            and not isinstance(value, jax.core.Tracer)
             and type(value.sharding) is _SINGLE_DEVICE
         ):
             return value.sharding
