@@ -384,3 +384,38 @@ def test_minimize_with_a_plain_variable_beside_one_on_a_device_compiles_once(bac
     # Adam moves by the learning rate against a constant gradient's sign at every step.
     np.testing.assert_allclose(w.numpy(), np.full((2, 8), -0.3), rtol=1e-5)
     np.testing.assert_allclose(b.numpy(), np.full(8, -0.3), rtol=1e-5)
+
+
+@pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (simulated) devices")
+@pytest.mark.parametrize("flow", ["minimize", "get_scaled_loss"])
+def test_loss_scale_beside_variables_on_a_device_compiles_nothing_after_the_first_call(
+    flow, backend_compiles
+):
+    """The scale was read by the scaled loss and the unscaling while uncommitted, then the
+    first step moved it onto the variables' device: the second call compiled those eager
+    operations again (four small one-off compiles). Each flow has a device of its own: a scalar
+    product compiled by an earlier call in the process would hide the compile counted here."""
+    device = jax.devices()[2 if flow == "minimize" else 3]
+    w = kopt.Variable(jax.device_put(jnp.zeros((2, 8)), device))
+    b = kopt.Variable(jax.device_put(jnp.zeros(8), device))
+    x = jax.device_put(jnp.ones((3, 2)), device)
+    opt = optimizers.LossScaleOptimizer(optimizers.Adam(learning_rate=0.1))
+
+    def call():
+        loss = lambda: jnp.sum(x @ w + b)  # noqa: E731
+        if flow == "minimize":
+            opt.minimize(loss, [w, b])
+        else:  # the loop of the docs, which computes its own gradients
+            scaled = opt.inner_optimizer.compute_gradients(opt.get_scaled_loss(loss), [w, b])
+            grads = opt.get_unscaled_gradients([g for g, _ in scaled])
+            opt.apply_gradients(zip(grads, [w, b], strict=True))
+
+    call()
+    first = len(backend_compiles)
+    for _ in range(2):
+        call()
+    assert len(backend_compiles) == first
+    # Adam moves by the learning rate against a constant gradient's sign at every step.
+    np.testing.assert_allclose(w.numpy(), np.full((2, 8), -0.3), rtol=1e-5)
+    np.testing.assert_allclose(b.numpy(), np.full(8, -0.3), rtol=1e-5)
+    assert opt.loss_scale.value.devices() == {device}

@@ -1107,12 +1107,15 @@ class Optimizer:
             self._opaque[:] = opaque
             raise
 
-    def _place_state(self, var_list: list[Variable], grads: list[Any] = ()) -> None:
+    def _place_state(
+        self, var_list: list[Variable], grads: list[Any] = (), extra: tuple[Variable, ...] = ()
+    ) -> None:
         """Puts ``iterations`` and the uncommitted variables and optimizer state (slots, scalar
         slots, a wrapped transformation's state, ``add_weight`` weights, a LossScaleOptimizer's
         scale) where the step would return them: replicated over the mesh some variables span,
         else on the one device a variable (failing that, a gradient) is committed to. Otherwise
-        the first step changes their placement, and the second step compiles again."""
+        the first step changes their placement, and the second step compiles again.
+        ``extra``: other variables to place as the state (a loss scale the loss reads)."""
         mesh = next((s.mesh for s in map(_spread_sharding, var_list) if s is not None), None)
         if mesh is not None:
             target = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -1132,6 +1135,8 @@ class Optimizer:
                 return value.committed and value.sharding == target
 
         state = self._state_variables(var_list)
+        if extra:
+            state += [v for v in extra if all(v is not s for s in state)]
         for g in dict.fromkeys(s._group for s in state if isinstance(s, PackedSlot)):
             if not in_place(g.buffer):
                 g.buffer = variables_module._full_spec(jax.device_put(g.buffer, target))
@@ -1635,12 +1640,14 @@ class Optimizer:
 
         # Some variable ever spanned devices, or was committed to one: a plain variable beside
         # them goes there before its gradient is taken, not by the step after: its gradient's
-        # placement is then the same every step.
+        # placement is then the same every step. A LossScaleOptimizer's scaled loss names the
+        # scale it reads (``_reads_state``), placed too: the eager product and the unscaling
+        # then see one placement every call.
         if variables_module.placement_epoch[0] or variables_module.committed_seen[0]:
             # Under the lock and as a reader: a step in another thread neither rewrites the
             # slots nor donates a buffer while they are moved.
             with self._lock, reading():
-                self._place_state(var_list)
+                self._place_state(var_list, extra=tuple(getattr(loss, "_reads_state", ())))
         with reading():  # the forward and backward passes hold the variables' buffers
             # Read inside: a step in another thread donates a buffer only while no one reads.
             out, vjp = jax.vjp(loss_of, [v._current for v in var_list])

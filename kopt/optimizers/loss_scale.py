@@ -131,7 +131,15 @@ class LossScaleOptimizer(Optimizer):
     def get_scaled_loss(self, loss: Any) -> Any:
         """``loss * loss_scale``, in the loss's dtype (a callable loss gives a callable)."""
         if callable(loss):
-            return lambda: _times(loss(), self._loss_scale.value)
+
+            def scaled_loss():
+                return _times(loss(), self._loss_scale.value)
+
+            # compute_gradients places the scale beside the variables before the loss runs, as
+            # the step will: read uncommitted on the first call and moved by its step, the
+            # product and the unscaling compiled again on the second call.
+            scaled_loss._reads_state = self._guard_variables()
+            return scaled_loss
         return _times(loss, self._loss_scale.value)
 
     def get_unscaled_gradients(self, grads: list[Any]) -> list[Any]:
