@@ -21,6 +21,7 @@ Orbax must be installed (``pip install orbax-checkpoint``; it is in kopt's ``tes
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -281,7 +282,11 @@ def save_optimizer(
         "variables": [var.value for var in named.values()],
     }
     _save_tree(path / STATE_DIR, tree, overwrite)
-    (path / CONFIG_FILE).write_text(json.dumps({**config, "layout": layout}, indent=1))
+    # Every process writes the same file: each writes its own copy and renames it into place,
+    # so a process that restores at once never reads another's half-written file.
+    partial = path / f".{CONFIG_FILE}.{jax.process_index()}.{os.getpid()}"
+    partial.write_text(json.dumps({**config, "layout": layout}, indent=1))
+    os.replace(partial, path / CONFIG_FILE)
 
 
 def _custom_hooks(optimizer: Any) -> list[str]:

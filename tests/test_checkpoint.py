@@ -102,6 +102,8 @@ def test_save_optimizer_writes_keyed_config_and_checks_on_restore(tmp_path):
     assert config["optimizer"]["class_name"] == "Adam"
     assert config["variables"] == ["a:0", "b:0"]
     assert config["layout"]["slots"] == {"a:0": ["m", "v"], "b:0": ["m", "v"]}
+    # written whole under another name, then renamed (every process writes it)
+    assert not [p.name for p in (tmp_path / "c").iterdir() if p.name.startswith(".")]
 
     other = kopt.Variable(jnp.ones(3), name="other")
     with pytest.raises(ValueError, match="variables"):
