@@ -325,7 +325,9 @@ def restore_optimizer(
         path: the checkpoint directory.
         variables: the variables to train, named as when saved (their order does not matter).
         restore_variables: whether to assign the saved values to ``variables``.
-        custom_objects: your own optimizer classes, by name.
+        custom_objects: your own optimizer classes, by name; for an optimizer made by
+            :func:`kopt.optimizers.from_transformation`, its transformation again, as
+            ``{"transformation": tx}``.
         gradient_aggregator: the saved optimizer's ``gradient_aggregator``, if it had one of its
             own: a checkpoint stores no functions.
         gradient_transformers: likewise, its ``gradient_transformers``.

@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from checkpoint_worker import (
     FACADE,
@@ -250,3 +251,24 @@ def test_restore_state_into_an_eval_shape_over_an_explicit_mesh(tmp_path):
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         assert a.sharding.is_equivalent_to(b.sharding, a.ndim), (a.sharding, b.sharding)
+
+
+def test_a_from_transformation_optimizer_restores_with_its_transformation(tmp_path):
+    """A config holds no functions: the transformation is passed back through
+    ``custom_objects``; without it the restore names the way out and builds nothing."""
+    tx = kopt.chain(kopt.clip_by_global_norm(1.0), optax.adam(0.1))
+    opt = optimizers.from_transformation(tx, name="mine")
+    var = kopt.Variable(jnp.ones(3), name="w")
+    grad = jnp.array([1.0, 2.0, 3.0])
+    for _ in range(3):
+        opt.apply_gradients([(grad, var)])
+    save_optimizer(tmp_path / "c", opt, [var])
+    other = kopt.Variable(jnp.zeros(3), name="w")
+    with pytest.raises(TypeError, match=r"custom_objects=\{'transformation': tx\}"):
+        restore_optimizer(tmp_path / "c", [other])
+    np.testing.assert_array_equal(other.numpy(), np.zeros(3))
+    restored = restore_optimizer(tmp_path / "c", [other], custom_objects={"transformation": tx})
+    assert restored._name == "mine" and int(restored.iterations.numpy()) == 3
+    opt.apply_gradients([(grad, var)])
+    restored.apply_gradients([(grad, other)])
+    np.testing.assert_array_equal(other.numpy(), var.numpy())

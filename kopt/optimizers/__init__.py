@@ -96,6 +96,8 @@ def deserialize(config: dict[str, Any], custom_objects: dict[str, Any] | None = 
     name = config["class_name"]
     custom = custom_objects or {}
     cls = custom.get(name) or _CLASSES.get(str(name).lower())
+    if cls is None and name == "TransformationOptimizer":
+        cls = TransformationOptimizer  # its from_config takes the transformation back
     if cls is None:
         raise ValueError(
             f"Unknown optimizer: {name!r}. Known optimizers are {sorted(_CLASSES)}; pass your "

@@ -1204,6 +1204,23 @@ class TransformationOptimizer(Optimizer):
     def get_config(self):
         return super().get_config()
 
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        """Rebuilds the optimizer around the transformation given as
+        ``custom_objects={"transformation": tx}``: a config holds no functions.
+
+        Raises:
+            TypeError: if ``custom_objects`` has no ``"transformation"``.
+        """
+        transformation = (custom_objects or {}).get("transformation")
+        if transformation is None:
+            raise TypeError(
+                "TransformationOptimizer.from_config: a config cannot hold the wrapped "
+                "transformation (it is made of functions); pass the same one again as "
+                "custom_objects={'transformation': tx}"
+            )
+        return cls(transformation, **config)
+
 
 # Hyperparameter names of kopt's optimizers and Keras's: on a from_transformation optimizer
 # that does not hold one, setting it would have no effect, so it is refused.
