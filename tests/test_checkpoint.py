@@ -258,6 +258,7 @@ def test_a_from_transformation_optimizer_restores_with_its_transformation(tmp_pa
     ``custom_objects``; without it the restore names the way out and builds nothing."""
     tx = kopt.chain(kopt.clip_by_global_norm(1.0), optax.adam(0.1))
     opt = optimizers.from_transformation(tx, name="mine")
+    opt.clipnorm = 2.0  # in the config, and restored
     var = kopt.Variable(jnp.ones(3), name="w")
     grad = jnp.array([1.0, 2.0, 3.0])
     for _ in range(3):
@@ -268,7 +269,8 @@ def test_a_from_transformation_optimizer_restores_with_its_transformation(tmp_pa
         restore_optimizer(tmp_path / "c", [other])
     np.testing.assert_array_equal(other.numpy(), np.zeros(3))
     restored = restore_optimizer(tmp_path / "c", [other], custom_objects={"transformation": tx})
-    assert restored._name == "mine" and int(restored.iterations.numpy()) == 3
+    assert restored.get_config() == {"name": "mine", "clipnorm": 2.0}
+    assert int(restored.iterations.numpy()) == 3
     opt.apply_gradients([(grad, var)])
     restored.apply_gradients([(grad, other)])
     np.testing.assert_array_equal(other.numpy(), var.numpy())

@@ -1149,7 +1149,7 @@ class Adafactor(_Keras3):
 class TransformationOptimizer(Optimizer):
     """Any kopt or optax transformation behind the facade (see :func:`from_transformation`)."""
 
-    def __init__(self, transformation: Any, name: str | None = None):
+    def __init__(self, transformation: Any, name: str | None = None, **kwargs: Any):
         if not (
             callable(getattr(transformation, "init", None))
             and callable(getattr(transformation, "update", None))
@@ -1158,7 +1158,7 @@ class TransformationOptimizer(Optimizer):
                 "from_transformation: expected a transformation with init and update, received "
                 f"{type(transformation).__name__}"
             )
-        super().__init__(name or "Transformation")
+        super().__init__(name or "Transformation", **kwargs)  # the clip arguments
         self._wrapped = transformation
         settable, self._fixed_hyperparams = _wrapped_hyperparams(transformation)
         self._held_hyperparams = frozenset(
