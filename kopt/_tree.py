@@ -37,6 +37,21 @@ def check_floating_params(params: PyTree, owner: str, *, allow_complex: bool = T
             )
 
 
+def tree_or_function(value: Any, params: PyTree) -> PyTree:
+    """A mask or label tree given as a tree or as a function ``params -> tree``, resolved.
+
+    A callable counts as the function only when it is not a pytree of data: an equinox module
+    is callable (its ``__call__``) but a mask made from one (``jax.tree.map(f, model)``) holds
+    bools, not functions, and is the tree itself. As optax's ``masked`` decides it: the value
+    is a function when it has leaves and each of them is callable.
+    """
+    if callable(value):
+        leaves = jax.tree.leaves(jax.tree.map(callable, value))
+        if leaves and all(leaves):
+            return value(params)
+    return value
+
+
 def abs_sq(x: jax.Array) -> jax.Array:
     """``|x|**2``, real: ``x * x`` for a real dtype, ``re(x)**2 + im(x)**2`` for a complex one
     (in the matching real dtype). Every second moment and squared norm is taken with it."""

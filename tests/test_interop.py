@@ -300,6 +300,86 @@ def test_wrappers_accept_equinox_trees(wrap):
     assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(updates))
 
 
+def _equinox_params_and_grads():
+    model = eqx.nn.MLP(2, 1, 3, 1, key=jax.random.key(0))
+    params = eqx.filter(model, eqx.is_inexact_array)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+    return params, grads
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda lib, mask: lib.masked(lib.sgd(0.1), mask),
+        lambda lib, mask: (
+            kopt.adamw(0.1, weight_decay=0.5, epsilon=1e-30, mask=mask)
+            if lib is kopt
+            else optax.adamw(0.1, eps=1e-30, weight_decay=0.5, mask=mask)
+        ),
+        lambda lib, mask: (
+            kopt.decoupled_weight_decay(kopt.sgd(0.1), 0.5, 0.1, mask=mask)
+            if lib is kopt
+            else optax.chain(optax.masked(optax.add_decayed_weights(0.5), mask), optax.sgd(0.1))
+        ),
+    ],
+    ids=["masked", "adamw", "decoupled_weight_decay"],
+)
+def test_a_mask_made_from_an_equinox_module_is_a_tree_not_a_function(make):
+    """``jax.tree.map(f, model)`` of an equinox module is a module again, and callable (its
+    ``__call__``), but it holds bools: it was called as ``mask(params)``, which failed inside
+    the model. optax takes it as the tree it is."""
+    params, grads = _equinox_params_and_grads()
+    mask = jax.tree.map(lambda p: p.ndim > 1, params)
+    assert callable(mask)
+    out = []
+    for lib in (kopt, optax):
+        tx = make(lib, mask)
+        updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+        out.append(updates)
+    chex.assert_trees_all_close(out[0], out[1], rtol=1e-5, atol=1e-6)
+
+
+def test_multi_transform_labels_made_from_an_equinox_module():
+    params, grads = _equinox_params_and_grads()
+    labels = jax.tree.map(lambda p: "kernel" if p.ndim > 1 else "bias", params)
+    tx = kopt.multi_transform({"kernel": kopt.sgd(0.1), "bias": kopt.sgd(0.3)}, labels)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    expected = jax.tree.map(lambda p: jnp.full_like(p, -0.05 if p.ndim > 1 else -0.15), params)
+    chex.assert_trees_all_close(updates, expected)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda lib, mask, labels: lib.masked(lib.adam(0.1), mask),
+        lambda lib, mask, labels: lib.masked(lib.adam(0.1), lambda params: mask),
+        lambda lib, mask, labels: lib.multi_transform(
+            {"x": lib.adam(0.1), "y": lib.sgd(0.1, 0.9)}, labels
+        ),
+        lambda lib, mask, labels: lib.adamw(0.1, mask=mask),
+    ],
+    ids=["masked", "masked-callable", "multi_transform", "adamw-mask"],
+)
+def test_tree_map_params_maps_the_param_trees_of_a_masked_state(make):
+    """``optax.tree_utils.tree_map_params`` calls ``init`` with a placeholder for the params
+    (a tree with no leaves); a mask shaped like the real params did not fit it, so every
+    masked kopt state failed, where optax's map."""
+    params = {"a": jnp.arange(3.0), "b": {"c": jnp.ones((2, 2))}}
+    mask = {"a": True, "b": {"c": False}}
+    labels = {"a": "x", "b": {"c": "y"}}
+    mapped = []
+    for lib in (kopt, optax):
+        tx = make(lib, mask, labels)
+        state = tx.init(params)
+        mapped.append(optax.tree_utils.tree_map_params(tx, lambda p: p + 7.0, state))
+        # Only the param-shaped trees moved: the counts and hyperparameters did not.
+        scalars = [x for x in jax.tree.leaves(mapped[-1]) if jnp.ndim(x) == 0]
+        assert scalars == [x for x in jax.tree.leaves(state) if jnp.ndim(x) == 0]
+    chex.assert_trees_all_close(kopt.get_slot(mapped[0], "m")["a"], jnp.full(3, 7.0))
+    first = [x for x in jax.tree.leaves(mapped[0]) if jnp.ndim(x) > 0]
+    assert first and all(bool(jnp.all(x == 7.0)) for x in first)
+
+
 def test_flatten_passes_single_values_on_but_not_param_shaped_extra_args():
     """The piece inside ``flatten`` sees packed buffers: a ``grad=`` tree or a ``value_fn=`` of
     the params would not fit it, so they are left out (a clear missing-argument error) rather

@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kopt._tree import on_params_devices, uncommitted_on_params_devices
+from kopt._tree import on_params_devices, tree_or_function, uncommitted_on_params_devices
 from kopt.base import (
     GradientTransformation,
     OptimizerState,
@@ -86,7 +86,7 @@ def decoupled_weight_decay(
         rate = hp["weight_decay"] * hp["learning_rate"]
         decayed = jax.tree.map(lambda p: p - p * rate.astype(jnp.result_type(p)), params)
         if mask is not None:
-            keep = mask(params) if callable(mask) else mask
+            keep = tree_or_function(mask, params)
             decayed = jax.tree.map(
                 lambda decays, new, old: new if decays else old,
                 keep,

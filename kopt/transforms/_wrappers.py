@@ -8,7 +8,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kopt._tree import on_params_devices, slot_like, uncommitted_on_params_devices
+from kopt._tree import (
+    on_params_devices,
+    slot_like,
+    tree_or_function,
+    uncommitted_on_params_devices,
+)
 from kopt.base import (
     GradientTransformation,
     OptimizerState,
@@ -54,7 +59,18 @@ class MaskedState(NamedTuple):
 
 
 def _resolve(tree_or_fn, params):
-    return tree_or_fn(params) if callable(tree_or_fn) else tree_or_fn
+    return tree_or_function(tree_or_fn, params)
+
+
+def _leafless(params: PyTree) -> bool:
+    """Whether ``params`` has no leaves, so a mask or labels have nothing to select.
+
+    ``optax.tree_utils.tree_map_params`` calls ``init`` with such a tree, a placeholder that
+    stands for the params, to find where the state holds trees shaped like them; the inner
+    transformation is given it unmasked (as optax's ``masked`` does), since a mask shaped like
+    the real params does not fit it.
+    """
+    return not jax.tree.leaves(params)
 
 
 def _select(tree: PyTree, mask: PyTree) -> PyTree:
@@ -84,6 +100,8 @@ def masked(
     inner_update = extra_args_update(inner)
 
     def init_fn(params):
+        if _leafless(params):
+            return MaskedState(inner.init(params))
         inner_state = inner.init(_select(params, _resolve(mask, params)))
         return MaskedState(uncommitted_on_params_devices(inner_state, params))
 
@@ -147,6 +165,10 @@ def multi_transform(
         return {k: jax.tree.map(lambda x, k=k: x == k, lab) for k in transformations}
 
     def init_fn(params):
+        if _leafless(params):
+            return MultiTransformState(
+                {k: masked(tx, None).init(params) for k, tx in transformations.items()}
+            )
         ms = masks(params)
         return MultiTransformState(
             {k: masked(tx, ms[k]).init(params) for k, tx in transformations.items()}
