@@ -33,7 +33,7 @@ from kopt import base as core
 from kopt import variables as variables_module
 from kopt.optimizers import _state_codec as codec
 from kopt.optimizers._slot_groups import PackedSlot, SlotGroup, group_slots
-from kopt.optimizers.schedules import LearningRateSchedule
+from kopt.optimizers.schedules import LearningRateSchedule, _plain_number
 from kopt.optimizers.schedules import deserialize as deserialize_schedule
 from kopt.optimizers.schedules import serialize as serialize_schedule
 from kopt.sparse import IndexedSlices
@@ -437,7 +437,7 @@ class Optimizer:
             value = value()
         if isinstance(value, Variable):
             value = value.numpy()
-        return _python_number(np.asarray(value))
+        return _plain_number(np.asarray(value))
 
     def _decayed_lr(self, var_dtype: Any) -> jax.Array:
         """Keras's learning rate for this step: schedule at ``iterations``, then
@@ -1846,18 +1846,9 @@ def _placeholders(hyperparams: dict[str, Any]) -> dict[str, Any]:
     """Numbers for building the functional twin (the step passes the current values), schedules
     as they are."""
     return {
-        k: v if _is_step_schedule(v) else float(_python_number(np.asarray(_plain(v))))
+        k: v if _is_step_schedule(v) else float(_plain_number(np.asarray(_plain(v))))
         for k, v in hyperparams.items()
     }
-
-
-def _python_number(value: np.ndarray) -> Any:
-    """A hyperparameter as a Python number; a float32 one as the float it prints as (0.42, as
-    given and as tf.keras reports it, not 0.41999998688697815), for error messages and
-    ``get_config``. Converting it back to float32 gives the same value."""
-    if value.dtype == np.float32:
-        return float(str(value))
-    return value.item()
 
 
 def _plain(value: Any) -> Any:

@@ -227,7 +227,8 @@ _CLASSES = {
 
 def _plain_number(value: Any) -> Any:
     """A NumPy or JAX number as a Python one; a float32 (or narrower) one as the float it prints
-    as (``0.1``, not ``0.10000000149011612``), which converts back to the same value."""
+    as (``0.1``, not ``0.10000000149011612``, as given and as tf.keras reports it), which
+    converts back to the same value. For configs and error messages."""
     if jnp.issubdtype(value.dtype, jnp.floating) and value.dtype.itemsize < 8:
         return float(str(value))
     return value.item()

@@ -58,10 +58,6 @@ class MaskedState(NamedTuple):
     inner_state: Any
 
 
-def _resolve(tree_or_fn, params):
-    return tree_or_function(tree_or_fn, params)
-
-
 def _leafless(params: PyTree) -> bool:
     """Whether ``params`` has no leaves, so a mask or labels have nothing to select.
 
@@ -102,11 +98,11 @@ def masked(
     def init_fn(params):
         if _leafless(params):
             return MaskedState(inner.init(params))
-        inner_state = inner.init(_select(params, _resolve(mask, params)))
+        inner_state = inner.init(_select(params, tree_or_function(mask, params)))
         return MaskedState(uncommitted_on_params_devices(inner_state, params))
 
     def update_fn(updates, state, params=None, **extra_args):
-        m = _resolve(mask, params if params is not None else updates)
+        m = tree_or_function(mask, params if params is not None else updates)
         sub_params = None if params is None else _select(params, m)
         new_sub, inner_state = inner_update(
             _select(updates, m), state.inner_state, sub_params, **extra_args
@@ -154,7 +150,7 @@ def multi_transform(
     transformations = dict(transformations)
 
     def masks(tree):
-        lab = _resolve(labels, tree)
+        lab = tree_or_function(labels, tree)
         found = set(jax.tree.leaves(lab))
         unknown = found - set(transformations)
         if unknown:
