@@ -7,7 +7,7 @@ import pytest
 
 import kopt
 from kopt import optimizers
-from kopt.optimizers._slot_groups import MAX_GROUPED_SIZE, PackedSlot
+from kopt.optimizers._slot_groups import MAX_GROUP_MEMBERS, MAX_GROUPED_SIZE, PackedSlot
 
 
 def small_model():
@@ -43,6 +43,29 @@ def test_small_slots_are_grouped_and_step_like_their_own_variables():
         np.testing.assert_allclose(v.numpy(), p, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(m.numpy(), em, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(np.asarray(s.value), ev, rtol=1e-5, atol=1e-7)
+
+
+def test_many_small_slots_are_split_into_groups_of_bounded_size():
+    """XLA:CPU compiles many slices of one buffer slowly, so groups are capped (and balanced: no
+    group of one is left over); every slot still steps like its own variable."""
+    count = 2 * MAX_GROUP_MEMBERS + 3
+    variables = [
+        kopt.Variable(jnp.full((i % 3 + 1,), float(i)), name=f"w{i}") for i in range(count)
+    ]
+    opt = optimizers.Adam(learning_rate=0.1)
+    rng = np.random.default_rng(1)
+    grads = [[rng.standard_normal(v.shape).astype(np.float32) for v in variables] for _ in range(2)]
+    for gs in grads:
+        opt.apply_gradients(zip([jnp.asarray(g) for g in gs], variables, strict=True))
+    assert opt.compile_count == 1
+    sizes = sorted(len(g.members) for g in opt._slot_groups)
+    assert sum(sizes) == 2 * count  # m and v, all float32
+    assert sizes[-1] <= MAX_GROUP_MEMBERS and sizes[-1] - sizes[0] <= 1, sizes
+    for i, v in enumerate(variables):
+        assert isinstance(opt.get_slot(v, "m"), PackedSlot)
+        p, m, _ = numpy_adam(np.full(v.shape, float(i)), [g[i] for g in grads])
+        np.testing.assert_allclose(v.numpy(), p, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(opt.get_slot(v, "m").numpy(), m, rtol=1e-5, atol=1e-6)
 
 
 def test_a_step_over_some_variables_leaves_the_others_slots_alone():
