@@ -248,6 +248,105 @@ def test_unknown_names_are_errors_naming_them():
         optimizers.deserialize({"class_name": "Adam", "config": {"bogus": 1}})
 
 
+class _UserAdam(optimizers.Adam):
+    """A user's subclass, unregistered, with tf.keras's usual ``from_config(cls, config)``."""
+
+    def __init__(self, extra=1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.extra = extra
+
+    def get_config(self):
+        return {**super().get_config(), "extra": self.extra}
+
+    @classmethod
+    def from_config(cls, config):
+        return super().from_config(config)
+
+
+class _UserSchedule(optimizers.schedules.LearningRateSchedule):
+    def __call__(self, step):
+        return 0.25
+
+    def get_config(self):
+        return {}
+
+
+@optimizers.register_keras_serializable(package="kopt_tests")
+class _RegisteredAdam(optimizers.Adam):
+    pass
+
+
+@optimizers.register_keras_serializable(package="kopt_tests", name="Renamed")
+class _RenamedSGD(optimizers.SGD):
+    pass
+
+
+def test_user_subclasses_serialize_and_come_back_as_tf_keras_does_it():
+    """tf_keras 2.21's ``optimizers.serialize`` writes a user subclass of a legacy optimizer as
+    ``module: cls.__module__`` (None for ``__main__``) and ``registered_name``: the class name,
+    or ``"package>name"`` once registered; ``deserialize`` finds the class by that name in the
+    registry or ``custom_objects``, then by class name. kopt wrote ``module: kopt.optimizers``
+    and ``registered_name: None``, had no registry, and called a ``from_config(cls, config)``
+    override with ``custom_objects=``, a TypeError."""
+    opt = _UserAdam(extra=3.0, learning_rate=_UserSchedule())
+    blob = json.loads(json.dumps(optimizers.serialize(opt)))
+    assert {k: blob[k] for k in ("module", "class_name", "registered_name")} == {
+        "module": __name__,
+        "class_name": "_UserAdam",
+        "registered_name": "_UserAdam",
+    }
+    assert blob["config"]["learning_rate"]["registered_name"] == "_UserSchedule"
+    assert blob["config"]["learning_rate"]["module"] == __name__
+    custom_objects = {"_UserAdam": _UserAdam, "_UserSchedule": _UserSchedule}
+    clone = optimizers.deserialize(blob, custom_objects=custom_objects)
+    assert type(clone) is _UserAdam and clone.extra == 3.0
+    assert isinstance(clone.learning_rate, _UserSchedule)  # found by the override's super()
+    with pytest.raises(ValueError, match="_UserAdam.*register_keras_serializable"):
+        optimizers.deserialize(blob)  # tf_keras returns the string "_UserAdam" here
+    # Saved where the class was registered, loaded where it is not: found by class name.
+    blob["registered_name"] = "elsewhere>_UserAdam"
+    assert type(optimizers.deserialize(blob, custom_objects=custom_objects)) is _UserAdam
+
+    for cls, registered in (
+        (_RegisteredAdam, "kopt_tests>_RegisteredAdam"),
+        (_RenamedSGD, "kopt_tests>Renamed"),
+    ):
+        blob = json.loads(json.dumps(optimizers.serialize(cls(learning_rate=0.5))))
+        assert (blob["module"], blob["class_name"], blob["registered_name"]) == (
+            __name__,
+            cls.__name__,
+            registered,
+        )
+        for custom_objects in (None, {cls.__name__: cls}, {registered: cls}):
+            clone = optimizers.deserialize(blob, custom_objects=custom_objects)
+            assert type(clone) is cls and clone.get_config()["learning_rate"] == 0.5
+        # tf.keras's legacy format names the class by its registered name
+        assert type(optimizers.get({"class_name": registered, "config": {}})) is cls
+
+    assert optimizers.serialize(optimizers.LossScaleOptimizer(optimizers.SGD()))["module"] == (
+        "kopt.optimizers"
+    )
+    main_cls = type("Main", (optimizers.SGD,), {"__module__": "__main__"})
+    assert optimizers.serialize(main_cls())["module"] is None  # as tf_keras writes it
+
+
+def _user_function():
+    pass
+
+
+def test_register_keras_serializable_refuses_what_it_cannot_serialize():
+    before = dict(optimizers._registry._REGISTERED)
+    with pytest.raises(ValueError, match="get_config.*NoConfig"):
+        optimizers.register_keras_serializable("kopt_tests")(type("NoConfig", (), {}))
+    with pytest.raises(ValueError, match="get_config.*'_user_function'"):
+        optimizers.register_keras_serializable("kopt_tests")(_user_function)
+    with pytest.raises(ValueError, match="`package`.*'a>b'"):
+        optimizers.register_keras_serializable("a>b")
+    with pytest.raises(ValueError, match="`name`.*3"):
+        optimizers.register_keras_serializable("kopt_tests", name=3)
+    assert optimizers._registry._REGISTERED == before
+
+
 def test_deepcopy_is_an_independent_optimizer():
     var = kopt.Variable([1.0, 2.0])
     opt = optimizers.Adam(learning_rate=0.42)

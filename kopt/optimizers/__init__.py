@@ -14,7 +14,8 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from kopt.optimizers import schedules
+from kopt.optimizers import _registry, schedules
+from kopt.optimizers._registry import register_keras_serializable
 from kopt.optimizers.base import Optimizer, PerReplica, all_reduce_sum_gradients
 from kopt.optimizers.builtin import (
     SGD,
@@ -58,6 +59,10 @@ def serialize(optimizer: Optimizer) -> dict[str, Any] | None:
     """``{"module", "class_name", "config", "registered_name"}`` for an optimizer; NumPy and JAX
     values in the config become Python numbers and lists, so that JSON can store it.
 
+    As in tf.keras, a built-in is written with ``registered_name`` None, and your own class
+    with its module (None for ``__main__``) and its registered name: ``"package>Name"`` if
+    :func:`register_keras_serializable` registered it, else its class name.
+
     Example:
         >>> import kopt
         >>> kopt.optimizers.serialize(kopt.optimizers.SGD())["config"]["learning_rate"]
@@ -71,18 +76,25 @@ def serialize(optimizer: Optimizer) -> dict[str, Any] | None:
             f"objects; received {type(optimizer).__name__}",
             stacklevel=2,
         )
+    cls = type(optimizer)
+    module, registered_name = _registry.serialized_names(
+        cls, (*_CLASSES.values(), TransformationOptimizer), "kopt.optimizers"
+    )
     return {
-        "module": "kopt.optimizers",
-        "class_name": type(optimizer).__name__,
+        "module": module,
+        "class_name": cls.__name__,
         "config": schedules._plain_config(optimizer.get_config()),
-        "registered_name": None,
+        "registered_name": registered_name,
     }
 
 
 def deserialize(config: dict[str, Any], custom_objects: dict[str, Any] | None = None) -> Optimizer:
     """An optimizer from :func:`serialize`'s output (or a Keras ``{"class_name", "config"}``).
 
-    Built-in names are case-insensitive; your own classes come through ``custom_objects``.
+    Built-in names are case-insensitive. Your own classes are found as tf.keras finds them:
+    registered with :func:`register_keras_serializable`, or in ``custom_objects`` under their
+    ``registered_name`` or class name. A ``from_config`` override without a ``custom_objects``
+    argument is called with the config alone, as tf.keras calls it.
 
     Raises:
         ValueError: for an unknown class name or a malformed config.
@@ -94,16 +106,16 @@ def deserialize(config: dict[str, Any], custom_objects: dict[str, Any] | None = 
             f"{config!r:.80}"
         )
     name = config["class_name"]
-    custom = custom_objects or {}
-    cls = custom.get(name) or _CLASSES.get(str(name).lower())
+    cls = _registry.find_class(config, custom_objects) or _CLASSES.get(str(name).lower())
     if cls is None and name == "TransformationOptimizer":
         cls = TransformationOptimizer  # its from_config takes the transformation back
     if cls is None:
         raise ValueError(
             f"Unknown optimizer: {name!r}. Known optimizers are {sorted(_CLASSES)}; pass your "
-            "own classes in `custom_objects`."
+            "own classes in `custom_objects`, or register them with "
+            "`kopt.optimizers.register_keras_serializable`."
         )
-    return cls.from_config(dict(config.get("config", {})), custom_objects=custom_objects)
+    return _registry.call_from_config(cls, dict(config.get("config", {})), custom_objects)
 
 
 def get(identifier: Any) -> Optimizer:
@@ -147,6 +159,7 @@ __all__ = [
     "deserialize",
     "from_transformation",
     "get",
+    "register_keras_serializable",
     "schedules",
     "serialize",
 ]

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kopt import schedules as fn
+from kopt.optimizers import _registry
 
 
 class LearningRateSchedule:
@@ -262,11 +263,15 @@ def serialize(learning_rate_schedule: LearningRateSchedule) -> dict[str, Any]:
             "schedules.serialize: expected a LearningRateSchedule, received "
             f"{type(learning_rate_schedule).__name__}"
         )
+    cls = type(learning_rate_schedule)
+    module, registered_name = _registry.serialized_names(
+        cls, _CLASSES.values(), "kopt.optimizers.schedules"
+    )
     return {
-        "module": "kopt.optimizers.schedules",
-        "class_name": type(learning_rate_schedule).__name__,
+        "module": module,
+        "class_name": cls.__name__,
         "config": _plain_config(learning_rate_schedule.get_config()),
-        "registered_name": None,
+        "registered_name": registered_name,
     }
 
 
@@ -283,11 +288,12 @@ def deserialize(config: dict[str, Any], custom_objects: dict[str, Any] | None = 
             f"{config!r:.80}"
         )
     name = config["class_name"]
-    cls = (custom_objects or {}).get(name) or _CLASSES.get(name)
+    cls = _registry.find_class(config, custom_objects) or _CLASSES.get(name)
     if cls is None:
         raise ValueError(
             f"Unknown decay: {name!r}. Known schedules are {sorted(_CLASSES)}; pass your own "
-            "classes in `custom_objects`."
+            "classes in `custom_objects`, or register them with "
+            "`kopt.optimizers.register_keras_serializable`."
         )
     return cls.from_config(dict(config.get("config", {})))
 
