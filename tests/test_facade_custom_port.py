@@ -306,6 +306,54 @@ def test_a_flag_hyperparameter_and_a_scalar_slot_as_in_tf_keras():
     assert opt.compile_count == 1
 
 
+class NormSGD(optimizers.Optimizer):
+    """A per-variable scalar slot made from a number, ``add_slot(var, "gnorm", 0.0)``."""
+
+    def __init__(self, learning_rate=0.1, name="NormSGD"):
+        super().__init__(name)
+        self._set_hyper("learning_rate", learning_rate)
+
+    def _create_slots(self, var_list):
+        for var in var_list:
+            self.add_slot(var, "gnorm", 0.0)
+
+    def _resource_apply_dense(self, grad, var, apply_state=None):
+        gnorm = self.get_slot(var, "gnorm")
+        gnorm.assign(jnp.sqrt(jnp.sum(grad * grad)))
+        return var.assign_sub(self._get_hyper("learning_rate", var.dtype) * grad / gnorm)
+
+
+def test_add_slot_with_a_value_makes_a_slot_of_its_shape_as_tf_keras():
+    """tf_keras 2.21's legacy ``add_slot`` takes any initializer that is not a name or a
+    callable as the slot's initial value, in the variable's dtype: a Python or NumPy number
+    makes a scalar slot. kopt filled a slot of the variable's shape with a number, and the
+    port of a tf.keras optimizer keeping a scalar per variable failed at its first step."""
+    opt = NormSGD()
+    var = kopt.Variable(np.array([3.0, 4.0, 0.0], np.float32))
+    for grad in ([3.0, 4.0, 0.0], [1.0, 0.0, 1.0]):
+        opt.apply_gradients([(jnp.array(grad), var)])
+    # tf_keras's NormSGD, written with tf.sqrt / tf.reduce_sum, gives these:
+    np.testing.assert_allclose(var.numpy(), [2.8692893981933594, 3.92, -0.0707106813788414])
+    assert [w.shape for w in opt.get_weights()] == [(), ()]
+    np.testing.assert_allclose(opt.get_slot(var, "gnorm").numpy(), 1.4142135)
+
+    half = kopt.Variable(np.ones((2, 3), np.float16))
+    made = {  # initializer: the slot tf_keras makes for a float16 (2, 3) variable
+        "np_float32": (np.float32(2.0), np.float16(2.0)),
+        "py_float": (2.1, np.float16(2.1)),
+        "jnp_0d": (jnp.asarray(2.0), np.float16(2.0)),
+        "np_row": (np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0], np.float16)),
+        "list": ([1.0, 2.0, 3.0], np.array([1.0, 2.0, 3.0], np.float16)),
+        "np_full": (np.full((2, 3), 2.0), np.full((2, 3), 2.0, np.float16)),
+    }
+    for name, (initializer, expected) in made.items():
+        slot = optimizers.SGD().add_slot(half, name, initializer=initializer)
+        assert slot.dtype == np.float16, name
+        np.testing.assert_array_equal(slot.numpy(), expected, strict=True, err_msg=name)
+    # With `shape`, kopt broadcasts the value to it (tf.keras ignores `shape` for a value).
+    assert optimizers.SGD().add_slot(half, "filled", 0.5, shape=(2, 3)).shape == (2, 3)
+
+
 class LazyNadam(optimizers.Nadam):
     def _resource_apply_sparse(self, grad, var, indices, apply_state=None):
         raise AssertionError("not reached: the gradient is dense")

@@ -18,6 +18,7 @@ import copy
 import functools
 import inspect
 import logging
+import numbers
 import re
 import threading
 import warnings
@@ -616,16 +617,18 @@ class Optimizer:
         Args:
             var: the model variable.
             slot_name: e.g. ``"m"``.
-            initializer: ``"zeros"``, ``"ones"``, a number (filling the slot), an array or
-                variable (the initial value, as in tf.keras), or a callable
-                ``(shape, dtype) -> array``.
-            shape: the slot's shape (default: the initial value's for an array, else the
-                variable's).
+            initializer: ``"zeros"``, ``"ones"``, a callable ``(shape, dtype) -> array``, or
+                the initial value: a number, array or variable, as in tf.keras (a number makes
+                a scalar slot; ``jnp.full(var.shape, c, var.dtype)`` is tf.keras's
+                ``tf.constant_initializer(c)``).
+            shape: the slot's shape (default: the initial value's for a value, else the
+                variable's). A value is broadcast to it; tf.keras ignores ``shape`` there.
         """
         if not isinstance(var, Variable):
             raise TypeError(f"add_slot: `var` must be a kopt.Variable, received {var!r:.60}")
-        if shape is None and _is_array_value(initializer):
-            # tf.keras makes the slot of the value given (NovoGrad's scalar per variable).
+        if shape is None and (_is_array_value(initializer) or _is_plain_value(initializer)):
+            # tf.keras makes the slot of the value given, a scalar for a number (NovoGrad's
+            # scalar per variable).
             shape = tuple(np.shape(initializer))
         else:
             shape = var.shape if shape is None else _slot_shape(shape, slot_name)
@@ -1887,6 +1890,12 @@ def _slot_shape(shape: Any, slot_name: str) -> tuple[int, ...]:
 def _is_array_value(initializer: Any) -> bool:
     """An initial value given as an array or variable (not a number, name or callable)."""
     return hasattr(initializer, "shape") and not isinstance(initializer, (str, np.generic))
+
+
+def _is_plain_value(initializer: Any) -> bool:
+    """A number, or a (nested) list of them: tf.keras's ``add_slot`` takes it as the initial
+    value, of its own shape."""
+    return isinstance(initializer, (numbers.Number, np.generic, list, tuple))
 
 
 def _initial_value(initializer: Any, shape: tuple[int, ...], dtype: Any) -> jax.Array:
