@@ -207,3 +207,30 @@ def test_adafactor_on_float16_params_takes_its_rms_in_float32(jit):
     assert u.dtype == jnp.float16
     # Step 1: v = g**2, so u_t = 1 and RMS(u_t) = 1; u = -RMS(w) * min(lr, 1) * u_t.
     np.testing.assert_allclose(np.asarray(u, np.float32), -0.3, rtol=1e-3)
+
+
+def test_nadam_momentum_cache_stays_float32_for_float16_variables():
+    """tf_keras 2.21's legacy Nadam makes ``momentum_cache`` in the variable's dtype and
+    computes its schedule there; kopt keeps it, like the other step coefficients, in float32
+    (docs/deviations.md). These are tf_keras's weights after five float16 steps: ``m`` and
+    ``v`` agree bit for bit, the variable to one float16 spacing, and the cache is the one
+    tf_keras's float32 run gives (its float16 cache is 0.0184783935546875)."""
+    var = kopt.Variable(jnp.asarray([1.0, -0.5, 0.25], jnp.float16))
+    opt = kopt.optimizers.Nadam(learning_rate=0.01)
+    for g in ([0.5, -1.0, 2.0], [-0.3, 0.2, 1.0], [0.05, 0.4, -0.7], [1.5, -0.01, 0.3], [0.2] * 3):
+        opt.apply_gradients([(jnp.asarray(g, jnp.float16), var)])
+    iterations, cache, m, v = opt.get_weights()
+    assert cache.dtype == np.float32 and m.dtype == v.dtype == np.float16
+    assert float(cache) == 0.01849803514778614
+    np.testing.assert_array_equal(
+        m, np.float16([0.1700439453125, 0.0004730224609375, 0.194580078125])
+    )
+    np.testing.assert_array_equal(
+        v, np.float16([0.002567291259765625, 0.0012073516845703125, 0.005474090576171875])
+    )
+    tf_keras_var = np.float16([0.97900390625, -0.49658203125, 0.2325439453125])
+    np.testing.assert_array_max_ulp(var.numpy(), tf_keras_var, maxulp=1)
+    # tf_keras's float16 cache loads (into float32) with set_weights.
+    opt.set_weights([iterations, np.float16(0.0184783935546875), m, v])
+    assert opt.weights[1].dtype == jnp.float32
+    assert float(opt.weights[1].numpy()) == 0.0184783935546875
