@@ -66,17 +66,36 @@ def at_least_float32(x: jax.Array) -> jax.Array:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def check_same_structure(updates: PyTree, reference: PyTree, owner: str, what: str) -> None:
-    """Raises ValueError naming the first path where ``updates`` and ``reference`` differ."""
-    u_def = jax.tree.structure(updates, is_leaf=is_indexed_slices)
-    r_def = jax.tree.structure(reference)
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def _is_none_or_sparse(x: Any) -> bool:
+    return x is None or is_indexed_slices(x)
+
+
+def check_same_structure(
+    updates: PyTree, reference: PyTree, owner: str, what: str, *, none_leaves: bool = False
+) -> None:
+    """Raises ValueError naming the first path where ``updates`` and ``reference`` differ.
+
+    With ``none_leaves``, a None counts as a leaf on both sides, so a None gradient where the
+    reference has an array (a param without a gradient) is no difference, nor is an array where
+    the reference has None (see :func:`gradient_for_none_param`); a None that stands for a whole
+    subtree of arrays still is.
+    """
+    u_leaf = _is_none_or_sparse if none_leaves else is_indexed_slices
+    r_leaf = _is_none if none_leaves else None
+    u_def = jax.tree.structure(updates, is_leaf=u_leaf)
+    r_def = jax.tree.structure(reference, is_leaf=r_leaf)
     if u_def == r_def:
         return
     u_paths = [
-        _path_str(p)
-        for p, _ in jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_indexed_slices)[0]
+        _path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(updates, is_leaf=u_leaf)[0]
     ]
-    r_paths = [_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(reference)[0]]
+    r_paths = [
+        _path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(reference, is_leaf=r_leaf)[0]
+    ]
     missing = [p for p in r_paths if p not in u_paths]
     extra = [p for p in u_paths if p not in r_paths]
     detail = []
@@ -87,6 +106,13 @@ def check_same_structure(updates: PyTree, reference: PyTree, owner: str, what: s
     if not detail:
         detail.append(f"structure {u_def} differs from {r_def}")
     raise ValueError(f"{owner}: the gradient tree does not match the {what}: {'; '.join(detail)}")
+
+
+def gradient_for_none_param(owner: str, path: Any) -> ValueError:
+    """The error for a gradient given where the param is None (an empty subtree)."""
+    return ValueError(
+        f"{owner}: gradient {_path_str(path)} is given where the param is None (an empty subtree)"
+    )
 
 
 def check_leaf(path: str, g: Any, ref_shape: tuple[int, ...], owner: str) -> None:
@@ -135,23 +161,37 @@ def map_leaves(
     ``updates`` may hold :class:`IndexedSlices` leaves; ``slots`` maps slot names to trees shaped
     like the params. Structure, kind and shape of each gradient are checked first, at trace time,
     with errors that name the leaf's path.
+
+    A None gradient where the param is an array means that param has no gradient this step (as
+    a None gradient in Keras's ``apply_gradients``): its update is None and its slots are kept
+    as they are, so the state's structure never changes. A None param (an empty subtree) takes
+    a None gradient only.
     """
     if needs_params and params is None:
         raise ValueError(f"{owner}: this transformation needs `params` in update()")
     reference = params if params is not None else next(iter(slots.values()), None)
     if reference is not None:
-        check_same_structure(updates, reference, owner, "params" if params is not None else "state")
-    flat, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_indexed_slices)
+        what = "params" if params is not None else "state"
+        check_same_structure(updates, reference, owner, what, none_leaves=True)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_none_or_sparse)
     slot_leaves = {name: treedef.flatten_up_to(tree) for name, tree in slots.items()}
     if params is None:
         param_leaves = [None] * len(flat)
     else:  # a Python float param (optax takes them) as the array jnp.asarray makes of it
         param_leaves = [
-            p if hasattr(p, "dtype") else jnp.asarray(p) for p in treedef.flatten_up_to(params)
+            p if p is None or hasattr(p, "dtype") else jnp.asarray(p)
+            for p in treedef.flatten_up_to(params)
         ]
     ref_leaves = treedef.flatten_up_to(reference) if reference is not None else None
     out_updates, out_slots = [], {name: [] for name in slots}
     for i, (path, g) in enumerate(flat):
+        if g is None:  # no gradient: no update, slots unchanged
+            out_updates.append(None)
+            for name in slots:
+                out_slots[name].append(slot_leaves[name][i])
+            continue
+        if ref_leaves is not None and ref_leaves[i] is None:
+            raise gradient_for_none_param(owner, path)
         if not isinstance(g, IndexedSlices) and not hasattr(g, "dtype"):
             if isinstance(g, (int, float)) and not isinstance(g, bool):
                 g = jnp.asarray(g, jnp.float32)

@@ -266,3 +266,38 @@ def test_ftrl_with_a_zero_accumulator_and_a_zero_gradient_keeps_the_weight_at_ze
         # quadratic 0.5 / 0.1 = 5, weight (clip(-9.5, -l1, l1) + 9.5) / 5.
         np.testing.assert_allclose(new, [0.0, (-l1 + 9.5) / 5.0], rtol=1e-6)
         assert np.all(np.isfinite(kopt.get_slot(state, "linear")))
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_none_gradient_skips_its_param_and_keeps_its_slots(name):
+    """A None gradient where the param is an array (no gradient for it this step, as a None
+    gradient in Keras's apply_gradients) gives a None update and keeps that param's slots as
+    they were, so the state's structure does not change. kopt's optimizers refused it, where
+    optax's stateless pieces (and its momentum SGD) pass it through."""
+    tx = OPTIMIZERS[name](0.1)
+    params = small_params()
+    state = tx.init(params)
+    updates, new = jax.jit(tx.update)({"w": jnp.ones((3, 2)), "b": None}, state, params)
+    assert updates["b"] is None and updates["w"].shape == (3, 2)
+    assert jax.tree.structure(new) == jax.tree.structure(state)
+    for slot in kopt.slot_names(state):
+        if isinstance(kopt.get_slot(state, slot), dict):  # not Nadam's scalar momentum cache
+            np.testing.assert_array_equal(
+                kopt.get_slot(new, slot)["b"], kopt.get_slot(state, slot)["b"]
+            )
+
+
+def test_adam_with_a_none_gradient_matches_keras_skipping_the_variable():
+    """tf.keras skips a variable whose gradient is None; at its next gradient its first Adam
+    step runs at the optimizer's step count (t = 2 here), from zero slots."""
+    tx = kopt.adam(0.1)
+    params = {"w": jnp.array([1.0, -2.0]), "b": jnp.array([0.5, 3.0])}
+    gw, gb = np.array([0.3, -1.0]), np.array([2.0, -0.5])
+    state = tx.init(params)
+    for grads in ({"w": gw, "b": None}, {"w": gw, "b": gb}):
+        updates, state = tx.update(jax.tree.map(jnp.asarray, grads), state, params)
+        params = kopt.apply_updates(params, updates)
+    np.testing.assert_allclose(params["w"], ref.adam([1.0, -2.0], [gw, gw], lr=0.1), rtol=1e-6)
+    m, v = 0.1 * gb, 0.001 * gb * gb  # Keras's Adam, t = 2, zero slots
+    alpha = 0.1 * np.sqrt(1 - 0.999**2) / (1 - 0.9**2)
+    np.testing.assert_allclose(params["b"], [0.5, 3.0] - alpha * m / (np.sqrt(v) + 1e-7), rtol=1e-6)

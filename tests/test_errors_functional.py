@@ -36,6 +36,27 @@ def test_extra_gradient_names_the_path():
         tx.update(grads(scale=jnp.ones(2)), tx.init(params()), params())
 
 
+@pytest.mark.parametrize(
+    "build",
+    [lambda: kopt.adam(), lambda: kopt.accumulate_gradients(kopt.adam(), 2)],
+    ids=["adam", "accumulate_gradients"],
+)
+def test_a_gradient_for_a_none_param_names_the_path(build):
+    """A None param is an empty subtree: a gradient there is refused, naming it
+    (accumulate_gradients failed with an AttributeError)."""
+    tx, p = build(), {"w": jnp.ones(2), "b": None}
+    with pytest.raises(ValueError, match=re.escape("gradient ['b'] is given where the param")):
+        tx.update({"w": jnp.ones(2), "b": jnp.ones(2)}, tx.init(p), p)
+
+
+def test_flatten_refuses_a_none_gradient_naming_it():
+    """flatten steps packed buffers, where one param cannot be skipped (its message said
+    'missing', of a gradient that was there as None)."""
+    tx, p = kopt.flatten(kopt.sgd()), {"w": jnp.ones(2), "b": jnp.ones(2)}
+    with pytest.raises(ValueError, match=re.escape("gradient ['b'] is None, but every param")):
+        tx.update({"w": jnp.ones(2), "b": None}, tx.init(p), p)
+
+
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_wrong_gradient_shape_names_path_and_shapes(name):
     tx = OPTIMIZERS[name](0.1)

@@ -106,13 +106,9 @@ def test_accumulate_gradients_accepts_sparse_gradients():
 def test_accumulate_gradients_keeps_its_state_for_a_none_gradient_leaf():
     """A None gradient (no gradient for that param this call) leaves the state's structure as
     it was, so ``lax.scan`` and ``jit`` see one state type; at a boundary the inner update gets
-    None for it (kopt's optimizers refuse that, naming the param; optax's pass it through), and
-    a later real gradient for the same param accumulates as usual."""
+    None for it (which kopt's optimizers and optax's stateless ones pass through), and a later
+    real gradient for the same param accumulates as usual."""
     params = {"w": jnp.zeros(2), "b": jnp.zeros(2)}
-    strict = kopt.accumulate_gradients(kopt.sgd(1.0), every_k=2)
-    with pytest.raises(ValueError, match=r"missing \['b'\]"):
-        strict.update({"w": jnp.ones(2), "b": None}, strict.init(params), params)
-
     tx = kopt.accumulate_gradients(optax.sgd(1.0), every_k=2, reduction="sum")
     state = tx.init(params)
     structure = jax.tree.structure(state)
@@ -224,3 +220,50 @@ def test_aggregate_gradients_densifies_sparse_gradients():
 
     out = jax.vmap(replica, axis_name="i")(jnp.array([0, 2, 2]))
     np.testing.assert_array_equal(out[0], [[1, 1], [0, 0], [2, 2]])
+
+
+def _sgd_m():
+    return kopt.sgd(0.1, momentum=0.9)
+
+
+@pytest.mark.parametrize(
+    "build, reference",
+    [
+        (
+            lambda: kopt.chain(kopt.clip_by_global_norm(1.0), _sgd_m()),
+            lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1, momentum=0.9)),
+        ),
+        (lambda: kopt.masked(_sgd_m(), {"w": True, "b": True}), None),
+        (lambda: kopt.multi_transform({"s": _sgd_m()}, {"w": "s", "b": "s"}), None),
+        (lambda: kopt.apply_if_finite(_sgd_m(), 2), None),
+        (lambda: kopt.accumulate_gradients(_sgd_m(), 2), None),
+        (lambda: kopt.chain(_sgd_m(), kopt.ema(0.5)), None),
+        (
+            lambda: kopt.decoupled_weight_decay(kopt.sgd(0.1), 0.5, 0.1),
+            lambda: optax.chain(optax.add_decayed_weights(0.5), optax.sgd(0.1)),
+        ),
+    ],
+    ids=["chain", "masked", "multi_transform", "apply_if_finite", "accumulate", "ema", "decay"],
+)
+def test_wrappers_pass_a_none_gradient_through(build, reference):
+    """A None gradient leaf where the param is an array passes every wrapper as None (the
+    param is neither stepped nor decayed) and keeps its slots; the other leaves move as optax
+    moves them (optax's momentum SGD, clipping and decay take such a None too)."""
+    tx, ref_tx = build(), (reference or (lambda: optax.sgd(0.1, momentum=0.9)))()
+    grads = {"w": jnp.array([3.0, -4.0]), "b": None}
+    params = ref_params = {"w": jnp.array([1.0, 2.0]), "b": jnp.array([3.0, 4.0])}
+    state, ref_state = tx.init(params), ref_tx.init(params)
+    every = 2 if isinstance(state, kopt.AccumulateState) else 1
+    structure = jax.tree.structure(state)
+    for call in range(2 * every):
+        updates, state = jax.jit(tx.update)(grads, state, params)
+        assert updates["b"] is None and jax.tree.structure(state) == structure
+        if (call + 1) % every:
+            np.testing.assert_array_equal(updates["w"], [0.0, 0.0])
+            continue
+        ref_updates, ref_state = ref_tx.update(grads, ref_state, ref_params)
+        np.testing.assert_allclose(updates["w"], ref_updates["w"], rtol=1e-6)
+        params = kopt.apply_updates(params, updates)
+        ref_params = {**ref_params, "w": ref_params["w"] + ref_updates["w"]}  # b: None
+    if "momentum" in kopt.slot_names(state):
+        np.testing.assert_array_equal(kopt.get_slot(state, "momentum")["b"], [0.0, 0.0])

@@ -48,6 +48,8 @@ class FlatLayout:
         """The packed form of a tree shaped like the params: ``{key: buffer or leaf}``."""
         leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_indexed_slices)
         if treedef != self.treedef and not self._boxes_removed(tree):
+            if what == "gradient":
+                self._check_no_none_gradient(tree, owner)
             reference = self.treedef.unflatten(
                 [jax.ShapeDtypeStruct(s, jnp.float32) for s in self.shapes]
             )
@@ -78,6 +80,19 @@ class FlatLayout:
         for key, i in self.loose:
             packed[key] = leaves[i]
         return packed
+
+    def _check_no_none_gradient(self, tree: PyTree, owner: str) -> None:
+        """Raises ValueError naming a None gradient where the params have an array: a param
+        cannot be left out of a step over packed buffers (unflattened, a None skips it)."""
+        flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)[0]
+        for path, leaf in flat:
+            path = jax.tree_util.keystr(path) or "<root>"
+            if leaf is None and path in self.paths:
+                raise ValueError(
+                    f"{owner}: gradient {path} is None, but every param needs one: the step runs "
+                    "on packed buffers, where a param cannot be skipped (give it zeros, or "
+                    "leave it out of the params)"
+                )
 
     def _boxes_removed(self, tree: PyTree) -> bool:
         """Whether ``tree`` is the params' tree with each leaf's box taken off: the same
@@ -207,6 +222,8 @@ def flatten(
     depends on the leaves' shapes or tree). Sparse gradients of packed leaves are rejected.
     :func:`kopt.get_slot` still returns slots shaped like the params, and hyperparameters are
     read and set as usual. The updates equal the unflattened transformation's (up to rounding).
+    Every param needs a gradient: a None gradient, which the unflattened transformation takes
+    as "skip this param", is refused with a ValueError naming it.
 
     Args:
         transformation: the elementwise transformation to run packed.

@@ -95,12 +95,14 @@ def decoupled_weight_decay(
                 is_leaf=lambda x: x is None,
             )
         inner_updates, inner_state = inner_update(updates, state.inner_state, decayed, **extra_args)
+        # A param without a gradient (a None update) is not decayed either, as in Keras 3,
+        # which decays only the variables it is given gradients for.
         new_updates = jax.tree.map(
-            lambda u, d, p: (d - p) + as_dense(u, jnp.shape(p)),
+            lambda u, d, p: None if u is None else (d - p) + as_dense(u, jnp.shape(p)),
             inner_updates,
             decayed,
             params,
-            is_leaf=is_indexed_slices,
+            is_leaf=lambda x: x is None or is_indexed_slices(x),
         )
         decay = OptimizerState(safe_increment(state.decay.count), hp, {})
         return new_updates, DecoupledWeightDecayState(decay, inner_state)

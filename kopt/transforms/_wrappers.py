@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from kopt._tree import (
+    gradient_for_none_param,
     on_params_devices,
     slot_like,
     tree_or_function,
@@ -236,12 +237,14 @@ def accumulate_gradients(
     def update_fn(updates, state, params=None, **extra_args):
         # A None gradient leaf (no gradient this call) keeps its accumulator, so the state's
         # structure never changes, and passes None to the inner update at a boundary.
-        total = jax.tree.map(
-            lambda g, a: a if g is None else a + as_dense(g, a.shape).astype(a.dtype),
-            updates,
-            state.accumulated,
-            is_leaf=_is_leaf,
-        )
+        def add(path, g, a):
+            if g is None:
+                return a
+            if a is None:
+                raise gradient_for_none_param("accumulate_gradients", path)
+            return a + as_dense(g, a.shape).astype(a.dtype)
+
+        total = jax.tree_util.tree_map_with_path(add, updates, state.accumulated, is_leaf=_is_leaf)
         boundary = state.mini_step + 1 >= every_k
 
         def apply_inner(operand):
