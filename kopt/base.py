@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import inspect
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
@@ -453,7 +454,12 @@ def set_hyperparam(state: OptState, name: str, value: Any) -> OptState:
         if isinstance(s, (tuple, list)):
             return type(s)(rebuild(v) for v in s)
         if isinstance(s, dict):
-            return {k: rebuild(v) for k, v in s.items()}
+            # A copy keeps the dict's own type (optax.named_chain's OrderedDict), so the new
+            # state has the old one's tree structure.
+            new = copy.copy(s)
+            for k, v in s.items():
+                new[k] = rebuild(v)
+            return new
         return s
 
     new_state = rebuild(state)
@@ -462,14 +468,21 @@ def set_hyperparam(state: OptState, name: str, value: Any) -> OptState:
     return new_state
 
 
-def _placed_like(old: Any, new: jax.Array) -> jax.Array:
+def _placed_like(old: Any, new: jax.Array) -> Any:
     """``new``, a scalar, with ``old``'s dtype, shape and placement.
 
     A state on a device mesh holds its hyperparameters there (replicated), ``pmap``'s holds
     one copy per device, and one committed to a device holds them there; a value placed
     elsewhere (or left uncommitted) would make the next step compile again or fail. An
     uncommitted value stays uncommitted. Inside a trace the step decides the placement.
+    A value held in a box (``flax.nnx.Optimizer`` keeps each state leaf in an ``OptState``
+    variable) is put in a new box of the same kind: a bare array in its place would change
+    the state's structure, and the next ``nnx.jit`` step would compile again.
     """
+    if not isinstance(old, (jax.Array, np.ndarray, np.generic, int, float)):
+        leaves = jax.tree.leaves(old)
+        if len(leaves) == 1 and leaves[0] is not old:
+            return jax.tree.map(lambda leaf: _placed_like(leaf, new), old)
     old = jnp.asarray(old) if not isinstance(old, jax.Array) else old
     new = new.astype(old.dtype)
     if old.shape:

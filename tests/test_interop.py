@@ -449,3 +449,59 @@ def test_a_python_float_param_trains_as_its_float32_array(tx):
         updates, state = tx.update(grads, state, params)
         results.append((kopt.apply_updates(params, updates), state))
     chex.assert_trees_all_equal(*results)
+
+
+def test_set_hyperparam_keeps_an_optax_named_chain_state_as_it_is(backend_compiles):
+    """``optax.named_chain`` keeps its pieces' states in an ``OrderedDict``; ``set_hyperparam``
+    made it a plain dict, a new tree structure: a jitted step compiled again, and a checkpoint
+    of the new state no longer fitted the old one."""
+    tx = optax.named_chain(("clip", optax.clip_by_global_norm(1.0)), ("opt", kopt.sgd(0.1)))
+    params = {"w": jnp.zeros(2)}
+    state = tx.init(params)
+    new_state = kopt.set_hyperparam(state, "learning_rate", 0.5)
+    assert jax.tree.structure(new_state) == jax.tree.structure(state)
+    traces = []
+
+    @jax.jit
+    def step(state):
+        traces.append(None)
+        return tx.update({"w": jnp.array([0.3, -0.4])}, state, params)
+
+    step(state)
+    compiled = len(backend_compiles)
+    updates, _ = step(new_state)
+    assert len(traces) == 1 and len(backend_compiles) == compiled
+    np.testing.assert_allclose(updates["w"], [-0.15, 0.2], rtol=1e-6)
+
+
+def test_set_hyperparam_on_an_nnx_optimizer_state_keeps_its_boxes(backend_compiles):
+    """``nnx.Optimizer`` keeps each state leaf in an ``OptState`` box; ``set_hyperparam`` put a
+    bare array in its place, so the next ``nnx.jit`` step was traced and compiled again. The
+    new value keeps its box, and the step uses it without recompiling."""
+    nnx = pytest.importorskip("flax.nnx")
+    x = jnp.array([[1.0, 2.0], [-1.0, 0.5]])
+    model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+    tx = kopt.chain(kopt.clip_by_value(100.0), kopt.sgd(0.1))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    traces = []
+
+    def loss_fn(m):
+        return jnp.sum(m(x) ** 2)
+
+    @nnx.jit
+    def step(model, optimizer):
+        traces.append(None)
+        optimizer.update(model, nnx.grad(loss_fn)(model))
+
+    step(model, optimizer)
+    box = optimizer.opt_state[1].hyperparams["learning_rate"]
+    optimizer.opt_state = kopt.set_hyperparam(optimizer.opt_state, "learning_rate", 0.5)
+    new_box = optimizer.opt_state[1].hyperparams["learning_rate"]
+    assert type(new_box) is type(box) and float(box[...]) == np.float32(0.1)  # old one unchanged
+    before = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    grads = jax.grad(lambda p: loss_fn(nnx.merge(nnx.graphdef(model), p)))(before)
+    compiled = len(backend_compiles)
+    step(model, optimizer)
+    assert len(traces) == 1 and len(backend_compiles) == compiled
+    expected = jax.tree.map(lambda p, g: p - 0.5 * g, before, grads)
+    chex.assert_trees_all_close(nnx.to_pure_dict(nnx.state(model, nnx.Param)), expected, rtol=1e-6)
