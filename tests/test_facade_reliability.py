@@ -3,6 +3,7 @@ lost across threads."""
 
 import threading
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -30,6 +31,9 @@ def assert_unchanged(before, after):
         assert len(after[key]) == len(before[key])
         for b, a in zip(before[key], after[key], strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+ONES_2 = np.ones(2, np.float32)
 
 
 def trained_adam():
@@ -128,6 +132,22 @@ BAD_CALLS = {
         ValueError,
         "iter:0: the value 8589934592 is out of the range of its dtype int32",
         lambda opt, a, b: opt.iterations.assign(2**33),
+    ),
+    # The facade keeps its state in Python objects: inside a jitted function its variables
+    # would be left holding tracers.
+    "apply_gradients inside jax.jit": (
+        RuntimeError,
+        "gradient of b:0 is a traced value.*inside jax.jit",
+        lambda opt, a, b: jax.jit(
+            lambda g: opt.apply_gradients([(ONES_2, a), (g, b)]) and g  # a's is not traced
+        )(jnp.ones(1)),
+    ),
+    "minimize inside jax.jit": (
+        RuntimeError,
+        "gradient of a:0 is a traced value.*inside jax.jit",
+        lambda opt, a, b: jax.jit(lambda x: opt.minimize(lambda: jnp.sum(a * x), [a]) and x)(
+            jnp.ones(2)
+        ),
     ),
     "sparse gradient for a constrained variable": (
         RuntimeError,  # tf.keras's type; also a ValueError here

@@ -1065,6 +1065,15 @@ class Optimizer:
                     f"{i}); sum its gradients first"
                 )
             seen[v._uid] = i
+            if _is_traced(g) or isinstance(v._current, jax.core.Tracer):
+                raise RuntimeError(
+                    f"apply_gradients: the {'variable' if _is_traced(v._current) else 'gradient'}"
+                    f" of {v.name} is a traced value: the optimizer is being called inside "
+                    "jax.jit (or another JAX transformation). It keeps its state in Python "
+                    "objects and compiles its own step, so call apply_gradients and minimize "
+                    "outside jax.jit (as tf.keras code drops its tf.function); inside jitted "
+                    "code, use its pure twin, opt.as_transformation(), or kopt's functional API"
+                )
             if jnp.dtype(v.dtype) not in valid:
                 raise ValueError(
                     f"Invalid type {v.dtype} for {v.name}, expected: "
@@ -2252,6 +2261,14 @@ def _check_gradient(g: Any, v: Variable, aggregate: bool) -> None:
         raise TypeError(
             f"apply_gradients: the gradient for {v.name} has dtype {g.dtype}, expected {v.dtype}"
         )
+
+
+def _is_traced(g: Any) -> bool:
+    """A gradient (or a sparse or per-replica one's parts) that is a JAX tracer."""
+    return any(
+        isinstance(x, jax.core.Tracer)
+        for x in (g, getattr(g, "values", None), getattr(g, "indices", None))
+    )
 
 
 def _signature(pairs, aggregate: bool):
