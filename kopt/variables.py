@@ -56,6 +56,27 @@ def bound(variables: list[Variable], values: list[Any]):
         table.update(saved)
 
 
+@contextlib.contextmanager
+def capturing_writes():
+    """Within the block (this thread), a traced value written to a variable that is neither
+    bound nor traced itself (a moving average a loss updates) is kept as a binding for the rest
+    of the block, and recorded in the dict the block yields (uid -> variable); the caller reads
+    the values from the bindings and writes the concrete ones back afterwards."""
+    previous = getattr(_bindings, "captured", None)
+    captured: dict[int, Variable] = {}
+    _bindings.captured = captured
+    try:
+        yield captured
+    finally:
+        _bindings.captured = previous
+
+
+def release_captured(captured: dict[int, Variable]) -> dict[int, Any]:
+    """The traced values of the variables ``capturing_writes`` recorded, their bindings removed."""
+    table = _bindings.table
+    return {uid: table.pop(uid) for uid in captured}
+
+
 class track_reads:
     """Context manager recording which variables' values are read (to tell unconnected
     variables apart in ``minimize``): ``with track_reads() as seen: ...``; ``seen`` holds uids."""
@@ -161,6 +182,26 @@ class Variable:
         if table and self._uid in table:
             table[self._uid] = value
             return
+        if isinstance(value, jax.core.Tracer) and not isinstance(
+            self.__dict__.get("_storage", value), jax.core.Tracer
+        ):
+            # A traced value for a variable that holds a concrete one: kept until the
+            # computation tracing it ends (a loss being differentiated), else refused, since
+            # the variable would be left holding a leaked tracer.
+            captured = getattr(_bindings, "captured", None)
+            if captured is not None:
+                if table is None:
+                    table = _bindings.table = {}
+                table[self._uid] = value
+                captured[self._uid] = self
+                return
+            if not table:
+                raise RuntimeError(
+                    f"Variable {self.name}: cannot store a traced value (it is being assigned "
+                    "inside jax.jit or another JAX transformation, which would leave it holding "
+                    "a leaked tracer). Pass the variable to the jitted function as an argument "
+                    "and return it, or assign it outside the transformation"
+                )
         with donation_lock:
             self._storage = value
             self._handed_out = False

@@ -65,6 +65,59 @@ def test_assign_family():
     np.testing.assert_array_equal(v.numpy(), [4.5, 4.5])
 
 
+def test_a_loss_that_assigns_a_variable_updates_it_once_per_gradient_computation():
+    """A moving average the loss updates from the trained weights (a batch-norm statistic): the
+    assignment takes effect with its concrete value, as tf.keras's under a tape does, and the
+    loss sees the value it wrote; it was left holding a leaked tracer."""
+    w = kopt.Variable([1.0, 3.0], name="w")
+    moving = kopt.Variable(0.0, name="moving")
+    calls = kopt.Variable(0, dtype=jnp.int32, name="calls")
+    seen = []
+
+    def loss():
+        moving.assign(0.9 * moving + 0.1 * jnp.mean(w))
+        calls.assign_add(1)
+        seen.append(moving.value)  # the value just written (traced)
+        return jnp.sum(w * w) + 0.0 * moving
+
+    opt = optimizers.SGD(learning_rate=0.1)
+    expected_w, expected_moving = np.array([1.0, 3.0]), 0.0
+    for _ in range(3):
+        opt.minimize(loss, [w])
+        expected_moving = 0.9 * expected_moving + 0.1 * expected_w.mean()
+        expected_w = expected_w - 0.1 * 2 * expected_w
+        np.testing.assert_allclose(moving.numpy(), expected_moving, rtol=1e-6)
+        np.testing.assert_allclose(w.numpy(), expected_w, rtol=1e-6)
+    assert int(calls.numpy()) == 3 and len(seen) == 3
+    assert opt.compile_count == 1
+
+    def failing():
+        moving.assign(moving + w[0])
+        raise ArithmeticError("boom")
+
+    before = moving.numpy()
+    with pytest.raises(ArithmeticError):
+        opt.compute_gradients(failing, [w])
+    np.testing.assert_array_equal(moving.numpy(), before)  # nothing kept from a failed loss
+
+
+def test_assigning_a_traced_value_to_a_variable_closed_over_in_jit_is_refused():
+    v = kopt.Variable([1.0, 2.0], name="closed")
+
+    @jax.jit
+    def leak(x):
+        v.assign(x)
+        return x
+
+    with pytest.raises(RuntimeError, match="closed:0: cannot store a traced value.*argument"):
+        leak(jnp.zeros(2))
+    np.testing.assert_array_equal(v.numpy(), [1.0, 2.0])
+    # Passed in as an argument, the variable is the function's own traced copy: that works.
+    out = jax.jit(lambda var, x: var.assign(var + x))(v, jnp.ones(2))
+    np.testing.assert_array_equal(np.asarray(out), [2.0, 3.0])
+    np.testing.assert_array_equal(v.numpy(), [1.0, 2.0])
+
+
 def test_values_read_before_a_step_stay_valid():
     v = kopt.Variable([1.0, 2.0])
     opt = optimizers.Adam(learning_rate=0.1)

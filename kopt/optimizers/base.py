@@ -47,6 +47,7 @@ from kopt.variables import (
     _check_integral,
     _value_of,
     bound,
+    capturing_writes,
     donation_lock,
     reading,
     track_reads,
@@ -1643,12 +1644,17 @@ class Optimizer:
 
     def _gradients(self, loss, var_list: list[Variable], grad_loss: Any):
         seen_reads: set[int] = set()
+        assigned: dict[int, Variable] = {}  # variables (not in var_list) the loss assigned
 
         def loss_of(values):
-            with bound(var_list, values), track_reads() as reads:
-                out = self._transform_loss(loss())
+            with bound(var_list, values), track_reads() as reads, capturing_writes() as written:
+                try:
+                    out = self._transform_loss(loss())
+                finally:
+                    updates = variables_module.release_captured(written)
                 seen_reads.update(reads)
-                return jnp.asarray(out)
+                assigned.update(written)
+                return jnp.asarray(out), updates
 
         # Some variable ever spanned devices, or was committed to one: a plain variable beside
         # them goes there before its gradient is taken, not by the step after: its gradient's
@@ -1662,7 +1668,7 @@ class Optimizer:
                 self._place_state(var_list, extra=tuple(getattr(loss, "_reads_state", ())))
         with reading():  # the forward and backward passes hold the variables' buffers
             # Read inside: a step in another thread donates a buffer only while no one reads.
-            out, vjp = jax.vjp(loss_of, [v._current for v in var_list])
+            out, vjp, updates = jax.vjp(loss_of, [v._current for v in var_list], has_aux=True)
             cotangent = jnp.ones_like(out) if grad_loss is None else jnp.asarray(grad_loss)
             if cotangent.shape != out.shape:
                 raise ValueError(
@@ -1670,6 +1676,10 @@ class Optimizer:
                     f"{out.shape}"
                 )
             (grads,) = vjp(cotangent.astype(out.dtype))
+        # Variables the loss assigned (a moving average of a batch statistic, say) take their
+        # new values now, as tf.keras's eager assignments under a tape do.
+        for uid, value in updates.items():
+            assigned[uid]._value = value
         # An integer variable's "gradient" is a NumPy float0 array: None, as tf.keras's tape
         # gives it (apply_gradients then skips the variable with a warning).
         return [
