@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kopt.sparse import IndexedSlices, is_indexed_slices
 
@@ -232,12 +234,30 @@ def full_like_param(p: Any, value: float, dtype: Any | None = None) -> jax.Array
         return jnp.where(
             jnp.zeros_like(p, dtype=bool), p.astype(dtype), jax.lax.full_like(p, value, dtype)
         )
-    out = jnp.full(jnp.shape(p), value, dtype)
+    out = _filled(jnp.shape(p), value, dtype)
     if isinstance(p, jax.Array) and p.committed:
         return jax.device_put(out, p.sharding)
     # An uncommitted param gets an uncommitted slot: a state that mixed committed slots with
     # uncommitted counts would make the first jitted step compile twice.
-    return out
+    return jax.device_put(out)
+
+
+# An eager ``init`` fills slots of up to this many elements on the host. ``jnp.full`` compiles
+# one small program per shape: the first ``init`` over a few hundred small params of distinct
+# shapes compiled a few hundred of them (seconds), where a host array costs a copy.
+_HOST_FILL_MAX = 1 << 16
+
+
+def _filled(shape: tuple[int, ...], value: Any, dtype: Any) -> Any:
+    """``full(shape, value, dtype)``: a NumPy array for a small slot and a Python or NumPy
+    number (the same bits ``jnp.full`` gives: it converts the value with NumPy too), else a
+    ``jax.Array`` (also for a dtype JAX does not enable, which ``jnp.full`` warns about)."""
+    host = (
+        math.prod(shape) <= _HOST_FILL_MAX
+        and isinstance(value, (int, float, complex, np.number))
+        and jax.dtypes.canonicalize_dtype(dtype) == np.dtype(dtype)
+    )
+    return np.full(shape, value, dtype) if host else jnp.full(shape, value, dtype)
 
 
 def on_params_devices(tree: PyTree, params: PyTree) -> PyTree:
@@ -301,16 +321,17 @@ def reduced_like_param(p: Any, axis: int | None, dtype: Any | None = None) -> ja
         return jnp.sum(full_like_param(p, 0.0, dtype), axis=axis)
     ndim = jnp.ndim(p)
     kept = [i for i in range(ndim) if axis is not None and i != axis % ndim]
-    out = jnp.zeros([jnp.shape(p)[i] for i in kept], dtype)
+    out = _filled(tuple(jnp.shape(p)[i] for i in kept), 0, dtype)
     if not (isinstance(p, jax.Array) and p.committed):
-        return out
+        return jax.device_put(out)
     sharding = p.sharding
     if isinstance(sharding, jax.sharding.NamedSharding):
         spec = list(sharding.spec) + [None] * (ndim - len(sharding.spec))
         spec = _spec_as_returned(sharding.mesh, [spec[i] for i in kept])
         sharding = jax.sharding.NamedSharding(sharding.mesh, spec)
     elif not isinstance(sharding, jax.sharding.SingleDeviceSharding):
-        return out  # another kind of sharding: left to XLA, as before the first step
+        # another kind of sharding: left to XLA, as before the first step
+        return jax.device_put(out)
     return jax.device_put(out, sharding)
 
 

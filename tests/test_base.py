@@ -301,3 +301,52 @@ def test_adam_with_a_none_gradient_matches_keras_skipping_the_variable():
     m, v = 0.1 * gb, 0.001 * gb * gb  # Keras's Adam, t = 2, zero slots
     alpha = 0.1 * np.sqrt(1 - 0.999**2) / (1 - 0.9**2)
     np.testing.assert_allclose(params["b"], [0.5, 3.0] - alpha * m / (np.sqrt(v) + 1e-7), rtol=1e-6)
+
+
+# Shapes no other test uses: an eager operation compiled for one of them by an earlier test
+# in the process would hide the compile counted here.
+UNUSUAL_SHAPES = [(7, 13), (29,), (3, 5, 11), (31, 2), (2, 3, 17)]
+
+
+EAGER_INITS = {
+    "adam": lambda: kopt.adam(),
+    "adagrad": lambda: kopt.adagrad(initial_accumulator_value=0.1),
+    "adafactor": lambda: kopt.adafactor(),
+    "ema": lambda: kopt.chain(kopt.sgd(0.1), kopt.ema(0.9)),
+}
+
+
+@pytest.mark.parametrize("name", list(EAGER_INITS))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_an_eager_init_compiles_nothing_per_param_shape(name, dtype, backend_compiles):
+    """``jnp.full``, ``jnp.zeros`` and ``jnp.copy`` compiled a program per shape: the first
+    init over a few hundred small params of distinct shapes took seconds."""
+    tx = EAGER_INITS[name]()
+    tx.init({"warm": jnp.ones((2, 2), dtype)})  # what does not depend on the shapes
+    rng = np.random.default_rng(0)
+    params = {
+        f"p{i}": jax.device_put(rng.normal(size=shape).astype(dtype))
+        for i, shape in enumerate(UNUSUAL_SHAPES)
+    }
+    backend_compiles.clear()
+    state = tx.init(params)
+    assert backend_compiles == []
+    for key, p in params.items():
+        p = np.asarray(p)
+        if name == "adam":
+            for slot in ("m", "v"):
+                np.testing.assert_array_equal(kopt.get_slot(state, slot)[key], np.zeros_like(p))
+        elif name == "adagrad":
+            got = kopt.get_slot(state, "accumulator")[key]
+            assert got.dtype == dtype
+            np.testing.assert_array_equal(got, np.full(p.shape, 0.1, dtype))
+        elif name == "adafactor":  # factored over the last two axes; a vector keeps scalars
+            r_shape, c_shape = (
+                (p.shape[:-1], p.shape[:-2] + p.shape[-1:]) if p.ndim > 1 else ((), ())
+            )
+            np.testing.assert_array_equal(kopt.get_slot(state, "r")[key], np.zeros(r_shape))
+            np.testing.assert_array_equal(kopt.get_slot(state, "c")[key], np.zeros(c_shape))
+        else:  # the average starts as a copy of the params, in their dtype
+            got = kopt.get_slot(state, "average")[key]
+            assert got.dtype == dtype and not got.weak_type
+            np.testing.assert_array_equal(got, p)

@@ -416,6 +416,15 @@ def apply_if_finite(
     return GradientTransformation(init_fn, update_fn)
 
 
+def _average_start(p: Any) -> jax.Array:
+    """A copy of a param, in its dtype and not weakly typed (a Python float's copy would be), as
+    the averages the update returns are: a jitted step then compiles once. An array's copy is
+    a transfer, not ``jnp.copy``, which eagerly compiled a program per param shape."""
+    if isinstance(p, jax.Array) and not isinstance(p, jax.core.Tracer) and not p.weak_type:
+        return jax.device_put(p, may_alias=False)
+    return jnp.copy(p).astype(jnp.result_type(p))
+
+
 def ema(momentum: Any = 0.99, overwrite_frequency: int | None = None) -> GradientTransformation:
     """Keeps an exponential moving average of the params after each update (Keras 3's EMA).
 
@@ -449,9 +458,7 @@ def ema(momentum: Any = 0.99, overwrite_frequency: int | None = None) -> Gradien
         )
 
     def init_fn(params):
-        # In the param's dtype, not weakly typed (a Python float's copy would be), as the
-        # averages the update returns are: a jitted step then compiles once.
-        average = jax.tree.map(lambda p: jnp.copy(p).astype(jnp.result_type(p)), params)
+        average = jax.tree.map(_average_start, params)
         count, hp = on_params_devices(
             (jnp.zeros([], jnp.int32), init_hyperparams({"momentum": momentum})), params
         )
