@@ -239,3 +239,22 @@ def test_packed_params_work_with_optax_pieces_and_key_paths():
     # The same steps on the tree: clipping by the global norm sees the same values.
     tree_updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
     chex.assert_trees_all_close(updates.unpack(), tree_updates, rtol=1e-5)
+
+
+def test_packing_and_unpacking_outside_jit_compile_once_however_many_shapes(backend_compiles):
+    """Eagerly, each leaf's ``ravel`` (and, unpacking, each ``reshape``) compiled a program of
+    its own per shape: hundreds for the first ``kopt.pack`` of a model of many small params.
+    Shapes no other test uses, so that programs compiled earlier in the process hide none."""
+    rng = np.random.default_rng(5)
+    shapes = [(3, 19), (23,), (2, 3, 13), (37, 1), (5, 2, 9), (41,)]
+    params = {f"p{i}": jnp.asarray(rng.normal(size=s), jnp.float32) for i, s in enumerate(shapes)}
+    backend_compiles.clear()
+    packed = kopt.pack(params)
+    assert len(backend_compiles) <= 1
+    expected = np.concatenate([np.ravel(np.asarray(params[k])) for k in params])
+    np.testing.assert_array_equal(packed.buffers["packed float32"], expected)
+    backend_compiles.clear()
+    unpacked = packed.unpack()
+    assert len(backend_compiles) <= 1
+    for key, value in params.items():
+        np.testing.assert_array_equal(unpacked[key], np.asarray(value))

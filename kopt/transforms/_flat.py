@@ -75,8 +75,8 @@ class FlatLayout:
                         f"{owner}: {what} {self.paths[i]} has shape {tuple(jnp.shape(leaf))}, "
                         f"expected {self.shapes[i]} (the shape it had in init)"
                     )
-                parts.append(jnp.ravel(leaf))
-            packed[key] = jnp.concatenate(parts)
+                parts.append(leaf)
+            packed[key] = _concatenated(parts)
         for key, i in self.loose:
             packed[key] = leaves[i]
         return packed
@@ -118,11 +118,9 @@ class FlatLayout:
         :meth:`pack` took) that ``packed`` was made from."""
         leaves: list[Any] = [None] * len(self.shapes)
         for key, indices in self.groups:
-            sizes = [math.prod(self.shapes[i]) for i in indices]
-            # One split, not a slice per leaf: its gradient is one concatenation, where the
-            # gradients of separate slices are a buffer-sized pad each, summed.
-            for i, part in zip(indices, _split(jnp.asarray(packed[key]), sizes), strict=True):
-                leaves[i] = part.reshape(self.shapes[i])
+            shapes = tuple(self.shapes[i] for i in indices)
+            for i, part in zip(indices, _split_into(packed[key], shapes), strict=True):
+                leaves[i] = part
         for key, i in self.loose:
             leaves[i] = packed[key]
         return (self.treedef if treedef is None else treedef).unflatten(leaves)
@@ -158,6 +156,40 @@ class FlattenedState(NamedTuple):
         return jax.tree.map(
             unpack_slots, self.inner_state, is_leaf=lambda x: isinstance(x, OptimizerState)
         )
+
+
+def _concatenated(parts: list[Any]) -> Any:
+    """The leaves raveled and concatenated into one buffer. Outside a trace it is one compiled
+    call: eager, each ``ravel`` compiled a program of its own per shape, hundreds for the
+    first ``kopt.pack`` of a model of many small params of distinct shapes."""
+    if any(isinstance(p, jax.core.Tracer) for p in parts):
+        return _ravel_concatenate(parts)
+    return _ravel_concatenate_jit(parts)
+
+
+def _ravel_concatenate(parts: list[Any]) -> Any:
+    return jnp.concatenate([jnp.ravel(p) for p in parts])
+
+
+_ravel_concatenate_jit = jax.jit(_ravel_concatenate)
+
+
+def _split_into(buffer: Any, shapes: tuple[tuple[int, ...], ...]) -> list[Any]:
+    """The parts of a 1-D buffer, reshaped to ``shapes`` (one compiled call outside a trace,
+    as :func:`_concatenated`)."""
+    if isinstance(buffer, jax.core.Tracer):
+        return _split_reshape(buffer, shapes)
+    return _split_reshape_jit(buffer, shapes)
+
+
+def _split_reshape(buffer: Any, shapes: tuple[tuple[int, ...], ...]) -> list[Any]:
+    # One split, not a slice per leaf: its gradient is one concatenation, where the
+    # gradients of separate slices are a buffer-sized pad each, summed.
+    parts = _split(jnp.asarray(buffer), [math.prod(shape) for shape in shapes])
+    return [part.reshape(shape) for part, shape in zip(parts, shapes, strict=True)]
+
+
+_split_reshape_jit = jax.jit(_split_reshape, static_argnums=1)
 
 
 def _split(buffer: Any, sizes: list[int]) -> list[Any]:
