@@ -242,6 +242,35 @@ def test_from_transformation_hyperparameters_are_attributes_set_without_recompil
     assert float(kopt.get_hyperparam(derived, "weight_decay")) == 0.0
 
 
+def test_from_transformation_probes_the_transformation_in_one_compiled_call(backend_compiles):
+    """Finding the wrapped hyperparameters runs one update of a scalar probe. Run eagerly, each
+    of its operations compiled a program of its own the first time (about twenty for Adam)."""
+    optimizers.from_transformation(kopt.sgd(0.1))  # what any such optimizer compiles
+
+    def update(updates, state, params=None):
+        # Operations no other test runs eagerly on a scalar: each would compile on its own.
+        return jax.tree.map(
+            lambda g: jnp.expm1(jnp.log1p(jnp.cbrt(jnp.arcsinh(g)))), updates
+        ), state
+
+    unusual = optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+    backend_compiles.clear()
+    opt = optimizers.from_transformation(kopt.chain(unusual, kopt.sgd(0.25)))
+    assert len(backend_compiles) <= 1
+    assert float(opt.learning_rate.numpy()) == 0.25
+
+    def eager_only(updates, state, params=None):  # a Python branch on a value: not traceable
+        return (updates if float(updates[0]) >= 0.0 else updates), state
+
+    branching = optax.GradientTransformation(lambda params: optax.EmptyState(), eager_only)
+    opt = optimizers.from_transformation(kopt.chain(branching, kopt.sgd(0.5)))
+    assert float(opt.learning_rate.numpy()) == 0.5  # found all the same
+    with pytest.raises(AttributeError, match="follows a schedule"):
+        optimizers.from_transformation(
+            kopt.chain(branching, kopt.sgd(kopt.schedules.exponential_decay(0.1, 10, 0.5)))
+        ).lr = 0.2
+
+
 @pytest.mark.parametrize(
     "transformation, attribute, why",
     [

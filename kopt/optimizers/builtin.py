@@ -6,6 +6,7 @@ config keys, and which functional optimizer it wraps. No update rule is written 
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -1238,46 +1239,67 @@ def _wrapped_hyperparams(transformation: Any) -> tuple[dict[str, float], dict[st
     """The hyperparameters a wrapped transformation keeps in its kopt states: (those the facade
     can hold, name -> value; those it cannot, name -> why). A hyperparameter is held when every
     piece storing it has one value and none follows a schedule (found by one update of a
-    scalar probe from marked values: a schedule overwrites its mark)."""
-    probe = [jnp.zeros((), jnp.float32)]
+    scalar probe from marked values: a schedule overwrites its mark).
+
+    The probe runs as one compiled call: run eagerly, each of its scalar operations compiled a
+    program of its own the first time (some twenty for Adam, a second or so)."""
+    probe = [jax.device_put(np.zeros((), np.float32))]
     try:
-        state = transformation.init(probe)
-        values: dict[str, set[float]] = {}
-        foreign = set()  # held by an optax piece too: that piece's own
-        for holder in _hyperparam_holders(state):
-            for key, value in holder.hyperparams.items():
-                if isinstance(holder, OptimizerState):
-                    values.setdefault(key, set()).add(float(value))
-                else:
-                    foreign.add(key)
-        values = {key: v for key, v in values.items() if key not in foreign}
-        marks = {key: max(v) + 0.5 for key, v in values.items()}
-        marked = state
-        for key, mark in marks.items():
-            marked = kopt.set_hyperparam(marked, key, mark)
-        # An accumulator due now: the probe's one update reaches the pieces it wraps.
-        marked = jax.tree.map(
-            lambda s: (
-                s._replace(mini_step=jnp.asarray(2**30, jnp.int32))
-                if isinstance(s, kopt.AccumulateState)
-                else s
-            ),
-            marked,
-            is_leaf=lambda s: isinstance(s, kopt.AccumulateState),
-        )
-        _, after = transformation.update(probe, marked, probe)
-        scheduled = {
-            key
-            for holder in _hyperparam_holders(after)
-            if isinstance(holder, OptimizerState)
-            for key, value in holder.hyperparams.items()
-            if key in marks and float(value) != np.float32(marks[key])
-        }
+        try:
+            values, marks, after = jax.device_get(
+                jax.jit(functools.partial(_probe_hyperparams, transformation))(probe)
+            )
+        except Exception:  # one that runs only eagerly (a Python branch on a value)
+            values, marks, after = _probe_hyperparams(transformation, probe)
     except Exception:  # a transformation that cannot run on a scalar: no hyperparameters held
         return {}, {}
+    scheduled = {
+        key
+        for key, held in after.items()
+        if any(float(value) != float(marks[key]) for value in held)
+    }
+    distinct = {key: {float(value) for value in held} for key, held in values.items()}
     fixed = {key: "it follows a schedule" for key in scheduled}
-    fixed.update({key: "pieces hold different values" for key, v in values.items() if len(v) > 1})
-    return {key: v.pop() for key, v in values.items() if key not in fixed}, fixed
+    fixed.update({key: "pieces hold different values" for key, v in distinct.items() if len(v) > 1})
+    return {key: v.pop() for key, v in distinct.items() if key not in fixed}, fixed
+
+
+def _probe_hyperparams(transformation: Any, probe: list[jax.Array]) -> tuple[dict, dict, dict]:
+    """For :func:`_wrapped_hyperparams`: (name -> the values the kopt pieces of the initial
+    state hold, name -> its mark, name -> the values they hold after one update from the
+    marked state), leaving out names an optax piece holds too (that piece's own)."""
+    state = transformation.init(probe)
+    values: dict[str, list[jax.Array]] = {}
+    foreign = set()
+    for holder in _hyperparam_holders(state):
+        for key, value in holder.hyperparams.items():
+            if isinstance(holder, OptimizerState):
+                values.setdefault(key, []).append(jnp.asarray(value, jnp.float32))
+            else:
+                foreign.add(key)
+    values = {key: v for key, v in values.items() if key not in foreign}
+    marks = {key: jnp.max(jnp.stack(v)) + 0.5 for key, v in values.items()}
+    marked = state
+    for key, mark in marks.items():
+        marked = kopt.set_hyperparam(marked, key, mark)
+    # An accumulator due now: the probe's one update reaches the pieces it wraps.
+    marked = jax.tree.map(
+        lambda s: (
+            s._replace(mini_step=jnp.asarray(2**30, jnp.int32))
+            if isinstance(s, kopt.AccumulateState)
+            else s
+        ),
+        marked,
+        is_leaf=lambda s: isinstance(s, kopt.AccumulateState),
+    )
+    _, after_state = transformation.update(probe, marked, probe)
+    after: dict[str, list[jax.Array]] = {}
+    for holder in _hyperparam_holders(after_state):
+        if isinstance(holder, OptimizerState):
+            for key, value in holder.hyperparams.items():
+                if key in marks:
+                    after.setdefault(key, []).append(jnp.asarray(value, jnp.float32))
+    return values, marks, after
 
 
 def from_transformation(transformation: Any, name: str | None = None) -> Optimizer:
