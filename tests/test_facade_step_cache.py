@@ -419,3 +419,36 @@ def test_loss_scale_beside_variables_on_a_device_compiles_nothing_after_the_firs
     np.testing.assert_allclose(w.numpy(), np.full((2, 8), -0.3), rtol=1e-5)
     np.testing.assert_allclose(b.numpy(), np.full(8, -0.3), rtol=1e-5)
     assert opt.loss_scale.value.devices() == {device}
+
+
+@pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 (simulated) devices")
+def test_loss_scale_in_a_hand_written_gradient_loop_compiles_nothing_after_the_first_call(
+    backend_compiles,
+):
+    """``jax.grad`` around ``get_scaled_loss`` of a value, then ``get_unscaled_gradients``: the
+    scale was read uncommitted by the first call's differentiation and unscaling, then
+    committed beside the variables by its step, and the second call compiled the backward
+    pass and the unscaling again. Shapes of their own: programs compiled for them by an
+    earlier test in the process would hide the compiles counted here."""
+    device = jax.devices()[1]
+    w = kopt.Variable(jax.device_put(jnp.zeros((5, 7)), device))
+    b = kopt.Variable(jax.device_put(jnp.zeros(7), device))
+    x = jax.device_put(jnp.ones((3, 5)), device)
+    opt = optimizers.LossScaleOptimizer(optimizers.Adam(learning_rate=0.1))
+
+    def scaled_loss(values):
+        return opt.get_scaled_loss(jnp.sum(x @ values[0] + values[1]))
+
+    def call():
+        grads = opt.get_unscaled_gradients(jax.grad(scaled_loss)([w.value, b.value]))
+        opt.apply_gradients(zip(grads, [w, b], strict=True))
+
+    call()
+    first = len(backend_compiles)
+    for _ in range(2):
+        call()
+    assert len(backend_compiles) == first
+    # Adam moves by the learning rate against a constant gradient's sign at every step.
+    np.testing.assert_allclose(w.numpy(), np.full((5, 7), -0.3), rtol=1e-5)
+    np.testing.assert_allclose(b.numpy(), np.full(7, -0.3), rtol=1e-5)
+    assert opt.loss_scale.value.devices() == {device}

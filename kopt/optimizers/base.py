@@ -1154,6 +1154,11 @@ class Optimizer:
             if not in_place(g.buffer):
                 g.buffer = variables_module._full_spec(jax.device_put(g.buffer, target))
         movable = [self._iterations] if self._iterations is not None else []
+        # Moved even when committed elsewhere: the step count, and a loss scale (which its
+        # optimizer commits beside the loss it scales before a step has run).
+        forced = movable + list(extra)
+        if self._guard is not None:
+            forced += self._guard._guard_variables()
         for v in movable + var_list + state:
             if isinstance(v, PackedSlot):
                 continue
@@ -1162,7 +1167,7 @@ class Optimizer:
                 continue
             if in_place(value):
                 continue
-            if v is self._iterations or not value.committed:
+            if not value.committed or any(v is f for f in forced):
                 v._value = variables_module._full_spec(jax.device_put(value, target))
 
     def _step_token(self) -> tuple:

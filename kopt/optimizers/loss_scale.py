@@ -10,7 +10,7 @@ import numpy as np
 
 from kopt.optimizers.base import Optimizer
 from kopt.sparse import IndexedSlices, map_values
-from kopt.variables import Variable
+from kopt.variables import Variable, _full_spec
 
 
 def _inner_attribute(name: str) -> property:
@@ -140,6 +140,7 @@ class LossScaleOptimizer(Optimizer):
             # product and the unscaling compiled again on the second call.
             scaled_loss._reads_state = self._guard_variables()
             return scaled_loss
+        self._place_beside([loss])
         return _times(loss, self._loss_scale.value)
 
     def get_unscaled_gradients(self, grads: list[Any]) -> list[Any]:
@@ -147,6 +148,7 @@ class LossScaleOptimizer(Optimizer):
         scale of ``2**16`` would be infinite); an ``IndexedSlices`` has its rows scaled, and
         None stays None."""
         grads = list(grads)
+        self._place_beside(grads)
         # An IndexedSlices is scaled on its own: its row count changes from batch to batch,
         # and each new count would compile the call over every gradient again.
         dense = [None if isinstance(g, IndexedSlices) else g for g in grads]
@@ -164,6 +166,28 @@ class LossScaleOptimizer(Optimizer):
             for i in one_by_one:
                 out[i] = _times(grads[i], reciprocal)
         return out
+
+    def _place_beside(self, values: list[Any]) -> None:
+        """Commits a dynamic scale and its counter that are not committed yet to where the first
+        committed of ``values`` is (a loss, also one being differentiated, or gradients): the
+        step would put them there, beside the variables. Read uncommitted by the first call's
+        own product and unscaling, and committed by its step, they compiled those operations
+        again on the second call (a dozen one-off compiles for a few variables)."""
+        todo = [
+            v
+            for v in self._guard_variables()
+            if isinstance(v._current, jax.Array)
+            and not isinstance(v._current, jax.core.Tracer)
+            and not v._current.committed
+        ]
+        if not todo:
+            return
+        target = _placement(values)
+        if target is None:
+            return
+        with self._lock:
+            for v in todo:
+                v._value = _full_spec(jax.device_put(v._storage, target))
 
     def compute_gradients(self, loss, var_list, grad_loss=None):
         pairs = self._optimizer.compute_gradients(self.get_scaled_loss(loss), var_list, grad_loss)
@@ -285,6 +309,28 @@ class LossScaleOptimizer(Optimizer):
         if isinstance(inner, dict):
             inner = deserialize(inner, custom_objects=custom_objects)
         return cls(inner, **config)
+
+
+def _placement(values: list[Any]) -> Any:
+    """Where the step puts its state beside ``values`` when every one of them that is committed
+    is on one device, or spread over one mesh (replicated there); None if none is committed,
+    or they are in several places (each is then scaled where it lives). A value being
+    differentiated eagerly is a tracer around a concrete one (its ``primal``), which tells
+    the place."""
+    targets = set()
+    for value in values:
+        while isinstance(value, jax.core.Tracer):
+            value = getattr(value, "primal", None)
+        if not isinstance(value, jax.Array) or not value.committed:
+            continue
+        sharding = value.sharding
+        if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+            targets.add(sharding)
+        elif isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.device_set) > 1:
+            targets.add(jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
+        else:
+            return None
+    return targets.pop() if len(targets) == 1 else None
 
 
 def _times(x: Any, factor: Any) -> Any:
