@@ -267,3 +267,36 @@ def test_wrappers_pass_a_none_gradient_through(build, reference):
         ref_params = {**ref_params, "w": ref_params["w"] + ref_updates["w"]}  # b: None
     if "momentum" in kopt.slot_names(state):
         np.testing.assert_array_equal(kopt.get_slot(state, "momentum")["b"], [0.0, 0.0])
+
+
+def test_all_finite_is_computed_once_in_a_step_that_selects_every_leaf_on_it():
+    """XLA rewrote ``jnp.all`` of the stacked per-leaf flags into a chain of `and`s and copied
+    that chain into every elementwise consumer: each of the n selects below took all n flags,
+    O(n**2) instructions to compile (a LossScaleOptimizer's step over 100 variables compiled
+    3-4x as long as without the selects). The flag is checked against NumPy's."""
+
+    def tree_of(leaves):
+        return {
+            "dense": [jnp.asarray(x) for x in leaves[:10]],
+            "bf16": jnp.asarray(leaves[10], jnp.bfloat16),
+            "sparse": kopt.IndexedSlices(
+                jnp.asarray(leaves[11]).reshape(-1, 1), jnp.zeros(13, int)
+            ),
+        }
+
+    def step(tree):
+        finite = kopt.all_finite(tree)
+        return finite, [jnp.where(finite, x * 2.0 + 1.0, x) for x in tree["dense"]]
+
+    clean = [np.linspace(-1.0, 1.0, i + 2).astype(np.float32) for i in range(12)]
+    compiled = jax.jit(step).lower(tree_of(clean)).compile()
+    headers = [line for line in compiled.as_text().splitlines() if line.startswith("%fused")]
+    assert max(h.count("pred[]") + h.count("s8[]") for h in headers) <= 2
+    for where, bad in [(None, None), (7, np.nan), (10, np.inf), (11, -np.inf), (0, np.inf)]:
+        leaves = [x.copy() for x in clean]
+        if bad is not None:
+            leaves[where][1] = bad
+        expected = all(np.isfinite(x).all() for x in leaves)
+        assert bool(compiled(tree_of(leaves))[0]) == expected
+        assert bool(kopt.all_finite(tree_of(leaves))) == expected
+    assert bool(kopt.all_finite({})) is True

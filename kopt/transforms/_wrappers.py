@@ -300,7 +300,13 @@ def all_finite(tree: PyTree) -> jax.Array:
     ]
     if not leaves:
         return jnp.array(True)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+    flags = jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+    # The minimum of the flags as integers, not ``jnp.all`` of them: XLA rewrites a boolean
+    # reduction of stacked scalars into a chain of `and`s, one per leaf, and copies that chain
+    # into every elementwise consumer of the result. A step selecting each of n leaves on it
+    # (a LossScaleOptimizer's) compiled O(n**2) instructions, 3-4x the compile time of the
+    # step without it at 100 variables.
+    return jnp.min(flags.astype(jnp.int8)) == 1
 
 
 # Primitives that name axes but exchange nothing, so a replica runs them alone: `axis_index`
