@@ -76,6 +76,9 @@ def train(model, params, tx, batches, packed: bool):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument(
+        "--depth", type=int, default=24, help="residual blocks (24: about 100 parameter arrays)"
+    )
     args = parser.parse_args()
 
     digits = load_digits()
@@ -87,7 +90,7 @@ def main() -> None:
         idx = rng.integers(0, len(x_all), BATCH_SIZE)
         batches.append((x_all[idx], y_all[idx]))
 
-    model = DeepMLP()
+    model = DeepMLP(depth=args.depth)
     params = model.init(jax.random.key(0), x_all[:1])["params"]
     n_arrays = len(jax.tree.leaves(params))
     n_params = sum(p.size for p in jax.tree.leaves(params))
