@@ -386,17 +386,18 @@ def run_peer_child(python: str, cfg: Config, peers: list[str]) -> tuple[list[Row
             check=False,
         )
     except OSError as e:
-        return [], [f"could not run {python}: {e}"]
+        return [], [f"could not run the peer interpreter: {e}"]
     if done.returncode != 0:
         tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
-        return [], [f"{python} failed (exit {done.returncode}): {tail[0]}"]
+        return [], [f"the peer interpreter failed (exit {done.returncode}): {tail[0]}"]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     versions = ", ".join(f"{k} {v}" for k, v in result["versions"].items() if v)
     rows = [Row.from_json(r) for r in result["rows"]]
-    notes = [f"under `{python}` ({versions}): {n}" for n in result["notes"]]
+    # The report names the peer interpreter by what it holds, not by where it is installed.
+    notes = [f"under the peer interpreter ({versions}): {n}" for n in result["notes"]]
     if rows:
         ran = sorted({r.b_name for r in rows})
-        notes.append(f"rows for {', '.join(ran)} ran under `{python}` ({versions})")
+        notes.append(f"rows for {', '.join(ran)} ran under a second interpreter ({versions})")
     return rows, notes
 
 
@@ -843,6 +844,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _public_argv(argv: list[str]) -> list[str]:
+    """The command line as the report shows it: the peer interpreter becomes a placeholder and
+    an output file outside the repository its name, so a committed report names nothing of the
+    machine it ran on."""
+
+    def public(flag: str, value: str) -> str:
+        if flag == "--peer-python":
+            return "PEER_PYTHON"
+        path = Path(value).resolve()
+        return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
+
+    shown, hide_next = [], None
+    for arg in argv:
+        if hide_next:
+            shown.append(public(hide_next, arg))
+            hide_next = None
+            continue
+        flag, eq, value = arg.partition("=")
+        if flag in ("--peer-python", "--output"):
+            if eq:
+                shown.append(f"{flag}={public(flag, value)}")
+            else:
+                shown.append(flag)
+                hide_next = flag
+            continue
+        shown.append(arg)
+    return shown
+
+
 def header(cfg: Config, argv: list[str], loads: list[tuple[float, ...]]) -> str:
     machine = harness.machine_description()
     commit = subprocess.run(
@@ -856,7 +886,7 @@ def header(cfg: Config, argv: list[str], loads: list[tuple[float, ...]]) -> str:
         "",
         f"Run on {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}"
         + (f", kopt at commit `{commit}`" if commit else "")
-        + f": `python benchmarks/run.py {' '.join(argv)}`".rstrip(),
+        + f": `python benchmarks/run.py {' '.join(_public_argv(argv))}`".rstrip(),
         "",
         "| machine | |",
         "|---|---|",

@@ -1,6 +1,6 @@
 """NumPy re-derivations of Keras's update rules, in float64, for the functional-core tests.
 
-Written from the formulas in /work/shared/reference/keras_optimizer_v2.md, independently of kopt.
+Written from Keras's documented update formulas (tf.keras legacy OptimizerV2), apart from kopt.
 """
 
 import numpy as np

@@ -22,11 +22,27 @@ def run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_quick_pure_benchmark_prints_a_markdown_table():
+def test_quick_pure_benchmark_prints_a_markdown_table(tmp_path):
+    report = tmp_path / "REPORT.md"
+    peer = tmp_path / "peer-env" / "bin" / "python"
     done = run_benchmark(
-        "run.py", "--quick", "--only", "pure", "--sizes", "2k:1,2k:4", "--seconds", "0.02"
+        "run.py",
+        "--quick",
+        "--only",
+        "pure",
+        "--sizes",
+        "2k:1,2k:4",
+        "--seconds",
+        "0.02",
+        "--output",
+        str(report),
+        f"--peer-python={peer}",
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    # The report, which gets committed, shows its command line without the machine's paths.
+    written = report.read_text()
+    assert "--output REPORT.md --peer-python=PEER_PYTHON`" in written, written[:500]
+    assert str(tmp_path) not in written and str(tmp_path) not in done.stdout
     lines = done.stdout.splitlines()
     header = [i for i, line in enumerate(lines) if line.startswith("| optimizer | params |")]
     assert len(header) == 1, done.stdout

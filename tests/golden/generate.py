@@ -5,10 +5,9 @@ implementations without needing TensorFlow or Keras at test time.
 
 How to run (from the repository root)::
 
-    /tmp/goldenv/bin/python tests/golden/generate.py
+    python tests/golden/generate.py
 
-Any Python environment with the packages below works; ``/tmp/goldenv`` is the
-virtualenv the fixtures were produced in.  The script writes
+Any Python environment with the packages below works.  The script writes
 
 * ``tests/golden/fixtures/optimizers.json`` -- optimizer trajectories, and
 * ``tests/golden/fixtures/schedules.json``  -- learning-rate schedule values.
