@@ -38,6 +38,45 @@ def reading():
             _readers -= 1
 
 
+# From this many copies up, a donating step makes them in one compiled call: eagerly, each
+# copy is a dispatch of its own (tens of microseconds), paid by every step after a loop reads
+# the variables (a logged loss of the model), however small they are.
+_BATCHED_COPIES = 4
+
+
+def donatable_values(variables: list[Variable]) -> list[Any]:
+    """The values of ``variables`` for a compiled update that donates them, under
+    ``donation_lock``: each buffer itself, or a copy where it was handed out or a gradient
+    computation is in flight (see ``Variable._donatable_value``), the copies made together."""
+    values = [v._storage for v in variables]
+    stale = [i for i, v in enumerate(variables) if v._handed_out or _readers]
+    # One call per placement: a compiled call takes arrays of one device set only.
+    placements: dict[Any, list[int]] = {}
+    for i in stale:
+        value = values[i]
+        if isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer):
+            key = value.sharding if value.committed else None
+            placements.setdefault(key, []).append(i)
+    done = set()
+    for batch in placements.values():
+        if len(batch) >= _BATCHED_COPIES:
+            copies = _copies([values[i] for i in batch])
+            for i, copy in zip(batch, copies, strict=True):
+                values[i] = _keep_sharding(copy, values[i])
+            done.update(batch)
+    for i in stale:
+        if i not in done:
+            values[i] = variables[i]._donatable_value()
+    return values
+
+
+def _copy_each(values: list[jax.Array]) -> list[jax.Array]:
+    return [jnp.array(v, copy=True) for v in values]
+
+
+_copies = jax.jit(_copy_each)
+
+
 @contextlib.contextmanager
 def bound(variables: list[Variable], values: list[Any]):
     """Within the block and this thread only, ``variables`` read and write the (traced)

@@ -11,6 +11,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import kopt
 from kopt import constraints, optimizers
+from kopt import variables as variables_module
 
 
 def test_numpy_on_the_left_is_differentiable_in_minimize():
@@ -129,6 +130,58 @@ def test_values_read_before_a_step_stay_valid():
     np.testing.assert_array_equal(np.asarray(before), snapshot)
     np.testing.assert_array_equal(np.asarray(slot_before), slot_snapshot)
     assert not np.array_equal(v.numpy(), snapshot)
+
+
+def test_values_read_between_steps_are_copied_in_one_call(backend_compiles):
+    """A loop that reads every variable between steps (a logged loss) hands their buffers out,
+    so the next step copies them before donating: in one compiled call for all of them, not
+    one eager dispatch (and one compile per shape) each. Numbers against NumPy's SGD."""
+    shapes = [(3, k) for k in range(1, 13)]  # distinct shapes: eager copies compile per shape
+    start = [np.arange(np.prod(s), dtype=np.float32).reshape(s) / 7 for s in shapes]
+    variables = [kopt.Variable(w) for w in start]
+    grads = [jnp.ones(s) for s in shapes]
+    opt = optimizers.SGD(learning_rate=0.5)
+    opt.apply_gradients(zip(grads, variables, strict=True))
+    read = [v.value for v in variables]  # handed out
+    backend_compiles.clear()
+    opt.apply_gradients(zip(grads, variables, strict=True))
+    assert len(backend_compiles) <= 1, backend_compiles  # the batched copy
+    for w, r, v in zip(start, read, variables, strict=True):
+        np.testing.assert_allclose(np.asarray(r), w - 0.5)  # still valid
+        np.testing.assert_allclose(v.numpy(), w - 1.0)
+    [v.value for v in variables]
+    backend_compiles.clear()
+    opt.apply_gradients(zip(grads, variables, strict=True))
+    assert backend_compiles == []
+    for w, v in zip(start, variables, strict=True):
+        np.testing.assert_allclose(v.numpy(), w - 1.5)
+
+
+def test_values_read_between_steps_on_two_devices_are_copied_per_device():
+    """Handed-out buffers committed to different devices are copied in one call per device,
+    each staying on its own device."""
+    devices = jax.devices()[:2]
+    variables = [
+        kopt.Variable(jax.device_put(jnp.full((2, k), float(k)), devices[k % 2]))
+        for k in range(1, 9)
+    ]
+    opts = [optimizers.SGD(learning_rate=1.0) for _ in devices]
+    mine = [[v for v in variables if v.value.devices() == {d}] for d in devices]
+    for opt, vs in zip(opts, mine, strict=True):
+        opt.apply_gradients([(jnp.ones(v.shape), v) for v in vs])
+    read = [v.value for v in variables]
+    with variables_module.donation_lock:
+        copies = variables_module.donatable_values(variables)
+    for r, c in zip(read, copies, strict=True):
+        assert c.devices() == r.devices() and c.committed
+        assert c.unsafe_buffer_pointer() != r.unsafe_buffer_pointer()
+        np.testing.assert_array_equal(np.asarray(c), np.asarray(r))
+    for opt, vs in zip(opts, mine, strict=True):
+        opt.apply_gradients([(jnp.ones(v.shape), v) for v in vs])
+    for k, (v, r) in enumerate(zip(variables, read, strict=True), start=1):
+        np.testing.assert_array_equal(np.asarray(r), np.full((2, k), k - 1.0))
+        np.testing.assert_array_equal(v.numpy(), np.full((2, k), k - 2.0))
+        assert v.value.devices() == {devices[k % 2]}
 
 
 def max_norm(w, max_value, axis):

@@ -1232,16 +1232,9 @@ class Optimizer:
         ]
         loose = plan.loose
         with donation_lock:  # no other thread picks up a buffer while it is donated
-            if variables_module._readers:
-                var_values = [v._donatable_value() for v in var_list]
-                state_values = [s._donatable_value() for s in loose]
-            else:  # _donatable_value inlined: a copy only of buffers handed out
-                var_values = [
-                    v._donatable_value() if v._handed_out else v._storage for v in var_list
-                ]
-                state_values = [
-                    s._donatable_value() if s._handed_out else s._storage for s in loose
-                ]
+            # Each buffer itself, or (handed out since) a copy, the copies made in one call.
+            values = variables_module.donatable_values(var_list + loose)
+            var_values, state_values = values[: len(var_list)], values[len(var_list) :]
             # Grouped slots travel as their groups' buffers, which are never handed out.
             state_values += [g.buffer for g in plan.groups]
             new_vars, new_state, new_iterations = program(
