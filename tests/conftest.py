@@ -36,6 +36,16 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+class _Compile(str):
+    """A compilation event (the event's name, as a string) with the compiled function's
+    ``fun_name`` (``"jit(f)"``) as an attribute."""
+
+    def __new__(cls, event: str, fun_name: str):
+        out = super().__new__(cls, event)
+        out.fun_name = fun_name
+        return out
+
+
 @pytest.fixture
 def backend_compiles():
     """A list that gets an entry for every XLA compilation while the test runs (one served by
@@ -45,7 +55,7 @@ def backend_compiles():
 
     def listener(event, duration, **kwargs):
         if "backend_compile" in event:
-            events.append(event)
+            events.append(_Compile(event, kwargs.get("fun_name", "")))
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     yield events

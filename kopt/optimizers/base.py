@@ -33,6 +33,7 @@ import numpy as np
 from kopt import base as core
 from kopt import variables as variables_module
 from kopt.optimizers import _state_codec as codec
+from kopt.optimizers import _traced_loss
 from kopt.optimizers._slot_groups import PackedSlot, SlotGroup, group_slots
 from kopt.optimizers.schedules import LearningRateSchedule, _plain_number
 from kopt.optimizers.schedules import deserialize as deserialize_schedule
@@ -1617,8 +1618,11 @@ class Optimizer:
     ) -> list[tuple[Any, Variable]]:
         """Differentiates ``loss()`` with respect to ``var_list``: JAX's stand-in for a tape.
 
-        ``loss`` is called once, eagerly, with the variables bound to traced values, so a
-        closure that reads fresh data each step sees fresh data each step. Variables the loss
+        ``loss`` is called once per call, traced (the variables bound to traced values), so a
+        closure that reads fresh data each step sees fresh data each step; the gradient of the
+        trace runs as one compiled program, kept for later calls that trace the same
+        operations on the same shapes. A loss that needs concrete values of its data is
+        differentiated eagerly instead (its first call then runs it twice). Variables the loss
         does not read get a None gradient. A callable ``var_list`` is read after the loss, as in
         tf.keras, so variables the loss builds on its first call are included (the loss then
         runs a second time, on that step only).
@@ -1666,14 +1670,23 @@ class Optimizer:
                 self._place_state(var_list, extra=tuple(getattr(loss, "_reads_state", ())))
         with reading():  # the forward and backward passes hold the variables' buffers
             # Read inside: a step in another thread donates a buffer only while no one reads.
-            out, vjp, updates = jax.vjp(loss_of, [v._current for v in var_list], has_aux=True)
-            cotangent = jnp.ones_like(out) if grad_loss is None else jnp.asarray(grad_loss)
-            if cotangent.shape != out.shape:
-                raise ValueError(
-                    f"minimize: `grad_loss` has shape {cotangent.shape}, but the loss has shape "
-                    f"{out.shape}"
-                )
-            (grads,) = vjp(cotangent.astype(out.dtype))
+            values = [v._current for v in var_list]
+            # The loss traced, its gradient one compiled program (see _traced_loss); a loss
+            # that needs concrete values is differentiated eagerly.
+            done = _traced_loss.compiled_gradients(
+                _traced_loss.loss_identity(loss), loss_of, values, grad_loss
+            )
+            if done is not None:
+                _, grads, updates = done
+            else:
+                out, vjp, updates = jax.vjp(loss_of, values, has_aux=True)
+                cotangent = jnp.ones_like(out) if grad_loss is None else jnp.asarray(grad_loss)
+                if cotangent.shape != out.shape:
+                    raise ValueError(
+                        f"minimize: `grad_loss` has shape {cotangent.shape}, but the loss has "
+                        f"shape {out.shape}"
+                    )
+                (grads,) = vjp(cotangent.astype(out.dtype))
         # Variables the loss assigned (a moving average of a batch statistic, say) take their
         # new values now, as tf.keras's eager assignments under a tape do.
         for uid, value in updates.items():

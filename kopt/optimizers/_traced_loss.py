@@ -1,0 +1,170 @@
+"""Compiled gradients of a facade loss: ``minimize`` and ``compute_gradients`` without eager AD.
+
+The loss is a zero-argument closure, called afresh at every step (it may read a new batch), so
+it cannot be handed to ``jax.jit``: a jitted closure would keep its first batch. Differentiating
+it eagerly (``jax.vjp``) costs JAX's per-operation and per-argument dispatch at every step, ten
+times the compiled update for a model of a hundred variables. Instead each call traces the loss
+to a jaxpr (the Python code runs once per step, as before), and the gradient of that jaxpr runs as
+one compiled program, cached by the jaxpr's structure: the arrays the closure captured (the
+batch) are its arguments, not constants, so the next batch reuses the program.
+
+A loss that needs concrete values (Python control flow on a variable's value, ``float(v)``)
+cannot be traced: it is differentiated eagerly, as before, from then on. A loss whose trace is
+not the same structure at every step (an operation traced afresh each call, such as a
+``custom_jvp`` function called outside a jitted function) is differentiated eagerly from its
+traced jaxpr once that shows, so it compiles at most once in vain.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.extend import core as jex_core
+
+# Losses (identified by their code) that cannot be traced, or whose trace changes every call.
+_EAGER: set[Any] = set()
+# Compiled gradient programs by jaxpr structure, least recently used first out.
+_PROGRAMS: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
+_MAX_PROGRAMS = 64
+# Per loss: the structure key first seen for each input signature.
+_SEEN: dict[Any, dict[tuple, tuple]] = {}
+_lock = threading.Lock()
+_NOT_TRACEABLE = (
+    jax.errors.ConcretizationTypeError,
+    jax.errors.TracerArrayConversionError,
+    jax.errors.TracerIntegerConversionError,
+)
+
+
+def loss_identity(loss: Callable) -> Any:
+    """What identifies a loss across steps: its code (a lambda in a loop body is a new function
+    object each step, with the same code), a partial's function's code, or else its type."""
+    code = getattr(loss, "__code__", None)
+    if code is None:
+        code = getattr(getattr(loss, "func", None), "__code__", None)
+    return code if code is not None else type(loss)
+
+
+def compiled_gradients(
+    identity: Any, loss_of: Callable, values: list[jax.Array], grad_loss: Any
+) -> tuple[Any, list[Any], Any] | None:
+    """``(loss value, gradients, aux)`` of ``loss_of(values) -> (loss, aux)`` with the
+    gradient run as a cached compiled program; None where the loss is to be differentiated
+    eagerly instead (it was not run then, or its trace raised a concreteness error, which is
+    then remembered)."""
+    if identity in _EAGER or not values:
+        return None
+    if any(
+        isinstance(v, jax.core.Tracer)
+        or not isinstance(v, jax.Array)
+        or not jnp.issubdtype(v.dtype, jnp.inexact)
+        for v in values
+    ):
+        return None  # integer variables (float0 gradients) and nested traces: eager
+    try:
+        closed, shapes = jax.make_jaxpr(loss_of, return_shape=True)(values)
+    except _NOT_TRACEABLE:
+        with _lock:
+            _EAGER.add(identity)
+        return None
+    out_tree = jax.tree.structure(shapes)
+    loss_shape = jax.tree.leaves(shapes)[0]
+    cotangent = _cotangent(grad_loss, loss_shape)
+    key = _structure_key(closed.jaxpr)
+    run = None
+    if key is not None:
+        signature = (key[0], None if cotangent is None else cotangent.dtype)
+        key = (*key, signature)
+        with _lock:
+            run = _PROGRAMS.get(key)
+            if run is not None:
+                _PROGRAMS.move_to_end(key)
+            else:
+                if len(_SEEN) > _MAX_PROGRAMS * 16:
+                    _SEEN.clear()
+                first = _SEEN.setdefault(identity, {}).setdefault(signature, key)
+                if first != key:  # the same inputs, another structure: it changes every call
+                    _EAGER.add(identity)
+                else:
+                    run = jax.jit(_gradient_program(closed.jaxpr, out_tree))
+                    _PROGRAMS[key] = run
+                    while len(_PROGRAMS) > _MAX_PROGRAMS:
+                        _PROGRAMS.popitem(last=False)
+    if run is None:  # differentiated eagerly, from the trace already taken (no second call)
+        return _gradient_program(closed.jaxpr, out_tree)(list(closed.consts), values, cotangent)
+    return run(list(closed.consts), values, cotangent)
+
+
+def _cotangent(grad_loss: Any, shape: jax.ShapeDtypeStruct) -> jax.Array | None:
+    """``grad_loss`` checked against the loss's shape, in its dtype; None for ones (made inside
+    the program)."""
+    if grad_loss is None:
+        return None
+    cotangent = jnp.asarray(grad_loss)
+    if cotangent.shape != shape.shape:
+        raise ValueError(
+            f"minimize: `grad_loss` has shape {cotangent.shape}, but the loss has shape "
+            f"{shape.shape}"
+        )
+    return cotangent.astype(shape.dtype)
+
+
+def _gradient_program(jaxpr: Any, out_tree: Any) -> Callable:
+    def loss_gradient(consts, values, cotangent):
+        evaluate = jex_core.jaxpr_as_fun(jex_core.ClosedJaxpr(jaxpr, consts))
+
+        def loss_and_aux(vals):
+            return jax.tree.unflatten(out_tree, evaluate(*vals))
+
+        out, vjp, aux = jax.vjp(loss_and_aux, values, has_aux=True)
+        (grads,) = vjp(jnp.ones_like(out) if cotangent is None else cotangent)
+        return out, grads, aux
+
+    return loss_gradient
+
+
+def _structure_key(jaxpr: Any) -> tuple | None:
+    """A hashable key equal for two jaxprs that compute the same function of their inputs and
+    constants: inputs' types, every equation's primitive, parameters and wiring, literals by
+    value. Inner jaxprs count by identity (jit's cache hands the same one back for the same
+    function and types; the cached program holds the jaxpr, so an identity is never reused
+    while its key lives). None if a parameter is neither hashable nor a jaxpr, or the jaxpr has
+    effects: such a loss is differentiated eagerly."""
+    if jaxpr.effects:
+        return None
+    numbers: dict[Any, int] = {}
+
+    def atom(a):
+        if isinstance(a, jex_core.Literal):
+            return ("literal", repr(a.val), a.aval)
+        return numbers.setdefault(a, len(numbers)), a.aval
+
+    inputs = tuple(v.aval for v in (*jaxpr.constvars, *jaxpr.invars))
+    for v in (*jaxpr.constvars, *jaxpr.invars):
+        atom(v)
+    equations = []
+    for eqn in jaxpr.eqns:
+        params = []
+        for name, value in sorted(eqn.params.items()):
+            if isinstance(value, (jex_core.ClosedJaxpr, jex_core.Jaxpr)):
+                value = ("jaxpr", id(value))
+            else:
+                try:
+                    hash(value)
+                except TypeError:
+                    return None
+            params.append((name, value))
+        equations.append(
+            (
+                eqn.primitive,
+                tuple(params),
+                tuple(atom(a) for a in eqn.invars),
+                tuple(atom(a) for a in eqn.outvars),
+            )
+        )
+    return (inputs, tuple(equations), tuple(atom(a) for a in jaxpr.outvars))

@@ -1,0 +1,122 @@
+"""minimize / compute_gradients trace the loss every call and run its gradient as a compiled
+program cached by the trace's structure: fresh data every step, no compile after the first,
+and losses that cannot be traced (or trace differently every call) still differentiated right.
+Numbers against NumPy's hand-derived gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import kopt
+from kopt import optimizers
+
+
+def linear_problem(seed=0, steps=4):
+    rng = np.random.default_rng(seed)
+    batches = [
+        (rng.normal(size=(8, 3)).astype(np.float32), rng.normal(size=8).astype(np.float32))
+        for _ in range(steps)
+    ]
+    return rng.normal(size=3).astype(np.float32), batches
+
+
+def sgd_reference(w, batches, lr):
+    """Plain SGD on mean((x @ w + b - y) ** 2), b starting at 0.5, in float64."""
+    w, b = w.astype(np.float64), 0.5
+    for x, y in batches:
+        r = x @ w + b - y
+        w, b = w - lr * 2 * x.T @ r / len(y), b - lr * 2 * r.mean()
+    return w, b
+
+
+def test_a_loss_reading_a_new_batch_each_step_compiles_once_and_uses_each_batch(
+    backend_compiles,
+):
+    w0, batches = linear_problem()
+    w, b = kopt.Variable(w0), kopt.Variable(np.float32(0.5))
+    opt = optimizers.SGD(learning_rate=0.1)
+    batch = {}
+
+    @jax.jit
+    def mse(w, b, x, y):
+        return jnp.mean((x @ w + b - y) ** 2)
+
+    for i, (x, y) in enumerate(batches):
+        batch["x"], batch["y"] = jnp.asarray(x), jnp.asarray(y)  # a new batch, same shapes
+        if i == 1:
+            # The loss's forward and backward passes are one compiled program.
+            assert [c.fun_name for c in backend_compiles].count("jit(loss_gradient)") == 1
+            backend_compiles.clear()
+        # A new closure object every step, as a loop body writes it.
+        opt.minimize(lambda: mse(w, b, batch["x"], batch["y"]), [w, b])
+    assert backend_compiles == []  # steps 2 to 4: the gradient program and the step reused
+    expected_w, expected_b = sgd_reference(w0, batches, 0.1)
+    np.testing.assert_allclose(w.numpy(), expected_w, rtol=1e-5)
+    np.testing.assert_allclose(float(b.numpy()), expected_b, rtol=1e-5)
+
+
+def test_a_loss_needing_concrete_values_of_its_data_is_differentiated_eagerly():
+    """Python control flow on the batch's values (not the variables') works eagerly, where
+    only the variables are traced, but not in a trace of the whole loss: such a loss is
+    differentiated eagerly, as before. Its first call runs it twice (the failed trace, then
+    eagerly); later calls once."""
+    w0, batches = linear_problem(seed=1)
+    w, b = kopt.Variable(w0), kopt.Variable(np.float32(0.5))
+    opt = optimizers.SGD(learning_rate=0.1)
+    calls = []
+
+    def branching_loss(x, y):
+        calls.append(1)
+        r = x @ w + b - y
+        if float(jnp.max(jnp.abs(jnp.asarray(y)))) > 1e6:  # never taken; needs y's value
+            r = r * 0.0
+        return jnp.mean(r**2)
+
+    for x, y in batches:
+        opt.minimize(lambda x=x, y=y: branching_loss(x, y), [w, b])
+    assert len(calls) == len(batches) + 1
+    expected_w, expected_b = sgd_reference(w0, batches, 0.1)
+    np.testing.assert_allclose(w.numpy(), expected_w, rtol=1e-5)
+    np.testing.assert_allclose(float(b.numpy()), expected_b, rtol=1e-5)
+
+
+def test_a_loss_whose_trace_changes_every_call_stops_compiling(backend_compiles):
+    """A Python number that changes every step is a constant of each trace, so no two traces
+    are alike: after one compile in vain the loss is differentiated eagerly from its trace (not
+    called again), with each step's number."""
+    w0, batches = linear_problem(seed=2, steps=6)
+    w, b = kopt.Variable(w0), kopt.Variable(np.float32(0.5))
+    opt = optimizers.SGD(learning_rate=0.1)
+    calls = []
+
+    def weighted_loss(x, y, weight):
+        calls.append(1)
+        return weight * jnp.mean((x @ w + b - y) ** 2)
+
+    weights = [1.0 + 0.25 * i for i in range(len(batches))]
+    for i, ((x, y), weight) in enumerate(zip(batches, weights, strict=True)):
+        if i == 3:
+            backend_compiles.clear()
+        opt.minimize(lambda x=x, y=y, weight=weight: weighted_loss(x, y, weight), [w, b])
+    assert backend_compiles == []
+    assert len(calls) == len(batches)
+    ww, bb = w0.astype(np.float64), 0.5
+    for (x, y), weight in zip(batches, weights, strict=True):
+        r = x @ ww + bb - y
+        ww, bb = ww - 0.1 * weight * 2 * x.T @ r / len(y), bb - 0.1 * weight * 2 * r.mean()
+    np.testing.assert_allclose(w.numpy(), ww, rtol=1e-5)
+    np.testing.assert_allclose(float(b.numpy()), bb, rtol=1e-5)
+
+
+def test_compute_gradients_with_grad_loss_and_unread_variables():
+    """A vector loss with ``grad_loss`` (the cotangent), and a variable the loss does not read
+    (None), through the compiled path: against NumPy."""
+    x = np.array([[1.0, 2.0], [3.0, -1.0], [0.5, 0.5]], np.float32)
+    w, unused = kopt.Variable([0.3, -0.2]), kopt.Variable([1.0])
+    opt = optimizers.SGD()
+    cotangent = np.array([1.0, -2.0, 0.5], np.float32)
+    for _ in range(2):
+        (gw, vw), (gu, vu) = opt.compute_gradients(lambda: (x @ w) ** 2, [w, unused], cotangent)
+        assert vw is w and vu is unused and gu is None
+        expected = x.T @ (cotangent * 2 * (x @ np.array([0.3, -0.2])))
+        np.testing.assert_allclose(np.asarray(gw), expected, rtol=1e-6)
