@@ -505,3 +505,28 @@ def test_set_hyperparam_on_an_nnx_optimizer_state_keeps_its_boxes(backend_compil
     assert len(traces) == 1 and len(backend_compiles) == compiled
     expected = jax.tree.map(lambda p, g: p - 0.5 * g, before, grads)
     chex.assert_trees_all_close(nnx.to_pure_dict(nnx.state(model, nnx.Param)), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: kopt.flatten(kopt.adam(0.1)),
+        lambda: kopt.chain(kopt.clip_by_global_norm(1.0), kopt.flatten(kopt.sgd(0.1, 0.9))),
+        lambda: kopt.masked(kopt.flatten(kopt.adam(0.1)), {"a": True, "b": {"c": False}}),
+    ],
+    ids=["flatten", "chain", "masked"],
+)
+def test_tree_map_params_on_a_flatten_state_says_why_it_cannot(make):
+    """A flatten state's slots are packed buffers, so ``tree_map_params`` has no param trees
+    to map in it; it failed with a pytree-structure error that named neither flatten nor a way
+    out. It now raises a ValueError naming both, and the state is left as it was."""
+    params = {"a": jnp.arange(3.0), "b": {"c": jnp.ones((2, 2))}}
+    tx = make()
+    state = tx.init(params)
+    before = jax.tree.map(np.asarray, state)
+    with pytest.raises(ValueError, match=r"flatten: optax.tree_utils.tree_map_params") as info:
+        optax.tree_utils.tree_map_params(tx, lambda p: p + 1.0, state)
+    assert "kopt.state_sharding" in str(info.value)
+    chex.assert_trees_all_equal(state, before)
+    # An empty params tree, which is not the placeholder, still makes an (empty) state.
+    assert kopt.flatten(kopt.adam()).init({}).layout.keys == ()

@@ -234,6 +234,14 @@ def _is_sharded(p: Any) -> bool:
     return sharding is not None and not sharding.is_fully_replicated
 
 
+def _stands_for_params(params: Any) -> bool:
+    """Whether ``params`` is the placeholder ``optax.tree_utils.tree_map_params`` passes to
+    ``init`` (a leafless tree that stands for the params, to find where the state holds trees
+    shaped like them). A flatten state holds none, and the empty layout built from the
+    placeholder failed there with a pytree-structure error naming neither."""
+    return type(params).__name__ == "_ParamsPlaceholder" and not jax.tree.leaves(params)
+
+
 def flatten(
     transformation: GradientTransformation, max_leaf_size: int = 8192
 ) -> GradientTransformation:
@@ -256,6 +264,9 @@ def flatten(
     read and set as usual. The updates equal the unflattened transformation's (up to rounding).
     Every param needs a gradient: a None gradient, which the unflattened transformation takes
     as "skip this param", is refused with a ValueError naming it.
+    ``optax.tree_utils.tree_map_params`` cannot map the state (its slots are packed buffers,
+    not param trees) and raises a ValueError saying so; for the state's shardings, read them
+    off a state made by ``init`` from the placed params, or use :func:`kopt.state_sharding`.
 
     Args:
         transformation: the elementwise transformation to run packed.
@@ -285,6 +296,15 @@ def flatten(
         )
 
     def init_fn(params):
+        if _stands_for_params(params):
+            raise ValueError(
+                f"{owner}: optax.tree_utils.tree_map_params cannot map a flatten state: its "
+                "slots are packed 1-D buffers (one per dtype, and the large or sharded leaves "
+                "beside them), not trees shaped like the params. For the state's shardings, "
+                "take them from a state that `init` made from the placed params "
+                "(`jax.tree.map(lambda x: x.sharding, state)`), or use kopt.state_sharding "
+                "for ZeRO-1 shardings"
+            )
         check_floating_params(params, owner)
         layout = make_layout(params, max_leaf_size)
         packed = layout.pack(params, owner, "param")
