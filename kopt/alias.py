@@ -43,7 +43,10 @@ def sgd(
     .. math:: a \leftarrow \mu a - \eta g,\quad w \leftarrow w + a
         \;\;(\text{Nesterov: } w \leftarrow w + \mu a - \eta g)
 
-    Slot ``momentum`` when momentum is on (a number above 0, an array or a schedule).
+    Slot ``momentum`` when momentum is on (a number above 0, an array or a schedule). The
+    state then holds a hyperparameter and a slot of that name (Keras's names): read them with
+    :func:`kopt.get_hyperparam` and :func:`kopt.get_slot`, since ``optax.tree_utils.tree_get``
+    finds both and raises without a ``filtering`` argument (see "Coming from optax").
 
     Example:
         >>> import jax.numpy as jnp, kopt
@@ -198,6 +201,10 @@ def rmsprop(
 ) -> GradientTransformation:
     r"""RMSprop as Keras computes it: epsilon outside the root without momentum, inside with it
     (see :func:`kopt.scale_by_rmsprop`).
+
+    With momentum on, the state holds a hyperparameter and a slot both named ``momentum``, as
+    :func:`kopt.sgd`'s does: read them with :func:`kopt.get_hyperparam` and
+    :func:`kopt.get_slot`.
 
     Example:
         >>> import jax.numpy as jnp, kopt
