@@ -248,6 +248,118 @@ def test_unknown_names_are_errors_naming_them():
         optimizers.deserialize({"class_name": "Adam", "config": {"bogus": 1}})
 
 
+# tf_keras 2.21's serialize(..., use_legacy_format=True) (what an H5 model file stores) of its
+# default, non-legacy optimizers, and what its `convert_to_legacy_optimizer` makes of them.
+_NON_LEGACY_COMMON = {
+    "weight_decay": None,
+    "clipnorm": None,
+    "global_clipnorm": None,
+    "clipvalue": None,
+    "use_ema": False,
+    "ema_momentum": 0.99,
+    "ema_overwrite_frequency": None,
+    "jit_compile": False,
+    "is_legacy_optimizer": False,
+}
+_TF_KERAS_ADAM = {  # tf_keras.optimizers.Adam(0.25, amsgrad=True, clipnorm=1.0)
+    "class_name": "Custom>Adam",
+    "config": {
+        **_NON_LEGACY_COMMON,
+        "name": "Adam",
+        "clipnorm": 1.0,
+        "learning_rate": 0.25,
+        "beta_1": 0.9,
+        "beta_2": 0.999,
+        "epsilon": 1e-07,
+        "amsgrad": True,
+    },
+}
+_TF_KERAS_LSO = {  # LossScaleOptimizer(SGD(0.5, momentum=0.5), initial_scale=64, growth 3)
+    "class_name": "LossScaleOptimizerV3",
+    "config": {
+        "inner_optimizer": {
+            "module": "keras.optimizers",
+            "class_name": "SGD",
+            "config": {
+                **_NON_LEGACY_COMMON,
+                "name": "SGD",
+                "learning_rate": 0.5,
+                "momentum": 0.5,
+                "nesterov": False,
+            },
+            "registered_name": None,
+        },
+        "dynamic": True,
+        "initial_scale": 64.0,
+        "dynamic_growth_steps": 3,
+    },
+}
+
+
+def test_configs_of_tf_keras_non_legacy_optimizers_load_as_tf_keras_converts_them():
+    blob = copy.deepcopy(_TF_KERAS_ADAM)
+    opt = optimizers.deserialize(blob)
+    assert blob == _TF_KERAS_ADAM  # the caller's dict is not changed
+    assert type(opt) is optimizers.Adam
+    # tf_keras's convert_to_legacy_optimizer(...).get_config():
+    assert opt.get_config() == {
+        "name": "Adam",
+        "clipnorm": 1.0,
+        "learning_rate": 0.25,
+        "decay": 0.0,
+        "beta_1": 0.9,
+        "beta_2": 0.999,
+        "epsilon": 1e-07,
+        "amsgrad": True,
+    }
+    var = kopt.Variable([1.0, -2.0])
+    for g in ([3.0, 0.5], [-1.0, 0.25]):
+        opt.apply_gradients([(jnp.asarray(g), var)])
+    # The converted tf_keras 2.21 optimizer after the same two steps:
+    np.testing.assert_allclose(var.numpy(), [0.7610818147659302, -2.497964859008789], rtol=1e-6)
+    np.testing.assert_allclose(
+        opt.get_slot(var, "vhat").numpy(), [0.001913151703774929, 8.58224302646704e-05], rtol=1e-5
+    )
+    # The same config in the new format (module "keras.optimizers", class name "Adam").
+    modern = {"module": "keras.optimizers", "registered_name": None, **_TF_KERAS_ADAM}
+    modern["class_name"] = "Adam"
+    assert optimizers.deserialize(modern).get_config() == opt.get_config()
+
+    lso = optimizers.deserialize(copy.deepcopy(_TF_KERAS_LSO))
+    assert type(lso) is optimizers.LossScaleOptimizer
+    config = lso.get_config()
+    assert config["inner_optimizer"]["config"] == {
+        "name": "SGD",
+        "learning_rate": 0.5,
+        "decay": 0.0,
+        "momentum": 0.5,
+        "nesterov": False,
+    }
+    assert (config["dynamic"], config["initial_scale"], config["dynamic_growth_steps"]) == (
+        True,
+        64.0,
+        3,
+    )
+
+
+@pytest.mark.parametrize("option, value", [("weight_decay", 0.01), ("use_ema", True)])
+def test_a_non_legacy_option_that_changes_the_update_is_refused_for_a_legacy_class(option, value):
+    blob = copy.deepcopy(_TF_KERAS_ADAM)
+    blob["config"][option] = value
+    before = copy.deepcopy(blob)
+    with pytest.raises(ValueError, match=f"`{option}`") as info:
+        optimizers.deserialize(blob)
+    assert "Adam" in str(info.value)
+    assert blob == before
+    # kopt's Keras 3 AdamW takes them; tf.keras's own options for jit and its format go.
+    blob["class_name"] = "Custom>AdamW"
+    blob["config"]["name"] = "AdamW"
+    blob["config"]["weight_decay"] = blob["config"]["weight_decay"] or 0.004  # AdamW's default
+    adamw = optimizers.deserialize(blob)
+    assert type(adamw) is optimizers.AdamW
+    assert adamw.get_config()[option] == value
+
+
 class _UserAdam(optimizers.Adam):
     """A user's subclass, unregistered, with tf.keras's usual ``from_config(cls, config)``."""
 

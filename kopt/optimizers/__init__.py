@@ -31,6 +31,7 @@ from kopt.optimizers.builtin import (
     Nadam,
     RMSprop,
     TransformationOptimizer,
+    _KerasV2,
     from_transformation,
 )
 from kopt.optimizers.loss_scale import LossScaleOptimizer
@@ -91,13 +92,20 @@ def serialize(optimizer: Optimizer) -> dict[str, Any] | None:
 def deserialize(config: dict[str, Any], custom_objects: dict[str, Any] | None = None) -> Optimizer:
     """An optimizer from :func:`serialize`'s output (or a Keras ``{"class_name", "config"}``).
 
-    Built-in names are case-insensitive. Your own classes are found as tf.keras finds them:
-    registered with :func:`register_keras_serializable`, or in ``custom_objects`` under their
+    Built-in names are case-insensitive. A config of tf.keras's non-legacy optimizers (the
+    default ones since tf.keras 2.11: ``"is_legacy_optimizer": False``, class names such as
+    ``"Custom>Adam"`` and ``"LossScaleOptimizerV3"``) loads into the built-in of the same name
+    as tf.keras's ``convert_to_legacy_optimizer`` converts it: without the options only those
+    classes have; one that changes the update (``weight_decay``, ``use_ema``) is refused.
+
+    Your own classes are found as tf.keras finds them: registered with
+    :func:`register_keras_serializable`, or in ``custom_objects`` under their
     ``registered_name`` or class name. A ``from_config`` override without a ``custom_objects``
     argument is called with the config alone, as tf.keras calls it.
 
     Raises:
-        ValueError: for an unknown class name or a malformed config.
+        ValueError: for an unknown class name, a malformed config, or a non-legacy tf.keras
+            config setting ``weight_decay`` or ``use_ema`` for a legacy class.
         TypeError: for unknown config keys (from the class's constructor).
     """
     if not isinstance(config, dict) or "class_name" not in config:
@@ -106,7 +114,7 @@ def deserialize(config: dict[str, Any], custom_objects: dict[str, Any] | None = 
             f"{config!r:.80}"
         )
     name = config["class_name"]
-    cls = _registry.find_class(config, custom_objects) or _CLASSES.get(str(name).lower())
+    cls = _registry.find_class(config, custom_objects) or _builtin_class(name)
     if cls is None and name == "TransformationOptimizer":
         cls = TransformationOptimizer  # its from_config takes the transformation back
     if cls is None:
@@ -115,7 +123,66 @@ def deserialize(config: dict[str, Any], custom_objects: dict[str, Any] | None = 
             "own classes in `custom_objects`, or register them with "
             "`kopt.optimizers.register_keras_serializable`."
         )
-    return _registry.call_from_config(cls, dict(config.get("config", {})), custom_objects)
+    inner = dict(config.get("config", {}))
+    if cls in _CLASSES.values():
+        inner = _from_non_legacy_config(cls, inner)
+    return _registry.call_from_config(cls, inner, custom_objects)
+
+
+def _builtin_class(name: Any) -> type | None:
+    """The built-in a class name stands for, case-insensitively, including the names tf.keras
+    (2.11 and later) writes for its non-legacy optimizers: ``"Custom>Adam"`` in its legacy
+    serialization format, ``"LossScaleOptimizerV3"`` for its loss scaling over them."""
+    key = str(name).lower()
+    key = key.removeprefix("custom>")
+    return _CLASSES.get("lossscaleoptimizer" if key == "lossscaleoptimizerv3" else key)
+
+
+# Options of tf.keras's non-legacy optimizers (``tf.keras.optimizers.Adam`` since 2.11, with
+# ``"is_legacy_optimizer": False`` in their configs) that its legacy classes do not have.
+_NON_LEGACY_OPTIONS = (
+    "weight_decay",
+    "use_ema",
+    "ema_momentum",
+    "ema_overwrite_frequency",
+    "jit_compile",
+    "is_legacy_optimizer",
+)
+
+
+def _from_non_legacy_config(cls: type, config: dict[str, Any]) -> dict[str, Any]:
+    """A non-legacy tf.keras optimizer's config for kopt's built-in ``cls``.
+
+    kopt's ``Adam``, ``SGD``... are tf.keras's legacy classes: as tf.keras's own
+    ``convert_to_legacy_optimizer`` does, the options only the non-legacy classes have are
+    dropped. One that would change the update (``weight_decay``, ``use_ema``) is refused
+    instead of dropped. kopt's Keras 3 classes (AdamW...) take those options, and drop only
+    ``jit_compile`` (kopt always compiles) and ``is_legacy_optimizer``. Other configs are
+    returned unchanged.
+    """
+    if config.get("is_legacy_optimizer", True) is not False:
+        return config
+    config = dict(config)
+    config.pop("jit_compile", None)
+    config.pop("is_legacy_optimizer", None)
+    if not issubclass(cls, _KerasV2):
+        return config
+    active = {
+        key: config[key]
+        for key in ("weight_decay", "use_ema")
+        if config.get(key) not in (None, False, 0)
+    }
+    if active:
+        key, value = next(iter(active.items()))
+        raise ValueError(
+            f"optimizers.deserialize: this config of tf.keras's non-legacy {cls.__name__} sets "
+            f"`{key}`={value!r}, an option kopt's {cls.__name__} (tf.keras's legacy "
+            f"{cls.__name__}) does not have (kopt's Keras 3 classes, AdamW, Lion, Lamb and "
+            "Adafactor, take it)"
+        )
+    for key in _NON_LEGACY_OPTIONS:
+        config.pop(key, None)
+    return config
 
 
 def get(identifier: Any) -> Optimizer:
