@@ -175,6 +175,31 @@ def train_step(library: str, optimizer: str, n_params: int, n_leaves: int, batch
     return step
 
 
+def facade_minimize(optimizer: str, n_params: int, n_leaves: int, batch=64) -> Step:
+    """``opt.minimize(loss, variables)`` over the MLP of :func:`train_step`, as the facade's
+    documentation writes it: the closure calls a ``jax.jit``-compiled loss of the variables."""
+    import jax
+    import jax.numpy as jnp
+
+    import kopt
+    from kopt import optimizers
+
+    params = {k: kopt.Variable(v) for k, v in mlp_params(n_params, n_leaves, 0).items()}
+    width = params["w0000"].shape[0]
+    x = jax.random.normal(jax.random.key(1), (batch, width))
+    y = jnp.tanh(jax.random.normal(jax.random.key(2), (batch, width)))
+    loss = jax.jit(mlp_loss)
+    variables = list(params.values())
+    opt = _keras_like(optimizers, optimizer)
+
+    def step():
+        opt.minimize(lambda: loss(params, x, y), variables)
+        opt.iterations.value.block_until_ready()
+
+    step()
+    return step
+
+
 def optax_pure(optimizer: str, n_params: int, n_leaves: int) -> Step:
     import optax
 

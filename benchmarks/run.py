@@ -224,7 +224,10 @@ def suite_train(cfg: Config) -> Section:
         "One jitted, donated step of a tanh MLP (`leaves / 2` square layers, kernel and bias, "
         "batch 64): loss, gradient, update, `apply_updates`, in each library. `kopt.pack` "
         "keeps the params in `kopt.pack` buffers and the model reads them through `unpack()`, "
-        "so the step includes slicing the params out and writing the gradient into one buffer.",
+        "so the step includes slicing the params out and writing the gradient into one buffer. "
+        "*kopt facade minimize* rows time `opt.minimize(lambda: loss(variables, x, y), "
+        "variables)` with `loss` jitted, against kopt's jitted step: what the facade's "
+        "per-call tracing and its two compiled programs cost.",
     )
     rows = []
     for size in cfg.sizes:
@@ -248,6 +251,21 @@ def suite_train(cfg: Config) -> Section:
                     bandwidth=False,
                 )
             )
+        rows.append(
+            timed_row(
+                "train",
+                "adam",
+                size,
+                (
+                    "kopt facade minimize",
+                    lambda n=n, k=leaves: contenders.facade_minimize("adam", n, k),
+                ),
+                ("kopt", lambda n=n, k=leaves: contenders.train_step("kopt", "adam", n, k)),
+                cfg.budget,
+                section.notes,
+                bandwidth=False,
+            )
+        )
     section.table = table_of(rows, cfg)
     return section
 
