@@ -60,9 +60,7 @@ def compiled_gradients(
     if identity in _EAGER or not values:
         return None
     if any(
-        isinstance(v, jax.core.Tracer)
-        or not isinstance(v, jax.Array)
-        or not jnp.issubdtype(v.dtype, jnp.inexact)
+        isinstance(v, jax.core.Tracer) or not isinstance(v, jax.Array) or not _inexact(v.dtype)
         for v in values
     ):
         return None  # integer variables (float0 gradients) and nested traces: eager
@@ -98,6 +96,18 @@ def compiled_gradients(
     if run is None:  # differentiated eagerly, from the trace already taken (no second call)
         return _gradient_program(closed.jaxpr, out_tree)(list(closed.consts), values, cotangent)
     return run(list(closed.consts), values, cotangent)
+
+
+_INEXACT: dict[Any, bool] = {}
+
+
+def _inexact(dtype: Any) -> bool:
+    """``jnp.issubdtype(dtype, jnp.inexact)``, remembered per dtype (it is called per variable
+    per step)."""
+    out = _INEXACT.get(dtype)
+    if out is None:
+        out = _INEXACT[dtype] = bool(jnp.issubdtype(dtype, jnp.inexact))
+    return out
 
 
 def _cotangent(grad_loss: Any, shape: jax.ShapeDtypeStruct) -> jax.Array | None:
