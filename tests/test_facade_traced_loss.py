@@ -120,3 +120,25 @@ def test_compute_gradients_with_grad_loss_and_unread_variables():
         assert vw is w and vu is unused and gu is None
         expected = x.T @ (cotangent * 2 * (x @ np.array([0.3, -0.2])))
         np.testing.assert_allclose(np.asarray(gw), expected, rtol=1e-6)
+
+
+def test_a_loss_assigning_a_different_variable_each_step_assigns_the_right_one():
+    """Two moving statistics of the same shape, the loss assigning one or the other by step:
+    the traces differ only in which variable gets the value, and each step must assign its own
+    (a cached program must not hand the value to the variable of an earlier step)."""
+    w = kopt.Variable([1.0, 2.0])
+    stats = [kopt.Variable([0.0, 0.0], trainable=False) for _ in range(2)]
+    opt = optimizers.SGD(learning_rate=0.0)
+    for step in range(4):
+        target = stats[step % 2]
+
+        factor = jnp.asarray(step + 1.0)  # an array: every step traces the same operations
+
+        def loss(target=target, factor=factor):
+            target.assign(w * factor)
+            return jnp.sum(w**2)
+
+        opt.minimize(loss, [w])
+        np.testing.assert_array_equal(target.numpy(), [step + 1.0, 2 * (step + 1.0)])
+    np.testing.assert_array_equal(stats[0].numpy(), [3.0, 6.0])
+    np.testing.assert_array_equal(stats[1].numpy(), [4.0, 8.0])

@@ -77,7 +77,8 @@ def compiled_gradients(
     run = None
     if key is not None:
         signature = (key[0], None if cotangent is None else cotangent.dtype)
-        key = (*key, signature)
+        # The outputs' tree too: it names the variables the loss assigned (by uid).
+        key = (*key, signature, out_tree)
         with _lock:
             run = _PROGRAMS.get(key)
             if run is not None:
