@@ -184,6 +184,27 @@ def test_values_read_between_steps_on_two_devices_are_copied_per_device():
         assert v.value.devices() == {devices[k % 2]}
 
 
+def test_a_variable_of_an_array_copies_it_without_compiling_per_shape(backend_compiles):
+    """The copy was an eager ``jnp.array(copy=True)``: a program per shape, for the model's
+    variables and again for every slot the optimizer makes of its initial state."""
+    device = jax.devices()[-1]
+    values = [jax.device_put(np.full((i + 1, 3), float(i), np.float32)) for i in range(6)]
+    values += [jax.device_put(np.ones(9, np.float32), device)]
+    before = len(backend_compiles)
+    variables = [kopt.Variable(x) for x in values]
+    assert len(backend_compiles) == before
+    for x, v in zip(values, variables, strict=True):
+        assert (v.dtype, v.shape, v.value.committed) == (x.dtype, x.shape, x.committed)
+        assert v.value.devices() == x.devices()
+        x.delete()  # the variable holds a copy of its own
+    np.testing.assert_array_equal(variables[2].numpy(), np.full((3, 3), 2.0))
+    # A weakly typed value (its copy converts it) and a cast still come out strongly typed.
+    weak = kopt.Variable(jnp.full((2,), 1.5))
+    cast = kopt.Variable(jnp.ones(2, jnp.float32), dtype=jnp.bfloat16)
+    assert not weak.value.weak_type and weak.dtype == jnp.float32
+    assert cast.dtype == jnp.bfloat16 and not cast.value.weak_type
+
+
 def max_norm(w, max_value, axis):
     norms = np.sqrt(np.sum(w**2, axis=axis, keepdims=True))
     return w * np.clip(norms, 0, max_value) / (1e-7 + norms)
