@@ -174,3 +174,24 @@ def test_reading_and_writing_grouped_slots_compiles_nothing():
     # make the step compile again. A value read is uncommitted too, like a fresh array.
     assert len(compiles) == before
     assert not opt.get_slot(variables[0], "m").value.committed
+
+
+def test_a_fresh_optimizer_over_many_shapes_compiles_only_its_step(backend_compiles):
+    """Building a group's buffer eagerly compiled a ``ravel`` per slot shape: hundreds of
+    one-off compiles, seconds, before the first step over a model of many small variables.
+    (Slot placement, committed or not, is checked by the step-cache tests.)"""
+
+    def model(count, width):  # distinct shapes, made from NumPy: no compile per shape
+        shapes = [(i % 3 + 1, width + i) for i in range(count)]
+        return [(np.ones(s, np.float32), kopt.Variable(np.ones(s, np.float32))) for s in shapes]
+
+    # Another optimizer over other shapes first: what compiles once per process is done.
+    optimizers.Adam(0.1).apply_gradients(model(3, 1))
+    grads = [(jax.device_put(g), v) for g, v in model(40, 211)]
+    opt = optimizers.Adam(0.1)
+    before = len(backend_compiles)
+    opt.apply_gradients(grads)
+    assert len(backend_compiles) == before + 1  # the step
+    assert opt.compile_count == 1 and len(opt._slot_groups) >= 2
+    assert not any(g.buffer.committed for g in opt._slot_groups)  # as the variables are
+    np.testing.assert_allclose(opt.get_slot(grads[5][1], "m").numpy(), 0.1, rtol=1e-6)

@@ -15,7 +15,6 @@ import math
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from kopt.transforms._flat import _split
@@ -88,7 +87,15 @@ class SlotGroup:
         self.members: tuple[PackedSlot, ...] = tuple(members)  # type: ignore[assignment]
         self.sizes = tuple(math.prod(v.shape) for v in values)
         self.offsets = tuple(itertools.accumulate(self.sizes, initial=0))[:-1]
-        self.buffer = jnp.concatenate([jnp.ravel(v) for v in values])
+        # Built on the host and placed as the members are (they share a dtype, placement and
+        # commitment): eager, a ``ravel`` compiled a program per member shape, hundreds for the
+        # first step over a model of many small variables of distinct shapes.
+        host = np.concatenate([np.ravel(v) for v in jax.device_get(values)])
+        first = values[0]
+        self.buffer = (
+            jax.device_put(host, first.sharding) if first.committed else jax.device_put(host)
+        )
+        self._host_copy = (self._buffer, host)
         offset = 0
         for i, (m, v, size) in enumerate(zip(members, values, self.sizes, strict=True)):
             m.__dict__.pop("_storage", None)
