@@ -127,6 +127,40 @@ def test_loss_scale_non_finite_step_changes_no_variable_and_lowers_the_scale():
     assert int(opt.iterations.numpy()) == 1
 
 
+def test_loss_scale_checks_small_gradients_packed_and_any_non_finite_one_skips(monkeypatch):
+    """The guard reduced every gradient on its own, and its step compiled about twice as long as
+    the inner optimizer's: the small gradients of one dtype are checked as one concatenation now
+    (a large one apart). A NaN or infinity in any of them still skips the step."""
+    from kopt.optimizers import base
+    from kopt.optimizers._slot_groups import MAX_GROUPED_SIZE
+
+    leaves, real = [], base.all_finite
+    monkeypatch.setattr(
+        base, "all_finite", lambda tree: leaves.append(len(jax.tree.leaves(tree))) or real(tree)
+    )
+    variables = [kopt.Variable(np.ones((i % 3 + 1, i + 1), np.float32)) for i in range(40)]
+    variables += [kopt.Variable(np.ones(3, np.float16)), kopt.Variable(np.ones(2, np.float16))]
+    variables += [kopt.Variable(np.ones(MAX_GROUPED_SIZE + 1, np.float32))]
+    opt = optimizers.LossScaleOptimizer(
+        optimizers.SGD(0.5), initial_scale=8.0, dynamic_growth_steps=100
+    )
+
+    def grads(bad=None, value=np.nan):
+        values = [np.full(v.shape, 0.25, v.dtype) for v in variables]
+        if bad is not None:
+            values[bad].flat[-1] = value
+        return [(jax.device_put(g), v) for g, v in zip(values, variables, strict=True)]
+
+    opt.apply_gradients(grads())  # finite: 1 - 0.5 * 0.25 everywhere
+    assert leaves == [3]  # small float32, small float16, the large one
+    for bad, value in [(17, np.nan), (41, np.inf), (42, -np.inf)]:
+        opt.apply_gradients(grads(bad, value))
+    for v in variables:
+        np.testing.assert_array_equal(v.numpy(), 0.875)
+    assert float(opt.loss_scale.numpy()) == 1.0  # 8, halved on each of the three
+    assert int(opt.iterations.numpy()) == 1 and opt.inner_optimizer.compile_count == 1
+
+
 def test_loss_scale_unscales_float16_gradients_past_its_range_and_keeps_dtypes():
     """A float16 gradient is multiplied by ``1 / scale`` taken in float32 (the scale ``2**16``
     itself is infinite in float16), as tf.keras does; a float16 loss stays float16 when scaled,

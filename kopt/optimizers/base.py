@@ -34,11 +34,11 @@ from kopt import base as core
 from kopt import variables as variables_module
 from kopt.optimizers import _state_codec as codec
 from kopt.optimizers import _traced_loss
-from kopt.optimizers._slot_groups import PackedSlot, SlotGroup, group_slots
+from kopt.optimizers._slot_groups import MAX_GROUPED_SIZE, PackedSlot, SlotGroup, group_slots
 from kopt.optimizers.schedules import LearningRateSchedule, _plain_number
 from kopt.optimizers.schedules import deserialize as deserialize_schedule
 from kopt.optimizers.schedules import serialize as serialize_schedule
-from kopt.sparse import IndexedSlices
+from kopt.sparse import IndexedSlices, is_indexed_slices
 from kopt.transforms import all_finite, clip_by_global_norm, clip_by_norm, clip_by_value
 from kopt.transforms._core import learning_rate_at
 from kopt.variables import (
@@ -1415,6 +1415,8 @@ class Optimizer:
         loose = plan.loose
         state_shardings = [_spread_sharding(s) for s in loose]
         guard = self._guard
+        # Variables on one device, whose small gradients the guard checks packed.
+        packable = {v._uid for v, sh in zip(var_list, var_shardings, strict=True) if sh is None}
 
         def traced(var_values, grads, state_values, iteration, hyper_values, dynamic):
             self.compile_count += 1
@@ -1448,7 +1450,7 @@ class Optimizer:
                             "after aggregation; reduce it in your gradient_aggregator"
                         )
                 # A guard decides on the aggregated gradients, as tf.keras's wrapper does.
-                aggregated = [g for g, _ in gv]
+                aggregated = list(gv)
                 gv = self._transform_gradients(gv)
                 if tx is not None:
                     self._apply_transformation(tx, gv, dynamic, template)
@@ -1471,7 +1473,7 @@ class Optimizer:
                 if guard is not None:
                     # Not all finite: keep every input as it came (the guard's own scale and
                     # counter excepted, which it has just updated).
-                    finite = all_finite(aggregated)
+                    finite = _gradients_finite(aggregated, packable)
                     guard._guard_update(finite)
                     kept = {v._uid for v in guard._guard_variables()}
                     new_vars = [
@@ -2376,6 +2378,26 @@ def _spread_sharding(variable: Variable) -> Any:
     if isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.device_set) > 1:
         return sharding
     return None
+
+
+def _gradients_finite(pairs: list[tuple[Any, Any]], packable: set[int]) -> jax.Array:
+    """Whether every gradient of ``pairs`` is finite (:func:`kopt.all_finite`). The small
+    gradients of the variables in ``packable`` (uids) are checked as one concatenation per
+    dtype: a reduction per gradient made a LossScaleOptimizer's step compile about twice as
+    long as its inner optimizer's on XLA:CPU (100 to 300 variables). Large gradients, which
+    concatenating would copy, and those of variables spread over devices, which it would
+    gather, are checked one by one."""
+    small: dict[Any, list[Any]] = {}
+    apart = []
+    for g, v in pairs:
+        for leaf in jax.tree.leaves(g, is_leaf=is_indexed_slices):
+            x = leaf.values if isinstance(leaf, IndexedSlices) else leaf
+            if getattr(v, "_uid", None) in packable and jnp.size(x) <= MAX_GROUPED_SIZE:
+                small.setdefault(jnp.result_type(x), []).append(jnp.ravel(x))
+            else:
+                apart.append(x)
+    packed = [jnp.concatenate(xs) if len(xs) > 1 else xs[0] for xs in small.values()]
+    return all_finite(packed + apart)
 
 
 def _uids(var_list: list[Variable]) -> tuple[int, ...]:
