@@ -1,6 +1,6 @@
 """Run by test_data_parallel.py in two processes of two CPU devices each (``python
 tests/multiprocess_worker.py PROCESS_ID PORT``): the facade's ``PerReplica`` gradients across
-processes. Exits 0 when every check holds."""
+processes, and an EMA started from a param spanning both. Exits 0 when every check holds."""
 
 import sys
 
@@ -49,6 +49,13 @@ def main():
     both = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), local)
     opt.apply_gradients([(optimizers.PerReplica(both), var)])
     np.testing.assert_allclose(value(), w0 - 0.1 * replicas.sum(0), rtol=1e-5, atol=1e-6)
+
+    # An EMA starts from a copy of a param that spans both processes (a transfer would refuse it).
+    state = kopt.chain(kopt.sgd(0.1), kopt.ema(0.5)).init({"w": var.value})
+    average = kopt.get_slot(state, "average")["w"]
+    assert average.sharding == var.value.sharding, average.sharding
+    gathered = np.asarray(multihost_utils.process_allgather(average, tiled=True))
+    np.testing.assert_array_equal(gathered, value())
     print(f"process {PID}: ok", flush=True)
 
 

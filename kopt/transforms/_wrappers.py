@@ -426,7 +426,12 @@ def _average_start(p: Any) -> jax.Array:
     """A copy of a param, in its dtype and not weakly typed (a Python float's copy would be), as
     the averages the update returns are: a jitted step then compiles once. An array's copy is
     a transfer, not ``jnp.copy``, which eagerly compiled a program per param shape."""
-    if isinstance(p, jax.Array) and not isinstance(p, jax.core.Tracer) and not p.weak_type:
+    if (
+        isinstance(p, jax.Array)
+        and not isinstance(p, jax.core.Tracer)
+        and not p.weak_type
+        and p.is_fully_addressable  # a transfer refuses an array with other processes' shards
+    ):
         return jax.device_put(p, may_alias=False)
     return jnp.copy(p).astype(jnp.result_type(p))
 
