@@ -3,6 +3,9 @@ program cached by the trace's structure: fresh data every step, no compile after
 and losses that cannot be traced (or trace differently every call) still differentiated right.
 Numbers against NumPy's hand-derived gradients."""
 
+import gc
+import weakref
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -142,3 +145,60 @@ def test_a_loss_assigning_a_different_variable_each_step_assigns_the_right_one()
         np.testing.assert_array_equal(target.numpy(), [step + 1.0, 2 * (step + 1.0)])
     np.testing.assert_array_equal(stats[0].numpy(), [3.0, 6.0])
     np.testing.assert_array_equal(stats[1].numpy(), [4.0, 8.0])
+
+
+def test_scan_cond_and_jit_traced_afresh_in_the_loss_compile_nothing_after_the_first_step(
+    backend_compiles,
+):
+    """``lax.scan`` and ``lax.cond`` called in the closure itself, and a jitted function made
+    anew each step, give new inner jaxprs at every trace, alike in structure: the cached program
+    is reused (they counted by identity, so the loss fell back to eager differentiation, which
+    compiled the scan and the cond again at every step). The jitted function takes the batch
+    as arguments: one that closed over it would hold the batch as its constants, and still
+    count by identity. Against NumPy SGD."""
+    w0, batches = linear_problem(seed=3, steps=5)
+    w, b = kopt.Variable(w0), kopt.Variable(np.float32(0.5))
+    opt = optimizers.SGD(learning_rate=0.1)
+    for i, (x, y) in enumerate(batches):
+        if i == 2:
+            backend_compiles.clear()
+
+        x, y = jnp.asarray(x), jnp.asarray(y)
+
+        def loss(x=x, y=y):
+            residuals = jax.jit(lambda w, b, x, y: x @ w + b - y)(w, b, x, y)
+            total, _ = jax.lax.scan(lambda c, r: (c + r**2, None), 0.0, residuals)
+            return jax.lax.cond(total > 1e9, lambda: total * 0.0, lambda: total / len(y))
+
+        opt.minimize(loss, [w, b])
+    assert [c.fun_name for c in backend_compiles] == []
+    expected_w, expected_b = sgd_reference(w0, batches, 0.1)
+    np.testing.assert_allclose(w.numpy(), expected_w, rtol=1e-5)
+    np.testing.assert_allclose(float(b.numpy()), expected_b, rtol=1e-5)
+
+
+def test_a_loss_found_to_change_every_call_keeps_no_batch_alive():
+    """A ``custom_gradient`` rule closing over the batch is a new function in every trace, so
+    the loss is found to change every call; the first trace's cached program and key, which
+    hold that rule and so the first batch, are dropped then. Gradients against NumPy."""
+    w = kopt.Variable(np.ones(4, np.float32))
+    opt = optimizers.SGD(learning_rate=0.1)
+    expected = np.ones(4)
+    alive = []
+    for step in range(3):
+        x = jnp.asarray(np.arange(4, dtype=np.float32) + step)
+
+        def loss(x=x):
+            # sum(x * w), its cotangent multiplied by x[0] + 1 (= step + 1) by the rule
+            scaled = jax.custom_gradient(
+                lambda u: (jnp.sum(u), lambda g: (g * (x[0] + 1.0) * jnp.ones_like(u),))
+            )
+            return scaled(x * w)
+
+        opt.minimize(loss, [w])
+        expected = expected - 0.1 * np.asarray(x) * (step + 1.0)
+        alive.append(weakref.ref(x))
+        del x, loss
+    gc.collect()
+    assert [ref() is None for ref in alive] == [True, True, True]
+    np.testing.assert_allclose(w.numpy(), expected, rtol=1e-6)

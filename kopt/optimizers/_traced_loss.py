@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -89,6 +90,10 @@ def compiled_gradients(
                 first = _SEEN.setdefault(identity, {}).setdefault(signature, key)
                 if first != key:  # the same inputs, another structure: it changes every call
                     _EAGER.add(identity)
+                    # Neither the first trace's key nor its program is of use now; they may
+                    # hold what the loss captured (a batch a custom_vjp rule closes over).
+                    del _SEEN[identity]
+                    _PROGRAMS.pop(first, None)
                 else:
                     run = jax.jit(_gradient_program(closed.jaxpr, out_tree))
                     _PROGRAMS[key] = run
@@ -142,10 +147,13 @@ def _gradient_program(jaxpr: Any, out_tree: Any) -> Callable:
 def _structure_key(jaxpr: Any) -> tuple | None:
     """A hashable key equal for two jaxprs that compute the same function of their inputs and
     constants: inputs' types, every equation's primitive, parameters and wiring, literals by
-    value. Inner jaxprs count by identity (jit's cache hands the same one back for the same
-    function and types; the cached program holds the jaxpr, so an identity is never reused
-    while its key lives). None if a parameter is neither hashable nor a jaxpr, or the jaxpr has
-    effects: such a loss is differentiated eagerly."""
+    value. An inner jaxpr without constants of its own (a body of ``lax.scan``, ``lax.cond``,
+    ``jax.checkpoint`` traced afresh every call, or a ``jax.jit`` function defined anew) counts
+    by its own structure, remembered per jaxpr object; one with constants by identity (jit's
+    cache hands the same one back for the same function and types; the cached program holds
+    the jaxpr, so an identity is never reused while its key lives). None if a parameter is
+    neither hashable nor a jaxpr, or the jaxpr has effects: such a loss is differentiated
+    eagerly."""
     if jaxpr.effects:
         return None
     numbers: dict[Any, int] = {}
@@ -162,13 +170,11 @@ def _structure_key(jaxpr: Any) -> tuple | None:
     for eqn in jaxpr.eqns:
         params = []
         for name, value in sorted(eqn.params.items()):
-            if isinstance(value, (jex_core.ClosedJaxpr, jex_core.Jaxpr)):
-                value = ("jaxpr", id(value))
-            else:
-                try:
-                    hash(value)
-                except TypeError:
-                    return None
+            value = _param_key(value)
+            try:
+                hash(value)
+            except TypeError:
+                return None
             params.append((name, value))
         equations.append(
             (
@@ -179,3 +185,28 @@ def _structure_key(jaxpr: Any) -> tuple | None:
             )
         )
     return (inputs, tuple(equations), tuple(atom(a) for a in jaxpr.outvars))
+
+
+# Structure keys of inner jaxprs, per jaxpr object (jit's cache hands the same one back: its
+# structure is read once).
+_INNER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _param_key(value: Any) -> Any:
+    """An equation parameter as it counts in a structure key (inner jaxprs, also in tuples such
+    as ``cond``'s branches, by structure or identity; anything else as it is)."""
+    if isinstance(value, tuple):
+        return tuple(_param_key(v) for v in value)
+    if not isinstance(value, (jex_core.ClosedJaxpr, jex_core.Jaxpr)):
+        return value
+    with _lock:
+        key = _INNER.get(value)
+    if key is None:
+        inner = value.jaxpr if isinstance(value, jex_core.ClosedJaxpr) else value
+        structure = None
+        if not (isinstance(value, jex_core.ClosedJaxpr) and value.consts):
+            structure = _structure_key(inner)
+        key = ("jaxpr", id(value)) if structure is None else ("jaxpr structure", structure)
+        with _lock:
+            _INNER[value] = key
+    return key
