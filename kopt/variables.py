@@ -504,7 +504,7 @@ def _as_array(value: Any, dtype: Any, what: str) -> jax.Array:
         if isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer):
             if (
                 value.is_fully_addressable  # another process's shards: the compiled copy
-                and not value.weak_type
+                and not getattr(value, "weak_type", False)  # a PRNG key array has none
                 and (dtype is None or jnp.dtype(dtype) == value.dtype)
             ):
                 # A copy by transfer: an eager ``jnp.array(copy=True)`` compiled a program per

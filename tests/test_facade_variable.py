@@ -205,6 +205,17 @@ def test_a_variable_of_an_array_copies_it_without_compiling_per_shape(backend_co
     assert cast.dtype == jnp.bfloat16 and not cast.value.weak_type
 
 
+def test_a_variable_of_a_prng_key_array_holds_its_own_copy():
+    """A typed key array has no ``weak_type``: making a variable of one raised an
+    AttributeError."""
+    key = jax.random.key(3)
+    expected = np.asarray(jax.random.normal(key, (3,)))
+    v = kopt.Variable(key)
+    assert jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key)
+    key.delete()  # the variable holds a copy of its own
+    np.testing.assert_array_equal(np.asarray(jax.random.normal(v.value, (3,))), expected)
+
+
 def max_norm(w, max_value, axis):
     norms = np.sqrt(np.sum(w**2, axis=axis, keepdims=True))
     return w * np.clip(norms, 0, max_value) / (1e-7 + norms)
