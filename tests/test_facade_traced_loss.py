@@ -202,3 +202,25 @@ def test_a_loss_found_to_change_every_call_keeps_no_batch_alive():
     gc.collect()
     assert [ref() is None for ref in alive] == [True, True, True]
     np.testing.assert_allclose(w.numpy(), expected, rtol=1e-6)
+
+
+def test_two_losses_through_a_loss_scale_optimizer_keep_their_own_programs(backend_compiles):
+    """A LossScaleOptimizer wraps every loss in the same scaled-loss function: two different
+    losses of the same variables must still count as two losses, each with its program, not as
+    one loss whose trace changes (which sends both to eager differentiation)."""
+    w = kopt.Variable([1.0, -2.0])
+    opt = optimizers.LossScaleOptimizer(
+        optimizers.SGD(learning_rate=0.1), dynamic=False, initial_scale=4.0
+    )
+    square = jax.jit(lambda w: jnp.sum(w**2))
+    cube = jax.jit(lambda w: jnp.sum(w**3))
+    expected = np.array([1.0, -2.0])
+    for step in range(4):
+        if step % 2 == 0:
+            opt.minimize(lambda: square(w), [w])
+            expected = expected - 0.1 * 2 * expected
+        else:
+            opt.minimize(lambda: cube(w), [w])
+            expected = expected - 0.1 * 3 * expected**2
+    np.testing.assert_allclose(w.numpy(), expected, rtol=1e-6)
+    assert [c.fun_name for c in backend_compiles].count("jit(loss_gradient)") == 2

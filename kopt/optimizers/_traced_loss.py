@@ -44,11 +44,15 @@ _NOT_TRACEABLE = (
 
 def loss_identity(loss: Callable) -> Any:
     """What identifies a loss across steps: its code (a lambda in a loop body is a new function
-    object each step, with the same code), a partial's function's code, or else its type."""
+    object each step, with the same code), a partial's function's code, or else its type; a
+    wrapper's (a LossScaleOptimizer's scaled loss) with the wrapped loss's, so that losses
+    wrapped alike are told apart."""
     code = getattr(loss, "__code__", None)
     if code is None:
         code = getattr(getattr(loss, "func", None), "__code__", None)
-    return code if code is not None else type(loss)
+    own = code if code is not None else type(loss)
+    wrapped = getattr(loss, "__wrapped__", None)
+    return own if wrapped is None else (own, loss_identity(wrapped))
 
 
 def compiled_gradients(

@@ -139,6 +139,7 @@ class LossScaleOptimizer(Optimizer):
             # the step will: read uncommitted on the first call and moved by its step, the
             # product and the unscaling compiled again on the second call.
             scaled_loss._reads_state = self._guard_variables()
+            scaled_loss.__wrapped__ = loss  # the loss it is, to the facade's traced gradients
             return scaled_loss
         self._place_beside([loss])
         return _times(loss, self._loss_scale.value)
