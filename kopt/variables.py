@@ -516,6 +516,14 @@ def _as_array(value: Any, dtype: Any, what: str) -> jax.Array:
             return _keep_sharding(out, value)
         if isinstance(value, jax.core.Tracer):
             return value.astype(dtype) if dtype is not None else value
+        if isinstance(value, np.ndarray) and value.dtype != object:
+            target = jax.dtypes.canonicalize_dtype(value.dtype if dtype is None else dtype)
+            if target == value.dtype or (value.dtype == np.float64 and target == np.float32):
+                # A transfer of the array (float64 rounded to float32 on the host, as JAX's own
+                # transfer does): ``jnp.array`` compiled a program per shape, one per variable
+                # of a model built from NumPy initial values. Other casts stay on the device.
+                # The copy is made here: a transfer may share the NumPy array's memory.
+                return jax.device_put(np.array(value, dtype=target, copy=True))
         if dtype is None and isinstance(value, (float, list, tuple)):
             arr = np.asarray(value)
             if arr.dtype == np.float64:

@@ -314,3 +314,25 @@ def test_copies_and_pickles_are_independent_variables():
             opt.get_slot(clone, "m")
         clone.assign([5.0, 5.0])
     assert not np.array_equal(v.numpy(), [5.0, 5.0])
+
+
+def test_a_variable_of_a_numpy_array_is_a_transfer_without_compiling(backend_compiles):
+    """``jnp.array`` of a NumPy array compiled a program per shape: one per variable of a model
+    built from NumPy initial values. The values, dtypes (float64 rounded to float32 as
+    ``jnp.array`` rounds it) and placement are the same, and the variable owns its buffer."""
+    rng = np.random.default_rng(0)
+    arrays = [rng.normal(size=(k, 17)).astype(np.float32) for k in range(1, 5)]
+    arrays += [rng.normal(size=(k, 19)) for k in range(1, 4)]  # float64
+    arrays += [np.arange(k * 23, dtype=np.int32).reshape(k, 23) for k in range(1, 3)]
+    backend_compiles.clear()
+    variables = [kopt.Variable(a) for a in arrays]
+    assert backend_compiles == []
+    for a, v in zip(arrays, variables, strict=True):
+        expected = jnp.array(a)  # what it was made with before
+        assert v.dtype == expected.dtype and not v.value.weak_type
+        assert v.value.committed == expected.committed
+        np.testing.assert_array_equal(v.numpy(), np.asarray(expected))
+        a[...] = 0  # the variable holds a copy of its own
+        np.testing.assert_array_equal(v.numpy(), np.asarray(expected))
+    cast = kopt.Variable(arrays[0], dtype=jnp.bfloat16)  # another cast: on the device, as before
+    assert cast.dtype == jnp.bfloat16
