@@ -248,6 +248,23 @@ def full_like_param(p: Any, value: float, dtype: Any | None = None) -> jax.Array
 _HOST_FILL_MAX = 1 << 16
 
 
+def transfer_copy(x: Any, dtype: Any | None = None) -> jax.Array | None:
+    """A copy of array ``x`` made by a transfer (``jax.device_put(may_alias=False)``), same
+    placement and committedness; None where a transfer cannot make it: not a concrete
+    ``jax.Array``, weakly typed (the copy must come out strongly typed), another ``dtype``, or
+    holding other processes' shards (a transfer refuses those). Eagerly, ``jnp.array(copy=True)``
+    compiles a program per shape: hundreds for a model of many small variables."""
+    if (
+        isinstance(x, jax.Array)
+        and not isinstance(x, jax.core.Tracer)
+        and x.is_fully_addressable
+        and not getattr(x, "weak_type", False)  # a PRNG key array has no weak_type
+        and (dtype is None or jnp.dtype(dtype) == x.dtype)
+    ):
+        return jax.device_put(x, may_alias=False)
+    return None
+
+
 def _filled(shape: tuple[int, ...], value: Any, dtype: Any) -> Any:
     """``full(shape, value, dtype)``: a NumPy array for a small slot and a Python or NumPy
     number (the same bits ``jnp.full`` gives: it converts the value with NumPy too), else a

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kopt._tree import transfer_copy
+
 _uid = itertools.count()
 _reads = threading.local()
 # Bumped whenever a variable takes a value that is not on a single device, so that the
@@ -502,14 +504,9 @@ def _as_array(value: Any, dtype: Any, what: str) -> jax.Array:
         raise TypeError(f"Variable: `{what}` must be array-like, received {type(value).__name__}")
     try:
         if isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer):
-            if (
-                value.is_fully_addressable  # another process's shards: the compiled copy
-                and not getattr(value, "weak_type", False)  # a PRNG key array has none
-                and (dtype is None or jnp.dtype(dtype) == value.dtype)
-            ):
-                # A copy by transfer: an eager ``jnp.array(copy=True)`` compiled a program per
-                # shape, hundreds for the slots of a model of many small variables.
-                return jax.device_put(value, may_alias=False)
+            copy = transfer_copy(value, dtype)  # no program compiled per shape
+            if copy is not None:
+                return copy
             # A variable's dtype is definite: a weakly typed value (jnp.full(s, 1.0)) would
             # come back strongly typed from the first step and compile the second one again.
             out = jnp.array(value, dtype=dtype or value.dtype, copy=True)

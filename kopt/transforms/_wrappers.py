@@ -12,6 +12,7 @@ from kopt._tree import (
     gradient_for_none_param,
     on_params_devices,
     slot_like,
+    transfer_copy,
     tree_or_function,
     uncommitted_on_params_devices,
 )
@@ -425,15 +426,10 @@ def apply_if_finite(
 def _average_start(p: Any) -> jax.Array:
     """A copy of a param, in its dtype and not weakly typed (a Python float's copy would be), as
     the averages the update returns are: a jitted step then compiles once. An array's copy is
-    a transfer, not ``jnp.copy``, which eagerly compiled a program per param shape."""
-    if (
-        isinstance(p, jax.Array)
-        and not isinstance(p, jax.core.Tracer)
-        and not p.weak_type
-        and p.is_fully_addressable  # a transfer refuses an array with other processes' shards
-    ):
-        return jax.device_put(p, may_alias=False)
-    return jnp.copy(p).astype(jnp.result_type(p))
+    a transfer where it can be, not ``jnp.copy``, which eagerly compiled a program per param
+    shape."""
+    copy = transfer_copy(p)
+    return copy if copy is not None else jnp.copy(p).astype(jnp.result_type(p))
 
 
 def ema(momentum: Any = 0.99, overwrite_frequency: int | None = None) -> GradientTransformation:
