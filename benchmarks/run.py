@@ -127,7 +127,8 @@ def timed_row(
     if bandwidth and bytes_per_param:
         row.gbps = bytes_per_param * n_params / (row.timing.a_ms * 1e-3) / 1e9
     print(
-        f"  {row.a_name} vs {row.b_name}, {where}: {row.timing.ratio:.2f}",
+        f"  {row.a_name} vs {row.b_name}, {where}: {row.timing.ratio:.2f} "
+        f"({row.timing.a_ms:.3f} ms against {row.timing.b_ms:.3f} ms)",
         file=sys.stderr,
         flush=True,
     )
