@@ -2,6 +2,7 @@
 
     python benchmarks/gpu.py --output benchmarks/RESULTS.md   # replaces the GPU block there
     python benchmarks/gpu.py --quick                           # small sizes (runs on a CPU too)
+    python benchmarks/gpu.py --train --output benchmarks/RESULTS.md  # the training-step block
 
 What it measures, each as paired A/B timings (the same machinery as ``run.py``):
 
@@ -16,6 +17,12 @@ What it measures, each as paired A/B timings (the same machinery as ``run.py``):
 - kopt against torch.optim's fused Adam and SGD on the same card, where torch with CUDA is
   installed;
 - the facade's ``apply_gradients`` against kopt's pure step.
+
+``--train`` measures instead whole jitted training steps of an MLP (loss, gradient, Adam
+update; ``contenders.mlp_params``): optax and kopt over loose params against ``kopt.pack``
+with its default ``max_leaf_size`` (large kernels stay loose) and with ``max_leaf_size=None``
+(every param in one buffer, the model's matrix products reading slices of it). It goes into
+its own block of the output file.
 
 Arrays are made on the device (``jax.random``, ``torch.randn``) so that building 100M-param
 contenders takes no host time. JAX's preallocation is turned off so torch can share the card.
@@ -49,6 +56,10 @@ QUICK_SIZES = ((1_000_000, 1), (1_000_000, 20), (1_000_000, 100), (10_000, 10))
 FULL_BUDGET = Budget(seconds=0.8, min_reps=10, max_reps=500, warmup=3, rounds=2)
 QUICK_BUDGET = Budget(seconds=0.1, min_reps=3, max_reps=100, warmup=1)
 BLOCK = "gpu"
+TRAIN_BLOCK = "gpu-train"
+TRAIN_SIZES = ((100_000_000, 200), (10_000_000, 1000), (1_000_000, 100))
+QUICK_TRAIN_SIZES = ((1_000_000, 20), (100_000, 100))
+TRAIN_BUDGET = Budget(seconds=0.6, min_reps=5, max_reps=200, warmup=2)
 
 # Specified memory bandwidth (GB/s) by a fragment of the device's name, for the share of peak.
 SPEC_GBPS = {
@@ -142,6 +153,50 @@ def kopt_facade(optimizer: str, n_params: int, n_leaves: int) -> harness.Step:
     return step
 
 
+def train_step(library: str, n_params: int, n_leaves: int, batch: int = 64) -> harness.Step:
+    """REPEAT jitted, donated Adam training steps of ``contenders.mlp_params``'s MLP, one wait.
+
+    ``library``: ``"optax"``, ``"kopt"``, ``"kopt.pack"`` (default ``max_leaf_size``) or
+    ``"kopt.pack(None)"`` (every param packed)."""
+    import jax
+    import jax.numpy as jnp
+
+    params = jax.device_put(contenders.mlp_params(n_params, n_leaves, 0))
+    width = params["w0000"].shape[0]
+    x = jax.random.normal(jax.random.key(1), (batch, width))
+    y = jnp.tanh(jax.random.normal(jax.random.key(2), (batch, width)))
+    loss = contenders.mlp_loss
+    if library == "optax":
+        import optax
+
+        tx, apply_updates = contenders.optax_transformation("adam"), optax.apply_updates
+    else:
+        import kopt
+
+        tx, apply_updates = contenders.kopt_transformation("adam"), kopt.apply_updates
+        if library.startswith("kopt.pack"):
+            params = kopt.pack(params, max_leaf_size=None if "None" in library else 16384)
+
+            def loss(p, x, y):
+                return contenders.mlp_loss(p.unpack(), x, y)
+
+    def step_fn(params, state, x, y):
+        grads = jax.grad(loss)(params, x, y)
+        updates, state = tx.update(grads, state, params)
+        return apply_updates(params, updates), state
+
+    fn = jax.jit(step_fn, donate_argnums=(0, 1))
+    box = [params, tx.init(params)]
+
+    def step():
+        for _ in range(REPEAT[0]):
+            box[0], box[1] = fn(box[0], box[1], x, y)
+        jax.block_until_ready(box[0])
+
+    step()
+    return step
+
+
 def torch_fused_cuda(optimizer: str, n_params: int, n_leaves: int) -> harness.Step:
     """torch.optim's fused Adam or SGD over CUDA tensors (its fastest GPU implementation)."""
     try:
@@ -194,7 +249,7 @@ def timed(
         rows.append(row)
 
 
-def report(args: argparse.Namespace) -> str:
+def use_compilation_cache() -> None:
     import atexit
     import shutil
     import tempfile
@@ -209,22 +264,15 @@ def report(args: argparse.Namespace) -> str:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
-    sizes = QUICK_SIZES if args.quick else FULL_SIZES
-    budget = QUICK_BUDGET if args.quick else FULL_BUDGET
-    big = max(n for n, _ in sizes)
+
+def device_rows(machine: dict) -> tuple[dict, float | None]:
+    """The machine table's device rows; returns the table and the specified GB/s, if known."""
+    import jax
+
     device = jax.devices()[0]
     kind = getattr(device, "device_kind", device.platform)
-    machine = harness.machine_description()
     machine["device"] = f"{kind} ({device.platform}, {jax.device_count()} device(s))"
-    inplace = harness.inplace_bandwidth(
-        big, dataclasses.replace(budget, seconds=1.0), repeat=REPEAT[0]
-    )
     spec = spec_gbps(kind)
-    machine["in-place bandwidth"] = f"{inplace:.0f} GB/s (jitted, donated `a + b`, {big:,} float32)"
-    if spec:
-        machine["specified bandwidth"] = (
-            f"{spec} GB/s; in-place reaches {100 * inplace / spec:.0f} %"
-        )
     try:
         smi = subprocess.run(
             ["nvidia-smi", "--query-gpu=driver_version,clocks.max.memory", "--format=csv,noheader"],
@@ -236,7 +284,84 @@ def report(args: argparse.Namespace) -> str:
             machine["nvidia-smi (driver, max memory clock)"] = smi.stdout.strip().splitlines()[0]
     except (OSError, subprocess.SubprocessError):
         pass
-    print(f"device {kind}; in-place {inplace:.0f} GB/s", file=sys.stderr, flush=True)
+    return machine, spec
+
+
+def train_report(args: argparse.Namespace) -> str:
+    """The ``--train`` report: whole training steps, optax and loose kopt against packed kopt."""
+    use_compilation_cache()
+    sizes = QUICK_TRAIN_SIZES if args.quick else TRAIN_SIZES
+    budget = QUICK_BUDGET if args.quick else TRAIN_BUDGET
+    machine, _ = device_rows(harness.machine_description())
+    notes: list[str] = []
+    rows: list[Row] = []
+    for size in sizes:
+        n, k = size
+        for library in ("kopt", "kopt.pack", "kopt.pack(None)"):
+            timed(
+                rows,
+                notes,
+                "train",
+                "adam",
+                size,
+                (library, lambda lib=library, n=n, k=k: train_step(lib, n, k)),
+                ("optax", lambda n=n, k=k: train_step("optax", n, k)),
+                budget,
+            )
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    parts = [
+        "# GPU: whole training steps",
+        "",
+        f"Run on {now}, kopt at commit `{git_commit()}`: `python benchmarks/gpu.py --train"
+        + (" --quick" if args.quick else "")
+        + "`",
+        "",
+        harness.markdown_table(["machine", ""], [[k, v] for k, v in machine.items()]),
+        "",
+        "One jitted, donated Adam training step (loss, gradient, update) of an MLP of square "
+        "tanh layers (`contenders.mlp_params`: the leaves are the layers' kernels and biases), "
+        f"batch 64, timed in units of {REPEAT[0]} steps with one wait; times are medians per "
+        "step in ms. *kopt.pack* packs the leaves of at most 16,384 elements (the default), "
+        "*kopt.pack(None)* packs every leaf, so the matrix products read slices of one buffer.",
+        "",
+        harness.markdown_table(
+            ["params", "leaves", "A", "B", "A ms", "B ms", "A/B", "A/B IQR", "reps"],
+            [
+                [
+                    harness.format_size(r.n_params),
+                    str(r.n_leaves),
+                    r.a_name,
+                    r.b_name,
+                    f"{r.timing.a_ms:.3f}",
+                    f"{r.timing.b_ms:.3f}",
+                    f"{r.timing.ratio:.2f}",
+                    f"{r.timing.ratio_q1:.2f}–{r.timing.ratio_q3:.2f}",
+                    str(r.timing.reps),
+                ]
+                for r in rows
+            ],
+        ),
+    ]
+    if notes:
+        parts += [""] + [f"- {n}" for n in notes]
+    return "\n".join(parts) + "\n"
+
+
+def report(args: argparse.Namespace) -> str:
+    use_compilation_cache()
+    sizes = QUICK_SIZES if args.quick else FULL_SIZES
+    budget = QUICK_BUDGET if args.quick else FULL_BUDGET
+    big = max(n for n, _ in sizes)
+    machine, spec = device_rows(harness.machine_description())
+    inplace = harness.inplace_bandwidth(
+        big, dataclasses.replace(budget, seconds=1.0), repeat=REPEAT[0]
+    )
+    machine["in-place bandwidth"] = f"{inplace:.0f} GB/s (jitted, donated `a + b`, {big:,} float32)"
+    if spec:
+        machine["specified bandwidth"] = (
+            f"{spec} GB/s; in-place reaches {100 * inplace / spec:.0f} %"
+        )
+    print(f"device {machine['device']}; in-place {inplace:.0f} GB/s", file=sys.stderr, flush=True)
 
     def sizes_for(optimizer: str) -> list[tuple[int, int]]:
         # Adam gets every size; the others skip the middle leaf count to save device time.
@@ -403,14 +528,17 @@ def main(argv: list[str] | None = None) -> int:
         help="steps dispatched back to back per timed unit, waiting once (default 10)",
     )
     parser.add_argument(
+        "--train", action="store_true", help="whole training steps instead (their own block)"
+    )
+    parser.add_argument(
         "--output", type=Path, default=None, help="write the report into this file's GPU block"
     )
     args = parser.parse_args(argv)
     REPEAT[0] = max(args.repeat, 1)
-    text = report(args)
+    text = train_report(args) if args.train else report(args)
     print(text)
     if args.output is not None:
-        harness.write_block(args.output, BLOCK, text)
+        harness.write_block(args.output, TRAIN_BLOCK if args.train else BLOCK, text)
     return 0
 
 
