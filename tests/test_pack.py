@@ -1,5 +1,12 @@
 """kopt.pack: params as one buffer per dtype, checked against the same optimizers unpacked."""
 
+import copy
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -183,7 +190,7 @@ def test_hyperparameters_change_without_retracing():
 def test_bad_inputs_are_rejected_naming_the_culprit():
     with pytest.raises(TypeError, match=r"pack: param \['n'\] must be a floating-point array"):
         kopt.pack({"x": jnp.zeros(2), "n": jnp.zeros(2, jnp.int32)})
-    for bad in (-1, True, 1.5):
+    for bad in (-1, True, 1.5, "fast"):
         with pytest.raises(ValueError, match=r"pack: `max_leaf_size` .*" + repr(bad).split(".")[0]):
             kopt.pack({"x": jnp.zeros(2)}, max_leaf_size=bad)
     packed = kopt.pack({"x": jnp.zeros(2)})
@@ -197,6 +204,30 @@ def test_bad_inputs_are_rejected_naming_the_culprit():
     with pytest.raises(ValueError, match=r"unexpected .*\['big'\]"):
         tx.update(kopt.pack(tree(), max_leaf_size=16), state, params)
     chex.assert_trees_all_equal(jax.tree.map(np.asarray, state), before)
+
+
+def test_auto_max_leaf_size_packs_every_leaf_on_gpus_and_small_ones_elsewhere(monkeypatch):
+    """The default, ``"auto"``, follows where the params live: on GPUs every leaf is packed
+    (measured there, benchmarks/RESULTS.md), elsewhere large leaves stay loose. No GPU here:
+    JAX's default backend, which decides for host arrays and under a trace, is stood in for."""
+    big = np.ones((130, 130), np.float32)  # 16,900 elements: over the CPU's 16,384
+    host = {"big": big, "b": np.zeros(3, np.float32)}
+    on_cpu = jax.tree.map(jnp.asarray, host)
+    assert set(kopt.pack(on_cpu).buffers) == {"packed float32", "['big']"}
+    assert set(kopt.pack(on_cpu, max_leaf_size="auto").buffers) == {"packed float32", "['big']"}
+    assert set(kopt.pack(on_cpu, max_leaf_size=None).buffers) == {"packed float32"}
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    packed = kopt.pack(host)
+    assert set(packed.buffers) == {"packed float32"}
+    np.testing.assert_array_equal(packed.unpack()["big"], big)
+    # Arrays on CPU devices decide for themselves, whatever the default backend.
+    assert set(kopt.pack(on_cpu).buffers) == {"packed float32", "['big']"}
+    # Under a trace the default backend decides.
+    keys = jax.jit(lambda p: jnp.asarray(len(kopt.pack(p).buffers)))(on_cpu)
+    assert int(keys) == 1
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # unmeasured: the CPU's default
+    assert set(kopt.pack(host).buffers) == {"packed float32", "['big']"}
 
 
 @pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (simulated) devices")
@@ -258,3 +289,35 @@ def test_packing_and_unpacking_outside_jit_compile_once_however_many_shapes(back
     assert len(backend_compiles) <= 1
     for key, value in params.items():
         np.testing.assert_array_equal(unpacked[key], np.asarray(value))
+
+
+def test_equal_layouts_are_one_object_so_a_jitted_call_compares_them_by_identity():
+    """A jitted call compares the layout in its arguments' structure with the compiled one;
+    equal layouts made apart (params and gradients packed separately) were compared field by
+    field, about 70 us per comparison over 1,000 leaves, twice per step."""
+    a, b = kopt.pack(tree()), kopt.pack(tree())
+    assert a.layout is b.layout
+    assert pickle.loads(pickle.dumps(a)).layout is a.layout
+    assert copy.deepcopy(a).layout is a.layout
+    other = kopt.pack(tree(), max_leaf_size=16).layout
+    assert other != a.layout and {a.layout: 1}.get(other) is None
+    assert state_slots(kopt.adam(0.1).init(b))["m"].layout is a.layout
+
+
+def test_a_layout_unpickled_in_another_process_equals_the_one_made_there(tmp_path):
+    """String hashes differ between processes: a layout must not carry its hash along."""
+    path = tmp_path / "packed.pkl"
+    path.write_bytes(pickle.dumps(kopt.pack(tree())))
+    script = (
+        "import pickle, sys; import jax.numpy as jnp; import kopt\n"
+        "sys.path.insert(0, sys.argv[2]); from test_pack import tree\n"
+        "loaded = pickle.loads(open(sys.argv[1], 'rb').read())\n"
+        "fresh = kopt.pack(tree())\n"
+        "assert loaded.layout is fresh.layout and loaded.layout == fresh.layout\n"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "JAX_PLATFORMS": "cpu"}
+    here = str(Path(__file__).resolve().parent)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(path), here], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import weakref
 from typing import Any, NamedTuple
 
 import jax
@@ -21,7 +22,7 @@ from kopt.sparse import IndexedSlices, is_indexed_slices
 
 
 @jax.tree_util.register_static
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class FlatLayout:
     """Where each param leaf lives in a :func:`flatten` state (static: no arrays, hashable).
 
@@ -38,6 +39,32 @@ class FlatLayout:
     shapes: tuple[tuple[int, ...], ...]
     groups: tuple[tuple[str, tuple[int, ...]], ...]
     loose: tuple[tuple[str, int], ...]
+
+    # A jitted call compares the layout in its arguments' tree structure with the one it was
+    # compiled for. Comparing two equal layouts field by field took ~70 us over 1,000 leaves,
+    # twice a step (as much as dispatching the step's arrays): make_layout hands out one
+    # object per distinct layout, so the comparison is an identity check, and the hash is
+    # computed once.
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if not isinstance(other, FlatLayout):
+            return NotImplemented
+        return hash(self) == hash(other) and self._fields == other._fields
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self):  # copies and unpickled layouts are the canonical object too
+        return (_canonical, (self.treedef, self.paths, self.shapes, self.groups, self.loose))
+
+    @functools.cached_property
+    def _fields(self) -> tuple:
+        return (self.treedef, self.paths, self.shapes, self.groups, self.loose)
+
+    @functools.cached_property
+    def _hash(self) -> int:
+        return hash(self._fields)
 
     @functools.cached_property
     def keys(self) -> tuple[str, ...]:
@@ -216,13 +243,18 @@ def make_layout(params: PyTree, max_leaf_size: int | None) -> FlatLayout:
             by_dtype.setdefault(f"packed {jnp.result_type(p).name}", []).append(i)
         else:
             loose.append((paths[i], i))
-    return FlatLayout(
-        treedef,
-        paths,
-        shapes,
-        tuple((key, tuple(indices)) for key, indices in by_dtype.items()),
-        tuple(loose),
-    )
+    groups = tuple((key, tuple(indices)) for key, indices in by_dtype.items())
+    return _canonical(treedef, paths, shapes, groups, tuple(loose))
+
+
+def _canonical(*fields: Any) -> FlatLayout:
+    """The one FlatLayout object of these fields (see FlatLayout.__eq__)."""
+    layout = FlatLayout(*fields)
+    return _LAYOUTS.setdefault(layout, layout)
+
+
+# One object per distinct layout (see FlatLayout.__eq__), dropped once nothing uses it.
+_LAYOUTS: weakref.WeakValueDictionary[FlatLayout, FlatLayout] = weakref.WeakValueDictionary()
 
 
 def _is_sharded(p: Any) -> bool:
