@@ -39,6 +39,40 @@ def test_masked_with_a_callable_and_a_prefix_mask():
     np.testing.assert_allclose(updates["dec"]["kernel"], np.zeros((2, 2)))
 
 
+def test_a_mask_or_labels_that_do_not_fit_the_params_are_named_with_the_way_out():
+    params = {"w": jnp.ones(3), "b": jnp.ones(2)}
+    mask = {"w": True, "b": False}
+    with pytest.raises(ValueError, match=r"masked: `mask` does not fit the params: .*"):
+        kopt.masked(kopt.adam(0.1), {"w": True}).init(params)
+    # Inside kopt.flatten the params are packed buffers: the message names them and says
+    # where the mask belongs, and that order works, as masked(tx) does.
+    inner = kopt.flatten(kopt.masked(kopt.adam(0.1), mask))
+    with pytest.raises(
+        ValueError,
+        match=r"masked: `mask` does not fit the params \(they are kopt.flatten's packed buffers "
+        r"\['packed float32'\].*masked\(flatten\(tx\), mask\)",
+    ):
+        inner.init(params)
+    outer, plain = (
+        kopt.masked(kopt.flatten(kopt.adam(0.1)), mask),
+        kopt.masked(kopt.adam(0.1), mask),
+    )
+    grads = {"w": jnp.array([1.0, -2.0, 3.0]), "b": jnp.array([5.0, 6.0])}
+    got, _ = outer.update(grads, outer.init(params), params)
+    want, _ = plain.update(grads, plain.init(params), params)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+    # kopt.pack's params, and multi_transform's labels.
+    with pytest.raises(ValueError, match=r"masked: `mask` .* kopt.pack's packed buffers"):
+        kopt.masked(kopt.adam(0.1), mask).init(kopt.pack(params))
+    labels = kopt.multi_transform({"a": kopt.sgd(1.0)}, {"w": "a", "b": "a"})
+    with pytest.raises(ValueError, match=r"multi_transform: `labels` .* kopt.flatten's"):
+        kopt.flatten(labels).init(params)
+    # update as well as init: a state made for the tree refuses gradients that do not fit.
+    state = plain.init(params)
+    with pytest.raises(ValueError, match=r"masked: `mask` does not fit the params"):
+        plain.update({"w": grads["w"]}, state, {"w": params["w"]})
+
+
 @pytest.mark.parametrize("callable_labels", [False, True], ids=["tree", "callable"])
 def test_multi_transform(callable_labels):
     params = {"w": jnp.zeros(2), "b": jnp.zeros(1)}

@@ -71,9 +71,42 @@ def _leafless(params: PyTree) -> bool:
     return not jax.tree.leaves(params)
 
 
-def _select(tree: PyTree, mask: PyTree) -> PyTree:
-    """``tree`` with the leaves where ``mask`` is False replaced by None (an empty subtree)."""
-    return jax.tree.map(lambda m, x: x if m else None, mask, tree, is_leaf=_is_leaf)
+def _select(tree: PyTree, mask: PyTree, owner: str = "masked", what: str = "mask") -> PyTree:
+    """``tree`` with the leaves where ``mask`` is False replaced by None (an empty subtree).
+
+    Raises:
+        ValueError: naming ``owner`` and ``what``, if ``mask`` does not fit ``tree``.
+    """
+    try:
+        return jax.tree.map(lambda m, x: x if m else None, mask, tree, is_leaf=_is_leaf)
+    except ValueError as e:
+        raise ValueError(
+            f"{owner}: `{what}` does not fit the params{_packed_hint(tree)}: {e}"
+        ) from e
+
+
+def _packed_hint(tree: PyTree) -> str:
+    """Why a mask by leaf cannot fit ``tree``, when it is packed buffers (``kopt.pack``'s
+    params, or what ``kopt.flatten`` passes the transformation inside it)."""
+    from kopt._packed import Packed
+
+    if isinstance(tree, Packed):
+        keys = list(tree.buffers)
+        where = "kopt.pack's"
+    elif (
+        isinstance(tree, dict)
+        and any(isinstance(k, str) and k.startswith("packed ") for k in tree)
+        and all(isinstance(k, str) and k.startswith(("packed ", "[")) for k in tree)
+    ):
+        keys = list(tree)
+        where = "kopt.flatten's"
+    else:
+        return ""
+    return (
+        f" (they are {where} packed buffers {keys}, and a mask or labels by leaf cannot select "
+        "within a buffer: put masked or multi_transform outside kopt.flatten, as in "
+        "masked(flatten(tx), mask), and keep params that need masks unpacked)"
+    )
 
 
 def masked(
@@ -94,20 +127,30 @@ def masked(
         >>> u["w"], u["b"]
         (Array([0.5, 0.5], dtype=float32), Array([0., 0.], dtype=float32))
     """
+    return _masked(inner, mask, "masked", "mask")
+
+
+def _masked(
+    inner: GradientTransformation,
+    mask: PyTree | Callable[[PyTree], PyTree],
+    owner: str,
+    what: str,
+) -> GradientTransformation:
+    """:func:`masked`, naming ``owner`` and its ``what`` in a mask that does not fit."""
 
     inner_update = extra_args_update(inner)
 
     def init_fn(params):
         if _leafless(params):
             return MaskedState(inner.init(params))
-        inner_state = inner.init(_select(params, tree_or_function(mask, params)))
+        inner_state = inner.init(_select(params, tree_or_function(mask, params), owner, what))
         return MaskedState(uncommitted_on_params_devices(inner_state, params))
 
     def update_fn(updates, state, params=None, **extra_args):
         m = tree_or_function(mask, params if params is not None else updates)
-        sub_params = None if params is None else _select(params, m)
+        sub_params = None if params is None else _select(params, m, owner, what)
         new_sub, inner_state = inner_update(
-            _select(updates, m), state.inner_state, sub_params, **extra_args
+            _select(updates, m, owner, what), state.inner_state, sub_params, **extra_args
         )
         merged = jax.tree.map(
             lambda keep, new, old: new if keep else old,
@@ -165,18 +208,24 @@ def multi_transform(
     def init_fn(params):
         if _leafless(params):
             return MultiTransformState(
-                {k: masked(tx, None).init(params) for k, tx in transformations.items()}
+                {
+                    k: _masked(tx, None, "multi_transform", "labels").init(params)
+                    for k, tx in transformations.items()
+                }
             )
         ms = masks(params)
         return MultiTransformState(
-            {k: masked(tx, ms[k]).init(params) for k, tx in transformations.items()}
+            {
+                k: _masked(tx, ms[k], "multi_transform", "labels").init(params)
+                for k, tx in transformations.items()
+            }
         )
 
     def update_fn(updates, state, params=None, **extra_args):
         ms = masks(params if params is not None else updates)
         new_states = {}
         for k, tx in transformations.items():
-            updates, new_states[k] = masked(tx, ms[k]).update(
+            updates, new_states[k] = _masked(tx, ms[k], "multi_transform", "labels").update(
                 updates, state.inner_states[k], params, **extra_args
             )
         return updates, MultiTransformState(new_states)
