@@ -133,14 +133,23 @@ def mlp_loss(params: dict[str, Any], x, y):
     return jnp.mean((h - y) ** 2)
 
 
-def train_step(library: str, optimizer: str, n_params: int, n_leaves: int, batch=64) -> Step:
+def train_step(
+    library: str,
+    optimizer: str,
+    n_params: int,
+    n_leaves: int,
+    batch=64,
+    repeat: int = 1,
+    max_leaf_size: int | str | None = "auto",
+) -> Step:
     """A whole jitted training step of an MLP (loss, gradient, update), params and state
-    donated: ``library`` is ``"optax"``, ``"kopt"`` or ``"kopt.pack"`` (params packed, the
-    model reading them through ``unpack()``)."""
+    donated: ``library`` is ``"optax"``, ``"kopt"`` or ``"kopt.pack"`` (params packed with
+    ``max_leaf_size``, the model reading them through ``unpack()``). Each call runs ``repeat``
+    steps back to back, then waits once."""
     import jax
     import jax.numpy as jnp
 
-    params = mlp_params(n_params, n_leaves, 0)
+    params = jax.device_put(mlp_params(n_params, n_leaves, 0))
     width = params["w0000"].shape[0]
     x = jax.random.normal(jax.random.key(1), (batch, width))
     y = jnp.tanh(jax.random.normal(jax.random.key(2), (batch, width)))
@@ -153,7 +162,7 @@ def train_step(library: str, optimizer: str, n_params: int, n_leaves: int, batch
 
         tx, apply_updates, loss = kopt_transformation(optimizer), kopt.apply_updates, mlp_loss
         if library == "kopt.pack":
-            params = kopt.pack(params)
+            params = kopt.pack(params, max_leaf_size=max_leaf_size)
 
             def loss(p, x, y):
                 return mlp_loss(p.unpack(), x, y)
@@ -168,7 +177,8 @@ def train_step(library: str, optimizer: str, n_params: int, n_leaves: int, batch
     last = last_leaf(params)
 
     def step():
-        box[0], box[1] = fn(box[0], box[1], x, y)
+        for _ in range(repeat):
+            box[0], box[1] = fn(box[0], box[1], x, y)
         last(box[0]).block_until_ready()
 
     step()

@@ -58,7 +58,7 @@ QUICK_BUDGET = Budget(seconds=0.1, min_reps=3, max_reps=100, warmup=1)
 BLOCK = "gpu"
 TRAIN_BLOCK = "gpu-train"
 TRAIN_SIZES = ((100_000_000, 200), (10_000_000, 1000), (1_000_000, 100))
-QUICK_TRAIN_SIZES = ((1_000_000, 20), (100_000, 100))
+QUICK_TRAIN_SIZES = ((200_000, 20), (20_000, 10))
 TRAIN_BUDGET = Budget(seconds=0.6, min_reps=5, max_reps=200, warmup=2)
 
 # Specified memory bandwidth (GB/s) by a fragment of the device's name, for the share of peak.
@@ -153,48 +153,16 @@ def kopt_facade(optimizer: str, n_params: int, n_leaves: int) -> harness.Step:
     return step
 
 
-def train_step(library: str, n_params: int, n_leaves: int, batch: int = 64) -> harness.Step:
+def train_step(library: str, n_params: int, n_leaves: int) -> harness.Step:
     """REPEAT jitted, donated Adam training steps of ``contenders.mlp_params``'s MLP, one wait.
 
-    ``library``: ``"optax"``, ``"kopt"``, ``"kopt.pack"`` (default ``max_leaf_size``) or
-    ``"kopt.pack(None)"`` (every param packed)."""
-    import jax
-    import jax.numpy as jnp
-
-    params = jax.device_put(contenders.mlp_params(n_params, n_leaves, 0))
-    width = params["w0000"].shape[0]
-    x = jax.random.normal(jax.random.key(1), (batch, width))
-    y = jnp.tanh(jax.random.normal(jax.random.key(2), (batch, width)))
-    loss = contenders.mlp_loss
-    if library == "optax":
-        import optax
-
-        tx, apply_updates = contenders.optax_transformation("adam"), optax.apply_updates
-    else:
-        import kopt
-
-        tx, apply_updates = contenders.kopt_transformation("adam"), kopt.apply_updates
-        if library.startswith("kopt.pack"):
-            params = kopt.pack(params, max_leaf_size=None if "None" in library else 16384)
-
-            def loss(p, x, y):
-                return contenders.mlp_loss(p.unpack(), x, y)
-
-    def step_fn(params, state, x, y):
-        grads = jax.grad(loss)(params, x, y)
-        updates, state = tx.update(grads, state, params)
-        return apply_updates(params, updates), state
-
-    fn = jax.jit(step_fn, donate_argnums=(0, 1))
-    box = [params, tx.init(params)]
-
-    def step():
-        for _ in range(REPEAT[0]):
-            box[0], box[1] = fn(box[0], box[1], x, y)
-        jax.block_until_ready(box[0])
-
-    step()
-    return step
+    ``library``: ``"optax"``, ``"kopt"``, ``"kopt.pack"`` (leaves of at most 16,384 elements
+    packed, the CPU's default) or ``"kopt.pack(None)"`` (every param packed)."""
+    size = None if library == "kopt.pack(None)" else 16384
+    name = "kopt.pack" if library.startswith("kopt.pack") else library
+    return contenders.train_step(
+        name, "adam", n_params, n_leaves, repeat=REPEAT[0], max_leaf_size=size
+    )
 
 
 def torch_fused_cuda(optimizer: str, n_params: int, n_leaves: int) -> harness.Step:

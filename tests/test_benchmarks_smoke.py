@@ -72,3 +72,15 @@ def test_gpu_benchmark_runs_small_on_the_cpu_and_writes_its_block(tmp_path):
     assert "<!-- begin gpu -->" in text and text.rstrip().endswith("<!-- end gpu -->")
     for variant in ("kopt.pack, 100 leaves", "kopt.flatten, 100 leaves", "kopt, 100 leaves"):
         assert f"| {variant} | kopt, 1 leaf |" in text, variant
+
+
+def test_gpu_training_step_benchmark_writes_its_own_block(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    results.write_text("<!-- begin gpu -->\nkept\n<!-- end gpu -->\n")
+    done = run_benchmark("gpu.py", "--train", "--quick", "--repeat", "2", "--output", str(results))
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = results.read_text()
+    assert text.startswith("<!-- begin gpu -->\nkept\n<!-- end gpu -->")
+    assert "<!-- begin gpu-train -->" in text and text.rstrip().endswith("<!-- end gpu-train -->")
+    for variant in ("kopt", "kopt.pack", "kopt.pack(None)"):
+        assert f"| 200k | 20 | {variant} | optax |" in text, variant
