@@ -14,6 +14,9 @@ What it measures, each as paired A/B timings (the same machinery as ``run.py``):
 - many leaves against one leaf: kopt's step over 100M params in 200 or 1,000 leaves (as they
   are, with ``kopt.flatten``, and with ``kopt.pack(max_leaf_size=None)``) against the same
   100M params in one leaf (same bytes, so the ratio is the per-byte cost of leaves);
+- a few large leaves (100M params in 10): every leaf packed (``kopt.flatten``, whose step
+  concatenates the gradient, and ``kopt.pack``, whose gradient comes packed) against loose,
+  which is what packing everything costs where there are few arrays to save;
 - kopt against torch.optim's fused Adam and SGD on the same card, where torch with CUDA is
   installed;
 - the facade's ``apply_gradients`` against kopt's pure step.
@@ -57,6 +60,7 @@ FULL_BUDGET = Budget(seconds=0.8, min_reps=10, max_reps=500, warmup=3, rounds=2)
 QUICK_BUDGET = Budget(seconds=0.1, min_reps=3, max_reps=100, warmup=1)
 BLOCK = "gpu"
 TRAIN_BLOCK = "gpu-train"
+FEW_LEAVES = 10
 TRAIN_SIZES = ((100_000_000, 200), (10_000_000, 1000), (1_000_000, 100))
 QUICK_TRAIN_SIZES = ((200_000, 20), (20_000, 10))
 TRAIN_BUDGET = Budget(seconds=0.6, min_reps=5, max_reps=200, warmup=2)
@@ -390,6 +394,25 @@ def report(args: argparse.Namespace) -> str:
                 budget,
                 target=1.0,
             )
+    # Packing everything costs a copy of the gradient per step, which only many leaves repay:
+    # a few large leaves show what packing every leaf costs where there is little to save.
+    few: list[Row] = []
+    n_few, k_few = (big, FEW_LEAVES) if not args.quick else (big, 4)
+    for variant, options in (("kopt.flatten", {"flat": True}), ("kopt.pack", {"pack": True})):
+        timed(
+            few,
+            notes,
+            "few",
+            "adam",
+            (n_few, k_few),
+            (
+                f"{variant}, {k_few} leaves",
+                lambda n=n_few, k=k_few, kw=options: kopt_pure("adam", n, k, **kw),
+            ),
+            (f"kopt, {k_few} leaves", lambda n=n_few, k=k_few: kopt_pure("adam", n, k)),
+            budget,
+            target=1.0,
+        )
     torch_rows: list[Row] = []
     for optimizer in ("adam", "sgd_momentum"):
         if optimizer not in args.optimizers:
@@ -456,6 +479,10 @@ def report(args: argparse.Namespace) -> str:
         f"## Many leaves against one leaf (kopt, the same {harness.format_size(big)} params)",
         "",
         harness.rows_table(leaves, inplace),
+        "",
+        f"## A few large leaves, every leaf packed against loose (kopt, {k_few} leaves)",
+        "",
+        harness.rows_table(few, inplace),
         "",
         "## kopt against torch.optim fused, on the same card",
         "",

@@ -72,6 +72,8 @@ def test_gpu_benchmark_runs_small_on_the_cpu_and_writes_its_block(tmp_path):
     assert "<!-- begin gpu -->" in text and text.rstrip().endswith("<!-- end gpu -->")
     for variant in ("kopt.pack, 100 leaves", "kopt.flatten, 100 leaves", "kopt, 100 leaves"):
         assert f"| {variant} | kopt, 1 leaf |" in text, variant
+    for variant in ("kopt.flatten, 4 leaves", "kopt.pack, 4 leaves"):
+        assert f"| {variant} | kopt, 4 leaves |" in text, variant
 
 
 def test_gpu_training_step_benchmark_writes_its_own_block(tmp_path):
