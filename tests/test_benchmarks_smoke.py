@@ -60,29 +60,30 @@ def test_quick_pure_benchmark_prints_a_markdown_table(tmp_path):
         assert float(row[5]) > 0 and float(row[6]) > 0 and float(row[7]) > 0, row
 
 
-def test_gpu_benchmark_runs_small_on_the_cpu_and_writes_its_block(tmp_path):
+def test_gpu_benchmark_runs_small_on_the_cpu_and_writes_its_blocks(tmp_path):
+    """``--all``: the main report, then the training steps, each into its own block."""
     results = tmp_path / "RESULTS.md"
     results.write_text("<!-- begin cpu -->\nkept\n<!-- end cpu -->\n")
     done = run_benchmark(
-        "gpu.py", "--quick", "--optimizers", "adam", "--repeat", "2", "--output", str(results)
+        "gpu.py",
+        "--all",
+        "--quick",
+        "--optimizers",
+        "adam",
+        "--repeat",
+        "2",
+        "--output",
+        str(results),
     )
     assert done.returncode == 0, done.stderr[-3000:]
     text = results.read_text()
     assert text.startswith("<!-- begin cpu -->\nkept\n<!-- end cpu -->")
-    assert "<!-- begin gpu -->" in text and text.rstrip().endswith("<!-- end gpu -->")
+    main = text.split("<!-- begin gpu -->")[1].split("<!-- end gpu -->")[0]
     for variant in ("kopt.pack, 100 leaves", "kopt.flatten, 100 leaves", "kopt, 100 leaves"):
-        assert f"| {variant} | kopt, 1 leaf |" in text, variant
+        assert f"| {variant} | kopt, 1 leaf |" in main, variant
     for variant in ("kopt.flatten, 4 leaves", "kopt.pack, 4 leaves"):
-        assert f"| {variant} | kopt, 4 leaves |" in text, variant
-
-
-def test_gpu_training_step_benchmark_writes_its_own_block(tmp_path):
-    results = tmp_path / "RESULTS.md"
-    results.write_text("<!-- begin gpu -->\nkept\n<!-- end gpu -->\n")
-    done = run_benchmark("gpu.py", "--train", "--quick", "--repeat", "2", "--output", str(results))
-    assert done.returncode == 0, done.stderr[-3000:]
-    text = results.read_text()
-    assert text.startswith("<!-- begin gpu -->\nkept\n<!-- end gpu -->")
+        assert f"| {variant} | kopt, 4 leaves |" in main, variant
     assert "<!-- begin gpu-train -->" in text and text.rstrip().endswith("<!-- end gpu-train -->")
+    train = text.split("<!-- begin gpu-train -->")[1]
     for variant in ("kopt", "kopt.pack", "kopt.pack(None)"):
-        assert f"| 200k | 20 | {variant} | optax |" in text, variant
+        assert f"| 200k | 20 | {variant} | optax |" in train, variant
