@@ -265,6 +265,26 @@ def device_rows(machine: dict) -> tuple[dict, float | None]:
     return machine, spec
 
 
+def report_header(title: str, mode: str, args: argparse.Namespace, machine: dict) -> list[str]:
+    """A report's first lines: ``title``, when and at which commit it ran with which command
+    line (``mode``: the flag choosing the report, or ""), and the machine table."""
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    command = " ".join(
+        ["python benchmarks/gpu.py"]
+        + ([mode] if mode else [])
+        + (["--quick"] if args.quick else [])
+        + ([f"--repeat {REPEAT[0]}"] if REPEAT[0] != 10 else [])
+    )
+    return [
+        title,
+        "",
+        f"Run on {now}, kopt at commit `{git_commit()}`: `{command}`",
+        "",
+        harness.markdown_table(["machine", ""], [[k, v] for k, v in machine.items()]),
+        "",
+    ]
+
+
 def train_report(args: argparse.Namespace) -> str:
     """The ``--train`` report: whole training steps, optax and loose kopt against packed kopt."""
     use_compilation_cache()
@@ -286,16 +306,8 @@ def train_report(args: argparse.Namespace) -> str:
                 ("optax", lambda n=n, k=k: train_step("optax", n, k)),
                 budget,
             )
-    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
-        "# GPU: whole training steps",
-        "",
-        f"Run on {now}, kopt at commit `{git_commit()}`: `python benchmarks/gpu.py --train"
-        + (" --quick" if args.quick else "")
-        + "`",
-        "",
-        harness.markdown_table(["machine", ""], [[k, v] for k, v in machine.items()]),
-        "",
+        *report_header("# GPU: whole training steps", "--train", args, machine),
         "One jitted, donated Adam training step (loss, gradient, update) of an MLP of square "
         "tanh layers (`contenders.mlp_params`: the leaves are the layers' kernels and biases), "
         f"batch 64, timed in units of {REPEAT[0]} steps with one wait; times are medians per "
@@ -461,17 +473,8 @@ def report(args: argparse.Namespace) -> str:
         ]
         return table + ("\n\n" + "; ".join(extra) + "." if extra else "")
 
-    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
-        "# GPU",
-        "",
-        f"Run on {now}, kopt at commit `{git_commit()}`: `python benchmarks/gpu.py"
-        + (" --quick" if args.quick else "")
-        + (f" --repeat {REPEAT[0]}" if REPEAT[0] != 10 else "")
-        + "`",
-        "",
-        harness.markdown_table(["machine", ""], [[k, v] for k, v in machine.items()]),
-        "",
+        *report_header("# GPU", "", args, machine),
         f"Times are medians per step in ms, of timed units of {REPEAT[0]} steps dispatched back "
         "to back and waited on once, as a training loop runs them; *A/B* is the median of "
         "per-unit ratios of A and B timed alternately (see the CPU report). *A GB/s* is the "
