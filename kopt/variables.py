@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
+from collections.abc import Iterable
 from typing import Any
 
 import jax
@@ -131,6 +132,33 @@ class track_reads:
         _reads.seen = self._previous
 
 
+def _is_deleted(value: Any) -> bool:
+    """Whether ``value`` is an array whose buffer was deleted (donated to a jitted call)."""
+    return (
+        isinstance(value, jax.Array)
+        and not isinstance(value, jax.core.Tracer)
+        and value.is_deleted()
+    )
+
+
+def deleted_error(where: str | None, variables: Iterable[Variable]) -> RuntimeError | None:
+    """A RuntimeError naming those of ``variables`` whose value was deleted (prefixed with
+    ``where``, the call that found it), None if none was: JAX's own message names only a
+    shape. A variable's buffer is its own, but ``v.value`` hands it out, and a jitted function
+    that donates its argument deletes it."""
+    names = list(dict.fromkeys(v.name for v in variables if _is_deleted(v._current)))
+    if not names:
+        return None
+    which = f"variable {names[0]}" if len(names) == 1 else f"variables {', '.join(names)}"
+    said = f"{where}: the value" if where else "The value"
+    return RuntimeError(
+        f"{said} of {which} has been deleted: its buffer was donated to a jitted "
+        "function (`donate_argnums`) or deleted. A variable's value is its own; pass a copy "
+        "(`jnp.array(v.value)`) to a function that donates its arguments. Assigning the "
+        "variable a new value (`v.assign(...)`) makes it usable again"
+    )
+
+
 def _value_of(x: Any) -> Any:
     return x._value if isinstance(x, Variable) else x
 
@@ -215,7 +243,14 @@ class Variable:
             return value
         with donation_lock:
             self._handed_out = True
-            return self._current
+            value = self._current
+        try:
+            deleted = value.is_deleted()
+        except AttributeError:  # not an array (a placeholder a tree utility unflattened)
+            deleted = False
+        if deleted:
+            raise deleted_error(None, [self])
+        return value
 
     @_value.setter
     def _value(self, value):
@@ -295,7 +330,10 @@ class Variable:
     def numpy(self) -> np.ndarray:
         """A NumPy copy of the value."""
         with donation_lock:
-            return np.array(self._current)
+            value = self._current
+            if _is_deleted(value):
+                raise deleted_error(None, [self])
+            return np.array(value)
 
     def assign(
         self, value: Any, use_locking: Any = None, name: Any = None, read_value: bool = True
@@ -316,7 +354,8 @@ class Variable:
                 f"Variable {self.name}: cannot assign a value of shape {tuple(new.shape)} to a "
                 f"variable of shape {self.shape}"
             )
-        self._value = _keep_sharding(new, self._value)
+        # The stored value's placement (not a read of it: a deleted buffer is replaced too).
+        self._value = _keep_sharding(new, self._current)
         return self
 
     def assign_add(
@@ -379,10 +418,9 @@ class Variable:
         return str(sharding) if sharding is not None else ""
 
     def __repr__(self) -> str:
-        return (
-            f"<kopt.Variable '{self.name}' shape={self.shape} dtype={self.dtype} "
-            f"value={self._value}>"
-        )
+        value = self._current
+        shown = "<deleted>" if _is_deleted(value) else self._value
+        return f"<kopt.Variable '{self.name}' shape={self.shape} dtype={self.dtype} value={shown}>"
 
     # --- array protocol --------------------------------------------------------------------
     def __jax_array__(self):

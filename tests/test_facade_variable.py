@@ -132,6 +132,61 @@ def test_values_read_before_a_step_stay_valid():
     assert not np.array_equal(v.numpy(), snapshot)
 
 
+def _donate(array):
+    """What a user's own jitted function with ``donate_argnums`` does to an array it is given."""
+    jax.jit(lambda x: x * 2, donate_argnums=0)(array)
+    assert array.is_deleted()
+
+
+def _adam_after_one_step(p, g, lr=0.1, b1=0.9, b2=0.999, eps=1e-7):
+    m, v = (1 - b1) * g, (1 - b2) * g * g
+    lr_t = lr * np.sqrt(1 - b2) / (1 - b1)
+    return p - lr_t * m / (np.sqrt(v) + eps), m, v
+
+
+def test_a_variable_whose_value_was_donated_is_named_and_nothing_changes():
+    w = kopt.Variable(np.full(3, 1.0, np.float32), name="w")
+    b = kopt.Variable(np.full(3, 2.0, np.float32), name="b")
+    opt = optimizers.Adam(learning_rate=0.1)
+    g = np.full(3, 0.5, np.float32)
+    opt.apply_gradients([(g, w), (g, b)])
+    expected_b, expected_m, _ = _adam_after_one_step(np.full(3, 2.0), 0.5)
+    _donate(w.value)
+    calls = {
+        "apply_gradients": lambda: opt.apply_gradients([(g, w), (g, b)]),
+        "minimize": lambda: opt.minimize(lambda: jnp.sum(w * b), [w, b]),
+        "compute_gradients": lambda: opt.compute_gradients(lambda: jnp.sum(w * b), [w, b]),
+    }
+    for where, call in calls.items():
+        with pytest.raises(RuntimeError, match=r"variable w:0 has been deleted.*donate_argnums"):
+            call()
+        assert int(opt.iterations) == 1, where
+        np.testing.assert_allclose(b.numpy(), expected_b, rtol=1e-6)
+        np.testing.assert_allclose(opt.get_slot(b, "m").numpy(), expected_m, rtol=1e-6)
+    for read in (w.numpy, lambda: w.value, lambda: w + 1.0, lambda: w.assign_add(g)):
+        with pytest.raises(RuntimeError, match=r"The value of variable w:0 has been deleted"):
+            read()
+    assert "value=<deleted>" in repr(w)
+    # A new value makes it usable again; the optimizer goes on from its kept state.
+    w.assign(np.full(3, 1.0, np.float32))
+    opt.apply_gradients([(g, w), (g, b)])
+    assert int(opt.iterations) == 2
+    assert np.all(w.numpy() < 1.0)
+
+
+def test_a_donated_slot_is_named():
+    # Large enough for its slots to be variables of their own (not views of a shared buffer).
+    w = kopt.Variable(np.ones(20000, np.float32), name="big")
+    opt = optimizers.Adam(learning_rate=0.1)
+    opt.apply_gradients([(np.ones(20000, np.float32), w)])
+    before = w.numpy()
+    _donate(opt.get_slot(w, "v").value)
+    with pytest.raises(RuntimeError, match=r"variable Adam/big/v:0 has been deleted"):
+        opt.apply_gradients([(np.ones(20000, np.float32), w)])
+    np.testing.assert_array_equal(w.numpy(), before)
+    assert int(opt.iterations) == 1
+
+
 def test_values_read_between_steps_are_copied_in_one_call(backend_compiles):
     """A loop that reads every variable between steps (a logged loss) hands their buffers out,
     so the next step copies them before donating: in one compiled call for all of them, not

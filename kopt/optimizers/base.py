@@ -1039,7 +1039,7 @@ class Optimizer:
         memo = None if signature is None else self._key_memo.get(signature)
         if memo is None and (signature is None or signature not in self._validated):
             self._validate(pairs, experimental_aggregate_gradients)
-        with self._lock:
+        with self._lock, self._naming_deleted("apply_gradients", [v for _, v in pairs]):
             if memo is not None and memo[0] == self._step_token():
                 # These very variables stepped before and no weight was made since: nothing
                 # to create, so nothing to roll back.
@@ -1082,6 +1082,22 @@ class Optimizer:
                     f"{sorted(str(d) for d in valid)}."
                 )
             _check_gradient(g, v, aggregate)
+
+    @contextlib.contextmanager
+    def _naming_deleted(self, where: str, var_list: list[Variable]):
+        """JAX's error for a deleted buffer (a variable's value donated to the user's own
+        jitted function) re-raised naming the variables or slots whose value it was."""
+        try:
+            yield
+        except RuntimeError as err:
+            if "deleted" in str(err):
+                state = [self._iterations] if self._iterations is not None else []
+                named = variables_module.deleted_error(
+                    where, var_list + state + self._state_variables(var_list)
+                )
+                if named is not None:
+                    raise named from err
+            raise
 
     @contextlib.contextmanager
     def _rollback_on_error(self):
@@ -1670,7 +1686,8 @@ class Optimizer:
             # slots nor donates a buffer while they are moved.
             with self._lock, reading():
                 self._place_state(var_list, extra=tuple(getattr(loss, "_reads_state", ())))
-        with reading():  # the forward and backward passes hold the variables' buffers
+        with reading(), self._naming_deleted("minimize", var_list):
+            # The forward and backward passes hold the variables' buffers (``reading``).
             # Read inside: a step in another thread donates a buffer only while no one reads.
             values = [v._current for v in var_list]
             # The loss traced, its gradient one compiled program (see _traced_loss); a loss
