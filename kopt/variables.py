@@ -53,9 +53,20 @@ def donatable_values(variables: list[Variable]) -> list[Any]:
     computation is in flight (see ``Variable._donatable_value``), the copies made together."""
     values = [v._storage for v in variables]
     stale = [i for i, v in enumerate(variables) if v._handed_out or _readers]
-    # One call per placement: a compiled call takes arrays of one device set only.
-    placements: dict[Any, list[int]] = {}
+    done = in_batches(_copies, values, stale)
     for i in stale:
+        if i not in done:
+            values[i] = variables[i]._donatable_value()
+    return values
+
+
+def in_batches(batched: Any, values: list[Any], indices: list[int]) -> set[int]:
+    """Replaces ``values[i]`` for ``i`` in ``indices`` by ``batched`` (a compiled function of a
+    list of arrays, returning as many) of them, one call per placement that holds at least
+    ``_BATCHED_COPIES`` of them (a compiled call takes arrays of one device set only; fewer
+    are cheaper eagerly); returns the indices it replaced, for the caller to do the rest."""
+    placements: dict[Any, list[int]] = {}
+    for i in indices:
         value = values[i]
         if isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer):
             key = value.sharding if value.committed else None
@@ -63,14 +74,11 @@ def donatable_values(variables: list[Variable]) -> list[Any]:
     done = set()
     for batch in placements.values():
         if len(batch) >= _BATCHED_COPIES:
-            copies = _copies([values[i] for i in batch])
-            for i, copy in zip(batch, copies, strict=True):
-                values[i] = _keep_sharding(copy, values[i])
+            outs = batched([values[i] for i in batch])
+            for i, out in zip(batch, outs, strict=True):
+                values[i] = _keep_sharding(out, values[i])
             done.update(batch)
-    for i in stale:
-        if i not in done:
-            values[i] = variables[i]._donatable_value()
-    return values
+    return done
 
 
 def _copy_each(values: list[jax.Array]) -> list[jax.Array]:

@@ -81,6 +81,28 @@ def test_weakly_and_strongly_typed_gradients_share_one_program():
     assert scalar.dtype == jnp.float32
 
 
+def test_weakly_typed_gradients_are_converted_in_one_call(backend_compiles):
+    """Weakly typed gradients (``jnp.full(shape, 0.5)``) are made strong in one compiled call
+    for all of them, not one eager conversion (and compile, per shape) each; the step is the
+    strongly typed gradients' one. Numbers against NumPy's SGD."""
+    shapes = [(7, k) for k in range(1, 13)]  # distinct shapes: eager conversions compile per shape
+    variables = [kopt.Variable(np.zeros(s, np.float32)) for s in shapes]
+    weak = [jnp.full(s, 0.5) for s in shapes]
+    strong = [jnp.full(s, 0.5, jnp.float32) for s in shapes]
+    assert all(g.weak_type for g in weak) and not any(g.weak_type for g in strong)
+    opt = SGD(0.1)
+    backend_compiles.clear()
+    opt.apply_gradients(zip(weak, variables, strict=True))
+    assert len(backend_compiles) <= 2, backend_compiles  # the step and the batched conversion
+    backend_compiles.clear()
+    opt.apply_gradients(zip(strong, variables, strict=True))
+    opt.apply_gradients(zip(weak, variables, strict=True))
+    assert backend_compiles == [] and opt.compile_count == 1
+    for v in variables:
+        np.testing.assert_allclose(v.numpy(), -0.15, rtol=1e-6)
+        assert not v.value.weak_type
+
+
 def test_a_none_gradient_does_not_format_its_variable(caplog):
     class Counted(kopt.Variable):
         reprs = 0
