@@ -278,7 +278,7 @@ def report_header(title: str, mode: str, args: argparse.Namespace, machine: dict
     return [
         title,
         "",
-        f"Run on {now}, kopt at commit `{git_commit()}`: `{command}`",
+        f"Run on {now}, kopt at commit `{harness.git_commit()}`: `{command}`",
         "",
         harness.markdown_table(["machine", ""], [[k, v] for k, v in machine.items()]),
         "",
@@ -504,16 +504,6 @@ def report(args: argparse.Namespace) -> str:
     if notes:
         parts += [""] + [f"- {n}" for n in notes]
     return "\n".join(parts) + "\n"
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-        )
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ import gc
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -181,6 +182,21 @@ def inplace_bandwidth(n: int, budget: Budget, repeat: int = 1) -> float:
 
     times, _ = paired(step, step, dataclasses.replace(budget, rounds=1))
     return 12 * n * repeat / statistics.median(times) / 1e9
+
+
+def git_commit() -> str:
+    """The short commit of the checkout the benchmarks run from ("unknown" outside git)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        done = subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    except OSError:
+        return "unknown"
+    return done.stdout.strip() or "unknown"
 
 
 def machine_description() -> dict[str, str]:

@@ -894,17 +894,11 @@ def _public_argv(argv: list[str]) -> list[str]:
 
 def header(cfg: Config, argv: list[str], loads: list[tuple[float, ...]]) -> str:
     machine = harness.machine_description()
-    commit = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
     lines = [
         "# kopt benchmarks",
         "",
         f"Run on {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}"
-        + (f", kopt at commit `{commit}`" if commit else "")
+        + f", kopt at commit `{harness.git_commit()}`"
         + f": `python benchmarks/run.py {' '.join(_public_argv(argv))}`".rstrip(),
         "",
         "| machine | |",

@@ -1,9 +1,12 @@
 """The benchmark entry point runs end to end at a tiny size. Speed is never asserted here."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,3 +90,18 @@ def test_gpu_benchmark_runs_small_on_the_cpu_and_writes_its_blocks(tmp_path):
     train = text.split("<!-- begin gpu-train -->")[1]
     for variant in ("kopt", "kopt.pack", "kopt.pack(None)"):
         assert f"| 200k | 20 | {variant} | optax |" in train, variant
+
+
+def test_one_pass_kernel_matches_kopt_adam_and_is_timed(tmp_path):
+    """The one-pass experiment compiles its kernel, checks it against ``kopt.adam`` (the script
+    fails on a mismatch) and times it against kopt's step; without a C++ compiler it cannot."""
+    if not any(shutil.which(name) for name in ("c++", "g++", "clang++")):
+        pytest.skip("no C++ compiler")
+    report = tmp_path / "REPORT.md"
+    done = run_benchmark("one_pass.py", "--quick", "--output", str(report))
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = report.read_text()
+    assert written.startswith("<!-- begin one-pass -->"), written[:200]
+    assert "matched three of `kopt.adam`" in written, written
+    assert "| adam | 200k | 1 | one-pass custom call | kopt |" in written, written
+    assert str(tmp_path) not in written
