@@ -1,10 +1,12 @@
 """kopt.pack: params as one buffer per dtype, checked against the same optimizers unpacked."""
 
 import copy
+import gc
 import os
 import pickle
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import chex
@@ -302,6 +304,17 @@ def test_equal_layouts_are_one_object_so_a_jitted_call_compares_them_by_identity
     other = kopt.pack(tree(), max_leaf_size=16).layout
     assert other != a.layout and {a.layout: 1}.get(other) is None
     assert state_slots(kopt.adam(0.1).init(b))["m"].layout is a.layout
+
+
+def test_a_layout_nothing_uses_any_more_is_dropped():
+    """Layouts are interned in a weak dictionary; keyed by the layout itself, its key kept
+    every layout ever made alive (with its tree structure), one per model packed."""
+    params = {"only_in_the_drop_test": jnp.zeros(3)}
+    layout = weakref.ref(kopt.pack(params).layout)
+    gc.collect()
+    assert layout() is None
+    # Made again, it is interned again.
+    assert kopt.pack(params).layout is kopt.pack(params).layout
 
 
 def test_a_layout_unpickled_in_another_process_equals_the_one_made_there(tmp_path):

@@ -250,11 +250,13 @@ def make_layout(params: PyTree, max_leaf_size: int | None) -> FlatLayout:
 def _canonical(*fields: Any) -> FlatLayout:
     """The one FlatLayout object of these fields (see FlatLayout.__eq__)."""
     layout = FlatLayout(*fields)
-    return _LAYOUTS.setdefault(layout, layout)
+    # Keyed by the fields, not by the layout: a key is held strongly, so a layout as its own
+    # key would never be dropped.
+    return _LAYOUTS.setdefault(layout._fields, layout)
 
 
 # One object per distinct layout (see FlatLayout.__eq__), dropped once nothing uses it.
-_LAYOUTS: weakref.WeakValueDictionary[FlatLayout, FlatLayout] = weakref.WeakValueDictionary()
+_LAYOUTS: weakref.WeakValueDictionary[tuple, FlatLayout] = weakref.WeakValueDictionary()
 
 
 def _is_sharded(p: Any) -> bool:
