@@ -6,6 +6,7 @@ import os
 import pickle
 import subprocess
 import sys
+import threading
 import weakref
 from pathlib import Path
 
@@ -315,6 +316,33 @@ def test_a_layout_nothing_uses_any_more_is_dropped():
     assert layout() is None
     # Made again, it is interned again.
     assert kopt.pack(params).layout is kopt.pack(params).layout
+
+
+def test_threads_making_the_same_new_layout_at_once_get_one_object():
+    """Interning was a bare WeakValueDictionary.setdefault, which is not atomic: threads that
+    packed the same new tree at once could each keep an object of their own (equal, but
+    compared field by field in every jitted call). Threads switch as often as they can here,
+    so that the race shows in some rounds (about 1 in 20 did)."""
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for round_ in range(200):
+            params = {f"thread_race_{round_}": jnp.zeros(3)}
+            barrier, made = threading.Barrier(8), []
+
+            def make(params=params, barrier=barrier, made=made):
+                barrier.wait()
+                made.append(kopt.pack(params).layout)
+
+            threads = [threading.Thread(target=make) for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert len(made) == 8
+            assert all(layout is made[0] for layout in made), f"round {round_}"
+    finally:
+        sys.setswitchinterval(switch)
 
 
 def test_a_layout_unpickled_in_another_process_equals_the_one_made_there(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import threading
 import weakref
 from typing import Any, NamedTuple
 
@@ -251,12 +252,15 @@ def _canonical(*fields: Any) -> FlatLayout:
     """The one FlatLayout object of these fields (see FlatLayout.__eq__)."""
     layout = FlatLayout(*fields)
     # Keyed by the fields, not by the layout: a key is held strongly, so a layout as its own
-    # key would never be dropped.
-    return _LAYOUTS.setdefault(layout._fields, layout)
+    # key would never be dropped. The lock: WeakValueDictionary.setdefault is not atomic, and
+    # threads making the same new layout at once each got an object of their own.
+    with _LAYOUTS_LOCK:
+        return _LAYOUTS.setdefault(layout._fields, layout)
 
 
 # One object per distinct layout (see FlatLayout.__eq__), dropped once nothing uses it.
 _LAYOUTS: weakref.WeakValueDictionary[tuple, FlatLayout] = weakref.WeakValueDictionary()
+_LAYOUTS_LOCK = threading.Lock()
 
 
 def _is_sharded(p: Any) -> bool:
