@@ -73,6 +73,16 @@ def test_a_mask_or_labels_that_do_not_fit_the_params_are_named_with_the_way_out(
         plain.update({"w": grads["w"]}, state, {"w": params["w"]})
 
 
+def test_a_mask_of_element_arrays_is_not_said_not_to_fit():
+    """A mask holds one bool per leaf: an array of several elements has no truth value, and
+    its error was reported as the mask not fitting the params, which it does."""
+    params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
+    mask = {"w": np.array([[True, False], [True, True]]), "b": True}
+    with pytest.raises(ValueError, match="truth value of an array") as error:
+        kopt.masked(kopt.add_decayed_weights(0.5), mask).init(params)
+    assert "does not fit" not in str(error.value)
+
+
 @pytest.mark.parametrize("callable_labels", [False, True], ids=["tree", "callable"])
 def test_multi_transform(callable_labels):
     params = {"w": jnp.zeros(2), "b": jnp.zeros(1)}

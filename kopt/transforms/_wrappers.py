@@ -78,11 +78,14 @@ def _select(tree: PyTree, mask: PyTree, owner: str = "masked", what: str = "mask
         ValueError: naming ``owner`` and ``what``, if ``mask`` does not fit ``tree``.
     """
     try:
-        return jax.tree.map(lambda m, x: x if m else None, mask, tree, is_leaf=_is_leaf)
+        jax.tree.map(lambda m, x: None, mask, tree, is_leaf=_is_leaf)  # the structures only
     except ValueError as e:
         raise ValueError(
             f"{owner}: `{what}` does not fit the params{_packed_hint(tree)}: {e}"
         ) from e
+    # Outside the try: a mask leaf with no truth value (an array of several elements) raises
+    # its own error, not one saying that the mask does not fit.
+    return jax.tree.map(lambda m, x: x if m else None, mask, tree, is_leaf=_is_leaf)
 
 
 def _packed_hint(tree: PyTree) -> str:
