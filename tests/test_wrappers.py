@@ -1,5 +1,8 @@
 """masked, multi_transform, accumulate_gradients, apply_if_finite and ema."""
 
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,6 +74,27 @@ def test_a_mask_or_labels_that_do_not_fit_the_params_are_named_with_the_way_out(
     state = plain.init(params)
     with pytest.raises(ValueError, match=r"masked: `mask` does not fit the params"):
         plain.update({"w": grads["w"]}, state, {"w": params["w"]})
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class _Dense:
+    kernel: Any
+    bias: Any
+
+
+def test_packed_buffers_are_named_when_a_loose_leaf_is_an_attribute():
+    """kopt.flatten passes the transformation inside it a dict of its packed buffers and loose
+    leaves, keyed by path. The message named the buffers only where every loose leaf's path
+    was a key or an index (``['w']``), not an attribute (``.kernel``, of a dataclass or an
+    Equinox module)."""
+    params = _Dense(jnp.ones((100, 100)), jnp.ones(3))  # a kernel over 8,192: loose
+    tx = kopt.flatten(kopt.masked(kopt.adam(0.1), _Dense(True, False)))
+    with pytest.raises(
+        ValueError,
+        match=r"masked: `mask` .* kopt.flatten's packed buffers \['packed float32', '.kernel'\]",
+    ):
+        tx.init(params)
 
 
 def test_a_mask_of_element_arrays_is_not_said_not_to_fit():

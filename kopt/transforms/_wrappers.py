@@ -88,6 +88,13 @@ def _select(tree: PyTree, mask: PyTree, owner: str = "masked", what: str = "mask
     return jax.tree.map(lambda m, x: x if m else None, mask, tree, is_leaf=_is_leaf)
 
 
+def _is_flatten_key(key: str) -> bool:
+    """Whether ``key`` is one of kopt.flatten's: a packed buffer's, or a loose leaf's path as
+    ``jax.tree_util.keystr`` writes it (``['w']``, ``[0]``, or ``.kernel`` of a dataclass or
+    an Equinox module)."""
+    return key.startswith(("packed ", "[", "."))
+
+
 def _packed_hint(tree: PyTree) -> str:
     """Why a mask by leaf cannot fit ``tree``, when it is packed buffers (``kopt.pack``'s
     params, or what ``kopt.flatten`` passes the transformation inside it)."""
@@ -99,7 +106,7 @@ def _packed_hint(tree: PyTree) -> str:
     elif (
         isinstance(tree, dict)
         and any(isinstance(k, str) and k.startswith("packed ") for k in tree)
-        and all(isinstance(k, str) and k.startswith(("packed ", "[")) for k in tree)
+        and all(isinstance(k, str) and _is_flatten_key(k) for k in tree)
     ):
         keys = list(tree)
         where = "kopt.flatten's"
