@@ -258,6 +258,29 @@ def test_sharded_leaves_stay_loose_and_keep_their_sharding(axis_type):
         assert leaf.sharding.is_equivalent_to(rows.sharding, rows.ndim), slot
 
 
+@pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 (simulated) devices")
+def test_leaves_committed_to_different_devices_are_named():
+    """A buffer lives on one device: leaves committed to two cannot be packed together, and
+    JAX's error named neither leaf, only `parts[0]` of an internal function."""
+    first, second = jax.devices()[:2]
+    params = {
+        "a": jax.device_put(jnp.ones(3), first),
+        "b": jax.device_put(jnp.ones(2), second),
+        "c": jnp.ones(2),  # not committed: goes with the others
+    }
+    with pytest.raises(
+        ValueError,
+        match=r"pack: params \['a'\] \(device ids \[0\]\) and \['b'\] \(device ids \[1\]\) "
+        r"are committed to different devices",
+    ):
+        kopt.pack(params)
+    with pytest.raises(ValueError, match=r"flatten: params \['a'\] .* and \['b'\]"):
+        kopt.flatten(kopt.adam(0.1)).init(params)
+    # On one device, with an uncommitted leaf, they pack there.
+    params["b"] = jax.device_put(params["b"], first)
+    assert kopt.pack(params).buffers["packed float32"].devices() == {first}
+
+
 def test_packed_params_work_with_optax_pieces_and_key_paths():
     optax = pytest.importorskip("optax")
     params = tree()

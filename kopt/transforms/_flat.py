@@ -104,6 +104,7 @@ class FlatLayout:
                         f"expected {self.shapes[i]} (the shape it had in init)"
                     )
                 parts.append(leaf)
+            _check_on_one_device(parts, [self.paths[i] for i in indices], owner, what)
             packed[key] = _concatenated(parts)
         for key, i in self.loose:
             packed[key] = leaves[i]
@@ -184,6 +185,27 @@ class FlattenedState(NamedTuple):
         return jax.tree.map(
             unpack_slots, self.inner_state, is_leaf=lambda x: isinstance(x, OptimizerState)
         )
+
+
+def _check_on_one_device(parts: list[Any], paths: list[str], owner: str, what: str) -> None:
+    """Raises ValueError naming two leaves of one buffer committed to different devices: the
+    buffer lives in one place, and the concatenation's own error named neither leaf, only an
+    argument of an internal function."""
+    first = None
+    for part, path in zip(parts, paths, strict=True):
+        if not isinstance(part, jax.Array) or isinstance(part, jax.core.Tracer):
+            continue
+        if not part.committed:  # goes wherever the others are
+            continue
+        ids = sorted(d.id for d in part.sharding.device_set)
+        if first is None:
+            first = (path, ids)
+        elif ids != first[1]:
+            raise ValueError(
+                f"{owner}: {what}s {first[0]} (device ids {first[1]}) and {path} (device ids "
+                f"{ids}) are committed to different devices but packed into one buffer: put "
+                "them on the same devices first (jax.device_put)"
+            )
 
 
 def _concatenated(parts: list[Any]) -> Any:
