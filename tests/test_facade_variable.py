@@ -212,6 +212,37 @@ def test_values_read_between_steps_are_copied_in_one_call(backend_compiles):
         np.testing.assert_allclose(v.numpy(), w - 1.5)
 
 
+def test_variables_committed_to_different_devices_in_one_step_are_named():
+    """One step is one compiled program, which takes arrays of one set of devices: variables
+    committed to two devices are refused naming both (JAX's error named an argument of an
+    internal function), and nothing changes; an optimizer per device works (numbers against
+    Adam's first step)."""
+    devices = jax.devices()[:2]
+    w = kopt.Variable(jax.device_put(np.ones(3, np.float32), devices[0]), name="w")
+    b = kopt.Variable(jax.device_put(np.ones(3, np.float32), devices[1]), name="b")
+    g = np.full(3, 0.5, np.float32)
+    opt = optimizers.Adam(learning_rate=0.1)
+    calls = {
+        "apply_gradients": lambda: opt.apply_gradients([(g, w), (g, b)]),
+        "minimize": lambda: opt.minimize(lambda: jnp.sum(w * w) + jnp.sum(b * b), [w, b]),
+    }
+    for where, call in calls.items():
+        with pytest.raises(
+            ValueError,
+            match=rf"{where}: variables w:0 \(device ids \[0\]\) and b:0 "
+            r"\(device ids \[1\]\) are committed to different devices",
+        ):
+            call()
+        assert int(opt.iterations) == 0 and len(opt.weights) <= 1  # no slots were kept
+        np.testing.assert_array_equal(w.numpy(), np.ones(3))
+        np.testing.assert_array_equal(b.numpy(), np.ones(3))
+    for v in (w, b):
+        optimizers.Adam(learning_rate=0.1).apply_gradients([(g, v)])
+        expected, _, _ = _adam_after_one_step(np.ones(3), 0.5)
+        np.testing.assert_allclose(v.numpy(), expected, rtol=1e-6)
+        assert v.value.devices() == {devices[0] if v is w else devices[1]}
+
+
 def test_values_read_between_steps_on_two_devices_are_copied_per_device():
     """Handed-out buffers committed to different devices are copied in one call per device,
     each staying on its own device."""

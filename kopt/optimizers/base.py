@@ -1039,7 +1039,7 @@ class Optimizer:
         memo = None if signature is None else self._key_memo.get(signature)
         if memo is None and (signature is None or signature not in self._validated):
             self._validate(pairs, experimental_aggregate_gradients)
-        with self._lock, self._naming_deleted("apply_gradients", [v for _, v in pairs]):
+        with self._lock, self._naming_culprits("apply_gradients", [v for _, v in pairs]):
             if memo is not None and memo[0] == self._step_token():
                 # These very variables stepped before and no weight was made since: nothing
                 # to create, so nothing to roll back.
@@ -1084,19 +1084,23 @@ class Optimizer:
             _check_gradient(g, v, aggregate)
 
     @contextlib.contextmanager
-    def _naming_deleted(self, where: str, var_list: list[Variable]):
-        """JAX's error for a deleted buffer (a variable's value donated to the user's own
-        jitted function) re-raised naming the variables or slots whose value it was."""
+    def _naming_culprits(self, where: str, var_list: list[Variable]):
+        """JAX's errors that name only an argument of the step re-raised naming the variables:
+        a deleted buffer (a variable's value donated to the user's own jitted function), and
+        variables committed to different devices (one compiled step takes them all)."""
         try:
             yield
-        except RuntimeError as err:
-            if "deleted" in str(err):
+        except (RuntimeError, ValueError) as err:
+            named = None
+            if isinstance(err, RuntimeError) and "deleted" in str(err):
                 state = [self._iterations] if self._iterations is not None else []
                 named = variables_module.deleted_error(
                     where, var_list + state + self._state_variables(var_list)
                 )
-                if named is not None:
-                    raise named from err
+            elif isinstance(err, ValueError) and "incompatible devices" in str(err):
+                named = _devices_error(where, var_list)
+            if named is not None:
+                raise named from err
             raise
 
     @contextlib.contextmanager
@@ -1686,7 +1690,7 @@ class Optimizer:
             # slots nor donates a buffer while they are moved.
             with self._lock, reading():
                 self._place_state(var_list, extra=tuple(getattr(loss, "_reads_state", ())))
-        with reading(), self._naming_deleted("minimize", var_list):
+        with reading(), self._naming_culprits("minimize", var_list):
             # The forward and backward passes hold the variables' buffers (``reading``).
             # Read inside: a step in another thread donates a buffer only while no one reads.
             values = [v._current for v in var_list]
@@ -2370,6 +2374,30 @@ _CLIP_PIECES = {
 }
 _SINGLE_DEVICE = jax.sharding.SingleDeviceSharding
 _FLOAT0 = jax.dtypes.float0
+
+
+def _devices_error(where: str, var_list: list[Variable]) -> ValueError | None:
+    """A ValueError naming two of ``var_list`` committed to different devices (None if no two
+    are): one step is one compiled program, which takes arrays of one set of devices."""
+    first = None
+    for v in var_list:
+        value = v._current
+        if not isinstance(value, jax.Array) or isinstance(value, jax.core.Tracer):
+            continue
+        if not value.committed:
+            continue
+        ids = sorted(d.id for d in value.sharding.device_set)
+        if first is None:
+            first = (v.name, ids)
+        elif ids != first[1]:
+            return ValueError(
+                f"{where}: variables {first[0]} (device ids {first[1]}) and {v.name} (device "
+                f"ids {ids}) are committed to different devices, but an optimizer's step is one "
+                "compiled program over all its variables, which takes arrays of one set of "
+                "devices: put them on the same device, shard them over one mesh "
+                "(NamedSharding), or give each device's variables an optimizer of their own"
+            )
+    return None
 
 
 def _committed_device(values: list[Any]) -> Any:
