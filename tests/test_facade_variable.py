@@ -236,6 +236,16 @@ def test_variables_committed_to_different_devices_in_one_step_are_named():
         assert int(opt.iterations) == 0 and len(opt.weights) <= 1  # no slots were kept
         np.testing.assert_array_equal(w.numpy(), np.ones(3))
         np.testing.assert_array_equal(b.numpy(), np.ones(3))
+    # A gradient committed to another device than its variable's.
+    elsewhere = jax.device_put(g, devices[1])
+    with pytest.raises(
+        ValueError,
+        match=r"the gradient of w:0 is committed to device ids \[1\], its variable "
+        r"to device ids \[0\]: move the gradient",
+    ):
+        opt.apply_gradients([(elsewhere, w)])
+    assert int(opt.iterations) == 0 and len(opt.weights) <= 1
+    np.testing.assert_array_equal(w.numpy(), np.ones(3))
     for v in (w, b):
         optimizers.Adam(learning_rate=0.1).apply_gradients([(g, v)])
         expected, _, _ = _adam_after_one_step(np.ones(3), 0.5)

@@ -1039,7 +1039,10 @@ class Optimizer:
         memo = None if signature is None else self._key_memo.get(signature)
         if memo is None and (signature is None or signature not in self._validated):
             self._validate(pairs, experimental_aggregate_gradients)
-        with self._lock, self._naming_culprits("apply_gradients", [v for _, v in pairs]):
+        with (
+            self._lock,
+            self._naming_culprits("apply_gradients", [v for _, v in pairs], [g for g, _ in pairs]),
+        ):
             if memo is not None and memo[0] == self._step_token():
                 # These very variables stepped before and no weight was made since: nothing
                 # to create, so nothing to roll back.
@@ -1084,10 +1087,11 @@ class Optimizer:
             _check_gradient(g, v, aggregate)
 
     @contextlib.contextmanager
-    def _naming_culprits(self, where: str, var_list: list[Variable]):
+    def _naming_culprits(self, where: str, var_list: list[Variable], grads: list[Any] = ()):
         """JAX's errors that name only an argument of the step re-raised naming the variables:
         a deleted buffer (a variable's value donated to the user's own jitted function), and
-        variables committed to different devices (one compiled step takes them all)."""
+        variables, or a gradient and its variable, committed to different devices (one
+        compiled step takes them all)."""
         try:
             yield
         except (RuntimeError, ValueError) as err:
@@ -1098,7 +1102,7 @@ class Optimizer:
                     where, var_list + state + self._state_variables(var_list)
                 )
             elif isinstance(err, ValueError) and "incompatible devices" in str(err):
-                named = _devices_error(where, var_list)
+                named = _devices_error(where, var_list, grads)
             if named is not None:
                 raise named from err
             raise
@@ -2376,17 +2380,15 @@ _SINGLE_DEVICE = jax.sharding.SingleDeviceSharding
 _FLOAT0 = jax.dtypes.float0
 
 
-def _devices_error(where: str, var_list: list[Variable]) -> ValueError | None:
-    """A ValueError naming two of ``var_list`` committed to different devices (None if no two
-    are): one step is one compiled program, which takes arrays of one set of devices."""
+def _devices_error(where: str, var_list: list[Variable], grads: list[Any]) -> ValueError | None:
+    """A ValueError naming two of ``var_list``, or a gradient and its variable, committed to
+    different devices (None if none are): one step is one compiled program, which takes arrays
+    of one set of devices."""
     first = None
     for v in var_list:
-        value = v._current
-        if not isinstance(value, jax.Array) or isinstance(value, jax.core.Tracer):
+        ids = _committed_ids(v._current)
+        if ids is None:
             continue
-        if not value.committed:
-            continue
-        ids = sorted(d.id for d in value.sharding.device_set)
         if first is None:
             first = (v.name, ids)
         elif ids != first[1]:
@@ -2397,7 +2399,24 @@ def _devices_error(where: str, var_list: list[Variable]) -> ValueError | None:
                 "devices: put them on the same device, shard them over one mesh "
                 "(NamedSharding), or give each device's variables an optimizer of their own"
             )
+    for g, v in zip(grads, var_list, strict=False):
+        ids, own = _committed_ids(g), _committed_ids(v._current)
+        if ids is not None and own is not None and ids != own:
+            return ValueError(
+                f"{where}: the gradient of {v.name} is committed to device ids {ids}, its "
+                f"variable to device ids {own}: move the gradient to the variable's devices "
+                "first (jax.device_put(grad, variable.sharding))"
+            )
     return None
+
+
+def _committed_ids(value: Any) -> list[int] | None:
+    """The sorted ids of the devices ``value`` is committed to; None for anything else."""
+    if not isinstance(value, jax.Array) or isinstance(value, jax.core.Tracer):
+        return None
+    if not value.committed:
+        return None
+    return sorted(d.id for d in value.sharding.device_set)
 
 
 def _committed_device(values: list[Any]) -> Any:
