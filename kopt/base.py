@@ -264,6 +264,25 @@ def check_flag(owner: str, name: str, value: Any) -> None:
         )
 
 
+def check_slot_dtype(owner: str, slot_dtype: Any) -> None:
+    """Raises TypeError unless ``slot_dtype`` is None or a floating-point (or complex) dtype.
+
+    An integer or boolean dtype would be accepted by the slots' ``full`` and silently truncate
+    every moment to whole numbers, so the run would go on without training.
+    """
+    if slot_dtype is None:
+        return
+    owner = _REPORTED_AS.get() or owner
+    try:
+        dtype = jnp.dtype(slot_dtype)
+    except TypeError as e:
+        raise TypeError(
+            f"{owner}: `slot_dtype` must be a floating-point dtype, received {slot_dtype!r:.80}"
+        ) from e
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        raise TypeError(f"{owner}: `slot_dtype` must be a floating-point dtype, received {dtype}")
+
+
 def check_hyperparam(
     owner: str,
     name: str,

@@ -253,3 +253,33 @@ def test_numpy_bools_are_flags():
 
     tx = kopt.adam(amsgrad=np.bool_(True))
     assert "vhat" in kopt.slot_names(tx.init(params()))
+
+
+SLOT_DTYPE_OPTIMIZERS = {
+    "sgd": lambda d: kopt.sgd(0.1, momentum=0.9, slot_dtype=d),
+    "adam": lambda d: kopt.adam(slot_dtype=d),
+    "adamw": lambda d: kopt.adamw(slot_dtype=d),
+    "adagrad": lambda d: kopt.adagrad(slot_dtype=d),
+    "adadelta": lambda d: kopt.adadelta(slot_dtype=d),
+    "adamax": lambda d: kopt.adamax(slot_dtype=d),
+    "nadam": lambda d: kopt.nadam(slot_dtype=d),
+    "rmsprop": lambda d: kopt.rmsprop(momentum=0.9, centered=True, slot_dtype=d),
+    "ftrl": lambda d: kopt.ftrl(slot_dtype=d),
+    "lion": lambda d: kopt.lion(slot_dtype=d),
+    "lamb": lambda d: kopt.lamb(slot_dtype=d),
+}
+
+
+@pytest.mark.parametrize("name", list(SLOT_DTYPE_OPTIMIZERS))
+@pytest.mark.parametrize(
+    "dtype, shown", [(jnp.int32, "int32"), (bool, "bool"), ("not a dtype", "'not a dtype'")]
+)
+def test_a_slot_dtype_that_is_not_floating_is_a_type_error(name, dtype, shown):
+    # An integer slot_dtype was accepted: Adam's m and v came out int32, every moment was
+    # truncated to a whole number, and the run went on without training.
+    with pytest.raises(
+        TypeError, match=re.escape(f"`slot_dtype` must be a floating-point dtype, received {shown}")
+    ):
+        SLOT_DTYPE_OPTIMIZERS[name](dtype)
+    for ok in (None, jnp.float32, "bfloat16"):
+        SLOT_DTYPE_OPTIMIZERS[name](ok).init(params())

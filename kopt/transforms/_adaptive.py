@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from kopt._tree import abs_sq, at_least_float32
-from kopt.base import GradientTransformation, check_flag, check_hyperparam
+from kopt.base import GradientTransformation, check_flag, check_hyperparam, check_slot_dtype
 from kopt.sparse import (
     IndexedSlices,
     as_dense,
@@ -73,6 +73,7 @@ def scale_by_adam(
         True
     """
     owner = "scale_by_adam"
+    check_slot_dtype(owner, slot_dtype)
     _check_betas(owner, beta_1=beta_1, beta_2=beta_2)
     check_hyperparam(owner, "epsilon", epsilon)
     check_flag(owner, "amsgrad", amsgrad)
@@ -130,6 +131,7 @@ def scale_by_adagrad(
         Array([1.], dtype=float32)
     """
     owner = "scale_by_adagrad"
+    check_slot_dtype(owner, slot_dtype)
     check_hyperparam(
         owner, "initial_accumulator_value", initial_accumulator_value, allow_schedule=False
     )
@@ -181,6 +183,7 @@ def scale_by_adadelta(
         Array([0.05000001], dtype=float32)
     """
     owner = "scale_by_adadelta"
+    check_slot_dtype(owner, slot_dtype)
     check_hyperparam(owner, "rho", rho, high=1.0)
     check_hyperparam(owner, "epsilon", epsilon)
 
@@ -232,6 +235,7 @@ def scale_by_adamax(
         Array([1.], dtype=float32)
     """
     owner = "scale_by_adamax"
+    check_slot_dtype(owner, slot_dtype)
     _check_betas(owner, beta_1=beta_1, beta_2=beta_2)
     check_hyperparam(owner, "epsilon", epsilon)
 
@@ -297,6 +301,7 @@ def scale_by_nadam(
         0.450073
     """
     owner = "scale_by_nadam"
+    check_slot_dtype(owner, slot_dtype)
     _check_betas(owner, beta_1=beta_1, beta_2=beta_2)
     check_hyperparam(owner, "epsilon", epsilon)
     check_hyperparam(owner, "schedule_decay", schedule_decay)
@@ -368,6 +373,7 @@ def scale_by_lion(
         Array([ 1., -1.], dtype=float32)
     """
     owner = "scale_by_lion"
+    check_slot_dtype(owner, slot_dtype)
     check_hyperparam(owner, "beta_1", beta_1, low=0.0, low_inclusive=False, high=1.0)
     check_hyperparam(owner, "beta_2", beta_2, high=1.0)
 
@@ -404,6 +410,7 @@ def scale_by_lamb(
         True
     """
     owner = "scale_by_lamb"
+    check_slot_dtype(owner, slot_dtype)
     _check_betas(owner, beta_1=beta_1, beta_2=beta_2)
     check_hyperparam(owner, "epsilon", epsilon)
 

@@ -7,7 +7,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from kopt._tree import abs_sq, at_least_float32, reduced_like_param
-from kopt.base import GradientTransformation, check_flag, check_hyperparam
+from kopt.base import GradientTransformation, check_flag, check_hyperparam, check_slot_dtype
 from kopt.sparse import (
     IndexedSlices,
     deduplicate,
@@ -66,6 +66,7 @@ def scale_by_sgd(
         Array([-0.19], dtype=float32)
     """
     owner = "scale_by_sgd"
+    check_slot_dtype(owner, slot_dtype)
     check_hyperparam(owner, "learning_rate", learning_rate)
     check_hyperparam(owner, "decay", decay)
     _check_momentum(owner, momentum)
@@ -148,6 +149,7 @@ def scale_by_rmsprop(
         -3.16228
     """
     owner = "scale_by_rmsprop"
+    check_slot_dtype(owner, slot_dtype)
     check_hyperparam(owner, "learning_rate", learning_rate)
     check_hyperparam(owner, "decay", decay)
     check_hyperparam(owner, "rho", rho, high=1.0)
@@ -265,6 +267,7 @@ def scale_by_ftrl(
         Array([0., 0.], dtype=float32)
     """
     owner = "scale_by_ftrl"
+    check_slot_dtype(owner, slot_dtype)
     check_hyperparam(owner, "learning_rate", learning_rate)
     check_hyperparam(owner, "decay", decay)
     check_hyperparam(owner, "learning_rate_power", learning_rate_power, low=None, high=0.0)
