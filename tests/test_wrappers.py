@@ -253,6 +253,47 @@ def test_ema_overwrite_frequency():
     np.testing.assert_allclose(seen, [0.9, 0.89, 0.79, 0.861], rtol=1e-6)
 
 
+def test_ema_of_bfloat16_params_kept_in_float32_matches_numpy():
+    # In bfloat16, 0.999 rounds to 1: an average kept in the params' dtype (Keras 3's) never
+    # moves from the first step's params. slot_dtype=float32 keeps it, and the sum, in float32.
+    import ml_dtypes
+
+    rng = np.random.default_rng(0)
+    params = jnp.asarray(rng.normal(size=(3, 4)), jnp.bfloat16)
+    steps = [rng.normal(size=(3, 4)).astype(np.float32) * 0.05 for _ in range(30)]
+    tx = kopt.ema(0.999, overwrite_frequency=25, slot_dtype=jnp.float32)
+    frozen = kopt.ema(0.999)
+    state, frozen_state = tx.init(params), frozen.init(params)
+    assert kopt.get_slot(state, "average").dtype == jnp.float32
+    update = jax.jit(tx.update)
+
+    p = np.asarray(params)
+    average = None
+    for i, u in enumerate(steps):
+        new_p = (p.astype(np.float32) + u).astype(ml_dtypes.bfloat16)
+        if average is None:
+            average = new_p.astype(np.float32)
+        else:
+            average = np.float32(0.999) * average + np.float32(
+                1 - np.float32(0.999)
+            ) * new_p.astype(np.float32)
+        p = average.astype(ml_dtypes.bfloat16) if i + 1 == 25 else new_p
+
+        updates, state = update(jnp.asarray(u), state, params)
+        _, frozen_state = frozen.update(jnp.asarray(u), frozen_state, params)
+        params = kopt.apply_updates(params, updates)
+        np.testing.assert_allclose(kopt.get_slot(state, "average"), average, rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(np.asarray(params), p)
+        if i == 0:
+            first = np.asarray(kopt.get_slot(frozen_state, "average"))
+    assert params.dtype == jnp.bfloat16
+    assert update._cache_size() == 1
+    np.testing.assert_array_equal(kopt.get_slot(frozen_state, "average"), first)
+    assert np.abs(average - first.astype(np.float32)).max() > 1e-3  # the float32 one moved
+    with pytest.raises(TypeError, match="ema: `slot_dtype` must be a floating-point dtype"):
+        kopt.ema(0.9, slot_dtype=jnp.int32)
+
+
 # aggregate_gradients under shard_map is covered in test_aggregation.py; here, under vmap.
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -22,6 +23,7 @@ from kopt.base import (
     PyTree,
     apply_updates,
     check_hyperparam,
+    check_slot_dtype,
     extra_args_update,
     init_hyperparams,
     safe_increment,
@@ -482,16 +484,33 @@ def apply_if_finite(
     return GradientTransformation(init_fn, update_fn)
 
 
-def _average_start(p: Any) -> jax.Array:
-    """A copy of a param, in its dtype and not weakly typed (a Python float's copy would be), as
-    the averages the update returns are: a jitted step then compiles once. An array's copy is
-    a transfer where it can be, not ``jnp.copy``, which eagerly compiled a program per param
-    shape."""
-    copy = transfer_copy(p)
-    return copy if copy is not None else jnp.copy(p).astype(jnp.result_type(p))
+def _average_start(p: Any, dtype: Any = None) -> jax.Array:
+    """A copy of a param, in ``dtype`` (default: its own) and not weakly typed (a Python float's
+    copy would be), as the averages the update returns are: a jitted step then compiles once.
+    An array's copy is a transfer where it can be, not ``jnp.copy``, which eagerly compiled a
+    program per param shape."""
+    dtype = dtype or jnp.result_type(p)
+    copy = transfer_copy(p, dtype)
+    return copy if copy is not None else jnp.copy(p).astype(dtype)
 
 
-def ema(momentum: Any = 0.99, overwrite_frequency: int | None = None) -> GradientTransformation:
+def _averages_start(params: PyTree, dtype: Any) -> PyTree:
+    """:func:`_average_start` of every param. Converted to another dtype (a float32 average of
+    bfloat16 params), concrete params are cast in one compiled call for the whole tree, which
+    keeps each one's placement, rather than one eager cast per param shape."""
+    if dtype is None or any(isinstance(p, jax.core.Tracer) for p in jax.tree.leaves(params)):
+        return jax.tree.map(lambda p: _average_start(p, dtype), params)
+    return _cast_tree(params, jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _cast_tree(params: PyTree, dtype: Any) -> PyTree:
+    return jax.tree.map(lambda p: jnp.asarray(p).astype(dtype), params)
+
+
+def ema(
+    momentum: Any = 0.99, overwrite_frequency: int | None = None, *, slot_dtype: Any = None
+) -> GradientTransformation:
     """Keeps an exponential moving average of the params after each update (Keras 3's EMA).
 
     Put it last in a chain. The average (slot ``"average"``) starts as a copy of the params and
@@ -501,6 +520,10 @@ def ema(momentum: Any = 0.99, overwrite_frequency: int | None = None) -> Gradien
     with, not from zero. With
     ``overwrite_frequency=n``, every n-th step replaces the params by the average (the update
     becomes ``average - params``). Updates pass through unchanged otherwise. Needs ``params``.
+
+    The average takes each param's dtype, as Keras 3's does, unless ``slot_dtype`` is given.
+    For bfloat16 params, pass ``slot_dtype=jnp.float32``: in bfloat16 a momentum of 0.999
+    rounds to 1, and an average kept there never moves from the first step's params.
 
     Example:
         >>> import jax.numpy as jnp, kopt
@@ -513,6 +536,7 @@ def ema(momentum: Any = 0.99, overwrite_frequency: int | None = None) -> Gradien
         3.0
     """
     check_hyperparam("ema", "momentum", momentum, low=0.0, high=1.0, allow_schedule=False)
+    check_slot_dtype("ema", slot_dtype)
     if overwrite_frequency is not None and (
         isinstance(overwrite_frequency, bool)
         or not isinstance(overwrite_frequency, int)
@@ -524,7 +548,7 @@ def ema(momentum: Any = 0.99, overwrite_frequency: int | None = None) -> Gradien
         )
 
     def init_fn(params):
-        average = jax.tree.map(_average_start, params)
+        average = _averages_start(params, slot_dtype)
         count, hp = on_params_devices(
             (jnp.zeros([], jnp.int32), init_hyperparams({"momentum": momentum})), params
         )
@@ -537,7 +561,7 @@ def ema(momentum: Any = 0.99, overwrite_frequency: int | None = None) -> Gradien
         m = jnp.where(state.count == 0, 0.0, state.hyperparams["momentum"])
         new_params = apply_updates(params, updates)
         average = jax.tree.map(
-            lambda a, p: m.astype(a.dtype) * a + (1 - m.astype(a.dtype)) * p,
+            lambda a, p: m.astype(a.dtype) * a + (1 - m.astype(a.dtype)) * p.astype(a.dtype),
             state.slots["average"],
             new_params,
         )
