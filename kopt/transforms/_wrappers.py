@@ -513,7 +513,9 @@ def ema(
 ) -> GradientTransformation:
     """Keeps an exponential moving average of the params after each update (Keras 3's EMA).
 
-    Put it last in a chain. The average (slot ``"average"``) starts as a copy of the params and
+    Put it last in a chain, and inside :func:`apply_if_finite` when steps may be skipped
+    (``apply_if_finite(chain(tx, ema()))``): chained after it, the average would count a skipped
+    step as one. The average (slot ``"average"``) starts as a copy of the params and
     is set to the updated params on the first step (count 0), then
     ``average = momentum * average + (1 - momentum) * new_params``. A state made later in a
     run (the facade switching ``use_ema`` on) therefore averages from the params it was made
