@@ -50,9 +50,13 @@ def _target(tree: PyTree) -> PyTree:
     """Shape, dtype and sharding of each leaf: where orbax puts the restored arrays. A
     ``jax.eval_shape`` leaf over a mesh with explicit axes has a sharding on an abstract mesh,
     which names no devices: like a leaf without a sharding, it comes back with the sharding it
-    was saved with."""
+    was saved with. An array not committed to a device is read into host memory (a NumPy
+    target), to become an uncommitted array: restored onto a device first, it would be there
+    twice while copied (committed arrays cannot be uncommitted in place)."""
 
     def one(leaf):
+        if _uncommitted(leaf):
+            return np.empty(leaf.shape, leaf.dtype)
         sharding = getattr(leaf, "sharding", None)
         if isinstance(getattr(sharding, "mesh", None), jax.sharding.AbstractMesh):
             sharding = None
@@ -75,11 +79,16 @@ def _restore_tree(path: Path, like: PyTree) -> PyTree:
     with ocp.StandardCheckpointer() as checkpointer:
         restored = checkpointer.restore(path.absolute(), _target(like))
     # A leaf that was not committed to a device (a step count made by jnp.zeros) comes back
-    # uncommitted too, so that jit may place it beside sharded arrays.
+    # uncommitted too, so that jit may place it beside sharded arrays: read into host memory
+    # (see _target), it goes to the default device once.
     return jax.tree.map(
-        lambda new, old: new if getattr(old, "committed", True) else jnp.asarray(np.asarray(new)),
-        restored,
-        like,
+        lambda new, old: jnp.asarray(new) if _uncommitted(old) else new, restored, like
+    )
+
+
+def _uncommitted(leaf: Any) -> bool:
+    return (
+        isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer) and not leaf.committed
     )
 
 

@@ -93,6 +93,39 @@ def test_restore_state_keeps_structure_and_sharding(tmp_path):
         restore_state(tmp_path / "missing", state)
 
 
+def test_uncommitted_leaves_are_read_to_the_host_not_onto_a_device_first(tmp_path, monkeypatch):
+    """A state of uncommitted arrays (the usual single-device run) is restored through host
+    memory straight to uncommitted arrays: orbax restoring it onto a device first held it
+    there twice while each leaf was copied out. Committed leaves are restored in place."""
+    import orbax.checkpoint as ocp
+
+    params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
+    tx = kopt.adam(0.1)
+    state = tx.init(params)
+    _, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    save_state(
+        tmp_path / "s", {"state": state, "pinned": jax.device_put(jnp.ones(2), jax.devices()[0])}
+    )
+    returned = []
+    restore = ocp.StandardCheckpointer.restore
+
+    def spy(self, *args, **kwargs):
+        out = restore(self, *args, **kwargs)
+        returned.append(out)
+        return out
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "restore", spy)
+    like = {"state": tx.init(params), "pinned": jax.device_put(jnp.zeros(2), jax.devices()[0])}
+    restored = restore_state(tmp_path / "s", like)
+    (raw,) = returned
+    assert all(type(x) is np.ndarray for x in jax.tree.leaves(raw["state"]))
+    assert isinstance(raw["pinned"], jax.Array)
+    for a, b in zip(jax.tree.leaves(restored["state"]), jax.tree.leaves(state), strict=True):
+        assert isinstance(a, jax.Array) and not a.committed and a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert restored["pinned"].committed and restored["pinned"].devices() == {jax.devices()[0]}
+
+
 def test_save_optimizer_writes_keyed_config_and_checks_on_restore(tmp_path):
     a = kopt.Variable(jnp.ones(3), name="a")
     b = kopt.Variable(jnp.ones(2), name="b")
