@@ -3,6 +3,7 @@
 import dataclasses
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,6 +160,57 @@ def test_accumulate_gradients_equals_one_step_on_the_reduced_gradient(reduction)
     reduce = np.mean if reduction == "mean" else np.sum
     steps = [reduce(micro[:3], axis=0), reduce(micro[3:], axis=0)]
     np.testing.assert_allclose(params, ref.adam(w0, steps, lr=0.1), rtol=1e-6)
+
+
+def test_accumulate_gradients_of_bfloat16_in_a_float32_accumulator_matches_numpy():
+    """bfloat16 gradients summed in bfloat16 lose their low bits at every micro-batch; with
+    ``slot_dtype=jnp.float32`` the sum is float32 and the mean is rounded to bfloat16 once,
+    for the inner update. Against NumPy (float32 sums of the bfloat16 values), over two
+    windows, with one compile; the default accumulator keeps bfloat16 (Keras 3's)."""
+    bf16 = jnp.bfloat16
+    k = 64  # sums near 64, where bfloat16's spacing is 0.5
+    rng = np.random.default_rng(3)
+    micro = [
+        np.asarray(jnp.asarray(1.0 + rng.uniform(0, 0.1, 4), bf16), np.float32)
+        for _ in range(2 * k)
+    ]
+    params = jnp.zeros(4, bf16)
+    tx = kopt.accumulate_gradients(kopt.sgd(1.0), every_k=k, slot_dtype=jnp.float32)
+    state = tx.init(params)
+    assert state.accumulated.dtype == jnp.float32 and params.dtype == bf16
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(params, state, g):
+        updates, state = tx.update(g, state, params)
+        return kopt.apply_updates(params, updates), state
+
+    expected = np.zeros(4, np.float32)
+    for window in range(2):
+        for g in micro[window * k : (window + 1) * k]:
+            params, state = step(params, state, jnp.asarray(g, bf16))
+        mean = np.asarray(jnp.asarray(np.sum(micro[window * k : (window + 1) * k], 0) / k, bf16))
+        expected = np.asarray(jnp.asarray(expected - mean.astype(np.float32), bf16), np.float32)
+        np.testing.assert_array_equal(np.asarray(params, np.float32), expected)
+        assert params.dtype == bf16 and state.accumulated.dtype == jnp.float32
+
+    # Accumulated in bfloat16 instead, the same gradients give another (rounded) result.
+    plain = kopt.accumulate_gradients(kopt.sgd(1.0), every_k=k)
+    p, st = jnp.zeros(4, bf16), plain.init(jnp.zeros(4, bf16))
+    assert st.accumulated.dtype == bf16
+    for g in micro[:k]:
+        u, st = plain.update(jnp.asarray(g, bf16), st, p)
+        p = kopt.apply_updates(p, u)
+    first = np.asarray(
+        jnp.asarray(-np.asarray(jnp.asarray(np.sum(micro[:k], 0) / k, bf16), np.float32), bf16),
+        np.float32,
+    )
+    assert not np.array_equal(np.asarray(p, np.float32), first)
+
+
+def test_accumulate_gradients_refuses_a_slot_dtype_that_is_not_floating():
+    with pytest.raises(TypeError, match=r"accumulate_gradients: `slot_dtype` must be a floating"):
+        kopt.accumulate_gradients(kopt.sgd(1.0), every_k=2, slot_dtype=jnp.int32)
 
 
 def test_accumulate_gradients_accepts_sparse_gradients():

@@ -254,7 +254,11 @@ class AccumulateState(NamedTuple):
 
 
 def accumulate_gradients(
-    transformation: GradientTransformation, every_k: int, reduction: str = "mean"
+    transformation: GradientTransformation,
+    every_k: int,
+    reduction: str = "mean",
+    *,
+    slot_dtype: Any = None,
 ) -> GradientTransformation:
     """Accumulates gradients over ``every_k`` calls; the inner update runs only on the k-th.
 
@@ -266,9 +270,14 @@ def accumulate_gradients(
         transformation: the inner transformation.
         every_k: how many calls make one step (an int >= 1).
         reduction: ``"mean"`` (Keras 3's ``gradient_accumulation_steps``) or ``"sum"``.
+        slot_dtype: the accumulator's dtype; default: each param's, as Keras 3 and optax keep
+            it. ``jnp.float32`` sums the micro-batches of bfloat16 or float16 gradients in
+            float32, and their mean (or sum) is rounded to the gradient's dtype once, for the
+            inner update.
 
     Raises:
         ValueError: for ``every_k < 1`` or an unknown reduction.
+        TypeError: for a ``slot_dtype`` that is not a floating-point dtype.
 
     Example:
         >>> import jax.numpy as jnp, kopt
@@ -287,11 +296,20 @@ def accumulate_gradients(
         raise ValueError(
             f"accumulate_gradients: `reduction` must be 'mean' or 'sum', received {reduction!r}"
         )
+    check_slot_dtype("accumulate_gradients", slot_dtype)
 
     inner_update = extra_args_update(transformation)
 
+    def reduced(g, total):
+        """The accumulated gradient the inner update gets, in the gradient's own dtype when the
+        accumulator has one of its own."""
+        if g is None:
+            return None
+        out = total if reduction == "sum" else total / every_k
+        return out if slot_dtype is None else out.astype(g.dtype)
+
     def init_fn(params):
-        zeros = slot_like(params, 0.0, None)
+        zeros = slot_like(params, 0.0, slot_dtype)
         mini_step = on_params_devices(jnp.zeros([], jnp.int32), params)
         inner_state = uncommitted_on_params_devices(transformation.init(params), params)
         return AccumulateState(mini_step, zeros, inner_state)
@@ -311,12 +329,7 @@ def accumulate_gradients(
 
         def apply_inner(operand):
             total, inner_state = operand
-            grads = jax.tree.map(
-                lambda g, t: None if g is None else t if reduction == "sum" else t / every_k,
-                updates,
-                total,
-                is_leaf=_is_leaf,
-            )
+            grads = jax.tree.map(reduced, updates, total, is_leaf=_is_leaf)
             new_updates, inner_state = inner_update(grads, inner_state, params, **extra_args)
             new_updates = jax.tree.map(
                 lambda u, a: None if u is None else as_dense(u, a.shape),
