@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import os
 import subprocess
 import sys
@@ -266,23 +265,15 @@ def device_rows(machine: dict) -> tuple[dict, float | None]:
 
 
 def report_header(title: str, mode: str, args: argparse.Namespace, machine: dict) -> list[str]:
-    """A report's first lines: ``title``, when and at which commit it ran with which command
-    line (``mode``: the flag choosing the report, or ""), and the machine table."""
-    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    """A report's first lines (:func:`harness.report_header`), with the command line (``mode``:
+    the flag choosing the report, or "")."""
     command = " ".join(
         ["python benchmarks/gpu.py"]
         + ([mode] if mode else [])
         + (["--quick"] if args.quick else [])
         + ([f"--repeat {REPEAT[0]}"] if REPEAT[0] != 10 else [])
     )
-    return [
-        title,
-        "",
-        f"Run on {now}, kopt at commit `{harness.git_commit()}`: `{command}`",
-        "",
-        harness.markdown_table(["machine", ""], [[k, v] for k, v in machine.items()]),
-        "",
-    ]
+    return harness.report_header(title, command, machine)
 
 
 def train_report(args: argparse.Namespace) -> str:

@@ -199,6 +199,22 @@ def git_commit() -> str:
     return done.stdout.strip() or "unknown"
 
 
+def report_header(title: str, command: str, machine: dict[str, str]) -> list[str]:
+    """A report's first lines: ``title``, when and at which commit it ran with which command
+    line, and the machine table."""
+    import datetime
+
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return [
+        title,
+        "",
+        f"Run on {now}, kopt at commit `{git_commit()}`: `{command}`",
+        "",
+        markdown_table(["machine", ""], [[k, v] for k, v in machine.items()]),
+        "",
+    ]
+
+
 def machine_description() -> dict[str, str]:
     """CPU model, cores, memory, OS and the versions of every library that might be measured."""
     info = {"cpu": platform.processor() or platform.machine()}

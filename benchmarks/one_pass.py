@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import datetime
 import os
 import shutil
 import subprocess
@@ -195,15 +194,9 @@ def report(args: argparse.Namespace) -> str:
     machine["in-place bandwidth"] = (
         f"{bandwidth:.1f} GB/s (jitted, donated `a + b` on float32, 12 bytes per element)"
     )
-    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     command = "python benchmarks/one_pass.py" + (" --quick" if args.quick else "")
     parts = [
-        "# CPU: Adam in one pass, called from JAX",
-        "",
-        f"Run on {now}, kopt at commit `{harness.git_commit()}`: `{command}`",
-        "",
-        harness.markdown_table(["machine", ""], [[k, v] for k, v in machine.items()]),
-        "",
+        *harness.report_header("# CPU: Adam in one pass, called from JAX", command, machine),
         "A jitted step calling `benchmarks/native/one_pass_adam.cc` through `jax.ffi.ffi_call` "
         "(Keras's Adam in one loop over the param, gradient, `m` and `v`, split over the "
         "cores, updating the donated buffers in place) against kopt's jitted, donated pure step "
