@@ -68,10 +68,11 @@ def jitted_step(transformation, apply_updates):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def pure_step(transformation, apply_updates, params, grads, repeat: int = 1) -> Step:
+def pure_step(transformation, apply_updates, params, grads, repeat: int = 1, jitted=None) -> Step:
     """A step closure over a jitted, donated pure step of ``transformation``: ``repeat`` steps
-    dispatched back to back, then one wait."""
-    fn = jitted_step(transformation, apply_updates)
+    dispatched back to back, then one wait. ``jitted``: that step, already made by
+    :func:`jitted_step` (compiled steps are reused), else a new one."""
+    fn = jitted_step(transformation, apply_updates) if jitted is None else jitted
     box = [params, transformation.init(params)]
     last = last_leaf(params)
 
@@ -369,3 +370,184 @@ def torch_fused(optimizer: str, n_params: int, n_leaves: int) -> Step:
             opt.step()
 
     return step
+
+
+# --- the rest of the functional core: modern optimizers and the transformations users chain ---
+
+# Each case: kopt's transformation, optax's nearest equivalent, and calls per timed unit (an
+# accumulating wrapper is timed over whole cycles: one call of every ``every_k`` runs the inner
+# update). Where the maths differ the table says how (see ``MODERN_NOTES``).
+ACCUMULATE_K = 4
+WEIGHT_DECAY = 0.004
+MODERN_CASES = (
+    "adamw",
+    "lion",
+    "lamb",
+    "adafactor",
+    "clip_by_global_norm+adam",
+    "adamw masked",
+    "multi_transform",
+    "accumulate_gradients",
+    "apply_if_finite",
+    "adam+ema",
+    "decoupled_weight_decay",
+)
+MODERN_NOTES = {
+    "adamw": "epsilon: kopt Keras's (to sqrt(v)), optax after bias correction",
+    "lion": "same maths (optax weight_decay=0)",
+    "lamb": "same maths (optax weight_decay=0)",
+    "adafactor": "kopt Keras 3's (step min(lr, 1/sqrt(t))), optax's fixed lr; 1-D leaves: "
+    "neither factors",
+    "clip_by_global_norm+adam": "clip 1.0; Adam epsilon as in adamw",
+    "adamw masked": "decay on every other leaf (mask)",
+    "multi_transform": "adam on even leaves, sgd on odd ones",
+    "accumulate_gradients": f"every_k={ACCUMULATE_K}, mean; kopt sums then divides, "
+    f"optax.MultiSteps keeps a running mean; times per call",
+    "apply_if_finite": "adam inside, gradients finite",
+    "adam+ema": "EMA 0.99 of the params; optax: optax.incremental_update after the step",
+    "decoupled_weight_decay": "kopt.decoupled_weight_decay(kopt.adam) against optax.adamw",
+}
+
+
+def _even_leaves(tree):
+    """A mask of the params: True on every other leaf (by sorted key)."""
+    return {k: i % 2 == 0 for i, k in enumerate(sorted(tree))}
+
+
+def kopt_modern(case: str):
+    """kopt's transformation for one of :data:`MODERN_CASES`."""
+    import kopt
+
+    adam = lambda: kopt.adam(**ADAM)  # noqa: E731
+    lr = ADAM["learning_rate"]
+    if case == "adamw":
+        return kopt.adamw(lr, WEIGHT_DECAY, epsilon=ADAM["epsilon"])
+    if case == "lion":
+        return kopt.lion(lr, 0.9, 0.99)
+    if case == "lamb":
+        return kopt.lamb(lr, epsilon=ADAM["epsilon"])
+    if case == "adafactor":
+        return kopt.adafactor(lr)
+    if case == "clip_by_global_norm+adam":
+        return kopt.chain(kopt.clip_by_global_norm(1.0), adam())
+    if case == "adamw masked":
+        return kopt.adamw(lr, WEIGHT_DECAY, epsilon=ADAM["epsilon"], mask=_even_leaves)
+    if case == "multi_transform":
+        return kopt.multi_transform(
+            {"adam": adam(), "sgd": kopt.sgd(**SGD_MOMENTUM)},
+            lambda p: {k: "adam" if m else "sgd" for k, m in _even_leaves(p).items()},
+        )
+    if case == "accumulate_gradients":
+        return kopt.accumulate_gradients(adam(), ACCUMULATE_K)
+    if case == "apply_if_finite":
+        return kopt.apply_if_finite(adam(), 5)
+    if case == "adam+ema":
+        return kopt.chain(adam(), kopt.ema(0.99))
+    if case == "decoupled_weight_decay":
+        return kopt.decoupled_weight_decay(adam(), WEIGHT_DECAY, lr)
+    raise ValueError(f"unknown case {case!r}")
+
+
+def optax_modern(case: str):
+    """optax's nearest equivalent of :func:`kopt_modern`'s ``case``."""
+    try:
+        import optax
+    except ImportError as e:
+        raise Unavailable("optax is not installed") from e
+    lr, eps = ADAM["learning_rate"], ADAM["epsilon"]
+    adam = lambda: optax.adam(lr, b1=0.9, b2=0.999, eps=eps)  # noqa: E731
+    if case in ("adamw", "decoupled_weight_decay"):
+        return optax.adamw(lr, b1=0.9, b2=0.999, eps=eps, weight_decay=WEIGHT_DECAY)
+    if case == "lion":
+        return optax.lion(lr, b1=0.9, b2=0.99, weight_decay=0.0)
+    if case == "lamb":
+        return optax.lamb(lr, b1=0.9, b2=0.999, eps=eps, weight_decay=0.0)
+    if case == "adafactor":
+        return optax.adafactor(lr)
+    if case == "clip_by_global_norm+adam":
+        return optax.chain(optax.clip_by_global_norm(1.0), adam())
+    if case == "adamw masked":
+        return optax.adamw(
+            lr, b1=0.9, b2=0.999, eps=eps, weight_decay=WEIGHT_DECAY, mask=_even_leaves
+        )
+    if case == "multi_transform":
+        return optax.multi_transform(
+            {"adam": adam(), "sgd": optax.sgd(**SGD_MOMENTUM)},
+            lambda p: {k: "adam" if m else "sgd" for k, m in _even_leaves(p).items()},
+        )
+    if case == "accumulate_gradients":
+        return optax.MultiSteps(adam(), every_k_schedule=ACCUMULATE_K)
+    if case == "apply_if_finite":
+        return optax.apply_if_finite(adam(), 5)
+    if case == "adam+ema":
+        return optax.chain(adam(), _optax_param_ema(0.99))
+    raise ValueError(f"unknown case {case!r}")
+
+
+def _optax_param_ema(momentum: float):
+    """An EMA of the params after each update, as optax users keep one (``incremental_update``
+    of the updated params), made a transformation so the step has the same shape as kopt's.
+    The first step sets the average to the params, as kopt's (and Keras 3's) does."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    def init(params):
+        return (jnp.zeros([], jnp.int32), jax.tree.map(jnp.copy, params))
+
+    def update(updates, state, params=None):
+        count, average = state
+        new_params = optax.apply_updates(params, updates)
+        step_size = jnp.where(count == 0, 1.0, 1.0 - momentum)
+        average = optax.incremental_update(new_params, average, step_size)
+        return updates, (optax.safe_increment(count), average)
+
+    return optax.GradientTransformation(init, update)
+
+
+def modern_calls(case: str) -> int:
+    """Calls of the step per timed unit: a whole accumulation cycle for the accumulators."""
+    return ACCUMULATE_K if case == "accumulate_gradients" else 1
+
+
+_MODERN_STEPS: dict[tuple[str, str], Any] = {}
+_MODERN_TREES: dict[tuple[int, int, int], Any] = {}
+
+
+def modern_pure(library: str, case: str, n_params: int, n_leaves: int) -> Step:
+    """The jitted, donated pure step of ``case`` in ``library`` (``"kopt"`` or ``"optax"``),
+    ``modern_calls(case)`` calls per timed unit.
+
+    Each call builds fresh buffers (copies of params and gradients made once per size) around
+    one jitted step per library and case, compiled once: the suite times many pairs, and
+    drawing 10M random values and compiling a 200-leaf step for every round of every pair was
+    most of its time. :func:`clear_modern_cache` frees them."""
+    import jax
+    import jax.numpy as jnp
+
+    key = (library, case)
+    if key not in _MODERN_STEPS:
+        if library == "kopt":
+            import kopt
+
+            tx, apply_updates = kopt_modern(case), kopt.apply_updates
+        else:
+            tx = optax_modern(case)
+            import optax
+
+            apply_updates = optax.apply_updates
+        _MODERN_STEPS[key] = (tx, apply_updates, jitted_step(tx, apply_updates))
+    tx, apply_updates, fn = _MODERN_STEPS[key]
+    trees = []
+    for seed in (0, 1):
+        base = _MODERN_TREES.get((n_params, n_leaves, seed))
+        if base is None:
+            base = _MODERN_TREES[(n_params, n_leaves, seed)] = jax_tree(n_params, n_leaves, seed)
+        trees.append(jax.tree.map(jnp.copy, base))
+    params, grads = trees
+    return pure_step(tx, apply_updates, params, grads, repeat=modern_calls(case), jitted=fn)
+
+
+def clear_modern_cache() -> None:
+    _MODERN_STEPS.clear()
+    _MODERN_TREES.clear()

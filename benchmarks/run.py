@@ -8,6 +8,11 @@ Suites (``--only``, comma-separated or repeated):
 
 - ``pure``: kopt's jitted pure step (``update`` + ``apply_updates``, params and state donated)
   against optax's, for Adam, SGD with momentum, RMSprop and Adagrad, with the issue's targets.
+- ``modern``: the rest of the functional core against optax's nearest equivalents, as jitted
+  pure steps: AdamW, Lion, Lamb, Adafactor, and Adam inside the transformations users chain
+  (``clip_by_global_norm``, ``masked``, ``multi_transform``, ``accumulate_gradients`` against
+  ``optax.MultiSteps``, ``apply_if_finite``, ``ema``, ``decoupled_weight_decay``), at the sizes
+  of more than one leaf.
 - ``train``: a whole jitted training step of an MLP (loss, gradient, update) in optax, kopt and
   kopt with ``kopt.pack`` params.
 - ``facade``: ``kopt.optimizers.Adam().apply_gradients`` over ``kopt.Variable``s against kopt's
@@ -55,7 +60,7 @@ import harness  # noqa: E402
 from contenders import Unavailable  # noqa: E402
 from harness import Budget, Row  # noqa: E402
 
-SUITES = ("pure", "train", "facade", "peers", "sparse", "memory", "compile")
+SUITES = ("pure", "modern", "train", "facade", "peers", "sparse", "memory", "compile")
 OPTIMIZERS = ("adam", "sgd_momentum", "rmsprop", "adagrad")
 FULL_SIZES = ((10_000_000, 1), (10_000_000, 200), (100_000, 100))
 QUICK_SIZES = ((200_000, 1), (200_000, 20), (10_000, 10))
@@ -216,6 +221,51 @@ def suite_pure(cfg: Config) -> Section:
             )
         )
     section.table = table_of(rows, cfg)
+    return section
+
+
+def suite_modern(cfg: Config) -> Section:
+    section = Section(
+        "Modern optimizers and chained transformations: kopt against optax",
+        "The pure step of the *pure* section for the rest of the functional core, each against "
+        "optax's nearest equivalent (its column *same maths?* says where the libraries "
+        "differ). Sizes of one leaf are left out: masks and labels need several. "
+        f"`accumulate_gradients` (every {contenders.ACCUMULATE_K}) is timed over whole cycles "
+        "and shown per call. Compare the spread with the pure section's *A/A* rows.",
+    )
+    rows = []
+    sizes = [size for size in cfg.sizes if size[1] > 1]
+    try:
+        for case in contenders.MODERN_CASES:
+            for size in sizes:
+                n, leaves = size
+                kopt_side, optax_side = (
+                    (
+                        lib,
+                        lambda lib=lib, c=case, n=n, k=leaves: contenders.modern_pure(lib, c, n, k),
+                    )
+                    for lib in ("kopt", "optax")
+                )
+                rows.append(
+                    timed_row(
+                        "modern",
+                        case,
+                        size,
+                        kopt_side,
+                        optax_side,
+                        cfg.budget,
+                        section.notes,
+                        bandwidth=False,
+                        steps_per_call=contenders.modern_calls(case),
+                    )
+                )
+    finally:
+        contenders.clear_modern_cache()
+    section.table = table_of(rows, cfg)
+    section.table += "\n\n" + harness.markdown_table(
+        ["case", "same maths?"],
+        [[case, contenders.MODERN_NOTES[case]] for case in contenders.MODERN_CASES],
+    )
     return section
 
 
@@ -945,6 +995,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg.inplace_gbps = harness.inplace_bandwidth(max(n for n, _ in cfg.sizes), budget)
     suites = {
         "pure": suite_pure,
+        "modern": suite_modern,
         "train": suite_train,
         "facade": suite_facade,
         "peers": suite_peers,

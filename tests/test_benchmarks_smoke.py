@@ -25,14 +25,48 @@ def run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_quick_pure_benchmark_prints_a_markdown_table(tmp_path):
+def markdown_tables(text: str) -> list[list[list[str]]]:
+    """Every results table in a report (those headed ``| optimizer | params |``), as rows of
+    cells."""
+    lines = text.splitlines()
+    tables = []
+    for i, line in enumerate(lines):
+        if not line.startswith("| optimizer | params |"):
+            continue
+        assert lines[i + 1].startswith("|---")
+        rows = []
+        for row in lines[i + 2 :]:
+            if not row.startswith("|"):
+                break
+            rows.append([cell.strip() for cell in row.strip("|").split("|")])
+        tables.append(rows)
+    return tables
+
+
+# The modern suite's cases: the modern optimizers, and Adam inside each wrapper users chain.
+MODERN_CASES = (
+    "adamw",
+    "lion",
+    "lamb",
+    "adafactor",
+    "clip_by_global_norm+adam",
+    "adamw masked",
+    "multi_transform",
+    "accumulate_gradients",
+    "apply_if_finite",
+    "adam+ema",
+    "decoupled_weight_decay",
+)
+
+
+def test_quick_pure_and_modern_benchmarks_print_markdown_tables(tmp_path):
     report = tmp_path / "REPORT.md"
     peer = tmp_path / "peer-env" / "bin" / "python"
     done = run_benchmark(
         "run.py",
         "--quick",
         "--only",
-        "pure",
+        "pure,modern",
         "--sizes",
         "2k:1,2k:4",
         "--seconds",
@@ -46,21 +80,21 @@ def test_quick_pure_benchmark_prints_a_markdown_table(tmp_path):
     written = report.read_text()
     assert "--output REPORT.md --peer-python=PEER_PYTHON`" in written, written[:500]
     assert str(tmp_path) not in written and str(tmp_path) not in done.stdout
-    lines = done.stdout.splitlines()
-    header = [i for i, line in enumerate(lines) if line.startswith("| optimizer | params |")]
-    assert len(header) == 1, done.stdout
-    table = []
-    for line in lines[header[0] + 2 :]:
-        if not line.startswith("|"):
-            break
-        table.append([cell.strip() for cell in line.strip("|").split("|")])
-    assert lines[header[0] + 1].startswith("|---")
-    pairs = {(row[0], row[2], row[3], row[4]) for row in table}
+    pure, modern = markdown_tables(done.stdout)
+    pairs = {(row[0], row[2], row[3], row[4]) for row in pure}
     for optimizer in ("adam", "sgd_momentum", "rmsprop", "adagrad"):
         for leaves in ("1", "4"):
             assert (optimizer, leaves, "kopt", "optax") in pairs, done.stdout
-    for row in table:
+    # Every modern case against optax at the size of several leaves only; none failed.
+    assert "failed" not in done.stdout.split("## Modern")[1], done.stdout
+    assert sorted((row[0], row[2], row[3], row[4]) for row in modern) == sorted(
+        (case, "4", "kopt", "optax") for case in MODERN_CASES
+    ), done.stdout
+    for row in pure + modern:
         assert float(row[5]) > 0 and float(row[6]) > 0 and float(row[7]) > 0, row
+    # Each case says how its maths compare with optax's.
+    for case in MODERN_CASES:
+        assert f"\n| {case} | " in done.stdout.split("| case | same maths? |")[1], case
 
 
 def test_gpu_benchmark_runs_small_on_the_cpu_and_writes_its_blocks(tmp_path):
