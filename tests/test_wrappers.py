@@ -1,6 +1,7 @@
 """masked, multi_transform, accumulate_gradients, apply_if_finite and ema."""
 
 import dataclasses
+import re
 from typing import Any
 
 import chex
@@ -211,6 +212,32 @@ def test_accumulate_gradients_of_bfloat16_in_a_float32_accumulator_matches_numpy
 def test_accumulate_gradients_refuses_a_slot_dtype_that_is_not_floating():
     with pytest.raises(TypeError, match=r"accumulate_gradients: `slot_dtype` must be a floating"):
         kopt.accumulate_gradients(kopt.sgd(1.0), every_k=2, slot_dtype=jnp.int32)
+
+
+def test_accumulate_gradients_branches_copy_nothing_params_sized():
+    """The step's conditional returns the sum so far, or the inner update, in one buffer per
+    leaf, selected outside it: neither branch copies a params-sized array (the branch not
+    taken copied the sum through and filled zero updates, 3x the work of a plain step over
+    200 leaves), and off a boundary nothing params-sized is computed inside the conditional.
+    The numbers are the reduced-gradient test's above."""
+    params = {f"w{i:02d}": jnp.zeros(1000) for i in range(20)}
+    tx = kopt.accumulate_gradients(kopt.adam(1e-3), every_k=4)
+
+    def step(p, s, g):
+        updates, s = tx.update(g, s, p)
+        return kopt.apply_updates(p, updates), s
+
+    hlo = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params)
+    text = hlo.compile().as_text()
+    (names,) = re.findall(r"branch_computations=\{(.*?)\}", text)
+    between, at_boundary = names.split(", ")  # index 0: the predicate's false branch
+    bodies = {
+        name: re.search(re.escape(name) + r" \(.*?\n\}", text, re.S).group(0)
+        for name in (between, at_boundary)
+    }
+    for name, body in bodies.items():
+        assert not re.search(r"f32\[1000\]\{0\} copy\(", body), (name, body)
+    assert "f32[1000]{0} fusion(" not in bodies[between], bodies[between]
 
 
 def test_accumulate_gradients_accepts_sparse_gradients():
