@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -304,6 +304,32 @@ def uncommitted_on_params_devices(tree: PyTree, params: PyTree) -> PyTree:
         return leaf
 
     return jax.tree.map(place, tree)
+
+
+def committed_device_ids(value: Any) -> list[int] | None:
+    """The sorted ids of the devices a concrete array is committed to; None for anything else
+    (a tracer, an uncommitted array, which goes wherever the others are, a non-array)."""
+    if not isinstance(value, jax.Array) or isinstance(value, jax.core.Tracer):
+        return None
+    if not value.committed:
+        return None
+    return sorted(d.id for d in value.sharding.device_set)
+
+
+def device_mismatch(named: Iterable[tuple[str, Any]]) -> tuple[tuple[str, list[int]], ...]:
+    """The first two of ``(name, value)`` pairs committed to different sets of devices, each
+    as ``(name, device ids)``, or ``()``: one compiled program (or one buffer) cannot hold
+    both, and JAX's own error names only an argument of an internal function."""
+    first = None
+    for name, value in named:
+        ids = committed_device_ids(value)
+        if ids is None:
+            continue
+        if first is None:
+            first = (name, ids)
+        elif ids != first[1]:
+            return first, (name, ids)
+    return ()
 
 
 def _params_placement(params: PyTree) -> Any:

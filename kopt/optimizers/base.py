@@ -32,6 +32,7 @@ import numpy as np
 
 from kopt import base as core
 from kopt import variables as variables_module
+from kopt._tree import committed_device_ids, device_mismatch
 from kopt.optimizers import _state_codec as codec
 from kopt.optimizers import _traced_loss
 from kopt.optimizers._slot_groups import MAX_GROUPED_SIZE, PackedSlot, SlotGroup, group_slots
@@ -2384,39 +2385,25 @@ def _devices_error(where: str, var_list: list[Variable], grads: list[Any]) -> Va
     """A ValueError naming two of ``var_list``, or a gradient and its variable, committed to
     different devices (None if none are): one step is one compiled program, which takes arrays
     of one set of devices."""
-    first = None
-    for v in var_list:
-        ids = _committed_ids(v._current)
-        if ids is None:
-            continue
-        if first is None:
-            first = (v.name, ids)
-        elif ids != first[1]:
-            return ValueError(
-                f"{where}: variables {first[0]} (device ids {first[1]}) and {v.name} (device "
-                f"ids {ids}) are committed to different devices, but an optimizer's step is one "
-                "compiled program over all its variables, which takes arrays of one set of "
-                "devices: put them on the same device, shard them over one mesh "
-                "(NamedSharding), or give each device's variables an optimizer of their own"
-            )
+    mismatch = device_mismatch((v.name, v._current) for v in var_list)
+    if mismatch:
+        (a, a_ids), (b, b_ids) = mismatch
+        return ValueError(
+            f"{where}: variables {a} (device ids {a_ids}) and {b} (device ids {b_ids}) are "
+            "committed to different devices, but an optimizer's step is one compiled program "
+            "over all its variables, which takes arrays of one set of devices: put them on the "
+            "same device, shard them over one mesh (NamedSharding), or give each device's "
+            "variables an optimizer of their own"
+        )
     for g, v in zip(grads, var_list, strict=False):
-        ids, own = _committed_ids(g), _committed_ids(v._current)
-        if ids is not None and own is not None and ids != own:
+        if device_mismatch([(v.name, v._current), ("gradient", g)]):
             return ValueError(
-                f"{where}: the gradient of {v.name} is committed to device ids {ids}, its "
-                f"variable to device ids {own}: move the gradient to the variable's devices "
-                "first (jax.device_put(grad, variable.sharding))"
+                f"{where}: the gradient of {v.name} is committed to device ids "
+                f"{committed_device_ids(g)}, its variable to device ids "
+                f"{committed_device_ids(v._current)}: move the gradient to the variable's "
+                "devices first (jax.device_put(grad, variable.sharding))"
             )
     return None
-
-
-def _committed_ids(value: Any) -> list[int] | None:
-    """The sorted ids of the devices ``value`` is committed to; None for anything else."""
-    if not isinstance(value, jax.Array) or isinstance(value, jax.core.Tracer):
-        return None
-    if not value.committed:
-        return None
-    return sorted(d.id for d in value.sharding.device_set)
 
 
 def _committed_device(values: list[Any]) -> Any:

@@ -16,6 +16,7 @@ from kopt._tree import (
     check_floating_params,
     check_leaf,
     check_same_structure,
+    device_mismatch,
     uncommitted_on_params_devices,
 )
 from kopt.base import GradientTransformation, OptimizerState, PyTree, extra_args_update
@@ -191,21 +192,14 @@ def _check_on_one_device(parts: list[Any], paths: list[str], owner: str, what: s
     """Raises ValueError naming two leaves of one buffer committed to different devices: the
     buffer lives in one place, and the concatenation's own error named neither leaf, only an
     argument of an internal function."""
-    first = None
-    for part, path in zip(parts, paths, strict=True):
-        if not isinstance(part, jax.Array) or isinstance(part, jax.core.Tracer):
-            continue
-        if not part.committed:  # goes wherever the others are
-            continue
-        ids = sorted(d.id for d in part.sharding.device_set)
-        if first is None:
-            first = (path, ids)
-        elif ids != first[1]:
-            raise ValueError(
-                f"{owner}: {what}s {first[0]} (device ids {first[1]}) and {path} (device ids "
-                f"{ids}) are committed to different devices but packed into one buffer: put "
-                "them on the same devices first (jax.device_put)"
-            )
+    mismatch = device_mismatch(zip(paths, parts, strict=True))
+    if mismatch:
+        (a, a_ids), (b, b_ids) = mismatch
+        raise ValueError(
+            f"{owner}: {what}s {a} (device ids {a_ids}) and {b} (device ids {b_ids}) are "
+            "committed to different devices but packed into one buffer: put them on the same "
+            "devices first (jax.device_put)"
+        )
 
 
 def _concatenated(parts: list[Any]) -> Any:
