@@ -201,7 +201,8 @@ def report(args: argparse.Namespace) -> str:
         "(Keras's Adam in one loop over the param, gradient, `m` and `v`, split over the "
         "cores, updating the donated buffers in place) against kopt's jitted, donated pure step "
         "(three loops, as XLA:CPU compiles it) and torch's fused Adam. Times are medians per "
-        "step in ms, ratios as in the report above; *A GB/s* counts the 28 bytes an in-place "
+        "step in ms; *A/B* is the median of per-iteration ratios of A and B timed alternately, "
+        "as in the CPU report; *A GB/s* counts the 28 bytes an in-place "
         "step must move per param. " + checked,
         "",
         harness.rows_table([r for r in rows if r is not None], bandwidth),
