@@ -264,8 +264,9 @@ def check_flag(owner: str, name: str, value: Any) -> None:
         )
 
 
-def check_slot_dtype(owner: str, slot_dtype: Any) -> None:
-    """Raises TypeError unless ``slot_dtype`` is None or a floating-point (or complex) dtype.
+def check_slot_dtype(owner: str, slot_dtype: Any, *, allow_complex: bool = True) -> None:
+    """Raises TypeError unless ``slot_dtype`` is None or a floating-point (or, if
+    ``allow_complex``, complex) dtype.
 
     An integer or boolean dtype would be accepted by the slots' ``full`` and silently truncate
     every moment to whole numbers, so the run would go on without training.
@@ -279,7 +280,7 @@ def check_slot_dtype(owner: str, slot_dtype: Any) -> None:
         raise TypeError(
             f"{owner}: `slot_dtype` must be a floating-point dtype, received {slot_dtype!r:.80}"
         ) from e
-    if not jnp.issubdtype(dtype, jnp.inexact):
+    if not jnp.issubdtype(dtype, jnp.inexact if allow_complex else jnp.floating):
         raise TypeError(f"{owner}: `slot_dtype` must be a floating-point dtype, received {dtype}")
 
 

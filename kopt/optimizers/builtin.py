@@ -15,7 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 
 import kopt
-from kopt.base import GradientTransformation, OptimizerState, _hyperparam_holders, safe_increment
+from kopt.base import (
+    GradientTransformation,
+    OptimizerState,
+    _hyperparam_holders,
+    check_slot_dtype,
+    safe_increment,
+)
 from kopt.optimizers.base import (
     _CLIP_PIECES,
     Optimizer,
@@ -41,19 +47,6 @@ def _flag_momentum(owner: str, momentum: Any) -> bool:
             )
         return momentum > 0
     return True
-
-
-def _check_slot_dtype(owner: str, slot_dtype: Any) -> None:
-    """``slot_dtype`` must be None or a floating dtype (the slots' dtype, e.g. float32 slots for
-    bfloat16 variables)."""
-    if slot_dtype is None:
-        return
-    try:
-        dtype = jnp.dtype(slot_dtype)
-    except TypeError as e:
-        raise TypeError(f"{owner}: `slot_dtype` must be a dtype, received {slot_dtype!r}") from e
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(f"{owner}: `slot_dtype` must be a floating dtype, received {dtype}")
 
 
 class _SlotDtype:
@@ -85,7 +78,8 @@ class _KerasV2(_SlotDtype, Optimizer):
     _EPSILON_ATTR = True
 
     def __init__(self, name: str, slot_dtype: Any = None, **kwargs: Any):
-        _check_slot_dtype(type(self).__name__, slot_dtype)
+        # The slots' dtype, e.g. float32 slots for bfloat16 variables.
+        check_slot_dtype(type(self).__name__, slot_dtype, allow_complex=False)
         super().__init__(name, **kwargs)
         self.slot_dtype = slot_dtype
 
@@ -715,7 +709,7 @@ class _Keras3(_SlotDtype, Optimizer):
             raise ValueError(
                 f"{owner}: `slot_dtype` is not supported; its slots follow the variables' dtype"
             )
-        _check_slot_dtype(owner, slot_dtype)
+        check_slot_dtype(owner, slot_dtype, allow_complex=False)
         super().__init__(name, **kwargs)
         self.weight_decay = weight_decay
         self.use_ema = bool(use_ema)
