@@ -2219,6 +2219,7 @@ _strengthened = jax.jit(_strengthen_each)
 
 
 def _filter_empty_gradients(pairs):
+    weak_seen: list[None] = []  # one entry per weakly typed array kept as it is
     kept = [
         pair
         if type(pair[0]) not in _CONVERTED and not getattr(pair[0], "weak_type", False)
@@ -2226,14 +2227,16 @@ def _filter_empty_gradients(pairs):
         if type(pair[0]) is IndexedSlices
         else (_python_value(*pair), pair[1])
         if type(pair[0]) in _PYTHON_VALUES
-        else pair
-        if isinstance(pair[0], jax.Array)  # weakly typed: converted together below
+        # Weakly typed: noted here, converted together below (the common call, with none,
+        # makes no second pass over the gradients).
+        else weak_seen.append(None) or pair
+        if isinstance(pair[0], jax.Array)
         else (_strongly_typed(pair[0]), pair[1])
         for pair in pairs
         if pair[0] is not None
     ]
-    weak = [i for i, (g, _) in enumerate(kept) if getattr(g, "weak_type", False)]
-    if weak:
+    if weak_seen:
+        weak = [i for i, (g, _) in enumerate(kept) if getattr(g, "weak_type", False)]
         # Weakly typed arrays (``jnp.full(shape, 0.5)``) made strong, as ``_strongly_typed``
         # does one by one, in one compiled call per placement (an eager conversion per
         # gradient cost a 100-variable step five times its own time).
