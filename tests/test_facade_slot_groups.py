@@ -7,7 +7,12 @@ import pytest
 
 import kopt
 from kopt import optimizers
-from kopt.optimizers._slot_groups import MAX_GROUP_MEMBERS, MAX_GROUPED_SIZE, PackedSlot
+from kopt.optimizers._slot_groups import (
+    MAX_GROUP_ELEMENTS,
+    MAX_GROUP_MEMBERS,
+    MAX_GROUPED_SIZE,
+    PackedSlot,
+)
 
 
 def small_model():
@@ -66,6 +71,35 @@ def test_many_small_slots_are_split_into_groups_of_bounded_size():
         p, m, _ = numpy_adam(np.full(v.shape, float(i)), [g[i] for g in grads])
         np.testing.assert_allclose(v.numpy(), p, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(opt.get_slot(v, "m").numpy(), m, rtol=1e-5, atol=1e-6)
+
+
+def test_groups_of_larger_slots_are_capped_by_their_element_count():
+    """XLA:CPU's compile time also grows with the members' sizes, so a group holds about
+    ``MAX_GROUP_ELEMENTS`` elements; the groups come out about equal, and a slot larger than a
+    group's share does not leave the small slots after it in groups of one."""
+    size = MAX_GROUP_ELEMENTS // 8
+    shapes = [(MAX_GROUPED_SIZE,)] + [(3,)] * 40 + [(8, size // 8)] * 20
+    variables = [kopt.Variable(jnp.full(s, 0.5 * i), name=f"w{i}") for i, s in enumerate(shapes)]
+    opt = optimizers.Adam(learning_rate=0.1)
+    rng = np.random.default_rng(2)
+    grads = [[rng.standard_normal(v.shape).astype(np.float32) for v in variables] for _ in range(2)]
+    for gs in grads:
+        opt.apply_gradients(zip([jnp.asarray(g) for g in gs], variables, strict=True))
+    assert opt.compile_count == 1
+    groups = [[m.size for m in g.members] for g in opt._slot_groups]
+    for members in groups:
+        assert 2 <= len(members) <= MAX_GROUP_MEMBERS, groups
+        assert sum(members) <= MAX_GROUP_ELEMENTS, groups
+    # The 80 small slots (m and v) and the 40 of 1/8 of the cap, in as few groups as the caps
+    # allow, give or take one; the large slots alone are not grouped.
+    assert len(groups) <= 3 + 5 + 1, groups
+    for v in variables:
+        assert isinstance(opt.get_slot(v, "v"), PackedSlot) == (v.size < MAX_GROUPED_SIZE), v.name
+    for i, v in enumerate(variables):
+        p, m, s = numpy_adam(np.full(v.shape, 0.5 * i), [g[i] for g in grads])
+        np.testing.assert_allclose(v.numpy(), p, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(opt.get_slot(v, "m").numpy(), m, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(opt.get_slot(v, "v").numpy(), s, rtol=1e-5, atol=1e-7)
 
 
 def test_a_step_over_some_variables_leaves_the_others_slots_alone():
