@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from kopt._tree import check_floating_params
-from kopt.base import PyTree
+from kopt.base import PyTree, as_count
 from kopt.transforms._flat import FlatLayout, make_layout
 
 __all__ = ["Packed", "pack"]
@@ -144,11 +144,11 @@ def pack(params: PyTree, max_leaf_size: int | str | None = "auto") -> Packed:
         Array([-0.5, -0.5, -0.5], dtype=float32)
     """
     owner = "pack"
-    is_count = isinstance(max_leaf_size, int) and not isinstance(max_leaf_size, bool)
+    count = as_count(max_leaf_size)
     if not (
         max_leaf_size is None
         or (isinstance(max_leaf_size, str) and max_leaf_size == "auto")
-        or (is_count and max_leaf_size >= 0)
+        or (count is not None and count >= 0)
     ):
         raise ValueError(
             f'{owner}: `max_leaf_size` must be "auto", None or an int >= 0, received '
@@ -159,5 +159,7 @@ def pack(params: PyTree, max_leaf_size: int | str | None = "auto") -> Packed:
     check_floating_params(params, owner)
     if isinstance(max_leaf_size, str):  # "auto"
         max_leaf_size = auto_max_leaf_size(params)
+    elif count is not None:
+        max_leaf_size = count
     layout = make_layout(params, max_leaf_size)
     return Packed(layout.pack(params, owner, "param"), layout)

@@ -15,6 +15,7 @@ import contextlib
 import contextvars
 import copy
 import inspect
+import operator
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -262,6 +263,17 @@ def check_flag(owner: str, name: str, value: Any) -> None:
         raise TypeError(
             f"{owner}: `{name}` must be a bool, received {type(value).__name__} {value!r:.80}"
         )
+
+
+def as_count(value: Any) -> int | None:
+    """``value`` as a Python int if it is a whole number: an int or a NumPy integer scalar (a
+    count read from a NumPy array or a config), not a bool, a float or an array. Else None."""
+    if isinstance(value, (bool, np.bool_, np.ndarray, jax.Array)):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def check_slot_dtype(owner: str, slot_dtype: Any, *, allow_complex: bool = True) -> None:

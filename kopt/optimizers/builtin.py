@@ -19,6 +19,7 @@ from kopt.base import (
     GradientTransformation,
     OptimizerState,
     _hyperparam_holders,
+    as_count,
     check_slot_dtype,
     safe_increment,
 )
@@ -576,11 +577,8 @@ def _check_keras3_options(
     if weight_decay is not None:
         kopt.base.check_hyperparam(owner, "weight_decay", weight_decay, allow_schedule=False)
     if gradient_accumulation_steps:
-        if (
-            isinstance(gradient_accumulation_steps, bool)
-            or not isinstance(gradient_accumulation_steps, int)
-            or gradient_accumulation_steps < 2
-        ):
+        count = as_count(gradient_accumulation_steps)
+        if count is None or count < 2:
             raise ValueError(
                 "`gradient_accumulation_steps` must be an integer >= 2. Received: "
                 f"gradient_accumulation_steps={gradient_accumulation_steps}"
@@ -590,11 +588,8 @@ def _check_keras3_options(
             raise ValueError(
                 f"`ema_momentum` must be in the range [0, 1]. Received: ema_momentum={ema_momentum}"
             )
-        if ema_overwrite_frequency and (
-            not isinstance(ema_overwrite_frequency, int)
-            or isinstance(ema_overwrite_frequency, bool)
-            or ema_overwrite_frequency < 1
-        ):
+        count = as_count(ema_overwrite_frequency)
+        if ema_overwrite_frequency and (count is None or count < 1):
             raise ValueError(
                 "`ema_overwrite_frequency` must be an integer >= 1 or None. Received: "
                 f"ema_overwrite_frequency={ema_overwrite_frequency}"
@@ -714,8 +709,9 @@ class _Keras3(_SlotDtype, Optimizer):
         self.weight_decay = weight_decay
         self.use_ema = bool(use_ema)
         self.ema_momentum = ema_momentum
-        self.ema_overwrite_frequency = ema_overwrite_frequency or None
-        self.gradient_accumulation_steps = gradient_accumulation_steps or None
+        # Python ints (a NumPy integer is accepted), for get_config's JSON.
+        self.ema_overwrite_frequency = as_count(ema_overwrite_frequency) or None
+        self.gradient_accumulation_steps = as_count(gradient_accumulation_steps) or None
         self.slot_dtype = slot_dtype
         self.loss_scale_factor = loss_scale_factor
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kopt.base import as_count
 from kopt.optimizers.base import Optimizer
 from kopt.sparse import IndexedSlices, map_values
 from kopt.variables import Variable, _full_spec
@@ -99,7 +100,8 @@ class LossScaleOptimizer(Optimizer):
                 f"{initial_scale!r}"
             )
         initial_scale = scale
-        if dynamic and (not isinstance(dynamic_growth_steps, int) or dynamic_growth_steps < 1):
+        count = as_count(dynamic_growth_steps)
+        if dynamic and (count is None or count < 1):
             raise ValueError(
                 "LossScaleOptimizer: `dynamic_growth_steps` must be an int >= 1, received "
                 f"{dynamic_growth_steps!r}"
@@ -108,7 +110,7 @@ class LossScaleOptimizer(Optimizer):
         self._optimizer = inner_optimizer
         self.dynamic = bool(dynamic)
         self.initial_scale = float(initial_scale)
-        self.dynamic_growth_steps = dynamic_growth_steps
+        self.dynamic_growth_steps = dynamic_growth_steps if count is None else count
         self._loss_scale = Variable(
             jnp.float32(initial_scale),
             trainable=False,

@@ -19,7 +19,13 @@ from kopt._tree import (
     device_mismatch,
     uncommitted_on_params_devices,
 )
-from kopt.base import GradientTransformation, OptimizerState, PyTree, extra_args_update
+from kopt.base import (
+    GradientTransformation,
+    OptimizerState,
+    PyTree,
+    as_count,
+    extra_args_update,
+)
 from kopt.sparse import IndexedSlices, is_indexed_slices
 
 
@@ -344,10 +350,12 @@ def flatten(
         (2, 2)
     """
     owner = "flatten"
-    if isinstance(max_leaf_size, bool) or not isinstance(max_leaf_size, int) or max_leaf_size < 0:
+    count = as_count(max_leaf_size)
+    if count is None or count < 0:
         raise ValueError(
             f"{owner}: `max_leaf_size` must be an int >= 0, received {max_leaf_size!r}"
         )
+    max_leaf_size = count
 
     def init_fn(params):
         if _stands_for_params(params):

@@ -22,6 +22,7 @@ from kopt.base import (
     OptimizerState,
     PyTree,
     apply_updates,
+    as_count,
     check_hyperparam,
     check_slot_dtype,
     extra_args_update,
@@ -299,10 +300,12 @@ def accumulate_gradients(
         >>> float(u1[0]), float(u2[0])
         (0.0, -2.0)
     """
-    if isinstance(every_k, bool) or not isinstance(every_k, int) or every_k < 1:
+    count = as_count(every_k)
+    if count is None or count < 1:
         raise ValueError(
             f"accumulate_gradients: `every_k` must be an int >= 1, received {every_k!r}"
         )
+    every_k = count
     if reduction not in ("mean", "sum"):
         raise ValueError(
             f"accumulate_gradients: `reduction` must be 'mean' or 'sum', received {reduction!r}"
@@ -507,15 +510,13 @@ def apply_if_finite(
         >>> u, int(s.total_notfinite)
         (Array([0., 0.], dtype=float32), 1)
     """
-    if (
-        isinstance(max_consecutive_errors, bool)
-        or not isinstance(max_consecutive_errors, int)
-        or max_consecutive_errors < 0
-    ):
+    count = as_count(max_consecutive_errors)
+    if count is None or count < 0:
         raise ValueError(
             "apply_if_finite: `max_consecutive_errors` must be an int >= 0, received "
             f"{max_consecutive_errors!r}"
         )
+    max_consecutive_errors = count
 
     inner_update = extra_args_update(transformation)
 
@@ -610,15 +611,14 @@ def ema(
     """
     check_hyperparam("ema", "momentum", momentum, low=0.0, high=1.0, allow_schedule=False)
     check_slot_dtype("ema", slot_dtype)
-    if overwrite_frequency is not None and (
-        isinstance(overwrite_frequency, bool)
-        or not isinstance(overwrite_frequency, int)
-        or overwrite_frequency < 1
-    ):
-        raise ValueError(
-            "ema: `overwrite_frequency` must be None or an int >= 1, received "
-            f"{overwrite_frequency!r}"
-        )
+    if overwrite_frequency is not None:
+        count = as_count(overwrite_frequency)
+        if count is None or count < 1:
+            raise ValueError(
+                "ema: `overwrite_frequency` must be None or an int >= 1, received "
+                f"{overwrite_frequency!r}"
+            )
+        overwrite_frequency = count
 
     def init_fn(params):
         average = _averages_start(params, slot_dtype)
