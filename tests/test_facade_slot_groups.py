@@ -1,5 +1,7 @@
 """The facade keeps small slots in shared buffers; each still behaves as its own variable."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,6 +102,22 @@ def test_groups_of_larger_slots_are_capped_by_their_element_count():
         np.testing.assert_allclose(v.numpy(), p, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(opt.get_slot(v, "m").numpy(), m, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(opt.get_slot(v, "v").numpy(), s, rtol=1e-5, atol=1e-7)
+
+
+def test_off_the_cpu_groups_are_capped_by_members_only():
+    """The element cap is for XLA:CPU's compile time; elsewhere each array passed costs the host
+    a few microseconds, so groups take up to ``MAX_GROUP_MEMBERS`` slots of any size."""
+    from kopt.optimizers._slot_groups import _chunks
+
+    class Slot:
+        def __init__(self, size):
+            self._storage = np.zeros(size, np.float32)
+
+    members = [Slot(MAX_GROUP_ELEMENTS // 4) for _ in range(2 * MAX_GROUP_MEMBERS + 3)]
+    uncapped = [len(c) for c in _chunks(members, math.inf)]
+    assert len(uncapped) == 3 and max(uncapped) - min(uncapped) <= 1, uncapped
+    capped = [len(c) for c in _chunks(members, MAX_GROUP_ELEMENTS)]
+    assert sum(capped) == len(members) and max(capped) == 4, capped
 
 
 def test_a_step_over_some_variables_leaves_the_others_slots_alone():

@@ -29,10 +29,11 @@ MAX_GROUPED_SIZE = 16384
 # itself was no slower (a few more buffers to pass).
 MAX_GROUP_MEMBERS = 32
 
-# And at most about this many elements. The compile time also grows with the members' sizes:
-# Adam over 100 variables of 10 x 100 compiled in 2.3 s in groups of about 15, against 0.7 s in
-# groups of 8, and the call was no slower. Small slots, where grouping saves the most per call,
-# still fill their 32 places.
+# On the CPU, also at most about this many elements. XLA:CPU's compile time grows with the
+# members' sizes too: Adam over 100 variables of 10 x 100 compiled in 2.3 s in groups of about
+# 15, against 0.7 s in groups of 8, and the call was no slower. Small slots, where grouping
+# saves the most per call, still fill their 32 places. Elsewhere each array a call passes costs
+# the host a few microseconds, so slots stay in groups of 32 there.
 MAX_GROUP_ELEMENTS = 8192
 
 _group_ids = itertools.count()
@@ -178,8 +179,8 @@ class SlotGroup:
 
 def group_slots(slots: list[Variable]) -> list[SlotGroup]:
     """Groups the small single-device slots of ``slots`` by dtype and placement, in groups of two
-    to ``MAX_GROUP_MEMBERS`` slots and about ``MAX_GROUP_ELEMENTS`` elements, of about equal
-    sizes."""
+    to ``MAX_GROUP_MEMBERS`` slots (and, on the CPU, about ``MAX_GROUP_ELEMENTS`` elements), of
+    about equal sizes."""
     by_dtype: dict[Any, list[Variable]] = {}
     for s in slots:
         value = s._storage
@@ -193,21 +194,23 @@ def group_slots(slots: list[Variable]) -> list[SlotGroup]:
             continue
         by_dtype.setdefault((value.dtype, value.committed, value.sharding), []).append(s)
     groups = []
-    for members in by_dtype.values():
-        groups.extend(SlotGroup(chunk) for chunk in _chunks(members) if len(chunk) > 1)
+    for (_, _, sharding), members in by_dtype.items():
+        (device,) = sharding.device_set
+        cap = MAX_GROUP_ELEMENTS if device.platform == "cpu" else math.inf
+        groups.extend(SlotGroup(chunk) for chunk in _chunks(members, cap) if len(chunk) > 1)
     return groups
 
 
-def _chunks(members: list[Variable]) -> list[list[Variable]]:
+def _chunks(members: list[Variable], max_elements: float) -> list[list[Variable]]:
     """``members`` in order, cut into runs of at most ``MAX_GROUP_MEMBERS`` members and (unless
-    one member alone is larger) about ``MAX_GROUP_ELEMENTS`` elements, the runs about equal."""
+    one member alone is larger) about ``max_elements`` elements, the runs about equal."""
     sizes = [math.prod(m._storage.shape) for m in members]
     chunks: list[list[Variable]] = []
     start = 0
     while start < len(members):
         # The members left, shared evenly among as few runs as the caps allow.
         left, elements = len(members) - start, sum(sizes[start:])
-        runs = max(-(-left // MAX_GROUP_MEMBERS), -(-elements // MAX_GROUP_ELEMENTS))
+        runs = max(-(-left // MAX_GROUP_MEMBERS), math.ceil(elements / max_elements))
         share = elements / runs
         end, filled = start, 0
         # A run ends before a member that would take it past its share by more than half the
