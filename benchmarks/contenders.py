@@ -219,8 +219,9 @@ def optax_pure(optimizer: str, n_params: int, n_leaves: int) -> Step:
     return pure_step(tx, optax.apply_updates, params, jax_tree(n_params, n_leaves, 1))
 
 
-def kopt_facade(optimizer: str, n_params: int, n_leaves: int) -> Step:
-    """``kopt.optimizers.<Optimizer>(...).apply_gradients(zip(grads, variables))``."""
+def kopt_facade(optimizer: str, n_params: int, n_leaves: int, loss_scale: bool = False) -> Step:
+    """``kopt.optimizers.<Optimizer>(...).apply_gradients(zip(grads, variables))``, inside a
+    dynamic ``LossScaleOptimizer`` with ``loss_scale`` (the gradients are finite)."""
     import jax.numpy as jnp
 
     try:
@@ -233,6 +234,8 @@ def kopt_facade(optimizer: str, n_params: int, n_leaves: int) -> Step:
     variables = [kopt.Variable(x) for x in numpy_leaves(n_params, n_leaves, 0)]
     grads = [jnp.asarray(x) for x in numpy_leaves(n_params, n_leaves, 1)]
     opt = _keras_like(optimizers, optimizer)
+    if loss_scale:
+        opt = optimizers.LossScaleOptimizer(opt)
 
     def step():
         opt.apply_gradients(zip(grads, variables, strict=True))

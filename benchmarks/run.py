@@ -326,7 +326,9 @@ def suite_facade(cfg: Config) -> Section:
         "Facade: `kopt.optimizers.Adam().apply_gradients` against kopt's pure step",
         "`opt.apply_gradients(zip(grads, variables))` over `kopt.Variable`s (waiting on "
         "`opt.iterations`) against the jitted, donated pure step of `kopt.adam`: the facade's "
-        "own cost.",
+        "own cost. The *LossScaleOptimizer* rows put the same Adam inside a dynamic "
+        "`LossScaleOptimizer` (finite gradients) against the facade's plain Adam: the cost of "
+        "checking the gradients and of keeping a skipped step's values.",
     )
     reason = unavailable(contenders.kopt_facade)
     if reason:
@@ -342,6 +344,22 @@ def suite_facade(cfg: Config) -> Section:
                 size,
                 ("kopt facade", lambda n=n, k=leaves: contenders.kopt_facade("adam", n, k)),
                 ("kopt pure", lambda n=n, k=leaves: contenders.kopt_pure("adam", n, k)),
+                cfg.budget,
+                section.notes,
+            )
+        )
+    for size in cfg.sizes:
+        n, leaves = size
+        rows.append(
+            timed_row(
+                "facade",
+                "adam",
+                size,
+                (
+                    "kopt facade LossScaleOptimizer",
+                    lambda n=n, k=leaves: contenders.kopt_facade("adam", n, k, loss_scale=True),
+                ),
+                ("kopt facade", lambda n=n, k=leaves: contenders.kopt_facade("adam", n, k)),
                 cfg.budget,
                 section.notes,
             )
