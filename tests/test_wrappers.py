@@ -457,6 +457,35 @@ def test_wrappers_pass_a_none_gradient_through(build, reference):
         np.testing.assert_array_equal(kopt.get_slot(state, "momentum")["b"], [0.0, 0.0])
 
 
+@pytest.mark.parametrize(
+    "dtype", [jnp.float32, jnp.float16, jnp.bfloat16, jnp.float64, jnp.complex64, jnp.int32]
+)
+def test_all_finite_finds_each_kind_of_non_finite_value_in_every_dtype(dtype):
+    """Checked against NumPy's ``isfinite``, jitted and not, for a NaN and each infinity beside
+    the largest finite values, in every float dtype and complex (an integer leaf is finite)."""
+    dtype = jnp.dtype(dtype) if dtype != jnp.float64 or jax.config.x64_enabled else jnp.float32
+    if jnp.issubdtype(dtype, jnp.integer):
+        x = np.arange(-5, 5, dtype=dtype)
+        assert bool(kopt.all_finite({"x": x})) and bool(jax.jit(kopt.all_finite)({"x": x}))
+        return
+    big = float(jnp.finfo(dtype).max)
+    base = np.array([1.0, -2.0, big, big, -big, 0.0, -0.0, 3.0], np.float64)
+    cases = [None, np.nan, np.inf, -np.inf]
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        cases += [complex(0.0, np.nan), complex(np.inf, 0.0)]
+    jitted = jax.jit(kopt.all_finite)
+    for bad in cases:
+        values = base.astype(np.complex128 if jnp.issubdtype(dtype, jnp.complexfloating) else None)
+        if bad is not None:
+            values[5] = bad
+        x = jnp.asarray(values, dtype)
+        expected = bool(np.isfinite(np.asarray(x, np.complex128)).all())
+        assert expected == (bad is None)
+        tree = {"a": jnp.ones(3, dtype), "b": [x]}
+        assert bool(kopt.all_finite(tree)) == expected, (dtype, bad)
+        assert bool(jitted(tree)) == expected, (dtype, bad)
+
+
 def test_all_finite_is_computed_once_in_a_step_that_selects_every_leaf_on_it():
     """XLA rewrote ``jnp.all`` of the stacked per-leaf flags into a chain of `and`s and copied
     that chain into every elementwise consumer: each of the n selects below took all n flags,
