@@ -436,6 +436,10 @@ def all_finite(tree: PyTree) -> jax.Array:
     ]
     if not leaves:
         return jnp.array(True)
+    # On the CPU, XLA writes `isfinite(x)` out as a boolean array before reducing it (a 10 MB
+    # temporary and about 1 ms at 10M float32 elements). `isfinite(sum(x - x))` reads `x` only,
+    # but XLA's simplifier folds `x - x` (and `x * 0`) to 0 when fast math is on, which would
+    # make every gradient look finite without a word; so the check stays elementwise.
     flags = jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
     # The minimum of the flags as integers, not ``jnp.all`` of them: XLA rewrites a boolean
     # reduction of stacked scalars into a chain of `and`s, one per leaf, and copies that chain
