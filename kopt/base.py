@@ -276,6 +276,18 @@ def as_count(value: Any) -> int | None:
         return None
 
 
+def check_count(owner: str, name: str, value: Any, minimum: int, *, or_none: bool = False):
+    """``value`` as a Python int (see :func:`as_count`); raises ValueError naming ``name``
+    unless it is a whole number of at least ``minimum`` (or, with ``or_none``, None)."""
+    if or_none and value is None:
+        return None
+    count = as_count(value)
+    if count is None or count < minimum:
+        expected = f"None or an int >= {minimum}" if or_none else f"an int >= {minimum}"
+        raise ValueError(f"{owner}: `{name}` must be {expected}, received {value!r}")
+    return count
+
+
 def check_slot_dtype(owner: str, slot_dtype: Any, *, allow_complex: bool = True) -> None:
     """Raises TypeError unless ``slot_dtype`` is None or a floating-point (or, if
     ``allow_complex``, complex) dtype.

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kopt.base import as_count
+from kopt.base import as_count, check_count
 from kopt.optimizers.base import Optimizer
 from kopt.sparse import IndexedSlices, map_values
 from kopt.variables import Variable, _full_spec
@@ -100,16 +100,13 @@ class LossScaleOptimizer(Optimizer):
                 f"{initial_scale!r}"
             )
         initial_scale = scale
-        count = as_count(dynamic_growth_steps)
-        if dynamic and (count is None or count < 1):
-            raise ValueError(
-                "LossScaleOptimizer: `dynamic_growth_steps` must be an int >= 1, received "
-                f"{dynamic_growth_steps!r}"
-            )
+        if dynamic:
+            check_count("LossScaleOptimizer", "dynamic_growth_steps", dynamic_growth_steps, 1)
         super().__init__("LossScaleOptimizer")
         self._optimizer = inner_optimizer
         self.dynamic = bool(dynamic)
         self.initial_scale = float(initial_scale)
+        count = as_count(dynamic_growth_steps)  # a Python int for get_config, where it is one
         self.dynamic_growth_steps = dynamic_growth_steps if count is None else count
         self._loss_scale = Variable(
             jnp.float32(initial_scale),

@@ -23,7 +23,7 @@ from kopt.base import (
     GradientTransformation,
     OptimizerState,
     PyTree,
-    as_count,
+    check_count,
     extra_args_update,
 )
 from kopt.sparse import IndexedSlices, is_indexed_slices
@@ -350,12 +350,7 @@ def flatten(
         (2, 2)
     """
     owner = "flatten"
-    count = as_count(max_leaf_size)
-    if count is None or count < 0:
-        raise ValueError(
-            f"{owner}: `max_leaf_size` must be an int >= 0, received {max_leaf_size!r}"
-        )
-    max_leaf_size = count
+    max_leaf_size = check_count(owner, "max_leaf_size", max_leaf_size, 0)
 
     def init_fn(params):
         if _stands_for_params(params):

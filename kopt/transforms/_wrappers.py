@@ -22,7 +22,7 @@ from kopt.base import (
     OptimizerState,
     PyTree,
     apply_updates,
-    as_count,
+    check_count,
     check_hyperparam,
     check_slot_dtype,
     extra_args_update,
@@ -300,12 +300,7 @@ def accumulate_gradients(
         >>> float(u1[0]), float(u2[0])
         (0.0, -2.0)
     """
-    count = as_count(every_k)
-    if count is None or count < 1:
-        raise ValueError(
-            f"accumulate_gradients: `every_k` must be an int >= 1, received {every_k!r}"
-        )
-    every_k = count
+    every_k = check_count("accumulate_gradients", "every_k", every_k, 1)
     if reduction not in ("mean", "sum"):
         raise ValueError(
             f"accumulate_gradients: `reduction` must be 'mean' or 'sum', received {reduction!r}"
@@ -514,13 +509,9 @@ def apply_if_finite(
         >>> u, int(s.total_notfinite)
         (Array([0., 0.], dtype=float32), 1)
     """
-    count = as_count(max_consecutive_errors)
-    if count is None or count < 0:
-        raise ValueError(
-            "apply_if_finite: `max_consecutive_errors` must be an int >= 0, received "
-            f"{max_consecutive_errors!r}"
-        )
-    max_consecutive_errors = count
+    max_consecutive_errors = check_count(
+        "apply_if_finite", "max_consecutive_errors", max_consecutive_errors, 0
+    )
 
     inner_update = extra_args_update(transformation)
 
@@ -615,14 +606,9 @@ def ema(
     """
     check_hyperparam("ema", "momentum", momentum, low=0.0, high=1.0, allow_schedule=False)
     check_slot_dtype("ema", slot_dtype)
-    if overwrite_frequency is not None:
-        count = as_count(overwrite_frequency)
-        if count is None or count < 1:
-            raise ValueError(
-                "ema: `overwrite_frequency` must be None or an int >= 1, received "
-                f"{overwrite_frequency!r}"
-            )
-        overwrite_frequency = count
+    overwrite_frequency = check_count(
+        "ema", "overwrite_frequency", overwrite_frequency, 1, or_none=True
+    )
 
     def init_fn(params):
         average = _averages_start(params, slot_dtype)
