@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import subprocess
@@ -334,36 +335,32 @@ def suite_facade(cfg: Config) -> Section:
     if reason:
         section.notes.append(f"skipped every facade row: {reason}")
         return section
-    rows = []
-    for size in cfg.sizes:
-        n, leaves = size
-        rows.append(
-            timed_row(
-                "facade",
-                "adam",
-                size,
-                ("kopt facade", lambda n=n, k=leaves: contenders.kopt_facade("adam", n, k)),
-                ("kopt pure", lambda n=n, k=leaves: contenders.kopt_pure("adam", n, k)),
-                cfg.budget,
-                section.notes,
-            )
+    pairs = [
+        (
+            ("kopt facade", lambda n, k: contenders.kopt_facade("adam", n, k)),
+            ("kopt pure", lambda n, k: contenders.kopt_pure("adam", n, k)),
+        ),
+        (
+            (
+                "kopt facade LossScaleOptimizer",
+                lambda n, k: contenders.kopt_facade("adam", n, k, loss_scale=True),
+            ),
+            ("kopt facade", lambda n, k: contenders.kopt_facade("adam", n, k)),
+        ),
+    ]
+    rows = [
+        timed_row(
+            "facade",
+            "adam",
+            size,
+            (a_name, functools.partial(build_a, *size)),
+            (b_name, functools.partial(build_b, *size)),
+            cfg.budget,
+            section.notes,
         )
-    for size in cfg.sizes:
-        n, leaves = size
-        rows.append(
-            timed_row(
-                "facade",
-                "adam",
-                size,
-                (
-                    "kopt facade LossScaleOptimizer",
-                    lambda n=n, k=leaves: contenders.kopt_facade("adam", n, k, loss_scale=True),
-                ),
-                ("kopt facade", lambda n=n, k=leaves: contenders.kopt_facade("adam", n, k)),
-                cfg.budget,
-                section.notes,
-            )
-        )
+        for (a_name, build_a), (b_name, build_b) in pairs
+        for size in cfg.sizes
+    ]
     section.table = table_of(rows, cfg)
     return section
 
