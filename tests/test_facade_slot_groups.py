@@ -34,13 +34,21 @@ def numpy_adam(p, grads, lr=0.1, b1=0.9, b2=0.999, eps=1e-7):
     return p, m, v
 
 
-def test_small_slots_are_grouped_and_step_like_their_own_variables():
-    variables = small_model()
+def adam_steps(variables, steps, seed):
+    """A fresh Adam(0.1) stepped ``steps`` times with random gradients; returns it and them."""
     opt = optimizers.Adam(learning_rate=0.1)
-    rng = np.random.default_rng(0)
-    grads = [[rng.standard_normal(v.shape).astype(np.float32) for v in variables] for _ in range(3)]
+    rng = np.random.default_rng(seed)
+    grads = [
+        [rng.standard_normal(v.shape).astype(np.float32) for v in variables] for _ in range(steps)
+    ]
     for gs in grads:
         opt.apply_gradients(zip([jnp.asarray(g) for g in gs], variables, strict=True))
+    return opt, grads
+
+
+def test_small_slots_are_grouped_and_step_like_their_own_variables():
+    variables = small_model()
+    opt, grads = adam_steps(variables, 3, seed=0)
     assert opt.compile_count == 1
     for i, v in enumerate(variables):
         m, s = opt.get_slot(v, "m"), opt.get_slot(v, "v")
@@ -59,11 +67,7 @@ def test_many_small_slots_are_split_into_groups_of_bounded_size():
     variables = [
         kopt.Variable(jnp.full((i % 3 + 1,), float(i)), name=f"w{i}") for i in range(count)
     ]
-    opt = optimizers.Adam(learning_rate=0.1)
-    rng = np.random.default_rng(1)
-    grads = [[rng.standard_normal(v.shape).astype(np.float32) for v in variables] for _ in range(2)]
-    for gs in grads:
-        opt.apply_gradients(zip([jnp.asarray(g) for g in gs], variables, strict=True))
+    opt, grads = adam_steps(variables, 2, seed=1)
     assert opt.compile_count == 1
     sizes = sorted(len(g.members) for g in opt._slot_groups)
     assert sum(sizes) == 2 * count  # m and v, all float32
@@ -82,11 +86,7 @@ def test_groups_of_larger_slots_are_capped_by_their_element_count():
     size = MAX_GROUP_ELEMENTS // 8
     shapes = [(MAX_GROUPED_SIZE,)] + [(3,)] * 40 + [(8, size // 8)] * 20
     variables = [kopt.Variable(jnp.full(s, 0.5 * i), name=f"w{i}") for i, s in enumerate(shapes)]
-    opt = optimizers.Adam(learning_rate=0.1)
-    rng = np.random.default_rng(2)
-    grads = [[rng.standard_normal(v.shape).astype(np.float32) for v in variables] for _ in range(2)]
-    for gs in grads:
-        opt.apply_gradients(zip([jnp.asarray(g) for g in gs], variables, strict=True))
+    opt, grads = adam_steps(variables, 2, seed=2)
     assert opt.compile_count == 1
     groups = [[m.size for m in g.members] for g in opt._slot_groups]
     for members in groups:
