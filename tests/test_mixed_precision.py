@@ -103,7 +103,13 @@ def test_slot_dtype_is_validated():
     assert "slot_dtype" not in optimizers.Adam().get_config()  # tf.keras's keys when unset
 
 
-def test_loss_scale_non_finite_step_changes_no_variable_and_lowers_the_scale():
+@pytest.mark.parametrize("on_cpu", [True, False])
+def test_loss_scale_non_finite_step_changes_no_variable_and_lowers_the_scale(monkeypatch, on_cpu):
+    """On the CPU the step keeps a skipped step's values with a conditional, elsewhere with a
+    select per value; both are run here (the CPU's choice forced off for the second)."""
+    from kopt.optimizers import base
+
+    monkeypatch.setattr(base, "_on_cpu", lambda var_list: on_cpu)
     inner = optimizers.Adam(0.05, slot_dtype=jnp.float32)
     opt = optimizers.LossScaleOptimizer(inner, initial_scale=2.0**10, dynamic_growth_steps=100)
     var = kopt.Variable(jnp.ones(4, jnp.float16), name="kernel")
@@ -129,13 +135,15 @@ def test_loss_scale_non_finite_step_changes_no_variable_and_lowers_the_scale():
     assert int(opt.iterations.numpy()) == 1
 
 
-def test_loss_scale_checks_small_gradients_packed_and_any_non_finite_one_skips(monkeypatch):
+@pytest.mark.parametrize("on_cpu", [True, False])
+def test_loss_scale_checks_small_gradients_packed_and_any_non_finite_one_skips(monkeypatch, on_cpu):
     """The guard reduced every gradient on its own, and its step compiled about twice as long as
     the inner optimizer's: the small gradients of one dtype are checked as one concatenation now
     (a large one apart). A NaN or infinity in any of them still skips the step."""
     from kopt.optimizers import base
     from kopt.optimizers._slot_groups import MAX_GROUPED_SIZE
 
+    monkeypatch.setattr(base, "_on_cpu", lambda var_list: on_cpu)
     leaves, real = [], base.all_finite
     monkeypatch.setattr(
         base, "all_finite", lambda tree: leaves.append(len(jax.tree.leaves(tree))) or real(tree)

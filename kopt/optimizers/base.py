@@ -1440,6 +1440,10 @@ class Optimizer:
         loose = plan.loose
         state_shardings = [_spread_sharding(s) for s in loose]
         guard = self._guard
+        # A guarded step on the CPU keeps a skipped step's values with a conditional (see
+        # below); elsewhere with selects, which XLA:GPU fuses into the update's own loops, where
+        # a conditional would make the host wait for the predicate.
+        guard_cond = guard is not None and _on_cpu(var_list)
         # Variables on one device, whose small gradients the guard checks packed.
         packable = {v._uid for v, sh in zip(var_list, var_shardings, strict=True) if sh is None}
 
@@ -1503,12 +1507,12 @@ class Optimizer:
 
                 if guard is None:
                     new_vars, new_loose, new_groups, new_iteration = update()
-                else:
+                elif guard_cond:
                     # Not all finite: every input is kept as it came (the guard's own scale and
-                    # counter excepted, which it updates below). A conditional, not a select of
-                    # each new value against its old one: the selects made XLA copy every slot
-                    # to keep its old value readable, about 4x the time of the plain step at
-                    # 10M params on the CPU; the conditional updates in place.
+                    # counter excepted, which it updates below). On the CPU a conditional, not a
+                    # select of each new value against its old one: the selects made XLA:CPU
+                    # copy every slot to keep its old value readable, about 4x the time of the
+                    # plain step at 10M params; the conditional updates in place.
                     finite = _gradients_finite(aggregated, packable)
                     old = (
                         list(var_values),
@@ -1531,6 +1535,23 @@ class Optimizer:
                         s.value if s._uid in kept else n
                         for s, n in zip(loose, new_loose, strict=True)
                     ]
+                else:
+                    new_vars, new_loose, new_groups, new_iteration = update()
+                    finite = _gradients_finite(aggregated, packable)
+                    guard._guard_update(finite)
+                    kept = {v._uid for v in guard._guard_variables()}
+                    new_vars = [
+                        jnp.where(finite, n, o) for n, o in zip(new_vars, var_values, strict=True)
+                    ]
+                    new_loose = [
+                        s.value if s._uid in kept else jnp.where(finite, n, o)
+                        for s, n, o in zip(loose, new_loose, state_values, strict=False)
+                    ]
+                    new_groups = [
+                        jnp.where(finite, n, o)
+                        for n, o in zip(new_groups, state_values[len(loose) :], strict=True)
+                    ]
+                    new_iteration = jnp.where(finite, new_iteration, iteration)
                 return (
                     [
                         _constrain(value, sh)
@@ -2469,6 +2490,18 @@ def _spread_sharding(variable: Variable) -> Any:
     if isinstance(sharding, jax.sharding.NamedSharding) and len(sharding.device_set) > 1:
         return sharding
     return None
+
+
+def _on_cpu(var_list: list[Variable]) -> bool:
+    """Whether a step over ``var_list`` runs on the CPU: the devices of the first variable whose
+    value has any (a traced one may not), else JAX's default backend."""
+    for v in var_list:
+        try:
+            devices = v._storage.sharding.device_set
+        except Exception:  # a tracer, or a value with no placement yet
+            continue
+        return all(d.platform == "cpu" for d in devices)
+    return jax.default_backend() == "cpu"
 
 
 def _typed_like(value: Any, like: Any) -> jax.Array:
