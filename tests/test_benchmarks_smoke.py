@@ -120,6 +120,8 @@ def test_gpu_benchmark_runs_small_on_the_cpu_and_writes_its_blocks(tmp_path):
         assert f"| {variant} | kopt, 1 leaf |" in main, variant
     for variant in ("kopt.flatten, 4 leaves", "kopt.pack, 4 leaves"):
         assert f"| {variant} | kopt, 4 leaves |" in main, variant
+    for size in ("| 1M | 1 |", "| 10k | 10 |"):
+        assert f"{size} kopt facade LossScaleOptimizer | kopt facade |" in main, size
     assert "<!-- begin gpu-train -->" in text and text.rstrip().endswith("<!-- end gpu-train -->")
     train = text.split("<!-- begin gpu-train -->")[1]
     for variant in ("kopt", "kopt.pack", "kopt.pack(None)"):
