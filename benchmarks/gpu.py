@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import subprocess
 import sys
@@ -445,35 +446,30 @@ def report(args: argparse.Namespace) -> str:
                 budget,
             )
     facade: list[Row] = []
-    for size in sizes:
-        n, k = size
-        timed(
-            facade,
-            notes,
-            "facade",
-            "adam",
-            size,
-            ("kopt facade", lambda n=n, k=k: kopt_facade("adam", n, k)),
-            ("kopt pure", lambda n=n, k=k: kopt_pure("adam", n, k)),
-            budget,
-        )
+    plain = ("kopt facade", lambda n, k: kopt_facade("adam", n, k))
+    pure_step = ("kopt pure", lambda n, k: kopt_pure("adam", n, k))
+    scaled = (
+        "kopt facade LossScaleOptimizer",
+        lambda n, k: kopt_facade("adam", n, k, loss_scale=True),
+    )
     # A LossScaleOptimizer keeps a skipped step's values with selects off the CPU (a
     # conditional would make the host read its predicate): their cost, at the ends of the range.
-    for size in ((big, min(k for n, k in sizes if n == big)), min(sizes)):
-        n, k = size
-        timed(
-            facade,
-            notes,
-            "facade",
-            "adam",
-            size,
-            (
-                "kopt facade LossScaleOptimizer",
-                lambda n=n, k=k: kopt_facade("adam", n, k, loss_scale=True),
-            ),
-            ("kopt facade", lambda n=n, k=k: kopt_facade("adam", n, k)),
-            budget,
-        )
+    ends = [(big, min(k for n, k in sizes if n == big)), min(sizes)]
+    for (a_name, build_a), (b_name, build_b), at in [
+        (plain, pure_step, sizes),
+        (scaled, plain, ends),
+    ]:
+        for size in at:
+            timed(
+                facade,
+                notes,
+                "facade",
+                "adam",
+                size,
+                (a_name, functools.partial(build_a, *size)),
+                (b_name, functools.partial(build_b, *size)),
+                budget,
+            )
 
     def share(rows: list[Row]) -> str:
         table = harness.rows_table(rows, inplace)
