@@ -9,8 +9,10 @@ How to run (from the repository root)::
 
 Any Python environment with the packages below works.  The script writes
 
-* ``tests/golden/fixtures/optimizers.json`` -- optimizer trajectories, and
-* ``tests/golden/fixtures/schedules.json``  -- learning-rate schedule values.
+* ``tests/golden/fixtures/optimizers.json`` -- optimizer trajectories,
+* ``tests/golden/fixtures/schedules.json``  -- learning-rate schedule values,
+* ``tests/golden/fixtures/attribute_changes.json`` -- attributes assigned between steps, and
+* ``tests/golden/fixtures/combos.json`` -- many options at once (drawn by ``combos.py``).
 
 Versions that produced the committed fixtures (also recorded inside each JSON
 file under ``"versions"``):
@@ -81,6 +83,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tf_keras  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import combos  # noqa: E402
 
 BASE_SEED = 20240601
 STEPS = 12
@@ -915,18 +920,33 @@ def main() -> int:
 
     sched_cases = [run_schedule(*c) for c in schedule_cases()]
     change = [run_change_case(*c) for c in change_cases()]
+    combo_cases = [
+        *(
+            combos.run_legacy_combo(c, case_rng, to_json_array, json_safe)
+            for c in combos.legacy_combos(40)
+        ),
+        *(
+            combos.run_legacy_combo(c, case_rng, to_json_array, json_safe)
+            for c in combos.lso_combos(12)
+        ),
+        *(
+            combos.run_keras3_combo(c, case_rng, to_json_array, json_safe)
+            for c in combos.keras3_combos(24)
+        ),
+    ]
 
     opt_meta = dict(meta, steps=STEPS, base_seed=BASE_SEED)
     write_json(FIXTURE_DIR / "optimizers.json", dict(opt_meta, cases=opt_cases))
     write_json(FIXTURE_DIR / "schedules.json", dict(meta, cases=sched_cases))
     write_json(FIXTURE_DIR / "attribute_changes.json", dict(opt_meta, cases=change))
+    write_json(FIXTURE_DIR / "combos.json", dict(meta, base_seed=BASE_SEED, cases=combo_cases))
 
-    for name in ("optimizers.json", "schedules.json", "attribute_changes.json"):
+    for name in ("optimizers.json", "schedules.json", "attribute_changes.json", "combos.json"):
         p = FIXTURE_DIR / name
         print(f"wrote {p} ({p.stat().st_size / 1024:.1f} KiB)")
     print(
         f"{len(opt_cases)} optimizer cases, {len(sched_cases)} schedule cases, "
-        f"{len(change)} attribute-change cases"
+        f"{len(change)} attribute-change cases, {len(combo_cases)} combination cases"
     )
     return 0
 
