@@ -163,6 +163,33 @@ def test_accumulate_gradients_equals_one_step_on_the_reduced_gradient(reduction)
     np.testing.assert_allclose(params, ref.adam(w0, steps, lr=0.1), rtol=1e-6)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_micro_batch_spoils_only_its_own_window(bad):
+    """The calls between boundaries return exact zeros, even while the sum holds a NaN or an
+    infinity (0 * NaN would be NaN), and the sum starts again from zero after the boundary
+    (1 * 0 + NaN * 0 would not), so `apply_if_finite` inside skips that window's update only
+    and the next window trains on its own gradients."""
+    k = 2
+    tx = kopt.accumulate_gradients(kopt.apply_if_finite(kopt.sgd(0.5)), every_k=k)
+    w0 = np.array([1.0, -1.0], np.float32)
+    micro = [np.array([bad, 1.0]), np.array([0.5, 0.5]), np.array([1.0, 2.0]), np.array([3.0, 0.0])]
+    params = jnp.asarray(w0)
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    for i, g in enumerate(micro, start=1):
+        updates, state = step(jnp.asarray(g, jnp.float32), state, params)
+        if i % k:
+            np.testing.assert_array_equal(updates, [0.0, 0.0])
+        params = kopt.apply_updates(params, updates)
+        assert np.all(np.isfinite(params)), f"call {i}: {params}"
+        assert np.all(np.isfinite(state.accumulated)) or i == 1, f"call {i}"
+    skipped = state.inner_state
+    assert int(skipped.total_notfinite) == 1
+    assert int(skipped.notfinite_count) == 0  # the second window was finite
+    # The first window is skipped; the second is one SGD step on the mean of its two gradients.
+    np.testing.assert_allclose(params, w0 - 0.5 * (micro[2] + micro[3]) / 2, rtol=1e-6)
+
+
 def test_accumulate_gradients_of_bfloat16_in_a_float32_accumulator_matches_numpy():
     """bfloat16 gradients summed in bfloat16 lose their low bits at every micro-batch; with
     ``slot_dtype=jnp.float32`` the sum is float32 and the mean is rounded to bfloat16 once,

@@ -278,6 +278,10 @@ def accumulate_gradients(
     inside a ``lax.cond`` branch, so its work is not done on those calls (unlike Keras 3 on JAX,
     which computes it and then discards it).
 
+    A NaN or infinity in one call's gradient reaches only the update at the end of its window:
+    the calls in between still return exact zeros, and the next window sums from zero. Put
+    :func:`kopt.apply_if_finite` inside to skip that one update.
+
     Args:
         transformation: the inner transformation.
         every_k: how many calls make one step (an int >= 1).
