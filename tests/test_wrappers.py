@@ -138,6 +138,21 @@ def counting(inner, calls):
     return kopt.GradientTransformation(inner.init, update)
 
 
+def accumulate(tx, k, params, micro):
+    """Runs the micro-batch gradients through ``tx`` (jitted), checking that the calls between
+    boundaries return zeros; the params and state after each call."""
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    out = []
+    for i, g in enumerate(micro, start=1):
+        updates, state = step(jnp.asarray(g, jnp.float32), state, params)
+        if i % k:
+            np.testing.assert_array_equal(updates, np.zeros_like(updates))
+        params = kopt.apply_updates(params, updates)
+        out.append((params, state))
+    return out
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_accumulate_gradients_equals_one_step_on_the_reduced_gradient(reduction):
     k = 3
@@ -147,13 +162,7 @@ def test_accumulate_gradients_equals_one_step_on_the_reduced_gradient(reduction)
     params = jnp.asarray(w0, jnp.float32)
     micro = [np.array([0.5, 1.0]), np.array([-0.25, 2.0]), np.array([1.0, 0.5])] * 2
     micro[3:] = [g * 2.0 - 1.0 for g in micro[3:]]
-    state = tx.init(params)
-    step = jax.jit(tx.update)
-    for i, g in enumerate(micro, start=1):
-        updates, state = step(jnp.asarray(g, jnp.float32), state, params)
-        if i % k:
-            np.testing.assert_array_equal(updates, [0.0, 0.0])
-        params = kopt.apply_updates(params, updates)
+    params, state = accumulate(tx, k, params, micro)[-1]
     jax.effects_barrier()
     assert len(calls) == 2  # the inner update ran only on the 3rd and 6th call
     assert int(state.inner_state[0].count) == 2
@@ -165,24 +174,19 @@ def test_accumulate_gradients_equals_one_step_on_the_reduced_gradient(reduction)
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_a_non_finite_micro_batch_spoils_only_its_own_window(bad):
-    """The calls between boundaries return exact zeros, even while the sum holds a NaN or an
-    infinity (0 * NaN would be NaN), and the sum starts again from zero after the boundary
-    (1 * 0 + NaN * 0 would not), so `apply_if_finite` inside skips that window's update only
-    and the next window trains on its own gradients."""
+    """The calls between boundaries return exact zeros while the sum holds a NaN or an
+    infinity (multiplying the sum by 0 would give NaN), and the sum starts again from zero
+    after the boundary, so `apply_if_finite` inside skips that window's update only and the
+    next window trains on its own gradients."""
     k = 2
     tx = kopt.accumulate_gradients(kopt.apply_if_finite(kopt.sgd(0.5)), every_k=k)
     w0 = np.array([1.0, -1.0], np.float32)
     micro = [np.array([bad, 1.0]), np.array([0.5, 0.5]), np.array([1.0, 2.0]), np.array([3.0, 0.0])]
-    params = jnp.asarray(w0)
-    state = tx.init(params)
-    step = jax.jit(tx.update)
-    for i, g in enumerate(micro, start=1):
-        updates, state = step(jnp.asarray(g, jnp.float32), state, params)
-        if i % k:
-            np.testing.assert_array_equal(updates, [0.0, 0.0])
-        params = kopt.apply_updates(params, updates)
+    calls = accumulate(tx, k, jnp.asarray(w0), micro)
+    for i, (params, state) in enumerate(calls, start=1):
         assert np.all(np.isfinite(params)), f"call {i}: {params}"
         assert np.all(np.isfinite(state.accumulated)) or i == 1, f"call {i}"
+    params, state = calls[-1]
     skipped = state.inner_state
     assert int(skipped.total_notfinite) == 1
     assert int(skipped.notfinite_count) == 0  # the second window was finite
