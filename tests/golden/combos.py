@@ -18,6 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 import tf_keras
+from common import case_rng, json_safe, legacy_expected, to_json_array
 
 LEGACY = tf_keras.optimizers.legacy
 
@@ -295,7 +296,7 @@ def _all_finite(grads) -> bool:
     return all(np.all(np.isfinite(g["values"] if isinstance(g, dict) else g)) for g in grads)
 
 
-def run_legacy_combo(case: dict, case_rng, to_json_array, json_safe) -> dict:
+def run_legacy_combo(case: dict) -> dict:
     """Runs a legacy (or loss-scaled legacy) combination case through tf.keras, eagerly."""
     r = random.Random(case["id"])
     rng = case_rng(case["id"])
@@ -346,23 +347,7 @@ def run_legacy_combo(case: dict, case_rng, to_json_array, json_safe) -> dict:
                 # kopt does not count a skipped step (docs/deviations.md); tf.keras adds one to
                 # the inner optimizer's iterations. Take it back, so the cases test the rest.
                 opt.inner_optimizer.iterations.assign_sub(1)
-    slot_names = list(opt.get_slot_names())
-    expected = {
-        "variables": [to_json_array(v.numpy()) for v in tf_vars],
-        "slots": [
-            {
-                name: to_json_array(opt.get_slot(v, name).numpy())
-                for name in slot_names
-                if _has_slot(opt, v, name)
-            }
-            for v in tf_vars
-        ],
-        "iterations": int(opt.iterations.numpy()),
-        "slot_names": slot_names,
-        "weight_names": [w.name for w in opt.weights],
-        "weights": [to_json_array(w) for w in opt.get_weights()],
-        "config": json_safe(opt.get_config()),
-    }
+    expected = legacy_expected(opt, tf_vars)
     if lso:
         expected["loss_scale"] = float(opt.loss_scale.numpy())
         expected["dynamic_counter"] = int(opt.dynamic_counter.numpy())
@@ -375,20 +360,12 @@ def run_legacy_combo(case: dict, case_rng, to_json_array, json_safe) -> dict:
             {"name": name, "shape": list(shape), "initial": to_json_array(x)}
             for (name, shape), x in zip(SHAPES, initial, strict=True)
         ],
-        "steps": [_step_json(s, to_json_array) for s in steps],
+        "steps": [_step_json(s) for s in steps],
         "expected": expected,
     }
 
 
-def _has_slot(opt, var, name) -> bool:
-    try:
-        opt.get_slot(var, name)
-    except KeyError:
-        return False
-    return True
-
-
-def _step_json(step, to_json_array):
+def _step_json(step):
     grads = []
     for g in step["gradients"]:
         if isinstance(g, dict):
@@ -416,7 +393,7 @@ KERAS3_SLOT_MAP = {
 }
 
 
-def run_keras3_combo(case: dict, case_rng, to_json_array, json_safe) -> dict:
+def run_keras3_combo(case: dict) -> dict:
     rng = case_rng(case["id"])
     initial = [rng.standard_normal(shape).astype(np.float32) for _, shape in KERAS3_SHAPES]
     grads = [

@@ -70,7 +70,6 @@ import json
 import os
 import platform
 import sys
-import zlib
 from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -86,8 +85,8 @@ import tf_keras  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import combos  # noqa: E402
+from common import BASE_SEED, case_rng, json_safe, legacy_expected, to_json_array  # noqa: E402
 
-BASE_SEED = 20240601
 STEPS = 12
 FIXTURE_DIR = Path(__file__).resolve().parent / "fixtures"
 SCHEDULE_STEPS = [0, 1, 2, 3, 5, 7, 10, 11, 15, 20, 30, 50, 100, 200]
@@ -111,56 +110,6 @@ SPARSE_INDEX_PATTERNS = [
 
 LEGACY = tf_keras.optimizers.legacy
 SCHED = tf_keras.optimizers.schedules
-
-
-# --------------------------------------------------------------------------
-# JSON helpers
-# --------------------------------------------------------------------------
-
-
-def to_json_array(x):
-    """Nested lists of exact float32 values (or Python ints for int arrays)."""
-    arr = np.asarray(x)
-    if arr.dtype.kind in "iu":
-        return arr.astype(np.int64).tolist()
-    if arr.dtype.kind == "b":
-        return arr.tolist()
-    arr = arr.astype(np.float32)
-    if arr.ndim == 0:
-        return float(arr)
-    return [to_json_array(a) for a in arr]
-
-
-def json_safe(obj):
-    """Make a (Keras config) object JSON-serialisable; numbers stay numbers."""
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        return float(obj)  # exact for float32/float64
-    if isinstance(obj, float):
-        return obj
-    if obj is None or isinstance(obj, str):
-        return obj
-    if isinstance(obj, (tf.Tensor, tf.Variable)):
-        return json_safe(obj.numpy())
-    if isinstance(obj, np.ndarray):
-        return json_safe(obj.item()) if obj.ndim == 0 else to_json_array(obj)
-    raise TypeError(f"cannot make {type(obj).__name__} JSON-safe: {obj!r}")
-
-
-# --------------------------------------------------------------------------
-# Case data
-# --------------------------------------------------------------------------
-
-
-def case_rng(case_id: str) -> np.random.Generator:
-    return np.random.default_rng(BASE_SEED + zlib.crc32(case_id.encode()))
 
 
 def make_data(case_id, shapes, sparse_index=None):
@@ -475,20 +424,7 @@ def run_legacy(case_id, cls_name, kwargs, schedule, sparse):
         if step == 0:
             after_step_1 = {"variables": [to_json_array(v.numpy()) for v in tf_vars]}
 
-    slot_names = list(opt.get_slot_names())
-    expected = {
-        "variables": [to_json_array(v.numpy()) for v in tf_vars],
-        "slots": [
-            {name: to_json_array(opt.get_slot(v, name).numpy()) for name in slot_names}
-            for v in tf_vars
-        ],
-        "iterations": int(opt.iterations.numpy()),
-        "slot_names": slot_names,
-        "weight_names": [w.name for w in opt.weights],
-        "weights": [to_json_array(w) for w in opt.get_weights()],
-        "config": json_safe(opt.get_config()),
-        "after_step_1": after_step_1,
-    }
+    expected = {**legacy_expected(opt, tf_vars), "after_step_1": after_step_1}
     if cls_name == "Nadam":
         expected["momentum_cache"] = to_json_array(opt._m_cache.numpy())
 
@@ -921,18 +857,9 @@ def main() -> int:
     sched_cases = [run_schedule(*c) for c in schedule_cases()]
     change = [run_change_case(*c) for c in change_cases()]
     combo_cases = [
-        *(
-            combos.run_legacy_combo(c, case_rng, to_json_array, json_safe)
-            for c in combos.legacy_combos(40)
-        ),
-        *(
-            combos.run_legacy_combo(c, case_rng, to_json_array, json_safe)
-            for c in combos.lso_combos(12)
-        ),
-        *(
-            combos.run_keras3_combo(c, case_rng, to_json_array, json_safe)
-            for c in combos.keras3_combos(24)
-        ),
+        *(combos.run_legacy_combo(c) for c in combos.legacy_combos(40)),
+        *(combos.run_legacy_combo(c) for c in combos.lso_combos(12)),
+        *(combos.run_keras3_combo(c) for c in combos.keras3_combos(24)),
     ]
 
     opt_meta = dict(meta, steps=STEPS, base_seed=BASE_SEED)
