@@ -108,6 +108,12 @@ def _legacy_kwargs(r: random.Random, cls: str) -> dict:
             kw["initial_accumulator_value"] = 0.3
     if r.random() < 0.3:
         kw["decay"] = r.choice([0.01, 0.1])
+    _draw_clip(r, kw)
+    return kw
+
+
+def _draw_clip(r: random.Random, kw: dict) -> None:
+    """At most one clip argument, into ``kw``."""
     c = r.random()
     if c < 0.15:
         kw["clipnorm"] = r.choice([0.1, 1.0])
@@ -115,7 +121,6 @@ def _legacy_kwargs(r: random.Random, cls: str) -> dict:
         kw["clipvalue"] = r.choice([0.1, 0.5])
     elif c < 0.45:
         kw["global_clipnorm"] = r.choice([0.2, 1.0])
-    return kw
 
 
 def _learning_rate(r: random.Random, cls: str, schedules) -> dict | None:
@@ -173,18 +178,23 @@ def legacy_combos(n: int) -> list[dict]:
         if r.random() < 0.2 and "momentum" in kwargs:
             changes.setdefault(r.randrange(1, LEGACY_STEPS), {})["momentum"] = 0.3
         cases.append(
-            {
-                "id": f"combo_legacy_{k:02d}",
-                "source": "tf_keras_legacy",
-                "class_name": cls,
-                "kwargs": kwargs,
-                "learning_rate": rate,
-                "sparse": sparse,
-                "changes": changes,
-                "minimize": minimize,
-            }
+            _legacy_case(f"combo_legacy_{k:02d}", cls, kwargs, rate, sparse, changes, minimize)
         )
     return cases
+
+
+def _legacy_case(case_id, cls, kwargs, rate, sparse, changes, minimize, **extra) -> dict:
+    return {
+        "id": case_id,
+        "source": "tf_keras_legacy",
+        "class_name": cls,
+        "kwargs": kwargs,
+        "learning_rate": rate,
+        "sparse": sparse,
+        "changes": changes,
+        "minimize": minimize,
+        **extra,
+    }
 
 
 def lso_combos(n: int) -> list[dict]:
@@ -196,18 +206,10 @@ def lso_combos(n: int) -> list[dict]:
         loss_scale = {"dynamic": True, "dynamic_growth_steps": r.choice([1, 2, 3])}
         if r.random() < 0.6:
             loss_scale["initial_scale"] = r.choice([1.0, 2.0, 4.0, 1024.0])
+        sparse = r.random() < 0.4
+        case_id = f"combo_loss_scale_{k:02d}"
         cases.append(
-            {
-                "id": f"combo_loss_scale_{k:02d}",
-                "source": "tf_keras_legacy",
-                "class_name": cls,
-                "kwargs": kwargs,
-                "learning_rate": None,
-                "sparse": r.random() < 0.4,
-                "changes": {},
-                "minimize": False,
-                "loss_scale": loss_scale,
-            }
+            _legacy_case(case_id, cls, kwargs, None, sparse, {}, False, loss_scale=loss_scale)
         )
     return cases
 
@@ -243,13 +245,7 @@ def keras3_combos(n: int) -> list[dict]:
                 kw["ema_overwrite_frequency"] = r.choice([2, 3])
         if r.random() < 0.35:
             kw["gradient_accumulation_steps"] = r.choice([2, 3])
-        c = r.random()
-        if c < 0.15:
-            kw["clipnorm"] = r.choice([0.1, 1.0])
-        elif c < 0.3:
-            kw["clipvalue"] = r.choice([0.1, 0.5])
-        elif c < 0.45:
-            kw["global_clipnorm"] = r.choice([0.2, 1.0])
+        _draw_clip(r, kw)
         if r.random() < 0.2:
             kw["loss_scale_factor"] = r.choice([2.0, 128.0])
         rate = None
