@@ -6,8 +6,10 @@
 
 :func:`save_optimizer` / :func:`restore_optimizer` store a facade optimizer: its config (as
 :func:`kopt.optimizers.serialize` gives it, in ``config.json``), its step count, its slots keyed by
-variable name and slot name, its other weights keyed by their names, and the variables' values
-keyed by variable name. Restoring builds the optimizer from the config, creates its weights for
+variable name and slot name, its other weights keyed by their names, the variables' values
+keyed by variable name, and the choices made at construction that the config does not show
+(whether SGD's or RMSprop's momentum is on, which assigning ``momentum`` later does not change).
+Restoring builds the optimizer from the config and those choices, creates its weights for
 the given variables and sets them, so a run continues exactly where it stopped, in another
 process too. Sharded arrays are saved shard by shard and restored with the shardings of the
 target (the given state, or the variables' values); a leaf of the target that is not committed to
@@ -275,6 +277,7 @@ def save_optimizer(
         "variables": list(named),
         "shapes": {name: list(var.shape) for name, var in named.items()},
         "hooks": _custom_hooks(optimizer),
+        "flags": _construction_flags(optimizer),
     }
     try:
         json.dumps(config)
@@ -296,6 +299,13 @@ def save_optimizer(
     partial = path / f".{CONFIG_FILE}.{jax.process_index()}.{os.getpid()}"
     partial.write_text(json.dumps({**config, "layout": layout}, indent=1))
     os.replace(partial, path / CONFIG_FILE)
+
+
+def _construction_flags(optimizer: Any) -> dict[str, Any]:
+    """The choices ``optimizer`` made at construction that its config does not show (SGD's
+    momentum on or off, which assigning ``momentum`` later does not change, as in tf.keras)."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    return {name: getattr(inner, name) for name in type(inner)._CONSTRUCTION_FLAGS}
 
 
 def _custom_hooks(optimizer: Any) -> list[str]:
@@ -386,6 +396,9 @@ def restore_optimizer(
         inner.gradient_aggregator = gradient_aggregator
     if gradient_transformers is not None:
         inner.gradient_transformers = list(gradient_transformers)
+    for name, value in config.get("flags", {}).items():
+        if name in type(inner)._CONSTRUCTION_FLAGS:
+            object.__setattr__(inner, name, value)
     order = config["variables"]
     optimizer._create_all_weights([named[name] for name in order])  # the order they were saved in
     layout = _optimizer_layout(optimizer, {name: named[name] for name in order})

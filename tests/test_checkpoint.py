@@ -208,6 +208,44 @@ def test_an_accumulating_optimizer_saved_with_its_variables_in_any_order_restore
         save_optimizer(tmp_path / "d", opt, [variables[0]])
 
 
+@pytest.mark.parametrize(
+    "make, momentum",
+    [
+        (lambda: optimizers.SGD(0.1), 0.5),  # momentum assigned to an SGD made without it
+        (lambda: optimizers.SGD(0.1, momentum=0.9, nesterov=True), 0.0),
+        (lambda: optimizers.RMSprop(0.01), 0.5),
+        (lambda: optimizers.LossScaleOptimizer(optimizers.RMSprop(0.01, momentum=0.5)), 0.0),
+    ],
+    ids=["sgd-on", "sgd-off", "rmsprop-on", "loss-scale-rmsprop-off"],
+)
+def test_momentum_assigned_after_construction_restores(tmp_path, make, momentum):
+    """As in tf.keras, whether momentum is on is fixed when the optimizer is made; assigning
+    `momentum` later changes its value only, and `get_config` shows the new value. The
+    checkpoint keeps the choice, so the restored optimizer has the same slots and continues
+    exactly (rebuilt from the config alone, it would have had them or not by the new value)."""
+
+    def fresh():
+        return [kopt.Variable([1.0, -2.0, 3.0], name="w")]
+
+    grads = [[jnp.asarray([0.5, -0.25, 1.0]) * i] for i in range(1, 6)]
+    variables = fresh()
+    opt = make()
+    opt.apply_gradients(zip(grads[0], variables, strict=True))
+    opt.momentum = momentum
+    opt.apply_gradients(zip(grads[1], variables, strict=True))
+    assert opt.get_config().get("momentum", momentum) == momentum
+    slots = opt.get_slot_names()
+    save_optimizer(tmp_path / "c", opt, variables)
+    resumed_variables = fresh()
+    resumed = restore_optimizer(tmp_path / "c", resumed_variables)
+    assert resumed.get_slot_names() == slots
+    for g in grads[2:]:
+        opt.apply_gradients(zip(g, variables, strict=True))
+        resumed.apply_gradients(zip(g, resumed_variables, strict=True))
+    np.testing.assert_array_equal(resumed_variables[0].numpy(), variables[0].numpy())
+    assert int(resumed.iterations.numpy()) == int(opt.iterations.numpy()) == 5
+
+
 def test_a_custom_optimizers_add_weight_state_is_saved_and_restored(tmp_path):
     grads = [jnp.full(2, float(i)) for i in range(1, 6)]
     var = kopt.Variable(jnp.ones(2), name="w")

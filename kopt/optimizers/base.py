@@ -208,6 +208,9 @@ class Optimizer:
     _SLOT_ORDER: tuple[str, ...] = ()
     _INTERLEAVE_SLOTS = False
     _STRUCTURAL: tuple[str, ...] = ()  # plain attributes that choose the update's form
+    # Choices fixed at construction that get_config does not show (tf.keras's neither), such
+    # as whether SGD's momentum is on: a checkpoint stores them beside the config.
+    _CONSTRUCTION_FLAGS: tuple[str, ...] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Each subclass's ``__init__`` ends by checking the hyperparameters it was given

@@ -116,6 +116,9 @@ class SGD(_KerasV2):
 
     _SLOT_ORDER = ("momentum",)
     _STRUCTURAL = ("nesterov",)
+    # Keras decides at construction whether momentum is on (momentum > 0); assigning
+    # `momentum` later changes its value only.
+    _CONSTRUCTION_FLAGS = ("_momentum",)
 
     def __init__(self, learning_rate=0.01, momentum=0.0, nesterov=False, name="SGD", **kwargs):
         super().__init__(name, **kwargs)
@@ -412,6 +415,7 @@ class RMSprop(_KerasV2):
 
     _SLOT_ORDER = ("rms", "momentum", "mg")
     _STRUCTURAL = ("centered",)
+    _CONSTRUCTION_FLAGS = ("_momentum",)  # as SGD's
 
     def __init__(
         self,
