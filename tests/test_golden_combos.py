@@ -6,15 +6,20 @@ that update only some of the variables (the others get their slots later), spars
 duplicate indices, or ``minimize``. The loss-scaled cases add tf.keras's dynamic
 ``LossScaleOptimizer`` with steps whose gradients are not finite. The Keras 3 cases combine
 ``weight_decay`` (with ``exclude_from_weight_decay``), ``use_ema``, ``gradient_accumulation_steps``,
-clipping, ``loss_scale_factor`` and schedules.
+clipping, ``loss_scale_factor`` and schedules. Every third case runs again with its variables
+on two devices, where the numbers must be the same and the variables and their slots must keep
+their shardings.
 """
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from golden_cases import FIXTURES, KERAS3_BETA_COMPLEMENT_RTOL, assert_close
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import kopt
 from kopt.optimizers import schedules
@@ -22,6 +27,9 @@ from kopt.optimizers import schedules
 CASES = json.loads((FIXTURES / "combos.json").read_text())["cases"]
 LEGACY = [c for c in CASES if c["source"] == "tf_keras_legacy"]
 KERAS3 = [c for c in CASES if c["source"] == "keras3"]
+# Every third case again, with the variables on two devices (split along their first axis where
+# it divides evenly, else replicated).
+SHARDED = CASES[::3]
 
 
 def array(values):
@@ -60,9 +68,25 @@ def scaled(g, scale):
     return g * scale
 
 
-def run_legacy(case):
+def sharding_of(shape, mesh):
+    return NamedSharding(mesh, P("x") if shape and shape[0] % 2 == 0 else P())
+
+
+def make_variables(case, mesh=None):
+    if mesh is None:
+        return [kopt.Variable(v["initial"], name=v["name"]) for v in case["variables"]]
+    return [
+        kopt.Variable(
+            jax.device_put(np.asarray(v["initial"], np.float32), sharding_of(v["shape"], mesh)),
+            name=v["name"],
+        )
+        for v in case["variables"]
+    ]
+
+
+def run_legacy(case, mesh=None):
     opt = make_optimizer(case)
-    variables = [kopt.Variable(v["initial"], name=v["name"]) for v in case["variables"]]
+    variables = make_variables(case, mesh)
     shapes = [v["shape"] for v in case["variables"]]
     for t, step in enumerate(case["steps"]):
         for attr, value in case["changes"].get(str(t), {}).items():
@@ -97,14 +121,25 @@ def check_config(config, expected):
             assert config[key] == value, key
 
 
+def check_values(case, opt, variables, rtol):
+    expected, cid = case["expected"], case["id"]
+    for i, (v, e) in enumerate(zip(variables, expected["variables"], strict=True)):
+        assert_close(v.numpy(), e, f"{cid}: variable {i}", rtol)
+        for name, value in expected["slots"][i].items():
+            assert_close(opt.get_slot(v, name).numpy(), value, f"{cid}: slot {name}", rtol)
+
+
+def rtol_of(case):
+    if case["source"] != "keras3":
+        return 2e-6
+    return KERAS3_BETA_COMPLEMENT_RTOL if case["class_name"] in ("AdamW", "Lamb") else 3e-6
+
+
 @pytest.mark.parametrize("case", LEGACY, ids=[c["id"] for c in LEGACY])
 def test_legacy_combination_matches_tf_keras(case):
     opt, variables = run_legacy(case)
-    expected, cid = case["expected"], case["id"]
-    for i, (v, e) in enumerate(zip(variables, expected["variables"], strict=True)):
-        assert_close(v.numpy(), e, f"{cid}: variable {i}", 2e-6)
-        for name, value in expected["slots"][i].items():
-            assert_close(opt.get_slot(v, name).numpy(), value, f"{cid}: slot {name}", 2e-6)
+    expected = case["expected"]
+    check_values(case, opt, variables, rtol_of(case))
     assert int(opt.iterations.numpy()) == expected["iterations"]
     assert opt.get_slot_names() == expected["slot_names"]
     names, weights = [w.name for w in opt.weights], opt.get_weights()
@@ -123,22 +158,23 @@ def test_legacy_combination_matches_tf_keras(case):
         config = {k: v for k, v in config.items() if k != "inner_optimizer"}
     assert names == expected["weight_names"]
     for w, e, n in zip(weights, expected["weights"], names, strict=True):
-        assert_close(w, e, f"{cid}: weight {n}", 2e-6)
+        assert_close(w, e, f"{case['id']}: weight {n}", 2e-6)
     check_config(config, expected["config"])
+
+
+def run_keras3(case, mesh=None):
+    opt = make_optimizer(case)
+    variables = make_variables(case, mesh)
+    for step in case["steps"]:
+        opt.apply_gradients(zip([array(g) for g in step["gradients"]], variables, strict=True))
+    return opt, variables
 
 
 @pytest.mark.parametrize("case", KERAS3, ids=[c["id"] for c in KERAS3])
 def test_keras3_combination_matches_keras3(case):
-    opt = make_optimizer(case)
-    variables = [kopt.Variable(v["initial"], name=v["name"]) for v in case["variables"]]
-    for step in case["steps"]:
-        opt.apply_gradients(zip([array(g) for g in step["gradients"]], variables, strict=True))
-    expected, cid = case["expected"], case["id"]
-    rtol = KERAS3_BETA_COMPLEMENT_RTOL if case["class_name"] in ("AdamW", "Lamb") else 3e-6
-    for i, (v, e) in enumerate(zip(variables, expected["variables"], strict=True)):
-        assert_close(v.numpy(), e, f"{cid}: variable {i}", rtol)
-        for name, value in expected["slots"][i].items():
-            assert_close(opt.get_slot(v, name).numpy(), value, f"{cid}: slot {name}", rtol)
+    opt, variables = run_keras3(case)
+    expected = case["expected"]
+    check_values(case, opt, variables, rtol_of(case))
     # kopt's `iterations` counts calls, Keras 3's `_iterations` (docs: the Keras 3 options).
     assert int(opt.iterations.numpy()) == expected["calls"]
     config = opt.get_config()
@@ -149,3 +185,18 @@ def test_keras3_combination_matches_keras3(case):
             assert config[key] == pytest.approx(value, rel=1e-7), key
         else:
             assert config[key] == value, key
+
+
+@pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 (simulated) devices")
+@pytest.mark.parametrize("case", SHARDED, ids=[c["id"] for c in SHARDED])
+def test_combination_on_two_devices_matches_and_keeps_the_shardings(case):
+    mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
+    run = run_keras3 if case["source"] == "keras3" else run_legacy
+    opt, variables = run(case, mesh)
+    check_values(case, opt, variables, rtol_of(case))
+    for v in variables:
+        assert v.value.sharding.is_equivalent_to(sharding_of(v.shape, mesh), v.ndim), v.name
+        for name in opt.get_slot_names():
+            slot = opt.get_slot(v, name)
+            if slot.shape == v.shape:  # not Adafactor's factored r and c
+                assert slot.value.sharding.is_equivalent_to(v.value.sharding, v.ndim), name
