@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import optax
 import pytest
 from numpy_reference import adam as numpy_adam
 
@@ -237,6 +238,46 @@ def test_loss_scale_never_grows_past_float32():
         opt.apply_gradients([(jnp.array([1.0]), var)])
     assert float(opt.loss_scale.numpy()) == 2.0**127  # tf.keras grows only to a finite scale
     np.testing.assert_allclose(var.numpy(), [0.7], rtol=1e-6)  # no step was skipped
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: optimizers.LossScaleOptimizer(
+            optimizers.Adam(0.1, clipnorm=1.0), initial_scale=4.0, dynamic_growth_steps=2
+        ),
+        lambda: optimizers.LossScaleOptimizer(optimizers.SGD(0.1, momentum=0.9), initial_scale=1.0),
+        lambda: optimizers.LossScaleOptimizer(
+            optimizers.RMSprop(0.01, centered=True), dynamic=False, initial_scale=8.0
+        ),
+    ],
+    ids=["adam-growing", "sgd-at-one", "rmsprop-fixed"],
+)
+def test_loss_scale_as_transformation_skips_and_scales_as_the_facade(make):
+    """The pure twin skips the steps the facade skips (zero updates, its inner count kept) and
+    moves the scale in its state as the facade moves `loss_scale`: halved (not below 1) after a
+    non-finite step, doubled after `dynamic_growth_steps` finite ones."""
+    opt, twin = make(), make()
+    tx = jax.jit(twin.as_transformation().update)
+    var = kopt.Variable([1.0, -2.0, 0.5])
+    params = jnp.asarray([1.0, -2.0, 0.5])
+    state = twin.as_transformation().init(params)
+    assert float(state.loss_scale) == float(opt.loss_scale.numpy())
+    grads = [[0.5, 1.0, -1.0], [jnp.inf, 0.0, 1.0], [0.25, -0.5, 2.0], [1.0, 1.0, 1.0]]
+    grads += [[jnp.nan, 1.0, 1.0], [-1.0, 0.5, 0.25], [0.1, 0.2, 0.3], [2.0, -2.0, 1.0]]
+    for i, g in enumerate(grads):
+        g = jnp.asarray(g, jnp.float32)
+        opt.apply_gradients([(g, var)])
+        updates, state = tx(g, state, params)
+        params = kopt.apply_updates(params, updates)
+        np.testing.assert_allclose(params, var.numpy(), rtol=1e-6, err_msg=f"step {i}")
+        assert float(state.loss_scale) == float(opt.loss_scale.numpy()), i
+        counter = opt.dynamic_counter
+        assert int(state.good_steps) == (0 if counter is None else int(counter.numpy())), i
+    assert np.all(np.isfinite(params))
+    # Two steps skipped: every piece of the inner transformation counted the six others only.
+    counts = optax.tree_utils.tree_get_all_with_path(state.inner_state.inner_state, "count")
+    assert counts and {int(c) for _, c in counts} == {6} == {int(opt.iterations.numpy())}
 
 
 def test_the_inner_optimizer_called_directly_applies_what_it_is_given():

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kopt.base import as_count, check_count
+from kopt._tree import on_params_devices
+from kopt.base import GradientTransformation, as_count, check_count
 from kopt.optimizers.base import Optimizer
 from kopt.sparse import IndexedSlices, map_values
+from kopt.transforms._wrappers import apply_if_finite
 from kopt.variables import Variable, _full_spec
 
 
@@ -224,14 +226,11 @@ class LossScaleOptimizer(Optimizer):
         it after ``dynamic_growth_steps`` finite ones in a row."""
         if not self.dynamic:
             return
-        scale = self._loss_scale.value
-        good = self._good_steps.value + 1
-        grow = good >= self.dynamic_growth_steps
-        grown = jnp.where(jnp.isfinite(scale * 2.0), scale * 2.0, scale)  # float32's end
-        self._loss_scale.assign(
-            jnp.where(finite, jnp.where(grow, grown, scale), jnp.maximum(scale / 2.0, 1.0))
+        scale, good = _next_scale(
+            self._loss_scale.value, self._good_steps.value, finite, self.dynamic_growth_steps
         )
-        self._good_steps.assign(jnp.where(finite & ~grow, good, 0).astype(jnp.int32))
+        self._loss_scale.assign(scale)
+        self._good_steps.assign(good)
 
     @property
     def dynamic_counter(self) -> Variable | None:
@@ -270,8 +269,34 @@ class LossScaleOptimizer(Optimizer):
     def get_slot_names(self):
         return self._optimizer.get_slot_names()
 
-    def as_transformation(self):
-        return self._optimizer.as_transformation()
+    def as_transformation(self) -> GradientTransformation:
+        """The same algorithm as a pure transformation: the inner optimizer's
+        ``as_transformation()``, skipped on a step whose gradients are not all finite (zero
+        updates; its state, step count included, unchanged), with the loss scale in the state.
+
+        The state's ``loss_scale`` (a float32 scalar, starting at ``initial_scale``) is the
+        factor to scale the loss by, and the gradients given to ``update`` must be unscaled
+        (divided by it), as :meth:`get_scaled_loss` and :meth:`get_unscaled_gradients` do;
+        ``good_steps`` counts the finite steps since the scale last changed. A dynamic scale
+        moves as this optimizer's does: halved (not below 1) by a non-finite step, doubled
+        after ``dynamic_growth_steps`` finite steps in a row.
+
+        Example:
+            >>> import jax, jax.numpy as jnp, kopt
+            >>> opt = kopt.optimizers.LossScaleOptimizer(kopt.optimizers.SGD(0.5))
+            >>> tx = opt.as_transformation()
+            >>> params = jnp.ones(2)
+            >>> state = tx.init(params)
+            >>> def step(params, state):
+            ...     scaled = jax.grad(lambda p: state.loss_scale * jnp.sum(p**2))(params)
+            ...     updates, state = tx.update(scaled / state.loss_scale, state, params)
+            ...     return kopt.apply_updates(params, updates), state
+            >>> params, state = jax.jit(step)(params, state)
+            >>> params, float(state.loss_scale)
+            (Array([0., 0.], dtype=float32), 32768.0)
+        """
+        inner = self._optimizer.as_transformation()
+        return _loss_scaled(inner, self.dynamic, self.initial_scale, self.dynamic_growth_steps)
 
     def __getattr__(self, name):
         if name.startswith("_"):
@@ -344,3 +369,48 @@ def _unscaled(grads: list[Any], scale: jax.Array) -> list[Any]:
     per gradient cost more than the step itself over a few hundred variables)."""
     reciprocal = 1.0 / scale
     return [None if g is None else _times(g, reciprocal) for g in grads]
+
+
+class LossScaleState(NamedTuple):
+    """State of :meth:`LossScaleOptimizer.as_transformation`."""
+
+    loss_scale: jax.Array
+    good_steps: jax.Array
+    inner_state: Any
+
+
+# A bad step is never passed to the inner transformation: the scale goes down instead.
+_NEVER = 2**31 - 1
+
+
+def _next_scale(scale: Any, good_steps: Any, finite: Any, growth_steps: int) -> tuple[Any, Any]:
+    """A dynamic scale and its count of good steps after a step: halved (not below 1) after a
+    non-finite step, doubled after ``growth_steps`` finite ones in a row (unless that would be
+    infinite)."""
+    good = good_steps + 1
+    grow = good >= growth_steps
+    grown = jnp.where(jnp.isfinite(scale * 2.0), scale * 2.0, scale)  # float32's end
+    new_scale = jnp.where(finite, jnp.where(grow, grown, scale), jnp.maximum(scale / 2.0, 1.0))
+    return new_scale, jnp.where(finite & ~grow, good, 0).astype(jnp.int32)
+
+
+def _loss_scaled(
+    inner: GradientTransformation, dynamic: bool, initial_scale: float, growth_steps: Any
+) -> GradientTransformation:
+    """``inner`` skipped on non-finite gradients, with a (dynamic) loss scale in the state."""
+    guarded = apply_if_finite(inner, _NEVER)
+
+    def init_fn(params):
+        scale, good = on_params_devices(
+            (jnp.asarray(initial_scale, jnp.float32), jnp.zeros([], jnp.int32)), params
+        )
+        return LossScaleState(scale, good, guarded.init(params))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        updates, inner_state = guarded.update(updates, state.inner_state, params, **extra_args)
+        scale, good = state.loss_scale, state.good_steps
+        if dynamic:  # the guard's decision, taken jointly over replicas where it must be
+            scale, good = _next_scale(scale, good, inner_state.last_finite, growth_steps)
+        return updates, LossScaleState(scale, good, inner_state)
+
+    return GradientTransformation(init_fn, update_fn)
