@@ -117,8 +117,9 @@ def pack(params: PyTree, max_leaf_size: int | str | None = "auto") -> Packed:
       slower there on operands sliced out of a buffer than on the step's own input buffers.
 
     Only for optimizers that treat every element alike, as with :func:`kopt.flatten`:
-    per-leaf pieces (``clipnorm``, :func:`kopt.clip_by_norm`, :func:`kopt.lamb`,
-    :func:`kopt.adafactor`, masks and labels by leaf) would see the buffers as the leaves.
+    per-leaf pieces (:func:`kopt.clip_by_norm`, :func:`kopt.lamb`, :func:`kopt.adafactor`,
+    masks and labels by leaf) would see the buffers as the leaves; the first three refuse a
+    ``Packed`` with a packed buffer (``ValueError``).
     The state keeps its slots ``Packed`` like the params; :func:`kopt.get_slot` returns them
     unpacked, shaped like the original tree.
 

@@ -209,6 +209,32 @@ def test_bad_inputs_are_rejected_naming_the_culprit():
     chex.assert_trees_all_equal(jax.tree.map(np.asarray, state), before)
 
 
+PER_TENSOR = {
+    "scale_by_lamb": lambda: kopt.lamb(0.01),
+    "scale_by_adafactor": lambda: kopt.adafactor(0.1),
+    "clip_by_norm": lambda: kopt.chain(kopt.clip_by_norm(1.0), kopt.sgd(0.1)),
+}
+
+
+@pytest.mark.parametrize("owner", list(PER_TENSOR))
+@pytest.mark.parametrize("wrap", ["pack", "flatten"])
+def test_per_tensor_pieces_refuse_packed_buffers(owner, wrap):
+    """Lamb's trust ratio, Adafactor's factored moments and clip_by_norm's norm are per tensor:
+    on a packed buffer they would silently be one ratio, one factorisation, one norm for
+    every leaf in it. They are refused there, and allowed where no leaf is packed."""
+    params = tree()
+    make = PER_TENSOR[owner]
+
+    def init(max_leaf_size):
+        if wrap == "pack":
+            return make().init(kopt.pack(params, max_leaf_size=max_leaf_size))
+        return kopt.flatten(make(), max_leaf_size=max_leaf_size).init(params)
+
+    with pytest.raises(ValueError, match=rf"{owner}: its step depends on each tensor's"):
+        init(8192)
+    assert jax.tree.leaves(init(0))  # nothing packed
+
+
 def test_auto_max_leaf_size_packs_every_leaf_on_gpus_and_small_ones_elsewhere(monkeypatch):
     """The default, ``"auto"``, follows where the params live: on GPUs every leaf is packed
     (measured there, benchmarks/RESULTS.md), elsewhere large leaves stay loose. No GPU here:

@@ -448,4 +448,5 @@ def scale_by_lamb(
         rule,
         prepare=prepare,
         needs_params=True,
+        per_tensor=True,
     )

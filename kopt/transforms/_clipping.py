@@ -70,7 +70,9 @@ def clip_by_norm(clipnorm: Any) -> GradientTransformation:
 
         return map_values(clip, g), {}
 
-    return leafwise_transformation("clip_by_norm", {"clipnorm": clipnorm}, {}, rule)
+    return leafwise_transformation(
+        "clip_by_norm", {"clipnorm": clipnorm}, {}, rule, per_tensor=True
+    )
 
 
 def global_norm(updates: Any) -> jax.Array:

@@ -17,6 +17,7 @@ from kopt.base import (
     safe_increment,
     schedules_of,
 )
+from kopt.transforms._flat import refuse_packed_params
 
 SlotInit = Callable[[Any], jax.Array]
 LeafRule = Callable[..., tuple[Any, dict[str, Any]]]
@@ -47,6 +48,7 @@ def leafwise_transformation(
     scalar_slots: Mapping[str, float] | None = None,
     needs_params: bool = False,
     supports_complex: bool = True,
+    per_tensor: bool = False,
 ) -> GradientTransformation:
     """Builds a transformation from a per-leaf rule.
 
@@ -63,11 +65,15 @@ def leafwise_transformation(
         needs_params: whether ``update`` requires ``params``.
         supports_complex: whether the rule has a complex form; if not, ``init`` refuses complex
             params with a TypeError naming the param.
+        per_tensor: whether the rule depends on each leaf's shape or norm, so that ``init``
+            refuses params packed into flat buffers (``kopt.pack``, inside ``kopt.flatten``).
     """
     schedules = schedules_of(hyperparams)
     scalar_slots = dict(scalar_slots or {})
 
     def init_fn(params):
+        if per_tensor:
+            refuse_packed_params(owner, params)
         check_floating_params(params, owner, allow_complex=supports_complex)
         state_slots = {name: jax.tree.map(make, params) for name, make in slots.items()}
         _check_complex_slots(owner, params, state_slots)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import math
@@ -27,6 +28,36 @@ from kopt.base import (
     extra_args_update,
 )
 from kopt.sparse import IndexedSlices, is_indexed_slices
+
+# The layout whose packed buffers the transformation inside kopt.flatten is being given.
+_FLATTENING: contextvars.ContextVar[Any] = contextvars.ContextVar("kopt_flattening", default=None)
+
+
+def refuse_packed_params(owner: str, params: PyTree) -> None:
+    """Raises for a per-tensor piece given params packed into flat buffers (by
+    :func:`kopt.pack`, or inside :func:`flatten`), where a whole buffer would count as one
+    tensor and the step would silently change its meaning."""
+    layout = _FLATTENING.get()
+    if layout is not None and layout.groups:
+        raise ValueError(
+            f"{owner}: its step depends on each tensor's shape or norm, but inside "
+            "kopt.flatten it would see params packed into flat buffers "
+            f"({', '.join(key for key, _ in layout.groups)}) as single tensors; flatten only "
+            "elementwise transformations (or lower `max_leaf_size` so no param is packed)"
+        )
+    nodes = jax.tree.leaves(
+        params, is_leaf=lambda x: isinstance(getattr(x, "layout", None), FlatLayout)
+    )
+    for node in nodes:
+        layout = getattr(node, "layout", None)
+        if isinstance(layout, FlatLayout) and layout.groups:
+            raise ValueError(
+                f"{owner}: its step depends on each tensor's shape or norm, but it is given "
+                "a kopt.Packed whose flat buffers "
+                f"({', '.join(key for key, _ in layout.groups)}) it would take as single "
+                "tensors; use an elementwise optimizer on packed params, or pack with a "
+                "`max_leaf_size` that leaves the params it needs whole"
+            )
 
 
 @jax.tree_util.register_static
@@ -319,7 +350,8 @@ def flatten(
     Only for transformations that treat every element alike: every kopt optimizer except
     :func:`kopt.lamb` and :func:`kopt.adafactor` (and building blocks such as
     :func:`kopt.clip_by_norm`, :func:`kopt.masked`, :func:`kopt.multi_transform`, whose result
-    depends on the leaves' shapes or tree). Sparse gradients of packed leaves are rejected.
+    depends on the leaves' shapes or tree; they raise a ``ValueError`` here when a param is
+    packed). Sparse gradients of packed leaves are rejected.
     :func:`kopt.get_slot` still returns slots shaped like the params, and hyperparameters are
     read and set as usual. The updates equal the unflattened transformation's (up to rounding).
     Every param needs a gradient: a None gradient, which the unflattened transformation takes
@@ -365,7 +397,12 @@ def flatten(
         check_floating_params(params, owner)
         layout = make_layout(params, max_leaf_size)
         packed = layout.pack(params, owner, "param")
-        inner_state = uncommitted_on_params_devices(transformation.init(packed), packed)
+        token = _FLATTENING.set(layout)
+        try:
+            inner_state = transformation.init(packed)
+        finally:
+            _FLATTENING.reset(token)
+        inner_state = uncommitted_on_params_devices(inner_state, packed)
         return FlattenedState(inner_state, layout)
 
     inner_update = extra_args_update(transformation)

@@ -437,4 +437,5 @@ def scale_by_adafactor(
         rule,
         prepare=prepare,
         needs_params=True,
+        per_tensor=True,
     )
