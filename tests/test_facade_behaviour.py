@@ -217,6 +217,58 @@ def test_from_transformation_trains_like_the_transformation(transformation):
     assert opt.compile_count == 1
 
 
+@pytest.mark.parametrize(
+    "make, bad_step",
+    [
+        (lambda: kopt.accumulate_gradients(kopt.adam(0.1), every_k=2), None),
+        (
+            lambda: kopt.chain(
+                kopt.clip_by_global_norm(1.0), kopt.apply_if_finite(kopt.nadam(0.1))
+            ),
+            3,
+        ),
+        (
+            lambda: optax.MultiSteps(kopt.adamw(0.1), every_k_schedule=3).gradient_transformation(),
+            None,
+        ),
+    ],
+    ids=["accumulate", "apply-if-finite", "optax-multisteps"],
+)
+def test_from_transformation_keeps_the_counts_of_wrapped_pieces(make, bad_step, tmp_path):
+    """Inside a wrapper a piece counts its own steps: the updates of accumulate_gradients or
+    MultiSteps, the applied steps of apply_if_finite. The facade counts calls in
+    `iterations`, but keeps those counts as they are (bias corrections follow them), through
+    a checkpoint too."""
+    from kopt.checkpoint import restore_optimizer, save_optimizer
+
+    tx = make()
+    grads = [jnp.asarray([0.5 * i, -1.0, 0.25], jnp.float32) for i in range(1, 9)]
+    if bad_step is not None:  # a step apply_if_finite skips
+        grads[bad_step] = grads[bad_step].at[0].set(jnp.nan)
+    params, state = jnp.asarray([1.0, 2.0, -3.0]), tx.init(jnp.asarray([1.0, 2.0, -3.0]))
+    step = jax.jit(tx.update)
+    expected = []
+    for g in grads:
+        updates, state = step(g, state, params)
+        params = kopt.apply_updates(params, updates)
+        expected.append(np.asarray(params))
+    var = kopt.Variable([1.0, 2.0, -3.0], name="w")
+    opt = optimizers.from_transformation(make())
+    for i, g in enumerate(grads[:5]):
+        opt.apply_gradients([(g, var)])
+        np.testing.assert_allclose(var.numpy(), expected[i], rtol=1e-6, err_msg=f"step {i}")
+    save_optimizer(tmp_path / "c", opt, [var])
+    resumed_var = kopt.Variable(jnp.zeros(3), name="w")
+    resumed = restore_optimizer(
+        tmp_path / "c", [resumed_var], custom_objects={"transformation": make()}
+    )
+    for i, g in enumerate(grads[5:], start=5):
+        resumed.apply_gradients([(g, resumed_var)])
+        np.testing.assert_allclose(resumed_var.numpy(), expected[i], rtol=1e-6, err_msg=f"step {i}")
+    assert int(resumed.iterations.numpy()) == len(grads)  # calls
+    assert np.all(np.isfinite(resumed_var.numpy()))
+
+
 def test_from_transformation_hyperparameters_are_attributes_set_without_recompiling():
     """A wrapped kopt piece's hyperparameters are the optimizer's: setting one between steps
     (as a Keras callback does) takes effect at the next step, compiled once. Checked against

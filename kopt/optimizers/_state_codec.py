@@ -26,18 +26,21 @@ def _per_var(tree: Any, n: int) -> bool:
     return isinstance(tree, list) and len(tree) == n
 
 
-def _walk(node: Any, n: int, visit_state, visit_leaf):
-    """Rebuilds ``node``: OptimizerStates through ``visit_state``, other leaves ``visit_leaf``."""
+def _walk(node: Any, n: int, visit_state, visit_leaf, wrapped: bool = False):
+    """Rebuilds ``node``: OptimizerStates through ``visit_state(state, wrapped)``, other leaves
+    through ``visit_leaf``. ``wrapped``: the state is inside a wrapper's state (a named tuple
+    other than OptimizerState, such as accumulate_gradients' or apply_if_finite's), whose
+    pieces may count other steps than the calls."""
     if isinstance(node, OptimizerState):
-        return visit_state(node)
+        return visit_state(node, wrapped)
     if node is None:
         return None
     if _is_namedtuple(node):
-        return type(node)(*(_walk(x, n, visit_state, visit_leaf) for x in node))
+        return type(node)(*(_walk(x, n, visit_state, visit_leaf, True) for x in node))
     if isinstance(node, (tuple, list)):
-        return type(node)(_walk(x, n, visit_state, visit_leaf) for x in node)
+        return type(node)(_walk(x, n, visit_state, visit_leaf, wrapped) for x in node)
     if isinstance(node, dict):
-        return {k: _walk(v, n, visit_state, visit_leaf) for k, v in node.items()}
+        return {k: _walk(v, n, visit_state, visit_leaf, wrapped) for k, v in node.items()}
     if not jax.tree_util.tree_leaves(node):
         return node  # static data of the state (kopt.flatten's layout): no value to keep
     return visit_leaf(node)
@@ -48,29 +51,39 @@ class Layout(NamedTuple):
 
     n: int
     opaque: bool
+    own_counts: bool = False
 
     def slot_values(self, state: Any) -> dict[str, list[Any]]:
-        return extract(state, self.n)[0]
+        return extract(state, self.n, self.own_counts)[0]
 
     def scalar_slots(self, state: Any) -> dict[str, Any]:
-        return extract(state, self.n)[1]
+        return extract(state, self.n, self.own_counts)[1]
 
     def opaque_values(self, state: Any) -> list[Any]:
-        return extract(state, self.n)[2]
+        return extract(state, self.n, self.own_counts)[2]
 
 
-def describe(state: Any, n: int) -> Layout:
-    """The layout of ``state`` (built by ``tx.init`` over a list of ``n`` params)."""
-    return Layout(n, bool(extract(state, n)[2]))
+def describe(state: Any, n: int, own_counts: bool = False) -> Layout:
+    """The layout of ``state`` (built by ``tx.init`` over a list of ``n`` params).
+    ``own_counts``: the step counts of pieces inside a wrapper are kept as opaque values of
+    their own rather than set from ``iterations`` (see :func:`extract`)."""
+    return Layout(n, bool(extract(state, n, own_counts)[2]), own_counts)
 
 
-def extract(state: Any, n: int) -> tuple[dict[str, list[Any]], dict[str, Any], list[Any]]:
-    """(slot name -> per-variable values, scalar slot name -> value, opaque leaves)."""
+def extract(
+    state: Any, n: int, own_counts: bool = False
+) -> tuple[dict[str, list[Any]], dict[str, Any], list[Any]]:
+    """(slot name -> per-variable values, scalar slot name -> value, opaque leaves). With
+    ``own_counts``, the step count of each piece inside a wrapper is an opaque leaf (before its
+    slots): such a piece may count updates where the facade counts calls (the inner optimizer of
+    ``accumulate_gradients``; of ``apply_if_finite``, which does not count a skipped step)."""
     per_var: dict[str, list[Any]] = {}
     scalars: dict[str, Any] = {}
     opaque: list[Any] = []
 
-    def visit_state(s):
+    def visit_state(s, wrapped):
+        if own_counts and wrapped:
+            opaque.append(s.count)
         for name, tree in s.slots.items():
             if _per_var(tree, n):
                 per_var.setdefault(name, list(tree))
@@ -96,7 +109,7 @@ def abstract(state: Any, n: int) -> Any:
     def shape_of(x):
         return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
 
-    def visit_state(s):
+    def visit_state(s, wrapped):
         return OptimizerState(
             shape_of(s.count),
             {k: shape_of(v) for k, v in s.hyperparams.items()},
@@ -111,14 +124,17 @@ def with_hyperparams(template: Any, source: Any, n: int) -> Any:
     transformation (its kopt states in the same order)."""
     found = []
 
-    def collect(s):
+    def collect(s, wrapped):
         found.append(s.hyperparams)
         return s
 
     _walk(source, n, collect, lambda leaf: leaf)
     hyperparams = iter(found)
     return _walk(
-        template, n, lambda s: s._replace(hyperparams=next(hyperparams)), lambda leaf: leaf
+        template,
+        n,
+        lambda s, wrapped: s._replace(hyperparams=next(hyperparams)),
+        lambda leaf: leaf,
     )
 
 
@@ -130,14 +146,18 @@ def assemble(
     slots: dict[str, list[Any]],
     scalar_slots: dict[str, Any],
     opaque: list[Any],
+    own_counts: bool = False,
 ) -> Any:
     """A state shaped like ``template`` (from ``tx.init``) holding the facade's current values;
-    a hyperparameter the facade does not hold keeps the template's value."""
+    a hyperparameter the facade does not hold keeps the template's value. The step count of
+    every piece is ``count``, but with ``own_counts`` a piece inside a wrapper takes its own
+    from ``opaque`` (see :func:`extract`)."""
     n = None
     leaves = iter(opaque)
 
-    def visit_state(s):
+    def visit_state(s, wrapped):
         nonlocal n
+        own = next(leaves) if own_counts and wrapped else count
         new_slots = {}
         for name, tree in s.slots.items():
             if isinstance(tree, list):
@@ -152,6 +172,6 @@ def assemble(
             k: jnp.asarray(hyperparams[k], v.dtype) if k in hyperparams else v
             for k, v in s.hyperparams.items()
         }
-        return OptimizerState(jnp.asarray(count).astype(s.count.dtype), hp, new_slots)
+        return OptimizerState(jnp.asarray(own).astype(s.count.dtype), hp, new_slots)
 
     return _walk(template, n, visit_state, lambda leaf: next(leaves))

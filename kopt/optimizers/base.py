@@ -211,6 +211,9 @@ class Optimizer:
     # Choices fixed at construction that get_config does not show (tf.keras's neither), such
     # as whether SGD's momentum is on: a checkpoint stores them beside the config.
     _CONSTRUCTION_FLAGS: tuple[str, ...] = ()
+    # Whether the step counts of pieces inside a wrapper's state are kept as their own (as
+    # opaque state) rather than set from ``iterations``; see TransformationOptimizer.
+    _OWN_WRAPPED_COUNTS = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Each subclass's ``__init__`` ends by checking the hyperparameters it was given
@@ -916,7 +919,7 @@ class Optimizer:
         new = [v for v in todo if v._uid not in self._slots]
         tx = self._static_transformation()
         state = tx.init([v._current for v in todo])
-        layout = codec.describe(state, len(todo))
+        layout = codec.describe(state, len(todo), self._OWN_WRAPPED_COUNTS)
         stale = [v for v in todo if v._uid in self._slots]
         if stale:
             self._check_opaque_unchanged(layout.opaque_values(state), stale)
@@ -1664,12 +1667,13 @@ class Optimizer:
             },
             scalar_slots={name: w.value for name, w in self._non_slot.items()},
             opaque=[w.value for w in self._opaque],
+            own_counts=self._OWN_WRAPPED_COUNTS,
         )
         params = [v.value for v in var_list]
         grads = [g for g, _ in gv]
         updates, new_state = tx.update(grads, state, params)
         new_params = core.apply_updates(params, updates)
-        per_var, scalars, opaque = codec.extract(new_state, len(var_list))
+        per_var, scalars, opaque = codec.extract(new_state, len(var_list), self._OWN_WRAPPED_COUNTS)
         for i, v in enumerate(var_list):
             v._value = new_params[i]
             if constrain and v.constraint is not None and not isinstance(grads[i], IndexedSlices):

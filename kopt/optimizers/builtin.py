@@ -1144,6 +1144,11 @@ class Adafactor(_Keras3):
 class TransformationOptimizer(Optimizer):
     """Any kopt or optax transformation behind the facade (see :func:`from_transformation`)."""
 
+    # A wrapped transformation's wrappers (accumulate_gradients, apply_if_finite, optax's
+    # MultiSteps) keep their inner pieces' step counts, which need not be the calls: the
+    # facade keeps those counts as they come out of the step, not from `iterations`.
+    _OWN_WRAPPED_COUNTS = True
+
     def __init__(self, transformation: Any, name: str | None = None, **kwargs: Any):
         if not (
             callable(getattr(transformation, "init", None))
