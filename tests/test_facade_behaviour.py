@@ -269,6 +269,51 @@ def test_from_transformation_keeps_the_counts_of_wrapped_pieces(make, bad_step, 
     assert np.all(np.isfinite(resumed_var.numpy()))
 
 
+def by_position(labels):
+    """A labels (or mask) function for a list of params, as the facade passes them."""
+    return lambda params: list(labels)[: len(params)]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: kopt.multi_transform(
+            {"x": kopt.adam(0.1), "y": kopt.adam(0.5, amsgrad=True)}, by_position("xyx")
+        ),
+        lambda: kopt.masked(kopt.sgd(0.1, momentum=0.9), by_position([True, False, True])),
+        lambda: kopt.multi_transform(
+            {
+                "x": kopt.multi_transform(
+                    {"x": kopt.adagrad(0.1), "y": kopt.sgd(0.1, momentum=0.5)}, by_position("xyx")
+                ),
+                "y": kopt.sgd(0.2, momentum=0.9),
+            },
+            by_position("xyx"),
+        ),
+        lambda: kopt.chain(kopt.sgd(0.1, momentum=0.9), kopt.sgd(1.0, momentum=0.5)),
+    ],
+    ids=["two-adams", "masked", "nested-multi", "one-slot-name-twice"],
+)
+def test_from_transformation_with_a_slot_name_in_several_pieces(make):
+    """multi_transform groups with the same optimizer hold the same slot names for disjoint
+    variables: each variable gets one slot of that name (an empty group, or a masked-out
+    variable, none). Two pieces that hold one name for the same variable keep the second as
+    state of its own. Each trains as the transformation run by itself."""
+    tx = make()
+    init = [np.full((2, 3), 1.0, np.float32), np.full(4, -2.0, np.float32), np.ones(2, np.float32)]
+    params, state = [jnp.asarray(x) for x in init], tx.init([jnp.asarray(x) for x in init])
+    variables = [kopt.Variable(x, name=n) for x, n in zip(init, "abc", strict=True)]
+    opt = optimizers.from_transformation(make())
+    for i in range(4):
+        grads = [jnp.full_like(x, 0.5 * (i + 1)) * (k + 1) for k, x in enumerate(init)]
+        opt.apply_gradients(zip(grads, variables, strict=True))
+        updates, state = tx.update(grads, state, params)
+        params = kopt.apply_updates(params, updates)
+        for v, p in zip(variables, params, strict=True):
+            np.testing.assert_allclose(v.numpy(), p, rtol=1e-6, err_msg=f"{v.name} step {i}")
+    assert opt.compile_count == 1
+
+
 def test_from_transformation_hyperparameters_are_attributes_set_without_recompiling():
     """A wrapped kopt piece's hyperparameters are the optimizer's: setting one between steps
     (as a Keras callback does) takes effect at the next step, compiled once. Checked against

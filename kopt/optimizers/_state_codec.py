@@ -16,6 +16,13 @@ import jax
 import jax.numpy as jnp
 
 from kopt.base import OptimizerState
+from kopt.transforms._flat import FlattenedState
+from kopt.transforms._weight_decay import DecoupledWeightDecayState
+from kopt.transforms._wrappers import MaskedState, MultiTransformState
+
+# Wrappers whose inner pieces step at every call, as the facade counts: their counts follow
+# ``iterations`` even where a wrapper's pieces keep their own (see ``extract``).
+_CALL_COUNTING = (MaskedState, MultiTransformState, FlattenedState, DecoupledWeightDecayState)
 
 
 def _is_namedtuple(x: Any) -> bool:
@@ -30,13 +37,14 @@ def _walk(node: Any, n: int, visit_state, visit_leaf, wrapped: bool = False):
     """Rebuilds ``node``: OptimizerStates through ``visit_state(state, wrapped)``, other leaves
     through ``visit_leaf``. ``wrapped``: the state is inside a wrapper's state (a named tuple
     other than OptimizerState, such as accumulate_gradients' or apply_if_finite's), whose
-    pieces may count other steps than the calls."""
+    pieces may count other steps than the calls (not those of ``_CALL_COUNTING``)."""
     if isinstance(node, OptimizerState):
         return visit_state(node, wrapped)
     if node is None:
         return None
     if _is_namedtuple(node):
-        return type(node)(*(_walk(x, n, visit_state, visit_leaf, True) for x in node))
+        inner = wrapped or not isinstance(node, _CALL_COUNTING)
+        return type(node)(*(_walk(x, n, visit_state, visit_leaf, inner) for x in node))
     if isinstance(node, (tuple, list)):
         return type(node)(_walk(x, n, visit_state, visit_leaf, wrapped) for x in node)
     if isinstance(node, dict):
@@ -80,13 +88,20 @@ def extract(
     per_var: dict[str, list[Any]] = {}
     scalars: dict[str, Any] = {}
     opaque: list[Any] = []
+    claimed: dict[str, set[int]] = {}
 
     def visit_state(s, wrapped):
         if own_counts and wrapped:
             opaque.append(s.count)
         for name, tree in s.slots.items():
             if _per_var(tree, n):
-                per_var.setdefault(name, list(tree))
+                if _claim(claimed, name, tree):
+                    values = per_var.setdefault(name, [None] * n)
+                    for i, value in enumerate(tree):
+                        if value is not None:
+                            values[i] = value
+                else:  # a second slot of this name for a variable: state of its own
+                    opaque.extend(value for value in tree if value is not None)
             elif isinstance(tree, (dict, tuple)):  # not per variable (kopt.flatten's buffers)
                 opaque.extend(jax.tree.leaves(tree))
             else:
@@ -99,6 +114,20 @@ def extract(
 
     _walk(state, n, visit_state, visit_leaf)
     return per_var, scalars, opaque
+
+
+def _claim(claimed: dict[str, set[int]], name: str, tree: list[Any]) -> bool:
+    """Whether a per-variable slot list ``tree`` named ``name`` maps onto the facade's slots of
+    that name: each variable has one, so the pieces holding a name must hold it for disjoint
+    variables (the groups of a ``multi_transform``, a ``masked`` piece beside another). A list
+    that overlaps one seen before is not a facade slot; the visits of ``extract`` and
+    ``assemble`` decide alike, from where the lists hold None."""
+    here = {i for i, value in enumerate(tree) if value is not None}
+    taken = claimed.setdefault(name, set())
+    if here & taken:
+        return False
+    taken |= here
+    return True
 
 
 def abstract(state: Any, n: int) -> Any:
@@ -154,6 +183,7 @@ def assemble(
     from ``opaque`` (see :func:`extract`)."""
     n = None
     leaves = iter(opaque)
+    claimed: dict[str, set[int]] = {}
 
     def visit_state(s, wrapped):
         nonlocal n
@@ -161,8 +191,12 @@ def assemble(
         new_slots = {}
         for name, tree in s.slots.items():
             if isinstance(tree, list):
-                values = slots[name]
-                new_slots[name] = [None if t is None else values[i] for i, t in enumerate(tree)]
+                if _claim(claimed, name, tree):
+                    new_slots[name] = [
+                        None if t is None else slots[name][i] for i, t in enumerate(tree)
+                    ]
+                else:
+                    new_slots[name] = [None if t is None else next(leaves) for t in tree]
             elif isinstance(tree, (dict, tuple)):
                 parts, treedef = jax.tree.flatten(tree)
                 new_slots[name] = treedef.unflatten([next(leaves) for _ in parts])

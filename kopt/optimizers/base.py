@@ -941,8 +941,10 @@ class Optimizer:
         created = []
         for i, name in order:
             var = todo[i]
-            if name not in self._slots.get(var._uid, ()):
-                value = per_var[name][i]
+            value = per_var[name][i]
+            # None: the transformation keeps no such slot for this variable (a masked-out one,
+            # or one a multi_transform group without that slot steps).
+            if value is not None and name not in self._slots.get(var._uid, ()):
                 created.append(self.add_slot(var, name, value, shape=jnp.shape(value)))
         for var in todo:
             self._slots.setdefault(var._uid, {})
@@ -1679,7 +1681,8 @@ class Optimizer:
             if constrain and v.constraint is not None and not isinstance(grads[i], IndexedSlices):
                 v._value = jnp.asarray(v.constraint(v)).astype(v.dtype)
             for name, values in per_var.items():
-                self._slots[v._uid][name]._value = values[i]
+                if values[i] is not None:
+                    self._slots[v._uid][name]._value = values[i]
         for name, value in scalars.items():
             self._non_slot[name]._value = value
         for w, value in zip(self._opaque, opaque, strict=True):
