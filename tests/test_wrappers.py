@@ -548,3 +548,32 @@ def test_all_finite_is_computed_once_in_a_step_that_selects_every_leaf_on_it():
         assert bool(compiled(tree_of(leaves))[0]) == expected
         assert bool(kopt.all_finite(tree_of(leaves))) == expected
     assert bool(kopt.all_finite({})) is True
+
+
+def test_a_mask_or_labels_function_refuses_packed_buffers():
+    """A mask or label function maps over what it is given: on kopt.pack's params, or inside
+    kopt.flatten, it saw each packed buffer as one leaf and selected whole buffers (a "decay
+    kernels only" mask decayed nothing, a "freeze biases" label froze the model), silently."""
+    params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.ones(3)}}
+    decay_mask = lambda p: jax.tree.map(lambda a: a.ndim > 1, p)  # noqa: E731
+    labels = lambda p: jax.tree.map(lambda a: "train" if a.ndim > 1 else "freeze", p)  # noqa: E731
+    split = {"train": kopt.sgd(1.0), "freeze": optax.set_to_zero()}
+    cases = [
+        ("masked", "mask", kopt.masked(kopt.add_decayed_weights(0.5), decay_mask)),
+        ("multi_transform", "labels", kopt.multi_transform(split, labels)),
+        ("masked", "mask", kopt.adamw(1.0, weight_decay=0.5, mask=decay_mask)),
+    ]
+    for owner, what, tx in cases:
+        for wrap, where in ((kopt.pack, "kopt.pack"), (None, "kopt.flatten")):
+            p, t = (wrap(params), tx) if wrap else (params, kopt.flatten(tx))
+            with pytest.raises(ValueError, match=rf"{owner}: `{what}` .* {where}'s packed buffers"):
+                t.init(p)
+        # Unpacked, the same pieces select by param, and so they do on a pack with nothing
+        # packed (every param over max_leaf_size stays loose).
+        tx.init(params)
+        tx.init(kopt.pack(params, max_leaf_size=1))
+    # masked outside flatten sees the params whole.
+    outer = kopt.masked(kopt.flatten(kopt.add_decayed_weights(0.5)), decay_mask)
+    updates, _ = outer.update(jax.tree.map(jnp.zeros_like, params), outer.init(params), params)
+    np.testing.assert_allclose(updates["dense"]["kernel"], np.full((4, 3), 0.5))
+    np.testing.assert_allclose(updates["dense"]["bias"], np.zeros(3))

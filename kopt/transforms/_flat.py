@@ -33,31 +33,44 @@ from kopt.sparse import IndexedSlices, is_indexed_slices
 _FLATTENING: contextvars.ContextVar[Any] = contextvars.ContextVar("kopt_flattening", default=None)
 
 
-def refuse_packed_params(owner: str, params: PyTree) -> None:
-    """Raises for a per-tensor piece given params packed into flat buffers (by
-    :func:`kopt.pack`, or inside :func:`flatten`), where a whole buffer would count as one
-    tensor and the step would silently change its meaning."""
+def packed_buffers(params: PyTree) -> tuple[str, list[str]] | None:
+    """Whose flat buffers ``params`` holds, and their keys: ``("kopt.flatten", keys)`` while
+    :func:`flatten` initialises the transformation inside it, ``("kopt.pack", keys)`` for a
+    :func:`kopt.pack` node with a packed buffer; None where no param is packed."""
     layout = _FLATTENING.get()
     if layout is not None and layout.groups:
-        raise ValueError(
-            f"{owner}: its step depends on each tensor's shape or norm, but inside "
-            "kopt.flatten it would see params packed into flat buffers "
-            f"({', '.join(key for key, _ in layout.groups)}) as single tensors; flatten only "
-            "elementwise transformations (or lower `max_leaf_size` so no param is packed)"
-        )
+        return "kopt.flatten", [key for key, _ in layout.groups]
     nodes = jax.tree.leaves(
         params, is_leaf=lambda x: isinstance(getattr(x, "layout", None), FlatLayout)
     )
     for node in nodes:
         layout = getattr(node, "layout", None)
         if isinstance(layout, FlatLayout) and layout.groups:
-            raise ValueError(
-                f"{owner}: its step depends on each tensor's shape or norm, but it is given "
-                "a kopt.Packed whose flat buffers "
-                f"({', '.join(key for key, _ in layout.groups)}) it would take as single "
-                "tensors; use an elementwise optimizer on packed params, or pack with a "
-                "`max_leaf_size` that leaves the params it needs whole"
-            )
+            return "kopt.pack", [key for key, _ in layout.groups]
+    return None
+
+
+def refuse_packed_params(owner: str, params: PyTree) -> None:
+    """Raises for a per-tensor piece given params packed into flat buffers (by
+    :func:`kopt.pack`, or inside :func:`flatten`), where a whole buffer would count as one
+    tensor and the step would silently change its meaning."""
+    found = packed_buffers(params)
+    if found is None:
+        return
+    where, keys = found
+    if where == "kopt.flatten":
+        raise ValueError(
+            f"{owner}: its step depends on each tensor's shape or norm, but inside "
+            "kopt.flatten it would see params packed into flat buffers "
+            f"({', '.join(keys)}) as single tensors; flatten only "
+            "elementwise transformations (or lower `max_leaf_size` so no param is packed)"
+        )
+    raise ValueError(
+        f"{owner}: its step depends on each tensor's shape or norm, but it is given "
+        f"a kopt.Packed whose flat buffers ({', '.join(keys)}) it would take as single "
+        "tensors; use an elementwise optimizer on packed params, or pack with a "
+        "`max_leaf_size` that leaves the params it needs whole"
+    )
 
 
 @jax.tree_util.register_static

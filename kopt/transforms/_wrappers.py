@@ -30,6 +30,7 @@ from kopt.base import (
     safe_increment,
 )
 from kopt.sparse import IndexedSlices, as_dense, is_indexed_slices
+from kopt.transforms._flat import packed_buffers
 
 
 def _is_leaf(x):
@@ -133,6 +134,20 @@ def _packed_hint(tree: PyTree) -> str:
     )
 
 
+def _refuse_packed(params: PyTree, owner: str, what: str) -> None:
+    """Raises where ``params`` holds packed buffers: a mask or labels that fit them (a function
+    of the params, mapped over the buffers) would select whole buffers, not params."""
+    found = packed_buffers(params)
+    if found is not None:
+        where, keys = found
+        raise ValueError(
+            f"{owner}: `{what}` would select whole buffers, not params: they are {where}'s "
+            f"packed buffers {keys}, and a mask or labels by leaf cannot select within a "
+            f"buffer: put {owner} outside kopt.flatten, as in masked(flatten(tx), mask), and "
+            "keep params that need masks unpacked"
+        )
+
+
 def masked(
     inner: GradientTransformation, mask: PyTree | Callable[[PyTree], PyTree]
 ) -> GradientTransformation:
@@ -167,7 +182,9 @@ def _masked(
     def init_fn(params):
         if _leafless(params):
             return MaskedState(inner.init(params))
-        inner_state = inner.init(_select(params, tree_or_function(mask, params), owner, what))
+        selected = _select(params, tree_or_function(mask, params), owner, what)
+        _refuse_packed(params, owner, what)
+        inner_state = inner.init(selected)
         return MaskedState(uncommitted_on_params_devices(inner_state, params))
 
     def update_fn(updates, state, params=None, **extra_args):
