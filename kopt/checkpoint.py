@@ -54,9 +54,13 @@ def _target(tree: PyTree) -> PyTree:
     which names no devices: like a leaf without a sharding, it comes back with the sharding it
     was saved with. An array not committed to a device is read into host memory (a NumPy
     target), to become an uncommitted array: restored onto a device first, it would be there
-    twice while copied (committed arrays cannot be uncommitted in place)."""
+    twice while copied (committed arrays cannot be uncommitted in place). A Python number (a
+    flax ``TrainState``'s ``step``, a float param) is its own target: it comes back a number of
+    its type."""
 
     def one(leaf):
+        if isinstance(leaf, (bool, int, float)):
+            return leaf
         if _uncommitted(leaf):
             return np.empty(leaf.shape, leaf.dtype)
         sharding = getattr(leaf, "sharding", None)

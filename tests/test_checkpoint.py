@@ -93,6 +93,22 @@ def test_restore_state_keeps_structure_and_sharding(tmp_path):
         restore_state(tmp_path / "missing", state)
 
 
+def test_python_numbers_in_the_tree_restore_as_numbers(tmp_path):
+    """A flax ``TrainState``'s ``step`` is the Python int 0 and a param may be a Python float:
+    saving worked, but restoring into such a tree raised an AttributeError (no ``.shape``)."""
+    params = {"w": jnp.ones(2), "scale": 1.0}
+    tx = kopt.adam(0.1)
+    grads = {"w": jnp.ones(2), "scale": 0.5}
+    _, state = tx.update(grads, tx.init(params), params)
+    save_state(tmp_path / "s", {"params": params, "opt_state": state, "step": 3, "done": True})
+    like = {"params": params, "opt_state": tx.init(params), "step": 0, "done": False}
+    restored = restore_state(tmp_path / "s", like)
+    assert restored["step"] == 3 and type(restored["step"]) is int
+    assert restored["done"] is True
+    assert restored["params"]["scale"] == 1.0
+    np.testing.assert_allclose(kopt.get_slot(restored["opt_state"], "m")["scale"], 0.05, rtol=1e-6)
+
+
 def test_uncommitted_leaves_are_read_to_the_host_not_onto_a_device_first(tmp_path, monkeypatch):
     """A state of uncommitted arrays (the usual single-device run) is restored through host
     memory straight to uncommitted arrays: orbax restoring it onto a device first held it
