@@ -309,6 +309,27 @@ def test_accumulate_gradients_keeps_its_state_for_a_none_gradient_leaf():
     assert jax.tree.structure(state) == structure
 
 
+def test_accumulate_gradients_keeps_the_window_of_a_param_without_a_gradient_at_the_boundary():
+    """A param with gradients early in a window and None at its boundary call: its sum so far
+    was reset to zero there and never applied. It is kept for the param's next step instead,
+    as Keras 3 keeps the accumulator of a variable a step leaves out."""
+    params = {"a": jnp.zeros(1), "b": jnp.zeros(1)}
+    tx = kopt.accumulate_gradients(kopt.sgd(1.0), every_k=2, reduction="sum")
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    _, state = step({"a": jnp.ones(1), "b": jnp.ones(1)}, state, params)
+    updates, state = step({"a": jnp.ones(1), "b": None}, state, params)
+    np.testing.assert_array_equal(updates["a"], [-2.0])
+    assert updates["b"] is None
+    np.testing.assert_array_equal(state.accumulated["a"], [0.0])
+    np.testing.assert_array_equal(state.accumulated["b"], [1.0])
+    # The next window adds to it: b steps by its three gradients.
+    _, state = step({"a": jnp.ones(1), "b": jnp.ones(1)}, state, params)
+    updates, state = step({"a": jnp.ones(1), "b": jnp.ones(1)}, state, params)
+    np.testing.assert_array_equal(updates["b"], [-3.0])
+    np.testing.assert_array_equal(state.accumulated["b"], [0.0])
+
+
 def test_apply_if_finite_skips_a_bad_step():
     tx = kopt.apply_if_finite(kopt.adam(0.1), max_consecutive_errors=2)
     params = jnp.array([1.0, -1.0])

@@ -299,6 +299,10 @@ def accumulate_gradients(
     the calls in between still return exact zeros, and the next window sums from zero. Put
     :func:`kopt.apply_if_finite` inside to skip that one update.
 
+    A None gradient leaf (no gradient for that param this call) adds nothing. At a boundary it
+    passes None to the inner update, so the param is not stepped, and what it gathered in the
+    window is kept for its next step (as Keras 3 keeps a left-out variable's accumulator).
+
     Args:
         transformation: the inner transformation.
         every_k: how many calls make one step (an int >= 1).
@@ -346,7 +350,8 @@ def accumulate_gradients(
 
     def update_fn(updates, state, params=None, **extra_args):
         # A None gradient leaf (no gradient this call) keeps its accumulator, so the state's
-        # structure never changes, and passes None to the inner update at a boundary.
+        # structure never changes, and passes None to the inner update at a boundary (and
+        # keeps its accumulator through it).
         def add(path, g, a):
             if g is None:
                 return a
@@ -418,8 +423,18 @@ def accumulate_gradients(
             shared,
             is_leaf=_is_leaf,
         )
+        # A param whose gradient is None at a boundary is not stepped: what it gathered in
+        # the window so far stays in its accumulator, for its next step, rather than being
+        # dropped (as Keras 3 keeps the accumulator of a variable left out of a step).
         accumulated = jax.tree.map(
-            lambda h: None if h is None else jnp.where(boundary, jnp.zeros((), h.dtype), h),
+            lambda g, h: (
+                None
+                if h is None
+                else h
+                if g is None
+                else jnp.where(boundary, jnp.zeros((), h.dtype), h)
+            ),
+            updates,
             held,
             is_leaf=_is_leaf,
         )
