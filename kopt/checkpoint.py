@@ -197,15 +197,9 @@ def _in_training_order(optimizer: Any, named: dict[str, Any]) -> dict[str, Any]:
 
 def _optimizer_layout(optimizer: Any, variables: dict[str, Any]) -> dict[str, Any]:
     """Where each optimizer weight belongs: ``{"slots": {variable name: [slot names]}, "other":
-    [weight names]}`` (the step count aside)."""
-    slots: dict[str, list[str]] = {}
-    for name, var in variables.items():
-        for slot_name in optimizer.get_slot_names():
-            try:
-                optimizer.get_slot(var, slot_name)
-            except KeyError:
-                continue
-            slots.setdefault(name, []).append(slot_name)
+    [weight names]}`` (the step count aside), with ``"added"`` for a custom optimizer's
+    ``add_weight`` weights and ``"nested"`` for the optimizers it holds."""
+    slots = _slot_layout(optimizer, variables)
     in_slots = {
         id(optimizer.get_slot(variables[name], slot))
         for name, names in slots.items()
@@ -217,7 +211,50 @@ def _optimizer_layout(optimizer: Any, variables: dict[str, Any]) -> dict[str, An
     added = _added_weights(optimizer)
     if added:  # a custom optimizer's add_weight weights: not in `weights`, but its state
         layout["added"] = [w.name for w in added]
+    nested = _nested(optimizer)
+    if nested:  # optimizers it holds (a Lookahead's inner one), whose state its step updates
+        layout["nested"] = [
+            {
+                "slots": _slot_layout(inner, variables),
+                "iterations": _own_iterations(inner, optimizer) is not None,
+                "state": [w.name for w in _nested_state(inner)],
+            }
+            for inner in nested
+        ]
     return layout
+
+
+def _slot_layout(optimizer: Any, variables: dict[str, Any]) -> dict[str, list[str]]:
+    """``{variable name: [names of its slots]}``, for the variables that have slots."""
+    slots: dict[str, list[str]] = {}
+    for name, var in variables.items():
+        for slot_name in optimizer.get_slot_names():
+            try:
+                optimizer.get_slot(var, slot_name)
+            except KeyError:
+                continue
+            slots.setdefault(name, []).append(slot_name)
+    return slots
+
+
+def _nested(optimizer: Any) -> list[Any]:
+    """The optimizers ``optimizer`` holds in its attributes, nested ones too (as its step
+    finds them)."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    return list(inner._nested_optimizers())
+
+
+def _own_iterations(inner: Any, holder: Any) -> Any:
+    """A held optimizer's step count, where it has one of its own (a Lookahead may hand the
+    inner optimizer its own count instead); None otherwise."""
+    own = inner.__dict__.get("_iterations")
+    return None if own is None or own is holder.iterations else own
+
+
+def _nested_state(inner: Any) -> list[Any]:
+    """A held optimizer's state that is not per variable, as the holder's step updates it: its
+    other weights and its ``add_weight`` weights."""
+    return [*inner._non_slot.values(), *inner._opaque, *inner._added_weights]
 
 
 def _added_weights(optimizer: Any) -> list[Any]:
@@ -226,8 +263,8 @@ def _added_weights(optimizer: Any) -> list[Any]:
 
 
 def _optimizer_weights(optimizer: Any, variables: dict[str, Any], layout: dict[str, Any]):
-    """The optimizer's Variables in the order of ``layout``: iterations, slots, other, then a
-    custom optimizer's ``add_weight`` weights."""
+    """The optimizer's Variables in the order of ``layout``: iterations, slots, other, a
+    custom optimizer's ``add_weight`` weights, then each held optimizer's slots and state."""
     by_name = {w.name: w for w in optimizer.weights}
     slots = [
         optimizer.get_slot(variables[name], slot)
@@ -235,7 +272,14 @@ def _optimizer_weights(optimizer: Any, variables: dict[str, Any], layout: dict[s
         for slot in names
     ]
     other = [by_name[name] for name in layout["other"]]
-    return [optimizer.iterations, *slots, *other, *_added_weights(optimizer)]
+    nested = []
+    for inner, inner_layout in zip(_nested(optimizer), layout.get("nested", []), strict=True):
+        for name, names in inner_layout["slots"].items():
+            nested.extend(inner.get_slot(variables[name], slot) for slot in names)
+        if inner_layout["iterations"]:
+            nested.append(inner.iterations)
+        nested.extend(_nested_state(inner))
+    return [optimizer.iterations, *slots, *other, *_added_weights(optimizer), *nested]
 
 
 def save_optimizer(
@@ -405,6 +449,9 @@ def restore_optimizer(
             object.__setattr__(inner, name, value)
     order = config["variables"]
     optimizer._create_all_weights([named[name] for name in order])  # the order they were saved in
+    for inner, saved in zip(_nested(optimizer), config["layout"].get("nested", []), strict=False):
+        if saved.get("iterations"):
+            _ = inner.iterations  # made on first use: it was there when saved
     layout = _optimizer_layout(optimizer, {name: named[name] for name in order})
     if layout != config["layout"]:
         raise ValueError(

@@ -280,6 +280,99 @@ def test_a_custom_optimizers_add_weight_state_is_saved_and_restored(tmp_path):
     np.testing.assert_array_equal(resumed_var.numpy(), var.numpy())
 
 
+class _Lookahead(optimizers.Optimizer):
+    """tf-addons' Lookahead, as docs/from-tf-keras.md ports it: the inner optimizer in an
+    attribute, sharing the wrapper's step count."""
+
+    def __init__(self, optimizer, name="Lookahead"):
+        super().__init__(name)
+        self._optimizer = optimizer
+
+    def apply_gradients(self, grads_and_vars, name=None, **kwargs):
+        self._optimizer._iterations = self.iterations
+        return super().apply_gradients(grads_and_vars, name, **kwargs)
+
+    def _create_slots(self, var_list):
+        self._optimizer._create_slots(var_list=var_list)
+        for var in var_list:
+            self.add_slot(var, "slow", initializer=var)
+
+    def _resource_apply_dense(self, grad, var, apply_state=None):
+        self._optimizer._resource_apply_dense(grad, var)
+        slow = self.get_slot(var, "slow")
+        sync = (self.iterations + 1) % 3 == 0
+        back = slow + 0.5 * (var - slow)
+        slow.assign(jnp.where(sync, back, slow))
+        var.assign(jnp.where(sync, back, var))
+
+    def get_config(self):
+        return {**super().get_config(), "optimizer": optimizers.serialize(self._optimizer)}
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        return cls(optimizers.deserialize(config.pop("optimizer")), **config)
+
+
+class _Split(optimizers.Optimizer):
+    """Adam for matrices and momentum SGD for vectors, held in a dict; Adam keeps its own
+    step count, which the wrapper moves."""
+
+    def __init__(self, name="Split"):
+        super().__init__(name)
+        self.inner = {"mat": optimizers.Adam(0.05), "vec": optimizers.SGD(0.05, momentum=0.9)}
+
+    def _pick(self, var):
+        return self.inner["mat" if var.ndim > 1 else "vec"]
+
+    def _create_slots(self, var_list):
+        for var in var_list:
+            self._pick(var)._create_slots([var])
+
+    def _resource_apply_dense(self, grad, var, apply_state=None):
+        self._pick(var)._resource_apply_dense(grad, var)
+        if var.ndim > 1:
+            self.inner["mat"].iterations.assign_add(1)
+
+
+@pytest.mark.parametrize("make", [lambda: _Lookahead(optimizers.Adam(0.05)), _Split])
+def test_the_state_of_an_optimizer_held_by_another_is_saved_and_restored(tmp_path, make):
+    """A wrapper's step updates the slots (and step count) of the optimizers it holds, but
+    the checkpoint stored only the wrapper's own: a resumed Lookahead went on with its inner
+    Adam's moments at zero, silently."""
+
+    def fresh():
+        return [
+            kopt.Variable(np.ones((2, 2), np.float32), name="w"),
+            kopt.Variable(np.zeros(2, np.float32), name="b"),
+        ]
+
+    rng = np.random.default_rng(0)
+    grads = [
+        [jnp.asarray(rng.normal(size=v.shape), jnp.float32) for v in fresh()] for _ in range(7)
+    ]
+    variables, opt = fresh(), make()
+    for g in grads[:4]:
+        opt.apply_gradients(zip(g, variables, strict=True))
+    save_optimizer(tmp_path / "c", opt, variables)
+    custom = {"_Lookahead": _Lookahead, "_Split": _Split}
+    resumed_variables = fresh()
+    resumed = restore_optimizer(tmp_path / "c", resumed_variables, custom_objects=custom)
+    inner = opt._optimizer if isinstance(opt, _Lookahead) else opt.inner["mat"]
+    resumed_inner = resumed._optimizer if isinstance(resumed, _Lookahead) else resumed.inner["mat"]
+    np.testing.assert_array_equal(
+        resumed_inner.get_slot(resumed_variables[0], "m").numpy(),
+        inner.get_slot(variables[0], "m").numpy(),
+    )
+    if isinstance(opt, _Split):  # (a Lookahead's inner count is its own, from its first step)
+        assert int(resumed_inner.iterations.numpy()) == int(inner.iterations.numpy()) == 4
+    for g in grads[4:]:
+        opt.apply_gradients(zip(g, variables, strict=True))
+        resumed.apply_gradients(zip(g, resumed_variables, strict=True))
+    for a, b in zip(resumed_variables, variables, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
 def mean_over_replicas(pairs):
     return [
         (jnp.mean(g.values, axis=0), v) if isinstance(g, optimizers.PerReplica) else (g, v)

@@ -366,3 +366,52 @@ def test_a_builtin_with_shared_state_refuses_its_hooks_one_variable_at_a_time():
         opt.apply_gradients([(jnp.array([1.0, 1.0]), var)])
     np.testing.assert_array_equal(var.numpy(), [1.0, 2.0])
     assert opt.weights == [] or int(opt.iterations.numpy()) == 0
+
+
+class Split(optimizers.Optimizer):
+    """A wrapper with one inner optimizer per kind of variable, kept in a dict or a list (as
+    tf.keras tracks them in either): Adam for matrices, momentum SGD for vectors."""
+
+    def __init__(self, holder="dict", name="Split"):
+        super().__init__(name)
+        mat, vec = optimizers.Adam(0.01), optimizers.SGD(0.05, momentum=0.9)
+        self.inner = {"mat": mat, "vec": vec} if holder == "dict" else [mat, vec]
+
+    def _pick(self, var):
+        inner = list(self.inner.values()) if isinstance(self.inner, dict) else self.inner
+        return inner[0] if var.ndim > 1 else inner[1]
+
+    def _create_slots(self, var_list):
+        for var in var_list:
+            self._pick(var)._create_slots([var])
+
+    def _resource_apply_dense(self, grad, var, apply_state=None):
+        return self._pick(var)._resource_apply_dense(grad, var)
+
+
+@pytest.mark.parametrize("holder", ["dict", "list"])
+def test_a_wrapper_may_keep_its_inner_optimizers_in_a_dict_or_a_list(holder):
+    """Only optimizers held in attributes of their own were found: held in a dict or a list,
+    their slots were not inputs of the step, which failed with a tracer error."""
+    w = kopt.Variable(np.ones((2, 2), np.float32))
+    b = kopt.Variable(np.zeros(2, np.float32))
+    opt = Split(holder)
+    m, v, accum = np.zeros((2, 2)), np.zeros((2, 2)), np.zeros(2)
+    want_w, want_b = np.ones((2, 2)), np.zeros(2)
+    for step in range(1, 4):
+        gw, gb = np.full((2, 2), float(step)), np.full(2, -float(step))
+        opt.apply_gradients([(jnp.asarray(gw, jnp.float32), w), (jnp.asarray(gb, jnp.float32), b)])
+        # Adam's step count, made for its hooks, is a value between steps (it was the step's
+        # tracer after the first, which compiled again at the second).
+        assert int(opt._pick(w).iterations.numpy()) == 0
+        m, v = 0.9 * m + 0.1 * gw, 0.999 * v + 0.001 * gw**2
+        # Adam's own step count is its iterations: the wrapper's steps do not move it.
+        want_w = want_w - 0.01 * m / (np.sqrt(v) + 1e-7 * np.sqrt(1 - 0.999)) * (
+            np.sqrt(1 - 0.999) / (1 - 0.9)
+        )
+        accum = 0.9 * accum - 0.05 * gb
+        want_b = want_b + accum
+    np.testing.assert_allclose(b.numpy(), want_b, rtol=1e-6)
+    np.testing.assert_allclose(opt._pick(b).get_slot(b, "momentum").numpy(), accum, rtol=1e-6)
+    assert opt.compile_count == 1
+    assert np.all(np.isfinite(w.numpy())) and not np.allclose(w.numpy(), 1.0)

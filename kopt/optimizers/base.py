@@ -23,7 +23,7 @@ import re
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -102,6 +102,41 @@ def all_reduce_sum_gradients(grads_and_vars: list[tuple[Any, Any]]) -> list[tupl
 # Counts assignments of optimizers to optimizers' attributes (and of anything over one), so
 # that the optimizers nested in one are looked for again only after such a change.
 _nesting_epoch = [0]
+
+# The base class's own containers: they hold variables and programs, never a held optimizer,
+# and are not searched for one.
+_OWN_CONTAINERS = frozenset(
+    {
+        "_hyper",
+        "_slots",
+        "_slot_owners",
+        "_slot_names",
+        "_weights",
+        "_non_slot",
+        "_opaque",
+        "_added_weights",
+        "_slot_groups",
+        "_slot_structure",
+        "_programs",
+        "_key_memo",
+        "_nested_memo",
+        "_copy_memo",
+    }
+)
+
+
+def _held_optimizers(value: Any, depth: int = 0) -> Iterator[Any]:
+    """The optimizers in an attribute's value: itself, or those in a list, tuple or dict of
+    them (as a wrapper keeps one per kind of variable), nested up to three deep."""
+    if isinstance(value, Optimizer):
+        yield value
+    elif depth < 3 and isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _held_optimizers(item, depth + 1)
+    elif depth < 3 and isinstance(value, dict):
+        for item in value.values():
+            yield from _held_optimizers(item, depth + 1)
+
 
 # tf.keras hooks a subclass of a built-in may override (then its step runs them).
 _HOOKS = (
@@ -317,7 +352,13 @@ class Optimizer:
         if name == "lr":
             name = "learning_rate"
         if name != "_guard" and (
-            isinstance(value, Optimizer) or isinstance(self.__dict__.get(name), Optimizer)
+            isinstance(value, Optimizer)
+            or isinstance(self.__dict__.get(name), Optimizer)
+            or (
+                isinstance(value, (list, tuple, dict))
+                and name not in _OWN_CONTAINERS
+                and any(True for _ in _held_optimizers(value))
+            )
         ):
             _nesting_epoch[0] += 1  # an optimizer held by another: see _nested_optimizers
         hyper = self.__dict__.get("_hyper")
@@ -1241,6 +1282,10 @@ class Optimizer:
         return tuple(sorted(out, key=lambda item: item[0]))
 
     def _run_step(self, pairs, aggregate: bool, signature=None, memo=None) -> None:
+        for inner in self._nested_optimizers():
+            # A held optimizer's hooks read its step count (Adam's bias correction): made
+            # here, outside the trace, not as a traced value while the step is compiled.
+            _ = inner.iterations
         var_list = [v for _, v in pairs]
         grads = [g.value if isinstance(g, Variable) else g for g, _ in pairs]
         hyper_vars, dynamic = self._step_arguments()
@@ -1332,13 +1377,24 @@ class Optimizer:
         out: list[Optimizer] = []
         seen = {id(self)}
         todo = [self]
+        # A list or dict attribute may change in place, unseen by __setattr__: where one
+        # holds an optimizer, the search is not remembered but made again at each call.
+        in_container = False
         while todo:
             for name, value in todo.pop().__dict__.items():
-                if isinstance(value, Optimizer) and name != "_guard" and id(value) not in seen:
-                    seen.add(id(value))
-                    out.append(value)
-                    todo.append(value)
-        self.__dict__["_nested_memo"] = (_nesting_epoch[0], out)
+                if name == "_guard" or name in _OWN_CONTAINERS:
+                    continue
+                if isinstance(value, (list, tuple, dict)):
+                    found = list(_held_optimizers(value))
+                    in_container = in_container or bool(found)
+                else:
+                    found = [value] if isinstance(value, Optimizer) else []
+                for inner in found:
+                    if id(inner) not in seen:
+                        seen.add(id(inner))
+                        out.append(inner)
+                        todo.append(inner)
+        self.__dict__["_nested_memo"] = None if in_container else (_nesting_epoch[0], out)
         return out
 
     def _step_arguments(self) -> tuple[list[Variable], dict[str, jax.Array]]:
