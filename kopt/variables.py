@@ -23,6 +23,7 @@ placement_epoch = [0]
 # uncommitted variables beside it before taking gradients (a flag, not a scan per call).
 committed_seen = [False]
 _SINGLE_DEVICE = jax.sharding.SingleDeviceSharding
+_MISSING = object()
 _bindings = threading.local()  # this thread's uid -> traced value, while a step or loss traces
 donation_lock = threading.RLock()  # a buffer is handed out or donated, never both at once
 _readers = 0  # gradient computations in flight, which hold variables' buffers
@@ -108,9 +109,9 @@ def bound(variables: list[Variable], values: list[Any]):
 
 @contextlib.contextmanager
 def capturing_writes():
-    """Within the block (this thread), a traced value written to a variable that is neither
-    bound nor traced itself (a moving average a loss updates) is kept as a binding for the rest
-    of the block, and recorded in the dict the block yields (uid -> variable); the caller reads
+    """Within the block (this thread), a value written to a variable that is neither bound nor
+    traced itself (a moving average a loss updates) is kept as a binding for the rest of the
+    block, and recorded in the dict the block yields (uid -> variable); the caller reads
     the values from the bindings and writes the concrete ones back afterwards."""
     previous = getattr(_bindings, "captured", None)
     captured: dict[int, Variable] = {}
@@ -266,19 +267,27 @@ class Variable:
         if table and self._uid in table:
             table[self._uid] = value
             return
+        captured = getattr(_bindings, "captured", None)
+        storage = self.__dict__.get("_storage", _MISSING)
+        if (
+            captured is not None
+            and storage is not _MISSING  # not a variable the loss is creating
+            and not isinstance(storage, jax.core.Tracer)
+        ):
+            # Written by a loss being differentiated (a traced value, or a concrete one the
+            # loss computed without the variables it is differentiated for): kept until the
+            # loss returns, and made by its caller, which may discard the writes of a run it
+            # repeats (a callable var_list that the first run built).
+            if table is None:
+                table = _bindings.table = {}
+            table[self._uid] = value
+            captured[self._uid] = self
+            return
         if isinstance(value, jax.core.Tracer) and not isinstance(
             self.__dict__.get("_storage", value), jax.core.Tracer
         ):
-            # A traced value for a variable that holds a concrete one: kept until the
-            # computation tracing it ends (a loss being differentiated), else refused, since
-            # the variable would be left holding a leaked tracer.
-            captured = getattr(_bindings, "captured", None)
-            if captured is not None:
-                if table is None:
-                    table = _bindings.table = {}
-                table[self._uid] = value
-                captured[self._uid] = self
-                return
+            # A traced value for a variable that holds a concrete one, outside such a loss:
+            # refused, since the variable would be left holding a leaked tracer.
             if not table:
                 raise RuntimeError(
                     f"Variable {self.name}: cannot store a traced value (it is being assigned "
@@ -309,6 +318,11 @@ class Variable:
 
     @classmethod
     def tree_unflatten(cls, aux, children):
+        if isinstance(children[0], jax.core.Tracer):
+            # Inside a JAX transformation (jit, vmap, a custom_jvp rule differentiating
+            # jax.nn.relu(v) in a loss) the variable is its traced value: lax functions take
+            # arrays only, and assigning to a rebuilt box would change no variable anyway.
+            return children[0]
         obj = object.__new__(cls)
         obj._storage = children[0]
         obj._handed_out = True  # the buffer may be another variable's

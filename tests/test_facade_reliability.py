@@ -149,6 +149,21 @@ BAD_CALLS = {
             jnp.ones(2)
         ),
     ),
+    # The message named the rows as padded for the compiled step ((4,) for 3 rows).
+    "sparse gradient rows of the wrong shape": (
+        ValueError,
+        r"sparse gradient for e:0 \(shape \(10, 2\)\) has values of shape \(3,\) and indices "
+        r"of shape \(3,\)",
+        lambda opt, a, b: opt.apply_gradients(
+            [
+                (ONES_2, a),
+                (
+                    kopt.IndexedSlices(jnp.ones(3), jnp.arange(3), (10, 2)),
+                    kopt.Variable(jnp.zeros((10, 2)), name="e"),
+                ),
+            ]
+        ),
+    ),
     "sparse gradient for a constrained variable": (
         RuntimeError,  # tf.keras's type; also a ValueError here
         "constraint function on a sparse variable \\(c:0\\)",

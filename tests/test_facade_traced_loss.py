@@ -9,6 +9,7 @@ import weakref
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import kopt
 from kopt import optimizers
@@ -224,3 +225,98 @@ def test_two_losses_through_a_loss_scale_optimizer_keep_their_own_programs(backe
             expected = expected - 0.1 * 3 * expected**2
     np.testing.assert_allclose(w.numpy(), expected, rtol=1e-6)
     assert [c.fun_name for c in backend_compiles].count("jit(loss_gradient)") == 2
+
+
+def test_a_loss_that_is_a_variable_or_holds_one_has_its_gradient():
+    """A loss returning a variable itself (or a list holding one) read it only when it was
+    converted to an array, after reads were no longer recorded: its gradient was None (and
+    ``minimize`` said no variable had one). tf.keras's tape gives 1."""
+    v, w = kopt.Variable(2.0, name="v"), kopt.Variable(3.0, name="w")
+    opt = optimizers.SGD(0.1)
+    ((g, _),) = opt.compute_gradients(lambda: v, [v])
+    assert float(g) == 1.0
+    (gv, _), (gw, _) = opt.compute_gradients(lambda: [v * v, w], [v, w])
+    assert (float(gv), float(gw)) == (4.0, 1.0)
+    opt.minimize(lambda: v, [v])
+    np.testing.assert_allclose(v.numpy(), 1.9, rtol=1e-6)
+
+
+def test_several_losses_in_a_dict_or_of_several_shapes_are_summed_as_tf_keras_does():
+    """tf.keras's tape differentiates a structure of targets as their sum. A dict failed (an
+    object array), and a list of losses of different shapes could not be stacked."""
+    a, b = kopt.Variable(1.0, name="a"), kopt.Variable([1.0, 2.0], name="b")
+    opt = optimizers.SGD(0.1)
+    (ga, _), (gb, _) = opt.compute_gradients(lambda: {"ce": a * a, "reg": b * 3.0}, [a, b])
+    assert float(ga) == 2.0
+    np.testing.assert_array_equal(gb, [3.0, 3.0])
+    (ga, _), (gb, _) = opt.compute_gradients(lambda: (a * a, b * b), [a, b])
+    assert float(ga) == 2.0
+    np.testing.assert_array_equal(gb, [2.0, 4.0])
+    # One shape: stacked, so a grad_loss weighs each loss (as a tape's output_gradients).
+    (ga, _), (gb, _) = opt.compute_gradients(lambda: [a * a, b[0]], [a, b], jnp.array([0.5, 2.0]))
+    assert float(ga) == 1.0
+    np.testing.assert_array_equal(gb, [2.0, 0.0])
+    with pytest.raises(ValueError, match="empty dict") as error:
+        opt.minimize(lambda: {}, [a])
+    assert "minimize" in str(error.value)
+    assert float(a.numpy()) == 1.0 and int(opt.iterations.numpy()) == 0
+
+
+def test_var_list_may_be_any_iterable_of_variables():
+    """tf.keras flattens ``var_list``; ``weights.values()`` (or a generator) was refused as
+    one item that is not a variable."""
+    weights = {"a": kopt.Variable(1.0, name="a"), "b": kopt.Variable(2.0, name="b")}
+    opt = optimizers.SGD(0.1)
+    opt.minimize(lambda: weights["a"] * 1.0 + weights["b"] * 2.0, weights.values())
+    opt.minimize(lambda: weights["a"] * 1.0, (v for v in [weights["a"]]))
+    np.testing.assert_allclose(weights["a"].numpy(), 0.8, rtol=1e-6)
+    np.testing.assert_allclose(weights["b"].numpy(), 1.8, rtol=1e-6)
+
+
+def test_jax_nn_functions_of_a_variable_are_differentiable_in_a_loss():
+    """``jax.nn.relu(v)`` or ``jax.nn.sigmoid(v)`` in a loss: their derivative rules got the
+    variable rebuilt from its pytree and called lax on it, which takes arrays only (JAX's
+    "__jax_array__() during abstractification" error). Inside a transformation a variable's
+    pytree now rebuilds as its traced value."""
+    v = kopt.Variable(np.array([-1.0, 2.0], np.float32), name="gate")
+    opt = optimizers.SGD(1.0)
+    ((g, _),) = opt.compute_gradients(lambda: jnp.sum(jax.nn.relu(v)), [v])
+    np.testing.assert_array_equal(g, [0.0, 1.0])
+    ((g, _),) = opt.compute_gradients(lambda: jnp.sum(jax.nn.sigmoid(v)), [v])
+    s = 1 / (1 + np.exp(-np.array([-1.0, 2.0])))
+    np.testing.assert_allclose(g, s * (1 - s), rtol=1e-6)
+    ((g, _),) = opt.compute_gradients(lambda: jnp.sum(jax.nn.softplus(v) * 2.0), [v])
+    np.testing.assert_allclose(g, 2 * s, rtol=1e-6)
+    # A variable passed to a jitted function is its value there.
+    kinds = []
+    jax.jit(lambda x: kinds.append(type(x)) or x)(v)
+    assert issubclass(kinds[0], jax.core.Tracer)
+
+
+def test_a_callable_var_list_built_by_the_loss_keeps_one_steps_assignments():
+    """tf.keras's lazy-build pattern: ``var_list`` a callable, the model built by the loss's
+    first call. The loss then runs twice on that step, and both runs' assignments were kept (a
+    moving mean moved twice); the second run's are now the step's."""
+    x = np.full((4, 3), 2.0, np.float32)
+
+    class Layer:
+        def __init__(self):
+            self.w = None
+            self.moving_mean = kopt.Variable(np.zeros(3, np.float32), trainable=False)
+
+        def __call__(self, x):
+            if self.w is None:
+                self.w = kopt.Variable(np.full((3, 1), 0.1, np.float32), name="w")
+            batch_mean = jnp.mean(x, 0)
+            self.moving_mean.assign(0.9 * self.moving_mean + 0.1 * batch_mean)
+            return (x - batch_mean + 1.0) @ self.w
+
+    layer = Layer()
+    opt = optimizers.SGD(0.1)
+    for step in range(3):
+        opt.minimize(lambda: jnp.mean(layer(x) ** 2), lambda: [] if layer.w is None else [layer.w])
+        # m <- 0.9 m + 0.1 * 2.0, once per step
+        np.testing.assert_allclose(
+            layer.moving_mean.numpy(), 2.0 * (1 - 0.9 ** (step + 1)), rtol=1e-6
+        )
+        assert int(opt.iterations.numpy()) == step + 1

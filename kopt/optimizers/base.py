@@ -1770,25 +1770,39 @@ class Optimizer:
         if not callable(var_list) or isinstance(var_list, Variable):
             return self._gradients(loss, _variable_list(var_list), grad_loss)
         variables = _variable_list(var_list())
-        grads_and_vars = self._gradients(loss, variables, grad_loss)
+        grads_and_vars, writes = self._gradients_and_writes(loss, variables, grad_loss)
         built = _variable_list(var_list())
         if [v._uid for v in built] != [v._uid for v in variables]:
-            grads_and_vars = self._gradients(loss, built, grad_loss)
+            # The loss runs again for the variables it built: the assignments it made (a
+            # moving statistic) are those of this second run only, as in one tf.keras step.
+            grads_and_vars, writes = self._gradients_and_writes(loss, built, grad_loss)
+        for variable, value in writes:
+            variable._value = value
         return grads_and_vars
 
     def _gradients(self, loss, var_list: list[Variable], grad_loss: Any):
+        grads_and_vars, writes = self._gradients_and_writes(loss, var_list, grad_loss)
+        for variable, value in writes:
+            variable._value = value
+        return grads_and_vars
+
+    def _gradients_and_writes(self, loss, var_list: list[Variable], grad_loss: Any):
+        """``([(gradient, variable), ...], [(variable, value), ...])``: the gradients, and the
+        assignments the loss made to other variables, for the caller to make."""
         seen_reads: set[int] = set()
         assigned: dict[int, Variable] = {}  # variables (not in var_list) the loss assigned
 
         def loss_of(values):
             with bound(var_list, values), track_reads() as reads, capturing_writes() as written:
                 try:
-                    out = self._transform_loss(loss())
+                    # Read as an array here, where reads are tracked: a loss that is a
+                    # variable itself (or holds one) reads it only when converted.
+                    out = _loss_array(self._transform_loss(loss()))
                 finally:
                     updates = variables_module.release_captured(written)
                 seen_reads.update(reads)
                 assigned.update(written)
-                return jnp.asarray(out), updates
+                return out, updates
 
         # Some variable ever spanned devices, or was committed to one: a plain variable beside
         # them goes there before its gradient is taken, not by the step after: its gradient's
@@ -1821,12 +1835,12 @@ class Optimizer:
                     )
                 (grads,) = vjp(cotangent.astype(out.dtype))
         # Variables the loss assigned (a moving average of a batch statistic, say) take their
-        # new values now, as tf.keras's eager assignments under a tape do.
-        for uid, value in updates.items():
-            assigned[uid]._value = value
+        # new values when the caller makes these writes, as tf.keras's eager assignments under
+        # a tape do.
+        writes = [(assigned[uid], value) for uid, value in updates.items()]
         # An integer variable's "gradient" is a NumPy float0 array: None, as tf.keras's tape
         # gives it (apply_gradients then skips the variable with a warning).
-        return [
+        pairs = [
             (
                 g
                 if v._uid in seen_reads and not (isinstance(g, np.ndarray) and g.dtype == _FLOAT0)
@@ -1835,6 +1849,7 @@ class Optimizer:
             )
             for g, v in zip(grads, var_list, strict=True)
         ]
+        return pairs, writes
 
     def minimize(
         self,
@@ -2077,8 +2092,27 @@ def _initial_value(initializer: Any, shape: tuple[int, ...], dtype: Any) -> jax.
     return jnp.broadcast_to(jnp.asarray(initializer, dtype), shape)
 
 
+def _loss_array(loss: Any) -> jax.Array:
+    """A loss as one array. A list, tuple or dict of losses is differentiated as their sum,
+    as tf.keras's tape differentiates several targets: stacked where they have one shape and
+    dtype (so a ``grad_loss`` may weigh each), summed otherwise."""
+    if not isinstance(loss, (list, tuple, dict)):
+        return jnp.asarray(loss)
+    parts = [jnp.asarray(x) for x in jax.tree.leaves(loss)]
+    if not parts:
+        raise ValueError(f"minimize: the loss returned an empty {type(loss).__name__}")
+    if all(p.shape == parts[0].shape and p.dtype == parts[0].dtype for p in parts):
+        return jnp.stack(parts)
+    return sum(jnp.sum(p) for p in parts)
+
+
 def _variable_list(var_list: Any) -> list[Variable]:
-    """The Variables of a (nested) list; None entries (not built yet) are skipped."""
+    """The Variables of a (nested) list; None entries (not built yet) are skipped. Another
+    iterable of them (``dict.values()``, a generator) counts as a list."""
+    if not isinstance(
+        var_list, (Variable, list, tuple, dict, str, bytes, np.ndarray, jax.Array)
+    ) and isinstance(var_list, Iterable):
+        var_list = list(var_list)
     variables = list(jax.tree.leaves(var_list, is_leaf=lambda x: isinstance(x, Variable)))
     for i, v in enumerate(variables):
         if not isinstance(v, Variable):
@@ -2239,7 +2273,12 @@ def _bucketed_rows(g: IndexedSlices, v: Any) -> IndexedSlices:
     A gradient that is not well formed is left for validation to report."""
     values, indices = g.values, g.indices
     shape = getattr(values, "shape", None)
-    if not shape or getattr(indices, "shape", None) != shape[:1] or not getattr(v, "shape", ()):
+    if (
+        not shape
+        or getattr(indices, "shape", None) != shape[:1]
+        or not getattr(v, "shape", ())
+        or tuple(shape[1:]) != tuple(v.shape[1:])
+    ):
         return g
     n = shape[0]
     size = 1 << max(n - 1, 0).bit_length()
