@@ -1793,7 +1793,12 @@ class Optimizer:
         assigned: dict[int, Variable] = {}  # variables (not in var_list) the loss assigned
 
         def loss_of(values):
-            with bound(var_list, values), track_reads() as reads, capturing_writes() as written:
+            with (
+                bound(var_list, values),
+                track_reads() as reads,
+                capturing_writes() as written,
+                variables_module.unboxed_in_transformations(),
+            ):
                 try:
                     # Read as an array here, where reads are tracked: a loss that is a
                     # variable itself (or holds one) reads it only when converted.
