@@ -390,19 +390,55 @@ def schedules_of(values: Mapping[str, Any]) -> dict[str, Schedule]:
     return {name: v for name, v in values.items() if is_schedule(v)}
 
 
-def _hyperparam_holders(state: Any):
-    """Yields every state in a tree that carries a ``hyperparams`` dict (kopt's or optax's)."""
+def _hyperparam_holders(state: Any, path: tuple = ()):
+    """Yields ``(path, state)`` for every state in a tree that carries a ``hyperparams`` dict
+    (kopt's or optax's); the path is the keys on the way: field names, positions in a chain,
+    labels of a ``multi_transform``."""
     if _has_hyperparams(state):
-        yield state
+        yield path, state
         for field in state._fields:
             if field not in ("hyperparams", "slots", "count"):
-                yield from _hyperparam_holders(getattr(state, field))
+                yield from _hyperparam_holders(getattr(state, field), (*path, field))
+    elif isinstance(state, tuple) and hasattr(state, "_fields"):
+        for field, s in zip(state._fields, state, strict=True):
+            yield from _hyperparam_holders(s, (*path, field))
     elif isinstance(state, (tuple, list)):
-        for s in state:
-            yield from _hyperparam_holders(s)
+        for i, s in enumerate(state):
+            yield from _hyperparam_holders(s, (*path, i))
     elif isinstance(state, dict):
-        for s in state.values():
-            yield from _hyperparam_holders(s)
+        for k, s in state.items():
+            yield from _hyperparam_holders(s, (*path, k))
+
+
+def _matches(path: tuple, where: Any) -> bool:
+    """Whether a holder at ``path`` is selected by ``where``: None selects every one; a key (a
+    ``multi_transform`` label, a position in a chain, a state's field name) selects those with
+    it on their path; a tuple of keys, those with that run of keys on their path."""
+    if where is None:
+        return True
+    if not isinstance(where, tuple):
+        return any(type(k) is type(where) and k == where for k in path)
+    n = len(where)
+    return any(
+        all(type(a) is type(b) and a == b for a, b in zip(path[i : i + n], where, strict=True))
+        for i in range(len(path) - n + 1)
+    )
+
+
+def _path_text(path: tuple) -> str:
+    return "/".join(map(str, path)) or "<root>"
+
+
+def _select_holders(owner: str, kind: str, name: str, found: list, where: Any) -> list:
+    """The ``(path, holder)`` pairs of ``found`` that ``where`` selects; raises ValueError
+    naming where ``name`` is held if it selects none."""
+    chosen = [(p, h) for p, h in found if _matches(p, where)]
+    if not chosen:
+        raise ValueError(
+            f"{owner}: no {kind} {name!r} under where={where!r}; it is held at "
+            f"{[_path_text(p) for p, _ in found]}"
+        )
+    return chosen
 
 
 def _has_hyperparams(state: Any) -> bool:
@@ -414,12 +450,16 @@ def _has_hyperparams(state: Any) -> bool:
     )
 
 
-def get_hyperparam(state: OptState, name: str) -> jax.Array:
+def get_hyperparam(state: OptState, name: str, *, where: Any = None) -> jax.Array:
     """Reads a hyperparameter from an optimizer state (also inside chains and wrappers).
 
     Args:
         state: a state returned by ``init`` or ``update``.
         name: the hyperparameter's name, e.g. ``"learning_rate"``.
+        where: which piece's value, where several hold one of that name (two groups of a
+            ``multi_transform``, an SGD and an ``ema`` that both have a ``"momentum"``): a key
+            on the way to it in the state, such as a ``multi_transform`` label (``"head"``) or
+            a position in a chain (``0``), or a tuple of consecutive keys.
 
     Returns:
         The float32 scalar stored in the state: the value the kopt piece holding it uses. (An
@@ -427,32 +467,60 @@ def get_hyperparam(state: OptState, name: str) -> jax.Array:
         which kopt does not use; the kopt value is the one returned.)
 
     Raises:
-        ValueError: if no part of the state has a hyperparameter of that name.
+        ValueError: if no part of the state (under ``where``) has a hyperparameter of that
+            name, or several kopt pieces hold it with different values (the message names
+            them); inside ``jax.jit``, where the values are not known, the first is returned.
 
     Example:
         >>> import jax.numpy as jnp, kopt
         >>> state = kopt.adam(learning_rate=0.01).init(jnp.zeros(3))
         >>> float(kopt.get_hyperparam(state, "learning_rate"))
         0.009999999776482582
+        >>> tx = kopt.multi_transform({"body": kopt.sgd(0.1), "head": kopt.sgd(0.5)},
+        ...                           {"w": "body", "b": "head"})
+        >>> state = tx.init({"w": jnp.zeros(2), "b": jnp.zeros(1)})
+        >>> float(kopt.get_hyperparam(state, "learning_rate", where="head"))
+        0.5
     """
-    holders = [h for h in _hyperparam_holders(state) if name in h.hyperparams]
-    if not holders:
+    found = [(p, h) for p, h in _hyperparam_holders(state) if name in h.hyperparams]
+    if not found:
         raise _unknown_hyperparam("get_hyperparam", state, name)
+    chosen = _select_holders("get_hyperparam", "hyperparameter", name, found, where)
     # A kopt piece uses the value in its own state. An optax ``inject_hyperparams`` state
     # around a kopt optimizer also holds the value it injects, which kopt does not use.
-    for holder in holders:
-        if type(holder).__module__.startswith("kopt."):
-            return holder.hyperparams[name]
-    return holders[0].hyperparams[name]
+    own = [(p, h) for p, h in chosen if type(h).__module__.startswith("kopt.")] or chosen[:1]
+    values = [(p, h.hyperparams[name]) for p, h in own]
+    known = [_known_value(v) for _, v in values]
+    if len(values) > 1 and all(k is not None for k in known):
+        if any(not np.array_equal(known[0], k) for k in known[1:]):
+            held = ", ".join(
+                f"{_path_text(p)}: {k.item():.7g}" if k.size == 1 else f"{_path_text(p)}: {k}"
+                for (p, _), k in zip(values, known, strict=True)
+            )
+            raise ValueError(
+                f"get_hyperparam: several pieces hold {name!r} with different values ({held}); "
+                "pass where= with a key on the way to the one you mean (a multi_transform "
+                "label, a chain position)"
+            )
+    return values[0][1]
+
+
+def _known_value(value: Any) -> np.ndarray | None:
+    """A hyperparameter's value as NumPy (also in an ``nnx`` box); None while traced."""
+    leaves = jax.tree.leaves(value)
+    if len(leaves) != 1 or isinstance(leaves[0], jax.core.Tracer):
+        return None
+    return np.asarray(leaves[0])
 
 
 def _unknown_hyperparam(owner: str, state: OptState, name: str) -> ValueError:
-    names = sorted({n for holder in _hyperparam_holders(state) for n in holder.hyperparams})
+    names = sorted({n for _, holder in _hyperparam_holders(state) for n in holder.hyperparams})
     return ValueError(f"{owner}: no hyperparameter named {name!r} in this state; it has {names}")
 
 
-def set_hyperparam(state: OptState, name: str, value: Any) -> OptState:
-    """Returns a new state with hyperparameter ``name`` set to ``value`` everywhere it is stored.
+def set_hyperparam(state: OptState, name: str, value: Any, *, where: Any = None) -> OptState:
+    """Returns a new state with hyperparameter ``name`` set to ``value`` everywhere it is stored
+    (or, with ``where``, in the pieces it selects).
 
     Works inside ``jax.jit``: the value is data, so changing it never recompiles. A hyperparameter
     that follows a schedule is recomputed at the next update; set the schedule itself instead.
@@ -461,12 +529,19 @@ def set_hyperparam(state: OptState, name: str, value: Any) -> OptState:
         state: an optimizer state.
         name: the hyperparameter, e.g. ``"learning_rate"``.
         value: a number or scalar array.
+        where: only the pieces with this key on the way to them in the state: a
+            ``multi_transform`` label (``"head"``), a position in a chain (``0``), or a tuple of
+            consecutive keys. By default every piece holding ``name`` gets the value (an
+            ``ema`` after a momentum SGD holds a ``"momentum"`` too: its decay).
 
     Returns:
         The new state (the old one is unchanged).
 
     Raises:
-        ValueError: if no part of the state has that hyperparameter, or ``value`` is not scalar.
+        ValueError: if no part of the state (under ``where``) has that hyperparameter, or
+            ``value`` is not scalar, or it sets a ``momentum`` other than 0 on an SGD or RMSprop
+            built without momentum (which keeps no momentum slot, as in Keras, so the value
+            would change nothing).
         TypeError: if ``value`` is not numeric.
 
     Example:
@@ -475,19 +550,35 @@ def set_hyperparam(state: OptState, name: str, value: Any) -> OptState:
         >>> state = kopt.set_hyperparam(state, "learning_rate", 0.5)
         >>> float(kopt.get_hyperparam(state, "learning_rate"))
         0.5
+        >>> tx = kopt.chain(kopt.sgd(0.1, momentum=0.9), kopt.ema(0.999))
+        >>> state = kopt.set_hyperparam(tx.init(jnp.zeros(2)), "momentum", 0.5, where=0)
+        >>> [round(float(kopt.get_hyperparam(state, "momentum", where=i)), 3) for i in (0, 1)]
+        [0.5, 0.999]
     """
     check_hyperparam("set_hyperparam", name, value, low=None, allow_schedule=False)
-    new_value = jnp.asarray(value, jnp.float32)
-    found = False
+    return _replace_hyperparam(state, name, jnp.asarray(value, jnp.float32), where)
+
+
+def _replace_hyperparam(
+    state: OptState, name: str, new_value: jax.Array, where: Any = None, *, check: bool = True
+) -> OptState:
+    """:func:`set_hyperparam` for a float32 scalar; ``check=False`` also sets a value that
+    would change nothing (a probe of where a state keeps its hyperparameters)."""
+    found = [(p, h) for p, h in _hyperparam_holders(state) if name in h.hyperparams]
+    if not found:
+        raise _unknown_hyperparam("set_hyperparam", state, name)
+    chosen = _select_holders("set_hyperparam", "hyperparameter", name, found, where)
+    if check:
+        for path, holder in chosen:
+            _check_settable(holder, name, new_value, path)
+    targets = {id(h) for _, h in chosen}
 
     def rebuild(s):
-        nonlocal found
         if _has_hyperparams(s):
             fields = {}
             for field in s._fields:
                 v = getattr(s, field)
-                if field == "hyperparams" and name in v:
-                    found = True
+                if field == "hyperparams" and id(s) in targets:
                     v = {**v, name: _placed_like(v[name], new_value)}
                 elif field not in ("slots", "count", "hyperparams"):
                     v = rebuild(v)
@@ -506,10 +597,29 @@ def set_hyperparam(state: OptState, name: str, value: Any) -> OptState:
             return new
         return s
 
-    new_state = rebuild(state)
-    if not found:
-        raise _unknown_hyperparam("set_hyperparam", state, name)
-    return new_state
+    return rebuild(state)
+
+
+def _check_settable(holder: Any, name: str, value: jax.Array, path: tuple) -> None:
+    """Refuses a ``momentum`` other than 0 for an SGD or RMSprop piece built without momentum:
+    such a piece (a ``learning_rate`` beside the ``momentum``, and no ``momentum`` slot) decided
+    at construction to keep no velocity, as Keras does, and would ignore the value."""
+    slots = getattr(holder, "slots", None)
+    if (
+        name != "momentum"
+        or not isinstance(slots, dict)
+        or "momentum" in slots
+        or "learning_rate" not in holder.hyperparams
+    ):
+        return
+    if not isinstance(value, jax.core.Tracer) and float(value) == 0.0:
+        return
+    raise ValueError(
+        f"set_hyperparam: the piece at {_path_text(path)} (an SGD or RMSprop) was built with "
+        "momentum=0, so it keeps no momentum slot (as in Keras) and a new `momentum` would "
+        "change nothing; build it with a momentum above 0 (any value, then set the one you "
+        "want, 0 included)"
+    )
 
 
 def _placed_like(old: Any, new: jax.Array) -> Any:
@@ -536,18 +646,29 @@ def _placed_like(old: Any, new: jax.Array) -> Any:
     return new
 
 
-def get_slot(state: OptState, name: str) -> PyTree:
+def get_slot(state: OptState, name: str, *, where: Any = None) -> PyTree:
     """Returns the slot ``name`` of an optimizer state: a pytree shaped like the params.
 
     For params kept packed (:func:`kopt.pack`), the slot is unpacked too: its leaves have the
-    shapes of the original params, whatever buffers the state keeps them in.
+    shapes of the original params, whatever buffers the state keeps them in. Where several
+    pieces hold the slot for different params (the groups of a ``multi_transform``, or
+    ``masked`` pieces), their parts are put together; a param that no piece holds it for is
+    None.
 
     Slot names are Keras's: ``"m"``, ``"v"``, ``"vhat"``, ``"momentum"``, ``"accumulator"``,
     ``"accum_grad"``, ``"accum_var"``, ``"rms"``, ``"mg"``, ``"linear"`` (and Adafactor's ``"r"``,
     ``"c"``; Nadam's scalar ``"momentum_cache"``).
 
+    Args:
+        state: an optimizer state.
+        name: the slot's name.
+        where: only the pieces with this key on the way to them in the state (a
+            ``multi_transform`` label, a position in a chain, or a tuple of consecutive keys),
+            as for :func:`get_hyperparam`.
+
     Raises:
-        ValueError: if the state has no slot of that name (the message lists those it has).
+        ValueError: if the state (under ``where``) has no slot of that name (the message lists
+            those it has), or two pieces hold it for the same param (the message names them).
 
     Example:
         >>> import jax.numpy as jnp, kopt
@@ -555,12 +676,43 @@ def get_slot(state: OptState, name: str) -> PyTree:
         >>> kopt.get_slot(state, "accumulator")["w"]
         Array([0.1, 0.1], dtype=float32)
     """
-    names = []
-    for holder in _slot_holders(state):
-        if name in holder.slots:
-            return _unpacked(holder.slots[name])
-        names.extend(holder.slots)
-    raise ValueError(f"get_slot: no slot named {name!r} in this state; it has {sorted(set(names))}")
+    holders = list(_slot_holders(state))
+    found = [(p, h) for p, h in holders if name in h.slots]
+    if not found:
+        names = sorted({n for _, h in holders for n in h.slots})
+        raise ValueError(f"get_slot: no slot named {name!r} in this state; it has {names}")
+    chosen = _select_holders("get_slot", "slot", name, found, where)
+    merged = _unpacked(chosen[0][1].slots[name])
+    for _, holder in chosen[1:]:
+        try:
+            merged = _merge_disjoint(merged, _unpacked(holder.slots[name]))
+        except _Overlap:
+            raise ValueError(
+                f"get_slot: pieces at {[_path_text(p) for p, _ in chosen]} hold a slot {name!r} "
+                "for the same params; pass where= with a key on the way to the one you mean "
+                "(a multi_transform label, a chain position)"
+            ) from None
+    return merged
+
+
+class _Overlap(Exception):
+    """Two slot trees hold a value for the same param."""
+
+
+def _merge_disjoint(a: PyTree, b: PyTree) -> PyTree:
+    """``a`` and ``b`` (trees shaped like the params, None where a piece holds nothing) put
+    together; raises :class:`_Overlap` where both hold a value."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    a_children, a_def = jax.tree.flatten(a, is_leaf=lambda x: x is not a)
+    b_children, b_def = jax.tree.flatten(b, is_leaf=lambda x: x is not b)
+    if jax.tree_util.treedef_is_leaf(a_def) or a_def != b_def:
+        raise _Overlap
+    return a_def.unflatten(
+        [_merge_disjoint(x, y) for x, y in zip(a_children, b_children, strict=True)]
+    )
 
 
 def slot_names(state: OptState) -> list[str]:
@@ -572,7 +724,7 @@ def slot_names(state: OptState) -> list[str]:
         ['m', 'v', 'vhat']
     """
     out = []
-    for holder in _slot_holders(state):
+    for _, holder in _slot_holders(state):
         out.extend(n for n in holder.slots if n not in out)
     return out
 
@@ -586,16 +738,21 @@ def _unpacked(slot: PyTree) -> PyTree:
     return jax.tree.map(lambda x: x.unpack() if is_packed(x) else x, slot, is_leaf=is_packed)
 
 
-def _slot_holders(state: Any):
+def _slot_holders(state: Any, path: tuple = ()):
+    """Yields ``(path, state)`` for every :class:`OptimizerState` in a tree (see
+    :func:`_hyperparam_holders` for the path)."""
     from kopt.transforms._flat import FlattenedState  # here: kopt.transforms imports this module
 
     if isinstance(state, OptimizerState):
-        yield state
+        yield path, state
     elif isinstance(state, FlattenedState):
-        yield from _slot_holders(state.unflattened())
+        yield from _slot_holders(state.unflattened(), path)
+    elif isinstance(state, tuple) and hasattr(state, "_fields"):
+        for field, s in zip(state._fields, state, strict=True):
+            yield from _slot_holders(s, (*path, field))
     elif isinstance(state, (tuple, list)):
-        for s in state:
-            yield from _slot_holders(s)
+        for i, s in enumerate(state):
+            yield from _slot_holders(s, (*path, i))
     elif isinstance(state, dict):
-        for s in state.values():
-            yield from _slot_holders(s)
+        for k, s in state.items():
+            yield from _slot_holders(s, (*path, k))

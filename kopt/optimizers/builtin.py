@@ -19,6 +19,7 @@ from kopt.base import (
     GradientTransformation,
     OptimizerState,
     _hyperparam_holders,
+    _replace_hyperparam,
     as_count,
     check_slot_dtype,
     safe_increment,
@@ -1196,7 +1197,9 @@ class TransformationOptimizer(Optimizer):
         def init(params):  # the wrapped state, holding the optimizer's values
             state = wrapped.init(params)
             for key, value in held.items():
-                state = kopt.set_hyperparam(state, key, value)
+                state = _replace_hyperparam(
+                    state, key, jnp.asarray(value, jnp.float32), check=False
+                )
             return state
 
         return GradientTransformation(init, wrapped.update)
@@ -1270,7 +1273,7 @@ def _probe_hyperparams(transformation: Any, probe: list[jax.Array]) -> tuple[dic
     state = transformation.init(probe)
     values: dict[str, list[jax.Array]] = {}
     foreign = set()
-    for holder in _hyperparam_holders(state):
+    for _, holder in _hyperparam_holders(state):
         for key, value in holder.hyperparams.items():
             if isinstance(holder, OptimizerState):
                 values.setdefault(key, []).append(jnp.asarray(value, jnp.float32))
@@ -1280,7 +1283,7 @@ def _probe_hyperparams(transformation: Any, probe: list[jax.Array]) -> tuple[dic
     marks = {key: jnp.max(jnp.stack(v)) + 0.5 for key, v in values.items()}
     marked = state
     for key, mark in marks.items():
-        marked = kopt.set_hyperparam(marked, key, mark)
+        marked = _replace_hyperparam(marked, key, mark.astype(jnp.float32), check=False)
     # An accumulator due now: the probe's one update reaches the pieces it wraps.
     marked = jax.tree.map(
         lambda s: (
@@ -1293,7 +1296,7 @@ def _probe_hyperparams(transformation: Any, probe: list[jax.Array]) -> tuple[dic
     )
     _, after_state = transformation.update(probe, marked, probe)
     after: dict[str, list[jax.Array]] = {}
-    for holder in _hyperparam_holders(after_state):
+    for _, holder in _hyperparam_holders(after_state):
         if isinstance(holder, OptimizerState):
             for key, value in holder.hyperparams.items():
                 if key in marks:

@@ -1,0 +1,129 @@
+"""Reading and setting one piece's hyperparameters and slots where several pieces hold the same
+name: the groups of ``multi_transform``, ``masked`` pieces, an SGD beside an ``ema``."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kopt
+
+PARAMS = {"body": {"w": jnp.ones((2, 3)), "b": jnp.ones(3)}, "head": jnp.ones(2)}
+LABELS = {"body": {"w": "body", "b": "body"}, "head": "head"}
+GRADS = {"body": {"w": jnp.full((2, 3), 0.5), "b": jnp.full(3, -1.0)}, "head": jnp.full(2, 2.0)}
+
+
+def two_groups():
+    return kopt.multi_transform({"body": kopt.adam(1e-3), "head": kopt.adam(1e-2)}, LABELS)
+
+
+def test_get_slot_puts_the_groups_together_as_each_alone_holds_them():
+    """It returned the first group's slot, None for the params of the other."""
+    tx = two_groups()
+    _, state = tx.update(GRADS, tx.init(PARAMS), PARAMS)
+    m = kopt.get_slot(state, "m")
+    body, head = kopt.adam(1e-3), kopt.adam(1e-2)
+    _, body_state = body.update(GRADS["body"], body.init(PARAMS["body"]), PARAMS["body"])
+    _, head_state = head.update(GRADS["head"], head.init(PARAMS["head"]), PARAMS["head"])
+    chex.assert_trees_all_equal(m["body"], kopt.get_slot(body_state, "m"))
+    chex.assert_trees_all_equal(m["head"], kopt.get_slot(head_state, "m"))
+    # where= picks one group: the others' params are None.
+    only_head = kopt.get_slot(state, "m", where="head")
+    assert only_head["body"]["w"] is None and only_head["body"]["b"] is None
+    chex.assert_trees_all_equal(only_head["head"], m["head"])
+
+
+def test_get_slot_of_masked_pieces_with_a_prefix_mask():
+    mask = {"body": True, "head": False}
+    inverse = {"body": False, "head": True}
+    tx = kopt.chain(
+        kopt.masked(kopt.sgd(0.1, momentum=0.9), mask),
+        kopt.masked(kopt.sgd(0.5, momentum=0.5), inverse),
+    )
+    _, state = tx.update(GRADS, tx.init(PARAMS), PARAMS)
+    momentum = kopt.get_slot(state, "momentum")
+    np.testing.assert_allclose(momentum["body"]["b"], np.full(3, 0.1))
+    np.testing.assert_allclose(momentum["head"], np.full(2, -1.0))
+
+
+def test_get_slot_refuses_two_pieces_holding_it_for_the_same_params():
+    tx = kopt.chain(kopt.sgd(0.1, momentum=0.9), kopt.sgd(0.2, momentum=0.5))
+    state = tx.init(PARAMS)
+    with pytest.raises(
+        ValueError, match=r"get_slot: pieces at \['0', '1'\] hold a slot 'momentum'"
+    ):
+        kopt.get_slot(state, "momentum")
+    _, state = tx.update(GRADS, state, PARAMS)
+    np.testing.assert_allclose(kopt.get_slot(state, "momentum", where=0)["head"], [-0.2, -0.2])
+    with pytest.raises(ValueError, match=r"no slot 'momentum' under where=3; it is held at"):
+        kopt.get_slot(state, "momentum", where=3)
+
+
+def test_get_hyperparam_names_pieces_that_disagree_and_where_picks_one():
+    """It returned the first group's learning rate, silently."""
+    state = two_groups().init(PARAMS)
+    with pytest.raises(
+        ValueError,
+        match=r"several pieces hold 'learning_rate' with different values "
+        r"\(inner_states/body/inner_state/1: 0.001, inner_states/head/inner_state/1: 0.01\)",
+    ):
+        kopt.get_hyperparam(state, "learning_rate")
+    assert float(kopt.get_hyperparam(state, "learning_rate", where="head")) == np.float32(1e-2)
+    assert float(kopt.get_hyperparam(state, "learning_rate", where="body")) == np.float32(1e-3)
+    # Equal values are one answer (decoupled weight decay keeps the rate it scales by).
+    state = kopt.decoupled_weight_decay(kopt.adam(0.1), 0.01, learning_rate=0.1).init(PARAMS)
+    assert float(kopt.get_hyperparam(state, "learning_rate")) == np.float32(0.1)
+
+
+def test_set_hyperparam_where_changes_one_group_only_and_compiles_once():
+    tx = two_groups()
+    state = tx.init(PARAMS)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(state, lr):
+        state = kopt.set_hyperparam(state, "learning_rate", lr, where="head")
+        updates, state = tx.update(GRADS, state, PARAMS)
+        return updates, state
+
+    for lr in (0.5, 0.25):
+        updates, state = step(state, jnp.float32(lr))
+        assert float(kopt.get_hyperparam(state, "learning_rate", where="head")) == lr
+        assert float(kopt.get_hyperparam(state, "learning_rate", where="body")) == np.float32(1e-3)
+    # Adam's first two steps move each param by about the learning rate.
+    np.testing.assert_allclose(updates["head"], [-0.25, -0.25], rtol=1e-3)
+    np.testing.assert_allclose(updates["body"]["b"], np.full(3, 1e-3), rtol=1e-3)
+    with pytest.raises(ValueError, match=r"no hyperparameter 'learning_rate' under where='tail'"):
+        kopt.set_hyperparam(state, "learning_rate", 0.1, where="tail")
+
+
+def test_set_hyperparam_where_keeps_an_ema_decay_apart_from_sgd_momentum():
+    """An ema after a momentum SGD holds its decay as ``momentum`` too: setting SGD's set both,
+    with no way to set one."""
+    tx = kopt.chain(kopt.sgd(0.1, momentum=0.9), kopt.ema(0.999))
+    state = tx.init(PARAMS)
+    state = kopt.set_hyperparam(state, "momentum", 0.5, where=0)
+    assert float(kopt.get_hyperparam(state, "momentum", where=0)) == 0.5
+    assert float(kopt.get_hyperparam(state, "momentum", where=1)) == np.float32(0.999)
+    both = kopt.set_hyperparam(state, "momentum", 0.25)  # by default, every holder
+    assert [float(kopt.get_hyperparam(both, "momentum", where=i)) for i in (0, 1)] == [0.25, 0.25]
+
+
+@pytest.mark.parametrize("make", [lambda: kopt.sgd(0.1), lambda: kopt.rmsprop(0.1)])
+def test_set_hyperparam_refuses_momentum_on_a_piece_built_without_it(make):
+    """Built with momentum=0 the piece keeps no velocity (as Keras decides at construction):
+    a momentum set later was stored, read back, and ignored."""
+    tx = make()
+    state = tx.init(PARAMS)
+    with pytest.raises(
+        ValueError, match=r"set_hyperparam: .*built with momentum=0.*change nothing"
+    ):
+        kopt.set_hyperparam(state, "momentum", 0.9)
+    with pytest.raises(ValueError, match="built with momentum=0"):
+        jax.jit(lambda s, m: kopt.set_hyperparam(s, "momentum", m))(state, 0.9)
+    kopt.set_hyperparam(state, "momentum", 0.0)  # the value it has: fine
+    # Built with momentum, any value may be set, 0 included.
+    on = kopt.sgd(0.1, momentum=0.9)
+    state = kopt.set_hyperparam(on.init(PARAMS), "momentum", 0.0)
+    assert float(kopt.get_hyperparam(state, "momentum")) == 0.0
