@@ -365,9 +365,21 @@ def init_hyperparams(values: Mapping[str, Any]) -> dict[str, jax.Array]:
     out = {}
     for name, value in values.items():
         if is_schedule(value):
-            value = value(jnp.zeros((), jnp.float32))
+            value = _scheduled(name, value, jnp.zeros((), jnp.float32))
         out[name] = jnp.asarray(value, jnp.float32)
     return out
+
+
+def _scheduled(name: str, schedule: Schedule, step: jax.Array) -> jax.Array:
+    """``schedule(step)`` as a float32 scalar; raises ValueError naming ``name`` for a value of
+    another shape (it would broadcast over the params, or change their shapes)."""
+    value = jnp.asarray(schedule(step), jnp.float32)
+    if value.shape != ():
+        raise ValueError(
+            f"the schedule for `{name}` returned an array of shape {value.shape}; a "
+            "hyperparameter must be a scalar"
+        )
+    return value
 
 
 def current_hyperparams(
@@ -381,7 +393,7 @@ def current_hyperparams(
     step = state.count.astype(jnp.float32)
     out = dict(state.hyperparams)
     for name, fn in schedules.items():
-        out[name] = jnp.asarray(fn(step), jnp.float32)
+        out[name] = _scheduled(name, fn, step)
     return out
 
 

@@ -21,8 +21,9 @@ Schedule = Callable[[jax.Array], jax.Array]
 
 def _is_real(value) -> bool:
     """A real number, as Keras takes one: a Python or NumPy int or float, or a 0-d array of one
-    (``np.float32(0.1)``, ``np.int64(1000)``, ``jnp.asarray(0.1)``); not a bool."""
-    if isinstance(value, (bool, np.bool_, jax.core.Tracer)):
+    (``np.float32(0.1)``, ``np.int64(1000)``, ``jnp.asarray(0.1)``, a traced value when the
+    schedule is built inside ``jit``, ``vmap`` or ``grad``); not a bool."""
+    if isinstance(value, (bool, np.bool_)):
         return False
     if isinstance(value, numbers.Real):
         return True
@@ -35,7 +36,8 @@ def _is_real(value) -> bool:
 
 
 def _positive(owner: str, name: str, value: float) -> None:
-    if not _is_real(value) or not value > 0:
+    """Raises unless ``value`` is a number > 0 (a traced one is checked for its type only)."""
+    if not _is_real(value) or (not isinstance(value, jax.core.Tracer) and not value > 0):
         raise ValueError(f"{owner}: `{name}` must be a number > 0, received {value!r}")
 
 
@@ -51,6 +53,12 @@ def _const(value) -> jax.Array:
 
 
 def _step(step) -> jax.Array:
+    """The step as float32. A NumPy or Python integer goes through float64 first: made a JAX
+    array as it is, an int64 step past ``2**31`` would wrap to a negative int32 (x64 off)."""
+    if isinstance(step, (int, np.integer)) or (
+        isinstance(step, np.ndarray) and np.issubdtype(step.dtype, np.integer)
+    ):
+        step = np.asarray(step, np.float64)
     return jnp.asarray(step).astype(jnp.float32)
 
 
@@ -246,22 +254,34 @@ def cosine_decay_restarts(
     t = _const(t_mul)
     a = _const(alpha)
 
-    def schedule(step):
-        fraction = _step(step) / _const(first_decay_steps)
+    def equal_periods(fraction):
+        restart = jnp.floor(fraction)
+        return restart, fraction - restart
+
+    def growing_periods(fraction, t):
+        restart = jnp.floor(jnp.log(1.0 - fraction * (1.0 - t)) / jnp.log(t))
+        # At a period's first step the quotient of logs can round to just under (or over)
+        # the integer; the periods' own bounds settle which period the step is in.
+
+        def done(r):  # steps in the first r periods, in units of first_decay_steps
+            return (1.0 - t**r) / (1.0 - t)
+
+        restart = jnp.where(fraction >= done(restart + 1), restart + 1, restart)
+        restart = jnp.where(fraction < done(restart), restart - 1, restart)
+        return restart, (fraction - done(restart)) / t**restart
+
+    def periods(fraction):
+        if isinstance(t_mul, jax.core.Tracer):  # a traced t_mul: both ways, selected
+            equal = t == 1.0
+            r1, f1 = equal_periods(fraction)
+            r2, f2 = growing_periods(fraction, jnp.where(equal, 2.0, t))
+            return jnp.where(equal, r1, r2), jnp.where(equal, f1, f2)
         if t_mul == 1.0:
-            restart = jnp.floor(fraction)
-            fraction = fraction - restart
-        else:
-            restart = jnp.floor(jnp.log(1.0 - fraction * (1.0 - t)) / jnp.log(t))
-            # At a period's first step the quotient of logs can round to just under (or over)
-            # the integer; the periods' own bounds settle which period the step is in.
+            return equal_periods(fraction)
+        return growing_periods(fraction, t)
 
-            def done(r):  # steps in the first r periods, in units of first_decay_steps
-                return (1.0 - t**r) / (1.0 - t)
-
-            restart = jnp.where(fraction >= done(restart + 1), restart + 1, restart)
-            restart = jnp.where(fraction < done(restart), restart - 1, restart)
-            fraction = (fraction - done(restart)) / t**restart
+    def schedule(step):
+        restart, fraction = periods(_step(step) / _const(first_decay_steps))
         cosine = 0.5 * _const(m_mul) ** restart * (1.0 + jnp.cos(pi * fraction))
         return _const(initial_learning_rate) * ((1 - a) * cosine + a)
 

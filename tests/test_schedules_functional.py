@@ -159,3 +159,69 @@ def test_numpy_and_array_arguments_are_numbers_as_in_keras():
             schedules.exponential_decay(bad, 4, 0.5)
     with pytest.raises(ValueError, match="decay_steps"):
         schedules.exponential_decay(0.1, np.int64(0), 0.5)
+
+
+def test_schedules_take_traced_arguments_under_jit_vmap_and_grad():
+    """Building a schedule inside a transformation (a vmapped sweep over peaks, a learned
+    warmup target) was refused: traced arguments were not counted as numbers."""
+    fn = schedules.cosine_decay(0.1, 100)
+    built = jax.jit(lambda lr0: schedules.cosine_decay(lr0, 100)(10.0))(0.1)
+    np.testing.assert_allclose(built, fn(10.0), rtol=1e-6)
+    swept = jax.vmap(lambda lr0: schedules.exponential_decay(lr0, 10, 0.5)(10.0))(
+        jnp.array([0.1, 0.2])
+    )
+    np.testing.assert_allclose(swept, [0.05, 0.1], rtol=1e-6)
+    # Linear warmup from 0 to the peak over 2 steps: at step 1 the rate is peak / 2.
+    slope = jax.grad(
+        lambda peak: schedules.cosine_decay(0.0, 10, warmup_target=peak, warmup_steps=2)(1.0)
+    )(0.1)
+    np.testing.assert_allclose(slope, 0.5, rtol=1e-6)
+    boundaries = jax.vmap(lambda b: schedules.piecewise_constant_decay([b], [1.0, 0.5])(10.0))(
+        jnp.array([5.0, 20.0])
+    )
+    np.testing.assert_array_equal(boundaries, [0.5, 1.0])
+    # t_mul traced: the equal-period case (t_mul == 1) and the growing one, as when concrete.
+    for t_mul in (1.0, 1.5, 2.0):
+        traced = jax.jit(
+            lambda t: jnp.stack(
+                [
+                    schedules.cosine_decay_restarts(1.0, 10, t_mul=t, m_mul=0.5)(s)
+                    for s in range(0, 50, 5)
+                ]
+            )
+        )(t_mul)
+        concrete = schedules.cosine_decay_restarts(1.0, 10, t_mul=t_mul, m_mul=0.5)
+        np.testing.assert_allclose(traced, [concrete(s) for s in range(0, 50, 5)], atol=1e-6)
+    with pytest.raises(TypeError, match="initial_learning_rate"):
+        jax.jit(lambda x: schedules.cosine_decay(x, 10)(1.0))(jnp.ones(2))
+
+
+def test_a_numpy_int64_step_past_int32_does_not_wrap():
+    """``jnp.asarray(np.int64(3e9))`` wraps to a negative int32 with x64 off: the schedules
+    were then evaluated at a negative step. tf.keras's values at that step are the final ones."""
+    step = np.int64(3_000_000_000)
+    assert float(schedules.cosine_decay(0.1, 1000)(step)) == 0.0
+    np.testing.assert_allclose(schedules.polynomial_decay(0.1, 1000)(step), 1e-4, rtol=1e-6)
+    assert float(schedules.piecewise_constant_decay([10], [1.0, 0.5])(step)) == 0.5
+    assert float(schedules.cosine_decay(0.1, 1000)(3_000_000_000)) == 0.0  # a Python int too
+    assert float(schedules.cosine_decay(0.1, 1000)(np.array([step])[0])) == 0.0
+
+
+@pytest.mark.parametrize("shape", [(2,), (1,)])
+def test_a_schedule_returning_an_array_is_refused_naming_the_hyperparameter(shape):
+    """A constant of shape (2,) was refused, but a schedule returning one was stored: its
+    values broadcast over the params (or a (1,) value turned a scalar param's update into
+    shape (1,)), the failure showing only later, naming no schedule."""
+    tx = kopt.sgd(learning_rate=lambda step: jnp.full(shape, 0.1))
+    with pytest.raises(ValueError, match=r"schedule for `learning_rate` returned .* shape"):
+        tx.init(jnp.zeros(2))
+    calls = []
+
+    def scalar_at_first(step):  # the update's call returns the array
+        calls.append(step)
+        return 0.1 if len(calls) == 1 else jnp.full(shape, 0.1)
+
+    tx = kopt.sgd(learning_rate=scalar_at_first)
+    state = tx.init(jnp.zeros(()))
+    with pytest.raises(ValueError, match=r"schedule for `learning_rate` returned .* shape"):
+        tx.update(jnp.ones(()), state, jnp.zeros(()))
