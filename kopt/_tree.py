@@ -157,8 +157,12 @@ def map_leaves(
     owner: str,
     *,
     needs_params: bool = False,
+    shaped_like_params: Iterable[str] = (),
 ) -> tuple[PyTree, dict[str, PyTree]]:
     """Runs ``fn(g, slot_leaves, p) -> (u, new_slot_leaves)`` on every leaf.
+
+    The slots named in ``shaped_like_params`` are checked against the params' shapes (a state
+    made for other params, such as a checkpoint from before a resize, would broadcast).
 
     ``updates`` may hold :class:`IndexedSlices` leaves; ``slots`` maps slot names to trees shaped
     like the params. Structure, kind and shape of each gradient are checked first, at trace time,
@@ -201,6 +205,9 @@ def map_leaves(
             check_leaf(_path_str(path), g, tuple(jnp.shape(ref_leaves[i])), owner)
         else:
             check_leaf(_path_str(path), g, _shape_of(g), owner)
+        if params is not None:
+            for name in shaped_like_params:
+                _check_slot_shape(owner, name, path, slot_leaves[name][i], param_leaves[i])
         u, new = fn(g, {name: leaves[i] for name, leaves in slot_leaves.items()}, param_leaves[i])
         out_updates.append(u)
         for name in slots:
@@ -209,6 +216,15 @@ def map_leaves(
         treedef.unflatten(out_updates),
         {name: treedef.unflatten(leaves) for name, leaves in out_slots.items()},
     )
+
+
+def _check_slot_shape(owner: str, name: str, path: Any, slot: Any, param: Any) -> None:
+    if slot is not None and tuple(jnp.shape(slot)) != tuple(jnp.shape(param)):
+        raise ValueError(
+            f"{owner}: slot {name!r} of {_path_str(path)} has shape {tuple(jnp.shape(slot))}, "
+            f"but the param has shape {tuple(jnp.shape(param))}: the state was made for other "
+            "params (make it with init from these params, or restore one saved for them)"
+        )
 
 
 def _shape_of(g):

@@ -67,6 +67,24 @@ def test_wrong_gradient_shape_names_path_and_shapes(name):
     assert "(2, 3)" in message and "(3, 2)" in message
 
 
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("rows", [1, 2])
+def test_a_state_made_for_params_of_other_shapes_names_the_slot(name, rows):
+    """A state from before a layer was resized: a slot of one row broadcast over the new
+    param silently (the state changed shape), another size failed with JAX's broadcasting
+    error naming no param."""
+    tx = OPTIMIZERS[name](0.1)
+    old = {"dense": {"kernel": jnp.ones((rows, 2)), "bias": jnp.zeros(2)}}
+    state = tx.init(old)
+    if not any(jnp.shape(x) == (rows, 2) for x in jax.tree.leaves(state)):
+        pytest.skip("no slot shaped like the kernel")
+    with pytest.raises(
+        ValueError,
+        match=re.escape("of ['dense']['kernel'] has shape (") + r".*the param has shape \(3, 2\)",
+    ):
+        jax.jit(tx.update)(grads(), state, params())
+
+
 def test_integer_gradient_is_a_type_error():
     tx = kopt.adam()
     with pytest.raises(TypeError, match=re.escape("['dense']['bias']")):

@@ -25,7 +25,12 @@ LeafRule = Callable[..., tuple[Any, dict[str, Any]]]
 
 def constant_slot(value: float, dtype: Any | None = None) -> SlotInit:
     """A slot initialiser: ``full_like(param, value)`` with the param's sharding."""
-    return lambda p: full_like_param(p, value, dtype)
+
+    def make(p):
+        return full_like_param(p, value, dtype)
+
+    make.shaped_like_param = True  # an update checks the state's slot against the param
+    return make
 
 
 def compute_dtype(*arrays: Any) -> Any:
@@ -70,6 +75,7 @@ def leafwise_transformation(
     """
     schedules = schedules_of(hyperparams)
     scalar_slots = dict(scalar_slots or {})
+    shaped_like_params = [n for n, make in slots.items() if getattr(make, "shaped_like_param", 0)]
 
     def init_fn(params):
         if per_tensor:
@@ -106,6 +112,7 @@ def leafwise_transformation(
             params,
             owner,
             needs_params=needs_params,
+            shaped_like_params=shaped_like_params,
         )
         new_slots.update(new_scalars)
         return updates, OptimizerState(safe_increment(state.count), hp, new_slots)
