@@ -366,7 +366,12 @@ def init_hyperparams(values: Mapping[str, Any]) -> dict[str, jax.Array]:
     for name, value in values.items():
         if is_schedule(value):
             value = _scheduled(name, value, jnp.zeros((), jnp.float32))
-        out[name] = jnp.asarray(value, jnp.float32)
+        if isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer):
+            # A copy: one array given to two pieces would be one buffer in two leaves of the
+            # state, which a donating step refuses.
+            out[name] = jnp.array(value, jnp.float32, copy=True)
+        else:
+            out[name] = jnp.asarray(value, jnp.float32)
     return out
 
 
@@ -653,9 +658,12 @@ def _placed_like(old: Any, new: jax.Array) -> Any:
     new = new.astype(old.dtype)
     if old.shape:
         new = jnp.broadcast_to(new, old.shape)
-    if not isinstance(old, jax.core.Tracer) and old.committed:
-        new = jax.device_put(new, old.sharding)
-    return new
+    if isinstance(new, jax.core.Tracer) or isinstance(old, jax.core.Tracer):
+        return new
+    # A buffer of its own for each place that holds the value: one buffer in two leaves of a
+    # state cannot be donated to a step (JAX refuses to donate a buffer twice).
+    new = jnp.array(new, copy=True)  # (a device_put alone may alias it on its own device)
+    return jax.device_put(new, old.sharding) if old.committed else new
 
 
 def get_slot(state: OptState, name: str, *, where: Any = None) -> PyTree:

@@ -127,3 +127,36 @@ def test_set_hyperparam_refuses_momentum_on_a_piece_built_without_it(make):
     on = kopt.sgd(0.1, momentum=0.9)
     state = kopt.set_hyperparam(on.init(PARAMS), "momentum", 0.0)
     assert float(kopt.get_hyperparam(state, "momentum")) == 0.0
+
+
+@pytest.mark.parametrize("on_mesh", [False, True], ids=["one_device", "mesh"])
+def test_a_value_set_in_several_pieces_is_a_buffer_of_its_own_in_each(on_mesh):
+    """set_hyperparam put one buffer in every piece holding the name (and one learning-rate
+    array given to two pieces was one buffer in both): a donating step then failed ("donate
+    the same buffer twice"), and on a mesh the process could crash."""
+    params = {"k": jnp.ones((4, 4)), "b": jnp.ones(4)}
+    if on_mesh:
+        mesh = jax.make_mesh((4,), ("d",))
+        params = jax.device_put(
+            params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
+        )
+    lr = jnp.asarray(0.1, jnp.float32)
+    tx = kopt.multi_transform({"a": kopt.adam(lr), "s": kopt.sgd(lr)}, {"k": "a", "b": "s"})
+    grads = jax.tree.map(jnp.ones_like, params)
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return kopt.apply_updates(params, updates), state
+
+    step = jax.jit(step, donate_argnums=(0, 1))
+    state = tx.init(params)
+    params, state = step(params, state, grads)
+    state = kopt.set_hyperparam(state, "learning_rate", 0.05)
+    buffers = [
+        shard.data.unsafe_buffer_pointer()
+        for leaf in jax.tree.leaves(state)
+        for shard in leaf.addressable_shards
+    ]
+    assert len(buffers) == len(set(buffers))
+    params, state = step(params, state, grads)
+    np.testing.assert_allclose(params["b"], np.full(4, 1 - 0.1 - 0.05), rtol=1e-6)
