@@ -109,8 +109,9 @@ def state_sharding(
     :func:`leaf_sharding`); scalars (step counts, hyperparameters) are replicated.
 
     Without ``params`` every leaf of rank 1 or more counts as param-shaped. With ``params``,
-    each subtree of the state with the params' tree structure (a slot, an accumulator) is
-    matched to the params leaf by leaf: a leaf shaped like its own param is split, keeping
+    each subtree of the state with the params' tree structure (a slot, an accumulator; or the
+    slot of a ``masked`` piece or ``multi_transform`` group, None where the params it leaves
+    out are) is matched to the params leaf by leaf: a leaf shaped like its own param is split, keeping
     that param's sharding on ``mesh`` along its other dimensions (a param split over a
     ``"model"`` axis keeps its slots split over it too; one already split over ``axis_name``
     gives its slots its own sharding), and any other leaf stays replicated, such as
@@ -144,9 +145,22 @@ def state_sharding(
         return jax.tree.structure(node) == params_def
 
     def subtree(node):
-        return like_params(node) or _flattened_over(node, params_def)
+        return (
+            like_params(node)
+            or _flattened_over(node, params_def)
+            or _aligned(node, params) is not None
+        )
 
     def one(node):
+        aligned = None if like_params(node) else _aligned(node, params)
+        if aligned is not None:
+            # Shaped like the params but for the ones a mask or labels left out (None): the
+            # slots of masked and multi_transform pieces, matched leaf by leaf as well.
+            return jax.tree.structure(node).unflatten(
+                _slot_sharding(leaf, p, mesh, axis_name)
+                for leaf, p in zip(aligned, param_leaves, strict=True)
+                if leaf is not None
+            )
         if _flattened_over(node, params_def):
             # kopt.flatten's inner state holds {key: buffer or loose leaf} slots: its layout
             # names the param of each loose leaf, so each is matched to its own param.
@@ -169,6 +183,34 @@ def state_sharding(
         return choices.pop() if len(choices) == 1 else leaf_sharding(shape, mesh, axis_name)
 
     return jax.tree.map(one, state, is_leaf=subtree)
+
+
+def _aligned(node: Any, params: Any) -> list[Any] | None:
+    """``node``'s leaves beside the params' leaves, with None for each param under a None of
+    ``node`` (a masked-out param, or subtree): the leaves of a tree shaped like the params but
+    for the params a mask left out. None if ``node`` is not such a tree, or leaves none out."""
+    out = _align(node, params)
+    if out is None or all(x is not None for x in out) or all(x is None for x in out):
+        return None
+    return out
+
+
+def _align(node: Any, params: Any) -> list[Any] | None:
+    if node is None:
+        return [None] * len(jax.tree.leaves(params))
+    children, params_def = jax.tree.flatten(params, is_leaf=lambda x: x is not params)
+    if jax.tree_util.treedef_is_leaf(params_def):  # a param: its slot is an array
+        return [node] if hasattr(node, "shape") and hasattr(node, "dtype") else None
+    node_children, node_def = jax.tree.flatten(node, is_leaf=lambda x: x is not node)
+    if node_def != params_def:
+        return None
+    out: list[Any] = []
+    for child, param in zip(node_children, children, strict=True):
+        part = _align(child, param)
+        if part is None:
+            return None
+        out.extend(part)
+    return out
 
 
 def _flattened_over(node: Any, params_def: Any) -> bool:

@@ -95,6 +95,42 @@ def test_state_sharding_matches_each_slot_to_its_own_param():
         np.testing.assert_allclose(p, 0.42, rtol=1e-6)
 
 
+def test_state_sharding_matches_the_slots_of_masked_and_multi_transform_pieces():
+    """The slots of masked pieces and multi_transform groups are shaped like the params but
+    for the params left out (None): they were matched by shape alone, losing each param's
+    split over "model" (and an explicit mesh refused the step)."""
+    mesh = jax.make_mesh((2, 2), ("data", "model"))
+    specs = {"a": P("model", None), "b": P(None, "model"), "bias": P()}
+    params = {
+        name: jax.device_put(np.ones(shape, np.float32), NamedSharding(mesh, specs[name]))
+        for name, shape in {"a": (8, 8), "b": (8, 8), "bias": (8,)}.items()
+    }
+    tx = kopt.multi_transform(
+        {"x": kopt.sgd(0.1, momentum=0.9), "y": kopt.sgd(0.1, momentum=0.9)},
+        {"a": "y", "b": "x", "bias": "x"},
+    )
+    shardings = kopt.state_sharding(tx.init(params), mesh, "data", params)
+    x = shardings.inner_states["x"].inner_state.slots["momentum"]
+    y = shardings.inner_states["y"].inner_state.slots["momentum"]
+    assert x == {
+        "a": None,
+        "b": NamedSharding(mesh, P("data", "model")),
+        "bias": NamedSharding(mesh, P("data")),
+    }
+    assert y == {"a": NamedSharding(mesh, P("model", "data")), "b": None, "bias": None}
+    state = kopt.shard_state(tx.init(params), mesh, "data", params)
+    update = kopt.jit_update(tx, shardings)
+    grads = jax.tree.map(
+        lambda p: jax.device_put(np.full(p.shape, 2.0, np.float32), p.sharding), params
+    )
+    for _ in range(2):
+        params, state = update(grads, state, params)
+    for name, p in params.items():  # 1 - 0.1 * 2, then - (0.9 * 0.2 + 0.1 * 2)
+        assert p.sharding.spec == specs[name]
+        np.testing.assert_allclose(p, 0.42, rtol=1e-6)
+    assert kopt.get_slot(state, "momentum")["a"].sharding.spec == P("model", "data")
+
+
 def test_state_sharding_matches_flatten_loose_slots_to_their_own_params():
     """kopt.flatten keeps the two split params loose, in a dict keyed by path: each slot is
     matched to its param through the layout (by shape alone both got one sharding, and an
