@@ -111,8 +111,8 @@ def state_sharding(
     Without ``params`` every leaf of rank 1 or more counts as param-shaped. With ``params``,
     each subtree of the state with the params' tree structure (a slot, an accumulator; or the
     slot of a ``masked`` piece or ``multi_transform`` group, None where the params it leaves
-    out are) is matched to the params leaf by leaf: a leaf shaped like its own param is split, keeping
-    that param's sharding on ``mesh`` along its other dimensions (a param split over a
+    out are) is matched to the params leaf by leaf: a leaf shaped like its own param is split,
+    keeping that param's sharding on ``mesh`` along its other dimensions (a param split over a
     ``"model"`` axis keeps its slots split over it too; one already split over ``axis_name``
     gives its slots its own sharding), and any other leaf stays replicated, such as
     Adafactor's factored statistics ``r`` and ``c`` (small, and combined by an outer product

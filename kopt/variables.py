@@ -401,7 +401,7 @@ class Variable:
         ``assign_add`` or an optimizer step, is lost); returns the variable."""
         delta = jnp.asarray(_value_of(delta))
         with donation_lock:
-            return self.assign(self._value + delta)
+            return self.assign(self._value + self._beside(delta))
 
     def assign_sub(
         self, delta: Any, use_locking: Any = None, name: Any = None, read_value: bool = True
@@ -409,7 +409,28 @@ class Variable:
         """Subtracts ``delta`` from the value, atomically; returns the variable."""
         delta = jnp.asarray(_value_of(delta))
         with donation_lock:
-            return self.assign(self._value - delta)
+            return self.assign(self._value - self._beside(delta))
+
+    def _beside(self, delta: jax.Array) -> jax.Array:
+        """``delta`` placed as the value is, where it is committed elsewhere (split otherwise,
+        or on another device): ``assign`` places a new value so, and tf.Variable's
+        ``assign_add`` copies across devices too. One that broadcasts goes replicated onto the
+        value's devices."""
+        current = self._current
+        if (
+            isinstance(delta, jax.core.Tracer)
+            or isinstance(current, jax.core.Tracer)
+            or not delta.committed
+        ):
+            return delta
+        if delta.shape == current.shape:
+            return _keep_sharding(delta, current)
+        sharding = current.sharding
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+        elif not isinstance(sharding, jax.sharding.SingleDeviceSharding):
+            return delta
+        return delta if delta.sharding == sharding else jax.device_put(delta, sharding)
 
     def ref(self) -> VariableReference:
         """A hashable reference to this variable, equal only to references to it (tf.Variable's

@@ -399,6 +399,27 @@ def test_sharded_variable_and_its_slots_keep_their_sharding():
     assert w.value.sharding == sharding
 
 
+def test_assign_add_and_sub_take_values_placed_elsewhere_as_assign_does():
+    """``assign`` places a value split otherwise, or on another device, as the variable is;
+    ``assign_add`` and ``assign_sub`` failed on the same values (JAX's sharding or device
+    errors), where tf.Variable's copy across devices."""
+    mesh = Mesh(np.array(jax.devices()[:4]), ("d",))
+    split = NamedSharding(mesh, PartitionSpec("d", None))
+    v = kopt.Variable(jax.device_put(jnp.ones((8, 4)), split), name="v")
+    other_split = jax.device_put(jnp.ones((8, 4)), NamedSharding(mesh, PartitionSpec(None, "d")))
+    other_device = jax.device_put(jnp.full((8, 4), 0.5), jax.devices()[3])
+    scalar_elsewhere = jax.device_put(jnp.float32(0.25), jax.devices()[3])
+    v.assign_add(other_split)
+    v.assign_sub(other_device)
+    v.assign_add(scalar_elsewhere)
+    np.testing.assert_array_equal(v.numpy(), np.full((8, 4), 1.75))
+    assert v.value.sharding == split
+    single = kopt.Variable(jax.device_put(jnp.ones(3), jax.devices()[0]), name="single")
+    single.assign_add(jax.device_put(jnp.ones(3), jax.devices()[2]))
+    np.testing.assert_array_equal(single.numpy(), [2.0, 2.0, 2.0])
+    assert single.value.devices() == {jax.devices()[0]}
+
+
 def test_copies_and_pickles_are_independent_variables():
     v = kopt.Variable([1.0, 2.0], name="w")
     opt = optimizers.Adam(learning_rate=0.1)
