@@ -121,7 +121,12 @@ def check_leaf(path: str, g: Any, ref_shape: tuple[int, ...], owner: str) -> Non
     """Raises TypeError/ValueError for a gradient leaf of the wrong kind or shape."""
     if isinstance(g, IndexedSlices):
         values_shape = tuple(g.values.shape)
-        if values_shape[1:] != tuple(ref_shape[1:]) or len(ref_shape) == 0:
+        if len(ref_shape) == 0:
+            raise ValueError(
+                f"{owner}: sparse gradient {path} is for a scalar param, which has no rows; "
+                "give it a dense gradient"
+            )
+        if values_shape[1:] != tuple(ref_shape[1:]):
             raise ValueError(
                 f"{owner}: sparse gradient {path} has rows of shape {values_shape[1:]}, "
                 f"expected rows of a table of shape {tuple(ref_shape)}"

@@ -231,6 +231,11 @@ def test_bad_sparse_gradients_are_named():
     float_indices = kopt.IndexedSlices(jnp.ones((2, 3)), jnp.array([0.0, 1.0]))
     with pytest.raises(TypeError, match="indices"):
         tx.update({"emb": float_indices}, state, table)
+    # A scalar has no rows (the message said "rows of shape (), expected rows of a table of
+    # shape ()").
+    scalar = {"s": jnp.ones(())}
+    with pytest.raises(ValueError, match=r"\['s'\] is for a scalar param, which has no rows"):
+        tx.update({"s": kopt.IndexedSlices(jnp.ones(1), jnp.array([0]))}, tx.init(scalar), scalar)
 
 
 def test_schedule_arguments_are_checked():
