@@ -151,6 +151,8 @@ def extra_args_update(transformation: Any) -> Callable[..., tuple[Updates, OptSt
     a refused argument.
     """
     update = transformation.update
+    if not isinstance(transformation, GradientTransformation):
+        update = _dense_gradients_for(update)
     accepted = _accepted_extra_args(transformation)
     if accepted is None:
         return update
@@ -161,6 +163,47 @@ def extra_args_update(transformation: Any) -> Callable[..., tuple[Updates, OptSt
         )
 
     return call
+
+
+def _dense_gradients_for(update: Callable[..., Any]) -> Callable[..., Any]:
+    """An optax piece's (or another library's) ``update`` given dense gradients: it knows no
+    :class:`~kopt.IndexedSlices`, and would take one's integer row indices for gradient
+    values (``optax.clip`` clipped them, moving other rows). Each sparse leaf is scattered to
+    its param's shape (its ``dense_shape``, or the param's) first."""
+
+    def call(updates, state, params=None, **extra_args):
+        return update(_densified(updates, params), state, params, **extra_args)
+
+    return call
+
+
+def _densified(updates: Updates, params: Params | None) -> Updates:
+    from kopt.sparse import IndexedSlices  # here: kopt.sparse is imported by the package
+
+    leaves, treedef = jax.tree.flatten(
+        updates, is_leaf=lambda x: x is None or isinstance(x, IndexedSlices)
+    )
+    if not any(isinstance(g, IndexedSlices) for g in leaves):
+        return updates
+    try:
+        param_leaves = treedef.flatten_up_to(params) if params is not None else None
+    except (TypeError, ValueError):
+        param_leaves = None
+    out = []
+    for i, g in enumerate(leaves):
+        if isinstance(g, IndexedSlices):
+            shape = g.dense_shape
+            if shape is None and param_leaves is not None and param_leaves[i] is not None:
+                shape = jnp.shape(param_leaves[i])
+            if shape is None:
+                raise ValueError(
+                    "a sparse gradient (kopt.IndexedSlices) reaches a piece that is not kopt's "
+                    "(an optax piece, say), which takes dense gradients only: give the "
+                    "IndexedSlices its dense_shape, or pass params to update"
+                )
+            g = g.to_dense(tuple(shape))
+        out.append(g)
+    return treedef.unflatten(out)
 
 
 def _accepted_extra_args(transformation: Any) -> frozenset[str] | None:

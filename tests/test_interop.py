@@ -530,3 +530,35 @@ def test_tree_map_params_on_a_flatten_state_says_why_it_cannot(make):
     chex.assert_trees_all_equal(state, before)
     # An empty params tree, which is not the placeholder, still makes an (empty) state.
     assert kopt.flatten(kopt.adam()).init({}).layout.keys == ()
+
+
+def test_an_optax_piece_gets_sparse_gradients_dense():
+    """An optax piece knows no kopt.IndexedSlices: it took the integer row indices for
+    gradient values (optax.clip(2) clipped rows [1, 4] to [1, 2], moving the wrong rows), or
+    failed inside JAX naming nothing. kopt's chain, wrappers and from_transformation now give
+    it the dense gradient."""
+    params = jnp.zeros((6, 2))
+    grad = kopt.IndexedSlices(jnp.full((2, 2), 5.0), jnp.array([1, 4]), (6, 2))
+    want = np.zeros((6, 2))
+    want[[1, 4]] = -2.0
+    tx = kopt.chain(optax.clip(2.0), kopt.sgd(1.0))
+    updates, _ = tx.update(grad, tx.init(params), params)
+    np.testing.assert_array_equal(kopt.apply_updates(params, updates), want)
+    masked = kopt.masked(kopt.chain(optax.clip(2.0), kopt.sgd(1.0)), {"e": True, "w": False})
+    tree = {"e": params, "w": jnp.zeros(2)}
+    updates, _ = masked.update({"e": grad, "w": jnp.ones(2)}, masked.init(tree), tree)
+    np.testing.assert_array_equal(kopt.apply_updates(tree, updates)["e"], want)
+    # Without a dense_shape the param gives the shape; with neither, the error says so.
+    rows = kopt.IndexedSlices(jnp.full((2, 2), 5.0), jnp.array([1, 4]))
+    updates, _ = tx.update(rows, tx.init(params), params)
+    np.testing.assert_array_equal(kopt.apply_updates(params, updates), want)
+    with pytest.raises(ValueError, match="not kopt's .* dense_shape"):
+        kopt.chain(optax.scale(1.0)).update(rows, kopt.chain(optax.scale(1.0)).init(params))
+    for transformation in (
+        kopt.chain(optax.clip(2.0), kopt.sgd(1.0)),
+        optax.chain(optax.clip(2.0), optax.sgd(1.0)),
+    ):
+        variable = kopt.Variable(jnp.zeros((6, 2)))
+        opt = kopt.optimizers.from_transformation(transformation)
+        opt.apply_gradients([(grad, variable)])
+        np.testing.assert_array_equal(variable.numpy(), want)

@@ -22,6 +22,7 @@ from kopt.base import (
     _replace_hyperparam,
     as_count,
     check_slot_dtype,
+    extra_args_update,
     safe_increment,
 )
 from kopt.optimizers.base import (
@@ -1190,9 +1191,12 @@ class TransformationOptimizer(Optimizer):
 
     def _transformation(self, hp):
         held = {k: v for k, v in hp.items() if k in self._held_hyperparams}
-        if not held:
-            return self._wrapped
         wrapped = self._wrapped
+        if not isinstance(wrapped, GradientTransformation):
+            # An optax transformation takes sparse gradients dense (kopt.chain's rule).
+            wrapped = GradientTransformation(wrapped.init, extra_args_update(wrapped))
+        if not held:
+            return wrapped
 
         def init(params):  # the wrapped state, holding the optimizer's values
             state = wrapped.init(params)
