@@ -599,9 +599,10 @@ def set_hyperparam(state: OptState, name: str, value: Any, *, where: Any = None)
 
     Raises:
         ValueError: if no part of the state (under ``where``) has that hyperparameter, or
-            ``value`` is not scalar, or it sets a ``momentum`` other than 0 on an SGD or RMSprop
-            built without momentum (which keeps no momentum slot, as in Keras, so the value
-            would change nothing).
+            ``value`` is not scalar, or (a number) outside the range the optimizers take it in
+            (a negative ``learning_rate``, a ``beta_1`` above 1), or it sets a ``momentum``
+            other than 0 on an SGD or RMSprop built without momentum (which keeps no momentum
+            slot, as in Keras, so the value would change nothing).
         TypeError: if ``value`` is not numeric.
 
     Example:
@@ -615,8 +616,37 @@ def set_hyperparam(state: OptState, name: str, value: Any, *, where: Any = None)
         >>> [round(float(kopt.get_hyperparam(state, "momentum", where=i)), 3) for i in (0, 1)]
         [0.5, 0.999]
     """
-    check_hyperparam("set_hyperparam", name, value, low=None, allow_schedule=False)
+    low, high = _RANGES.get(name, (None, None))
+    check_hyperparam("set_hyperparam", name, value, low=low, high=high, allow_schedule=False)
     return _replace_hyperparam(state, name, jnp.asarray(value, jnp.float32), where)
+
+
+# The ranges kopt's pieces take their hyperparameters in (as their constructors check them):
+# set_hyperparam refuses a concrete value outside, as the constructor and the facade do.
+_RANGES: dict[str, tuple[float | None, float | None]] = {
+    **dict.fromkeys(("momentum", "beta_1", "beta_2", "rho"), (0.0, 1.0)),
+    **dict.fromkeys(("beta_2_decay", "learning_rate_power"), (None, 0.0)),
+    **dict.fromkeys(
+        (
+            "learning_rate",
+            "decay",
+            "epsilon",
+            "weight_decay",
+            "clipnorm",
+            "clipvalue",
+            "global_clipnorm",
+            "epsilon_1",
+            "epsilon_2",
+            "clip_threshold",
+            "schedule_decay",
+            "beta",
+            "l1_regularization_strength",
+            "l2_regularization_strength",
+            "l2_shrinkage_regularization_strength",
+        ),
+        (0.0, None),
+    ),
+}
 
 
 def _replace_hyperparam(

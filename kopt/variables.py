@@ -486,7 +486,11 @@ class Variable:
     def __array__(self, dtype=None, copy=None):
         with donation_lock:
             out = np.asarray(self._current)
-        return out.astype(dtype) if dtype is not None else out
+        if dtype is not None:
+            out = out.astype(dtype)
+        # np.array(v) asks for a copy: a writable one, as a jax.Array or tf.Variable gives
+        # (NumPy's view of a device buffer is read-only). np.asarray(v) may keep the view.
+        return np.array(out, copy=True) if copy and not out.flags.writeable else out
 
     def __float__(self):
         return float(self._value)

@@ -453,3 +453,15 @@ def test_a_variable_of_a_numpy_array_is_a_transfer_without_compiling(backend_com
         np.testing.assert_array_equal(v.numpy(), np.asarray(expected))
     cast = kopt.Variable(arrays[0], dtype=jnp.bfloat16)  # another cast: on the device, as before
     assert cast.dtype == jnp.bfloat16
+
+
+def test_np_array_of_a_variable_is_a_writable_copy():
+    """``np.array(v)`` gave NumPy's read-only view of the device buffer; a jax.Array or a
+    tf.Variable gives a writable copy."""
+    v = kopt.Variable(jnp.arange(4.0))
+    a = np.array(v)
+    a[0] = 99.0
+    np.testing.assert_array_equal(v.numpy(), [0.0, 1.0, 2.0, 3.0])
+    b = np.array(v, dtype=np.float64)
+    b[1] = 5.0
+    assert b.dtype == np.float64

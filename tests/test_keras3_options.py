@@ -727,3 +727,48 @@ def test_gradient_accumulation_refuses_a_call_without_every_variable_naming_it()
     apply(opt, variables, MICRO_GRADS[1])  # every variable again: the update runs
     assert int(opt.iterations.numpy()) == 2
     assert not np.array_equal(variables["w"].numpy(), W0["w"])
+
+
+def test_numpy_and_jax_scalars_are_numbers_for_ema_momentum_and_lion_betas():
+    """Keras 3 takes them; kopt refused ``np.float32(0.9)`` as "out of the range [0, 1]"."""
+    for value in (np.float32(0.9), jnp.float32(0.9), np.float64(0.9)):
+        opt = AdamW(use_ema=True, ema_momentum=value)
+        assert type(opt.ema_momentum) is float
+        opt.ema_momentum = np.float32(0.5)
+        assert opt.ema_momentum == 0.5 and type(opt.ema_momentum) is float
+        lion = Lion(beta_1=value, beta_2=np.float32(0.99))
+        assert type(lion.beta_1) is float and type(lion.get_config()["beta_2"]) is float
+    with pytest.raises(ValueError, match="ema_momentum"):
+        AdamW(use_ema=True, ema_momentum=np.float32(1.5))
+
+
+@pytest.mark.parametrize("pattern", ["bias", "bias$", "^bias$"])
+def test_excluded_names_match_as_keras_3_names_without_the_suffix(pattern):
+    """kopt's names end in tf.keras's ":0"; Keras 3's do not, so "bias$" excluded nothing and
+    the bias decayed. Keras 3 leaves it at 2.0."""
+    kernel, bias = kopt.Variable([2.0], name="kernel"), kopt.Variable([2.0], name="bias")
+    opt = AdamW(learning_rate=1.0, weight_decay=0.1)
+    opt.exclude_from_weight_decay(var_names=[pattern])
+    opt.apply_gradients([(jnp.zeros(1), kernel), (jnp.zeros(1), bias)])
+    np.testing.assert_allclose(bias.numpy(), [2.0])
+    np.testing.assert_allclose(kernel.numpy(), [1.8], rtol=1e-6)
+
+
+def test_decay_warns_and_is_ignored_as_in_keras_3():
+    with pytest.warns(UserWarning, match="`decay` is no longer supported"):
+        opt = Lion(learning_rate=0.1, decay=0.5)
+    assert "decay" not in opt.get_config()
+
+
+def test_a_variable_joining_an_accumulating_optimizer_is_named():
+    """The message said the optimizer "wraps a transformation", which an AdamW user did not
+    write, and named no variable."""
+    a, b = kopt.Variable(jnp.ones(2), name="a"), kopt.Variable(jnp.ones(3), name="b")
+    c = kopt.Variable(jnp.ones(2), name="c")
+    opt = AdamW(gradient_accumulation_steps=2)
+    opt.apply_gradients([(jnp.ones(2), a), (jnp.ones(3), b)])
+    with pytest.raises(
+        ValueError, match=r"first step \(\['a:0', 'b:0'\]\), and this step adds \['c:0'\]"
+    ):
+        opt.apply_gradients([(jnp.ones(2), a), (jnp.ones(3), b), (jnp.ones(2), c)])
+    assert int(opt.iterations.numpy()) == 1

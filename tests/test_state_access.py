@@ -160,3 +160,17 @@ def test_a_value_set_in_several_pieces_is_a_buffer_of_its_own_in_each(on_mesh):
     assert len(buffers) == len(set(buffers))
     params, state = step(params, state, grads)
     np.testing.assert_allclose(params["b"], np.full(4, 1 - 0.1 - 0.05), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [("learning_rate", -0.1), ("beta_1", 1.5), ("epsilon", -1.0), ("momentum", 1.5)],
+)
+def test_set_hyperparam_refuses_values_the_constructor_refuses(name, value):
+    """The constructors and the facade refuse them; set_hyperparam stored them (a momentum
+    of 1.5 took SGD to -7e9 in 60 steps)."""
+    tx = kopt.chain(kopt.adam(0.1), kopt.sgd(0.1, momentum=0.9))
+    state = tx.init(PARAMS)
+    with pytest.raises(ValueError, match=rf"set_hyperparam: `{name}` must be"):
+        kopt.set_hyperparam(state, name, value)
+    kopt.set_hyperparam(state, name, 0.5)

@@ -598,3 +598,10 @@ def test_a_mask_or_labels_function_refuses_packed_buffers():
     updates, _ = outer.update(jax.tree.map(jnp.zeros_like, params), outer.init(params), params)
     np.testing.assert_allclose(updates["dense"]["kernel"], np.full((4, 3), 0.5))
     np.testing.assert_allclose(updates["dense"]["bias"], np.zeros(3))
+
+
+def test_masked_takes_its_transformation_by_the_contracts_name():
+    params = {"w": jnp.ones(2), "b": jnp.ones(2)}
+    tx = kopt.masked(transformation=kopt.add_decayed_weights(0.5), mask={"w": True, "b": False})
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    np.testing.assert_array_equal(updates["w"], [0.5, 0.5])

@@ -389,6 +389,9 @@ class Optimizer:
     def _set_checked_attribute(self, name: str, value: Any) -> None:
         """Sets ``name``, unless the optimizer it makes is refused: then the attribute keeps
         its value and the error (naming the class and the argument) is raised."""
+        from kopt.optimizers.builtin import _plain_number  # here: builtin imports this module
+
+        value = _plain_number(value)
         with self._lock:
             old = self.__dict__.get(name, _UNSET)
             object.__setattr__(self, name, value)
@@ -1043,9 +1046,15 @@ class Optimizer:
 
     def _create_opaque(self, state, layout, var_list, new) -> None:
         if self._opaque_owner is not None or len(new) != len(var_list):
+            owner = set(self._opaque_owner or ())
+            fresh = {v._uid for v in new}
+            known = [v.name for v in var_list if v._uid in owner or v._uid not in fresh]
+            added = [v.name for v in new if v._uid not in owner]
             raise ValueError(
-                f"{self._name}: this optimizer wraps a transformation whose state is not "
-                "per-variable; call it with the same variables, in the same order, every step"
+                f"{self._name}: its state beside the slots (gradient accumulators, a wrapped "
+                "transformation's state) is made once, for the variables of its first step "
+                f"({known}), and this step adds {added}; give every variable a gradient on "
+                "every call (zeros where there is none), in the same order, from the first"
             )
         self._opaque_owner = tuple(v._uid for v in var_list)
         for i, leaf in enumerate(layout.opaque_values(state)):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import re
+import warnings
 from typing import Any
 
 import jax
@@ -569,6 +570,21 @@ class Ftrl(_KerasV2):
         }
 
 
+def _plain_number(value: Any) -> Any:
+    """A NumPy or concrete JAX real scalar as a Python float (Keras 3 takes them where it takes
+    a float, and configs stay JSON); anything else as it is."""
+    if isinstance(value, (bool, np.bool_)) or isinstance(value, jax.core.Tracer):
+        return value
+    if isinstance(value, np.number) or (
+        isinstance(value, (np.ndarray, jax.Array))
+        and value.shape == ()
+        and np.issubdtype(value.dtype, np.number)
+        and not np.issubdtype(value.dtype, np.complexfloating)
+    ):
+        return float(value)
+    return value
+
+
 def _check_keras3_options(
     owner: str,
     weight_decay: Any,
@@ -590,7 +606,12 @@ def _check_keras3_options(
                 f"gradient_accumulation_steps={gradient_accumulation_steps}"
             )
     if use_ema:
-        if not isinstance(ema_momentum, (int, float)) or not 0 <= ema_momentum <= 1:
+        ema_momentum = _plain_number(ema_momentum)
+        if (
+            isinstance(ema_momentum, bool)
+            or not isinstance(ema_momentum, (int, float))
+            or not 0 <= ema_momentum <= 1
+        ):
             raise ValueError(
                 f"`ema_momentum` must be in the range [0, 1]. Received: ema_momentum={ema_momentum}"
             )
@@ -696,6 +717,11 @@ class _Keras3(_SlotDtype, Optimizer):
         **kwargs: Any,
     ):
         owner = type(self).__name__
+        if "decay" in kwargs:  # Keras 3's own warning: the argument does nothing there
+            kwargs.pop("decay")
+            warnings.warn(
+                "Argument `decay` is no longer supported and will be ignored.", stacklevel=2
+            )
         _check_keras3_options(
             owner,
             weight_decay,
@@ -714,7 +740,7 @@ class _Keras3(_SlotDtype, Optimizer):
         super().__init__(name, **kwargs)
         self.weight_decay = weight_decay
         self.use_ema = bool(use_ema)
-        self.ema_momentum = ema_momentum
+        self.ema_momentum = _plain_number(ema_momentum)
         # Python ints (a NumPy integer is accepted), for get_config's JSON.
         self.ema_overwrite_frequency = as_count(ema_overwrite_frequency) or None
         self.gradient_accumulation_steps = as_count(gradient_accumulation_steps) or None
@@ -746,7 +772,9 @@ class _Keras3(_SlotDtype, Optimizer):
         self, var_list: list[Variable] | None = None, var_names: list[str] | None = None
     ) -> None:
         """Leaves variables out of ``weight_decay``, as Keras 3: those in ``var_list``, and those
-        whose name contains one of ``var_names`` (regular expressions, e.g. ``["bias"]``).
+        whose name contains one of ``var_names`` (regular expressions, e.g. ``["bias"]``,
+        matched against the name with and without tf.keras's ``":0"``, so ``"bias$"`` matches
+        a variable named ``"bias"`` as in Keras 3).
         Each call replaces the previous one. Keras 3 takes it only before the first step; kopt
         also later (after ``restore_optimizer``, say): the next step compiles with it.
         """
@@ -769,7 +797,13 @@ class _Keras3(_SlotDtype, Optimizer):
         if variable._uid in (self.__dict__.get("_excluded_vars") or {}):
             return False
         pattern = self.__dict__.get("_excluded_names")
-        return pattern is None or pattern.search(variable.name) is None
+        if pattern is None:
+            return True
+        # Keras 3 matches its variables' names, which have no ":0" (tf.keras's suffix, which
+        # kopt's names carry): an anchored "bias$" must match "bias:0" as it does "bias".
+        name = variable.name
+        bare = name[:-2] if name.endswith(":0") else name
+        return pattern.search(bare) is None and pattern.search(name) is None
 
     def _decay_mask(self, params: list[Any]) -> list[bool]:
         """The weight decay mask of the variables being stepped (every param outside a step,
@@ -824,7 +858,7 @@ class _Keras3(_SlotDtype, Optimizer):
     def _init_keras3(self, learning_rate: Any, kwargs: dict[str, Any], **attrs: Any) -> None:
         self._set_hyper("learning_rate", kwargs.get("lr", learning_rate))
         for k, v in attrs.items():
-            object.__setattr__(self, k, v)
+            object.__setattr__(self, k, _plain_number(v))
 
     def _twin(self, hp: dict[str, Any]) -> GradientTransformation:
         """The functional optimizer itself (without the Keras 3 options)."""
@@ -1049,6 +1083,7 @@ class Lion(_Keras3):
     _ATTRS = ("beta_1", "beta_2")
 
     def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.99, name="Lion", **kwargs):
+        beta_1, beta_2 = _plain_number(beta_1), _plain_number(beta_2)
         if not isinstance(beta_1, (int, float)) or beta_1 <= 0 or beta_1 > 1:
             raise ValueError(
                 "Argument `beta_1` must be in the [0, 1] range. Otherwise, the optimizer "

@@ -149,12 +149,13 @@ def _refuse_packed(params: PyTree, owner: str, what: str) -> None:
 
 
 def masked(
-    inner: GradientTransformation, mask: PyTree | Callable[[PyTree], PyTree]
+    transformation: GradientTransformation, mask: PyTree | Callable[[PyTree], PyTree]
 ) -> GradientTransformation:
-    """Applies ``inner`` only to the leaves where ``mask`` is True; others pass unchanged.
+    """Applies ``transformation`` only to the leaves where ``mask`` is True; others pass
+    unchanged.
 
     Args:
-        inner: the transformation to apply.
+        transformation: the transformation to apply.
         mask: a pytree of bools shaped like the params (a prefix works too), or a function
             ``params -> mask``.
 
@@ -166,7 +167,7 @@ def masked(
         >>> u["w"], u["b"]
         (Array([0.5, 0.5], dtype=float32), Array([0., 0.], dtype=float32))
     """
-    return _masked(inner, mask, "masked", "mask")
+    return _masked(transformation, mask, "masked", "mask")
 
 
 def _masked(
