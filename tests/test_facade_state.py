@@ -547,3 +547,40 @@ def test_first_steps_compile_the_step_once():
     for _ in range(3):
         opt.apply_gradients([(jnp.ones(3), var)])
     assert len(compiles) == before
+
+
+# keras.optimizers.serialize(keras.optimizers.Adam(0.25, amsgrad=True)), Keras 3.15.1.
+_KERAS3_ADAM = {
+    "module": "keras.optimizers",
+    "class_name": "Adam",
+    "config": {
+        "name": "adam",
+        "learning_rate": 0.25,
+        "weight_decay": None,
+        "clipnorm": None,
+        "global_clipnorm": None,
+        "clipvalue": None,
+        "use_ema": False,
+        "ema_momentum": 0.99,
+        "ema_overwrite_frequency": None,
+        "loss_scale_factor": None,
+        "gradient_accumulation_steps": None,
+        "beta_1": 0.9,
+        "beta_2": 0.999,
+        "epsilon": 1e-07,
+        "amsgrad": True,
+    },
+    "registered_name": None,
+}
+
+
+def test_a_keras_3_config_of_a_classic_optimizer_loads_without_its_inactive_options():
+    """Keras 3 writes its common options (None or off) into every optimizer's config, with no
+    ``is_legacy_optimizer`` key: kopt's Adam refused ``weight_decay`` as an unknown argument."""
+    opt = optimizers.deserialize(copy.deepcopy(_KERAS3_ADAM))
+    assert type(opt) is optimizers.Adam
+    assert opt.get_config()["learning_rate"] == 0.25 and opt.get_config()["amsgrad"] is True
+    active = copy.deepcopy(_KERAS3_ADAM)
+    active["config"]["gradient_accumulation_steps"] = 4
+    with pytest.raises(ValueError, match="`gradient_accumulation_steps`=4"):
+        optimizers.deserialize(active)

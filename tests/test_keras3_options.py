@@ -772,3 +772,22 @@ def test_a_variable_joining_an_accumulating_optimizer_is_named():
     ):
         opt.apply_gradients([(jnp.ones(2), a), (jnp.ones(3), b), (jnp.ones(2), c)])
     assert int(opt.iterations.numpy()) == 1
+
+
+def test_adafactor_stays_finite_where_a_gradient_row_and_column_are_zero():
+    """An input feature that is always 0 and a dead unit: the factored moment of their common
+    element underflows to 0 (1e-30 times 1e-30), and Keras 3's 0 / 0 spread NaN through the RMS
+    clip to the whole kernel. That element's update is 0 now; the others are as Keras's."""
+    rng = np.random.default_rng(0)
+    grad = rng.normal(size=(4, 3)).astype(np.float32)
+    grad[2, :] = 0.0
+    grad[:, 1] = 0.0
+    kernel = rng.normal(size=(4, 3)).astype(np.float32)
+    tx = kopt.adafactor(0.01)
+    updates, _ = tx.update(jnp.asarray(grad), tx.init(jnp.asarray(kernel)), jnp.asarray(kernel))
+    assert np.all(np.isfinite(updates))
+    np.testing.assert_array_equal(np.asarray(updates)[grad == 0], 0.0)
+    assert np.all(np.asarray(updates)[grad != 0] != 0)
+    var = kopt.Variable(kernel, name="kernel")
+    Adafactor(learning_rate=0.01).apply_gradients([(jnp.asarray(grad), var)])
+    np.testing.assert_allclose(var.numpy(), kernel + np.asarray(updates), rtol=1e-6)

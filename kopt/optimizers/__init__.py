@@ -94,9 +94,11 @@ def deserialize(config: dict[str, Any], custom_objects: dict[str, Any] | None = 
 
     Built-in names are case-insensitive. A config of tf.keras's non-legacy optimizers (the
     default ones since tf.keras 2.11: ``"is_legacy_optimizer": False``, class names such as
-    ``"Custom>Adam"`` and ``"LossScaleOptimizerV3"``) loads into the built-in of the same name
-    as tf.keras's ``convert_to_legacy_optimizer`` converts it: without the options only those
-    classes have; one that changes the update (``weight_decay``, ``use_ema``) is refused.
+    ``"Custom>Adam"`` and ``"LossScaleOptimizerV3"``), or of Keras 3's classes, loads into the
+    built-in of the same name as tf.keras's ``convert_to_legacy_optimizer`` converts it:
+    without the options only those classes have; one that changes the update
+    (``weight_decay``, ``use_ema``, ``loss_scale_factor``, ``gradient_accumulation_steps``) is
+    refused.
 
     Your own classes are found as tf.keras finds them: registered with
     :func:`register_keras_serializable`, or in ``custom_objects`` under their
@@ -147,7 +149,11 @@ _NON_LEGACY_OPTIONS = (
     "ema_overwrite_frequency",
     "jit_compile",
     "is_legacy_optimizer",
+    "loss_scale_factor",
+    "gradient_accumulation_steps",
 )
+# Keys only Keras 3's configs have: such a config is not a legacy one either.
+_KERAS3_ONLY = ("loss_scale_factor", "gradient_accumulation_steps")
 
 
 def _from_non_legacy_config(cls: type, config: dict[str, Any]) -> dict[str, Any]:
@@ -160,7 +166,9 @@ def _from_non_legacy_config(cls: type, config: dict[str, Any]) -> dict[str, Any]
     ``jit_compile`` (kopt always compiles) and ``is_legacy_optimizer``. Other configs are
     returned unchanged.
     """
-    if config.get("is_legacy_optimizer", True) is not False:
+    if config.get("is_legacy_optimizer", True) is not False and not any(
+        key in config for key in _KERAS3_ONLY
+    ):
         return config
     config = dict(config)
     config.pop("jit_compile", None)
@@ -169,13 +177,14 @@ def _from_non_legacy_config(cls: type, config: dict[str, Any]) -> dict[str, Any]
         return config
     active = {
         key: config[key]
-        for key in ("weight_decay", "use_ema")
+        for key in ("weight_decay", "use_ema", "loss_scale_factor", "gradient_accumulation_steps")
         if config.get(key) not in (None, False, 0)
     }
     if active:
         key, value = next(iter(active.items()))
         raise ValueError(
-            f"optimizers.deserialize: this config of tf.keras's non-legacy {cls.__name__} sets "
+            f"optimizers.deserialize: this config of a non-legacy {cls.__name__} (tf.keras's, "
+            f"or Keras 3's) sets "
             f"`{key}`={value!r}, an option kopt's {cls.__name__} (tf.keras's legacy "
             f"{cls.__name__}) does not have (kopt's Keras 3 classes, AdamW, Lion, Lamb and "
             "Adafactor, take it)"

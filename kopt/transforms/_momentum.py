@@ -418,7 +418,11 @@ def scale_by_adafactor(
             new = {"r": r, "c": col}
         else:
             v = b * v + (1 - b) * g2
-        u_t = g / jnp.sqrt(v)
+        # Where the factored moment underflows to 0 (a gradient row and column all zero:
+        # about 1e-30 times 1e-30), Keras computes 0 / 0, and the NaN spreads through the RMS
+        # clip to the whole tensor; the element's update is 0 instead (its gradient is 0).
+        positive = v > 0
+        u_t = jnp.where(positive, g / jnp.sqrt(jnp.where(positive, v, 1)), 0)
         u_hat = u_t / jnp.maximum(1.0, rms(u_t) / c["clip_threshold"])
         new["v"] = v
         return -(alpha * u_hat), new
