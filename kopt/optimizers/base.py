@@ -2267,17 +2267,31 @@ def _schedule_key(schedule: Any) -> Any:
     two of equal config compute the same function, so a warm restart that builds a new, equal
     schedule reuses the program. Any other schedule is keyed by the object itself."""
     if type(schedule).__module__ != "kopt.optimizers.schedules":
-        return _Same(schedule)
-    key = _SCHEDULE_KEYS.get(schedule)
-    if key is None:
+        # Its plain attributes too: its __call__ may read them while the step is traced, and
+        # setting one between steps takes effect, as in tf.keras (compiling once per value).
+        return (_Same(schedule), _plain_attributes(schedule))
+    version = schedule.__dict__.get("_version", 0)
+    cached = _SCHEDULE_KEYS.get(schedule)
+    if cached is None or cached[0] != version:
         try:
             config = _plain_key(schedule.get_config())
         except Exception:  # noqa: BLE001 - a config that cannot be read: by identity
             config = _NOT_PLAIN
         if config is _NOT_PLAIN:
             return _Same(schedule)
-        key = _SCHEDULE_KEYS[schedule] = (type(schedule), config)
-    return key
+        cached = _SCHEDULE_KEYS[schedule] = (version, (type(schedule), config))
+    return cached[1]
+
+
+def _plain_attributes(obj: Any) -> tuple:
+    """``obj``'s attributes whose values are plain (numbers, strings, flags and containers of
+    them), as a hashable key; an object without a ``__dict__`` has none."""
+    out = []
+    for name, value in getattr(obj, "__dict__", {}).items():
+        key = _plain_key(value)
+        if key is not _NOT_PLAIN:
+            out.append((name, key))
+    return tuple(out)
 
 
 def _bucketed_rows(g: IndexedSlices, v: Any) -> IndexedSlices:

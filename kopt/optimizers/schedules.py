@@ -63,7 +63,18 @@ class _Builtin(LearningRateSchedule):
         self._config = values
         self._schedule = type(self)._FUNCTION(**values)
         for k, v in values.items():
-            setattr(self, k, v)
+            object.__setattr__(self, k, v)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        config = self.__dict__.get("_config")
+        if config is not None and name in config:
+            # As tf.keras's schedules read their attributes at each call: the function (and
+            # a compiled step keyed by the config) follows the new value.
+            new = {**config, name: value}
+            schedule = type(self)._FUNCTION(**new)  # checks it first
+            self.__dict__.update(_config=new, _schedule=schedule)
+            self.__dict__["_version"] = self.__dict__.get("_version", 0) + 1
+        object.__setattr__(self, name, value)
 
     def __call__(self, step: Any) -> Any:
         return self._schedule(step)
