@@ -791,3 +791,27 @@ def test_adafactor_stays_finite_where_a_gradient_row_and_column_are_zero():
     var = kopt.Variable(kernel, name="kernel")
     Adafactor(learning_rate=0.01).apply_gradients([(jnp.asarray(grad), var)])
     np.testing.assert_allclose(var.numpy(), kernel + np.asarray(updates), rtol=1e-6)
+
+
+def test_accumulation_follows_an_assigned_iterations_and_k_cannot_change():
+    """Keras 3 places the window by its call count: after ``iterations`` is assigned 4 with
+    k = 3, its updates come at the 1st and 4th calls (kopt's own window counter put them at
+    the 2nd and 5th). Changing k after the first step was taken silently (2 to 4) though the
+    docs said it raises."""
+    w = kopt.Variable(jnp.zeros(1), name="w")
+    opt = Lion(learning_rate=1.0, gradient_accumulation_steps=3)
+    opt.apply_gradients([(jnp.ones(1), w)])
+    opt.iterations.assign(4)
+    moved = []
+    for _ in range(6):
+        before = float(w.numpy()[0])
+        opt.apply_gradients([(jnp.ones(1), w)])
+        moved.append(float(w.numpy()[0]) != before)
+    assert moved == [False, True, False, False, True, False]  # calls 5..10: (n + 1) % 3 == 0
+    opt.gradient_accumulation_steps = 4
+    before = (w.numpy(), int(opt.iterations.numpy()))
+    with pytest.raises(ValueError, match=r"`gradient_accumulation_steps` \(3 -> 4\) changed"):
+        opt.apply_gradients([(jnp.ones(1), w)])
+    assert (w.numpy(), int(opt.iterations.numpy())) == before
+    opt.gradient_accumulation_steps = 3
+    opt.apply_gradients([(jnp.ones(1), w)])

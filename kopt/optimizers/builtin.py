@@ -819,6 +819,19 @@ class _Keras3(_SlotDtype, Optimizer):
             or self.__dict__.get("_excluded_names") is not None
         )
 
+    def _check_opaque_unchanged(self, opaque: list[Any], stale: list[Variable]) -> None:
+        # Accumulators of the same shapes for another k would carry the old window on.
+        before = dict(self._slot_structure.get(stale[0]._uid, ()))
+        old = before.get("gradient_accumulation_steps")
+        if old is not None and old != self.gradient_accumulation_steps:
+            raise ValueError(
+                f"{type(self).__name__}: `gradient_accumulation_steps` ({old!r} -> "
+                f"{self.gradient_accumulation_steps!r}) changed after the first step, which "
+                "would change the state this optimizer keeps beside its slots; set it back, "
+                "or start a new optimizer"
+            )
+        super()._check_opaque_unchanged(opaque, stale)
+
     def _clips_before_step(self) -> dict[str, Any]:
         # With accumulation, the clips are part of the twin (they clip the mean).
         return {} if self.gradient_accumulation_steps else self._active_clips()
@@ -985,10 +998,15 @@ def _count_updates_not_calls(tx: GradientTransformation, k: int) -> GradientTran
 
     def accumulated(state):
         if isinstance(state, kopt.AccumulateState):
+            is_piece = lambda x: isinstance(x, OptimizerState)  # noqa: E731
+            pieces = jax.tree.leaves(state.inner_state, is_leaf=is_piece)
+            counts = [s.count for s in pieces if is_piece(s)]
+            # The window follows the calls (written into the pieces' counts), as Keras 3's
+            # follows its _iterations: an assigned `iterations` moves it too.
+            mini_step = (counts[0] % k).astype(jnp.int32) if counts else state.mini_step
             return state._replace(
-                inner_state=jax.tree.map(
-                    per_update, state.inner_state, is_leaf=lambda x: isinstance(x, OptimizerState)
-                )
+                mini_step=mini_step,
+                inner_state=jax.tree.map(per_update, state.inner_state, is_leaf=is_piece),
             )
         return state
 
