@@ -537,3 +537,25 @@ def test_changing_a_schedules_attribute_takes_effect_as_in_tf_keras():
     with pytest.raises(ValueError, match="decay_steps"):
         schedule.decay_steps = 0
     assert schedule.decay_steps == 2 and float(schedule(2)) == 0.5
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: kopt.decoupled_weight_decay(kopt.adam(0.01), 0.1, 0.01, mask=[True, False]),
+        lambda: kopt.adamw(0.01, weight_decay=0.1, mask=lambda p: [True, False]),
+        lambda: kopt.multi_transform({"a": kopt.adam(0.01), "b": kopt.adam(0.01)}, ["a", "b"]),
+    ],
+    ids=["mask_list", "mask_function", "labels_list"],
+)
+def test_from_transformation_finds_hyperparameters_behind_a_list_mask(make):
+    """The docs give masks and labels as lists in the variables' order; the hyperparameters
+    were looked for with one scalar, which such a mask does not fit, so none were found:
+    ``opt.learning_rate`` raised AttributeError, and setting it said no piece kept it."""
+    opt = optimizers.from_transformation(make())
+    np.testing.assert_allclose(float(opt.learning_rate.numpy()), 0.01, rtol=1e-6)
+    opt.learning_rate = 0.5
+    a, b = kopt.Variable([1.0], name="a"), kopt.Variable([1.0], name="b")
+    opt.apply_gradients([(jnp.ones(1), a), (jnp.ones(1), b)])
+    # Adam's first step is about the learning rate (the decay, 0.5 * 0.1, on top for a).
+    assert float(b.numpy()[0]) == pytest.approx(0.5, abs=1e-4)

@@ -1294,6 +1294,10 @@ _HYPERPARAM_NAMES = frozenset(
 )
 
 
+# The most variables a list mask or labels may cover for the probe to find the hyperparameters.
+_MAX_PROBE = 64
+
+
 def _wrapped_hyperparams(transformation: Any) -> tuple[dict[str, float], dict[str, str]]:
     """The hyperparameters a wrapped transformation keeps in its kopt states: (those the facade
     can hold, name -> value; those it cannot, name -> why). A hyperparameter is held when every
@@ -1303,15 +1307,23 @@ def _wrapped_hyperparams(transformation: Any) -> tuple[dict[str, float], dict[st
     The probe runs as one compiled call: run eagerly, each of its scalar operations compiled a
     program of its own the first time (some twenty for Adam, a second or so)."""
     probe = [jax.device_put(np.zeros((), np.float32))]
+    run = jax.jit(functools.partial(_probe_hyperparams, transformation))
     try:
         try:
-            values, marks, after = jax.device_get(
-                jax.jit(functools.partial(_probe_hyperparams, transformation))(probe)
-            )
+            values, marks, after = jax.device_get(run(probe))
         except Exception:  # one that runs only eagerly (a Python branch on a value)
             values, marks, after = _probe_hyperparams(transformation, probe)
-    except Exception:  # a transformation that cannot run on a scalar: no hyperparameters held
-        return {}, {}
+    except Exception:
+        # A mask or labels given as a list in the variables' order fits only as many
+        # variables: probed with 2, 3... scalars (compiled only; refusals fail while traced).
+        for n in range(2, _MAX_PROBE + 1):
+            try:
+                values, marks, after = jax.device_get(run(probe * n))
+                break
+            except Exception:  # noqa: BLE001 - the next length
+                continue
+        else:  # a transformation that cannot run on scalars: no hyperparameters held
+            return {}, {}
     scheduled = {
         key
         for key, held in after.items()
