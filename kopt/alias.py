@@ -332,9 +332,12 @@ def adafactor(
     epsilon_2: Any = 1e-3,
     clip_threshold: Any = 1.0,
     relative_step: bool = True,
+    *,
+    slot_dtype: Any = None,
 ) -> GradientTransformation:
     r"""Adafactor with Keras 3 semantics and defaults (see :func:`kopt.scale_by_adafactor`).
-    Needs ``params`` in ``update``.
+    Needs ``params`` in ``update``. ``slot_dtype``: the dtype of the slots ``r``, ``c``, ``v``
+    (default: each param's).
 
     Example:
         >>> import jax.numpy as jnp, kopt
@@ -343,7 +346,13 @@ def adafactor(
         ((4,), (3,))
     """
     return scale_by_adafactor(
-        learning_rate, beta_2_decay, epsilon_1, epsilon_2, clip_threshold, relative_step
+        learning_rate,
+        beta_2_decay,
+        epsilon_1,
+        epsilon_2,
+        clip_threshold,
+        relative_step,
+        slot_dtype=slot_dtype,
     )
 
 

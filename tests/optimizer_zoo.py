@@ -19,4 +19,4 @@ OPTIMIZERS = {
 }
 
 # The optimizers that accept `slot_dtype`.
-WITH_SLOT_DTYPE = [name for name in OPTIMIZERS if name != "adafactor"]
+WITH_SLOT_DTYPE = list(OPTIMIZERS)

@@ -290,6 +290,7 @@ SLOT_DTYPE_OPTIMIZERS = {
     "ftrl": lambda d: kopt.ftrl(slot_dtype=d),
     "lion": lambda d: kopt.lion(slot_dtype=d),
     "lamb": lambda d: kopt.lamb(slot_dtype=d),
+    "adafactor": lambda d: kopt.adafactor(slot_dtype=d),
 }
 
 

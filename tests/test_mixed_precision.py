@@ -99,8 +99,14 @@ def test_slot_dtype_is_validated():
         optimizers.Adam(slot_dtype=jnp.int32)
     with pytest.raises(TypeError, match="slot_dtype"):
         optimizers.Lion(slot_dtype="not a dtype")
-    with pytest.raises(ValueError, match="slot_dtype"):
-        optimizers.Adafactor(slot_dtype=jnp.float32)
+    with pytest.raises(TypeError, match="slot_dtype"):
+        optimizers.Adafactor(slot_dtype=jnp.int32)
+    # Adafactor's factored statistics too (the API's "slot dtype is settable" for every one).
+    var = kopt.Variable(jnp.ones((4, 3), jnp.bfloat16))
+    opt = optimizers.Adafactor(slot_dtype=jnp.float32)
+    opt.apply_gradients([(jnp.ones((4, 3), jnp.bfloat16), var)])
+    assert {opt.get_slot(var, s).dtype for s in ("r", "c", "v")} == {jnp.dtype(jnp.float32)}
+    assert var.dtype == jnp.bfloat16 and opt.get_config()["slot_dtype"] == "float32"
     assert "slot_dtype" not in optimizers.Adam().get_config()  # tf.keras's keys when unset
 
 

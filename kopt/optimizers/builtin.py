@@ -1160,7 +1160,6 @@ class Adafactor(_Keras3):
     """
 
     _SLOT_ORDER = ("r", "c", "v")
-    _HAS_SLOT_DTYPE = False
     _ATTRS = ("beta_2_decay", "epsilon_1", "epsilon_2", "clip_threshold", "relative_step")
 
     def __init__(
@@ -1193,6 +1192,7 @@ class Adafactor(_Keras3):
             hp.get("epsilon_2", self.epsilon_2),
             hp.get("clip_threshold", self.clip_threshold),
             bool(self.relative_step),
+            slot_dtype=self.slot_dtype,
         )
 
 

@@ -350,6 +350,8 @@ def scale_by_adafactor(
     epsilon_2: Any = 1e-3,
     clip_threshold: Any = 1.0,
     relative_step: bool = True,
+    *,
+    slot_dtype: Any = None,
 ) -> GradientTransformation:
     r"""Keras 3's Adafactor step, learning rate included (Shazeer and Stern, 2018).
 
@@ -364,7 +366,9 @@ def scale_by_adafactor(
 
     (``d = clip_threshold``). ``relative_step`` is kept for Keras compatibility: since
     :math:`\rho_t` already takes the minimum with :math:`1/\sqrt{t}`, it changes nothing, as in
-    Keras 3. Slots ``r``, ``c`` (scalars for params of rank < 2) and ``v``. Needs ``params``.
+    Keras 3. Slots ``r``, ``c`` (scalars for params of rank < 2) and ``v``, in ``slot_dtype``
+    (default: each param's); the step is computed in the slots' dtype and rounded once into
+    the param's. Needs ``params``.
 
     Example:
         >>> import jax.numpy as jnp, kopt
@@ -382,6 +386,7 @@ def scale_by_adafactor(
     check_hyperparam(owner, "epsilon_2", epsilon_2)
     check_hyperparam(owner, "clip_threshold", clip_threshold, low=0.0, low_inclusive=False)
     check_flag(owner, "relative_step", relative_step)
+    check_slot_dtype(owner, slot_dtype, allow_complex=False)
     del relative_step
     hyper = {
         "learning_rate": learning_rate,
@@ -430,14 +435,14 @@ def scale_by_adafactor(
     def factored_slot(axis):
         def make(p):
             # A param of fewer than two axes keeps a scalar in its place (Keras's layout).
-            return reduced_like_param(p, axis if jnp.ndim(p) >= 2 else None)
+            return reduced_like_param(p, axis if jnp.ndim(p) >= 2 else None, slot_dtype)
 
         return make
 
     return leafwise_transformation(
         owner,
         hyper,
-        {"r": factored_slot(-1), "c": factored_slot(-2), "v": constant_slot(0.0)},
+        {"r": factored_slot(-1), "c": factored_slot(-2), "v": constant_slot(0.0, slot_dtype)},
         rule,
         prepare=prepare,
         needs_params=True,
