@@ -108,19 +108,6 @@ def bound(variables: list[Variable], values: list[Any]):
 
 
 @contextlib.contextmanager
-def unboxed_in_transformations():
-    """Within the block (this thread), a variable rebuilt from its pytree with a traced value
-    (by a JAX transformation inside a loss being differentiated) is that value, not a variable:
-    see ``Variable.tree_unflatten``."""
-    previous = getattr(_bindings, "unboxed", False)
-    _bindings.unboxed = True
-    try:
-        yield
-    finally:
-        _bindings.unboxed = previous
-
-
-@contextlib.contextmanager
 def capturing_writes():
     """Within the block (this thread), a value written to a variable that is neither bound nor
     traced itself (a moving average a loss updates) is kept as a binding for the rest of the
@@ -331,12 +318,6 @@ class Variable:
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        if isinstance(children[0], jax.core.Tracer) and getattr(_bindings, "unboxed", False):
-            # In a loss being differentiated, a variable passed through a JAX transformation
-            # (the derivative rule of jax.nn.relu(v), which calls lax on its argument) is its
-            # traced value: lax functions take arrays only. Elsewhere a jitted function gets
-            # a variable of its own, whose value it may assign and return.
-            return children[0]
         obj = object.__new__(cls)
         obj._storage = children[0]
         obj._handed_out = True  # the buffer may be another variable's

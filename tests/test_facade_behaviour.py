@@ -406,7 +406,7 @@ def test_from_transformation_refuses_a_hyperparameter_it_cannot_hold(
     "transformation",
     [
         kopt.accumulate_gradients(kopt.sgd(kopt.schedules.exponential_decay(0.1, 10, 0.5)), 2),
-        kopt.masked(kopt.sgd(0.1), [True, False]),  # cannot run on a one-scalar probe
+        kopt.masked(kopt.sgd(0.1), {"w": True}),  # runs on no list of scalar probes
         optax.inject_hyperparams(optax.sgd)(learning_rate=0.1),  # optax's own
     ],
     ids=["scheduled-inside-accumulation", "unprobed", "optax"],

@@ -271,25 +271,39 @@ def test_var_list_may_be_any_iterable_of_variables():
     opt.minimize(lambda: weights["a"] * 1.0, (v for v in [weights["a"]]))
     np.testing.assert_allclose(weights["a"].numpy(), 0.8, rtol=1e-6)
     np.testing.assert_allclose(weights["b"].numpy(), 1.8, rtol=1e-6)
+    # A pytree mapping of them (flax's FrozenDict) is its values, as before.
+    from flax.core import FrozenDict
+
+    opt.minimize(lambda: weights["a"] * 1.0 + weights["b"] * 1.0, FrozenDict(weights))
+    np.testing.assert_allclose(weights["b"].numpy(), 1.7, rtol=1e-6)
 
 
-def test_jax_nn_functions_of_a_variable_are_differentiable_in_a_loss():
-    """``jax.nn.relu(v)`` or ``jax.nn.sigmoid(v)`` in a loss: their derivative rules got the
-    variable rebuilt from its pytree and called lax on it, which takes arrays only (JAX's
-    "__jax_array__() during abstractification" error). Inside a transformation a variable's
-    pytree now rebuilds as its traced value while a loss is differentiated."""
+def test_jax_nn_functions_and_jitted_functions_of_variables_in_a_loss():
+    """``jax.nn.relu`` and ``jax.nn.sigmoid`` differentiate a variable's value (their derivative
+    rules call lax, which takes arrays: a bare variable goes in as ``v.value``); a jitted or
+    vmapped function given a variable in a loss still gets a variable, whose ``value`` it may
+    read."""
     v = kopt.Variable(np.array([-1.0, 2.0], np.float32), name="gate")
     opt = optimizers.SGD(1.0)
-    ((g, _),) = opt.compute_gradients(lambda: jnp.sum(jax.nn.relu(v)), [v])
+    ((g, _),) = opt.compute_gradients(lambda: jnp.sum(jax.nn.relu(v.value)), [v])
     np.testing.assert_array_equal(g, [0.0, 1.0])
-    ((g, _),) = opt.compute_gradients(lambda: jnp.sum(jax.nn.sigmoid(v)), [v])
+    ((g, _),) = opt.compute_gradients(lambda: jnp.sum(jax.nn.sigmoid(v.value)), [v])
     s = 1 / (1 + np.exp(-np.array([-1.0, 2.0])))
     np.testing.assert_allclose(g, s * (1 - s), rtol=1e-6)
-    ((g, _),) = opt.compute_gradients(lambda: jnp.sum(jax.nn.softplus(v) * 2.0), [v])
-    np.testing.assert_allclose(g, 2 * s, rtol=1e-6)
-    # Outside a loss, a jitted function still gets a variable of its own.
+    x = jnp.array([[1.0, 2.0], [3.0, 4.0]])
+
+    def per_example(w, row):
+        return jnp.sum(w.value * row) ** 2
+
+    ((g, _),) = opt.compute_gradients(lambda: jax.jit(per_example)(v, x[0]), [v])
+    np.testing.assert_allclose(g, 2 * 3.0 * np.array([1.0, 2.0]), rtol=1e-6)
+    ((g, _),) = opt.compute_gradients(
+        lambda: jnp.sum(jax.vmap(per_example, in_axes=(None, 0))(v, x)), [v]
+    )
+    np.testing.assert_allclose(g, 2 * 3.0 * x[0] + 2 * 5.0 * x[1], rtol=1e-6)
+    # Outside a loss, a jitted function gets a variable of its own too.
     kinds = []
-    jax.jit(lambda x: kinds.append(type(x)) or x)(v)
+    jax.jit(lambda w: kinds.append(type(w)) or w.value)(v)
     assert kinds[0] is kopt.Variable
 
 

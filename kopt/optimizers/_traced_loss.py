@@ -27,8 +27,6 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jex_core
 
-from kopt.variables import unboxed_in_transformations
-
 # Losses (identified by their code) that cannot be traced, or whose trace changes every call.
 _EAGER: set[Any] = set()
 # Compiled gradient programs by jaxpr structure, least recently used first out.
@@ -143,11 +141,8 @@ def _gradient_program(jaxpr: Any, out_tree: Any) -> Callable:
         def loss_and_aux(vals):
             return jax.tree.unflatten(out_tree, evaluate(*vals))
 
-        # The loss's derivative rules (a custom_jvp's, as of jax.nn.relu) run here: the
-        # variables they rebuild are their traced values, as while the loss was traced.
-        with unboxed_in_transformations():
-            out, vjp, aux = jax.vjp(loss_and_aux, values, has_aux=True)
-            (grads,) = vjp(jnp.ones_like(out) if cotangent is None else cotangent)
+        out, vjp, aux = jax.vjp(loss_and_aux, values, has_aux=True)
+        (grads,) = vjp(jnp.ones_like(out) if cotangent is None else cotangent)
         return out, grads, aux
 
     return loss_gradient

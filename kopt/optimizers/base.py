@@ -23,7 +23,7 @@ import re
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, MappingView
 from typing import Any, NamedTuple
 
 import jax
@@ -1802,12 +1802,7 @@ class Optimizer:
         assigned: dict[int, Variable] = {}  # variables (not in var_list) the loss assigned
 
         def loss_of(values):
-            with (
-                bound(var_list, values),
-                track_reads() as reads,
-                capturing_writes() as written,
-                variables_module.unboxed_in_transformations(),
-            ):
+            with bound(var_list, values), track_reads() as reads, capturing_writes() as written:
                 try:
                     # Read as an array here, where reads are tracked: a loss that is a
                     # variable itself (or holds one) reads it only when converted.
@@ -2123,10 +2118,8 @@ def _loss_array(loss: Any) -> jax.Array:
 def _variable_list(var_list: Any) -> list[Variable]:
     """The Variables of a (nested) list; None entries (not built yet) are skipped. Another
     iterable of them (``dict.values()``, a generator) counts as a list."""
-    if not isinstance(
-        var_list, (Variable, list, tuple, dict, str, bytes, np.ndarray, jax.Array)
-    ) and isinstance(var_list, Iterable):
-        var_list = list(var_list)
+    if isinstance(var_list, (Iterator, MappingView, set, frozenset)):
+        var_list = list(var_list)  # a pytree of variables (a FrozenDict, say) is taken as one
     variables = list(jax.tree.leaves(var_list, is_leaf=lambda x: isinstance(x, Variable)))
     for i, v in enumerate(variables):
         if not isinstance(v, Variable):
