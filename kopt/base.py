@@ -151,7 +151,7 @@ def extra_args_update(transformation: Any) -> Callable[..., tuple[Updates, OptSt
     a refused argument.
     """
     update = transformation.update
-    if not isinstance(transformation, GradientTransformation):
+    if not _takes_sparse(transformation):
         update = _dense_gradients_for(update)
     accepted = _accepted_extra_args(transformation)
     if accepted is None:
@@ -163,6 +163,22 @@ def extra_args_update(transformation: Any) -> Callable[..., tuple[Updates, OptSt
         )
 
     return call
+
+
+def _takes_sparse(transformation: Any) -> bool:
+    """Whether ``transformation`` takes :class:`~kopt.IndexedSlices` gradients: kopt's own,
+    and optax's ``inject_hyperparams`` around a kopt optimizer (it hands the gradients to
+    the kopt piece it builds, which keeps its Keras row rule)."""
+    if isinstance(transformation, GradientTransformation):
+        return True
+    update = getattr(transformation, "update", None)
+    code = getattr(update, "__code__", None)
+    if code is None or not getattr(update, "__qualname__", "").startswith("inject_hyperparams."):
+        return False
+    cells = dict(zip(code.co_freevars, update.__closure__ or (), strict=False))
+    factory = cells.get("inner_factory")
+    module = getattr(getattr(factory, "cell_contents", None), "__module__", "") or ""
+    return module == "kopt" or module.startswith("kopt.")
 
 
 def _dense_gradients_for(update: Callable[..., Any]) -> Callable[..., Any]:
@@ -476,6 +492,10 @@ def _matches(path: tuple, where: Any) -> bool:
     it on their path; a tuple of keys, those with that run of keys on their path."""
     if where is None:
         return True
+    if isinstance(where, np.integer):
+        where = int(where)
+    elif isinstance(where, tuple):
+        where = tuple(int(w) if isinstance(w, np.integer) else w for w in where)
     if not isinstance(where, tuple):
         return any(type(k) is type(where) and k == where for k in path)
     n = len(where)
@@ -550,8 +570,8 @@ def get_hyperparam(state: OptState, name: str, *, where: Any = None) -> jax.Arra
     # around a kopt optimizer also holds the value it injects, which kopt does not use.
     own = [(p, h) for p, h in chosen if type(h).__module__.startswith("kopt.")] or chosen[:1]
     values = [(p, h.hyperparams[name]) for p, h in own]
-    known = [_known_value(v) for _, v in values]
-    if len(values) > 1 and all(k is not None for k in known):
+    known = [_known_value(v) for _, v in values] if len(values) > 1 else []
+    if known and all(k is not None for k in known):
         if any(not np.array_equal(known[0], k) for k in known[1:]):
             held = ", ".join(
                 f"{_path_text(p)}: {k.item():.7g}" if k.size == 1 else f"{_path_text(p)}: {k}"
@@ -788,6 +808,11 @@ def get_slot(state: OptState, name: str, *, where: Any = None) -> PyTree:
     return merged
 
 
+def _absent(x: Any) -> bool:
+    """No slot for these params: None (kopt's masked pieces) or optax's ``MaskedNode``."""
+    return x is None or type(x).__name__ == "MaskedNode"
+
+
 class _Overlap(Exception):
     """Two slot trees hold a value for the same param."""
 
@@ -795,9 +820,9 @@ class _Overlap(Exception):
 def _merge_disjoint(a: PyTree, b: PyTree) -> PyTree:
     """``a`` and ``b`` (trees shaped like the params, None where a piece holds nothing) put
     together; raises :class:`_Overlap` where both hold a value."""
-    if a is None:
+    if _absent(a):
         return b
-    if b is None:
+    if _absent(b):
         return a
     a_children, a_def = jax.tree.flatten(a, is_leaf=lambda x: x is not a)
     b_children, b_def = jax.tree.flatten(b, is_leaf=lambda x: x is not b)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -273,7 +274,7 @@ def _optimizer_weights(optimizer: Any, variables: dict[str, Any], layout: dict[s
     ]
     other = [by_name[name] for name in layout["other"]]
     nested = []
-    for inner, inner_layout in zip(_nested(optimizer), layout.get("nested", []), strict=True):
+    for inner, inner_layout in zip(_nested(optimizer), layout.get("nested", []), strict=False):
         for name, names in inner_layout["slots"].items():
             nested.extend(inner.get_slot(variables[name], slot) for slot in names)
         if inner_layout["iterations"]:
@@ -453,6 +454,15 @@ def restore_optimizer(
         if saved.get("iterations"):
             _ = inner.iterations  # made on first use: it was there when saved
     layout = _optimizer_layout(optimizer, {name: named[name] for name in order})
+    if "nested" in layout and "nested" not in config["layout"]:
+        # Saved before checkpoints kept the state of held optimizers: what was saved is
+        # restored, and the held optimizers start afresh (as such a checkpoint always did).
+        warnings.warn(
+            "restore_optimizer: this checkpoint was written without the state of the "
+            "optimizers the saved one holds (an older kopt); they start afresh",
+            stacklevel=2,
+        )
+        layout = {k: v for k, v in layout.items() if k != "nested"}
     if layout != config["layout"]:
         raise ValueError(
             "restore_optimizer: the rebuilt optimizer's weights do not match the checkpoint's: "

@@ -454,3 +454,28 @@ def test_a_from_transformation_optimizer_restores_with_its_transformation(tmp_pa
     opt.apply_gradients([(grad, var)])
     restored.apply_gradients([(grad, other)])
     np.testing.assert_array_equal(other.numpy(), var.numpy())
+
+
+def test_a_wrapper_saved_without_its_held_optimizers_state_still_restores(tmp_path, monkeypatch):
+    """A checkpoint written before held optimizers' state was kept (as kopt wrote them) was
+    refused as not matching; it restores what it has, the held optimizer starting afresh."""
+    import kopt.checkpoint as checkpoint
+
+    variables = [
+        kopt.Variable(np.ones((2, 2), np.float32), name="w"),
+        kopt.Variable(np.zeros(2, np.float32), name="b"),
+    ]
+    opt = _Lookahead(optimizers.Adam(0.05))
+    for _ in range(2):
+        opt.apply_gradients([(jnp.ones((2, 2)), variables[0]), (jnp.ones(2), variables[1])])
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "_nested", lambda optimizer: [])  # the older layout
+        save_optimizer(tmp_path / "c", opt, variables)
+    with pytest.warns(UserWarning, match="start afresh"):
+        resumed = restore_optimizer(
+            tmp_path / "c", variables, custom_objects={"_Lookahead": _Lookahead}
+        )
+    np.testing.assert_array_equal(
+        resumed.get_slot(variables[0], "slow").numpy(), opt.get_slot(variables[0], "slow").numpy()
+    )
+    assert int(resumed.iterations.numpy()) == 2

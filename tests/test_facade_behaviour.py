@@ -503,8 +503,8 @@ def test_python_gradients_take_the_variables_dtype_and_integer_variables_get_non
 
 def test_changing_a_schedules_attribute_takes_effect_as_in_tf_keras():
     """tf.keras's schedules read their attributes at each call. kopt's built the function once
-    (and keyed the compiled step by the first config), and a custom schedule's attribute was a
-    constant of the compiled step: a change between steps was ignored, silently."""
+    (and keyed the compiled step by the first config): a change between steps was ignored,
+    silently."""
     schedule = optimizers.schedules.ExponentialDecay(0.1, 2, 0.5)
     schedule.initial_learning_rate = 1.0
     assert float(schedule(2)) == 0.5
@@ -517,23 +517,31 @@ def test_changing_a_schedules_attribute_takes_effect_as_in_tf_keras():
     # -0.1, then -1.0 * 0.5 ** (1 / 1000) (tf_keras 2.21: -0.9993070587515831 in all)
     np.testing.assert_allclose(var.numpy(), [-0.1 - 0.5 ** (1 / 1000)], rtol=1e-6)
 
-    class Halving(optimizers.schedules.LearningRateSchedule):
-        def __init__(self, base):
-            self.base = base
+    # A custom schedule is a constant of the compiled step, as in a tf.function: one that
+    # counts its own calls (while traced) does not make a new step each call.
+    class Counting(optimizers.schedules.LearningRateSchedule):
+        def __init__(self):
+            self.traces = 0
 
         def __call__(self, step):
-            return self.base / 2.0 ** (step // 10)
+            self.traces += 1
+            return 0.1
 
         def get_config(self):
-            return {"base": self.base}
+            return {}
 
-    custom = Halving(0.8)
+    opt = optimizers.SGD(learning_rate=Counting())
     var = kopt.Variable([0.0])
-    opt = optimizers.SGD(learning_rate=custom)
+    for _ in range(4):
+        opt.apply_gradients([(jnp.ones(1), var)])
+    assert opt.compile_count == 1
+    # A schedule class's array argument: keyed by the object and its changes.
+    arrayed = optimizers.schedules.ExponentialDecay(jnp.asarray(0.1), 1, 1.0)
+    opt, var = optimizers.SGD(learning_rate=arrayed), kopt.Variable([0.0])
     opt.apply_gradients([(jnp.ones(1), var)])
-    custom.base = 8.0
+    arrayed.decay_rate = 0.5
     opt.apply_gradients([(jnp.ones(1), var)])
-    np.testing.assert_allclose(var.numpy(), [-8.8], rtol=1e-6)
+    np.testing.assert_allclose(var.numpy(), [-0.15], rtol=1e-6)
     with pytest.raises(ValueError, match="decay_steps"):
         schedule.decay_steps = 0
     assert schedule.decay_steps == 2 and float(schedule(2)) == 0.5

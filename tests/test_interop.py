@@ -562,3 +562,21 @@ def test_an_optax_piece_gets_sparse_gradients_dense():
         opt = kopt.optimizers.from_transformation(transformation)
         opt.apply_gradients([(grad, variable)])
         np.testing.assert_array_equal(variable.numpy(), want)
+
+
+def test_inject_hyperparams_around_a_kopt_optimizer_keeps_the_sparse_rule():
+    """optax.inject_hyperparams(kopt.sgd) hands the gradients to the kopt piece it builds:
+    made dense for it, the momentum of rows a step does not name decayed too (Keras's
+    sparse rule leaves them)."""
+    table = jnp.ones((2, 1))
+    grad = kopt.IndexedSlices(jnp.ones((1, 1)), jnp.array([0]), (2, 1))
+    injected = optax.inject_hyperparams(kopt.sgd)(learning_rate=0.1, momentum=0.9)
+    results = []
+    for tx in (kopt.sgd(0.1, momentum=0.9), kopt.chain(kopt.clip_by_value(10.0), injected)):
+        params, state = table, tx.init(table)
+        for g in (kopt.IndexedSlices(jnp.ones((2, 1)), jnp.array([0, 1]), (2, 1)), grad):
+            updates, state = tx.update(g, state, params)
+            params = kopt.apply_updates(params, updates)
+        results.append(np.asarray(params))
+    np.testing.assert_allclose(results[1], results[0], rtol=1e-6)
+    np.testing.assert_allclose(results[0][1], [0.9], rtol=1e-6)  # row 1's momentum kept

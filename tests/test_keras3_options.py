@@ -7,6 +7,8 @@ value for weight decay, and (for accumulation) the same optimizer stepping once 
 gradient.
 """
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -740,6 +742,14 @@ def test_numpy_and_jax_scalars_are_numbers_for_ema_momentum_and_lion_betas():
         assert type(lion.beta_1) is float and type(lion.get_config()["beta_2"]) is float
     with pytest.raises(ValueError, match="ema_momentum"):
         AdamW(use_ema=True, ema_momentum=np.float32(1.5))
+    # NumPy counts and flags set as attributes stay whole numbers and bools (JSON configs).
+    opt = AdamW()
+    opt.gradient_accumulation_steps = np.int64(2)
+    opt.use_ema = np.True_
+    opt.ema_overwrite_frequency = np.int32(5)
+    assert (type(opt.gradient_accumulation_steps), type(opt.use_ema)) == (int, bool)
+    assert type(opt.ema_overwrite_frequency) is int
+    json.dumps(opt.get_config())
 
 
 @pytest.mark.parametrize("pattern", ["bias", "bias$", "^bias$"])
@@ -772,6 +782,10 @@ def test_a_variable_joining_an_accumulating_optimizer_is_named():
     ):
         opt.apply_gradients([(jnp.ones(2), a), (jnp.ones(3), b), (jnp.ones(2), c)])
     assert int(opt.iterations.numpy()) == 1
+    with pytest.raises(
+        ValueError, match=r"first step \(\['a:0', 'b:0'\]\), and this step adds \['c:0'\]"
+    ):
+        opt.apply_gradients([(jnp.ones(2), c)])
 
 
 def test_adafactor_stays_finite_where_a_gradient_row_and_column_are_zero():

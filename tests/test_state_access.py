@@ -106,6 +106,7 @@ def test_set_hyperparam_where_keeps_an_ema_decay_apart_from_sgd_momentum():
     state = kopt.set_hyperparam(state, "momentum", 0.5, where=0)
     assert float(kopt.get_hyperparam(state, "momentum", where=0)) == 0.5
     assert float(kopt.get_hyperparam(state, "momentum", where=1)) == np.float32(0.999)
+    assert float(kopt.get_hyperparam(state, "momentum", where=np.int64(0))) == 0.5
     both = kopt.set_hyperparam(state, "momentum", 0.25)  # by default, every holder
     assert [float(kopt.get_hyperparam(both, "momentum", where=i)) for i in (0, 1)] == [0.25, 0.25]
 
@@ -174,3 +175,19 @@ def test_set_hyperparam_refuses_values_the_constructor_refuses(name, value):
     with pytest.raises(ValueError, match=rf"set_hyperparam: `{name}` must be"):
         kopt.set_hyperparam(state, name, value)
     kopt.set_hyperparam(state, name, 0.5)
+
+
+def test_get_slot_puts_together_optax_multi_transform_groups_of_kopt_pieces():
+    """optax marks the params a group leaves out with MaskedNode, not None: the groups were
+    taken to hold the slot for the same params."""
+    import optax
+
+    params = {"w": jnp.ones(2), "b": jnp.ones(3)}
+    tx = optax.multi_transform(
+        {"x": kopt.sgd(0.1, momentum=0.9), "y": kopt.sgd(0.5, momentum=0.9)},
+        {"w": "x", "b": "y"},
+    )
+    _, state = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+    momentum = kopt.get_slot(state, "momentum")
+    np.testing.assert_allclose(momentum["w"], [-0.1, -0.1], rtol=1e-6)
+    np.testing.assert_allclose(momentum["b"], [-0.5, -0.5, -0.5], rtol=1e-6)

@@ -593,6 +593,15 @@ def test_a_mask_or_labels_function_refuses_packed_buffers():
         # packed (every param over max_leaf_size stays loose).
         tx.init(params)
         tx.init(kopt.pack(params, max_leaf_size=1))
+    # A mask tree says what it selects: a True prefix selects every buffer, as it does every
+    # param (only functions of the params are refused).
+    for tx in (
+        kopt.flatten(kopt.masked(kopt.sgd(0.1), True)),
+        kopt.flatten(kopt.multi_transform({"all": kopt.sgd(0.1)}, "all")),
+    ):
+        updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+        np.testing.assert_allclose(updates["dense"]["bias"], np.full(3, -0.1), rtol=1e-6)
+    kopt.masked(kopt.adam(0.1), True).init(kopt.pack(params))
     # masked outside flatten sees the params whole.
     outer = kopt.masked(kopt.flatten(kopt.add_decayed_weights(0.5)), decay_mask)
     updates, _ = outer.update(jax.tree.map(jnp.zeros_like, params), outer.init(params), params)

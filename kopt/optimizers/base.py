@@ -1046,10 +1046,13 @@ class Optimizer:
 
     def _create_opaque(self, state, layout, var_list, new) -> None:
         if self._opaque_owner is not None or len(new) != len(var_list):
-            owner = set(self._opaque_owner or ())
+            owner = self._opaque_owner or ()
             fresh = {v._uid for v in new}
-            known = [v.name for v in var_list if v._uid in owner or v._uid not in fresh]
-            added = [v.name for v in new if v._uid not in owner]
+            if owner:
+                known = [self._slot_owners[u].name for u in owner if u in self._slot_owners]
+            else:
+                known = [v.name for v in var_list if v._uid not in fresh]
+            added = [v.name for v in new if v._uid not in set(owner)]
             raise ValueError(
                 f"{self._name}: its state beside the slots (gradient accumulators, a wrapped "
                 "transformation's state) is made once, for the variables of its first step "
@@ -2260,9 +2263,8 @@ def _schedule_key(schedule: Any) -> Any:
     two of equal config compute the same function, so a warm restart that builds a new, equal
     schedule reuses the program. Any other schedule is keyed by the object itself."""
     if type(schedule).__module__ != "kopt.optimizers.schedules":
-        # Its plain attributes too: its __call__ may read them while the step is traced, and
-        # setting one between steps takes effect, as in tf.keras (compiling once per value).
-        return (_Same(schedule), _plain_attributes(schedule))
+        # Another schedule is a constant of the step, as a tf.function traces it: by identity.
+        return _Same(schedule)
     version = schedule.__dict__.get("_version", 0)
     cached = _SCHEDULE_KEYS.get(schedule)
     if cached is None or cached[0] != version:
@@ -2270,21 +2272,11 @@ def _schedule_key(schedule: Any) -> Any:
             config = _plain_key(schedule.get_config())
         except Exception:  # noqa: BLE001 - a config that cannot be read: by identity
             config = _NOT_PLAIN
-        if config is _NOT_PLAIN:
-            return _Same(schedule)
-        cached = _SCHEDULE_KEYS[schedule] = (version, (type(schedule), config))
+        # A config that is not plain (a JAX array in it): by identity and version, so that a
+        # changed attribute still makes a new step.
+        key = (_Same(schedule), version) if config is _NOT_PLAIN else (type(schedule), config)
+        cached = _SCHEDULE_KEYS[schedule] = (version, key)
     return cached[1]
-
-
-def _plain_attributes(obj: Any) -> tuple:
-    """``obj``'s attributes whose values are plain (numbers, strings, flags and containers of
-    them), as a hashable key; an object without a ``__dict__`` has none."""
-    out = []
-    for name, value in getattr(obj, "__dict__", {}).items():
-        key = _plain_key(value)
-        if key is not _NOT_PLAIN:
-            out.append((name, key))
-    return tuple(out)
 
 
 def _bucketed_rows(g: IndexedSlices, v: Any) -> IndexedSlices:

@@ -573,8 +573,12 @@ class Ftrl(_KerasV2):
 def _plain_number(value: Any) -> Any:
     """A NumPy or concrete JAX real scalar as a Python float (Keras 3 takes them where it takes
     a float, and configs stay JSON); anything else as it is."""
-    if isinstance(value, (bool, np.bool_)) or isinstance(value, jax.core.Tracer):
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, bool) or isinstance(value, jax.core.Tracer):
         return value
+    if isinstance(value, np.integer):
+        return int(value)  # a count (gradient_accumulation_steps) stays a whole number
     if isinstance(value, np.number) or (
         isinstance(value, (np.ndarray, jax.Array))
         and value.shape == ()
@@ -1246,7 +1250,8 @@ class TransformationOptimizer(Optimizer):
         held = {k: v for k, v in hp.items() if k in self._held_hyperparams}
         wrapped = self._wrapped
         if not isinstance(wrapped, GradientTransformation):
-            # An optax transformation takes sparse gradients dense (kopt.chain's rule).
+            # An optax transformation takes sparse gradients dense (kopt.chain's rule), unless
+            # it hands them to kopt pieces (optax.inject_hyperparams(kopt.sgd)).
             wrapped = GradientTransformation(wrapped.init, extra_args_update(wrapped))
         if not held:
             return wrapped

@@ -135,16 +135,20 @@ def _packed_hint(tree: PyTree) -> str:
 
 
 def _refuse_packed(params: PyTree, owner: str, what: str) -> None:
-    """Raises where ``params`` holds packed buffers: a mask or labels that fit them (a function
-    of the params, mapped over the buffers) would select whole buffers, not params."""
+    """Raises where ``params`` holds packed buffers: a mask or labels function, mapped over
+    them, would select whole buffers, not params. (A mask tree that fits them, such as a
+    ``True`` prefix, says what it selects.)"""
     found = packed_buffers(params)
     if found is not None:
         where, keys = found
+        way_out = (
+            f"put {owner} outside kopt.flatten, as in masked(flatten(tx), mask)"
+            if where == "kopt.flatten"
+            else "keep the params it selects among unpacked (a larger max_leaf_size packs fewer)"
+        )
         raise ValueError(
-            f"{owner}: `{what}` would select whole buffers, not params: they are {where}'s "
-            f"packed buffers {keys}, and a mask or labels by leaf cannot select within a "
-            f"buffer: put {owner} outside kopt.flatten, as in masked(flatten(tx), mask), and "
-            "keep params that need masks unpacked"
+            f"{owner}: `{what}` is a function of the params, which would see {where}'s packed "
+            f"buffers {keys} and select whole buffers, not params: {way_out}"
         )
 
 
@@ -183,8 +187,10 @@ def _masked(
     def init_fn(params):
         if _leafless(params):
             return MaskedState(inner.init(params))
-        selected = _select(params, tree_or_function(mask, params), owner, what)
-        _refuse_packed(params, owner, what)
+        resolved = tree_or_function(mask, params)
+        selected = _select(params, resolved, owner, what)
+        if resolved is not mask:  # a function of the params
+            _refuse_packed(params, owner, what)
         inner_state = inner.init(selected)
         return MaskedState(uncommitted_on_params_devices(inner_state, params))
 
@@ -256,6 +262,8 @@ def multi_transform(
                 }
             )
         ms = masks(params)
+        if tree_or_function(labels, params) is not labels:  # a function of the params
+            _refuse_packed(params, "multi_transform", "labels")
         return MultiTransformState(
             {
                 k: _masked(tx, ms[k], "multi_transform", "labels").init(params)
