@@ -76,3 +76,45 @@ class NormTracker(optimizers.Optimizer):
         config = super().get_config()
         config["learning_rate"] = self._serialize_hyperparameter("learning_rate")
         return config
+
+
+class Lookahead(optimizers.Optimizer):
+    """tf-addons' Lookahead, as docs/from-tf-keras.md ports it: an inner optimizer held in an
+    attribute (sharing the wrapper's step count), whose slots and update the wrapper's hooks
+    use, syncing to slow weights every ``sync_period`` steps."""
+
+    def __init__(self, optimizer, sync_period=2, slow_step_size=0.5, name="Lookahead"):
+        super().__init__(name)
+        self._optimizer = optimizer
+        self._set_hyper("sync_period", sync_period)
+        self._set_hyper("slow_step_size", slow_step_size)
+
+    def apply_gradients(self, grads_and_vars, name=None, **kwargs):
+        self._optimizer._iterations = self.iterations
+        return super().apply_gradients(grads_and_vars, name, **kwargs)
+
+    def _create_slots(self, var_list):
+        self._optimizer._create_slots(var_list=var_list)
+        for var in var_list:
+            self.add_slot(var, "slow", initializer=var)
+
+    def _resource_apply_dense(self, grad, var, apply_state=None):
+        self._optimizer._resource_apply_dense(grad, var)
+        slow = self.get_slot(var, "slow")
+        sync = (self.iterations + 1) % self._get_hyper("sync_period", jnp.int32) == 0
+        back = slow + self._get_hyper("slow_step_size", var.dtype) * (var - slow)
+        slow.assign(jnp.where(sync, back, slow))
+        var.assign(jnp.where(sync, back, var))
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "optimizer": optimizers.serialize(self._optimizer),
+            "sync_period": self._serialize_hyperparameter("sync_period"),
+            "slow_step_size": self._serialize_hyperparameter("slow_step_size"),
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        return cls(optimizers.deserialize(config.pop("optimizer")), **config)

@@ -24,7 +24,7 @@ from checkpoint_worker import (
     functional_run,
     initial_params,
 )
-from facade_zoo import NormTracker
+from facade_zoo import Lookahead, NormTracker
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -280,40 +280,6 @@ def test_a_custom_optimizers_add_weight_state_is_saved_and_restored(tmp_path):
     np.testing.assert_array_equal(resumed_var.numpy(), var.numpy())
 
 
-class _Lookahead(optimizers.Optimizer):
-    """tf-addons' Lookahead, as docs/from-tf-keras.md ports it: the inner optimizer in an
-    attribute, sharing the wrapper's step count."""
-
-    def __init__(self, optimizer, name="Lookahead"):
-        super().__init__(name)
-        self._optimizer = optimizer
-
-    def apply_gradients(self, grads_and_vars, name=None, **kwargs):
-        self._optimizer._iterations = self.iterations
-        return super().apply_gradients(grads_and_vars, name, **kwargs)
-
-    def _create_slots(self, var_list):
-        self._optimizer._create_slots(var_list=var_list)
-        for var in var_list:
-            self.add_slot(var, "slow", initializer=var)
-
-    def _resource_apply_dense(self, grad, var, apply_state=None):
-        self._optimizer._resource_apply_dense(grad, var)
-        slow = self.get_slot(var, "slow")
-        sync = (self.iterations + 1) % 3 == 0
-        back = slow + 0.5 * (var - slow)
-        slow.assign(jnp.where(sync, back, slow))
-        var.assign(jnp.where(sync, back, var))
-
-    def get_config(self):
-        return {**super().get_config(), "optimizer": optimizers.serialize(self._optimizer)}
-
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        return cls(optimizers.deserialize(config.pop("optimizer")), **config)
-
-
 class _Split(optimizers.Optimizer):
     """Adam for matrices and momentum SGD for vectors, held in a dict; Adam keeps its own
     step count, which the wrapper moves."""
@@ -335,7 +301,7 @@ class _Split(optimizers.Optimizer):
             self.inner["mat"].iterations.assign_add(1)
 
 
-@pytest.mark.parametrize("make", [lambda: _Lookahead(optimizers.Adam(0.05)), _Split])
+@pytest.mark.parametrize("make", [lambda: Lookahead(optimizers.Adam(0.05)), _Split])
 def test_the_state_of_an_optimizer_held_by_another_is_saved_and_restored(tmp_path, make):
     """A wrapper's step updates the slots (and step count) of the optimizers it holds, but
     the checkpoint stored only the wrapper's own: a resumed Lookahead went on with its inner
@@ -355,11 +321,11 @@ def test_the_state_of_an_optimizer_held_by_another_is_saved_and_restored(tmp_pat
     for g in grads[:4]:
         opt.apply_gradients(zip(g, variables, strict=True))
     save_optimizer(tmp_path / "c", opt, variables)
-    custom = {"_Lookahead": _Lookahead, "_Split": _Split}
+    custom = {"Lookahead": Lookahead, "_Split": _Split}
     resumed_variables = fresh()
     resumed = restore_optimizer(tmp_path / "c", resumed_variables, custom_objects=custom)
-    inner = opt._optimizer if isinstance(opt, _Lookahead) else opt.inner["mat"]
-    resumed_inner = resumed._optimizer if isinstance(resumed, _Lookahead) else resumed.inner["mat"]
+    inner = opt._optimizer if isinstance(opt, Lookahead) else opt.inner["mat"]
+    resumed_inner = resumed._optimizer if isinstance(resumed, Lookahead) else resumed.inner["mat"]
     np.testing.assert_array_equal(
         resumed_inner.get_slot(resumed_variables[0], "m").numpy(),
         inner.get_slot(variables[0], "m").numpy(),
@@ -465,7 +431,7 @@ def test_a_wrapper_saved_without_its_held_optimizers_state_still_restores(tmp_pa
         kopt.Variable(np.ones((2, 2), np.float32), name="w"),
         kopt.Variable(np.zeros(2, np.float32), name="b"),
     ]
-    opt = _Lookahead(optimizers.Adam(0.05))
+    opt = Lookahead(optimizers.Adam(0.05))
     for _ in range(2):
         opt.apply_gradients([(jnp.ones((2, 2)), variables[0]), (jnp.ones(2), variables[1])])
     with monkeypatch.context() as patch:
@@ -473,7 +439,7 @@ def test_a_wrapper_saved_without_its_held_optimizers_state_still_restores(tmp_pa
         save_optimizer(tmp_path / "c", opt, variables)
     with pytest.warns(UserWarning, match="start afresh"):
         resumed = restore_optimizer(
-            tmp_path / "c", variables, custom_objects={"_Lookahead": _Lookahead}
+            tmp_path / "c", variables, custom_objects={"Lookahead": Lookahead}
         )
     np.testing.assert_array_equal(
         resumed.get_slot(variables[0], "slow").numpy(), opt.get_slot(variables[0], "slow").numpy()

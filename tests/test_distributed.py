@@ -64,47 +64,56 @@ def test_leaf_sharding_picks_the_largest_divisible_dimension():
         kopt.state_sharding(kopt.adam().init(PARAMS), mesh, "model")
 
 
-def test_state_sharding_matches_each_slot_to_its_own_param():
-    """Two params of one shape, split differently over ``"model"``: each slot keeps its own
-    param's split and adds the ``"data"`` one (matched by tree position; by shape alone both
-    got the same sharding, and an explicit mesh refused the step). A factored statistic of
-    a bias's shape stays replicated."""
+def _split_params():
+    """Two (8, 8) params split differently over "model" and a replicated bias, on a 2 x 2
+    ("data", "model") mesh: ``(mesh, specs, params)``."""
     mesh = jax.make_mesh((2, 2), ("data", "model"))
     specs = {"a": P("model", None), "b": P(None, "model"), "bias": P()}
     params = {
         name: jax.device_put(np.ones(shape, np.float32), NamedSharding(mesh, specs[name]))
         for name, shape in {"a": (8, 8), "b": (8, 8), "bias": (8,)}.items()
     }
+    return mesh, specs, params
+
+
+def _two_momentum_steps_keep_the_splits(tx, shardings, mesh, specs, params):
+    """Two ZeRO-1 steps of a momentum SGD (lr 0.1, momentum 0.9) with gradients of 2: each
+    param keeps its split and reaches 0.42. Returns the state."""
+    state = kopt.shard_state(tx.init(params), mesh, "data", params)
+    update = kopt.jit_update(tx, shardings)
+    grads = jax.tree.map(
+        lambda p: jax.device_put(np.full(p.shape, 2.0, np.float32), p.sharding), params
+    )
+    for _ in range(2):
+        params, state = update(grads, state, params)
+    for name, p in params.items():  # 1 - 0.1 * 2, then - (0.9 * 0.2 + 0.1 * 2)
+        assert p.sharding.spec == specs[name]
+        np.testing.assert_allclose(p, 0.42, rtol=1e-6)
+    return state
+
+
+def test_state_sharding_matches_each_slot_to_its_own_param():
+    """Two params of one shape, split differently over ``"model"``: each slot keeps its own
+    param's split and adds the ``"data"`` one (matched by tree position; by shape alone both
+    got the same sharding, and an explicit mesh refused the step). A factored statistic of
+    a bias's shape stays replicated."""
+    mesh, specs, params = _split_params()
     factored = kopt.state_sharding(kopt.adafactor().init(params), mesh, "data", params)
     assert kopt.get_slot(factored, "r")["a"].spec == P()  # shaped like "bias", not its slot
     tx = kopt.sgd(0.1, momentum=0.9)
-    state = kopt.shard_state(tx.init(params), mesh, "data", params)
-    update = kopt.jit_update(tx, kopt.state_sharding(state, mesh, "data", params))
-    grads = {
-        name: jax.device_put(np.full(p.shape, 2.0, np.float32), p.sharding)
-        for name, p in params.items()
-    }
-    for _ in range(2):
-        params, state = update(grads, state, params)
+    shardings = kopt.state_sharding(tx.init(params), mesh, "data", params)
+    state = _two_momentum_steps_keep_the_splits(tx, shardings, mesh, specs, params)
     momentum = kopt.get_slot(state, "momentum")
     assert momentum["a"].sharding.spec == P("model", "data")
     assert momentum["b"].sharding.spec == P("data", "model")
     assert momentum["bias"].sharding.spec == P("data")
-    for name, p in params.items():  # 1 - 0.1 * 2, then - (0.9 * 0.2 + 0.1 * 2)
-        assert p.sharding.spec == specs[name]
-        np.testing.assert_allclose(p, 0.42, rtol=1e-6)
 
 
 def test_state_sharding_matches_the_slots_of_masked_and_multi_transform_pieces():
     """The slots of masked pieces and multi_transform groups are shaped like the params but
     for the params left out (None): they were matched by shape alone, losing each param's
     split over "model" (and an explicit mesh refused the step)."""
-    mesh = jax.make_mesh((2, 2), ("data", "model"))
-    specs = {"a": P("model", None), "b": P(None, "model"), "bias": P()}
-    params = {
-        name: jax.device_put(np.ones(shape, np.float32), NamedSharding(mesh, specs[name]))
-        for name, shape in {"a": (8, 8), "b": (8, 8), "bias": (8,)}.items()
-    }
+    mesh, specs, params = _split_params()
     tx = kopt.multi_transform(
         {"x": kopt.sgd(0.1, momentum=0.9), "y": kopt.sgd(0.1, momentum=0.9)},
         {"a": "y", "b": "x", "bias": "x"},
@@ -118,16 +127,7 @@ def test_state_sharding_matches_the_slots_of_masked_and_multi_transform_pieces()
         "bias": NamedSharding(mesh, P("data")),
     }
     assert y == {"a": NamedSharding(mesh, P("model", "data")), "b": None, "bias": None}
-    state = kopt.shard_state(tx.init(params), mesh, "data", params)
-    update = kopt.jit_update(tx, shardings)
-    grads = jax.tree.map(
-        lambda p: jax.device_put(np.full(p.shape, 2.0, np.float32), p.sharding), params
-    )
-    for _ in range(2):
-        params, state = update(grads, state, params)
-    for name, p in params.items():  # 1 - 0.1 * 2, then - (0.9 * 0.2 + 0.1 * 2)
-        assert p.sharding.spec == specs[name]
-        np.testing.assert_allclose(p, 0.42, rtol=1e-6)
+    state = _two_momentum_steps_keep_the_splits(tx, shardings, mesh, specs, params)
     assert kopt.get_slot(state, "momentum")["a"].sharding.spec == P("model", "data")
 
 
@@ -135,12 +135,7 @@ def test_state_sharding_matches_flatten_loose_slots_to_their_own_params():
     """kopt.flatten keeps the two split params loose, in a dict keyed by path: each slot is
     matched to its param through the layout (by shape alone both got one sharding, and an
     explicit mesh refused the step); the packed buffer is split over ``"data"``."""
-    mesh = jax.make_mesh((2, 2), ("data", "model"))
-    specs = {"a": P("model", None), "b": P(None, "model"), "bias": P()}
-    params = {
-        name: jax.device_put(np.ones(shape, np.float32), NamedSharding(mesh, specs[name]))
-        for name, shape in {"a": (8, 8), "b": (8, 8), "bias": (8,)}.items()
-    }
+    mesh, specs, params = _split_params()
     tx = kopt.flatten(kopt.sgd(0.1, momentum=0.9), max_leaf_size=16)
     shardings = kopt.state_sharding(tx.init(params), mesh, "data", params)
     slots = shardings.inner_state.slots["momentum"]
@@ -149,16 +144,7 @@ def test_state_sharding_matches_flatten_loose_slots_to_their_own_params():
         "['b']": NamedSharding(mesh, P("data", "model")),
         "packed float32": NamedSharding(mesh, P("data")),
     }
-    state = kopt.shard_state(tx.init(params), mesh, "data", params)
-    update = kopt.jit_update(tx, shardings)
-    grads = jax.tree.map(
-        lambda p: jax.device_put(np.full(p.shape, 2.0, np.float32), p.sharding), params
-    )
-    for _ in range(2):
-        params, state = update(grads, state, params)
-    for name, p in params.items():  # 1 - 0.1 * 2, then - (0.9 * 0.2 + 0.1 * 2)
-        assert p.sharding.spec == specs[name]
-        np.testing.assert_allclose(p, 0.42, rtol=1e-6)
+    _two_momentum_steps_keep_the_splits(tx, shardings, mesh, specs, params)
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))

@@ -5,6 +5,7 @@ contract, and the error a hook gets for a Python ``if`` on a traced value."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from facade_zoo import Lookahead
 
 import kopt
 from kopt import optimizers
@@ -204,34 +205,6 @@ def test_a_weight_decay_mixin_extends_a_builtin_and_sees_its_decay_var_list():
     np.testing.assert_allclose(opt.get_slot(b, "momentum").numpy(), accums[1], rtol=1e-6)
     assert opt.compile_count == 2  # one step per decay list, as tf.keras retraces
     assert opt.get_config()["weight_decay"] == 0.1 and opt.get_config()["momentum"] == 0.9
-
-
-class Lookahead(optimizers.Optimizer):
-    """tf-addons' Lookahead: an inner optimizer held in an attribute, whose slots and update
-    the wrapper's hooks use, syncing to slow weights every ``sync_period`` steps."""
-
-    def __init__(self, optimizer, sync_period=2, slow_step_size=0.5, name="Lookahead"):
-        super().__init__(name)
-        self._optimizer = optimizer
-        self._set_hyper("sync_period", sync_period)
-        self._set_hyper("slow_step_size", slow_step_size)
-
-    def apply_gradients(self, grads_and_vars, name=None, **kwargs):
-        self._optimizer._iterations = self.iterations
-        return super().apply_gradients(grads_and_vars, name, **kwargs)
-
-    def _create_slots(self, var_list):
-        self._optimizer._create_slots(var_list=var_list)
-        for var in var_list:
-            self.add_slot(var, "slow", initializer=var)
-
-    def _resource_apply_dense(self, grad, var):
-        self._optimizer._resource_apply_dense(grad, var)
-        slow = self.get_slot(var, "slow")
-        sync = (self.iterations + 1) % self._get_hyper("sync_period", jnp.int32) == 0
-        back = slow + self._get_hyper("slow_step_size", var.dtype) * (var - slow)
-        slow.assign(jnp.where(sync, back, slow))
-        var.assign(jnp.where(sync, back, var))
 
 
 def test_a_wrapper_steps_its_inner_optimizer_with_its_slots_and_current_hyperparameters():

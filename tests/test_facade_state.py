@@ -556,13 +556,12 @@ _KERAS3_ADAM = {
     "config": {
         "name": "adam",
         "learning_rate": 0.25,
-        "weight_decay": None,
-        "clipnorm": None,
-        "global_clipnorm": None,
-        "clipvalue": None,
-        "use_ema": False,
-        "ema_momentum": 0.99,
-        "ema_overwrite_frequency": None,
+        # Keras 3's common options: tf.keras 2.11's but jit_compile, and two more.
+        **{
+            k: v
+            for k, v in _NON_LEGACY_COMMON.items()
+            if k not in ("jit_compile", "is_legacy_optimizer")
+        },
         "loss_scale_factor": None,
         "gradient_accumulation_steps": None,
         "beta_1": 0.9,
