@@ -52,6 +52,21 @@ def _const(value) -> jax.Array:
     return jax.lax.optimization_barrier(jnp.asarray(value, jnp.float32))
 
 
+def _floor_quotient(s: jax.Array, d: jax.Array) -> jax.Array:
+    """``floor(s / d)`` as an exact division gives it. Under ``vmap`` the divisor is broadcast,
+    and XLA:CPU then multiplies by its reciprocal instead (``_const`` cannot stop that), which
+    can land just below a whole quotient (``97 * (1 / 97) < 1``); the products ``q * d`` are
+    exact for the whole numbers a step and its quotient are, so they settle it."""
+    q = jnp.floor(s / d)
+    q = jnp.where(q * d > s, q - 1.0, q)
+    return jnp.where((q + 1.0) * d <= s, q + 1.0, q)
+
+
+# How close (relative, two float32 roundings) a step may come to a period's computed
+# first step in cosine_decay_restarts and count as in that period.
+_BOUND_SLACK = 1.0 - 2.0**-23
+
+
 def _step(step) -> jax.Array:
     """The step as float32. A NumPy or Python integer goes through float64 first: made a JAX
     array as it is, an int64 step past ``2**31`` would wrap to a negative int32 (x64 off)."""
@@ -80,9 +95,8 @@ def exponential_decay(
     _number(owner, "decay_rate", decay_rate)
 
     def schedule(step):
-        p = _step(step) / _const(decay_steps)
-        if staircase:
-            p = jnp.floor(p)
+        s, d = _step(step), _const(decay_steps)
+        p = _floor_quotient(s, d) if staircase else s / d
         return _const(initial_learning_rate) * _const(decay_rate) ** p
 
     return schedule
@@ -141,11 +155,11 @@ def polynomial_decay(
     def schedule(step):
         s = _step(step)
         horizon = _const(decay_steps)
-        if cycle:
-            horizon = horizon * jnp.where(s == 0, 1.0, jnp.ceil(s / horizon))
+        if cycle:  # ceil(s / d) = -floor(-s / d)
+            horizon = horizon * jnp.where(s == 0, 1.0, -_floor_quotient(-s, horizon))
         else:
             s = jnp.minimum(s, horizon)
-        p = s / horizon
+        p = jnp.where(s == horizon, 1.0, s / horizon)  # exactly 1 at the end, also under vmap
         span = _const(initial_learning_rate) - _const(end_learning_rate)
         return span * (1 - p) ** _const(power) + _const(end_learning_rate)
 
@@ -169,9 +183,8 @@ def inverse_time_decay(
     _number(owner, "decay_rate", decay_rate)
 
     def schedule(step):
-        p = _step(step) / _const(decay_steps)
-        if staircase:
-            p = jnp.floor(p)
+        s, d = _step(step), _const(decay_steps)
+        p = _floor_quotient(s, d) if staircase else s / d
         return _const(initial_learning_rate) / (1.0 + _const(decay_rate) * p)
 
     return schedule
@@ -254,34 +267,41 @@ def cosine_decay_restarts(
     t = _const(t_mul)
     a = _const(alpha)
 
-    def equal_periods(fraction):
-        restart = jnp.floor(fraction)
-        return restart, fraction - restart
+    def equal_periods(s, d):
+        restart = _floor_quotient(s, d)
+        return restart, s / d - restart
 
-    def growing_periods(fraction, t):
+    def growing_periods(s, d, t):
+        fraction = s / d
         restart = jnp.floor(jnp.log(1.0 - fraction * (1.0 - t)) / jnp.log(t))
         # At a period's first step the quotient of logs can round to just under (or over)
-        # the integer; the periods' own bounds settle which period the step is in.
+        # the integer; the periods' own bounds settle which period the step is in. Those
+        # bounds are float32 sums of powers of a rounded t_mul (1.1 is 1.1000000238), so a
+        # bound meant to be a whole step (3310 for 1000 steps and t_mul=1.1) can come out a
+        # few roundings past it: a step that close to a bound counts as past it.
 
         def done(r):  # steps in the first r periods, in units of first_decay_steps
             return (1.0 - t**r) / (1.0 - t)
 
-        restart = jnp.where(fraction >= done(restart + 1), restart + 1, restart)
-        restart = jnp.where(fraction < done(restart), restart - 1, restart)
-        return restart, (fraction - done(restart)) / t**restart
+        def reached(r):
+            return fraction >= done(r) * _BOUND_SLACK
 
-    def periods(fraction):
+        restart = jnp.where(reached(restart + 1), restart + 1, restart)
+        restart = jnp.where(reached(restart), restart, restart - 1)
+        return restart, jnp.maximum(fraction - done(restart), 0.0) / t**restart
+
+    def periods(s, d):
         if isinstance(t_mul, jax.core.Tracer):  # a traced t_mul: both ways, selected
             equal = t == 1.0
-            r1, f1 = equal_periods(fraction)
-            r2, f2 = growing_periods(fraction, jnp.where(equal, 2.0, t))
+            r1, f1 = equal_periods(s, d)
+            r2, f2 = growing_periods(s, d, jnp.where(equal, 2.0, t))
             return jnp.where(equal, r1, r2), jnp.where(equal, f1, f2)
         if t_mul == 1.0:
-            return equal_periods(fraction)
-        return growing_periods(fraction, t)
+            return equal_periods(s, d)
+        return growing_periods(s, d, t)
 
     def schedule(step):
-        restart, fraction = periods(_step(step) / _const(first_decay_steps))
+        restart, fraction = periods(_step(step), _const(first_decay_steps))
         cosine = 0.5 * _const(m_mul) ** restart * (1.0 + jnp.cos(pi * fraction))
         return _const(initial_learning_rate) * ((1 - a) * cosine + a)
 

@@ -225,3 +225,47 @@ def test_a_schedule_returning_an_array_is_refused_naming_the_hyperparameter(shap
     state = tx.init(jnp.zeros(()))
     with pytest.raises(ValueError, match=r"schedule for `learning_rate` returned .* shape"):
         tx.update(jnp.ones(()), state, jnp.zeros(()))
+
+
+@pytest.mark.parametrize("decay_steps", [97, 41, 1000, 2.5])
+def test_staircase_and_cycle_boundaries_hold_under_vmap(decay_steps):
+    """Under ``vmap`` the divisor is broadcast and XLA:CPU multiplies by its reciprocal, which
+    put ``97 * (1 / 97)`` just under 1: staircase and cycle boundaries fell a step late."""
+    k = np.arange(1, 12)
+    steps = np.concatenate([k * decay_steps - 1, k * decay_steps, k * decay_steps + 1])
+    steps = steps[steps >= 0].astype(np.float32)
+    quotient = np.floor(steps.astype(np.float64) / decay_steps)
+    cases = {
+        "exponential": (
+            schedules.exponential_decay(1.0, decay_steps, 0.5, staircase=True),
+            0.5**quotient,
+        ),
+        "inverse_time": (
+            schedules.inverse_time_decay(1.0, decay_steps, 1.0, staircase=True),
+            1.0 / (1.0 + quotient),
+        ),
+        "polynomial_cycle": (
+            schedules.polynomial_decay(1.0, decay_steps, end_learning_rate=0.0, cycle=True),
+            1.0 - steps / (decay_steps * np.maximum(np.ceil(steps / decay_steps), 1.0)),
+        ),
+        "cosine_restarts_t_mul_1": (
+            schedules.cosine_decay_restarts(1.0, decay_steps, t_mul=1.0),
+            0.5 * (1 + np.cos(np.pi * (steps / decay_steps - quotient))),
+        ),
+    }
+    for name, (fn, expected) in cases.items():
+        batched = jax.jit(jax.vmap(fn))(jnp.asarray(steps))
+        one_by_one = np.array([float(fn(s)) for s in steps])
+        np.testing.assert_allclose(batched, expected, rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(one_by_one, expected, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_cosine_decay_restarts_meets_decimal_t_mul_period_bounds():
+    """t_mul=1.1 is 1.1000000238 in float32, and the float32 sum of the first periods put the
+    start of the fourth (3310 for 1000 steps) a few roundings past 3310: that step returned
+    the end of the third period (0) instead of a restart (1, as Keras and SGDR give)."""
+    fn = jax.jit(jax.vmap(schedules.cosine_decay_restarts(1.0, 1000, t_mul=1.1)))
+    steps = jnp.asarray([2099.0, 2100.0, 3309.0, 3310.0, 3311.0, 4640.0, 4641.0, 4642.0])
+    expected = [numpy_cosine_restarts(float(s), 1.0, 1000, 1.1) for s in steps]
+    np.testing.assert_allclose(fn(steps), expected, rtol=1e-4, atol=1e-5)
+    assert float(fn(jnp.asarray([3310.0]))[0]) == pytest.approx(1.0)

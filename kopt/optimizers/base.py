@@ -165,6 +165,15 @@ def _snake_case(name: str) -> str:
     return name if not name.startswith("_") else "private" + name
 
 
+def _is_schedule_config(value: Any) -> bool:
+    """A serialized schedule, as :meth:`Optimizer._serialize_hyperparameter` writes one."""
+    return (
+        isinstance(value, dict)
+        and isinstance(value.get("class_name"), str)
+        and isinstance(value.get("config"), dict)
+    )
+
+
 def _is_step_schedule(value: Any) -> bool:
     """A schedule object or a one-argument function of the step (called inside the step)."""
     if isinstance(value, LearningRateSchedule):
@@ -193,13 +202,16 @@ def _check_number(owner: str, name: str, value: Any, *, allow_callable: bool = T
         )
     if callable(value) and not isinstance(value, Variable):
         if not allow_callable:
-            raise TypeError(f"{owner}: `{name}` cannot be a callable, received {value!r}")
+            raise TypeError(
+                f"{owner}: `{name}` must be a number, not a schedule or a callable; received "
+                f"{value!r}"
+            )
         return
     try:
         array = np.asarray(value.numpy() if isinstance(value, Variable) else value)
     except Exception as e:  # noqa: BLE001
         raise TypeError(f"{owner}: `{name}` must be a number, received {value!r}") from e
-    if array.shape != () or not np.issubdtype(array.dtype, np.number):
+    if array.shape != () or not jnp.issubdtype(array.dtype, jnp.number):
         raise TypeError(
             f"{owner}: `{name}` must be a scalar number, received {type(value).__name__} of "
             f"shape {array.shape} and dtype {array.dtype}"
@@ -407,6 +419,8 @@ class Optimizer:
     def _check_attributes(self) -> None:
         """Builds the functional twin from the current attributes to check them. A
         hyperparameter given as a callable is not called for this (0.0 stands in)."""
+        for name, value in self._plain_hyperparams().items():  # plain numbers in Keras too
+            _check_number(type(self).__name__, name, value, allow_callable=False)
         if not self._uses_transformation():
             return
         hyper = {k: 0.0 if _is_read_per_step(v) else v for k, v in self._hyper.items()}
@@ -504,10 +518,15 @@ class Optimizer:
             lr_t = jnp.asarray(lr_t).astype(var_dtype)
         hp = {"learning_rate": lr_t}
         decay = self._hyper.get("decay")
-        if decay is not None and not callable(decay):
+        if decay is None:
+            if self._initial_decay > 0:
+                hp["decay"] = jnp.asarray(self._initial_decay, var_dtype)
+        else:  # the current decay, as the step applies it (docs/deviations.md)
+            if _is_step_schedule(decay):
+                decay = decay(step)
+            elif _is_read_per_step(decay):
+                decay = _called(self, "decay", decay)
             hp["decay"] = jnp.asarray(_plain(decay)).astype(var_dtype)
-        elif self._initial_decay > 0:
-            hp["decay"] = jnp.asarray(self._initial_decay, var_dtype)
         return learning_rate_at(hp, step)
 
     # --- clipping properties -----------------------------------------------------------------
@@ -877,7 +896,7 @@ class Optimizer:
             elif _is_step_schedule(value):
                 out[name] = value
             elif callable(value):
-                out[name] = value()
+                out[name] = _called(self, name, value)
             else:
                 out[name] = value
         return out
@@ -1415,7 +1434,7 @@ class Optimizer:
         dynamic = {}
         for name, value in self._hyper.items():
             if _is_read_per_step(value):
-                dynamic["hyper:" + name] = jnp.asarray(_plain(value()), jnp.float32)
+                dynamic["hyper:" + name] = jnp.asarray(_called(self, name, value), jnp.float32)
         nested = self._nested_optimizers()
         if nested:
             uids = {v._uid for v in hyper_vars}
@@ -1425,7 +1444,9 @@ class Optimizer:
                         uids.add(value._uid)
                         hyper_vars.append(value)
                     elif _is_read_per_step(value):
-                        dynamic[f"nested:{i}:{name}"] = jnp.asarray(_plain(value()), jnp.float32)
+                        dynamic[f"nested:{i}:{name}"] = jnp.asarray(
+                            _called(inner, name, value), jnp.float32
+                        )
         for attr, value in self._active_clips().items():
             dynamic["clip:" + attr] = self._device_constant(value)
         if self._uses_transformation():
@@ -1911,8 +1932,9 @@ class Optimizer:
 
     @classmethod
     def from_config(cls, config: dict[str, Any], custom_objects: dict | None = None) -> Optimizer:
-        """Creates an optimizer from :meth:`get_config`'s output (``lr`` renamed, a schedule
-        dict deserialized).
+        """Creates an optimizer from :meth:`get_config`'s output (``lr`` renamed, schedule
+        dicts deserialized: the learning rate's, and those of any other hyperparameter given
+        as a schedule).
 
         Raises:
             TypeError: for an unknown config key (from the constructor).
@@ -1920,10 +1942,9 @@ class Optimizer:
         config = dict(config)
         if "lr" in config:
             config["learning_rate"] = config.pop("lr")
-        if isinstance(config.get("learning_rate"), dict):
-            config["learning_rate"] = deserialize_schedule(
-                config["learning_rate"], custom_objects=custom_objects
-            )
+        for key, value in config.items():
+            if key == "learning_rate" and isinstance(value, dict) or _is_schedule_config(value):
+                config[key] = deserialize_schedule(value, custom_objects=custom_objects)
         return cls(**config)
 
     _UNCOPIED = (
@@ -2156,6 +2177,32 @@ def _as_pairs(grads_and_vars: Any) -> list[tuple[Any, Any]]:
 
 
 _UNSET = object()
+
+
+def _called(optimizer: Optimizer, name: str, function: Callable[[], Any]) -> Any:
+    """A zero-argument callable hyperparameter's value for this step.
+
+    Raises:
+        TypeError: if it returns anything but a real scalar (checked without reading a device
+            value back).
+    """
+    value = _plain(function())
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        return value
+    if (
+        isinstance(value, (np.ndarray, jax.Array))
+        and value.shape == ()
+        and jnp.issubdtype(value.dtype, jnp.number)
+        and not jnp.issubdtype(value.dtype, jnp.complexfloating)
+    ):
+        return value
+    shape = getattr(value, "shape", None)
+    raise TypeError(
+        f"{type(optimizer).__name__}: the callable given as `{name}` must return a real "
+        f"scalar, returned {type(value).__name__}"
+        + ("" if shape is None else f" of shape {shape}")
+        + f": {value!r:.60}"
+    )
 
 
 def _is_read_per_step(value: Any) -> bool:

@@ -29,16 +29,40 @@ from kopt.base import (
 from kopt.optimizers.base import (
     _CLIP_PIECES,
     Optimizer,
+    _check_number,
     _initial_value,
+    _is_read_per_step,
     _is_step_schedule,
     weight_list,
 )
 from kopt.optimizers.schedules import LearningRateSchedule
+from kopt.optimizers.schedules import serialize as serialize_schedule
 from kopt.sparse import map_values
 from kopt.transforms._weight_decay import decoupled_weight_decay
 from kopt.variables import Variable
 
 EPSILON = 1e-7
+
+
+def _value_if_number(owner: str, name: str, value: Any) -> float | None:
+    """A hyperparameter's value for a range check in a constructor: None for a schedule or a
+    zero-argument callable (read at each step), and for a traced value.
+
+    Raises:
+        TypeError: if ``value`` is not a real scalar, a schedule or a callable.
+    """
+    _check_number(owner, name, value)
+    if isinstance(value, Variable):
+        value = value.value
+    if isinstance(value, jax.core.Tracer) or callable(value):
+        return None
+    return float(np.asarray(value))
+
+
+def _config_value(value: Any) -> Any:
+    """A Keras 3 class's hyperparameter attribute as its config stores it (a schedule as its
+    serialized dict, which ``from_config`` turns back into the schedule)."""
+    return serialize_schedule(value) if isinstance(value, LearningRateSchedule) else value
 
 
 def _flag_momentum(owner: str, momentum: Any) -> bool:
@@ -496,37 +520,24 @@ class Ftrl(_KerasV2):
         **kwargs,
     ):
         super().__init__(name, **kwargs)
-        checks = (
+        for arg in ("initial_accumulator_value", "l2_shrinkage_regularization_strength"):
+            # Plain numbers, not hyperparameters: read when the slots are made, or as constants.
+            _check_number(type(self).__name__, arg, locals()[arg], allow_callable=False)
+        signs = (  # (argument, value, allowed sign); a schedule or callable is checked per step
+            ("initial_accumulator_value", initial_accumulator_value, "positive or zero"),
+            ("learning_rate_power", learning_rate_power, "negative or zero"),
+            ("l1_regularization_strength", l1_regularization_strength, "positive or zero"),
+            ("l2_regularization_strength", l2_regularization_strength, "positive or zero"),
             (
-                initial_accumulator_value < 0.0,
-                "`initial_accumulator_value` needs to be positive or "
-                f"zero. Received: initial_accumulator_value={initial_accumulator_value}.",
-            ),
-            (
-                learning_rate_power > 0.0,
-                "`learning_rate_power` needs to be negative or zero. "
-                f"Received: learning_rate_power={learning_rate_power}.",
-            ),
-            (
-                l1_regularization_strength < 0.0,
-                "`l1_regularization_strength` needs to be positive "
-                f"or zero. Received: l1_regularization_strength={l1_regularization_strength}.",
-            ),
-            (
-                l2_regularization_strength < 0.0,
-                "`l2_regularization_strength` needs to be positive "
-                f"or zero. Received: l2_regularization_strength={l2_regularization_strength}.",
-            ),
-            (
-                l2_shrinkage_regularization_strength < 0.0,
-                "`l2_shrinkage_regularization_strength` "
-                "needs to be positive or zero. Received: l2_shrinkage_regularization_strength="
-                f"{l2_shrinkage_regularization_strength}.",
+                "l2_shrinkage_regularization_strength",
+                l2_shrinkage_regularization_strength,
+                "positive or zero",
             ),
         )
-        for failed, message in checks:
-            if failed:
-                raise ValueError(message)
+        for arg, value, sign in signs:
+            number = _value_if_number(type(self).__name__, arg, value)
+            if number is not None and (number > 0.0 if sign[0] == "n" else number < 0.0):
+                raise ValueError(f"`{arg}` needs to be {sign}. Received: {arg}={value}.")
         self._set_hyper("learning_rate", learning_rate)
         self._set_hyper("decay", self._initial_decay)
         self._set_hyper("learning_rate_power", learning_rate_power)
@@ -579,11 +590,11 @@ def _plain_number(value: Any) -> Any:
         return value
     if isinstance(value, np.integer):
         return int(value)  # a count (gradient_accumulation_steps) stays a whole number
-    if isinstance(value, np.number) or (
-        isinstance(value, (np.ndarray, jax.Array))
+    if (
+        isinstance(value, (np.generic, np.ndarray, jax.Array))
         and value.shape == ()
-        and np.issubdtype(value.dtype, np.number)
-        and not np.issubdtype(value.dtype, np.complexfloating)
+        and jnp.issubdtype(value.dtype, jnp.number)
+        and not jnp.issubdtype(value.dtype, jnp.complexfloating)
     ):
         return float(value)
     return value
@@ -934,6 +945,13 @@ class _Keras3(_SlotDtype, Optimizer):
             self.gradient_accumulation_steps,
             self.loss_scale_factor,
         )
+        for k in self._ATTRS:
+            value = getattr(self, k)
+            if _is_read_per_step(value):
+                raise TypeError(
+                    f"{type(self).__name__}: `{k}` takes a number or a schedule "
+                    f"`step -> value`, not a zero-argument callable; received {value!r}"
+                )
         super()._check_attributes()
 
     def _structure(self):
@@ -978,7 +996,7 @@ class _Keras3(_SlotDtype, Optimizer):
             # Keras 3's keys: every clipping argument, None when it is not set.
             **{k: base.get(k) for k in _CLIPS},
         }
-        config.update({k: getattr(self, k) for k in self._ATTRS})
+        config.update({k: _config_value(getattr(self, k)) for k in self._ATTRS})
         config.update(
             weight_decay=self.weight_decay,
             use_ema=self.use_ema,
@@ -1106,7 +1124,8 @@ class Lion(_Keras3):
 
     def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.99, name="Lion", **kwargs):
         beta_1, beta_2 = _plain_number(beta_1), _plain_number(beta_2)
-        if not isinstance(beta_1, (int, float)) or beta_1 <= 0 or beta_1 > 1:
+        number = _value_if_number("Lion", "beta_1", beta_1)
+        if number is not None and (number <= 0 or number > 1):
             raise ValueError(
                 "Argument `beta_1` must be in the [0, 1] range. Otherwise, the optimizer "
                 f"degenerates to SignSGD. Received: beta_1={beta_1}."
