@@ -296,11 +296,15 @@ class Variable:
                     "and return it, or assign it outside the transformation"
                 )
         with donation_lock:
+            old = self.__dict__.get("_storage")
             self._storage = value
             self._handed_out = False
+            committed = getattr(value, "committed", False)
             if type(getattr(value, "sharding", None)) is not _SINGLE_DEVICE:
                 placement_epoch[0] += 1  # a value that may span devices: step keys look again
-            elif not committed_seen[0] and getattr(value, "committed", False):
+            elif committed != getattr(old, "committed", committed):
+                placement_epoch[0] += 1  # now committed, or no longer: step keys look again
+            if committed and not committed_seen[0]:
                 committed_seen[0] = True
 
     def _donatable_value(self) -> Any:
@@ -372,7 +376,19 @@ class Variable:
                 f"variable of shape {self.shape}"
             )
         # The stored value's placement (not a read of it: a deleted buffer is replaced too).
-        self._value = _keep_sharding(new, self._current)
+        current = self._current
+        new = _keep_sharding(new, current)
+        if (
+            isinstance(current, jax.Array)
+            and not isinstance(current, jax.core.Tracer)
+            and not isinstance(new, jax.core.Tracer)
+            and current.committed
+            and not new.committed
+        ):
+            # A committed value stays committed: a step compiled for committed inputs would
+            # compile again for an uncommitted one (and once more when the step commits it).
+            new = jax.device_put(new, current.sharding)
+        self._value = new
         return self
 
     def assign_add(

@@ -10,14 +10,15 @@ def adam(params, grads_seq, lr=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, ro
     """Keras's dense Adam (epsilon hat) over a sequence of gradients; returns the params.
 
     ``round_to`` (a NumPy-compatible dtype such as ``ml_dtypes.bfloat16``) rounds the params
-    after every step, as a low-precision param would be.
+    after every step, as a low-precision param would be. ``lr`` may be a function of the step
+    count before the update (a warmup).
     """
     w = np.asarray(params, np.float64)
     m = np.zeros_like(w)
     v = np.zeros_like(w)
     for t, g in enumerate(grads_seq, start=1):
         g = np.asarray(g, np.float64)
-        alpha = lr * np.sqrt(1 - beta_2**t) / (1 - beta_1**t)
+        alpha = (lr(t - 1) if callable(lr) else lr) * np.sqrt(1 - beta_2**t) / (1 - beta_1**t)
         m = beta_1 * m + (1 - beta_1) * g
         v = beta_2 * v + (1 - beta_2) * g * g
         w = w - alpha * m / (np.sqrt(v) + epsilon)

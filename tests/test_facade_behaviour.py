@@ -194,6 +194,23 @@ def test_as_transformation_gives_the_facade_numbers(name):
 
 
 @pytest.mark.parametrize(
+    "kwargs, named",
+    [
+        ({"gradient_transformers": [lambda gv: [(0.5 * g, v) for g, v in gv]]}, "transformers"),
+        ({"gradient_aggregator": lambda gv: [(2.0 * g, v) for g, v in gv]}, "aggregator"),
+    ],
+)
+def test_as_transformation_refuses_the_gradient_hooks_it_cannot_carry(kwargs, named):
+    """They were dropped: the facade halved the gradients, the transformation did not."""
+    opt = optimizers.SGD(learning_rate=1.0, **kwargs)
+    with pytest.raises(NotImplementedError, match=f"SGD.as_transformation.*`gradient_{named}`"):
+        opt.as_transformation()
+    var = kopt.Variable(jnp.ones(2))
+    opt.apply_gradients([(jnp.ones(2), var)])  # the optimizer itself still works
+    assert float(var.numpy()[0]) == (0.5 if named == "transformers" else -1.0)
+
+
+@pytest.mark.parametrize(
     "transformation",
     [
         optax.adam(0.1),
@@ -337,6 +354,35 @@ def test_from_transformation_hyperparameters_are_attributes_set_without_recompil
     derived = opt.as_transformation().init(var.value)
     assert float(kopt.get_hyperparam(derived, "learning_rate")) == 0.5
     assert float(kopt.get_hyperparam(derived, "weight_decay")) == 0.0
+
+
+@pytest.mark.parametrize(
+    "attr, piece, grad, threshold, expected",
+    [
+        ("global_clipnorm", kopt.clip_by_global_norm, [30.0, 40.0], 2.0, [-1.2, -1.6]),
+        ("clipnorm", kopt.clip_by_norm, [30.0, 40.0], 0.5, [-0.3, -0.4]),
+        ("clipvalue", kopt.clip_by_value, [3.0, -0.5], 2.0, [-2.0, 0.5]),
+    ],
+)
+def test_from_transformation_clip_attributes_are_the_wrapped_clip_thresholds(
+    attr, piece, grad, threshold, expected
+):
+    """The class's clip properties shadowed the wrapped piece's threshold: reading gave None,
+    and setting added a second clip in front of the piece's, which kept clipping at 1.0."""
+    opt = optimizers.from_transformation(kopt.chain(piece(1.0), kopt.sgd(1.0)))
+    assert float(getattr(opt, attr).numpy()) == 1.0
+    var = kopt.Variable(jnp.zeros(2))
+    opt.apply_gradients([(jnp.asarray(grad), var)])
+    setattr(opt, attr, threshold)
+    var.assign(jnp.zeros(2))
+    opt.apply_gradients([(jnp.asarray(grad), var)])
+    np.testing.assert_allclose(var.numpy(), expected, rtol=1e-6)
+    assert float(getattr(opt, attr).numpy()) == threshold
+    assert opt.compile_count == 1
+    for bad, error in [(None, AttributeError), (-1.0, ValueError)]:
+        with pytest.raises(error, match=attr):
+            setattr(opt, attr, bad)
+    assert float(getattr(opt, attr).numpy()) == threshold
 
 
 def test_from_transformation_probes_the_transformation_in_one_compiled_call(backend_compiles):

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from facade_zoo import Lookahead
+from numpy_reference import adam as numpy_adam
 
 import kopt
 from kopt import optimizers
@@ -388,3 +389,186 @@ def test_a_wrapper_may_keep_its_inner_optimizers_in_a_dict_or_a_list(holder):
     np.testing.assert_allclose(opt._pick(b).get_slot(b, "momentum").numpy(), accum, rtol=1e-6)
     assert opt.compile_count == 1
     assert np.all(np.isfinite(w.numpy())) and not np.allclose(w.numpy(), 1.0)
+
+
+class ScaledSGD(optimizers.Optimizer):
+    """Keeps a variable of its own in a plain attribute (not ``add_weight``), as tf.keras code
+    does for a value a callback adjusts; ``counting`` also assigns it in the hook."""
+
+    def __init__(self, learning_rate=0.1, counting=False, name="ScaledSGD", **kwargs):
+        super().__init__(name, **kwargs)
+        self._set_hyper("learning_rate", learning_rate)
+        self.scale = kopt.Variable(1.0, trainable=False)
+        self.counting = counting
+
+    def _create_slots(self, var_list):
+        pass
+
+    def _resource_apply_dense(self, grad, var, apply_state=None):
+        var.assign_sub(self._decayed_lr(var.dtype) * self.scale * grad)
+        if self.counting:
+            self.scale.assign_add(1.0)
+
+
+def test_a_variable_in_an_attribute_is_read_and_written_as_tf_function_captures_it():
+    """Its value was compiled into the step (an assignment between steps was ignored), and an
+    assignment in the hook left the variable holding a leaked tracer. tf.keras, eager or in a
+    tf.function: -0.1 then -1.1; a counting hook leaves the scale at 2.0, then 3.0."""
+    opt = ScaledSGD()
+    var = kopt.Variable(0.0)
+    opt.apply_gradients([(jnp.float32(1.0), var)])
+    opt.scale.assign(10.0)
+    opt.apply_gradients([(jnp.float32(1.0), var)])
+    np.testing.assert_allclose(var.numpy(), -1.1, rtol=1e-6)
+    assert opt.compile_count == 1
+
+    counting = ScaledSGD(counting=True)
+    var = kopt.Variable(0.0)
+    for expected in (2.0, 3.0):
+        counting.apply_gradients([(jnp.float32(1.0), var)])
+        assert float(counting.scale.numpy()) == expected
+    np.testing.assert_allclose(var.numpy(), -0.1 - 0.2, rtol=1e-6)
+    assert counting.compile_count == 1
+
+
+def test_a_skipped_loss_scale_step_keeps_the_attribute_variable():
+    opt = optimizers.LossScaleOptimizer(ScaledSGD(counting=True), dynamic=False, initial_scale=1.0)
+    var = kopt.Variable(0.0)
+    opt.apply_gradients([(jnp.float32(jnp.nan), var)])
+    assert float(opt.inner_optimizer.scale.numpy()) == 1.0
+    opt.apply_gradients([(jnp.float32(1.0), var)])
+    assert float(opt.inner_optimizer.scale.numpy()) == 2.0
+
+
+def test_a_schedule_reading_a_variable_follows_its_assignments():
+    """A user schedule over a variable a callback adjusts: the compiled step kept the value it
+    was traced with. tf.keras (eager and tf.function) uses 0.1, 0.1, then 0.2 after the
+    assignment."""
+
+    class ScaledDecay(optimizers.schedules.LearningRateSchedule):
+        def __init__(self, base, scale):
+            self.base, self.scale = base, scale
+
+        def __call__(self, step):
+            return self.base * self.scale * 0.5 ** (step // 2)
+
+        def get_config(self):
+            return {"base": self.base}
+
+    scale = kopt.Variable(1.0)
+    opt = optimizers.SGD(learning_rate=ScaledDecay(0.1, scale))
+    var = kopt.Variable(0.0)
+    used = []
+    for step in range(4):
+        if step == 2:
+            scale.assign(4.0)
+        before = float(var.numpy())
+        opt.apply_gradients([(jnp.float32(1.0), var)])
+        used.append(before - float(var.numpy()))
+    np.testing.assert_allclose(used, [0.1, 0.1, 0.2, 0.2], rtol=1e-6)
+    assert opt.compile_count == 1
+
+
+class WarmupAdam(optimizers.Adam):
+    """A warmup written the tf.keras way, by overriding ``_decayed_lr``."""
+
+    def _decayed_lr(self, var_dtype):
+        warm = jnp.minimum(1.0, (self.iterations.value + 1) / 4.0)
+        return super()._decayed_lr(var_dtype) * warm.astype(var_dtype)
+
+
+class HalvingSGD(optimizers.SGD):
+    """A learning-rate change written in ``_prepare_local``, on tf.keras's ``lr_t``."""
+
+    def _prepare_local(self, var_device, var_dtype, apply_state):
+        super()._prepare_local(var_device, var_dtype, apply_state)
+        apply_state[(var_device, var_dtype)]["lr_t"] *= 0.5
+
+
+class CopiedAdam(optimizers.Adam):
+    """Adam's dense update copied from tf.keras's Python path, reading its coefficients."""
+
+    def _resource_apply_dense(self, grad, var, apply_state=None):
+        c = (apply_state or {}).get((var.device, var.dtype)) or self._fallback_apply_state(
+            var.device, var.dtype
+        )
+        m, v = self.get_slot(var, "m"), self.get_slot(var, "v")
+        m.assign(c["beta_1_t"] * m + c["one_minus_beta_1_t"] * grad)
+        v.assign(c["beta_2_t"] * v + c["one_minus_beta_2_t"] * grad * grad)
+        return var.assign_sub(c["lr"] * m / (jnp.sqrt(v) + c["epsilon"]))
+
+
+def test_a_builtin_subclass_setting_its_learning_rate_steps_with_it():
+    """The built-in's update used its own learning rate: a `_decayed_lr` override (a warmup)
+    or a changed `lr_t` in `_prepare_local` was ignored (tf.keras: w = 0.95 for the halving
+    SGD), and tf.keras's other coefficients (`beta_1_t`, `lr`, ...) were missing from
+    `apply_state` (KeyError)."""
+    grads = [np.array([0.5, -1.0]), np.array([0.2, 0.3]), np.array([-0.4, 0.1])] * 2
+    opt, var = WarmupAdam(0.1), kopt.Variable([1.0, -1.0])
+    for g in grads:
+        opt.apply_gradients([(jnp.asarray(g, jnp.float32), var)])
+    expected = numpy_adam([1.0, -1.0], grads, lr=lambda t: 0.1 * min(1.0, (t + 1) / 4.0))
+    np.testing.assert_allclose(var.numpy(), expected, rtol=2e-6)
+    assert opt.compile_count == 1
+
+    var = kopt.Variable(1.0)
+    HalvingSGD(0.1).apply_gradients([(jnp.float32(1.0), var)])
+    np.testing.assert_allclose(var.numpy(), 0.95, rtol=1e-7)
+
+    opt, var = CopiedAdam(0.1, beta_1=0.8), kopt.Variable([1.0, -1.0])
+    for g in grads:
+        opt.apply_gradients([(jnp.asarray(g, jnp.float32), var)])
+    expected = numpy_adam([1.0, -1.0], grads, lr=0.1, beta_1=0.8)
+    np.testing.assert_allclose(var.numpy(), expected, rtol=2e-6)
+
+
+@pytest.mark.parametrize(
+    "cls, keys",
+    [
+        (optimizers.SGD, {"lr_t", "momentum"}),
+        (
+            optimizers.Adam,
+            {
+                "lr_t", "lr", "epsilon", "beta_1_t", "beta_1_power", "one_minus_beta_1_t",
+                "beta_2_t", "beta_2_power", "one_minus_beta_2_t",
+            },
+        ),
+        (optimizers.Adagrad, {"lr_t", "epsilon", "neg_lr_t", "zero"}),
+        (optimizers.Adadelta, {"lr_t", "epsilon", "rho"}),
+        (
+            optimizers.Adamax,
+            {
+                "lr_t", "beta_1_t", "beta_1_power", "neg_scaled_lr", "epsilon",
+                "one_minus_beta_1_t", "beta_2_t", "zero",
+            },
+        ),
+        (optimizers.RMSprop, {"lr_t", "neg_lr_t", "epsilon", "rho", "momentum", "one_minus_rho"}),
+        (
+            optimizers.Ftrl,
+            {
+                "lr_t", "learning_rate_power", "l1_regularization_strength",
+                "l2_regularization_strength", "beta", "l2_shrinkage_regularization_strength",
+            },
+        ),
+    ],
+)  # fmt: skip
+def test_builtin_apply_state_has_tf_keras_coefficients(cls, keys):
+    opt = cls(0.1)
+    opt.iterations.assign(2)
+    coefficients = opt._fallback_apply_state("cpu", jnp.float32)
+    assert set(coefficients) == keys
+    if cls is optimizers.Adam:
+        b1, b2 = 0.9**3, 0.999**3
+        np.testing.assert_allclose(coefficients["lr"], 0.1 * np.sqrt(1 - b2) / (1 - b1), rtol=1e-5)
+        np.testing.assert_allclose(coefficients["beta_2_power"], b2, rtol=1e-6)
+
+
+def test_tf_keras_helpers_wrappers_use_exist():
+    """tf-addons' averaging wrappers check ``"apply_state" in opt._dense_apply_args`` and call
+    ``_call_if_callable``; they were AttributeErrors."""
+    assert optimizers.Adam()._dense_apply_args == ["self", "grad", "var", "apply_state"]
+    assert optimizers.Adam()._sparse_apply_args == ["self", "grad", "var", "indices", "apply_state"]
+    assert ScaledSGD()._dense_apply_args == ["self", "grad", "var", "apply_state"]
+    opt = optimizers.SGD()
+    assert opt._call_if_callable(lambda: 3) == 3 and opt._call_if_callable(4) == 4
+    assert opt._create_hypers() is None

@@ -69,6 +69,36 @@ def test_sparse_gradients_compile_per_bucket_of_row_counts_with_the_same_result(
     np.testing.assert_allclose(table.numpy(), reference, rtol=1e-5, atol=1e-6)
 
 
+def test_new_sparse_row_counts_compile_no_padding_program_on_a_cpu(backend_compiles):
+    """The padding ran as ``jnp.pad`` twice per step, compiling two small programs for every
+    new row count (a quarter of a second each; unique-id counts change every batch). On a
+    CPU a count seen a few times at most is now padded in NumPy, and one that keeps coming
+    back by one compiled program kept for it."""
+    rows, dim = 100, 4
+    table = kopt.Variable(jnp.zeros((rows, dim)))
+    dense = kopt.Variable(jnp.zeros((rows, dim)))
+    opt, twin = Adagrad(0.1), Adagrad(0.1)
+    rng = np.random.default_rng(1)
+
+    def step(n):
+        indices = jnp.asarray(rng.integers(0, rows, n), jnp.int32)
+        values = jnp.asarray(rng.normal(size=(n, dim)), jnp.float32)
+        opt.apply_gradients([(kopt.IndexedSlices(values, indices, (rows, dim)), table)])
+        summed = jnp.zeros((rows, dim)).at[indices].add(values)
+        twin.apply_gradients([(summed, dense)])  # the same rows, dense: equal where touched
+
+    step(32)
+    backend_compiles.clear()
+    for n in range(17, 32):
+        step(n)
+    assert [c for c in backend_compiles if "pad" in c.fun_name] == []
+    for _ in range(6):  # a count that keeps coming back gets its compiled padding, once
+        step(20)
+    assert len([c for c in backend_compiles if "pad" in c.fun_name]) == 1
+    np.testing.assert_allclose(table.numpy(), dense.numpy(), rtol=1e-5, atol=1e-6)
+    assert opt.compile_count == 1
+
+
 def test_weakly_and_strongly_typed_gradients_share_one_program():
     """A Python float and ``jnp.asarray(0.5)`` are weakly typed float32, ``jnp.float32(0.5)``
     is strongly typed: the same gradient to the step, which compiles once for all three."""

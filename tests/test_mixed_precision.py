@@ -94,6 +94,38 @@ def test_facade_adam_float32_slots_match_numpy():
     np.testing.assert_allclose(np.asarray(var.numpy(), np.float64), expected, rtol=1e-2, atol=1e-3)
 
 
+@pytest.mark.parametrize(
+    "tx, slot_dtype, var_dtype",
+    [
+        (kopt.adam(0.05, slot_dtype=jnp.float32), jnp.float32, jnp.bfloat16),
+        (kopt.sgd(0.1, momentum=0.9, slot_dtype=jnp.float32), jnp.float32, jnp.bfloat16),
+        (kopt.adam(0.05, slot_dtype=jnp.bfloat16), jnp.bfloat16, jnp.float32),
+    ],
+    ids=["adam-f32-slots", "sgd-f32-slots", "adam-bf16-slots"],
+)
+def test_from_transformation_keeps_the_transformations_slot_dtype(tx, slot_dtype, var_dtype):
+    """The facade made the slots in the variable's dtype, as tf.keras's add_slot does, so a
+    bfloat16 Adam with float32 slots never moved (the bf16 second moment)."""
+    opt = optimizers.from_transformation(tx)
+    var = kopt.Variable(jnp.zeros(4, var_dtype))
+    params = jnp.zeros(4, var_dtype)
+    state = tx.init(params)
+    for _ in range(5):
+        grad = jnp.asarray(numpy_gradient(np.asarray(params, np.float64), X, Y), var_dtype)
+        opt.apply_gradients([(grad, var)])
+        updates, state = tx.update(grad, state, params)
+        params = kopt.apply_updates(params, updates)
+    for name in opt.get_slot_names():
+        assert opt.get_slot(var, name).dtype == slot_dtype, name
+        np.testing.assert_allclose(
+            opt.get_slot(var, name).numpy(), kopt.get_slot(state, name), rtol=1e-5, atol=1e-7
+        )
+    assert var.dtype == var_dtype
+    np.testing.assert_allclose(var.numpy(), params, rtol=1e-2)
+    if slot_dtype == jnp.float32:  # with bfloat16 slots, Adam cannot step (see the docs)
+        assert np.all(np.asarray(var.numpy(), np.float32) != 0)
+
+
 def test_slot_dtype_is_validated():
     with pytest.raises(TypeError, match="slot_dtype"):
         optimizers.Adam(slot_dtype=jnp.int32)

@@ -12,7 +12,9 @@ A loss that needs concrete values (Python control flow on a variable's value, ``
 cannot be traced: it is differentiated eagerly, as before, from then on. A loss whose trace is
 not the same structure at every step (an operation traced afresh each call, such as a
 ``custom_jvp`` function called outside a jitted function) is differentiated eagerly from its
-traced jaxpr once that shows, so it compiles at most once in vain.
+traced jaxpr once that shows (three calls, three structures, none repeated), so it compiles at
+most twice in vain. One closure may stand for a few losses (a helper's lambda around the loss
+function it is given): each of their structures is compiled once and kept.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ _EAGER: set[Any] = set()
 # Compiled gradient programs by jaxpr structure, least recently used first out.
 _PROGRAMS: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
 _MAX_PROGRAMS = 64
-# Per loss: the structure key first seen for each input signature.
-_SEEN: dict[Any, dict[tuple, tuple]] = {}
+# Per loss and input signature: the structure keys its traces had, with how many calls each.
+_SEEN: dict[Any, dict[tuple, dict[tuple, int]]] = {}
 _lock = threading.Lock()
 _NOT_TRACEABLE = (
     jax.errors.ConcretizationTypeError,
@@ -91,21 +93,41 @@ def compiled_gradients(
             else:
                 if len(_SEEN) > _MAX_PROGRAMS * 16:
                     _SEEN.clear()
-                first = _SEEN.setdefault(identity, {}).setdefault(signature, key)
-                if first != key:  # the same inputs, another structure: it changes every call
+                seen = _SEEN.setdefault(identity, {}).setdefault(signature, {})
+                if key not in seen and _changes_every_call(seen):
                     _EAGER.add(identity)
-                    # Neither the first trace's key nor its program is of use now; they may
+                    # Neither the traces' keys nor their programs are of use now; they may
                     # hold what the loss captured (a batch a custom_vjp rule closes over).
-                    del _SEEN[identity]
-                    _PROGRAMS.pop(first, None)
+                    for stale in _SEEN.pop(identity).values():
+                        for k in stale:
+                            _PROGRAMS.pop(k, None)
                 else:
                     run = jax.jit(_gradient_program(closed.jaxpr, out_tree))
                     _PROGRAMS[key] = run
                     while len(_PROGRAMS) > _MAX_PROGRAMS:
                         _PROGRAMS.popitem(last=False)
+            if run is not None:
+                seen = _SEEN.get(identity, {}).get(signature)
+                if seen is not None:
+                    seen[key] = seen.get(key, 0) + 1
     if run is None:  # differentiated eagerly, from the trace already taken (no second call)
         return _gradient_program(closed.jaxpr, out_tree)(list(closed.consts), values, cotangent)
     return run(list(closed.consts), values, cotangent)
+
+
+# The most structures one loss (one code) may trace to on the same inputs: one closure can
+# stand for several losses (a helper's lambda around the loss function it is given).
+_MAX_STRUCTURES = 8
+
+
+def _changes_every_call(seen: dict[tuple, int]) -> bool:
+    """Whether a loss that traced to the structures ``seen`` (key -> calls) on the same inputs,
+    and now to a new one, is taken to trace afresh at every call (a ``custom_jvp`` function
+    called outside ``jit``): its second structure came on the very next call after the first,
+    and none has come back since; or it has made too many."""
+    if len(seen) >= _MAX_STRUCTURES:
+        return True
+    return len(seen) >= 2 and all(calls == 1 for calls in seen.values())
 
 
 _INEXACT: dict[Any, bool] = {}

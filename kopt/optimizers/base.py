@@ -141,6 +141,7 @@ def _held_optimizers(value: Any, depth: int = 0) -> Iterator[Any]:
 # tf.keras hooks a subclass of a built-in may override (then its step runs them).
 _HOOKS = (
     "_create_slots",
+    "_decayed_lr",
     "_prepare",
     "_prepare_local",
     "_resource_apply_dense",
@@ -149,11 +150,25 @@ _HOOKS = (
 )
 
 
+def _defined_outside_kopt(cls: type, name: str) -> bool:
+    """Whether method ``name`` of ``cls`` is a user's (a subclass's override), not kopt's."""
+    owner = next(c for c in cls.__mro__ if name in c.__dict__)
+    return not owner.__module__.startswith("kopt.")
+
+
 @functools.cache
 def _runs_twin(cls: type) -> bool:
     if cls._transformation is Optimizer._transformation:
         return False
-    return all(getattr(cls, h) is getattr(Optimizer, h) for h in _HOOKS)
+    return not any(_defined_outside_kopt(cls, h) for h in _HOOKS)
+
+
+@functools.cache
+def _sets_own_learning_rate(cls: type) -> bool:
+    """Whether a subclass of a built-in computes the learning rate itself (overrides
+    ``_decayed_lr`` or ``_prepare_local``, as a warmup does): the built-in's hooks then step
+    with the ``lr_t`` those give, as tf.keras's read it from ``apply_state``."""
+    return any(_defined_outside_kopt(cls, name) for name in ("_decayed_lr", "_prepare_local"))
 
 
 def _snake_case(name: str) -> str:
@@ -770,7 +785,7 @@ class Optimizer:
         built-in's applies its own update to ``var``, for subclasses and wrappers that call
         it (``super()._resource_apply_dense(...)``)."""
         if self._has_twin():
-            return self._apply_twin(grad, var)
+            return self._apply_twin(grad, var, apply_state)
         raise NotImplementedError("`_resource_apply_dense` must be implemented in subclasses.")
 
     def _resource_apply_sparse(
@@ -786,12 +801,13 @@ class Optimizer:
         update, as its dense hook does.
         """
         if self._has_twin():
-            return self._apply_twin(IndexedSlices(grad, indices, var.shape), var)
+            return self._apply_twin(IndexedSlices(grad, indices, var.shape), var, apply_state)
         raise NotImplementedError("`_resource_apply_sparse` Must be implemented in subclasses.")
 
-    def _apply_twin(self, grad: Any, var: Variable) -> jax.Array:
+    def _apply_twin(self, grad: Any, var: Variable, apply_state: Any = None) -> jax.Array:
         """A built-in's update of one variable and its slots, inside the step."""
-        tx = self._static_transformation()  # built before the trace (see ``_compile``)
+        given_lr = _sets_own_learning_rate(type(self))
+        tx = self._static_transformation(given_lr)  # built before the trace (see ``_compile``)
         template = tx.init([var.value])
         layout = codec.describe(template, 1)
         if layout.opaque or layout.scalar_slots(template):
@@ -804,6 +820,11 @@ class Optimizer:
         plain = {
             "plain:" + k: jnp.asarray(v, jnp.float32) for k, v in self._plain_hyperparams().items()
         }
+        if given_lr:
+            key = (var.device, var.dtype)
+            coefficients = (apply_state or {}).get(key) or self._fallback_apply_state(*key)
+            plain["plain:learning_rate"] = jnp.asarray(coefficients["lr_t"], jnp.float32)
+            plain["plain:decay"] = jnp.zeros((), jnp.float32)
         self._apply_transformation(tx, [(grad, var)], plain, None, constrain=False)
         return var.value
 
@@ -815,6 +836,25 @@ class Optimizer:
 
         d = deduplicate(IndexedSlices(grad, indices, handle.shape), handle.shape[0])
         return self._resource_apply_sparse(d.values, handle, d.indices, **kwargs)
+
+    @property
+    def _dense_apply_args(self) -> list[str]:
+        """The argument names of ``_resource_apply_dense``, as tf.keras lists them (wrappers
+        check for ``"apply_state"`` before passing it)."""
+        return inspect.getfullargspec(self._resource_apply_dense).args
+
+    @property
+    def _sparse_apply_args(self) -> list[str]:
+        """The argument names of ``_resource_apply_sparse``, as tf.keras lists them."""
+        return inspect.getfullargspec(self._resource_apply_sparse).args
+
+    def _call_if_callable(self, param: Any) -> Any:
+        """``param()`` for a callable, else ``param`` (tf.keras's helper)."""
+        return param() if callable(param) else param
+
+    def _create_hypers(self) -> None:
+        """tf.keras makes its hyperparameter variables here; kopt's exist from ``_set_hyper``,
+        so there is nothing to do."""
 
     def _resource_scatter_add(self, x: Variable, i: Any, v: Any) -> jax.Array:
         """Adds rows ``v`` to ``x`` at ``i`` (repeats add up) and returns ``x``'s new value, as
@@ -925,12 +965,16 @@ class Optimizer:
             return
         self._check_attributes()
 
-    def _static_transformation(self) -> core.GradientTransformation:
-        """The twin with schedules in place and numbers as placeholders, cached per schedules."""
+    def _static_transformation(self, given_lr: bool = False) -> core.GradientTransformation:
+        """The twin with schedules in place and numbers as placeholders, cached per schedules.
+        With ``given_lr``, its learning rate is a plain number and its decay 0: the step
+        passes the learning rate a subclass's ``_decayed_lr`` or ``_prepare_local`` gives."""
         hp = self._transformation_hyperparams()
+        if given_lr:
+            hp = {**hp, "learning_rate": 0.0, **({"decay": 0.0} if "decay" in hp else {})}
         key = tuple(
             (k, id(v)) if _is_step_schedule(v) else (k, None) for k, v in sorted(hp.items())
-        ) + (self._structure(),)
+        ) + (self._structure(), given_lr)
         tx = self._transformations.get(key)
         if tx is None:
             tx = self._build_transformation(_placeholders(hp))
@@ -956,6 +1000,22 @@ class Optimizer:
             raise NotImplementedError(
                 f"{type(self).__name__}.as_transformation: only optimizers with a functional "
                 "twin (the built-ins and from_transformation) can be turned into a transformation"
+            )
+        hooks = [
+            name
+            for name, unchanged in (
+                ("gradient_aggregator", self.gradient_aggregator is all_reduce_sum_gradients),
+                ("gradient_transformers", not self.gradient_transformers),
+            )
+            if not unchanged
+        ]
+        if hooks:  # functions of [(grad, var)] lists, which a pure transformation does not have
+            raise NotImplementedError(
+                f"{type(self).__name__}.as_transformation: the optimizer's "
+                f"{' and '.join(f'`{h}`' for h in hooks)} cannot go into a transformation (they "
+                "take (gradient, variable) pairs); put the same processing in the chain "
+                "yourself, e.g. kopt.chain(your_piece, optimizer.as_transformation()) with the "
+                "optimizer built without them"
             )
         hp = {
             k: v if _is_step_schedule(v) else jnp.asarray(_plain(v), jnp.float32)
@@ -1008,7 +1068,12 @@ class Optimizer:
             # None: the transformation keeps no such slot for this variable (a masked-out one,
             # or one a multi_transform group without that slot steps).
             if value is not None and name not in self._slots.get(var._uid, ()):
-                created.append(self.add_slot(var, name, value, shape=jnp.shape(value)))
+                slot = self.add_slot(var, name, value, shape=jnp.shape(value))
+                if slot.dtype != jnp.result_type(value):
+                    # The transformation's slot dtype (a wrapped kopt.adam(slot_dtype=...)),
+                    # not tf.keras's default of the variable's.
+                    slot._value = jax.device_put(value, slot.value.sharding)
+                created.append(slot)
         for var in todo:
             self._slots.setdefault(var._uid, {})
             self._slot_owners[var._uid] = var
@@ -1320,6 +1385,7 @@ class Optimizer:
         var_list = [v for _, v in pairs]
         grads = [g.value if isinstance(g, Variable) else g for g, _ in pairs]
         hyper_vars, dynamic = self._step_arguments()
+        captured = self._captured_variables(var_list, hyper_vars)
         # The per-variable parts of the key (slots, shardings, constraints) only change when a
         # weight is created or a variable takes a multi-device value: a repeated call with the
         # same signature reuses them instead of walking every variable again.
@@ -1332,9 +1398,10 @@ class Optimizer:
             plan = _plan_state(state_vars)
             key = self._program_key(var_list, grads, aggregate, state_vars, hyper_vars, signature)
             key += (tuple(g.uid for g in plan.groups),)
-        program = self._programs.get(key)
+        program_key = key + (tuple(c._uid for c in captured),) if captured else key
+        program = self._programs.get(program_key)
         if program is None:
-            program = self._compile(var_list, plan, hyper_vars, grads, aggregate)
+            program = self._compile(var_list, plan, hyper_vars, grads, aggregate, captured)
         # Placed now that the variables are (_place_state may have moved them).
         grads = [
             _per_replica_beside(g, v) if type(g) is PerReplica else g
@@ -1347,15 +1414,17 @@ class Optimizer:
             var_values, state_values = values[: len(var_list)], values[len(var_list) :]
             # Grouped slots travel as their groups' buffers, which are never handed out.
             state_values += [g.buffer for g in plan.groups]
-            new_vars, new_state, new_iterations = program(
+            new_vars, new_state, new_iterations, new_captured = program(
                 var_values,
                 grads,
                 state_values,
                 self.iterations.value,
-                [h.value for h in hyper_vars],
+                [h.value for h in hyper_vars] + [c.value for c in captured],
                 dynamic,
             )
             n_loose = len(loose)
+            for c, value in zip(captured, new_captured, strict=True):
+                c._value = value  # bound inside a trace, stored otherwise
             if getattr(_bindings, "table", None):  # inside a trace: bind, do not store
                 for v, value in zip(var_list, new_vars, strict=True):
                     v._value = value
@@ -1375,11 +1444,52 @@ class Optimizer:
                 for g, value in zip(plan.groups, new_state[n_loose:], strict=True):
                     g.buffer = value
                 self._iterations._value = new_iterations
-        self._programs[key] = program  # cached once it ran: a failed one may bind dropped slots
+        # Cached once it ran: a failed one may bind dropped slots.
+        self._programs[program_key] = program
         if signature is not None:
             if len(self._key_memo) > 64:
                 self._key_memo.clear()
             self._key_memo[signature] = (token, key, plan)
+
+    def _captured_variables(
+        self, var_list: list[Variable], hyper_vars: list[Variable]
+    ) -> list[Variable]:
+        """Variables the step's code may read that are not the step's own: kept in a public
+        attribute of this optimizer or of one it holds (or in a list, tuple or dict there), or
+        in a hyperparameter's schedule object. As ``tf.function`` captures them, the step takes
+        their current values as inputs and writes back what its hooks assign to them."""
+        found: dict[int, Variable] = {}
+
+        def take(value):
+            if isinstance(value, Variable):
+                found.setdefault(id(value), value)
+            elif isinstance(value, (list, tuple)):
+                for item in value:
+                    if isinstance(item, Variable):
+                        found.setdefault(id(item), item)
+            elif isinstance(value, dict):
+                for item in value.values():
+                    if isinstance(item, Variable):
+                        found.setdefault(id(item), item)
+
+        owners = (self, *self._nested_optimizers())
+        for owner in owners:
+            for name, value in owner.__dict__.items():
+                if name[0] != "_":
+                    take(value)
+            for value in owner._hyper.values():
+                if not isinstance(value, Variable) and hasattr(value, "__dict__"):
+                    for name, inner in vars(value).items():
+                        if name[0] != "_":
+                            take(inner)
+        if not found:
+            return []
+        own = {id(v) for v in var_list} | {id(v) for v in hyper_vars}
+        for owner in owners:
+            own.update(id(w) for w in owner._weights)
+            if owner._iterations is not None:
+                own.add(id(owner._iterations))
+        return [v for k, v in found.items() if k not in own]
 
     def _state_variables(self, var_list: list[Variable]) -> list[Variable]:
         """Every optimizer variable one step reads and writes, in a fixed order."""
@@ -1522,14 +1632,14 @@ class Optimizer:
             _Hashed(self._traced_attributes()),  # may be large: hashed once, not per call
         )
 
-    def _compile(self, var_list, plan, hyper_vars, grads, aggregate: bool):
+    def _compile(self, var_list, plan, hyper_vars, grads, aggregate: bool, captured=()):
         self._check_opaque_owner(var_list)
         iterations = self.iterations
         # Built outside the trace: its placeholders need the hyperparameters' concrete values.
         tx = self._static_transformation() if self._uses_transformation() else None
         for owner in (self, *self._nested_optimizers()):
             if owner._has_twin():  # a built-in's hooks, called by a subclass or a wrapper
-                owner._static_transformation()
+                owner._static_transformation(_sets_own_learning_rate(type(owner)))
         # For these variables, in this order: gradient hooks may drop or reorder pairs.
         template = None if tx is None else (_uids(var_list), _state_template(tx, var_list))
         # Every sharded variable and slot leaves the step with the sharding it came in with.
@@ -1562,7 +1672,7 @@ class Optimizer:
                 bound(var_list, var_values),
                 bound(state_vars, state_inputs),
                 bound([iterations], [iteration]),
-                bound(hyper_vars, hyper_values),
+                bound(list(hyper_vars) + list(captured), hyper_values),
                 self._step_values(dynamic),
             ):
                 gv = list(zip(grads, var_list, strict=True))
@@ -1600,10 +1710,12 @@ class Optimizer:
                             )
                         ],
                         core.safe_increment(jnp.asarray(iterations.value)),
+                        [c.value for c in captured],
                     )
 
+                old_captured = list(hyper_values[len(hyper_vars) :])
                 if guard is None:
-                    new_vars, new_loose, new_groups, new_iteration = update()
+                    new_vars, new_loose, new_groups, new_iteration, new_captured = update()
                 elif guard_cond:
                     # Not all finite: every input is kept as it came (the guard's own scale and
                     # counter excepted, which it updates below). On the CPU a conditional, not a
@@ -1616,6 +1728,7 @@ class Optimizer:
                         list(state_values[: len(loose)]),
                         list(state_values[len(loose) :]),
                         iteration,
+                        old_captured,
                     )
 
                     def applied():
@@ -1623,7 +1736,7 @@ class Optimizer:
                         # both branches give the same types.
                         return jax.tree.map(_typed_like, update(), old)
 
-                    new_vars, new_loose, new_groups, new_iteration = jax.lax.cond(
+                    new_vars, new_loose, new_groups, new_iteration, new_captured = jax.lax.cond(
                         finite, applied, lambda: old
                     )
                     guard._guard_update(finite)
@@ -1633,7 +1746,7 @@ class Optimizer:
                         for s, n in zip(loose, new_loose, strict=True)
                     ]
                 else:
-                    new_vars, new_loose, new_groups, new_iteration = update()
+                    new_vars, new_loose, new_groups, new_iteration, new_captured = update()
                     finite = _gradients_finite(aggregated, packable)
                     guard._guard_update(finite)
                     kept = {v._uid for v in guard._guard_variables()}
@@ -1649,6 +1762,10 @@ class Optimizer:
                         for n, o in zip(new_groups, state_values[len(loose) :], strict=True)
                     ]
                     new_iteration = jnp.where(finite, new_iteration, iteration)
+                    new_captured = [
+                        jnp.where(finite, n, o)
+                        for n, o in zip(new_captured, old_captured, strict=True)
+                    ]
                 return (
                     [
                         _constrain(value, sh)
@@ -1660,6 +1777,7 @@ class Optimizer:
                     ]
                     + new_groups,
                     new_iteration,
+                    new_captured,
                 )
 
         def step(*args):
@@ -2344,10 +2462,64 @@ def _bucketed_rows(g: IndexedSlices, v: Any) -> IndexedSlices:
     size = 1 << max(n - 1, 0).bit_length()
     if size == n:
         return g
-    padding = size - n
-    values = jnp.pad(jnp.asarray(values), [(0, padding)] + [(0, 0)] * (len(shape) - 1))
-    indices = jnp.pad(jnp.asarray(indices), (0, padding), constant_values=v.shape[0])
+    values, indices = jnp.asarray(values), jnp.asarray(indices)
+    rows = int(v.shape[0])
+    if isinstance(values, jax.core.Tracer) or isinstance(indices, jax.core.Tracer):
+        values, indices = _pad_rows(values, indices, size, rows)
+    elif _on_host(values) and _on_host(indices) and _rare_row_count(values, size):
+        # On a CPU, a row count seen a few times at most (they change from batch to batch):
+        # padded in NumPy, as padding with XLA compiles a program per count (a quarter of a
+        # second) that few later steps would reuse. (On an accelerator that would be a round
+        # trip to the host: there the compiled padding is kept per count.)
+        values = _put_like(_padded(np.asarray(values), size, 0), values)
+        indices = _put_like(_padded(np.asarray(indices), size, rows), indices)
+    else:  # a count seen before: one compiled program, kept
+        values, indices = _padded_rows(values, indices, size, rows)
     return IndexedSlices(values, indices, g.dense_shape)
+
+
+def _pad_rows(values: jax.Array, indices: jax.Array, size: int, rows: int) -> tuple:
+    padding = size - values.shape[0]
+    values = jnp.pad(values, [(0, padding)] + [(0, 0)] * (values.ndim - 1))
+    return values, jnp.pad(indices, (0, padding), constant_values=rows)
+
+
+_padded_rows = jax.jit(_pad_rows, static_argnums=(2, 3))
+
+# Row counts of sparse gradients seen (shape, dtype, bucket) -> times; bounded. A count seen
+# more than _COMPILED_PAD_AFTER times is padded by a compiled program, kept.
+_ROW_COUNTS: dict[tuple, int] = {}
+
+
+_COMPILED_PAD_AFTER = 4
+
+
+def _rare_row_count(values: jax.Array, size: int) -> bool:
+    key = (values.shape, values.dtype, size)
+    seen = _ROW_COUNTS.get(key, 0)
+    if len(_ROW_COUNTS) > 4096:
+        _ROW_COUNTS.clear()
+    _ROW_COUNTS[key] = seen + 1
+    return seen < _COMPILED_PAD_AFTER
+
+
+def _on_host(x: jax.Array) -> bool:
+    """On one CPU device (whose memory NumPy reads without a transfer)."""
+    sharding = x.sharding
+    return type(sharding) is jax.sharding.SingleDeviceSharding and (
+        next(iter(sharding.device_set)).platform == "cpu"
+    )
+
+
+def _padded(x: np.ndarray, size: int, fill: Any) -> np.ndarray:
+    out = np.full((size, *x.shape[1:]), fill, x.dtype)
+    out[: x.shape[0]] = x
+    return out
+
+
+def _put_like(x: np.ndarray, like: jax.Array) -> jax.Array:
+    """``x`` on ``like``'s device, committed as ``like`` is."""
+    return jax.device_put(x, like.sharding) if like.committed else jnp.asarray(x)
 
 
 _CONVERTED = _PYTHON_VALUES | {IndexedSlices}

@@ -118,6 +118,32 @@ class _KerasV2(_SlotDtype, Optimizer):
     def _plain_hyperparams(self) -> dict[str, float]:
         return {"epsilon": self.epsilon} if hasattr(self, "epsilon") else {}
 
+    def _prepare_local(self, var_device, var_dtype, apply_state):
+        """tf.keras's coefficients, for a subclass's hook that reads them from
+        ``apply_state`` (one that copies the built-in's update and changes it): ``lr_t`` and
+        the class's own (Adam's ``beta_1_power``, ``one_minus_beta_1_t``, ``lr``...)."""
+        super()._prepare_local(var_device, var_dtype, apply_state)
+        coefficients = apply_state[(var_device, var_dtype)]
+        coefficients.update(self._local_coefficients(var_dtype, coefficients.get("lr_t")))
+
+    def _local_coefficients(self, dtype: Any, lr_t: Any) -> dict[str, Any]:
+        return {}
+
+    def _hyper_t(self, name: str, dtype: Any) -> jax.Array:
+        """Hyperparameter ``name`` for this step, in ``dtype`` (a schedule at ``iterations``)."""
+        value = self._get_hyper(name)
+        if _is_step_schedule(value):
+            value = value(jnp.asarray(self.iterations.value).astype(jnp.float32))
+        if isinstance(value, Variable):
+            value = value.value
+        return jnp.asarray(value).astype(dtype)
+
+    def _epsilon_t(self, dtype: Any) -> jax.Array:
+        return jnp.asarray(self.epsilon, dtype)
+
+    def _local_step(self, dtype: Any) -> jax.Array:
+        return (jnp.asarray(self.iterations.value) + 1).astype(dtype)
+
     def _base_config(self) -> dict[str, Any]:
         config = {
             **super().get_config(),
@@ -153,6 +179,9 @@ class SGD(_KerasV2):
         self._momentum = _flag_momentum("SGD", momentum)
         self._set_hyper("momentum", momentum)
         self.nesterov = bool(nesterov)
+
+    def _local_coefficients(self, dtype, lr_t):
+        return {"momentum": self._hyper_t("momentum", dtype)}
 
     def _transformation(self, hp):
         return kopt.sgd(
@@ -202,6 +231,21 @@ class Adam(_KerasV2):
         self._set_hyper("beta_2", beta_2)
         self.epsilon = epsilon or EPSILON
         self.amsgrad = bool(amsgrad)
+
+    def _local_coefficients(self, dtype, lr_t):
+        beta_1, beta_2 = self._hyper_t("beta_1", dtype), self._hyper_t("beta_2", dtype)
+        step = self._local_step(dtype)
+        beta_1_power, beta_2_power = beta_1**step, beta_2**step
+        return {
+            "lr": lr_t * jnp.sqrt(1 - beta_2_power) / (1 - beta_1_power),
+            "epsilon": self._epsilon_t(dtype),
+            "beta_1_t": beta_1,
+            "beta_1_power": beta_1_power,
+            "one_minus_beta_1_t": 1 - beta_1,
+            "beta_2_t": beta_2,
+            "beta_2_power": beta_2_power,
+            "one_minus_beta_2_t": 1 - beta_2,
+        }
 
     def _transformation(self, hp):
         return kopt.adam(
@@ -271,6 +315,13 @@ class Adagrad(_KerasV2):
         self._initial_accumulator_value = initial_accumulator_value
         self.epsilon = epsilon or EPSILON
 
+    def _local_coefficients(self, dtype, lr_t):
+        return {
+            "epsilon": self._epsilon_t(dtype),
+            "neg_lr_t": -lr_t,
+            "zero": jnp.zeros((), jnp.int32),
+        }
+
     def _transformation(self, hp):
         return kopt.adagrad(
             hp["learning_rate"],
@@ -307,6 +358,9 @@ class Adadelta(_KerasV2):
         self._init_learning_rate(learning_rate, kwargs)
         self._set_hyper("rho", rho)
         self.epsilon = epsilon or EPSILON
+
+    def _local_coefficients(self, dtype, lr_t):
+        return {"epsilon": self._epsilon_t(dtype), "rho": self._hyper_t("rho", dtype)}
 
     def _transformation(self, hp):
         return kopt.adadelta(
@@ -347,6 +401,19 @@ class Adamax(_KerasV2):
         self._set_hyper("beta_1", beta_1)
         self._set_hyper("beta_2", beta_2)
         self.epsilon = epsilon or EPSILON
+
+    def _local_coefficients(self, dtype, lr_t):
+        beta_1 = self._hyper_t("beta_1", dtype)
+        beta_1_power = beta_1 ** self._local_step(dtype)
+        return {
+            "beta_1_t": beta_1,
+            "beta_1_power": beta_1_power,
+            "neg_scaled_lr": -lr_t / (1 - beta_1_power),
+            "epsilon": self._epsilon_t(dtype),
+            "one_minus_beta_1_t": 1 - beta_1,
+            "beta_2_t": self._hyper_t("beta_2", dtype),
+            "zero": jnp.zeros((), jnp.int32),
+        }
 
     def _transformation(self, hp):
         return kopt.adamax(
@@ -462,6 +529,16 @@ class RMSprop(_KerasV2):
         self.epsilon = epsilon or EPSILON
         self.centered = bool(centered)
 
+    def _local_coefficients(self, dtype, lr_t):
+        rho = self._hyper_t("rho", dtype)
+        return {
+            "neg_lr_t": -lr_t,
+            "epsilon": self._epsilon_t(dtype),
+            "rho": rho,
+            "momentum": self._hyper_t("momentum", dtype),
+            "one_minus_rho": 1 - rho,
+        }
+
     def _transformation(self, hp):
         return kopt.rmsprop(
             hp["learning_rate"],
@@ -549,6 +626,20 @@ class Ftrl(_KerasV2):
 
     def _plain_hyperparams(self):
         return {"l2_shrinkage_regularization_strength": self._l2_shrinkage_regularization_strength}
+
+    def _local_coefficients(self, dtype, lr_t):
+        names = (
+            "learning_rate_power",
+            "l1_regularization_strength",
+            "l2_regularization_strength",
+            "beta",
+        )
+        return {
+            **{name: self._hyper_t(name, dtype) for name in names},
+            "l2_shrinkage_regularization_strength": jnp.asarray(
+                self._l2_shrinkage_regularization_strength, dtype
+            ),
+        }
 
     def _transformation(self, hp):
         return kopt.ftrl(
@@ -920,8 +1011,8 @@ class _Keras3(_SlotDtype, Optimizer):
             tx = kopt.chain(tx, _counting_updates(average, k) if k else average)
         return tx
 
-    def _static_transformation(self):
-        tx = super()._static_transformation()
+    def _static_transformation(self, given_lr=False):
+        tx = super()._static_transformation(given_lr)
         k = self.gradient_accumulation_steps
         return _count_updates_not_calls(tx, k) if k else tx
 
@@ -1240,7 +1331,15 @@ class TransformationOptimizer(Optimizer):
         self._wrapped = transformation
         settable, self._fixed_hyperparams = _wrapped_hyperparams(transformation)
         self._held_hyperparams = frozenset(
-            key for key in settable if key not in self._hyper and not hasattr(type(self), key)
+            key
+            for key in settable
+            if key not in self._hyper
+            and (
+                not hasattr(type(self), key)
+                # A wrapped clip piece's threshold is the optimizer's clip attribute, unless
+                # the optimizer was given that clip argument itself.
+                or (key in _CLIP_PIECES and getattr(self, "_" + key) is None)
+            )
         )
         for key in sorted(self._held_hyperparams):
             self._set_hyper(key, settable[key])
@@ -1257,6 +1356,16 @@ class TransformationOptimizer(Optimizer):
                 f"{self._name}: `{key}` of the wrapped transformation cannot be set on the "
                 f"optimizer ({why}); build the transformation with the value you want"
             )
+        if key in _CLIP_PIECES and held is not None and key in held:
+            if value is None:
+                raise AttributeError(
+                    f"{self._name}: `{key}` is the threshold of a clip piece of the wrapped "
+                    "transformation and cannot be removed; build the transformation without it"
+                )
+            if not _is_step_schedule(value) and not callable(value):
+                _check_number(type(self).__name__, key, value)
+                if float(np.asarray(getattr(value, "value", value))) < 0:
+                    raise ValueError(f"Expected {key} >= 0, received: {value}")
         if key in self.__dict__.get("_hyper", {}) and _is_step_schedule(value):
             raise TypeError(
                 f"{self._name}: a schedule for `{key}` goes into the wrapped transformation "
@@ -1264,6 +1373,23 @@ class TransformationOptimizer(Optimizer):
                 f"a number here, received {type(value).__name__}"
             )
         super().__setattr__(name, value)
+
+    def _held_clip(attr: str) -> property:  # noqa: N805 - builds the class's properties
+        """A clip attribute that reads (and, through ``__setattr__``, sets) the threshold of
+        the wrapped transformation's clip piece when it has one."""
+        base = getattr(Optimizer, attr)
+
+        def read(self):
+            if attr in self.__dict__.get("_held_hyperparams", ()):
+                return self._get_hyper(attr)
+            return base.fget(self)
+
+        return property(read, base.fset, doc=base.__doc__)
+
+    clipnorm = _held_clip("clipnorm")
+    clipvalue = _held_clip("clipvalue")
+    global_clipnorm = _held_clip("global_clipnorm")
+    del _held_clip
 
     def _transformation(self, hp):
         held = {k: v for k, v in hp.items() if k in self._held_hyperparams}
