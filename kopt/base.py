@@ -258,16 +258,31 @@ def apply_updates(params: Params, updates: Updates) -> Params:
         >>> kopt.apply_updates({"w": jnp.ones(2, jnp.bfloat16)}, {"w": jnp.ones(2)})["w"].dtype
         dtype(bfloat16)
     """
-    from kopt.sparse import IndexedSlices, in_range, is_indexed_slices, scatter_add_rows
+    from kopt.sparse import (
+        IndexedSlices,
+        deduplicate,
+        gather_rows,
+        in_range,
+        is_indexed_slices,
+        scatter_add_rows,
+        scatter_rows,
+    )
 
     def add(path, p, u):
         if u is None or p is None:
             return p
         if isinstance(u, IndexedSlices):
-            rows = u.values.astype(jnp.promote_types(p.dtype, u.values.dtype))
-            indices = in_range(u.indices, jnp.shape(p)[0])
-            new = scatter_add_rows(p.astype(rows.dtype), indices, rows)
-            return new.astype(p.dtype)
+            p = jnp.asarray(p)
+            wide = jnp.promote_types(p.dtype, u.values.dtype)
+            if wide == p.dtype:
+                indices = in_range(u.indices, p.shape[0])
+                return scatter_add_rows(p, indices, u.values.astype(p.dtype))
+            # Rows wider than the table (float32 updates of a float16 one): each named row's
+            # sum is taken in the wider dtype and rounded once, as the dense sum is, without
+            # widening the whole table.
+            d = deduplicate(u, p.shape[0])
+            rows = gather_rows(p, d.indices).astype(wide) + d.values.astype(wide)
+            return scatter_rows(p, d.indices, rows.astype(p.dtype))
         p = jnp.asarray(p)
         if jnp.shape(u) != p.shape:
             raise ValueError(

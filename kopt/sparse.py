@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -35,8 +36,12 @@ class IndexedSlices:
     """
 
     def __init__(self, values: Any, indices: Any, dense_shape: Any = None):
-        self.values = values
-        self.indices = indices
+        # Python lists of rows and of indices as arrays (float32 rows), as TensorFlow converts
+        # them.
+        self.values = jnp.asarray(values) if isinstance(values, list | tuple) else values
+        if isinstance(indices, list | tuple):
+            indices = np.asarray(indices) if len(indices) else np.zeros(0, np.int32)
+        self.indices = _wide_enough(indices)
         self.dense_shape = None if dense_shape is None else tuple(int(d) for d in dense_shape)
 
     def tree_flatten(self):
@@ -78,6 +83,18 @@ def map_values(fn: Any, g: Any) -> Any:
 def is_indexed_slices(x: Any) -> bool:
     """True for an :class:`IndexedSlices`."""
     return isinstance(x, IndexedSlices)
+
+
+def _wide_enough(indices: Any) -> Any:
+    """Indices of an integer type narrower than 32 bits (uint8, int16) as int32: the updates
+    mark a row outside the table with the index ``num_rows``, which such a type may not hold
+    (300 is 44 in uint8, so a dropped row would land on row 44)."""
+    dtype = getattr(indices, "dtype", None)
+    if dtype is None or not np.issubdtype(dtype, np.integer) or np.dtype(dtype).itemsize >= 4:
+        return indices  # other kinds are refused, naming them, when used
+    if isinstance(indices, np.ndarray | np.generic):
+        return np.asarray(indices, np.int32)
+    return indices.astype(jnp.int32)
 
 
 def in_range(indices: jax.Array, num_rows: int) -> jax.Array:

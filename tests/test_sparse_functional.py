@@ -253,3 +253,61 @@ def test_the_facade_takes_an_empty_gradient_for_an_empty_table(name):
     grad = kopt.IndexedSlices(jnp.zeros((0, 2)), jnp.zeros((0,), jnp.int32), (0, 2))
     opt.apply_gradients([(grad, table)])
     assert table.shape == (0, 2) and int(opt.iterations.numpy()) == 1
+
+
+@pytest.mark.parametrize(
+    "dtype, rows", [(np.uint8, 256), (np.uint8, 300), (np.int16, 32768), (np.uint16, 70000)]
+)
+@pytest.mark.parametrize("build", [lambda: kopt.sgd(1.0), lambda: kopt.adagrad(1.0)])
+def test_narrow_integer_indices_name_their_rows(dtype, rows, build):
+    """The updates mark a row outside the table with the index ``rows``, which a uint8 or int16
+    cannot hold: 256 wrapped to 0 and 300 to 44, so every update landed on row 0 or 44 (or
+    int16 raised an OverflowError). Narrow indices are now taken as int32."""
+    table = jnp.zeros((rows, 2))
+    named = [5, 100, 250]
+    g = kopt.IndexedSlices(jnp.ones((3, 2)), jnp.asarray(np.array(named, dtype)), (rows, 2))
+    tx = build()
+    updates, _ = tx.update(g, tx.init(table), table)
+    moved = np.flatnonzero(np.any(np.asarray(kopt.apply_updates(table, updates)) != 0, axis=1))
+    assert moved.tolist() == named
+    assert kopt.IndexedSlices(g.values, np.array(named, dtype)).indices.dtype == np.int32
+
+
+def test_the_facade_steps_the_rows_of_uint8_indices():
+    table = kopt.Variable(jnp.ones((256, 2)))
+    g = kopt.IndexedSlices(jnp.ones((3, 2)), jnp.array([5, 7, 9], jnp.uint8), (256, 2))
+    kopt.optimizers.Ftrl(0.1).apply_gradients([(g, table)])
+    moved = np.flatnonzero(np.any(table.numpy() != 1, axis=1))
+    assert moved.tolist() == [5, 7, 9]
+
+
+def test_wider_update_rows_on_a_low_precision_table_round_once_without_widening_it():
+    """float32 update rows for a float16 table widened the whole table to float32 (a table-sized
+    temporary, twice the table). Each named row's sum is now rounded once, as the dense sum."""
+    rows, dim = 4099, 7
+    rng = np.random.default_rng(3)
+    table = jnp.asarray(rng.normal(size=(rows, dim)), jnp.float16)
+    indices = jnp.asarray([3, 17, 3, 4000, rows + 5, 17], jnp.int32)  # repeats, one outside
+    values = jnp.asarray(rng.normal(size=(6, dim)) * 1e-3, jnp.float32)
+    sparse = kopt.IndexedSlices(values, indices, (rows, dim))
+    out = kopt.apply_updates(table, sparse)
+    dense = jnp.zeros((rows, dim)).at[indices].add(values, mode="drop")
+    assert out.dtype == jnp.float16
+    np.testing.assert_array_equal(out, kopt.apply_updates(table, dense))
+    compiled = jax.jit(kopt.apply_updates, donate_argnums=0).lower(table, sparse).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp < table.nbytes / 4, temp
+
+
+def test_the_facade_names_the_variable_of_a_sparse_gradient_with_another_dense_shape():
+    """The error named the functional piece and a list position ("scale_by_adagrad: sparse
+    gradient [1] ..."), and Python-list indices raised an AttributeError."""
+    a = kopt.Variable(np.zeros((4, 3), np.float32), name="user_emb")
+    b = kopt.Variable(np.zeros((6, 3), np.float32), name="item_emb")
+    opt = kopt.optimizers.Adagrad(0.1)
+    g = kopt.IndexedSlices(jnp.ones((2, 3)), jnp.array([0, 5]), (7, 3))
+    with pytest.raises(ValueError, match=r"item_emb:0 has dense_shape \(7, 3\).*\(6, 3\)"):
+        opt.apply_gradients([(jnp.ones((4, 3)), a), (g, b)])
+    assert int(opt.iterations.numpy()) == 0 and not a.numpy().any()
+    opt.apply_gradients([(kopt.IndexedSlices([[1.0, 1.0, 1.0]], [5], (6, 3)), b)])
+    assert np.flatnonzero(b.numpy().any(axis=1)).tolist() == [5]

@@ -2675,6 +2675,11 @@ def _check_gradient(g: Any, v: Variable, aggregate: bool) -> None:
                 f"Cannot use a constraint function on a sparse variable ({v.name}). Received: "
                 f"grad={g}, var.constraint={v.constraint}."
             )
+        if not hasattr(g.indices, "shape") or not hasattr(g.indices, "dtype"):
+            raise TypeError(
+                f"apply_gradients: the indices of the sparse gradient for {v.name} must be an "
+                f"integer array, received {type(g.indices).__name__}: {g.indices!r:.60}"
+            )
         if (
             not hasattr(g.values, "shape")
             or tuple(g.values.shape[1:]) != v.shape[1:]
@@ -2685,6 +2690,11 @@ def _check_gradient(g: Any, v: Variable, aggregate: bool) -> None:
                 f"apply_gradients: sparse gradient for {v.name} (shape {v.shape}) has values of "
                 f"shape {tuple(getattr(g.values, 'shape', ()))} and indices of shape "
                 f"{tuple(g.indices.shape)}"
+            )
+        if g.dense_shape is not None and tuple(g.dense_shape) != v.shape:
+            raise ValueError(
+                f"apply_gradients: sparse gradient for {v.name} has dense_shape "
+                f"{tuple(g.dense_shape)}, expected the variable's shape {v.shape}"
             )
         if g.values.dtype != v.dtype:
             raise TypeError(
