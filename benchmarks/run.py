@@ -1,6 +1,6 @@
 """kopt's benchmarks: one entry point, paired A/B timings printed as a Markdown report.
 
-    python benchmarks/run.py                      # everything, full sizes (a few minutes)
+    python benchmarks/run.py                      # everything, full sizes (15 min on 2 cores)
     python benchmarks/run.py --quick --only pure  # smoke test: small sizes, few repetitions
     python benchmarks/run.py --output benchmarks/RESULTS.md --peer-python /path/to/tf/python
 
@@ -901,7 +901,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"optimizers for the pure suite, of {', '.join(OPTIMIZERS)}",
     )
     parser.add_argument(
-        "--seconds", type=float, default=None, help="time per A/B pair (default 2, quick 0.15)"
+        "--seconds", type=float, default=None, help="time per A/B pair (default 3, quick 0.15)"
     )
     parser.add_argument(
         "--peer-python",

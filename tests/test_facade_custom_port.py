@@ -572,3 +572,57 @@ def test_tf_keras_helpers_wrappers_use_exist():
     opt = optimizers.SGD()
     assert opt._call_if_callable(lambda: 3) == 3 and opt._call_if_callable(4) == 4
     assert opt._create_hypers() is None
+
+
+class ClippedSGD(optimizers.Optimizer):
+    """Uses an infinite hyperparameter for "off", as tf.keras code does."""
+
+    def __init__(self, learning_rate=0.1, max_norm=float("inf"), name="ClippedSGD", **kwargs):
+        super().__init__(name, **kwargs)
+        self._set_hyper("learning_rate", learning_rate)
+        self._set_hyper("max_norm", max_norm)
+
+    def _resource_apply_dense(self, grad, var, apply_state=None):
+        scale = jnp.minimum(1.0, self._get_hyper("max_norm", var.dtype) / jnp.linalg.norm(grad))
+        var.assign_sub(self._decayed_lr(var.dtype) * scale * grad)
+
+
+def test_a_custom_hyperparameter_may_be_infinite_as_in_tf_keras():
+    """It was refused ("must be finite"); tf.keras steps to [0.7, 0.6]. NaN, an infinite
+    learning rate and a built-in's infinite hyperparameter are still refused, naming them."""
+    var = kopt.Variable(np.ones(2, np.float32))
+    opt = ClippedSGD()
+    opt.apply_gradients([(jnp.array([3.0, 4.0]), var)])
+    np.testing.assert_allclose(var.numpy(), [0.7, 0.6], rtol=1e-6)
+    opt.max_norm = 2.5
+    opt.apply_gradients([(jnp.array([3.0, 4.0]), var)])
+    np.testing.assert_allclose(var.numpy(), [0.55, 0.4], rtol=1e-6)
+    for bad in (
+        lambda: ClippedSGD(max_norm=float("nan")),
+        lambda: ClippedSGD(learning_rate=float("inf")),
+        lambda: optimizers.Adam(beta_2=float("inf")),
+    ):
+        with pytest.raises(ValueError, match="max_norm|learning_rate|beta_2"):
+            bad()
+
+
+class LoggedSGD(optimizers.Optimizer):
+    """Records a diagnostic in a plain attribute from its hook."""
+
+    def __init__(self, learning_rate=0.1, name="LoggedSGD", **kwargs):
+        super().__init__(name, **kwargs)
+        self._set_hyper("learning_rate", learning_rate)
+
+    def _resource_apply_dense(self, grad, var, apply_state=None):
+        self.last_norm = jnp.linalg.norm(grad)
+        var.assign_sub(self._decayed_lr(var.dtype) * grad)
+
+
+def test_an_array_a_hook_stores_in_an_attribute_is_the_steps_value():
+    """The attribute was left holding the trace's value (a leaked tracer: reading it raised a
+    ConcretizationTypeError); tf.keras run eagerly leaves 5.0, then 1.0."""
+    opt, var = LoggedSGD(), kopt.Variable(np.ones(3, np.float32))
+    for grad, norm in (([3.0, 4.0, 0.0], 5.0), ([1.0, 0.0, 0.0], 1.0), ([0.0, 0.0, 2.0], 2.0)):
+        opt.apply_gradients([(jnp.asarray(grad), var)])
+        assert float(opt.last_norm) == norm
+    assert opt.compile_count == 1

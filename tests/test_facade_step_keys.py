@@ -99,6 +99,20 @@ def test_new_sparse_row_counts_compile_no_padding_program_on_a_cpu(backend_compi
     assert opt.compile_count == 1
 
 
+def test_numpy_and_jax_gradients_share_one_program(backend_compiles):
+    """The step was keyed by the gradient's type: a NumPy gradient and a JAX one of the same
+    shape and dtype compiled two programs."""
+    var = kopt.Variable(np.zeros(3, np.float32))
+    opt = SGD(0.1)
+    for g in (np.ones(3, np.float32), jnp.ones(3), np.ones(3, np.float32), jnp.ones(3)):
+        opt.apply_gradients([(g, var)])
+    assert opt.compile_count == 1
+    assert len([c for c in backend_compiles if c.fun_name == "jit(step)"]) == 1
+    np.testing.assert_allclose(var.numpy(), -0.4, rtol=1e-6)
+    with pytest.raises(TypeError, match="float64, expected float32"):
+        opt.apply_gradients([(np.ones(3, np.float64), var)])
+
+
 def test_weakly_and_strongly_typed_gradients_share_one_program():
     """A Python float and ``jnp.asarray(0.5)`` are weakly typed float32, ``jnp.float32(0.5)``
     is strongly typed: the same gradient to the step, which compiles once for all three."""

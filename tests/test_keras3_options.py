@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import kopt
+from kopt import optimizers
 from kopt.optimizers import Adafactor, AdamW, Lamb, Lion
 
 RNG = np.random.default_rng(3)
@@ -829,3 +830,35 @@ def test_accumulation_follows_an_assigned_iterations_and_k_cannot_change():
     assert (w.numpy(), int(opt.iterations.numpy())) == before
     opt.gradient_accumulation_steps = 3
     opt.apply_gradients([(jnp.ones(1), w)])
+
+
+def test_adamw_weight_decay_set_to_none_stops_the_decay_as_in_keras_3():
+    """It was accepted, then every step raised kopt.adamw's "use kopt.adam" error. Keras 3:
+    with zero gradients the first step decays 1 -> 0.95 and the next ones leave 0.95."""
+    opt = optimizers.AdamW(learning_rate=0.1, weight_decay=0.5)
+    var = kopt.Variable(np.ones(3, np.float32))
+    opt.apply_gradients([(jnp.zeros(3), var)])
+    opt.weight_decay = None
+    opt.apply_gradients([(jnp.zeros(3), var)])
+    np.testing.assert_allclose(var.numpy(), 0.95, rtol=1e-6)
+    assert opt.get_config()["weight_decay"] is None
+
+
+@pytest.mark.parametrize("value", [np.float32(0.42), jnp.asarray(0.42), np.float16(0.42)])
+def test_keras_3_configs_give_float32_numbers_as_they_print(value):
+    """`beta_1=np.float32(0.42)` showed as 0.41999998688697815 in the Keras 3 classes' configs,
+    as `weight_decay` and Adafactor's `clip_threshold` did (docs/deviations.md: "0.42")."""
+    # float32 as it prints; a float16 value exactly (0.42 in float32 would be another value)
+    expected = 0.42 if value.dtype == np.float32 else float(value)
+    for cls, name in [
+        (optimizers.AdamW, "beta_1"),
+        (optimizers.AdamW, "weight_decay"),
+        (optimizers.Lion, "beta_1"),
+        (optimizers.Lamb, "beta_1"),
+        (optimizers.Adafactor, "clip_threshold"),
+    ]:
+        opt = cls(**{name: value})
+        assert opt.get_config()[name] == expected, (cls.__name__, name)
+        assert np.float32(getattr(opt, name)) == np.float32(value)
+        setattr(opt, name, value)
+        assert opt.get_config()[name] == expected

@@ -460,7 +460,11 @@ class Optimizer:
             _check_number(type(self).__name__, name, value)
         if not flag and (not callable(value) or isinstance(value, Variable)):
             number = float(np.asarray(value.numpy() if isinstance(value, Variable) else value))
-            if not np.isfinite(number):
+            # A custom optimizer's own hyperparameter may be infinite ("never clip"), as in
+            # tf.keras; the built-ins' and every learning rate may not.
+            if not np.isfinite(number) and (
+                self._has_twin() or name in ("learning_rate", "decay") or np.isnan(number)
+            ):
                 raise ValueError(
                     f"{type(self).__name__}: `{name}` must be finite, received {value}"
                 )
@@ -1414,7 +1418,7 @@ class Optimizer:
             var_values, state_values = values[: len(var_list)], values[len(var_list) :]
             # Grouped slots travel as their groups' buffers, which are never handed out.
             state_values += [g.buffer for g in plan.groups]
-            new_vars, new_state, new_iterations, new_captured = program(
+            new_vars, new_state, new_iterations, new_captured, new_attributes = program(
                 var_values,
                 grads,
                 state_values,
@@ -1425,6 +1429,7 @@ class Optimizer:
             n_loose = len(loose)
             for c, value in zip(captured, new_captured, strict=True):
                 c._value = value  # bound inside a trace, stored otherwise
+            self.__dict__.update(new_attributes)
             if getattr(_bindings, "table", None):  # inside a trace: bind, do not store
                 for v, value in zip(var_list, new_vars, strict=True):
                     v._value = value
@@ -1778,6 +1783,10 @@ class Optimizer:
                     + new_groups,
                     new_iteration,
                     new_captured,
+                    # Arrays a hook stored in a plain attribute (a diagnostic such as
+                    # `self.last_norm`): the step's values, set on the optimizer after it.
+                    # Inside a guard's conditional they cannot leave it, and are not kept.
+                    {} if guard is not None else _written_arrays(self),
                 )
 
         def step(*args):
@@ -2323,6 +2332,12 @@ def _called(optimizer: Optimizer, name: str, function: Callable[[], Any]) -> Any
     )
 
 
+def _written_arrays(optimizer: Optimizer) -> dict[str, jax.Array]:
+    """The plain attributes the step's hooks set to arrays while it was traced."""
+    names = sorted(optimizer.__dict__.get("_written_in_trace", ()))
+    return {n: v for n in names if isinstance(v := optimizer.__dict__.get(n), jax.Array)}
+
+
 def _is_read_per_step(value: Any) -> bool:
     """A hyperparameter given as a zero-argument callable (not a schedule): called each step."""
     return callable(value) and not isinstance(value, Variable) and not _is_step_schedule(value)
@@ -2522,7 +2537,7 @@ def _put_like(x: np.ndarray, like: jax.Array) -> jax.Array:
     return jax.device_put(x, like.sharding) if like.committed else jnp.asarray(x)
 
 
-_CONVERTED = _PYTHON_VALUES | {IndexedSlices}
+_CONVERTED = _PYTHON_VALUES | {IndexedSlices, np.ndarray}
 
 
 def _per_replica_beside(g: PerReplica, v: Variable) -> PerReplica:
@@ -2577,6 +2592,15 @@ def _strongly_typed(g: Any) -> jax.Array:
     return jax.lax.convert_element_type(g, g.dtype) if g.weak_type else g
 
 
+def _numpy_gradient(g: np.ndarray) -> Any:
+    """A NumPy gradient as a JAX array, so that it keys the same step as a JAX one of its shape
+    and dtype (the step converts it anyway); one of a dtype JAX would change (float64 without
+    x64) is left for validation to refuse, naming its dtype."""
+    if g.dtype != jax.dtypes.canonicalize_dtype(g.dtype):
+        return g
+    return jnp.asarray(g)
+
+
 def _python_value(g: Any, v: Any) -> jax.Array:
     """A gradient given as a list, tuple or Python number, in its variable's dtype (tf.keras
     converts it with the variable's dtype as the hint: ``[1, 2]`` for a float16 variable is
@@ -2603,6 +2627,8 @@ def _filter_empty_gradients(pairs):
         if type(pair[0]) is IndexedSlices
         else (_python_value(*pair), pair[1])
         if type(pair[0]) in _PYTHON_VALUES
+        else (_numpy_gradient(pair[0]), pair[1])
+        if type(pair[0]) is np.ndarray
         # Weakly typed: noted here, converted together below (the common call, with none,
         # makes no second pass over the gradients).
         else weak_seen.append(None) or pair
@@ -2630,8 +2656,8 @@ def _filter_empty_gradients(pairs):
     if len(kept) < len(pairs):
         missing = [_name_of(v) for g, v in pairs if g is None]
         logger.warning(
-            "Gradients do not exist for variables %s when minimizing the loss. If you're using "
-            "`model.compile()`, did you forget to provide a `loss` argument?",
+            "Gradients do not exist for variables %s when minimizing the loss: their gradients "
+            "are None (the loss does not depend on them), and they are left unchanged.",
             missing,
         )
     return kept

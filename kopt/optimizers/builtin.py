@@ -674,7 +674,8 @@ class Ftrl(_KerasV2):
 
 def _plain_number(value: Any) -> Any:
     """A NumPy or concrete JAX real scalar as a Python float (Keras 3 takes them where it takes
-    a float, and configs stay JSON); anything else as it is."""
+    a float, and configs stay JSON): a float32 one as the float it prints as (0.42, not
+    0.41999998688697815), which converts back to the same value; anything else as it is."""
     if isinstance(value, np.bool_):
         return bool(value)
     if isinstance(value, bool) or isinstance(value, jax.core.Tracer):
@@ -687,6 +688,8 @@ def _plain_number(value: Any) -> Any:
         and jnp.issubdtype(value.dtype, jnp.number)
         and not jnp.issubdtype(value.dtype, jnp.complexfloating)
     ):
+        if value.dtype == np.float32:  # the hyperparameters' own dtype: no value is lost
+            return float(str(np.asarray(value)[()]))
         return float(value)
     return value
 
@@ -1186,9 +1189,11 @@ class AdamW(_Keras3):
         )
 
     def _twin(self, hp):
+        weight_decay = hp.get("weight_decay", self.weight_decay)
         return kopt.adamw(
             hp["learning_rate"],
-            hp.get("weight_decay", self.weight_decay),
+            # Set to None after construction, as Keras 3 allows: no decay.
+            0.0 if weight_decay is None else weight_decay,
             hp.get("beta_1", self.beta_1),
             hp.get("beta_2", self.beta_2),
             hp.get("epsilon", self.epsilon),
