@@ -299,10 +299,10 @@ class Variable:
             old = self.__dict__.get("_storage")
             self._storage = value
             self._handed_out = False
-            committed = getattr(value, "committed", False)
+            committed = _committed(value)
             if type(getattr(value, "sharding", None)) is not _SINGLE_DEVICE:
                 placement_epoch[0] += 1  # a value that may span devices: step keys look again
-            elif committed != getattr(old, "committed", committed):
+            elif committed != (committed if old is None else _committed(old)):
                 placement_epoch[0] += 1  # now committed, or no longer: step keys look again
             if committed and not committed_seen[0]:
                 committed_seen[0] = True
@@ -643,6 +643,15 @@ def _full_spec(value: Any) -> Any:
     spec = jax.sharding.PartitionSpec(*sharding.spec, *[None] * (value.ndim - len(sharding.spec)))
     return jax.device_put(
         value, jax.sharding.NamedSharding(sharding.mesh, spec, memory_kind=sharding.memory_kind)
+    )
+
+
+def _committed(value: Any) -> bool:
+    """Whether a concrete array is committed to its devices (False for anything else)."""
+    return (
+        isinstance(value, jax.Array)
+        and not isinstance(value, jax.core.Tracer)
+        and (value.committed)
     )
 
 
