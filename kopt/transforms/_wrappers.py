@@ -98,9 +98,35 @@ def _select(tree: PyTree, mask: PyTree, owner: str = "masked", what: str = "mask
         raise ValueError(
             f"{owner}: `{what}` does not fit the params{_packed_hint(tree)}: {e}"
         ) from e
+    _refuse_none_selectors(tree, mask, owner, what)
     # Outside the try: a mask leaf with no truth value (an array of several elements) raises
     # its own error, not one saying that the mask does not fit.
     return jax.tree.map(lambda m, x: x if m else None, mask, tree, is_leaf=_is_leaf)
+
+
+def _refuse_none_selectors(tree: PyTree, mask: PyTree, owner: str, what: str) -> None:
+    """Raises where ``mask`` (which fits ``tree``) is None over a subtree that holds leaves: a
+    param with no mask value or label would pass its raw gradient through as its update, an
+    ascent step. A None over an empty subtree (a None param, or a None gradient) selects
+    nothing and is fine.
+
+    Raises:
+        ValueError: naming ``owner``, ``what`` and the first such path.
+    """
+    found = []
+
+    def visit(path, m, x):
+        if m is None and jax.tree.leaves(x, is_leaf=is_indexed_slices):
+            found.append(jax.tree_util.keystr(path) or "<root>")
+
+    jax.tree_util.tree_map_with_path(visit, mask, tree, is_leaf=_is_leaf)
+    if found:
+        expected = "a label" if what == "labels" else "True or False"
+        raise ValueError(
+            f"{owner}: `{what}` is None at {', '.join(found[:3])}, where the params have "
+            f"leaves; every param needs {expected} (a None would pass its raw gradient "
+            "through as its update)"
+        )
 
 
 def _is_flatten_key(key: str) -> bool:
@@ -163,6 +189,10 @@ def masked(
         mask: a pytree of bools shaped like the params (a prefix works too), or a function
             ``params -> mask``.
 
+    Raises:
+        ValueError: if ``mask`` does not fit the params, or is None (as a whole or over a
+            param): a param needs True or False.
+
     Example:
         >>> import jax.numpy as jnp, kopt
         >>> params = {"w": jnp.ones(2), "b": jnp.ones(2)}
@@ -171,6 +201,11 @@ def masked(
         >>> u["w"], u["b"]
         (Array([0.5, 0.5], dtype=float32), Array([0., 0.], dtype=float32))
     """
+    if mask is None:
+        raise ValueError(
+            "masked: `mask` is None; expected a pytree of bools shaped like the params (or a "
+            "prefix of them), or a function params -> mask"
+        )
     return _masked(transformation, mask, "masked", "mask")
 
 
@@ -229,7 +264,8 @@ def multi_transform(
         labels: a pytree of labels shaped like the params, or a function ``params -> labels``.
 
     Raises:
-        ValueError: if a leaf's label has no transformation.
+        ValueError: if a leaf's label has no transformation or is None (``labels`` None, or
+            None over a param), or if ``labels`` does not fit the params.
 
     Example:
         >>> import jax.numpy as jnp, kopt
@@ -240,6 +276,11 @@ def multi_transform(
         >>> float(u["w"][0]), round(float(u["b"][0]), 6)
         (-1.0, -0.1)
     """
+    if labels is None:
+        raise ValueError(
+            "multi_transform: `labels` is None; expected a pytree of labels shaped like the "
+            "params (or a prefix of them), or a function params -> labels"
+        )
     transformations = dict(transformations)
 
     def masks(tree):
