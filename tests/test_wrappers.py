@@ -688,3 +688,19 @@ def test_a_none_label_over_a_none_param_or_a_none_gradient_still_works():
     updates, _ = tx.update({"w": jnp.ones(2), "b": None}, tx.init(params), params)
     np.testing.assert_allclose(updates["w"], [-0.5, -0.5])
     assert updates["b"] is None
+
+
+def test_ema_keeps_the_average_of_a_param_without_a_gradient():
+    """A None gradient keeps a param's slots through every optimizer and wrapper; ema moved
+    that param's average towards it (here a value set outside the optimizer)."""
+    tx = kopt.chain(kopt.sgd(0.5), kopt.ema(0.5))
+    params = {"w": jnp.ones(2), "b": jnp.ones(2)}
+    step = jax.jit(tx.update)
+    updates, state = step({"w": jnp.ones(2), "b": jnp.ones(2)}, tx.init(params), params)
+    params = kopt.apply_updates(params, updates)  # both 0.5; the first average is the params
+    params = {"w": params["w"], "b": jnp.full(2, 10.0)}
+    updates, state = step({"w": jnp.ones(2), "b": None}, state, params)
+    assert updates["b"] is None
+    average = kopt.get_slot(state, "average")
+    np.testing.assert_array_equal(average["b"], [0.5, 0.5])
+    np.testing.assert_allclose(average["w"], 0.5 * 0.5 + 0.5 * (0.5 - 0.5))  # w: 0.5 -> 0.0

@@ -675,6 +675,7 @@ def ema(
     with, not from zero. With
     ``overwrite_frequency=n``, every n-th step replaces the params by the average (the update
     becomes ``average - params``). Updates pass through unchanged otherwise. Needs ``params``.
+    A param whose update is None (no gradient this step) keeps its average.
 
     The average takes each param's dtype, as Keras 3's does, unless ``slot_dtype`` is given.
     For bfloat16 params, pass ``slot_dtype=jnp.float32``: in bfloat16 a momentum of 0.999
@@ -709,10 +710,18 @@ def ema(
             raise ValueError("ema: this transformation needs `params` in update()")
         m = jnp.where(state.count == 0, 0.0, state.hyperparams["momentum"])
         new_params = apply_updates(params, updates)
+        # A param with no gradient this step (a None update) keeps its average, as it keeps
+        # every other slot: it is not averaged towards a value the optimizer did not make.
         average = jax.tree.map(
-            lambda a, p: m.astype(a.dtype) * a + (1 - m.astype(a.dtype)) * p.astype(a.dtype),
+            lambda u, a, p: (
+                a
+                if u is None
+                else m.astype(a.dtype) * a + (1 - m.astype(a.dtype)) * p.astype(a.dtype)
+            ),
+            updates,
             state.slots["average"],
             new_params,
+            is_leaf=_is_leaf,
         )
         count = safe_increment(state.count)
         if overwrite_frequency is not None:
