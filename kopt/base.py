@@ -620,9 +620,17 @@ def get_hyperparam(state: OptState, name: str, *, where: Any = None) -> jax.Arra
         raise _unknown_hyperparam("get_hyperparam", state, name)
     chosen = _select_holders("get_hyperparam", "hyperparameter", name, found, where)
     # A kopt piece uses the value in its own state. An optax ``inject_hyperparams`` state
-    # around a kopt optimizer also holds the value it injects, which kopt does not use.
-    own = [(p, h) for p, h in chosen if type(h).__module__.startswith("kopt.")] or chosen[:1]
-    values = [(p, h.hyperparams[name]) for p, h in own]
+    # around a kopt optimizer also holds the value it injects, which kopt does not use: such
+    # a holder, with a kopt holder of the name inside it, is left out. Any other holder (an
+    # ``inject_hyperparams`` around an optax optimizer) holds a value in use, and counts.
+    kopt_paths = [p for p, h in chosen if type(h).__module__.startswith("kopt.")]
+    used = [
+        (p, h)
+        for p, h in chosen
+        if type(h).__module__.startswith("kopt.")
+        or not any(len(k) > len(p) and k[: len(p)] == p for k in kopt_paths)
+    ]
+    values = [(p, h.hyperparams[name]) for p, h in used]
     known = [_known_value(v) for _, v in values] if len(values) > 1 else []
     if known and all(k is not None for k in known):
         if any(not np.array_equal(known[0], k) for k in known[1:]):
