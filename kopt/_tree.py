@@ -117,6 +117,30 @@ def gradient_for_none_param(owner: str, path: Any) -> ValueError:
     )
 
 
+def check_gradients_fit(updates: PyTree, params: PyTree, owner: str) -> None:
+    """Raises ValueError naming ``owner`` and the first gradient that does not fit ``params``:
+    a stray or missing leaf, a gradient where the param is None, a dense gradient of another
+    shape, or a sparse one whose rows do not fit. A None gradient (no gradient this step)
+    fits any param. For the wrappers that pass gradients on (or add them up) without a rule
+    of their own to check them; the dtype is left to the transformation they wrap.
+    """
+    check_same_structure(updates, params, owner, "params", none_leaves=True)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_none_or_sparse)
+    for (path, g), p in zip(flat, treedef.flatten_up_to(params), strict=True):
+        if g is None:
+            continue
+        if p is None:
+            raise gradient_for_none_param(owner, path)
+        shape = tuple(jnp.shape(p))
+        if isinstance(g, IndexedSlices):
+            check_leaf(_path_str(path), g, shape, owner)
+        elif tuple(jnp.shape(g)) != shape:
+            raise ValueError(
+                f"{owner}: gradient {_path_str(path)} has shape {tuple(jnp.shape(g))}, "
+                f"expected {shape}"
+            )
+
+
 def check_leaf(path: str, g: Any, ref_shape: tuple[int, ...], owner: str) -> None:
     """Raises TypeError/ValueError for a gradient leaf of the wrong kind or shape."""
     if isinstance(g, IndexedSlices):

@@ -2,6 +2,7 @@
 
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import pytest
@@ -55,6 +56,49 @@ def test_flatten_refuses_a_none_gradient_naming_it():
     tx, p = kopt.flatten(kopt.sgd()), {"w": jnp.ones(2), "b": jnp.ones(2)}
     with pytest.raises(ValueError, match=re.escape("gradient ['b'] is None, but every param")):
         tx.update({"w": jnp.ones(2), "b": None}, tx.init(p), p)
+
+
+_WRAPPERS = {
+    "masked": lambda: kopt.masked(kopt.adam(), {"dense": {"kernel": True, "bias": False}}),
+    "multi_transform": lambda: kopt.multi_transform(
+        {"a": kopt.adam(), "s": kopt.sgd()}, {"dense": {"kernel": "a", "bias": "s"}}
+    ),
+    "accumulate_gradients": lambda: kopt.accumulate_gradients(kopt.sgd(), 2),
+}
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize(
+    "bad, culprit",
+    [
+        (
+            grads(scale=jnp.ones(2)),
+            "the gradient tree does not match the params: unexpected ['dense']['scale']",
+        ),
+        (
+            {"dense": {"kernel": jnp.ones((3, 2))}},
+            "the gradient tree does not match the params: missing ['dense']['bias']",
+        ),
+        (
+            grads(kernel=jnp.ones((2, 3))),
+            "gradient ['dense']['kernel'] has shape (2, 3), expected (3, 2)",
+        ),
+        (grads(bias=jnp.ones(1)), "gradient ['dense']['bias'] has shape (1,), expected (2,)"),
+    ],
+    ids=["stray", "missing", "kernel-shape", "bias-broadcasts"],
+)
+@pytest.mark.parametrize("name", list(_WRAPPERS))
+def test_wrappers_blame_gradients_that_do_not_fit_the_params(name, bad, culprit, jit):
+    """masked and multi_transform said their mask or labels did not fit (they did), and
+    masked let a wrong shape through where the mask is False; accumulate_gradients gave bare
+    JAX errors, or broadcast a (1,) gradient over a (2,) param without a word."""
+    tx = _WRAPPERS[name]()
+    state = tx.init(params())
+    before = jax.tree.map(jnp.copy, state)
+    update = jax.jit(tx.update) if jit else tx.update
+    with pytest.raises(ValueError, match=re.escape(f"{name}: {culprit}")):
+        update(bad, state, params())
+    chex.assert_trees_all_equal(state, before)
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from kopt._tree import (
-    gradient_for_none_param,
+    check_gradients_fit,
     on_params_devices,
     slot_like,
     transfer_copy,
@@ -191,7 +191,8 @@ def masked(
 
     Raises:
         ValueError: if ``mask`` does not fit the params, or is None (as a whole or over a
-            param): a param needs True or False.
+            param): a param needs True or False; in ``update``, if the gradients do not fit
+            the params (the message names the leaf).
 
     Example:
         >>> import jax.numpy as jnp, kopt
@@ -230,6 +231,8 @@ def _masked(
         return MaskedState(uncommitted_on_params_devices(inner_state, params))
 
     def update_fn(updates, state, params=None, **extra_args):
+        if params is not None:  # the gradients first: a mask that fits the params is right
+            check_gradients_fit(updates, params, owner)
         m = tree_or_function(mask, params if params is not None else updates)
         sub_params = None if params is None else _select(params, m, owner, what)
         new_sub, inner_state = inner_update(
@@ -265,7 +268,8 @@ def multi_transform(
 
     Raises:
         ValueError: if a leaf's label has no transformation or is None (``labels`` None, or
-            None over a param), or if ``labels`` does not fit the params.
+            None over a param), or if ``labels`` does not fit the params; in ``update``, if the
+            gradients do not fit the params (the message names the leaf).
 
     Example:
         >>> import jax.numpy as jnp, kopt
@@ -363,7 +367,9 @@ def accumulate_gradients(
             inner update.
 
     Raises:
-        ValueError: for ``every_k < 1`` or an unknown reduction.
+        ValueError: for ``every_k < 1`` or an unknown reduction; in ``update``, for a gradient
+            tree that does not fit the params (a stray or missing leaf, a shape of its own),
+            naming the leaf.
         TypeError: for a ``slot_dtype`` that is not a floating-point dtype.
 
     Example:
@@ -402,14 +408,14 @@ def accumulate_gradients(
         # A None gradient leaf (no gradient this call) keeps its accumulator, so the state's
         # structure never changes, and passes None to the inner update at a boundary (and
         # keeps its accumulator through it).
-        def add(path, g, a):
-            if g is None:
-                return a
-            if a is None:
-                raise gradient_for_none_param("accumulate_gradients", path)
-            return a + as_dense(g, a.shape).astype(a.dtype)
+        check_gradients_fit(
+            updates, params if params is not None else state.accumulated, "accumulate_gradients"
+        )
 
-        total = jax.tree_util.tree_map_with_path(add, updates, state.accumulated, is_leaf=_is_leaf)
+        def add(g, a):
+            return a if g is None else a + as_dense(g, a.shape).astype(a.dtype)
+
+        total = jax.tree.map(add, updates, state.accumulated, is_leaf=_is_leaf)
         boundary = state.mini_step + 1 >= every_k
 
         def apply_inner(operand):
