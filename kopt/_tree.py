@@ -262,6 +262,20 @@ def _shape_of(g):
     return tuple(jnp.shape(g))
 
 
+def slot_dtype_for(p: Any, dtype: Any | None) -> Any:
+    """The dtype of a slot of param ``p`` given ``slot_dtype``: ``dtype``, or p's own by
+    default. A complex ``dtype`` (for the complex params of a mixed tree) gives a real param
+    the matching real dtype (float32 for complex64): a complex slot would make its update
+    complex, and ``apply_updates`` would then drop the imaginary part by a deprecated cast."""
+    own = jnp.result_type(p)
+    if dtype is None:
+        return own
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.complexfloating) and not jnp.issubdtype(own, jnp.complexfloating):
+        return jnp.finfo(dtype).dtype
+    return dtype
+
+
 def slot_like(params: PyTree, value: float, dtype: Any | None) -> PyTree:
     """A slot tree shaped like ``params``, filled with ``value``, keeping each param's sharding."""
     return jax.tree.map(lambda p: full_like_param(p, value, dtype), params)
@@ -273,8 +287,9 @@ def full_like_param(p: Any, value: float, dtype: Any | None = None) -> jax.Array
     Under ``jax.jit(tx.init)`` the param is a tracer: the select below makes the slot depend on
     the param, so XLA's sharding propagation gives it the param's sharding (a plain constant
     would come out replicated), and with explicit mesh axes every operand already carries it.
+    ``dtype`` is resolved per param by :func:`slot_dtype_for`.
     """
-    dtype = dtype or jnp.result_type(p)
+    dtype = slot_dtype_for(p, dtype)
     if isinstance(p, jax.core.Tracer):
         return jnp.where(
             jnp.zeros_like(p, dtype=bool), p.astype(dtype), jax.lax.full_like(p, value, dtype)
@@ -403,8 +418,9 @@ def reduced_like_param(p: Any, axis: int | None, dtype: Any | None = None) -> ja
     propagation (or the explicit mesh axes) gives it the remaining axes' sharding. Eagerly, the
     spec is written as a jitted step returns it (see :func:`_spec_as_returned`), so that the
     state of an eager ``init`` and the state the first step returns key one compiled step.
+    ``dtype`` is resolved per param by :func:`slot_dtype_for`.
     """
-    dtype = dtype or jnp.result_type(p)
+    dtype = slot_dtype_for(p, dtype)
     if isinstance(p, jax.core.Tracer):
         return jnp.sum(full_like_param(p, 0.0, dtype), axis=axis)
     ndim = jnp.ndim(p)

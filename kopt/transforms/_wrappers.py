@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from kopt._tree import (
     check_gradients_fit,
     on_params_devices,
+    slot_dtype_for,
     slot_like,
     transfer_copy,
     tree_or_function,
@@ -648,7 +649,7 @@ def _average_start(p: Any, dtype: Any = None) -> jax.Array:
     copy would be), as the averages the update returns are: a jitted step then compiles once.
     An array's copy is a transfer where it can be, not ``jnp.copy``, which eagerly compiled a
     program per param shape."""
-    dtype = dtype or jnp.result_type(p)
+    dtype = slot_dtype_for(p, dtype)
     copy = transfer_copy(p, dtype)
     return copy if copy is not None else jnp.copy(p).astype(dtype)
 
@@ -664,7 +665,7 @@ def _averages_start(params: PyTree, dtype: Any) -> PyTree:
 
 @functools.partial(jax.jit, static_argnums=1)
 def _cast_tree(params: PyTree, dtype: Any) -> PyTree:
-    return jax.tree.map(lambda p: jnp.asarray(p).astype(dtype), params)
+    return jax.tree.map(lambda p: jnp.asarray(p).astype(slot_dtype_for(p, dtype)), params)
 
 
 def ema(
