@@ -77,7 +77,13 @@ def _is_none_or_sparse(x: Any) -> bool:
 
 
 def check_same_structure(
-    updates: PyTree, reference: PyTree, owner: str, what: str, *, none_leaves: bool = False
+    updates: PyTree,
+    reference: PyTree,
+    owner: str,
+    what: str,
+    *,
+    none_leaves: bool = False,
+    subject: str = "the gradient tree",
 ) -> None:
     """Raises ValueError naming the first path where ``updates`` and ``reference`` differ.
 
@@ -107,7 +113,7 @@ def check_same_structure(
         detail.append(f"unexpected {', '.join(extra[:3])}")
     if not detail:
         detail.append(f"structure {u_def} differs from {r_def}")
-    raise ValueError(f"{owner}: the gradient tree does not match the {what}: {'; '.join(detail)}")
+    raise ValueError(f"{owner}: {subject} does not match the {what}: {'; '.join(detail)}")
 
 
 def gradient_for_none_param(owner: str, path: Any) -> ValueError:
@@ -209,7 +215,13 @@ def map_leaves(
         what = "params" if params is not None else "state"
         check_same_structure(updates, reference, owner, what, none_leaves=True)
     flat, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_none_or_sparse)
-    slot_leaves = {name: treedef.flatten_up_to(tree) for name, tree in slots.items()}
+    try:
+        slot_leaves = {name: treedef.flatten_up_to(tree) for name, tree in slots.items()}
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"{owner}: the state's slots do not fit the params: the state was made for other "
+            f"params (make it with init from these params, or restore one saved for them): {e}"
+        ) from None
     if params is None:
         param_leaves = [None] * len(flat)
     else:  # a Python float param (optax takes them) as the array jnp.asarray makes of it

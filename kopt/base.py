@@ -16,14 +16,14 @@ import contextvars
 import copy
 import inspect
 import operator
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kopt._tree import uncommitted_on_params_devices
+from kopt._tree import check_same_structure, uncommitted_on_params_devices
 
 PyTree = Any
 Params = PyTree
@@ -70,6 +70,54 @@ class OptimizerState(NamedTuple):
     count: jax.Array
     hyperparams: dict[str, jax.Array]
     slots: dict[str, PyTree]
+
+
+def _describe_state(state: Any) -> str:
+    """What a state passed to ``update`` is, in a few words, for an error message."""
+    if state is None:
+        return "None"
+    if isinstance(state, OptimizerState):
+        return (
+            f"an OptimizerState with hyperparameters {sorted(state.hyperparams)} and slots "
+            f"{sorted(state.slots)}"
+        )
+    if isinstance(state, tuple) and hasattr(state, "_fields"):
+        return f"{type(state).__module__.split('.')[0]}'s {type(state).__name__}"
+    if isinstance(state, (tuple, list)):
+        return f"a {type(state).__name__} of {len(state)} parts"
+    if isinstance(state, dict):
+        return f"a dict with keys {sorted(map(str, state))[:4]} (the params?)"
+    return f"a {type(state).__name__}"
+
+
+def check_state(
+    owner: str,
+    state: Any,
+    kind: type,
+    *,
+    hyperparams: Iterable[str] = (),
+    slots: Iterable[str] = (),
+) -> None:
+    """Raises TypeError unless ``state`` is a ``kind`` (with, for an :class:`OptimizerState`,
+    the hyperparameters and slots named): a state this transformation's ``init`` made.
+
+    Only the Python structure is looked at, so under ``jax.jit`` it runs once, while tracing.
+    Without it a wrong state (the params, None, another optimizer's state) failed deep inside
+    with an ``AttributeError`` or ``KeyError`` that named neither the state nor the piece.
+    """
+    problem = None
+    if not isinstance(state, kind):
+        problem = f"received {_describe_state(state)}, expected kopt's {kind.__name__}"
+    elif isinstance(state, OptimizerState):
+        missing = [n for n in hyperparams if n not in state.hyperparams]
+        missing += [n for n in slots if n not in state.slots]
+        if missing:
+            problem = f"received {_describe_state(state)}, without {missing}"
+    if problem:
+        raise TypeError(
+            f"{owner}: `state` was not made by this transformation's init ({problem}); make "
+            "it with `state = tx.init(params)`, then pass the state each `update` returns"
+        )
 
 
 def identity() -> GradientTransformation:
@@ -126,10 +174,16 @@ def chain(*transformations: Any) -> GradientTransformation:
         return uncommitted_on_params_devices(tuple(fn(params) for fn in inits), params)
 
     def update_fn(updates, state, params=None, **extra_args):
+        if not isinstance(state, (tuple, list)) or hasattr(state, "_fields"):
+            raise TypeError(
+                f"chain: `state` was not made by this chain's init (received "
+                f"{_describe_state(state)}, expected a tuple of {len(updates_fns)} parts); make "
+                "it with `state = tx.init(params)`, then pass the state each `update` returns"
+            )
         if len(state) != len(updates_fns):
             raise ValueError(
                 f"chain: the state has {len(state)} parts but the chain has "
-                f"{len(updates_fns)} transformations"
+                f"{len(updates_fns)} transformations: it was not made by this chain's init"
             )
         new_state = []
         for fn, s in zip(updates_fns, state, strict=True):
@@ -251,7 +305,9 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     leaves are left alone.
 
     Raises:
-        ValueError: if a dense update's shape differs from its param's (no broadcasting).
+        ValueError: if ``updates`` does not have the structure of ``params`` (the message names
+            the leaves missing or unexpected), or a dense update's shape differs from its
+            param's (no broadcasting).
 
     Example:
         >>> import jax.numpy as jnp, kopt
@@ -276,9 +332,16 @@ def apply_updates(params: Params, updates: Updates) -> Params:
             )
         return (p + u).astype(p.dtype)
 
-    return jax.tree_util.tree_map_with_path(
-        add, params, updates, is_leaf=lambda x: x is None or is_indexed_slices(x)
-    )
+    try:
+        return jax.tree_util.tree_map_with_path(
+            add, params, updates, is_leaf=lambda x: x is None or is_indexed_slices(x)
+        )
+    except ValueError:
+        # JAX's own structure error names neither apply_updates nor the argument.
+        check_same_structure(
+            updates, params, "apply_updates", "`params`", none_leaves=True, subject="`updates`"
+        )
+        raise
 
 
 def safe_increment(count: jax.Array) -> jax.Array:

@@ -12,6 +12,7 @@ from kopt.base import (
     GradientTransformation,
     OptimizerState,
     check_hyperparam,
+    check_state,
     current_hyperparams,
     init_hyperparams,
     safe_increment,
@@ -122,6 +123,7 @@ def clip_by_global_norm(global_clipnorm: Any) -> GradientTransformation:
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
+        check_state(owner, state, OptimizerState, hyperparams=hyper)
         hp = current_hyperparams(state, schedules)
         clip_norm = hp["global_clipnorm"]
         norm = global_norm(updates)

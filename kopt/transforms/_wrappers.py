@@ -26,6 +26,7 @@ from kopt.base import (
     check_count,
     check_hyperparam,
     check_slot_dtype,
+    check_state,
     extra_args_update,
     init_hyperparams,
     safe_increment,
@@ -232,6 +233,7 @@ def _masked(
         return MaskedState(uncommitted_on_params_devices(inner_state, params))
 
     def update_fn(updates, state, params=None, **extra_args):
+        check_state(owner, state, MaskedState)
         if params is not None:  # the gradients first: a mask that fits the params is right
             check_gradients_fit(updates, params, owner)
         m = tree_or_function(mask, params if params is not None else updates)
@@ -318,6 +320,13 @@ def multi_transform(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
+        check_state("multi_transform", state, MultiTransformState)
+        if set(state.inner_states) != set(transformations):
+            raise TypeError(
+                "multi_transform: `state` was not made by this transformation's init (its "
+                f"labels are {sorted(map(str, state.inner_states))}, expected "
+                f"{sorted(map(str, transformations))}); make it with `state = tx.init(params)`"
+            )
         ms = masks(params if params is not None else updates)
         new_states = {}
         for k, tx in transformations.items():
@@ -406,6 +415,7 @@ def accumulate_gradients(
         return AccumulateState(mini_step, zeros, inner_state)
 
     def update_fn(updates, state, params=None, **extra_args):
+        check_state("accumulate_gradients", state, AccumulateState)
         # A None gradient leaf (no gradient this call) keeps its accumulator, so the state's
         # structure never changes, and passes None to the inner update at a boundary (and
         # keeps its accumulator through it).
@@ -616,6 +626,8 @@ def apply_if_finite(
         return ApplyIfFiniteState(*counters, inner_state)
 
     def update_fn(updates, state, params=None, **extra_args):
+        check_state("apply_if_finite", state, ApplyIfFiniteState)
+
         def apply_inner(operand):
             updates, inner_state = operand
             return inner_update(updates, inner_state, params, **extra_args)
@@ -715,6 +727,7 @@ def ema(
         del extra_args
         if params is None:
             raise ValueError("ema: this transformation needs `params` in update()")
+        check_state("ema", state, OptimizerState, hyperparams=["momentum"], slots=["average"])
         m = jnp.where(state.count == 0, 0.0, state.hyperparams["momentum"])
         new_params = apply_updates(params, updates)
         # A param with no gradient this step (a None update) keeps its average, as it keeps
