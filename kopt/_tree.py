@@ -77,7 +77,13 @@ def _is_none_or_sparse(x: Any) -> bool:
 
 
 def check_same_structure(
-    updates: PyTree, reference: PyTree, owner: str, what: str, *, none_leaves: bool = False
+    updates: PyTree,
+    reference: PyTree,
+    owner: str,
+    what: str,
+    *,
+    none_leaves: bool = False,
+    subject: str = "the gradient tree",
 ) -> None:
     """Raises ValueError naming the first path where ``updates`` and ``reference`` differ.
 
@@ -107,7 +113,7 @@ def check_same_structure(
         detail.append(f"unexpected {', '.join(extra[:3])}")
     if not detail:
         detail.append(f"structure {u_def} differs from {r_def}")
-    raise ValueError(f"{owner}: the gradient tree does not match the {what}: {'; '.join(detail)}")
+    raise ValueError(f"{owner}: {subject} does not match the {what}: {'; '.join(detail)}")
 
 
 def gradient_for_none_param(owner: str, path: Any) -> ValueError:
@@ -115,6 +121,30 @@ def gradient_for_none_param(owner: str, path: Any) -> ValueError:
     return ValueError(
         f"{owner}: gradient {_path_str(path)} is given where the param is None (an empty subtree)"
     )
+
+
+def check_gradients_fit(updates: PyTree, params: PyTree, owner: str) -> None:
+    """Raises ValueError naming ``owner`` and the first gradient that does not fit ``params``:
+    a stray or missing leaf, a gradient where the param is None, a dense gradient of another
+    shape, or a sparse one whose rows do not fit. A None gradient (no gradient this step)
+    fits any param. For the wrappers that pass gradients on (or add them up) without a rule
+    of their own to check them; the dtype is left to the transformation they wrap.
+    """
+    check_same_structure(updates, params, owner, "params", none_leaves=True)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_none_or_sparse)
+    for (path, g), p in zip(flat, treedef.flatten_up_to(params), strict=True):
+        if g is None:
+            continue
+        if p is None:
+            raise gradient_for_none_param(owner, path)
+        shape = tuple(jnp.shape(p))
+        if isinstance(g, IndexedSlices):
+            check_leaf(_path_str(path), g, shape, owner)
+        elif tuple(jnp.shape(g)) != shape:
+            raise ValueError(
+                f"{owner}: gradient {_path_str(path)} has shape {tuple(jnp.shape(g))}, "
+                f"expected {shape}"
+            )
 
 
 def check_leaf(path: str, g: Any, ref_shape: tuple[int, ...], owner: str) -> None:
@@ -185,7 +215,13 @@ def map_leaves(
         what = "params" if params is not None else "state"
         check_same_structure(updates, reference, owner, what, none_leaves=True)
     flat, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_none_or_sparse)
-    slot_leaves = {name: treedef.flatten_up_to(tree) for name, tree in slots.items()}
+    try:
+        slot_leaves = {name: treedef.flatten_up_to(tree) for name, tree in slots.items()}
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"{owner}: the state's slots do not fit the params: the state was made for other "
+            f"params (make it with init from these params, or restore one saved for them): {e}"
+        ) from None
     if params is None:
         param_leaves = [None] * len(flat)
     else:  # a Python float param (optax takes them) as the array jnp.asarray makes of it
@@ -238,6 +274,20 @@ def _shape_of(g):
     return tuple(jnp.shape(g))
 
 
+def slot_dtype_for(p: Any, dtype: Any | None) -> Any:
+    """The dtype of a slot of param ``p`` given ``slot_dtype``: ``dtype``, or p's own by
+    default. A complex ``dtype`` (for the complex params of a mixed tree) gives a real param
+    the matching real dtype (float32 for complex64): a complex slot would make its update
+    complex, and ``apply_updates`` would then drop the imaginary part by a deprecated cast."""
+    own = jnp.result_type(p)
+    if dtype is None:
+        return own
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.complexfloating) and not jnp.issubdtype(own, jnp.complexfloating):
+        return jnp.finfo(dtype).dtype
+    return dtype
+
+
 def slot_like(params: PyTree, value: float, dtype: Any | None) -> PyTree:
     """A slot tree shaped like ``params``, filled with ``value``, keeping each param's sharding."""
     return jax.tree.map(lambda p: full_like_param(p, value, dtype), params)
@@ -249,8 +299,9 @@ def full_like_param(p: Any, value: float, dtype: Any | None = None) -> jax.Array
     Under ``jax.jit(tx.init)`` the param is a tracer: the select below makes the slot depend on
     the param, so XLA's sharding propagation gives it the param's sharding (a plain constant
     would come out replicated), and with explicit mesh axes every operand already carries it.
+    ``dtype`` is resolved per param by :func:`slot_dtype_for`.
     """
-    dtype = dtype or jnp.result_type(p)
+    dtype = slot_dtype_for(p, dtype)
     if isinstance(p, jax.core.Tracer):
         return jnp.where(
             jnp.zeros_like(p, dtype=bool), p.astype(dtype), jax.lax.full_like(p, value, dtype)
@@ -379,8 +430,9 @@ def reduced_like_param(p: Any, axis: int | None, dtype: Any | None = None) -> ja
     propagation (or the explicit mesh axes) gives it the remaining axes' sharding. Eagerly, the
     spec is written as a jitted step returns it (see :func:`_spec_as_returned`), so that the
     state of an eager ``init`` and the state the first step returns key one compiled step.
+    ``dtype`` is resolved per param by :func:`slot_dtype_for`.
     """
-    dtype = dtype or jnp.result_type(p)
+    dtype = slot_dtype_for(p, dtype)
     if isinstance(p, jax.core.Tracer):
         return jnp.sum(full_like_param(p, 0.0, dtype), axis=axis)
     ndim = jnp.ndim(p)

@@ -4,7 +4,9 @@
 Every float hyperparameter may be a number, a scalar array or a schedule ``step -> value``; it is
 stored in the state (see :func:`kopt.get_hyperparam`). ``decay`` is Keras's time-inverse learning
 rate decay, ``lr / (1 + decay * step)``. ``slot_dtype`` sets the dtype of the slots (default: each
-param's dtype, as Keras does).
+param's dtype, as Keras does); a complex ``slot_dtype`` is for complex params, and gives a real
+param beside them slots of the matching real dtype (float32 for complex64), so its update stays
+real.
 """
 
 from __future__ import annotations

@@ -16,14 +16,14 @@ import contextvars
 import copy
 import inspect
 import operator
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kopt._tree import uncommitted_on_params_devices
+from kopt._tree import check_same_structure, uncommitted_on_params_devices
 
 PyTree = Any
 Params = PyTree
@@ -70,6 +70,54 @@ class OptimizerState(NamedTuple):
     count: jax.Array
     hyperparams: dict[str, jax.Array]
     slots: dict[str, PyTree]
+
+
+def _describe_state(state: Any) -> str:
+    """What a state passed to ``update`` is, in a few words, for an error message."""
+    if state is None:
+        return "None"
+    if isinstance(state, OptimizerState):
+        return (
+            f"an OptimizerState with hyperparameters {sorted(state.hyperparams)} and slots "
+            f"{sorted(state.slots)}"
+        )
+    if isinstance(state, tuple) and hasattr(state, "_fields"):
+        return f"{type(state).__module__.split('.')[0]}'s {type(state).__name__}"
+    if isinstance(state, (tuple, list)):
+        return f"a {type(state).__name__} of {len(state)} parts"
+    if isinstance(state, dict):
+        return f"a dict with keys {sorted(map(str, state))[:4]} (the params?)"
+    return f"a {type(state).__name__}"
+
+
+def check_state(
+    owner: str,
+    state: Any,
+    kind: type,
+    *,
+    hyperparams: Iterable[str] = (),
+    slots: Iterable[str] = (),
+) -> None:
+    """Raises TypeError unless ``state`` is a ``kind`` (with, for an :class:`OptimizerState`,
+    the hyperparameters and slots named): a state this transformation's ``init`` made.
+
+    Only the Python structure is looked at, so under ``jax.jit`` it runs once, while tracing.
+    Without it a wrong state (the params, None, another optimizer's state) failed deep inside
+    with an ``AttributeError`` or ``KeyError`` that named neither the state nor the piece.
+    """
+    problem = None
+    if not isinstance(state, kind):
+        problem = f"received {_describe_state(state)}, expected kopt's {kind.__name__}"
+    elif isinstance(state, OptimizerState):
+        missing = [n for n in hyperparams if n not in state.hyperparams]
+        missing += [n for n in slots if n not in state.slots]
+        if missing:
+            problem = f"received {_describe_state(state)}, without {missing}"
+    if problem:
+        raise TypeError(
+            f"{owner}: `state` was not made by this transformation's init ({problem}); make "
+            "it with `state = tx.init(params)`, then pass the state each `update` returns"
+        )
 
 
 def identity() -> GradientTransformation:
@@ -126,10 +174,16 @@ def chain(*transformations: Any) -> GradientTransformation:
         return uncommitted_on_params_devices(tuple(fn(params) for fn in inits), params)
 
     def update_fn(updates, state, params=None, **extra_args):
+        if not isinstance(state, (tuple, list)) or hasattr(state, "_fields"):
+            raise TypeError(
+                f"chain: `state` was not made by this chain's init (received "
+                f"{_describe_state(state)}, expected a tuple of {len(updates_fns)} parts); make "
+                "it with `state = tx.init(params)`, then pass the state each `update` returns"
+            )
         if len(state) != len(updates_fns):
             raise ValueError(
                 f"chain: the state has {len(state)} parts but the chain has "
-                f"{len(updates_fns)} transformations"
+                f"{len(updates_fns)} transformations: it was not made by this chain's init"
             )
         new_state = []
         for fn, s in zip(updates_fns, state, strict=True):
@@ -251,7 +305,9 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     leaves are left alone.
 
     Raises:
-        ValueError: if a dense update's shape differs from its param's (no broadcasting).
+        ValueError: if ``updates`` does not have the structure of ``params`` (the message names
+            the leaves missing or unexpected), or a dense update's shape differs from its
+            param's (no broadcasting).
 
     Example:
         >>> import jax.numpy as jnp, kopt
@@ -291,9 +347,16 @@ def apply_updates(params: Params, updates: Updates) -> Params:
             )
         return (p + u).astype(p.dtype)
 
-    return jax.tree_util.tree_map_with_path(
-        add, params, updates, is_leaf=lambda x: x is None or is_indexed_slices(x)
-    )
+    try:
+        return jax.tree_util.tree_map_with_path(
+            add, params, updates, is_leaf=lambda x: x is None or is_indexed_slices(x)
+        )
+    except ValueError:
+        # JAX's own structure error names neither apply_updates nor the argument.
+        check_same_structure(
+            updates, params, "apply_updates", "`params`", none_leaves=True, subject="`updates`"
+        )
+        raise
 
 
 def safe_increment(count: jax.Array) -> jax.Array:
@@ -481,18 +544,25 @@ def schedules_of(values: Mapping[str, Any]) -> dict[str, Schedule]:
     return {name: v for name, v in values.items() if is_schedule(v)}
 
 
+class _Field(str):
+    """A state's field name on a path to a piece, told apart from the keys that choose between
+    pieces (a position in a chain, a ``multi_transform`` label), which ``where=`` counts."""
+
+    __slots__ = ()
+
+
 def _hyperparam_holders(state: Any, path: tuple = ()):
     """Yields ``(path, state)`` for every state in a tree that carries a ``hyperparams`` dict
-    (kopt's or optax's); the path is the keys on the way: field names, positions in a chain,
-    labels of a ``multi_transform``."""
+    (kopt's or optax's); the path is the keys on the way: field names (as :class:`_Field`),
+    positions in a chain, labels of a ``multi_transform``."""
     if _has_hyperparams(state):
         yield path, state
         for field in state._fields:
             if field not in ("hyperparams", "slots", "count"):
-                yield from _hyperparam_holders(getattr(state, field), (*path, field))
+                yield from _hyperparam_holders(getattr(state, field), (*path, _Field(field)))
     elif isinstance(state, tuple) and hasattr(state, "_fields"):
         for field, s in zip(state._fields, state, strict=True):
-            yield from _hyperparam_holders(s, (*path, field))
+            yield from _hyperparam_holders(s, (*path, _Field(field)))
     elif isinstance(state, (tuple, list)):
         for i, s in enumerate(state):
             yield from _hyperparam_holders(s, (*path, i))
@@ -501,27 +571,68 @@ def _hyperparam_holders(state: Any, path: tuple = ()):
             yield from _hyperparam_holders(s, (*path, k))
 
 
+def _same_key(key: Any, wanted: Any) -> bool:
+    """Whether a key on a path is the key ``wanted`` (of the same type: label ``1`` is not
+    ``True`` nor ``1.0``; a field name is a string)."""
+    if isinstance(key, _Field):
+        return type(wanted) is str and str(key) == wanted
+    return type(key) is type(wanted) and key == wanted
+
+
 def _matches(path: tuple, where: Any) -> bool:
     """Whether a holder at ``path`` is selected by ``where``: None selects every one; a key (a
     ``multi_transform`` label, a position in a chain, a state's field name) selects those with
-    it on their path; a tuple of keys, those with that run of keys on their path."""
+    it on their path; a tuple of keys, those with that run of keys on their path.
+
+    An integer that starts ``where`` (alone or first in a tuple) is matched against the first
+    chain position or ``multi_transform`` label on the path only, the outermost one: kopt's
+    optimizers are chains themselves (``kopt.adam`` is ``scale_by_adam`` then
+    ``scale_by_learning_rate``), so a position anywhere on the path would also pick the pieces
+    at that position inside them.
+    """
     if where is None:
         return True
     if isinstance(where, np.integer):
         where = int(where)
     elif isinstance(where, tuple):
         where = tuple(int(w) if isinstance(w, np.integer) else w for w in where)
-    if not isinstance(where, tuple):
-        return any(type(k) is type(where) and k == where for k in path)
-    n = len(where)
+    keys = where if isinstance(where, tuple) else (where,)
+    n = len(keys)
+    starts = range(len(path) - n + 1)
+    if n and type(keys[0]) is int:
+        outermost = next((i for i, k in enumerate(path) if not isinstance(k, _Field)), None)
+        starts = [outermost] if outermost is not None and outermost + n <= len(path) else []
     return any(
-        all(type(a) is type(b) and a == b for a, b in zip(path[i : i + n], where, strict=True))
-        for i in range(len(path) - n + 1)
+        all(_same_key(a, b) for a, b in zip(path[i : i + n], keys, strict=True)) for i in starts
     )
 
 
 def _path_text(path: tuple) -> str:
     return "/".join(map(str, path)) or "<root>"
+
+
+def _where_advice(paths: list[tuple], found: list[tuple]) -> str:
+    """How to pick each of ``paths`` (holders at odds) with ``where=``: for each, the first of
+    its outermost chain position or label, a label further in, or a run of keys from the
+    outermost one, that selects it alone among the holders at ``found``."""
+
+    def pick(path):
+        first = next((i for i, k in enumerate(path) if not isinstance(k, _Field)), 0)
+        labels = [(k,) for k in path[first + 1 :] if type(k) is str and not isinstance(k, _Field)]
+        runs = [path[first : first + n] for n in range(2, len(path) - first + 1)]
+        for run in [path[first : first + 1], *labels, *runs, path]:
+            if not run:  # the state's root: no key picks it
+                continue
+            keys = tuple(str(k) if isinstance(k, _Field) else k for k in run)
+            where = keys[0] if len(keys) == 1 else keys
+            if [p for p in found if _matches(p, where)] == [path]:
+                return f"where={where!r} for {_path_text(path)}"
+        return None
+
+    picks = [pick(p) for p in paths]
+    if any(p is None for p in picks):
+        return "pass where= with a run of keys on the way to the one you mean"
+    return "pass where= to pick one: " + ", ".join(picks)
 
 
 def _select_holders(owner: str, kind: str, name: str, found: list, where: Any) -> list:
@@ -554,7 +665,11 @@ def get_hyperparam(state: OptState, name: str, *, where: Any = None) -> jax.Arra
         where: which piece's value, where several hold one of that name (two groups of a
             ``multi_transform``, an SGD and an ``ema`` that both have a ``"momentum"``): a key
             on the way to it in the state, such as a ``multi_transform`` label (``"head"``) or
-            a position in a chain (``0``), or a tuple of consecutive keys.
+            a position in a chain (``0``), or a tuple of consecutive keys (``(1, 0)``: the
+            first piece of the chain at position 1). An integer that starts ``where`` counts
+            in the outermost chain (or integer-labelled ``multi_transform``) on the way, not
+            in the chains kopt's optimizers are built from: in ``chain(masked(adam(), m),
+            sgd())``, ``where=1`` is the SGD only.
 
     Returns:
         The float32 scalar stored in the state: the value the kopt piece holding it uses. (An
@@ -564,7 +679,8 @@ def get_hyperparam(state: OptState, name: str, *, where: Any = None) -> jax.Arra
     Raises:
         ValueError: if no part of the state (under ``where``) has a hyperparameter of that
             name, or several kopt pieces hold it with different values (the message names
-            them); inside ``jax.jit``, where the values are not known, the first is returned.
+            them, and the ``where=`` that picks each); inside ``jax.jit``, where the values are
+            not known, the first is returned.
 
     Example:
         >>> import jax.numpy as jnp, kopt
@@ -582,9 +698,17 @@ def get_hyperparam(state: OptState, name: str, *, where: Any = None) -> jax.Arra
         raise _unknown_hyperparam("get_hyperparam", state, name)
     chosen = _select_holders("get_hyperparam", "hyperparameter", name, found, where)
     # A kopt piece uses the value in its own state. An optax ``inject_hyperparams`` state
-    # around a kopt optimizer also holds the value it injects, which kopt does not use.
-    own = [(p, h) for p, h in chosen if type(h).__module__.startswith("kopt.")] or chosen[:1]
-    values = [(p, h.hyperparams[name]) for p, h in own]
+    # around a kopt optimizer also holds the value it injects, which kopt does not use: such
+    # a holder, with a kopt holder of the name inside it, is left out. Any other holder (an
+    # ``inject_hyperparams`` around an optax optimizer) holds a value in use, and counts.
+    kopt_paths = [p for p, h in chosen if type(h).__module__.startswith("kopt.")]
+    used = [
+        (p, h)
+        for p, h in chosen
+        if type(h).__module__.startswith("kopt.")
+        or not any(len(k) > len(p) and k[: len(p)] == p for k in kopt_paths)
+    ]
+    values = [(p, h.hyperparams[name]) for p, h in used]
     known = [_known_value(v) for _, v in values] if len(values) > 1 else []
     if known and all(k is not None for k in known):
         if any(not np.array_equal(known[0], k) for k in known[1:]):
@@ -592,10 +716,10 @@ def get_hyperparam(state: OptState, name: str, *, where: Any = None) -> jax.Arra
                 f"{_path_text(p)}: {k.item():.7g}" if k.size == 1 else f"{_path_text(p)}: {k}"
                 for (p, _), k in zip(values, known, strict=True)
             )
+            advice = _where_advice([p for p, _ in values], [p for p, _ in found])
             raise ValueError(
                 f"get_hyperparam: several pieces hold {name!r} with different values ({held}); "
-                "pass where= with a key on the way to the one you mean (a multi_transform "
-                "label, a chain position)"
+                f"{advice}"
             )
     return values[0][1]
 
@@ -626,8 +750,10 @@ def set_hyperparam(state: OptState, name: str, value: Any, *, where: Any = None)
         value: a number or scalar array.
         where: only the pieces with this key on the way to them in the state: a
             ``multi_transform`` label (``"head"``), a position in a chain (``0``), or a tuple of
-            consecutive keys. By default every piece holding ``name`` gets the value (an
-            ``ema`` after a momentum SGD holds a ``"momentum"`` too: its decay).
+            consecutive keys; an integer that starts it counts in the outermost chain (or
+            integer-labelled ``multi_transform``) on the way, as for :func:`get_hyperparam`.
+            By default every piece holding ``name`` gets the value (an ``ema`` after a
+            momentum SGD holds a ``"momentum"`` too: its decay).
 
     Returns:
         The new state (the old one is unchanged).
@@ -791,8 +917,8 @@ def get_slot(state: OptState, name: str, *, where: Any = None) -> PyTree:
         state: an optimizer state.
         name: the slot's name.
         where: only the pieces with this key on the way to them in the state (a
-            ``multi_transform`` label, a position in a chain, or a tuple of consecutive keys),
-            as for :func:`get_hyperparam`.
+            ``multi_transform`` label, a position in the outermost chain, or a tuple of
+            consecutive keys), as for :func:`get_hyperparam`.
 
     Raises:
         ValueError: if the state (under ``where``) has no slot of that name (the message lists
@@ -815,10 +941,10 @@ def get_slot(state: OptState, name: str, *, where: Any = None) -> PyTree:
         try:
             merged = _merge_disjoint(merged, _unpacked(holder.slots[name]))
         except _Overlap:
+            advice = _where_advice([p for p, _ in chosen], [p for p, _ in found])
             raise ValueError(
                 f"get_slot: pieces at {[_path_text(p) for p, _ in chosen]} hold a slot {name!r} "
-                "for the same params; pass where= with a key on the way to the one you mean "
-                "(a multi_transform label, a chain position)"
+                f"for the same params; {advice}"
             ) from None
     return merged
 
@@ -882,7 +1008,7 @@ def _slot_holders(state: Any, path: tuple = ()):
         yield from _slot_holders(state.unflattened(), path)
     elif isinstance(state, tuple) and hasattr(state, "_fields"):
         for field, s in zip(state._fields, state, strict=True):
-            yield from _slot_holders(s, (*path, field))
+            yield from _slot_holders(s, (*path, _Field(field)))
     elif isinstance(state, (tuple, list)):
         for i, s in enumerate(state):
             yield from _slot_holders(s, (*path, i))

@@ -85,3 +85,44 @@ def test_clipping_keeps_low_precision_dtypes():
     for tx in (kopt.clip_by_value(1.0), kopt.clip_by_norm(1.0), kopt.clip_by_global_norm(1.0)):
         updates, _ = tx.update(g, tx.init(g))
         assert updates["h"].dtype == jnp.bfloat16
+
+
+def test_clip_by_norm_of_float16_takes_the_norm_in_float32():
+    """In float16 the sum of squares of a gradient of norm 600 overflows (the gradient came out
+    zeroed), and a clipnorm of 1e-5 (1 / clipnorm overflows) gave NaN; clip_by_global_norm
+    already measured in float32. Checked against NumPy in float64, rounded to float16."""
+    cases = [
+        (np.full(4, 300.0), 1.0),  # norm 600: its square, 360000, is past float16's 65504
+        (np.array([3e-5, 4e-5]), 1e-5),
+        (np.array([0.25, -0.5]), 2.0),  # below the threshold: unchanged
+    ]
+    for values, clipnorm in cases:
+        g = jnp.asarray(values, jnp.float16)
+        g64 = np.asarray(g, np.float64)
+        expected = (g64 * clipnorm / max(np.linalg.norm(g64), clipnorm)).astype(np.float16)
+        tx = kopt.clip_by_norm(clipnorm)
+        for update in (tx.update, jax.jit(tx.update)):
+            got, _ = update(g, tx.init(g))
+            assert got.dtype == jnp.float16
+            np.testing.assert_array_equal(got, expected)
+    # bfloat16 too, and the rows of a sparse gradient.
+    values = jnp.full((2, 3), 300.0, jnp.bfloat16)
+    sparse = kopt.IndexedSlices(values, jnp.array([0, 2]), dense_shape=(4, 3))
+    got, _ = kopt.clip_by_norm(1.0).update(sparse, kopt.clip_by_norm(1.0).init(jnp.zeros((4, 3))))
+    np.testing.assert_allclose(
+        np.asarray(got.values, np.float32), np.full((2, 3), 6**-0.5), rtol=1e-2
+    )
+
+
+def test_facade_clipnorm_of_float16_variables_stays_finite():
+    """The facade's clipnorm is clip_by_norm: SGD(0.1, clipnorm=1e-5) made float16 variables
+    NaN (tf.keras leaves them finite)."""
+    var = kopt.Variable(jnp.ones(2, jnp.float16))
+    grad = jnp.array([3e-5, 4e-5], jnp.float16)
+    kopt.optimizers.SGD(0.1, clipnorm=1e-5).apply_gradients([(grad, var)])
+    g64 = np.asarray(grad, np.float64)
+    clipped = (g64 * 1e-5 / np.linalg.norm(g64)).astype(np.float16).astype(np.float64)
+    np.testing.assert_array_equal(var.numpy(), (1.0 - 0.1 * clipped).astype(np.float16))
+    var = kopt.Variable(jnp.zeros(4, jnp.float16))
+    kopt.optimizers.SGD(1.0, clipnorm=1.0).apply_gradients([(jnp.full(4, 300.0, jnp.float16), var)])
+    np.testing.assert_array_equal(var.numpy(), np.full(4, -0.5, np.float16))

@@ -5,13 +5,16 @@ clipping; convergence; the rules with no complex form refuse complex params."""
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference as ref
 import optax
 import pytest
+from optimizer_zoo import OPTIMIZERS
 
 import kopt
 
@@ -429,3 +432,44 @@ def test_a_real_slot_dtype_for_complex_params_is_refused(make):
     with pytest.raises(TypeError, match=r"param \['z'\] is complex64, but its slot '\w+' would "):
         make().init({"z": jnp.ones(2, jnp.complex64)})
     make().init({"z": jnp.ones(2, jnp.float32)})  # real params are unaffected
+
+
+def test_a_complex_slot_dtype_keeps_a_real_params_update_real():
+    """slot_dtype=complex64 over a tree mixing float32 and complex64 params gave the real
+    param complex slots and a complex update, which apply_updates cast to float32 with JAX's
+    deprecated complex-to-real cast (a warning now, an error soon). The real param's slots
+    now take the matching real dtype, float32."""
+    params = {"r": jnp.array([1.0, -2.0]), "c": jnp.array([1.0 + 1.0j, 2.0 - 1.0j], jnp.complex64)}
+    grads = [{"r": jnp.array([0.5, -1.5]), "c": jnp.array([0.5 + 0.5j, -1.0j], jnp.complex64)}] * 2
+    for name, make in OPTIMIZERS.items():
+        if name in ("ftrl", "adafactor"):  # no complex form; real statistics only
+            continue
+        tx = make(0.1, slot_dtype=jnp.complex64)
+        state = tx.init(params)
+        p = params
+        for g in grads:
+            updates, state = jax.jit(tx.update)(g, state, p)
+            assert updates["r"].dtype == jnp.float32, (name, updates["r"].dtype)
+            assert updates["c"].dtype == jnp.complex64, name
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # no complex-to-real cast
+                p = kopt.apply_updates(p, updates)
+        for slot in kopt.slot_names(state):
+            leaf = kopt.get_slot(state, slot)
+            if isinstance(leaf, dict):
+                assert not jnp.iscomplexobj(leaf["r"]), (name, slot)
+        if name == "adam":  # AMSGrad, whose first steps match Adam's here (v grows)
+            r = ref.adam(params["r"], [g["r"] for g in grads], lr=0.1)
+            np.testing.assert_allclose(p["r"], r, rtol=1e-6)
+            c = numpy_adam(np.asarray(params["c"], np.complex128), [g["c"] for g in grads], 0.1)
+            np.testing.assert_allclose(p["c"], c, rtol=1e-5)
+        if name == "sgd":  # Nesterov momentum
+            r = ref.sgd_momentum(params["r"], [g["r"] for g in grads], 0.1, 0.9, nesterov=True)
+            np.testing.assert_allclose(p["r"], r, rtol=1e-6)
+    # ema and accumulate_gradients: a real average and a real accumulator, real updates.
+    for tx in (
+        kopt.chain(kopt.sgd(0.1), kopt.ema(0.5, 1, slot_dtype=jnp.complex64)),
+        kopt.accumulate_gradients(kopt.sgd(0.1), 1, slot_dtype=jnp.complex64),
+    ):
+        updates, state = tx.update(grads[0], tx.init(params), params)
+        assert updates["r"].dtype == jnp.float32 and updates["c"].dtype == jnp.complex64

@@ -102,3 +102,25 @@ def test_readme_opens_with_the_two_commands():
     first_block = re.search(r"```\w*\n(.*?)```", readme, re.DOTALL).group(1)
     assert first_block.strip().splitlines() == ["make demo", "make test"]
     assert readme.index("## Quick start") < readme.index("```")
+
+
+def test_the_building_block_table_spells_each_signature_as_the_code_does():
+    """docs/gradient-transformers.md named the wrapped argument of accumulate_gradients and
+    apply_if_finite `inner`, where the functions (and API.md) call it `transformation`, so
+    the documented keyword raised a TypeError."""
+    import inspect
+
+    import kopt
+
+    page = (ROOT / "docs" / "gradient-transformers.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `(\w+)\(([^)]*)\)` \|", page, re.MULTILINE)
+    assert len(rows) >= 10
+    for name, arguments in rows:
+        written = [a.split("=")[0].strip() for a in arguments.split(",") if a.strip()]
+        parameters = inspect.signature(getattr(kopt, name)).parameters.values()
+        actual = []
+        for p in parameters:
+            if p.kind is p.KEYWORD_ONLY and "*" not in actual:
+                actual.append("*")
+            actual.append(p.name)
+        assert written == actual, f"{name}: the docs write {written}, the code has {actual}"

@@ -2,8 +2,10 @@
 
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from optimizer_zoo import OPTIMIZERS
 
@@ -55,6 +57,49 @@ def test_flatten_refuses_a_none_gradient_naming_it():
     tx, p = kopt.flatten(kopt.sgd()), {"w": jnp.ones(2), "b": jnp.ones(2)}
     with pytest.raises(ValueError, match=re.escape("gradient ['b'] is None, but every param")):
         tx.update({"w": jnp.ones(2), "b": None}, tx.init(p), p)
+
+
+_WRAPPERS = {
+    "masked": lambda: kopt.masked(kopt.adam(), {"dense": {"kernel": True, "bias": False}}),
+    "multi_transform": lambda: kopt.multi_transform(
+        {"a": kopt.adam(), "s": kopt.sgd()}, {"dense": {"kernel": "a", "bias": "s"}}
+    ),
+    "accumulate_gradients": lambda: kopt.accumulate_gradients(kopt.sgd(), 2),
+}
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize(
+    "bad, culprit",
+    [
+        (
+            grads(scale=jnp.ones(2)),
+            "the gradient tree does not match the params: unexpected ['dense']['scale']",
+        ),
+        (
+            {"dense": {"kernel": jnp.ones((3, 2))}},
+            "the gradient tree does not match the params: missing ['dense']['bias']",
+        ),
+        (
+            grads(kernel=jnp.ones((2, 3))),
+            "gradient ['dense']['kernel'] has shape (2, 3), expected (3, 2)",
+        ),
+        (grads(bias=jnp.ones(1)), "gradient ['dense']['bias'] has shape (1,), expected (2,)"),
+    ],
+    ids=["stray", "missing", "kernel-shape", "bias-broadcasts"],
+)
+@pytest.mark.parametrize("name", list(_WRAPPERS))
+def test_wrappers_blame_gradients_that_do_not_fit_the_params(name, bad, culprit, jit):
+    """masked and multi_transform said their mask or labels did not fit (they did), and
+    masked let a wrong shape through where the mask is False; accumulate_gradients gave bare
+    JAX errors, or broadcast a (1,) gradient over a (2,) param without a word."""
+    tx = _WRAPPERS[name]()
+    state = tx.init(params())
+    before = jax.tree.map(jnp.copy, state)
+    update = jax.jit(tx.update) if jit else tx.update
+    with pytest.raises(ValueError, match=re.escape(f"{name}: {culprit}")):
+        update(bad, state, params())
+    chex.assert_trees_all_equal(state, before)
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
@@ -307,3 +352,126 @@ def test_a_slot_dtype_that_is_not_floating_is_a_type_error(name, dtype, shown):
         SLOT_DTYPE_OPTIMIZERS[name](dtype)
     for ok in (None, jnp.float32, "bfloat16"):
         SLOT_DTYPE_OPTIMIZERS[name](ok).init(params())
+
+
+def _optax_adam_state():
+    import optax
+
+    return optax.adam(0.1).init(params())
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize(
+    "build, make_state, culprit",
+    [
+        (
+            lambda: kopt.adam(),
+            params,
+            r"chain: `state` was not made by this chain's init "
+            r"\(received a dict with keys \['dense'\] \(the params\?\)",
+        ),
+        (lambda: kopt.adam(), lambda: None, r"chain: `state` .* \(received None"),
+        (
+            lambda: kopt.adam(),
+            lambda: kopt.sgd(momentum=0.9).init(params()),
+            r"chain: `state` .*received an OptimizerState",
+        ),
+        (
+            lambda: kopt.sgd(momentum=0.9),
+            lambda: kopt.rmsprop().init(params()),
+            r"scale_by_sgd: `state` was not made by this transformation's init .* without "
+            r"\['momentum'\]",
+        ),
+        (
+            lambda: kopt.adam(),
+            _optax_adam_state,
+            r"scale_by_adam: `state` .*received optax's ScaleByAdamState",
+        ),
+        (
+            lambda: kopt.chain(kopt.clip_by_global_norm(1.0), kopt.sgd()),
+            lambda: (kopt.sgd().init(params()), kopt.sgd().init(params())),
+            r"clip_by_global_norm: `state` .* without \['global_clipnorm'\]",
+        ),
+        (
+            lambda: kopt.masked(kopt.sgd(), {"dense": True}),
+            lambda: kopt.sgd().init(params()),
+            r"masked: `state` .* expected kopt's MaskedState",
+        ),
+        (
+            lambda: kopt.accumulate_gradients(kopt.sgd(), 2),
+            lambda: kopt.sgd().init(params()),
+            r"accumulate_gradients: `state` .* expected kopt's AccumulateState",
+        ),
+        (
+            lambda: kopt.apply_if_finite(kopt.sgd()),
+            lambda: None,
+            r"apply_if_finite: `state` .*received None",
+        ),
+        (
+            lambda: kopt.flatten(kopt.sgd()),
+            lambda: kopt.sgd().init(params()),
+            r"flatten: `state` .* expected kopt's FlattenedState",
+        ),
+        (
+            lambda: kopt.multi_transform({"a": kopt.sgd()}, {"dense": "a"}),
+            lambda: kopt.multi_transform({"b": kopt.sgd()}, {"dense": "b"}).init(params()),
+            r"multi_transform: `state` .* labels are \['b'\], expected \['a'\]",
+        ),
+    ],
+    ids=[
+        "params",
+        "None",
+        "sgd-into-adam",
+        "rmsprop-into-sgd",
+        "optax-adam",
+        "sgd-into-clip",
+        "into-masked",
+        "into-accumulate",
+        "into-apply_if_finite",
+        "into-flatten",
+        "other-labels",
+    ],
+)
+def test_a_state_not_made_by_init_is_named(build, make_state, culprit, jit):
+    """A state that init did not make (forgot init and passed the params, None, another
+    optimizer's state) failed deep inside with AttributeError or KeyError."""
+    tx, state = build(), make_state()
+    update = jax.jit(tx.update) if jit else tx.update
+    with pytest.raises(TypeError, match=culprit):
+        update(grads(), state, params())
+
+
+def test_a_state_made_for_other_params_is_named():
+    tx = kopt.adam()
+    with pytest.raises(
+        ValueError,
+        match=r"scale_by_adam: the state's slots do not fit the "
+        r"params: the state was made for other params",
+    ):
+        tx.update({"x": jnp.ones(2)}, tx.init(params()), {"x": jnp.ones(2)})
+
+
+@pytest.mark.parametrize(
+    "updates, culprit",
+    [
+        ({"dense": {"kernel": jnp.ones((3, 2))}}, r"missing \['dense'\]\['bias'\]"),
+        (grads(scale=jnp.ones(2)), r"unexpected \['dense'\]\['scale'\]"),
+        ([jnp.ones((3, 2)), jnp.ones(2)], r"missing .*; unexpected \[0\], \[1\]"),
+    ],
+    ids=["missing", "stray", "list"],
+)
+def test_apply_updates_names_updates_that_do_not_match_the_params(updates, culprit):
+    """JAX's bare pytree structure error named neither apply_updates nor the argument."""
+    p = params()
+    before = jax.tree.map(jnp.copy, p)
+    with pytest.raises(
+        ValueError,
+        match=r"^apply_updates: `updates` does not match the "
+        rf"`params`: {culprit}",
+    ):
+        kopt.apply_updates(p, updates)
+    chex.assert_trees_all_equal(p, before)
+    # None updates, and None params with an update, still pass as before.
+    out = kopt.apply_updates({"w": jnp.ones(2), "b": None}, {"w": None, "b": jnp.ones(1)})
+    np.testing.assert_array_equal(out["w"], [1.0, 1.0])
+    assert out["b"] is None

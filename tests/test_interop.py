@@ -69,6 +69,30 @@ def test_get_hyperparam_reports_the_value_kopt_uses_under_inject_hyperparams():
     assert float(kopt.get_hyperparam(state, "learning_rate")) == 1.0
 
 
+def test_get_hyperparam_counts_an_optax_holder_whose_value_is_used():
+    """Only an inject_hyperparams around a *kopt* optimizer holds a value nobody uses: one
+    around optax's sgd, beside a kopt group, was dropped too, and two learning rates in use
+    (0.5 and 0.1, as the updates show) read as 0.1 without an error."""
+    params = {"w": jnp.ones(2), "b": jnp.ones(2)}
+    tx = kopt.multi_transform(
+        {"body": optax.inject_hyperparams(optax.sgd)(learning_rate=0.5), "head": kopt.sgd(0.1)},
+        {"w": "body", "b": "head"},
+    )
+    updates, state = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+    np.testing.assert_allclose(updates["w"], [-0.5, -0.5])
+    np.testing.assert_allclose(updates["b"], [-0.1, -0.1], rtol=1e-6)
+    with pytest.raises(
+        ValueError,
+        match=r"several pieces hold 'learning_rate' with different values "
+        r"\(inner_states/body/inner_state: 0.5, inner_states/head/inner_state: 0.1\)",
+    ):
+        kopt.get_hyperparam(state, "learning_rate")
+    assert float(kopt.get_hyperparam(state, "learning_rate", where="body")) == 0.5
+    # Equal values are one answer, as for two kopt pieces.
+    state = kopt.set_hyperparam(state, "learning_rate", 0.25)
+    assert float(kopt.get_hyperparam(state, "learning_rate")) == 0.25
+
+
 def test_kopt_update_accepts_optax_extra_args_in_kopt_chain():
     # optax.chain passes extra keyword arguments only to pieces that accept them.
     tx = optax.chain(optax.scale_by_adam(), kopt.scale_by_learning_rate(1.0))

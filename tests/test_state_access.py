@@ -1,16 +1,21 @@
 """Reading and setting one piece's hyperparameters and slots where several pieces hold the same
 name: the groups of ``multi_transform``, ``masked`` pieces, an SGD beside an ``ema``."""
 
+import ast
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference as ref
 import pytest
 
 import kopt
 
 PARAMS = {"body": {"w": jnp.ones((2, 3)), "b": jnp.ones(3)}, "head": jnp.ones(2)}
 LABELS = {"body": {"w": "body", "b": "body"}, "head": "head"}
+LABELS_AB = {"body": {"w": "a", "b": "a"}, "head": "b"}
 GRADS = {"body": {"w": jnp.full((2, 3), 0.5), "b": jnp.full(3, -1.0)}, "head": jnp.full(2, 2.0)}
 
 
@@ -191,3 +196,71 @@ def test_get_slot_puts_together_optax_multi_transform_groups_of_kopt_pieces():
     momentum = kopt.get_slot(state, "momentum")
     np.testing.assert_allclose(momentum["w"], [-0.1, -0.1], rtol=1e-6)
     np.testing.assert_allclose(momentum["b"], [-0.5, -0.5, -0.5], rtol=1e-6)
+
+
+def _masked_adam_then_masked_sgd():
+    return kopt.chain(
+        kopt.masked(kopt.adam(0.1), {"body": True, "head": False}),
+        kopt.masked(kopt.sgd(0.5), {"body": False, "head": True}),
+    )
+
+
+def test_an_integer_where_counts_in_the_outermost_chain_only():
+    """kopt.adam is itself a chain (its learning rate at position 1): where=1, meant for the
+    SGD at position 1 of the user's chain, also set Adam's learning rate."""
+    tx = _masked_adam_then_masked_sgd()
+    state = kopt.set_hyperparam(tx.init(PARAMS), "learning_rate", 0.01, where=1)
+    assert float(kopt.get_hyperparam(state, "learning_rate", where=1)) == np.float32(0.01)
+    assert float(kopt.get_hyperparam(state, "learning_rate", where=0)) == np.float32(0.1)
+    # A tuple that starts with the outer position reaches into the piece there.
+    inner = kopt.get_hyperparam(state, "learning_rate", where=(0, "inner_state", 1))
+    assert float(inner) == np.float32(0.1)
+    updates, _ = tx.update(GRADS, state, PARAMS)
+    np.testing.assert_allclose(updates["head"], -0.01 * np.asarray(GRADS["head"]), rtol=1e-6)
+    body_b = ref.adam(PARAMS["body"]["b"], [GRADS["body"]["b"]], lr=0.1) - 1.0
+    np.testing.assert_allclose(updates["body"]["b"], body_b, rtol=1e-5)
+    # Integer multi_transform labels are counted the same way: label 1 is not position 1
+    # inside label 0's Adam.
+    tx = kopt.multi_transform({0: kopt.adam(0.1), 1: kopt.sgd(0.5)}, {"body": 0, "head": 1})
+    state = kopt.set_hyperparam(tx.init(PARAMS), "learning_rate", 0.01, where=1)
+    assert float(kopt.get_hyperparam(state, "learning_rate", where=0)) == np.float32(0.1)
+    assert float(kopt.get_hyperparam(state, "learning_rate", where=1)) == np.float32(0.01)
+    # get_slot too: the momentum of the chain nested at position 1, not of position 1 in
+    # the SGD at position 0.
+    tx = kopt.chain(
+        kopt.sgd(0.1, momentum=0.9), kopt.chain(kopt.identity(), kopt.sgd(0.2, momentum=0.5))
+    )
+    _, state = tx.update(GRADS, tx.init(PARAMS), PARAMS)
+    head_in = -0.1 * np.asarray(GRADS["head"])  # what the first SGD hands the nested chain
+    np.testing.assert_allclose(
+        kopt.get_slot(state, "momentum", where=1)["head"], -0.2 * head_in, rtol=1e-6
+    )
+
+
+def test_the_where_advice_in_an_error_picks_each_piece():
+    """The error told the user to pass "a chain position" when where=1 had just been passed
+    and matched both pieces; it now gives a where= that picks each one, and each does."""
+    import optax
+
+    tx = optax.chain(
+        optax.masked(kopt.adam(0.1), {"body": True, "head": False}),
+        optax.masked(kopt.adam(0.2), {"body": False, "head": True}),
+    )
+    state = tx.init(PARAMS)
+    with pytest.raises(ValueError, match="different values") as error:
+        kopt.get_hyperparam(state, "learning_rate")
+    assert "where=0 for 0/inner_state/1, where=1 for 1/inner_state/1" in str(error.value)
+    assert float(kopt.get_hyperparam(state, "learning_rate", where=1)) == np.float32(0.2)
+    tx = kopt.chain(
+        kopt.multi_transform({"a": kopt.adam(1e-3), "b": kopt.adam(1e-2)}, LABELS_AB),
+        kopt.chain(kopt.adam(0.2), kopt.sgd(0.3)),
+    )
+    state = tx.init(PARAMS)
+    with pytest.raises(ValueError, match="different values") as error:
+        kopt.get_hyperparam(state, "learning_rate")
+    advice = re.findall(r"where=(.*?) for [\w/]+", str(error.value).split("pick one: ")[1])
+    expected = {"'a'": 1e-3, "'b'": 1e-2, "(1, 0)": 0.2, "(1, 1)": 0.3}
+    assert advice == list(expected)
+    for where, value in expected.items():
+        got = kopt.get_hyperparam(state, "learning_rate", where=ast.literal_eval(where))
+        assert float(got) == np.float32(value)

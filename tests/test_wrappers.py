@@ -614,3 +614,93 @@ def test_masked_takes_its_transformation_by_the_contracts_name():
     tx = kopt.masked(transformation=kopt.add_decayed_weights(0.5), mask={"w": True, "b": False})
     updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
     np.testing.assert_array_equal(updates["w"], [0.5, 0.5])
+
+
+@pytest.mark.parametrize(
+    "build, culprit",
+    [
+        (
+            lambda: kopt.masked(kopt.sgd(0.1), {"w": True, "b": None}),
+            r"masked: `mask` is None at \['b'\]",
+        ),
+        (
+            lambda: kopt.multi_transform({"a": kopt.sgd(0.1)}, {"w": "a", "b": None}),
+            r"multi_transform: `labels` is None at \['b'\]",
+        ),
+        (
+            lambda: kopt.multi_transform(
+                {"a": kopt.sgd(0.1)},
+                lambda p: jax.tree.map(lambda x: "a" if x.ndim > 1 else None, p),
+            ),
+            r"multi_transform: `labels` is None at \['b'\]",
+        ),
+        (
+            lambda: kopt.multi_transform({"a": kopt.sgd(0.1)}, lambda p: None),
+            r"multi_transform: `labels` is None at <root>",
+        ),
+    ],
+    ids=["mask-leaf", "label-leaf", "label-function", "labels-function-None"],
+)
+def test_a_param_without_a_mask_value_or_label_is_refused(build, culprit):
+    """A None mask value or label over a param selected no transformation, and the raw
+    gradient came back as the update (an ascent step); optax refuses such labels too."""
+    params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
+    with pytest.raises(ValueError, match=culprit):
+        build().init(params)
+    # update too, given a state of the same kind whose mask or labels select every leaf
+    tx = build()
+    if "masked" in culprit:
+        state = kopt.masked(kopt.sgd(0.1), {"w": True, "b": True}).init(params)
+    else:
+        state = kopt.multi_transform({"a": kopt.sgd(0.1)}, {"w": "a", "b": "a"}).init(params)
+    before = jax.tree.map(np.asarray, state)
+    with pytest.raises(ValueError, match=culprit):
+        tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    chex.assert_trees_all_equal(state, before)
+
+
+@pytest.mark.parametrize(
+    "build, culprit",
+    [
+        (lambda: kopt.masked(kopt.sgd(0.1), None), "masked: `mask` is None"),
+        (
+            lambda: kopt.multi_transform({"a": kopt.sgd(0.1)}, None),
+            "multi_transform: `labels` is None",
+        ),
+    ],
+    ids=["masked", "multi_transform"],
+)
+def test_a_none_mask_or_labels_is_refused_when_built(build, culprit):
+    with pytest.raises(ValueError, match=culprit):
+        build()
+
+
+def test_a_none_label_over_a_none_param_or_a_none_gradient_still_works():
+    """None over an empty subtree selects nothing, and a None *gradient* under a label keeps
+    passing as None (the param is not stepped)."""
+    params = {"w": jnp.ones(2), "b": None}
+    tx = kopt.multi_transform({"a": kopt.sgd(0.5)}, {"w": "a", "b": None})
+    updates, _ = tx.update({"w": jnp.ones(2), "b": None}, tx.init(params), params)
+    np.testing.assert_allclose(updates["w"], [-0.5, -0.5])
+    assert updates["b"] is None
+    params = {"w": jnp.ones(2), "b": jnp.ones(2)}
+    tx = kopt.masked(kopt.sgd(0.5), {"w": True, "b": True})
+    updates, _ = tx.update({"w": jnp.ones(2), "b": None}, tx.init(params), params)
+    np.testing.assert_allclose(updates["w"], [-0.5, -0.5])
+    assert updates["b"] is None
+
+
+def test_ema_keeps_the_average_of_a_param_without_a_gradient():
+    """A None gradient keeps a param's slots through every optimizer and wrapper; ema moved
+    that param's average towards it (here a value set outside the optimizer)."""
+    tx = kopt.chain(kopt.sgd(0.5), kopt.ema(0.5))
+    params = {"w": jnp.ones(2), "b": jnp.ones(2)}
+    step = jax.jit(tx.update)
+    updates, state = step({"w": jnp.ones(2), "b": jnp.ones(2)}, tx.init(params), params)
+    params = kopt.apply_updates(params, updates)  # both 0.5; the first average is the params
+    params = {"w": params["w"], "b": jnp.full(2, 10.0)}
+    updates, state = step({"w": jnp.ones(2), "b": None}, state, params)
+    assert updates["b"] is None
+    average = kopt.get_slot(state, "average")
+    np.testing.assert_array_equal(average["b"], [0.5, 0.5])
+    np.testing.assert_allclose(average["w"], 0.5 * 0.5 + 0.5 * (0.5 - 0.5))  # w: 0.5 -> 0.0

@@ -12,6 +12,7 @@ from kopt.base import (
     GradientTransformation,
     OptimizerState,
     check_hyperparam,
+    check_state,
     current_hyperparams,
     init_hyperparams,
     safe_increment,
@@ -50,7 +51,10 @@ def clip_by_norm(clipnorm: Any) -> GradientTransformation:
     """Rescales each gradient tensor whose L2 norm exceeds ``clipnorm`` (Keras's ``clipnorm``).
 
     ``g * clipnorm / max(||g||, clipnorm)``, per tensor (not global); ``||g||**2`` sums
-    ``|g|**2``, so a complex gradient is measured by its modulus.
+    ``|g|**2``, so a complex gradient is measured by its modulus. A float16 or bfloat16
+    gradient is clipped in float32 (its norm and the scaling) and rounded back to its dtype:
+    in float16 the sum of squares overflows above a norm of about 256, and a ``clipnorm``
+    below about ``6e-5`` is subnormal there.
 
     Example:
         >>> import jax.numpy as jnp, kopt
@@ -62,11 +66,12 @@ def clip_by_norm(clipnorm: Any) -> GradientTransformation:
 
     def rule(g, s, p, c):
         def clip(x):
-            l2sum = jnp.sum(abs_sq(x))
+            wide = at_least_float32(x)
+            l2sum = jnp.sum(abs_sq(wide))
             clip_norm = c["clipnorm"].astype(l2sum.dtype)
             positive = l2sum > 0
             norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, l2sum, 1.0)), l2sum)
-            return x * clip_norm / jnp.maximum(norm, clip_norm)
+            return (wide * clip_norm / jnp.maximum(norm, clip_norm)).astype(x.dtype)
 
         return map_values(clip, g), {}
 
@@ -118,6 +123,7 @@ def clip_by_global_norm(global_clipnorm: Any) -> GradientTransformation:
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
+        check_state(owner, state, OptimizerState, hyperparams=hyper)
         hp = current_hyperparams(state, schedules)
         clip_norm = hp["global_clipnorm"]
         norm = global_norm(updates)

@@ -12,6 +12,7 @@ from kopt._tree import check_floating_params, full_like_param, map_leaves, on_pa
 from kopt.base import (
     GradientTransformation,
     OptimizerState,
+    check_state,
     current_hyperparams,
     init_hyperparams,
     safe_increment,
@@ -97,6 +98,9 @@ def leafwise_transformation(
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
+        check_state(
+            owner, state, OptimizerState, hyperparams=hyperparams, slots=[*slots, *scalar_slots]
+        )
         hp = current_hyperparams(state, schedules)
         step = state.count.astype(jnp.float32)
         scalars = {name: state.slots[name] for name in scalar_slots}

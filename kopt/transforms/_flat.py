@@ -25,6 +25,7 @@ from kopt.base import (
     OptimizerState,
     PyTree,
     check_count,
+    check_state,
     extra_args_update,
 )
 from kopt.sparse import IndexedSlices, is_indexed_slices
@@ -421,6 +422,7 @@ def flatten(
     inner_update = extra_args_update(transformation)
 
     def update_fn(updates, state, params=None, **extra_args):
+        check_state(owner, state, FlattenedState)
         layout = state.layout
         packed_params = None if params is None else layout.pack(params, owner, "param")
         # The inner transformation sees packed buffers, so a tree of the params' shape

@@ -12,6 +12,7 @@ from kopt.base import (
     GradientTransformation,
     OptimizerState,
     check_hyperparam,
+    check_state,
     current_hyperparams,
     extra_args_update,
     init_hyperparams,
@@ -82,6 +83,8 @@ def decoupled_weight_decay(
     def update_fn(updates, state, params=None, **extra_args):
         if params is None:
             raise ValueError(f"{owner}: this transformation needs `params` in update()")
+        check_state(owner, state, DecoupledWeightDecayState)
+        check_state(owner, state.decay, OptimizerState, hyperparams=hyper)
         hp = current_hyperparams(state.decay, schedules)
         rate = hp["weight_decay"] * hp["learning_rate"]
         decayed = jax.tree.map(lambda p: p - p * rate.astype(jnp.result_type(p)), params)

@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 
 from kopt._tree import (
-    gradient_for_none_param,
+    check_gradients_fit,
     on_params_devices,
+    slot_dtype_for,
     slot_like,
     transfer_copy,
     tree_or_function,
@@ -25,6 +26,7 @@ from kopt.base import (
     check_count,
     check_hyperparam,
     check_slot_dtype,
+    check_state,
     extra_args_update,
     init_hyperparams,
     safe_increment,
@@ -98,9 +100,35 @@ def _select(tree: PyTree, mask: PyTree, owner: str = "masked", what: str = "mask
         raise ValueError(
             f"{owner}: `{what}` does not fit the params{_packed_hint(tree)}: {e}"
         ) from e
+    _refuse_none_selectors(tree, mask, owner, what)
     # Outside the try: a mask leaf with no truth value (an array of several elements) raises
     # its own error, not one saying that the mask does not fit.
     return jax.tree.map(lambda m, x: x if m else None, mask, tree, is_leaf=_is_leaf)
+
+
+def _refuse_none_selectors(tree: PyTree, mask: PyTree, owner: str, what: str) -> None:
+    """Raises where ``mask`` (which fits ``tree``) is None over a subtree that holds leaves: a
+    param with no mask value or label would pass its raw gradient through as its update, an
+    ascent step. A None over an empty subtree (a None param, or a None gradient) selects
+    nothing and is fine.
+
+    Raises:
+        ValueError: naming ``owner``, ``what`` and the first such path.
+    """
+    found = []
+
+    def visit(path, m, x):
+        if m is None and jax.tree.leaves(x, is_leaf=is_indexed_slices):
+            found.append(jax.tree_util.keystr(path) or "<root>")
+
+    jax.tree_util.tree_map_with_path(visit, mask, tree, is_leaf=_is_leaf)
+    if found:
+        expected = "a label" if what == "labels" else "True or False"
+        raise ValueError(
+            f"{owner}: `{what}` is None at {', '.join(found[:3])}, where the params have "
+            f"leaves; every param needs {expected} (a None would pass its raw gradient "
+            "through as its update)"
+        )
 
 
 def _is_flatten_key(key: str) -> bool:
@@ -163,6 +191,11 @@ def masked(
         mask: a pytree of bools shaped like the params (a prefix works too), or a function
             ``params -> mask``.
 
+    Raises:
+        ValueError: if ``mask`` does not fit the params, or is None (as a whole or over a
+            param): a param needs True or False; in ``update``, if the gradients do not fit
+            the params (the message names the leaf).
+
     Example:
         >>> import jax.numpy as jnp, kopt
         >>> params = {"w": jnp.ones(2), "b": jnp.ones(2)}
@@ -171,6 +204,11 @@ def masked(
         >>> u["w"], u["b"]
         (Array([0.5, 0.5], dtype=float32), Array([0., 0.], dtype=float32))
     """
+    if mask is None:
+        raise ValueError(
+            "masked: `mask` is None; expected a pytree of bools shaped like the params (or a "
+            "prefix of them), or a function params -> mask"
+        )
     return _masked(transformation, mask, "masked", "mask")
 
 
@@ -195,6 +233,9 @@ def _masked(
         return MaskedState(uncommitted_on_params_devices(inner_state, params))
 
     def update_fn(updates, state, params=None, **extra_args):
+        check_state(owner, state, MaskedState)
+        if params is not None:  # the gradients first: a mask that fits the params is right
+            check_gradients_fit(updates, params, owner)
         m = tree_or_function(mask, params if params is not None else updates)
         sub_params = None if params is None else _select(params, m, owner, what)
         new_sub, inner_state = inner_update(
@@ -229,7 +270,9 @@ def multi_transform(
         labels: a pytree of labels shaped like the params, or a function ``params -> labels``.
 
     Raises:
-        ValueError: if a leaf's label has no transformation.
+        ValueError: if a leaf's label has no transformation or is None (``labels`` None, or
+            None over a param), or if ``labels`` does not fit the params; in ``update``, if the
+            gradients do not fit the params (the message names the leaf).
 
     Example:
         >>> import jax.numpy as jnp, kopt
@@ -240,6 +283,11 @@ def multi_transform(
         >>> float(u["w"][0]), round(float(u["b"][0]), 6)
         (-1.0, -0.1)
     """
+    if labels is None:
+        raise ValueError(
+            "multi_transform: `labels` is None; expected a pytree of labels shaped like the "
+            "params (or a prefix of them), or a function params -> labels"
+        )
     transformations = dict(transformations)
 
     def masks(tree):
@@ -272,6 +320,13 @@ def multi_transform(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
+        check_state("multi_transform", state, MultiTransformState)
+        if set(state.inner_states) != set(transformations):
+            raise TypeError(
+                "multi_transform: `state` was not made by this transformation's init (its "
+                f"labels are {sorted(map(str, state.inner_states))}, expected "
+                f"{sorted(map(str, transformations))}); make it with `state = tx.init(params)`"
+            )
         ms = masks(params if params is not None else updates)
         new_states = {}
         for k, tx in transformations.items():
@@ -322,7 +377,9 @@ def accumulate_gradients(
             inner update.
 
     Raises:
-        ValueError: for ``every_k < 1`` or an unknown reduction.
+        ValueError: for ``every_k < 1`` or an unknown reduction; in ``update``, for a gradient
+            tree that does not fit the params (a stray or missing leaf, a shape of its own),
+            naming the leaf.
         TypeError: for a ``slot_dtype`` that is not a floating-point dtype.
 
     Example:
@@ -358,17 +415,18 @@ def accumulate_gradients(
         return AccumulateState(mini_step, zeros, inner_state)
 
     def update_fn(updates, state, params=None, **extra_args):
+        check_state("accumulate_gradients", state, AccumulateState)
         # A None gradient leaf (no gradient this call) keeps its accumulator, so the state's
         # structure never changes, and passes None to the inner update at a boundary (and
         # keeps its accumulator through it).
-        def add(path, g, a):
-            if g is None:
-                return a
-            if a is None:
-                raise gradient_for_none_param("accumulate_gradients", path)
-            return a + as_dense(g, a.shape).astype(a.dtype)
+        check_gradients_fit(
+            updates, params if params is not None else state.accumulated, "accumulate_gradients"
+        )
 
-        total = jax.tree_util.tree_map_with_path(add, updates, state.accumulated, is_leaf=_is_leaf)
+        def add(g, a):
+            return a if g is None else a + as_dense(g, a.shape).astype(a.dtype)
+
+        total = jax.tree.map(add, updates, state.accumulated, is_leaf=_is_leaf)
         boundary = state.mini_step + 1 >= every_k
 
         def apply_inner(operand):
@@ -568,6 +626,8 @@ def apply_if_finite(
         return ApplyIfFiniteState(*counters, inner_state)
 
     def update_fn(updates, state, params=None, **extra_args):
+        check_state("apply_if_finite", state, ApplyIfFiniteState)
+
         def apply_inner(operand):
             updates, inner_state = operand
             return inner_update(updates, inner_state, params, **extra_args)
@@ -601,7 +661,7 @@ def _average_start(p: Any, dtype: Any = None) -> jax.Array:
     copy would be), as the averages the update returns are: a jitted step then compiles once.
     An array's copy is a transfer where it can be, not ``jnp.copy``, which eagerly compiled a
     program per param shape."""
-    dtype = dtype or jnp.result_type(p)
+    dtype = slot_dtype_for(p, dtype)
     copy = transfer_copy(p, dtype)
     return copy if copy is not None else jnp.copy(p).astype(dtype)
 
@@ -617,7 +677,7 @@ def _averages_start(params: PyTree, dtype: Any) -> PyTree:
 
 @functools.partial(jax.jit, static_argnums=1)
 def _cast_tree(params: PyTree, dtype: Any) -> PyTree:
-    return jax.tree.map(lambda p: jnp.asarray(p).astype(dtype), params)
+    return jax.tree.map(lambda p: jnp.asarray(p).astype(slot_dtype_for(p, dtype)), params)
 
 
 def ema(
@@ -634,6 +694,7 @@ def ema(
     with, not from zero. With
     ``overwrite_frequency=n``, every n-th step replaces the params by the average (the update
     becomes ``average - params``). Updates pass through unchanged otherwise. Needs ``params``.
+    A param whose update is None (no gradient this step) keeps its average.
 
     The average takes each param's dtype, as Keras 3's does, unless ``slot_dtype`` is given.
     For bfloat16 params, pass ``slot_dtype=jnp.float32``: in bfloat16 a momentum of 0.999
@@ -666,12 +727,21 @@ def ema(
         del extra_args
         if params is None:
             raise ValueError("ema: this transformation needs `params` in update()")
+        check_state("ema", state, OptimizerState, hyperparams=["momentum"], slots=["average"])
         m = jnp.where(state.count == 0, 0.0, state.hyperparams["momentum"])
         new_params = apply_updates(params, updates)
+        # A param with no gradient this step (a None update) keeps its average, as it keeps
+        # every other slot: it is not averaged towards a value the optimizer did not make.
         average = jax.tree.map(
-            lambda a, p: m.astype(a.dtype) * a + (1 - m.astype(a.dtype)) * p.astype(a.dtype),
+            lambda u, a, p: (
+                a
+                if u is None
+                else m.astype(a.dtype) * a + (1 - m.astype(a.dtype)) * p.astype(a.dtype)
+            ),
+            updates,
             state.slots["average"],
             new_params,
+            is_leaf=_is_leaf,
         )
         count = safe_increment(state.count)
         if overwrite_frequency is not None:
