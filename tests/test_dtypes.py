@@ -176,6 +176,24 @@ def test_float64_params_with_x64_enabled():
     assert result.stdout.strip().endswith("ok")
 
 
+def test_lamb_on_bfloat16_params_keeps_a_second_moment():
+    """bfloat16 rounds 0.999 to 1, and Lamb took `1 - beta_2` from the rounded value: `v` stayed
+    0 while the float32 bias correction was not, so every step was m / epsilon, normalised (not
+    Lamb's). `1 - beta` is taken before rounding, as Keras 3 does: `v` follows the float32 one."""
+    rng = np.random.default_rng(0)
+    p32 = jnp.asarray(rng.normal(size=(8, 6)), jnp.float32)
+    grads = [jnp.asarray(rng.normal(size=(8, 6)) * 0.1, jnp.float32) for _ in range(5)]
+    tx = kopt.lamb(0.01)
+    p16, s16, s32 = p32.astype(jnp.bfloat16), tx.init(p32.astype(jnp.bfloat16)), tx.init(p32)
+    for g in grads:
+        u16, s16 = tx.update(g.astype(jnp.bfloat16), s16, p16)
+        _, s32 = tx.update(g, s32, p32)
+    v16 = np.asarray(kopt.get_slot(s16, "v"), np.float64)
+    v32 = np.asarray(kopt.get_slot(s32, "v"), np.float64)
+    np.testing.assert_allclose(v16, v32, rtol=3e-2, atol=1e-6)
+    assert np.all(np.isfinite(np.asarray(u16, np.float32)))
+
+
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_lamb_on_float16_params_takes_its_trust_ratio_in_float32(jit):
     # A gradient of 4e-3 leaves v at 0 in float16, so r is about 4e3 there: r**2 overflows

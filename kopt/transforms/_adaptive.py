@@ -426,9 +426,11 @@ def scale_by_lamb(
         m, v = s["m"], s["v"]
         g = as_dense(g, m.shape).astype(m.dtype)
         c32 = cast_coefficients(c, jnp.float32)
-        c = cast_coefficients(c, m.dtype)
-        m = m + (g - m) * (1 - c["beta_1"])
-        v = v + (abs_sq(g) - v) * (1 - c["beta_2"])
+        # `1 - beta` taken before rounding to the slots' dtype, as Keras 3 does (bfloat16
+        # rounds 0.999 to 1, which would leave `v` at 0 while the bias correction, in float32,
+        # is not 0: the step would be m / epsilon, normalised, and no longer Lamb's).
+        m = m + (g - m) * (1 - c32["beta_1"]).astype(m.dtype)
+        v = v + (abs_sq(g) - v) * (1 - c32["beta_2"]).astype(m.dtype)
         # The slots keep their dtype; the ratio and the norms are computed in at least float32
         # (as global_norm is). In float16 an epsilon of 1e-7 is subnormal, which XLA may flush to
         # zero, and a sum of squares overflows long before the update itself is out of range.
