@@ -583,3 +583,21 @@ def test_a_keras_3_config_of_a_classic_optimizer_loads_without_its_inactive_opti
     active["config"]["gradient_accumulation_steps"] = 4
     with pytest.raises(ValueError, match="`gradient_accumulation_steps`=4"):
         optimizers.deserialize(active)
+
+
+def test_a_schedule_argument_kept_in_a_variable_changes_without_recompiling():
+    """docs/performance.md: a schedule value that changes often goes in a kopt.Variable, which
+    the step takes as an input (it was compiled in as a constant)."""
+    lr0 = kopt.Variable(0.1)
+    opt = optimizers.SGD(ExponentialDecay(lr0, 10, 0.5))
+    var = kopt.Variable(0.0)
+    used = []
+    for step in range(4):
+        if step == 2:
+            lr0.assign(1.0)
+        before = float(var.numpy())
+        opt.apply_gradients([(jnp.float32(1.0), var)])
+        used.append(before - float(var.numpy()))
+    expected = [base * 0.5 ** (step / 10) for step, base in enumerate([0.1, 0.1, 1.0, 1.0])]
+    np.testing.assert_allclose(used, expected, rtol=1e-5)
+    assert opt.compile_count == 1
