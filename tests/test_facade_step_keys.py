@@ -4,6 +4,7 @@ counts rather than per row count."""
 
 import logging
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -102,6 +103,12 @@ def test_new_sparse_row_counts_compile_no_padding_program_on_a_cpu(backend_compi
 def test_numpy_and_jax_gradients_share_one_program(backend_compiles):
     """The step was keyed by the gradient's type: a NumPy gradient and a JAX one of the same
     shape and dtype compiled two programs."""
+    from kopt.optimizers import base
+
+    # First asked inside a trace (an apply_gradients refused inside jax.jit), the array type
+    # must still be the concrete one.
+    base._array_type.cache_clear()
+    jax.jit(lambda x: base._array_type() and x)(1.0)
     var = kopt.Variable(np.zeros(3, np.float32))
     opt = SGD(0.1)
     for g in (np.ones(3, np.float32), jnp.ones(3), np.ones(3, np.float32), jnp.ones(3)):

@@ -2537,7 +2537,7 @@ def _put_like(x: np.ndarray, like: jax.Array) -> jax.Array:
     return jax.device_put(x, like.sharding) if like.committed else jnp.asarray(x)
 
 
-_CONVERTED = _PYTHON_VALUES | {IndexedSlices, np.ndarray}
+_CONVERTED = _PYTHON_VALUES | {IndexedSlices}
 
 
 def _per_replica_beside(g: PerReplica, v: Variable) -> PerReplica:
@@ -2592,15 +2592,6 @@ def _strongly_typed(g: Any) -> jax.Array:
     return jax.lax.convert_element_type(g, g.dtype) if g.weak_type else g
 
 
-def _numpy_gradient(g: np.ndarray) -> Any:
-    """A NumPy gradient as a JAX array, so that it keys the same step as a JAX one of its shape
-    and dtype (the step converts it anyway); one of a dtype JAX would change (float64 without
-    x64) is left for validation to refuse, naming its dtype."""
-    if g.dtype != jax.dtypes.canonicalize_dtype(g.dtype):
-        return g
-    return jnp.asarray(g)
-
-
 def _python_value(g: Any, v: Any) -> jax.Array:
     """A gradient given as a list, tuple or Python number, in its variable's dtype (tf.keras
     converts it with the variable's dtype as the hint: ``[1, 2]`` for a float16 variable is
@@ -2627,8 +2618,6 @@ def _filter_empty_gradients(pairs):
         if type(pair[0]) is IndexedSlices
         else (_python_value(*pair), pair[1])
         if type(pair[0]) in _PYTHON_VALUES
-        else (_numpy_gradient(pair[0]), pair[1])
-        if type(pair[0]) is np.ndarray
         # Weakly typed: noted here, converted together below (the common call, with none,
         # makes no second pass over the gradients).
         else weak_seen.append(None) or pair
@@ -2780,10 +2769,25 @@ def _signature(pairs, aggregate: bool):
             )
         elif kind is PerReplica:
             g_sig = (kind, getattr(g.values, "shape", None), getattr(g.values, "dtype", None))
+        elif kind is np.ndarray and g.dtype == jax.dtypes.canonicalize_dtype(g.dtype):
+            # As a JAX array of its shape and dtype keys it (the step converts it anyway), so
+            # that NumPy and JAX gradients share one program. Another dtype (float64 without
+            # x64) keys on its own and is refused by validation, naming it.
+            out.append((v._uid, _array_type(), jax.core.ShapedArray(g.shape, g.dtype)))
+            continue
         else:
             g_sig = (kind, getattr(g, "shape", None), getattr(g, "dtype", None))
         out.append((v._uid, g_sig))
     return tuple(out), aggregate
+
+
+@functools.cache
+def _array_type() -> type:
+    """The type of JAX's concrete arrays (found on first use: making an array at import would
+    start the backend before the user's ``jax.distributed.initialize``); concrete also when
+    first asked inside a trace."""
+    with jax.ensure_compile_time_eval():
+        return type(jnp.zeros(()))
 
 
 # The clipping arguments' transformations, in the order tf.keras applies them.
