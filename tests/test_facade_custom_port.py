@@ -626,3 +626,65 @@ def test_an_array_a_hook_stores_in_an_attribute_is_the_steps_value():
         opt.apply_gradients([(jnp.asarray(grad), var)])
         assert float(opt.last_norm) == norm
     assert opt.compile_count == 1
+
+
+class EncoderNorm(optimizers.Optimizer):
+    """Records the norm of one variable's gradient only (a per-layer diagnostic)."""
+
+    def __init__(self, learning_rate=0.1, name="EncoderNorm", **kwargs):
+        super().__init__(name, **kwargs)
+        self._set_hyper("learning_rate", learning_rate)
+        self.last_norm = None
+
+    def _resource_apply_dense(self, grad, var, apply_state=None):
+        if var.shape == (3,):
+            self.last_norm = jnp.linalg.norm(grad)
+        var.assign_sub(self._decayed_lr(var.dtype) * grad)
+
+
+def test_a_step_whose_hooks_set_no_attribute_leaves_it_as_it_was():
+    """A step compiled after the attribute was set (over other variables, whose hook writes
+    nothing) wrote back the value it held then, a stale constant of that program."""
+    opt = EncoderNorm()
+    enc, dec = kopt.Variable(jnp.ones(3)), kopt.Variable(jnp.ones(2))
+    opt.apply_gradients([(jnp.full(3, 1.0), enc)])
+    opt.apply_gradients([(jnp.ones(2), dec)])
+    opt.apply_gradients([(jnp.full(3, 20.0), enc)])
+    opt.apply_gradients([(jnp.ones(2), dec)])
+    np.testing.assert_allclose(float(opt.last_norm), 20.0 * np.sqrt(3.0), rtol=1e-6)
+
+
+def test_an_attribute_an_inner_optimizers_hook_sets_holds_the_steps_value():
+    inner = LoggedSGD()
+    opt = Lookahead(inner)
+    var = kopt.Variable(np.ones(3, np.float32))
+    opt.apply_gradients([(jnp.array([3.0, 4.0, 0.0]), var)])
+    assert float(inner.last_norm) == 5.0
+
+
+@pytest.mark.parametrize("cls", [optimizers.AdamW, optimizers.Lion, optimizers.Nadam])
+def test_a_decayed_lr_override_on_a_class_that_does_not_read_it_changes_nothing(cls):
+    """Keras 3's classes and tf.keras's Nadam take their learning rate themselves: a subclass
+    overriding `_decayed_lr` crashed every step (AdamW: an unexpected `constrain` argument;
+    Nadam: its one-variable-at-a-time refusal). It steps as the class does."""
+    sub = type("Warm" + cls.__name__, (cls,), {"_decayed_lr": lambda self, d: 0.5 * 0.1})
+    plain, warm = cls(0.1), sub(0.1)
+    a, b = kopt.Variable([1.0, -1.0]), kopt.Variable([1.0, -1.0])
+    for g in ([0.5, 0.2], [-0.1, 0.3]):
+        plain.apply_gradients([(jnp.asarray(g), a)])
+        warm.apply_gradients([(jnp.asarray(g), b)])
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+class ClippedAdam(optimizers.Adam):
+    """A built-in subclass with an infinite hyperparameter of its own."""
+
+    def __init__(self, learning_rate=0.1, max_norm=float("inf"), **kwargs):
+        super().__init__(learning_rate, **kwargs)
+        self._set_hyper("max_norm", max_norm)
+
+
+def test_a_builtin_subclass_may_have_an_infinite_hyperparameter_of_its_own():
+    assert float(ClippedAdam()._get_hyper("max_norm").numpy()) == float("inf")
+    with pytest.raises(ValueError, match="beta_1"):
+        ClippedAdam(beta_1=float("inf"))

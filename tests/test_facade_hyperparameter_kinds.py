@@ -172,3 +172,29 @@ def test_ftrl_plain_numbers_refuse_schedules_naming_them():
     for name in ("initial_accumulator_value", "l2_shrinkage_regularization_strength"):
         with pytest.raises(TypeError, match=f"Ftrl: `{name}` must be a number"):
             optimizers.Ftrl(**{name: rising()})
+
+
+class _Holder(optimizers.Optimizer):
+    """A wrapper whose config holds its inner optimizer serialized (a class_name/config dict)."""
+
+    def __init__(self, inner="sgd", name="Holder", **kwargs):
+        super().__init__(name, **kwargs)
+        self.inner = inner if isinstance(inner, optimizers.Optimizer) else optimizers.get(inner)
+        self._set_hyper("learning_rate", 0.1)
+
+    def _create_slots(self, var_list):
+        self.inner._create_slots(var_list)
+
+    def _resource_apply_dense(self, grad, var, apply_state=None):
+        return self.inner._resource_apply_dense(grad, var)
+
+    def get_config(self):
+        return {**super().get_config(), "inner": optimizers.serialize(self.inner)}
+
+
+def test_from_config_leaves_dicts_that_are_not_schedules_to_the_constructor():
+    """Every {"class_name", "config"} dict was taken for a schedule: a serialized inner
+    optimizer raised "Unknown decay: 'SGD'"."""
+    again = _Holder.from_config(_Holder(optimizers.SGD(0.5)).get_config())
+    assert isinstance(again.inner, optimizers.SGD)
+    assert float(again.inner.learning_rate.numpy()) == 0.5

@@ -12,9 +12,10 @@ A loss that needs concrete values (Python control flow on a variable's value, ``
 cannot be traced: it is differentiated eagerly, as before, from then on. A loss whose trace is
 not the same structure at every step (an operation traced afresh each call, such as a
 ``custom_jvp`` function called outside a jitted function) is differentiated eagerly from its
-traced jaxpr once that shows (three calls, three structures, none repeated), so it compiles at
-most twice in vain. One closure may stand for a few losses (a helper's lambda around the loss
-function it is given): each of their structures is compiled once and kept.
+traced jaxpr once that shows (five calls, five structures, none repeated), so it compiles at
+most four times in vain. One closure may stand for a few losses (a helper's lambda around the
+loss function it is given, called with each in turn): each of their structures is compiled
+once and kept.
 """
 
 from __future__ import annotations
@@ -118,16 +119,18 @@ def compiled_gradients(
 # The most structures one loss (one code) may trace to on the same inputs: one closure can
 # stand for several losses (a helper's lambda around the loss function it is given).
 _MAX_STRUCTURES = 8
+# Structures, none of them repeated, after which a loss counts as traced afresh every call.
+_FRESH_STRUCTURES = 4
 
 
 def _changes_every_call(seen: dict[tuple, int]) -> bool:
     """Whether a loss that traced to the structures ``seen`` (key -> calls) on the same inputs,
     and now to a new one, is taken to trace afresh at every call (a ``custom_jvp`` function
-    called outside ``jit``): its second structure came on the very next call after the first,
-    and none has come back since; or it has made too many."""
+    called outside ``jit``): it made ``_FRESH_STRUCTURES`` structures, one call each, none
+    come back (a few losses through one closure, called in turn, come back); or too many."""
     if len(seen) >= _MAX_STRUCTURES:
         return True
-    return len(seen) >= 2 and all(calls == 1 for calls in seen.values())
+    return len(seen) >= _FRESH_STRUCTURES and all(calls == 1 for calls in seen.values())
 
 
 _INEXACT: dict[Any, bool] = {}

@@ -37,6 +37,7 @@ from kopt.optimizers import _state_codec as codec
 from kopt.optimizers import _traced_loss
 from kopt.optimizers._slot_groups import MAX_GROUPED_SIZE, PackedSlot, SlotGroup, group_slots
 from kopt.optimizers.schedules import LearningRateSchedule, _plain_number
+from kopt.optimizers.schedules import _is_serialized as is_serialized_schedule
 from kopt.optimizers.schedules import deserialize as deserialize_schedule
 from kopt.optimizers.schedules import serialize as serialize_schedule
 from kopt.sparse import IndexedSlices, is_indexed_slices
@@ -160,7 +161,8 @@ def _defined_outside_kopt(cls: type, name: str) -> bool:
 def _runs_twin(cls: type) -> bool:
     if cls._transformation is Optimizer._transformation:
         return False
-    return not any(_defined_outside_kopt(cls, h) for h in _HOOKS)
+    hooks = _HOOKS if cls._USES_DECAYED_LR else tuple(h for h in _HOOKS if h != "_decayed_lr")
+    return not any(_defined_outside_kopt(cls, h) for h in hooks)
 
 
 @functools.cache
@@ -168,7 +170,9 @@ def _sets_own_learning_rate(cls: type) -> bool:
     """Whether a subclass of a built-in computes the learning rate itself (overrides
     ``_decayed_lr`` or ``_prepare_local``, as a warmup does): the built-in's hooks then step
     with the ``lr_t`` those give, as tf.keras's read it from ``apply_state``."""
-    return any(_defined_outside_kopt(cls, name) for name in ("_decayed_lr", "_prepare_local"))
+    return cls._USES_DECAYED_LR and any(
+        _defined_outside_kopt(cls, name) for name in ("_decayed_lr", "_prepare_local")
+    )
 
 
 def _snake_case(name: str) -> str:
@@ -178,15 +182,6 @@ def _snake_case(name: str) -> str:
     name = re.sub(r"(?<=.)(?=[A-Z][a-z])", "_", name)
     name = re.sub(r"(?<=[a-z])(?=[A-Z])", "_", name).lower()
     return name if not name.startswith("_") else "private" + name
-
-
-def _is_schedule_config(value: Any) -> bool:
-    """A serialized schedule, as :meth:`Optimizer._serialize_hyperparameter` writes one."""
-    return (
-        isinstance(value, dict)
-        and isinstance(value.get("class_name"), str)
-        and isinstance(value.get("config"), dict)
-    )
 
 
 def _is_step_schedule(value: Any) -> bool:
@@ -263,6 +258,10 @@ class Optimizer:
         >>> round(float(var1.numpy()), 4), round(float(var2.numpy()), 4)
         (0.4, 1.2)
     """
+
+    # Whether a built-in's update takes its learning rate from `_decayed_lr` (tf.keras's legacy
+    # classes but Nadam): a subclass overriding it then changes the step.
+    _USES_DECAYED_LR = False
 
     _HAS_AGGREGATE_GRAD = True
     _ALLOWED_KWARGS = {"clipnorm", "clipvalue", "lr", "decay", "global_clipnorm"}
@@ -402,6 +401,7 @@ class Optimizer:
             if name[0] != "_" and "_init_depth" not in self.__dict__:
                 if self.__dict__.get("_tracing"):
                     self.__dict__.setdefault("_written_in_trace", set()).add(name)
+                    self.__dict__.setdefault("_written_now", set()).add(name)
                 elif not _same_plain_value(self.__dict__.get(name, _UNSET), value):
                     # A custom optimizer's hooks may read it while the step is traced.
                     epoch = self.__dict__.get("_attribute_epoch", 0)
@@ -463,7 +463,9 @@ class Optimizer:
             # A custom optimizer's own hyperparameter may be infinite ("never clip"), as in
             # tf.keras; the built-ins' and every learning rate may not.
             if not np.isfinite(number) and (
-                self._has_twin() or name in ("learning_rate", "decay") or np.isnan(number)
+                name in ("learning_rate", "decay")
+                or np.isnan(number)
+                or (self._has_twin() and name in _builtin_hyperparameter_names())
             ):
                 raise ValueError(
                     f"{type(self).__name__}: `{name}` must be finite, received {value}"
@@ -1429,7 +1431,10 @@ class Optimizer:
             n_loose = len(loose)
             for c, value in zip(captured, new_captured, strict=True):
                 c._value = value  # bound inside a trace, stored otherwise
-            self.__dict__.update(new_attributes)
+            for owner, attributes in zip(
+                (self, *self._nested_optimizers()), new_attributes, strict=False
+            ):
+                owner.__dict__.update(attributes)
             if getattr(_bindings, "table", None):  # inside a trace: bind, do not store
                 for v, value in zip(var_list, new_vars, strict=True):
                     v._value = value
@@ -1784,18 +1789,25 @@ class Optimizer:
                     new_iteration,
                     new_captured,
                     # Arrays a hook stored in a plain attribute (a diagnostic such as
-                    # `self.last_norm`): the step's values, set on the optimizer after it.
-                    # Inside a guard's conditional they cannot leave it, and are not kept.
-                    {} if guard is not None else _written_arrays(self),
+                    # `self.last_norm`), of this optimizer or one it holds: the step's values,
+                    # set on them after it. Inside a guard's conditional they cannot leave it,
+                    # and are not kept.
+                    [{} if guard is not None else _written_arrays(o) for o in owners],
                 )
+
+        owners = (self, *self._nested_optimizers())
 
         def step(*args):
             # Attributes the hooks write while traced are not inputs of the step.
-            self.__dict__["_tracing"] = self.__dict__.get("_tracing", 0) + 1
+            for owner in owners:
+                owner.__dict__["_tracing"] = owner.__dict__.get("_tracing", 0) + 1
+                owner.__dict__["_written_now"] = set()  # by this trace
             try:
                 return traced(*args)
             finally:
-                self.__dict__["_tracing"] -= 1
+                for owner in owners:
+                    owner.__dict__["_tracing"] -= 1
+                    owner.__dict__.pop("_written_now", None)
 
         return jax.jit(step, donate_argnums=(0, 2))
 
@@ -2070,7 +2082,9 @@ class Optimizer:
         if "lr" in config:
             config["learning_rate"] = config.pop("lr")
         for key, value in config.items():
-            if key == "learning_rate" and isinstance(value, dict) or _is_schedule_config(value):
+            if (key == "learning_rate" and isinstance(value, dict)) or is_serialized_schedule(
+                value, custom_objects
+            ):
                 config[key] = deserialize_schedule(value, custom_objects=custom_objects)
         return cls(**config)
 
@@ -2332,9 +2346,15 @@ def _called(optimizer: Optimizer, name: str, function: Callable[[], Any]) -> Any
     )
 
 
+def _builtin_hyperparameter_names() -> frozenset[str]:
+    from kopt.optimizers.builtin import _HYPERPARAM_NAMES  # here: builtin imports this module
+
+    return _HYPERPARAM_NAMES
+
+
 def _written_arrays(optimizer: Optimizer) -> dict[str, jax.Array]:
-    """The plain attributes the step's hooks set to arrays while it was traced."""
-    names = sorted(optimizer.__dict__.get("_written_in_trace", ()))
+    """The plain attributes the hooks set to arrays while this step was traced."""
+    names = sorted(optimizer.__dict__.get("_written_now", ()))
     return {n: v for n in names if isinstance(v := optimizer.__dict__.get(n), jax.Array)}
 
 

@@ -103,6 +103,10 @@ class _KerasV2(_SlotDtype, Optimizer):
     slots for bfloat16 variables (default: each variable's dtype).
     """
 
+    # Their updates take the learning rate from `_decayed_lr` (through `_prepare_local`), so a
+    # subclass overriding it changes the step, as in tf.keras.
+    _USES_DECAYED_LR = True
+
     _EPSILON_ATTR = True
 
     def __init__(self, name: str, slot_dtype: Any = None, **kwargs: Any):
@@ -448,6 +452,9 @@ class Nadam(_KerasV2):
         >>> [w.name for w in opt.weights]
         ['Nadam/iter:0', 'Nadam/momentum_cache:0', 'Nadam/Variable/m:0', 'Nadam/Variable/v:0']
     """
+
+    # tf.keras's Nadam reads its learning rate itself, not through `_decayed_lr`.
+    _USES_DECAYED_LR = False
 
     _SLOT_ORDER = ("m", "v")
 
@@ -945,13 +952,13 @@ class _Keras3(_SlotDtype, Optimizer):
         # With accumulation, the clips are part of the twin (they clip the mean).
         return {} if self.gradient_accumulation_steps else self._active_clips()
 
-    def _apply_transformation(self, tx, gv, dynamic, template) -> None:
+    def _apply_transformation(self, tx, gv, dynamic, template, constrain: bool = True) -> None:
         if self.gradient_accumulation_steps:  # the clips' current values, for the twin's state
             clips = {k[5:]: v for k, v in dynamic.items() if k.startswith("clip:")}
             dynamic = {**dynamic, **{"plain:" + k: v for k, v in clips.items()}}
         self.__dict__["_stepped"] = [v for _, v in gv]
         try:
-            super()._apply_transformation(tx, gv, dynamic, template)
+            super()._apply_transformation(tx, gv, dynamic, template, constrain)
         finally:
             del self.__dict__["_stepped"]
 
@@ -1323,7 +1330,15 @@ class TransformationOptimizer(Optimizer):
     # facade keeps those counts as they come out of the step, not from `iterations`.
     _OWN_WRAPPED_COUNTS = True
 
-    def __init__(self, transformation: Any, name: str | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        transformation: Any,
+        name: str | None = None,
+        held: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ):
+        """``held``: values for the hyperparameters it holds, as ``get_config`` stores them (the
+        values set on the optimizer, which the transformation's own may differ from)."""
         if not (
             callable(getattr(transformation, "init", None))
             and callable(getattr(transformation, "update", None))
@@ -1348,6 +1363,13 @@ class TransformationOptimizer(Optimizer):
         )
         for key in sorted(self._held_hyperparams):
             self._set_hyper(key, settable[key])
+        for key, value in (held or {}).items():
+            if key not in self._held_hyperparams:
+                raise TypeError(
+                    f"{self._name}: the wrapped transformation holds no settable `{key}` "
+                    f"(its settable hyperparameters: {sorted(self._held_hyperparams)})"
+                )
+            setattr(self, key, value)
 
     def __setattr__(self, name: str, value: Any) -> None:
         key = "learning_rate" if name == "lr" else name
@@ -1386,7 +1408,8 @@ class TransformationOptimizer(Optimizer):
 
         def read(self):
             if attr in self.__dict__.get("_held_hyperparams", ()):
-                return self._get_hyper(attr)
+                value = self._get_hyper(attr)  # a number, as the clip attributes always are
+                return float(value.numpy()) if isinstance(value, Variable) else value
             return base.fget(self)
 
         return property(read, base.fset, doc=base.__doc__)
@@ -1417,7 +1440,12 @@ class TransformationOptimizer(Optimizer):
         return GradientTransformation(init, wrapped.update)
 
     def get_config(self):
-        return super().get_config()
+        config = super().get_config()
+        if self._held_hyperparams:  # the values set on the optimizer, for a checkpoint
+            config["held"] = {
+                key: self._serialize_hyperparameter(key) for key in sorted(self._held_hyperparams)
+            }
+        return config
 
     @classmethod
     def from_config(cls, config, custom_objects=None):

@@ -286,6 +286,20 @@ def serialize(learning_rate_schedule: LearningRateSchedule) -> dict[str, Any]:
     }
 
 
+def _is_serialized(config: Any, custom_objects: dict[str, Any] | None = None) -> bool:
+    """Whether ``config`` is a serialized schedule: a ``{"class_name", "config"}`` dict naming
+    a schedule class (kopt's, a registered one or one in ``custom_objects``), not another
+    serialized object (an optimizer a wrapper's config holds)."""
+    if not (
+        isinstance(config, dict)
+        and isinstance(config.get("class_name"), str)
+        and isinstance(config.get("config"), dict)
+    ):
+        return False
+    cls = _registry.find_class(config, custom_objects) or _CLASSES.get(config["class_name"])
+    return isinstance(cls, type) and issubclass(cls, LearningRateSchedule)
+
+
 def deserialize(config: dict[str, Any], custom_objects: dict[str, Any] | None = None) -> Any:
     """A schedule from :func:`serialize`'s output (or Keras's; custom classes by name through
     ``custom_objects``).
