@@ -336,12 +336,15 @@ def save_optimizer(
             "numbers or kopt.optimizers.schedules objects for its hyperparameters"
         ) from e
     _check_new(path, overwrite)
-    optimizer._create_all_weights(list(named.values()))  # as the restored one will have them
-    layout = _optimizer_layout(optimizer, named)
-    tree = {
-        "optimizer": [w.value for w in _optimizer_weights(optimizer, named, layout)],
-        "variables": [var.value for var in named.values()],
-    }
+    # Under the optimizer's lock, which each step holds: a step in another thread does not
+    # land between reading the step count, the slots and the variables.
+    with optimizer._lock:
+        optimizer._create_all_weights(list(named.values()))  # as the restored one will have
+        layout = _optimizer_layout(optimizer, named)
+        tree = {
+            "optimizer": [w.value for w in _optimizer_weights(optimizer, named, layout)],
+            "variables": [var.value for var in named.values()],
+        }
     _save_tree(path / STATE_DIR, tree, overwrite)
     # Every process writes the same file: each writes its own copy and renames it into place,
     # so a process that restores at once never reads another's half-written file.
@@ -450,6 +453,11 @@ def restore_optimizer(
             object.__setattr__(inner, name, value)
     order = config["variables"]
     optimizer._create_all_weights([named[name] for name in order])  # the order they were saved in
+    for name, slots in config["layout"].get("slots", {}).items():
+        for slot in slots:
+            # A slot a structural flag made and no longer uses (Adam's `vhat` after `amsgrad`
+            # was switched off again) is kept, as the saved optimizer kept it.
+            optimizer.add_slot(named[name], slot)  # the existing one where there is one
     for inner, saved in zip(_nested(optimizer), config["layout"].get("nested", []), strict=False):
         if saved.get("iterations"):
             _ = inner.iterations  # made on first use: it was there when saved

@@ -415,10 +415,32 @@ def test_a_from_transformation_optimizer_restores_with_its_transformation(tmp_pa
         restore_optimizer(tmp_path / "c", [other])
     np.testing.assert_array_equal(other.numpy(), np.zeros(3))
     restored = restore_optimizer(tmp_path / "c", [other], custom_objects={"transformation": tx})
-    assert restored.get_config() == {"name": "mine", "clipnorm": 2.0}
+    assert restored.get_config() == {
+        "name": "mine",
+        "clipnorm": 2.0,
+        "held": {"global_clipnorm": 1.0},  # the wrapped clip piece's threshold
+    }
     assert int(restored.iterations.numpy()) == 3
     opt.apply_gradients([(grad, var)])
     restored.apply_gradients([(grad, other)])
+    np.testing.assert_array_equal(other.numpy(), var.numpy())
+
+
+def test_a_from_transformation_optimizer_keeps_the_hyperparameters_set_on_it(tmp_path):
+    """The values set as attributes were in neither the config nor the weights: the restored
+    optimizer went on with the transformation's own (0.1, not 0.01)."""
+    tx = kopt.sgd(0.1, momentum=0.9)
+    opt = optimizers.from_transformation(tx)
+    opt.learning_rate, opt.momentum = 0.01, 0.5
+    var = kopt.Variable(jnp.ones(2), name="w")
+    opt.apply_gradients([(jnp.ones(2), var)])
+    save_optimizer(tmp_path / "c", opt, [var])
+    other = kopt.Variable(jnp.zeros(2), name="w")
+    restored = restore_optimizer(tmp_path / "c", [other], custom_objects={"transformation": tx})
+    assert float(restored.learning_rate.numpy()) == pytest.approx(0.01)
+    assert float(restored.momentum.numpy()) == 0.5
+    opt.apply_gradients([(jnp.ones(2), var)])
+    restored.apply_gradients([(jnp.ones(2), other)])
     np.testing.assert_array_equal(other.numpy(), var.numpy())
 
 
@@ -445,3 +467,66 @@ def test_a_wrapper_saved_without_its_held_optimizers_state_still_restores(tmp_pa
         resumed.get_slot(variables[0], "slow").numpy(), opt.get_slot(variables[0], "slow").numpy()
     )
     assert int(resumed.iterations.numpy()) == 2
+
+
+@pytest.mark.parametrize(
+    "make, flag",
+    [(lambda: optimizers.Adam(0.1), "amsgrad"), (lambda: optimizers.RMSprop(0.1), "centered")],
+)
+def test_a_slot_a_flag_made_and_no_longer_uses_restores(tmp_path, make, flag):
+    """Switching a structural flag on then off keeps its slot (as tf.keras); the checkpoint
+    held it, and the restored optimizer, built from the config with the flag off, refused the
+    layout. Then the flag back on continues from the kept slot, as it would have."""
+    opt, var = make(), kopt.Variable([1.0, 2.0], name="w")
+    grads = [jnp.array([1.0, -2.0]), jnp.array([0.5, 0.5]), jnp.array([-1.0, 3.0])]
+    setattr(opt, flag, True)
+    opt.apply_gradients([(grads[0], var)])
+    setattr(opt, flag, False)
+    opt.apply_gradients([(grads[1], var)])
+    save_optimizer(tmp_path / "c", opt, [var])
+    other = kopt.Variable(jnp.zeros(2), name="w")
+    restored = restore_optimizer(tmp_path / "c", [other])
+    assert restored.get_slot_names() == opt.get_slot_names()
+    for o in (opt, restored):
+        setattr(o, flag, True)
+    opt.apply_gradients([(grads[2], var)])
+    restored.apply_gradients([(grads[2], other)])
+    np.testing.assert_array_equal(other.numpy(), var.numpy())
+
+
+_SAVES = 24
+
+
+def test_a_checkpoint_taken_while_another_thread_steps_is_one_step(tmp_path):
+    """save_optimizer read the step count, the slots and the variables without the lock each
+    step holds: some checkpoints had the variable a step ahead of `iterations`."""
+    import threading
+
+    # Momentum 0.5 on a gradient of 1: m -> 0.5 m - 1 (towards -2), w -> w + m, in float32.
+    m, w, after = np.float32(0.0), np.float32(0.0), [0.0]
+    for _ in range(200_000):
+        m = np.float32(np.float32(0.5) * m - np.float32(1.0))
+        w = np.float32(w + m)
+        after.append(float(w))
+    var = kopt.Variable(np.zeros(4, np.float32), name="w")
+    opt = optimizers.SGD(1.0, momentum=0.5)
+    stop = threading.Event()
+
+    def train():
+        while not stop.is_set() and int(opt.iterations.numpy()) < len(after) - 100:
+            opt.apply_gradients([(jnp.ones(4), var)])
+
+    opt.apply_gradients([(jnp.ones(4), var)])
+    worker = threading.Thread(target=train)
+    worker.start()
+    try:
+        for i in range(_SAVES):
+            save_optimizer(tmp_path / f"c{i}", opt, [var])
+            restored_var = kopt.Variable(jnp.zeros(4), name="w")
+            restored = restore_optimizer(tmp_path / f"c{i}", [restored_var])
+            n = int(restored.iterations.numpy())
+            # A step more or less would be 2 away.
+            np.testing.assert_allclose(restored_var.numpy(), after[n], atol=0.5, err_msg=f"{i}")
+    finally:
+        stop.set()
+        worker.join()

@@ -370,6 +370,32 @@ def test_constraint_runs_after_the_dense_update():
     np.testing.assert_allclose(v.numpy(), [0.5, -0.5])
 
 
+@pytest.mark.parametrize("custom", [False, True], ids=["builtin", "custom-hooks"])
+def test_a_constraint_gets_an_array_and_must_keep_the_shape(custom):
+    """It was given the kopt.Variable, which jax.lax functions refuse (API.md: "any callable
+    array -> array"); one returning another shape changed the variable's shape silently."""
+
+    class HookSGD(optimizers.Optimizer):
+        def __init__(self, learning_rate=0.1, name="HookSGD"):
+            super().__init__(name)
+            self._set_hyper("learning_rate", learning_rate)
+
+        def _resource_apply_dense(self, grad, var, apply_state=None):
+            var.assign_sub(self._decayed_lr(var.dtype) * grad)
+
+    make = HookSGD if custom else (lambda: optimizers.SGD(0.1))
+    w = kopt.Variable([1.0, -1.0, 2.0], constraint=lambda x: jax.lax.clamp(0.0, x, 1.0))
+    make().apply_gradients([(jnp.ones(3), w)])
+    np.testing.assert_allclose(w.numpy(), [0.9, 0.0, 1.0], rtol=1e-6)
+    a = kopt.Variable([[1.0, 2.0]], constraint=lambda x: x[:, :1], name="a")
+    opt = make()
+    with pytest.raises(ValueError, match=r"constraint of a:0 .*\(1, 1\).*\(1, 2\)"):
+        opt.apply_gradients([(jnp.ones((1, 2)), a)])
+    assert a.shape == (1, 2)
+    np.testing.assert_array_equal(a.numpy(), [[1.0, 2.0]])
+    assert int(opt.iterations.numpy()) == 0
+
+
 def test_sparse_gradient_with_a_constraint_is_refused_and_changes_nothing():
     table = kopt.Variable(np.ones((4, 2), np.float32), constraint=constraints.NonNeg())
     opt = optimizers.Adam(learning_rate=0.1)

@@ -67,3 +67,19 @@ def test_centered_rmsprop_with_rho_zero_divides_by_epsilon_under_jit(momentum):
     var = kopt.Variable(np.zeros(64, np.float32))
     opt.apply_gradients([(g, var)])
     np.testing.assert_allclose(var.numpy(), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("attr", ["clipnorm", "clipvalue", "global_clipnorm"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("cls", [optimizers.Adam, optimizers.AdamW])
+def test_facade_refuses_a_clip_threshold_that_is_not_finite(cls, attr, value):
+    """A NaN or infinite threshold was taken, and the next step made every weight NaN."""
+    with pytest.raises(ValueError, match=attr):
+        cls(0.1, **{attr: value})
+    opt = cls(0.1, **{attr: 1.0})
+    var = kopt.Variable([1.0, 2.0])
+    with pytest.raises(ValueError, match=attr):
+        setattr(opt, attr, value)
+    assert getattr(opt, attr) == 1.0
+    opt.apply_gradients([(jnp.ones(2), var)])
+    assert np.all(np.isfinite(var.numpy()))

@@ -560,7 +560,12 @@ class Optimizer:
             )
         if value is not None:
             _check_number(type(self).__name__, attr, value, allow_callable=False)
-            if float(np.asarray(value)) < 0:
+            number = float(np.asarray(value))
+            if not np.isfinite(number):  # NaN or infinite: every weight NaN at the next step
+                raise ValueError(
+                    f"{type(self).__name__}: `{attr}` must be finite, received {value}"
+                )
+            if number < 0:
                 raise ValueError(f"Expected {attr} >= 0, received: {value}")
         object.__setattr__(self, "_" + attr, value)
 
@@ -1864,7 +1869,7 @@ class Optimizer:
                     kwargs["apply_state"] = apply_state
                 self._resource_apply_dense(g, v, **kwargs)
                 if v.constraint is not None:
-                    v.assign(v.constraint(v))
+                    v._value = _constrained(v)
 
     def _apply_transformation(self, tx, gv, dynamic, template, constrain: bool = True) -> None:
         var_list = [v for _, v in gv]
@@ -1907,7 +1912,7 @@ class Optimizer:
         for i, v in enumerate(var_list):
             v._value = new_params[i]
             if constrain and v.constraint is not None and not isinstance(grads[i], IndexedSlices):
-                v._value = jnp.asarray(v.constraint(v)).astype(v.dtype)
+                v._value = _constrained(v)
             for name, values in per_var.items():
                 if values[i] is not None:
                     self._slots[v._uid][name]._value = values[i]
@@ -2344,6 +2349,22 @@ def _called(optimizer: Optimizer, name: str, function: Callable[[], Any]) -> Any
         + ("" if shape is None else f" of shape {shape}")
         + f": {value!r:.60}"
     )
+
+
+def _constrained(v: Variable) -> jax.Array:
+    """``v``'s constraint applied to its value (an array, as the contract has it: ``jax.lax``
+    functions take no variable).
+
+    Raises:
+        ValueError: naming the variable, if the constraint returns another shape.
+    """
+    out = jnp.asarray(v.constraint(v.value))
+    if out.shape != v.shape:
+        raise ValueError(
+            f"the constraint of {v.name} returned a value of shape {out.shape}, expected the "
+            f"variable's shape {v.shape}"
+        )
+    return out.astype(v.dtype)
 
 
 def _builtin_hyperparameter_names() -> frozenset[str]:
