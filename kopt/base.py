@@ -141,6 +141,19 @@ def identity() -> GradientTransformation:
     return GradientTransformation(init_fn, update_fn)
 
 
+def check_transformation(owner: str, name: str, value: Any) -> None:
+    """Raises a TypeError naming ``owner`` and argument ``name`` unless ``value`` is a
+    transformation (an object with ``init`` and ``update``: kopt's or optax's). A factory passed
+    in place of the transformation it makes (``kopt.sgd`` for ``kopt.sgd(0.1)``) is named so."""
+    if callable(getattr(value, "init", None)) and callable(getattr(value, "update", None)):
+        return
+    hint = " (a function: call it to make the transformation)" if callable(value) else ""
+    raise TypeError(
+        f"{owner}: {name} must be a transformation with init and update, received "
+        f"{type(value).__name__}: {value!r:.80}{hint}"
+    )
+
+
 def chain(*transformations: Any) -> GradientTransformation:
     """Composes transformations left to right; kopt and optax pieces mix freely.
 
@@ -161,11 +174,7 @@ def chain(*transformations: Any) -> GradientTransformation:
         Array([-0.5,  0.1], dtype=float32)
     """
     for i, t in enumerate(transformations):
-        if not (callable(getattr(t, "init", None)) and callable(getattr(t, "update", None))):
-            raise TypeError(
-                f"chain: argument {i} must be a transformation with init and update, "
-                f"received {type(t).__name__}: {t!r:.80}"
-            )
+        check_transformation("chain", f"argument {i}", t)
     inits = tuple(t.init for t in transformations)
     updates_fns = tuple(extra_args_update(t) for t in transformations)
 

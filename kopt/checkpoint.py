@@ -15,7 +15,11 @@ process too. Sharded arrays are saved shard by shard and restored with the shard
 target (the given state, or the variables' values); a leaf of the target that is not committed to
 a device comes back uncommitted. An optimizer's own ``gradient_aggregator`` and
 ``gradient_transformers`` are functions, which a checkpoint cannot store: ``save_optimizer``
-records that they were set, and ``restore_optimizer`` refuses to go on without them.
+records that they were set, and ``restore_optimizer`` refuses to go on without them. Variables
+that are not the optimizer's weights (one a custom optimizer keeps in a plain attribute, one a
+schedule reads) are yours: save and restore them with your model's variables. Likewise the
+variables excluded from weight decay (``exclude_from_weight_decay``), which are named again
+on the restored optimizer.
 
 Orbax must be installed (``pip install orbax-checkpoint``; it is in kopt's ``test`` extra).
 """

@@ -396,7 +396,7 @@ class Variable:
     ) -> Variable:
         """Adds ``delta`` to the value, atomically (no concurrent update, another thread's
         ``assign_add`` or an optimizer step, is lost); returns the variable."""
-        delta = jnp.asarray(_value_of(delta))
+        delta = self._delta(delta, "assign_add")
         with donation_lock:
             return self.assign(self._value + self._beside(delta))
 
@@ -404,9 +404,28 @@ class Variable:
         self, delta: Any, use_locking: Any = None, name: Any = None, read_value: bool = True
     ) -> Variable:
         """Subtracts ``delta`` from the value, atomically; returns the variable."""
-        delta = jnp.asarray(_value_of(delta))
+        delta = self._delta(delta, "assign_sub")
         with donation_lock:
             return self.assign(self._value - self._beside(delta))
+
+    def _delta(self, delta: Any, method: str) -> jax.Array:
+        """``delta`` as an array that broadcasts to the variable's shape.
+
+        Raises:
+            ValueError: naming the variable and the shape given, if it does not.
+        """
+        delta = jnp.asarray(_value_of(delta))
+        shape = tuple(delta.shape)
+        try:
+            fits = jnp.broadcast_shapes(shape, self.shape) == self.shape
+        except ValueError:
+            fits = False
+        if not fits:
+            raise ValueError(
+                f"Variable {self.name}: cannot {method} a value of shape {shape} to a variable "
+                f"of shape {self.shape}"
+            )
+        return delta
 
     def _beside(self, delta: jax.Array) -> jax.Array:
         """``delta`` placed as the value is, where it is committed elsewhere (split otherwise,

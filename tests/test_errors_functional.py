@@ -475,3 +475,26 @@ def test_apply_updates_names_updates_that_do_not_match_the_params(updates, culpr
     out = kopt.apply_updates({"w": jnp.ones(2), "b": None}, {"w": None, "b": jnp.ones(1)})
     np.testing.assert_array_equal(out["w"], [1.0, 1.0])
     assert out["b"] is None
+
+
+@pytest.mark.parametrize(
+    "build, named",
+    [
+        (lambda: kopt.accumulate_gradients(kopt.sgd, 2), "accumulate_gradients: `transformation`"),
+        (lambda: kopt.apply_if_finite(None, 2), "apply_if_finite: `transformation`"),
+        (lambda: kopt.masked(kopt.adam, {"w": True}), "masked: `transformation`"),
+        (
+            lambda: kopt.decoupled_weight_decay(kopt.lion, 0.1),
+            "decoupled_weight_decay: `inner`",
+        ),
+        (
+            lambda: kopt.multi_transform({"a": kopt.sgd}, {"w": "a"}),
+            r"multi_transform: `transformations\['a'\]`",
+        ),
+    ],
+)
+def test_wrappers_name_an_argument_that_is_not_a_transformation(build, named):
+    """They raised AttributeError ('function' object has no attribute 'update'), at init or at
+    the first update; a factory passed for what it makes is named as such."""
+    with pytest.raises(TypeError, match=named + " must be a transformation"):
+        build()

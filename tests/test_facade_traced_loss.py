@@ -374,3 +374,16 @@ def test_a_callable_var_list_built_by_the_loss_keeps_one_steps_assignments():
             layer.moving_mean.numpy(), 2.0 * (1 - 0.9 ** (step + 1)), rtol=1e-6
         )
         assert int(opt.iterations.numpy()) == step + 1
+
+
+def test_an_integer_loss_is_refused_and_changes_nothing():
+    """Its gradients came out as zeros and the step was taken (Adam moved the variable);
+    tf.keras raises "No gradients provided for any variable"."""
+    a = kopt.Variable([0.9, 1.5], name="a")
+    opt = optimizers.Adam(0.1)
+    opt.minimize(lambda: jnp.sum(a * a), [a])
+    before = a.numpy()
+    with pytest.raises(ValueError, match="loss has dtype int32.*No gradients"):
+        opt.minimize(lambda: jnp.sum(a).astype(jnp.int32), [a])
+    np.testing.assert_array_equal(a.numpy(), before)
+    assert int(opt.iterations.numpy()) == 1

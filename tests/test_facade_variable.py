@@ -2,6 +2,7 @@
 
 import copy
 import pickle
+import re
 
 import jax
 import jax.numpy as jnp
@@ -491,3 +492,18 @@ def test_np_array_of_a_variable_is_a_writable_copy():
     b = np.array(v, dtype=np.float64)
     b[1] = 5.0
     assert b.dtype == np.float64
+
+
+@pytest.mark.parametrize("method", ["assign_add", "assign_sub"])
+def test_assign_add_of_a_shape_that_does_not_fit_names_the_variable(method):
+    """It raised JAX's broadcasting error, or named the broadcast shape (2, 2), not the one
+    given; a scalar still broadcasts."""
+    v = kopt.Variable([1.0, 2.0], name="v")
+    for shape in [(3,), (2, 1)]:
+        with pytest.raises(
+            ValueError, match=f"v:0: cannot {method} a value of shape " + re.escape(str(shape))
+        ):
+            getattr(v, method)(jnp.ones(shape))
+    np.testing.assert_array_equal(v.numpy(), [1.0, 2.0])
+    getattr(v, method)(1.0)
+    np.testing.assert_array_equal(v.numpy(), [2.0, 3.0] if method == "assign_add" else [0.0, 1.0])

@@ -485,3 +485,22 @@ def test_unscaling_gradients_that_live_on_different_devices():
     assert unscaled[1] is None
     np.testing.assert_array_equal(unscaled[2], 2.0)
     assert list(unscaled[2].devices()) == [d1]
+
+
+def test_loss_scale_set_weights_saturates_the_count_and_refuses_a_bad_scale():
+    """A step count past int32 (a long tf.keras run's) was refused by the wrapper where its
+    inner optimizer saturates it; a NaN, zero or negative loss scale was taken, and every
+    later step was skipped without a word."""
+    var = kopt.Variable([1.0, 2.0])
+    opt = optimizers.LossScaleOptimizer(optimizers.Adam(0.1))
+    opt.apply_gradients([(jnp.ones(2), var)])
+    weights = opt.get_weights()
+    weights[0] = np.int64(2**31 + 5)
+    opt.set_weights(weights)
+    assert int(opt.iterations.numpy()) == 2**31 - 1
+    for bad in (float("nan"), 0.0, -4.0, float("inf")):
+        weights = opt.get_weights()
+        weights[-2] = np.float32(bad)
+        with pytest.raises(ValueError, match="loss scale .*current_loss_scale"):
+            opt.set_weights(weights)
+    assert float(opt.loss_scale.numpy()) == 2.0**15

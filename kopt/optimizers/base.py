@@ -670,8 +670,10 @@ class Optimizer:
                         f"Optimizer weight shape {p.shape} not compatible with provided weight "
                         f"shape {shape} (weight {p.name})."
                     )
-                if p is self._iterations:
+                if p is self.iterations:  # a wrapper's is its inner optimizer's
                     w = _saturated_count(w)
+                elif any(p is scale for scale in self._guarded_scales()):
+                    _check_loss_scale(w, p.name)
                 elif jnp.issubdtype(p.dtype, jnp.integer):
                     _check_integral(w, p.dtype, p.name)
                 try:
@@ -682,6 +684,10 @@ class Optimizer:
                     ) from e
             for p, w in zip(params, arrays, strict=True):
                 p.assign(w)
+
+    def _guarded_scales(self) -> tuple[Variable, ...]:
+        """A LossScaleOptimizer's loss scale (none here)."""
+        return ()
 
     def add_weight(
         self,
@@ -2276,13 +2282,28 @@ def _loss_array(loss: Any) -> jax.Array:
     as tf.keras's tape differentiates several targets: stacked where they have one shape and
     dtype (so a ``grad_loss`` may weigh each), summed otherwise."""
     if not isinstance(loss, (list, tuple, dict)):
-        return jnp.asarray(loss)
-    parts = [jnp.asarray(x) for x in jax.tree.leaves(loss)]
+        return _inexact_loss(jnp.asarray(loss))
+    parts = [_inexact_loss(jnp.asarray(x)) for x in jax.tree.leaves(loss)]
     if not parts:
         raise ValueError(f"minimize: the loss returned an empty {type(loss).__name__}")
     if all(p.shape == parts[0].shape and p.dtype == parts[0].dtype for p in parts):
         return jnp.stack(parts)
     return sum(jnp.sum(p) for p in parts)
+
+
+def _inexact_loss(loss: jax.Array) -> jax.Array:
+    """``loss``, which must be a floating-point (or complex) value to have gradients.
+
+    Raises:
+        ValueError: for an integer or bool loss, whose gradients would be zeros (tf.keras:
+            "No gradients provided for any variable").
+    """
+    if not jnp.issubdtype(loss.dtype, jnp.inexact):
+        raise ValueError(
+            f"minimize: the loss has dtype {loss.dtype}, which has no gradients (No gradients "
+            "provided for any variable); compute it in floating point"
+        )
+    return loss
 
 
 def _variable_list(var_list: Any) -> list[Variable]:
@@ -2349,6 +2370,22 @@ def _called(optimizer: Optimizer, name: str, function: Callable[[], Any]) -> Any
         + ("" if shape is None else f" of shape {shape}")
         + f": {value!r:.60}"
     )
+
+
+def _check_loss_scale(value: Any, name: str) -> None:
+    """A loss scale set through ``set_weights``: finite and > 0, as the constructor has it.
+
+    Raises:
+        ValueError: naming the weight.
+    """
+    try:
+        number = float(np.asarray(value))
+    except (TypeError, ValueError):
+        return  # not a number: the conversion below names it
+    if not np.isfinite(number) or number <= 0:
+        raise ValueError(
+            f"set_weights: the loss scale {name} must be finite and > 0, received {value}"
+        )
 
 
 def _constrained(v: Variable) -> jax.Array:

@@ -254,6 +254,9 @@ class LossScaleOptimizer(Optimizer):
     def weights(self):
         return self._optimizer.weights + [self._loss_scale, self._good_steps]
 
+    def _guarded_scales(self):
+        return (self._loss_scale,)
+
     def variables(self):
         return self.weights
 

@@ -13,6 +13,7 @@ from kopt.base import (
     OptimizerState,
     check_hyperparam,
     check_state,
+    check_transformation,
     current_hyperparams,
     extra_args_update,
     init_hyperparams,
@@ -67,6 +68,7 @@ def decoupled_weight_decay(
         >>> kopt.apply_updates(w, u)  # 2 - 2 * 0.1 * 0.5, then Lion's -0.5 * sign(g)
         Array([1.9, 1.4], dtype=float32)
     """
+    check_transformation("decoupled_weight_decay", "`inner`", inner)
     owner = "decoupled_weight_decay"
     check_hyperparam(owner, "weight_decay", weight_decay)
     check_hyperparam(owner, "learning_rate", learning_rate)

@@ -27,6 +27,7 @@ from kopt.base import (
     check_hyperparam,
     check_slot_dtype,
     check_state,
+    check_transformation,
     extra_args_update,
     init_hyperparams,
     safe_increment,
@@ -204,6 +205,7 @@ def masked(
         >>> u["w"], u["b"]
         (Array([0.5, 0.5], dtype=float32), Array([0., 0.], dtype=float32))
     """
+    check_transformation("masked", "`transformation`", transformation)
     if mask is None:
         raise ValueError(
             "masked: `mask` is None; expected a pytree of bools shaped like the params (or a "
@@ -283,6 +285,13 @@ def multi_transform(
         >>> float(u["w"][0]), round(float(u["b"][0]), 6)
         (-1.0, -0.1)
     """
+    if not isinstance(transformations, Mapping):
+        raise TypeError(
+            "multi_transform: `transformations` must map labels to transformations, received "
+            f"{type(transformations).__name__}"
+        )
+    for label, t in transformations.items():
+        check_transformation("multi_transform", f"`transformations[{label!r}]`", t)
     if labels is None:
         raise ValueError(
             "multi_transform: `labels` is None; expected a pytree of labels shaped like the "
@@ -391,6 +400,7 @@ def accumulate_gradients(
         >>> float(u1[0]), float(u2[0])
         (0.0, -2.0)
     """
+    check_transformation("accumulate_gradients", "`transformation`", transformation)
     every_k = check_count("accumulate_gradients", "every_k", every_k, 1)
     if reduction not in ("mean", "sum"):
         raise ValueError(
@@ -612,6 +622,7 @@ def apply_if_finite(
         >>> u, int(s.total_notfinite)
         (Array([0., 0.], dtype=float32), 1)
     """
+    check_transformation("apply_if_finite", "`transformation`", transformation)
     max_consecutive_errors = check_count(
         "apply_if_finite", "max_consecutive_errors", max_consecutive_errors, 0
     )
