@@ -1259,7 +1259,9 @@ class Optimizer:
             yield
         except (RuntimeError, ValueError) as err:
             named = None
-            if isinstance(err, RuntimeError) and "deleted" in str(err):
+            # JAX says so with a RuntimeError ("Array has been deleted"), or, from a program
+            # it has compiled already, a ValueError ("Buffer has been deleted or donated").
+            if "deleted" in str(err):
                 state = [self._iterations] if self._iterations is not None else []
                 named = variables_module.deleted_error(
                     where, var_list + state + self._state_variables(var_list)
