@@ -53,6 +53,19 @@ def gradients(steps, seed=0):
     ]
 
 
+def learning_rates_used(opt, steps, before_step=lambda step: None):
+    """The learning rate each of ``steps`` steps of the SGD ``opt`` used (a gradient of 1 on
+    a scalar), calling ``before_step(step)`` first (to assign a variable, say)."""
+    var = kopt.Variable(0.0)
+    used = []
+    for step in range(steps):
+        before_step(step)
+        before = float(var.numpy())
+        opt.apply_gradients([(jnp.float32(1.0), var)])
+        used.append(before - float(var.numpy()))
+    return used
+
+
 class NormTracker(optimizers.Optimizer):
     """A custom optimizer written the tf.keras way with non-slot weights (``add_weight``): one
     its hook updates (an EMA of the gradient norm) and one it only reads (a multiplier the user

@@ -5,7 +5,7 @@ contract, and the error a hook gets for a Python ``if`` on a traced value."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from facade_zoo import Lookahead
+from facade_zoo import Lookahead, learning_rates_used
 from numpy_reference import adam as numpy_adam
 
 import kopt
@@ -457,14 +457,7 @@ def test_a_schedule_reading_a_variable_follows_its_assignments():
 
     scale = kopt.Variable(1.0)
     opt = optimizers.SGD(learning_rate=ScaledDecay(0.1, scale))
-    var = kopt.Variable(0.0)
-    used = []
-    for step in range(4):
-        if step == 2:
-            scale.assign(4.0)
-        before = float(var.numpy())
-        opt.apply_gradients([(jnp.float32(1.0), var)])
-        used.append(before - float(var.numpy()))
+    used = learning_rates_used(opt, 4, lambda step: step == 2 and scale.assign(4.0))
     np.testing.assert_allclose(used, [0.1, 0.1, 0.2, 0.2], rtol=1e-6)
     assert opt.compile_count == 1
 
