@@ -211,7 +211,15 @@ def _optimizer_layout(optimizer: Any, variables: dict[str, Any]) -> dict[str, An
         for slot in names
     }
     iterations = optimizer.iterations
-    other = [w.name for w in optimizer.weights if id(w) not in in_slots and w is not iterations]
+    # Slots of variables not saved (a frozen layer left out) are left out, not taken for other
+    # weights: the restored optimizer, built for the saved variables only, has none of them.
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    any_slot = {id(slot) for slots in inner._slots.values() for slot in slots.values()}
+    other = [
+        w.name
+        for w in optimizer.weights
+        if id(w) not in in_slots and id(w) not in any_slot and w is not iterations
+    ]
     layout = {"slots": slots, "other": other}
     added = _added_weights(optimizer)
     if added:  # a custom optimizer's add_weight weights: not in `weights`, but its state

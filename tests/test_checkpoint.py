@@ -530,3 +530,24 @@ def test_a_checkpoint_taken_while_another_thread_steps_is_one_step(tmp_path):
     finally:
         stop.set()
         worker.join()
+
+
+def test_a_checkpoint_of_some_of_the_trained_variables_restores_for_those(tmp_path):
+    """Saving only `w` (a frozen `b` left out) filed `b`'s slots as other weights, and no call
+    restored the checkpoint: with `[w]` the layout did not match, with `[w, b]` the variables
+    did not."""
+    w, b = kopt.Variable([1.0, 2.0], name="w"), kopt.Variable([0.5], name="b")
+    opt = optimizers.Adam(0.1)
+    for _ in range(3):
+        opt.apply_gradients([(jnp.array([1.0, -2.0]), w), (jnp.ones(1), b)])
+    save_optimizer(tmp_path / "c", opt, [w])
+    other = kopt.Variable(jnp.zeros(2), name="w")
+    restored = restore_optimizer(tmp_path / "c", [other])
+    np.testing.assert_array_equal(
+        restored.get_slot(other, "v").numpy(), opt.get_slot(w, "v").numpy()
+    )
+    opt.apply_gradients([(jnp.array([0.5, 0.5]), w)])
+    restored.apply_gradients([(jnp.array([0.5, 0.5]), other)])
+    np.testing.assert_array_equal(other.numpy(), w.numpy())
+    with pytest.raises(ValueError, match=r"checkpoint has variables \['w:0'\]"):
+        restore_optimizer(tmp_path / "c", [kopt.Variable([0.0, 0.0], name="w"), b])
