@@ -286,6 +286,12 @@ def serialize(learning_rate_schedule: LearningRateSchedule) -> dict[str, Any]:
     }
 
 
+def _named_class(config: dict[str, Any], custom_objects: dict[str, Any] | None) -> Any:
+    """The class a serialized schedule names (registered, in ``custom_objects``, or kopt's), or
+    None."""
+    return _registry.find_class(config, custom_objects) or _CLASSES.get(config["class_name"])
+
+
 def _is_serialized(config: Any, custom_objects: dict[str, Any] | None = None) -> bool:
     """Whether ``config`` is a serialized schedule: a ``{"class_name", "config"}`` dict naming
     a schedule class (kopt's, a registered one or one in ``custom_objects``), not another
@@ -296,7 +302,7 @@ def _is_serialized(config: Any, custom_objects: dict[str, Any] | None = None) ->
         and isinstance(config.get("config"), dict)
     ):
         return False
-    cls = _registry.find_class(config, custom_objects) or _CLASSES.get(config["class_name"])
+    cls = _named_class(config, custom_objects)
     return isinstance(cls, type) and issubclass(cls, LearningRateSchedule)
 
 
@@ -313,7 +319,7 @@ def deserialize(config: dict[str, Any], custom_objects: dict[str, Any] | None = 
             f"{config!r:.80}"
         )
     name = config["class_name"]
-    cls = _registry.find_class(config, custom_objects) or _CLASSES.get(name)
+    cls = _named_class(config, custom_objects)
     if cls is None:
         raise ValueError(
             f"Unknown decay: {name!r}. Known schedules are {sorted(_CLASSES)}; pass your own "
