@@ -438,6 +438,9 @@ def test_from_transformation_refuses_a_hyperparameter_it_cannot_hold(
     weights = opt.get_weights()
     with pytest.raises(AttributeError, match=f"`learning_rate`.*{why}"):
         setattr(opt, attribute, 0.5)
+    with pytest.raises(AttributeError, match=f"`learning_rate`.*{why}"):
+        getattr(opt, attribute)  # nor read: it has no one value
+    assert not hasattr(opt, attribute)
     assert "learning_rate" not in vars(opt)
     for w, before in zip(opt.get_weights(), weights, strict=True):
         np.testing.assert_array_equal(w, before)

@@ -1371,6 +1371,16 @@ class TransformationOptimizer(Optimizer):
                 )
             setattr(self, key, value)
 
+    def __getattr__(self, name: str) -> Any:
+        key = "learning_rate" if name == "lr" else name
+        why = self.__dict__.get("_fixed_hyperparams", {}).get(key)
+        if why is not None:
+            raise AttributeError(
+                f"{self._name}: `{key}` of the wrapped transformation is not held by the "
+                f"optimizer ({why}), so it has no one value to read here"
+            )
+        return super().__getattr__(name)
+
     def __setattr__(self, name: str, value: Any) -> None:
         key = "learning_rate" if name == "lr" else name
         fixed = self.__dict__.get("_fixed_hyperparams", {})
