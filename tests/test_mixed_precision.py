@@ -504,3 +504,21 @@ def test_loss_scale_set_weights_saturates_the_count_and_refuses_a_bad_scale():
         with pytest.raises(ValueError, match="loss scale .*current_loss_scale"):
             opt.set_weights(weights)
     assert float(opt.loss_scale.numpy()) == 2.0**15
+
+
+def test_loss_scale_counts_the_programs_its_steps_compile():
+    """``compile_count`` of the wrapper is the inner optimizer's, which compiles its steps:
+    skipped steps, a moved scale and a changed learning rate reuse the one program."""
+    inner = optimizers.Adam(0.1)
+    opt = optimizers.LossScaleOptimizer(inner)
+    var = kopt.Variable([1.0, 2.0])
+    for grad in ([1.0, 2.0], [np.inf, 1.0], [0.5, 0.5]):
+        opt.apply_gradients([(jnp.asarray(grad), var)])
+    opt.learning_rate = 0.3
+    opt.minimize(lambda: jnp.sum(var.value**2), [var])
+    assert float(opt.loss_scale.numpy()) == 2.0**14  # the skipped step moved it
+    assert opt.compile_count == inner.compile_count == 1
+    opt.compile_count = 0  # reset through the wrapper, as a test between phases would
+    assert inner.compile_count == 0
+    opt.apply_gradients([(jnp.ones(1), kopt.Variable([1.0]))])  # a new structure compiles
+    assert opt.compile_count == 1

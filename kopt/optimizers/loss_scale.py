@@ -125,6 +125,17 @@ class LossScaleOptimizer(Optimizer):
         return self._optimizer
 
     @property
+    def compile_count(self) -> int:
+        """The programs compiled for this optimizer's steps: the inner optimizer's count, as
+        the inner optimizer compiles and runs them."""
+        return self._optimizer.compile_count
+
+    @compile_count.setter
+    def compile_count(self, value: int) -> None:
+        if "_optimizer" in self.__dict__:  # the base class's zero, set before there is one
+            self._optimizer.compile_count = value
+
+    @property
     def loss_scale(self) -> Variable:
         """The current loss scale (a float32 scalar variable)."""
         return self._loss_scale
