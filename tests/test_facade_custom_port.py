@@ -681,3 +681,67 @@ def test_a_builtin_subclass_may_have_an_infinite_hyperparameter_of_its_own():
     assert float(ClippedAdam()._get_hyper("max_norm").numpy()) == float("inf")
     with pytest.raises(ValueError, match="beta_1"):
         ClippedAdam(beta_1=float("inf"))
+
+
+class LazyAdagrad(optimizers.Optimizer):
+    """tf.keras style with its slot made on first use, inside the hooks (tf.keras's lazily
+    made slots), and the gradient's sum kept in an attribute written before the slot is."""
+
+    def __init__(self, learning_rate=0.1, name="LazyAdagrad", **kwargs):
+        super().__init__(name, **kwargs)
+        self._set_hyper("learning_rate", learning_rate)
+
+    def _create_slots(self, var_list):
+        pass
+
+    def _resource_apply_dense(self, grad, var, apply_state=None):
+        self.last_sum = jnp.sum(grad)
+        acc = self.add_slot(var, "acc", initializer=0.5, shape=var.shape)
+        acc.assign_add(grad * grad)
+        return var.assign_sub(self._get_hyper("learning_rate") * grad / jnp.sqrt(acc.value))
+
+    def _resource_apply_sparse(self, grad, var, indices, apply_state=None):
+        acc = self.add_slot(var, "acc", initializer=lambda shape, dtype: jnp.ones(shape, dtype))
+        rows = self._resource_scatter_add(acc, indices, grad * grad)[indices]
+        lr = self._get_hyper("learning_rate")
+        return self._resource_scatter_add(var, indices, -lr * grad / jnp.sqrt(rows))
+
+    def get_config(self):
+        return super().get_config()
+
+
+def test_a_slot_made_inside_a_hook_trains_as_in_tf_keras():
+    """The step is traced again with the new slot among its inputs: one program per
+    structure, the slot holds the step's values, and so does an attribute the hook set."""
+    opt = LazyAdagrad()
+    v, w = kopt.Variable([1.0, 2.0]), kopt.Variable([[1.0], [2.0], [3.0]])
+    grads = [np.array([0.5, -1.0], np.float32), np.array([1.5, 0.25], np.float32)]
+    acc = np.full(2, 0.5, np.float32)
+    expected = np.array([1.0, 2.0], np.float32)
+    for g in grads:
+        opt.apply_gradients([(jnp.asarray(g), v)])
+        acc = acc + g * g
+        expected = expected - 0.1 * g / np.sqrt(acc)
+    np.testing.assert_allclose(v.numpy(), expected, rtol=1e-6)
+    np.testing.assert_allclose(opt.get_slot(v, "acc").numpy(), acc, rtol=1e-6)
+    assert float(opt.last_sum) == 1.75  # the last step's, not a traced value
+    assert opt.compile_count == 1 and opt.get_slot_names() == ["acc"]
+    opt.apply_gradients([(kopt.IndexedSlices(jnp.array([[2.0]]), jnp.array([1])), w)])
+    np.testing.assert_allclose(opt.get_slot(w, "acc").numpy(), [[1.0], [5.0], [1.0]])
+    np.testing.assert_allclose(w.numpy(), [[1.0], [2.0 - 0.2 / np.sqrt(5.0)], [3.0]], rtol=1e-6)
+    assert [x.shape for x in opt.get_weights()] == [(), (2,), (3, 1)]
+    assert int(opt.iterations.numpy()) == 3 and opt.compile_count == 2
+
+
+class SlotFromTheGradient(LazyAdagrad):
+    def _resource_apply_dense(self, grad, var, apply_state=None):
+        acc = self.add_slot(var, "acc", initializer=grad * grad)  # known only in the step
+        return var.assign_sub(self._get_hyper("learning_rate") * grad / jnp.sqrt(acc.value))
+
+
+def test_a_slot_made_inside_a_hook_from_a_value_of_the_step_is_refused():
+    opt, v = SlotFromTheGradient(), kopt.Variable([1.0, 2.0])
+    with pytest.raises(TypeError, match="'acc' of .* inside the step.*_create_slots"):
+        opt.apply_gradients([(jnp.ones(2), v)])
+    np.testing.assert_array_equal(v.numpy(), [1.0, 2.0])
+    assert opt.weights == [] and "last_sum" not in vars(opt)

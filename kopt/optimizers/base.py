@@ -398,10 +398,13 @@ class Optimizer:
         ):
             self._set_checked_attribute(name, value)
         else:
-            if name[0] != "_" and "_init_depth" not in self.__dict__:
+            if name[0] != "_" and name != "compile_count" and "_init_depth" not in self.__dict__:
                 if self.__dict__.get("_tracing"):
                     self.__dict__.setdefault("_written_in_trace", set()).add(name)
                     self.__dict__.setdefault("_written_now", set()).add(name)
+                    # What it held before this trace, put back if the trace fails.
+                    before = self.__dict__.get("_written_before", {})
+                    before.setdefault(name, self.__dict__.get(name, _UNSET))
                 elif not _same_plain_value(self.__dict__.get(name, _UNSET), value):
                     # A custom optimizer's hooks may read it while the step is traced.
                     epoch = self.__dict__.get("_attribute_epoch", 0)
@@ -740,7 +743,17 @@ class Optimizer:
         existing = self._slots.get(var._uid, {}).get(slot_name)
         if existing is not None:
             return existing
-        value = _initial_value(initializer, shape, var.dtype)  # may refuse: nothing made yet
+        in_step = self.__dict__.get("_tracing")
+        # A slot made by a hook while the step is traced (tf.keras's lazily made slots) starts
+        # from a value known before the step: the step is traced again with it as an input.
+        with jax.ensure_compile_time_eval() if in_step else contextlib.nullcontext():
+            value = _initial_value(initializer, shape, var.dtype)  # may refuse: nothing made yet
+        if in_step and isinstance(value, jax.core.Tracer):
+            raise TypeError(
+                f"add_slot: slot {slot_name!r} of {var.name} is made inside the step from a value "
+                "the step computes; make it in `_create_slots`, or start it from a value known "
+                "before the step ('zeros', a number, a callable (shape, dtype) -> array)"
+            )
         if slot_name not in self._slot_names:
             self._slot_names.append(slot_name)
         slots = self._slots.setdefault(var._uid, {})
@@ -752,9 +765,14 @@ class Optimizer:
             and getattr(var._storage, "committed", False)  # an uncommitted one stays so
         ):
             value = jax.device_put(value, var.sharding)
-        slot = Variable(value, trainable=False, name=f"{self._name}/{var._shared_name}/{slot_name}")
+        with jax.ensure_compile_time_eval() if in_step else contextlib.nullcontext():
+            slot = Variable(
+                value, trainable=False, name=f"{self._name}/{var._shared_name}/{slot_name}"
+            )
         slots[slot_name] = slot
         self._weights.append(slot)
+        if in_step:
+            raise _SlotMadeInStep(slot)
         return slot
 
     def get_slot(self, var: Variable, slot_name: str) -> Variable:
@@ -1433,14 +1451,19 @@ class Optimizer:
             var_values, state_values = values[: len(var_list)], values[len(var_list) :]
             # Grouped slots travel as their groups' buffers, which are never handed out.
             state_values += [g.buffer for g in plan.groups]
-            new_vars, new_state, new_iterations, new_captured, new_attributes = program(
-                var_values,
-                grads,
-                state_values,
-                self.iterations.value,
-                [h.value for h in hyper_vars] + [c.value for c in captured],
-                dynamic,
-            )
+            try:
+                new_vars, new_state, new_iterations, new_captured, new_attributes = program(
+                    var_values,
+                    grads,
+                    state_values,
+                    self.iterations.value,
+                    [h.value for h in hyper_vars] + [c.value for c in captured],
+                    dynamic,
+                )
+            except _SlotMadeInStep:
+                # A hook made a slot while the step was traced (nothing ran): the step again,
+                # now with the slot, at its initial value, among its inputs.
+                return self._run_step(pairs, aggregate, signature)
             n_loose = len(loose)
             for c, value in zip(captured, new_captured, strict=True):
                 c._value = value  # bound inside a trace, stored otherwise
@@ -1815,12 +1838,25 @@ class Optimizer:
             for owner in owners:
                 owner.__dict__["_tracing"] = owner.__dict__.get("_tracing", 0) + 1
                 owner.__dict__["_written_now"] = set()  # by this trace
+                owner.__dict__["_written_before"] = {}
             try:
                 return traced(*args)
+            except BaseException as err:
+                # A failed trace leaves no traced value on the optimizers' attributes.
+                for owner in owners:
+                    for name, value in owner.__dict__["_written_before"].items():
+                        if value is _UNSET:
+                            owner.__dict__.pop(name, None)
+                        else:
+                            owner.__dict__[name] = value
+                if isinstance(err, _SlotMadeInStep):
+                    self.compile_count -= 1  # traced again, with the slot, and compiled then
+                raise
             finally:
                 for owner in owners:
                     owner.__dict__["_tracing"] -= 1
                     owner.__dict__.pop("_written_now", None)
+                    owner.__dict__.pop("_written_before", None)
 
         return jax.jit(step, donate_argnums=(0, 2))
 
@@ -2225,6 +2261,11 @@ def _plain(value: Any) -> Any:
     if isinstance(value, _Constant):
         return value.value
     return value
+
+
+class _SlotMadeInStep(Exception):
+    """Raised by ``add_slot`` when a hook makes a slot while the step is traced: the step is
+    traced again, with the new slot as one of its inputs."""
 
 
 class _SlotKeyError(KeyError, ValueError):
