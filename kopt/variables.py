@@ -218,8 +218,12 @@ class Variable:
         dtype: Any = None,
         constraint: Any = None,
     ):
-        if callable(initial_value) and not hasattr(initial_value, "shape"):
-            initial_value = initial_value()
+        # Made while a loss or a step is traced (a layer built on its first call), a variable
+        # from a known value holds that value, not a value of the trace.
+        with jax.ensure_compile_time_eval():
+            if callable(initial_value) and not hasattr(initial_value, "shape"):
+                initial_value = initial_value()
+            value = _full_spec(_as_array(initial_value, dtype, "initial_value"))
         if constraint is not None and not callable(constraint):
             raise TypeError(
                 f"Variable: `constraint` must be callable, received {type(constraint).__name__}"
@@ -227,7 +231,7 @@ class Variable:
         if name is not None and not isinstance(name, str):
             raise TypeError(f"Variable: `name` must be a string, received {type(name).__name__}")
         self._uid = next(_uid)
-        self._value = _full_spec(_as_array(initial_value, dtype, "initial_value"))
+        self._value = value
         self._trainable = bool(trainable)
         self._shared_name = name or "Variable"
         self._constraint = constraint

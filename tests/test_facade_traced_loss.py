@@ -387,3 +387,25 @@ def test_an_integer_loss_is_refused_and_changes_nothing():
         opt.minimize(lambda: jnp.sum(a).astype(jnp.int32), [a])
     np.testing.assert_array_equal(a.numpy(), before)
     assert int(opt.iterations.numpy()) == 1
+
+
+@pytest.mark.parametrize("callable_var_list", [True, False], ids=["callable", "list"])
+def test_a_variable_the_loss_builds_beside_built_ones_holds_its_value(callable_var_list):
+    """Made while the loss was traced, it held a value of that trace, and the step (or the
+    next) failed on it. Numbers as tf.keras's legacy SGD gives them for this loop."""
+    a = kopt.Variable(np.array([1.0, 2.0], np.float32), name="a")
+    made = []
+
+    def loss():
+        if not made:
+            made.append(kopt.Variable(lambda: jnp.full((1,), 5.0), name="lazy"))
+        return jnp.sum(made[0] * a)
+
+    opt = optimizers.SGD(0.1)
+    var_list = (lambda: [a, *made]) if callable_var_list else [a]
+    opt.minimize(loss, var_list)
+    np.testing.assert_allclose(a.numpy(), [0.5, 1.5], rtol=1e-6)
+    np.testing.assert_allclose(made[0].numpy(), [4.7] if callable_var_list else [5.0], rtol=1e-6)
+    opt.minimize(loss, var_list)  # and the next step reads it
+    np.testing.assert_allclose(made[0].numpy(), [4.5] if callable_var_list else [5.0], rtol=1e-6)
+    assert int(opt.iterations.numpy()) == 2
