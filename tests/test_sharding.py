@@ -243,3 +243,31 @@ def test_facade_sparse_step_on_sharded_tables_matches_one_device(name, axis_type
                 value, expected_opt.get_slot(expected[key], slot).numpy(), rtol=1e-6, atol=1e-6
             )
             assert value.sharding.is_equivalent_to(table.sharding, 2), (key, slot)
+
+
+@AXIS_TYPES
+@pytest.mark.parametrize("per_replica", [False, True], ids=["reduced", "per-replica"])
+def test_facade_gradient_split_otherwise_than_its_variable_on_its_mesh(axis_type, per_replica):
+    """Over explicit axes JAX refuses arithmetic between arrays split differently: the step
+    takes the gradient in its variable's split (as XLA does over automatic axes)."""
+    mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(axis_type, axis_type))
+    w0 = np.linspace(-1.0, 1.0, 24, dtype=np.float32).reshape(4, 6)
+    grad = np.linspace(0.5, 2.0, 24, dtype=np.float32).reshape(4, 6)
+    var = kopt.Variable(jax.device_put(w0, NamedSharding(mesh, P("model", None))), name="w")
+    if per_replica:  # two replicas' halves, the replica axis unsplit
+        halves = np.stack([grad / 4, 3 * grad / 4])
+        g = kopt.optimizers.PerReplica(
+            jax.device_put(halves, NamedSharding(mesh, P(None, "data", "model")))
+        )
+    else:
+        g = jax.device_put(grad, NamedSharding(mesh, P("data", "model")))
+    opt = kopt.optimizers.Adam(0.1)
+    for _ in range(2):
+        opt.apply_gradients([(g, var)])
+    m = 0.1 * grad * (1 + 0.9)
+    v = 0.001 * grad**2 * (1 + 0.999)
+    lr = 0.1 * np.sqrt(1 - 0.999**2) / (1 - 0.9**2)
+    expected = w0 - 0.1 * grad / (np.abs(grad) + 1e-7) - lr * m / (np.sqrt(v) + 1e-7)
+    np.testing.assert_allclose(var.numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert var.value.sharding.is_equivalent_to(NamedSharding(mesh, P("model", None)), 2)
+    assert opt.compile_count == 1

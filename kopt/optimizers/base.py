@@ -1699,6 +1699,12 @@ class Optimizer:
         guard_cond = guard is not None and _on_cpu(var_list)
         # Variables on one device, whose small gradients the guard checks packed.
         packable = {v._uid for v, sh in zip(var_list, var_shardings, strict=True) if sh is None}
+        # Variables over explicit mesh axes, whose gradients take their split (see _split_as).
+        explicit = {
+            v._uid: sh
+            for v, sh in zip(var_list, var_shardings, strict=True)
+            if sh is not None and _explicit(sh)
+        }
 
         def traced(var_values, grads, state_values, iteration, hyper_values, dynamic):
             self.compile_count += 1
@@ -1731,6 +1737,7 @@ class Optimizer:
                             f"apply_gradients: the gradient of {v.name} is still per-replica "
                             "after aggregation; reduce it in your gradient_aggregator"
                         )
+                gv = [(_split_as(g, explicit.get(v._uid)), v) for g, v in gv]
                 # A guard decides on the aggregated gradients, as tf.keras's wrapper does.
                 aggregated = list(gv)
 
@@ -3078,13 +3085,27 @@ def _sharding_key(sharding: Any) -> Any:
     return sharding.mesh, tuple(spec), sharding.memory_kind
 
 
+def _explicit(sharding: Any) -> bool:
+    """Whether ``sharding``'s mesh has explicit axes (a split that is part of the type)."""
+    explicit = jax.sharding.AxisType.Explicit
+    return any(t == explicit for t in getattr(sharding.mesh, "axis_types", ()))
+
+
+def _split_as(grad: Any, sharding: Any) -> Any:
+    """A dense traced gradient split as its variable (``sharding``, over explicit mesh axes):
+    there, an operation on two arrays split differently is refused, where over automatic
+    axes XLA moves one of them itself."""
+    if sharding is None or not isinstance(grad, jax.Array):
+        return grad
+    return _constrain(grad, sharding)
+
+
 def _constrain(value: Any, sharding: Any) -> Any:
     """Gives a traced output ``sharding``: a constraint over automatic mesh axes, a reshard
     (when the type says otherwise) over explicit ones."""
     if sharding is None:
         return value
-    explicit = jax.sharding.AxisType.Explicit
-    if any(t == explicit for t in getattr(sharding.mesh, "axis_types", ())):
+    if _explicit(sharding):
         if jax.typeof(value).sharding.spec == sharding.spec:
             return value
         return jax.sharding.reshard(value, sharding)
