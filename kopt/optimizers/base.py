@@ -2218,17 +2218,20 @@ class Optimizer:
         moved = {old: v for old, v in owners.items() if v._uid != old}
         if not moved:
             return
-        for old, v in moved.items():
-            if old in self._slots:
-                self._slots[v._uid] = self._slots.pop(old)
-            if old in self._slot_structure:
-                self._slot_structure[v._uid] = self._slot_structure.pop(old)
-            for name in self._OWNER_MAPS:
-                owned = self.__dict__.get(name)
-                if owned and old in owned:
-                    del owned[old]
-                    owned[v._uid] = v
         uids = {old: v._uid for old, v in moved.items()}
+
+        def rekey(keyed: dict, owner_map: bool = False) -> None:
+            # All at once: a new uid may be another moved variable's old one (uids count per
+            # process), which a move at a time would overwrite.
+            new = {uids.get(k, k): moved.get(k, x) if owner_map else x for k, x in keyed.items()}
+            keyed.clear()
+            keyed.update(new)
+
+        rekey(self._slots)
+        rekey(self._slot_structure)
+        for name in self._OWNER_MAPS:
+            if self.__dict__.get(name):
+                rekey(self.__dict__[name], owner_map=True)
         if self._opaque_owner is not None:  # the variables a non-slot state was made for
             self._opaque_owner = tuple(uids.get(u, u) for u in self._opaque_owner)
         self._rekeyed(uids)
