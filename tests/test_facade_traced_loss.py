@@ -409,3 +409,21 @@ def test_a_variable_the_loss_builds_beside_built_ones_holds_its_value(callable_v
     opt.minimize(loss, var_list)  # and the next step reads it
     np.testing.assert_allclose(made[0].numpy(), [4.5] if callable_var_list else [5.0], rtol=1e-6)
     assert int(opt.iterations.numpy()) == 2
+
+
+@pytest.mark.parametrize("lists", [("az", "z"), ("za", "a"), ("z", "az")])
+def test_a_loss_minimized_over_part_of_the_variables_it_reads(lists):
+    """Freezing a variable the loss still reads (a GAN's alternating steps): its trace has
+    the same equations with the variable captured instead of an input, and was taken for
+    the other's cached program (an AssertionError, for this and any later optimizer).
+    Numbers as tf.keras's legacy SGD gives them."""
+    for _ in range(2):  # fresh variables and optimizer: the cache is the process's
+        z, a = kopt.Variable([1.0], name="z"), kopt.Variable([2.0], name="a")
+        opt = optimizers.SGD(0.1)
+        expected = {"z": 1.0, "a": 2.0}
+        for names in lists:
+            grads = {"z": expected["a"], "a": expected["z"]}
+            opt.minimize(lambda: jnp.sum(z * a), [{"z": z, "a": a}[n] for n in names])
+            for n in names:
+                expected[n] -= 0.1 * grads[n]
+        np.testing.assert_allclose([z.numpy()[0], a.numpy()[0]], [expected["z"], expected["a"]])

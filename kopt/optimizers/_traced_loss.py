@@ -192,7 +192,13 @@ def _structure_key(jaxpr: Any) -> tuple | None:
             return ("literal", repr(a.val), a.aval)
         return numbers.setdefault(a, len(numbers)), a.aval
 
-    inputs = tuple(v.aval for v in (*jaxpr.constvars, *jaxpr.invars))
+    # Where the constants end and the inputs begin, too: a variable read as an input (in
+    # var_list) and the same variable captured as a constant (left out of it) give the same
+    # equations.
+    inputs = (
+        tuple(v.aval for v in jaxpr.constvars),
+        tuple(v.aval for v in jaxpr.invars),
+    )
     for v in (*jaxpr.constvars, *jaxpr.invars):
         atom(v)
     equations = []
