@@ -421,9 +421,13 @@ def test_a_loss_minimized_over_part_of_the_variables_it_reads(lists):
         z, a = kopt.Variable([1.0], name="z"), kopt.Variable([2.0], name="a")
         opt = optimizers.SGD(0.1)
         expected = {"z": 1.0, "a": 2.0}
+
+        def loss(z=z, a=a):
+            return jnp.sum(z * a)
+
         for names in lists:
             grads = {"z": expected["a"], "a": expected["z"]}
-            opt.minimize(lambda: jnp.sum(z * a), [{"z": z, "a": a}[n] for n in names])
+            opt.minimize(loss, [{"z": z, "a": a}[n] for n in names])
             for n in names:
                 expected[n] -= 0.1 * grads[n]
         np.testing.assert_allclose([z.numpy()[0], a.numpy()[0]], [expected["z"], expected["a"]])
