@@ -198,3 +198,37 @@ def test_from_config_leaves_dicts_that_are_not_schedules_to_the_constructor():
     again = _Holder.from_config(_Holder(optimizers.SGD(0.5)).get_config())
     assert isinstance(again.inner, optimizers.SGD)
     assert float(again.inner.learning_rate.numpy()) == 0.5
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        optimizers.SGD,
+        lambda lr: optimizers.Adam(lr, clipnorm=1.0),
+        lambda lr: optimizers.AdamW(lr, weight_decay=0.0),
+        lambda lr: optimizers.LossScaleOptimizer(optimizers.SGD(lr)),
+    ],
+    ids=["SGD", "Adam", "AdamW", "LossScale"],
+)
+def test_a_callable_learning_rate_is_called_once_a_step_and_steps_with_that_value(make):
+    """It was called four times on the first step (making the slots, the step's value,
+    compiling twice), and the step took the second value. tf.keras calls it once a step."""
+    values = iter([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    taken = []
+
+    def lr():
+        taken.append(next(values))
+        return taken[-1]
+
+    var = kopt.Variable(0.0)
+    opt = make(lr)
+    moved = []
+    for _ in range(2):
+        before = float(var.numpy())
+        opt.apply_gradients([(jnp.asarray(1.0), var)])
+        moved.append(before - float(var.numpy()))
+    assert taken == [0.1, 0.2]
+    if isinstance(opt, (optimizers.SGD, optimizers.LossScaleOptimizer)):
+        np.testing.assert_allclose(moved, [0.1, 0.2], rtol=1e-6)
+    else:  # Adam's first steps move by about the learning rate
+        np.testing.assert_allclose(moved, [0.1, 0.2], rtol=1e-3)

@@ -329,3 +329,83 @@ def test_gradient_hooks_may_drop_or_reorder_pairs(make, hook):
         np.testing.assert_array_equal(b.numpy(), 1.0)
     else:
         assert float(b.numpy()[0, 0]) < 1.0
+
+
+def count_calls(monkeypatch, owner, name):
+    calls = []
+    original = getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "set_attribute",
+    [
+        lambda opt, i: setattr(opt, "epoch", i),
+        lambda opt, i: setattr(opt, "clipnorm", 1.0 + i),
+        lambda opt, i: setattr(opt, "grad_norm", jnp.asarray(float(i))),
+    ],
+    ids=["plain", "clipnorm", "array"],
+)
+def test_setting_an_attribute_a_builtin_step_does_not_read_keeps_its_step_key(
+    monkeypatch, set_attribute
+):
+    """Any public attribute set on a built-in (an epoch counter kept on it, a new clip value)
+    made the next call work out its step's key again, walking every variable."""
+    variables = [kopt.Variable(np.ones(3, np.float32)) for _ in range(5)]
+    opt = Adam(0.1, clipnorm=1.0)
+    pairs = [(jnp.ones(3), v) for v in variables]
+    opt.apply_gradients(pairs)
+    calls = count_calls(monkeypatch, kopt.optimizers.Optimizer, "_program_key")
+    for i in range(4):
+        set_attribute(opt, i)
+        opt.apply_gradients(pairs)
+    assert calls == [] and opt.compile_count == 1
+
+
+def test_an_array_set_on_a_custom_optimizer_keeps_its_step_key(monkeypatch):
+    """Arrays are not part of a custom step's key (see LoggingSGD), so setting one is no reason
+    to work the key out again."""
+    variables = [kopt.Variable(np.ones(4, np.float32)) for _ in range(3)]
+    opt = LoggingSGD()
+    opt.apply_gradients([(jnp.ones(4), v) for v in variables])
+    calls = count_calls(monkeypatch, kopt.optimizers.Optimizer, "_program_key")
+    for _ in range(3):
+        opt.apply_gradients([(jnp.ones(4), v) for v in variables])
+    assert calls == [] and opt.compile_count == 1
+
+
+def test_a_long_list_attribute_is_searched_for_variables_once(monkeypatch):
+    """A loss history kept on the optimizer was walked at every call, so a run appending to
+    it took time quadratic in its length. A long container is now read when assigned."""
+    from kopt.optimizers import base
+
+    var = kopt.Variable(np.ones(2, np.float32))
+    opt = Adam(0.1)
+    opt.history = [0.0] * 1000
+    walks = count_calls(monkeypatch, base, "_variables_in")
+    for i in range(5):
+        opt.history.append(float(i))
+        opt.apply_gradients([(jnp.ones(2), var)])
+    assert len(walks) == 1
+    opt.history = [*opt.history, 1.0]  # a new list is read again
+    opt.apply_gradients([(jnp.ones(2), var)])
+    assert len(walks) == 2 and opt.compile_count == 1
+
+
+def test_many_variable_lists_in_turn_keep_their_step_keys(monkeypatch):
+    """The remembered step keys were all dropped past 64 variable lists, so stepping 70 layers
+    in turn worked out every key at every call."""
+    layers = [[kopt.Variable(np.ones(2, np.float32))] for _ in range(70)]
+    opt = SGD(0.1)
+    for layer in layers:
+        opt.apply_gradients([(jnp.ones(2), layer[0])])
+    calls = count_calls(monkeypatch, kopt.optimizers.Optimizer, "_program_key")
+    for layer in layers:
+        opt.apply_gradients([(jnp.ones(2), layer[0])])
+    assert calls == []

@@ -207,3 +207,27 @@ def test_set_hyperparam_keeps_a_state_on_one_device_there(backend_compiles):
     # An uncommitted state takes an uncommitted value.
     state = kopt.set_hyperparam(tx.init({"w": jnp.ones((4, 2))}), "learning_rate", 0.05)
     assert not kopt.get_hyperparam(state, "learning_rate").committed
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: kopt.optimizers.Adam(0.01, clipnorm=1.0),
+        lambda: kopt.optimizers.Adam(kopt.optimizers.schedules.ExponentialDecay(0.1, 10, 0.5)),
+        lambda: kopt.optimizers.LossScaleOptimizer(kopt.optimizers.SGD(0.1, momentum=0.9)),
+    ],
+    ids=["Adam-clipnorm", "Adam-schedule", "LossScale"],
+)
+def test_a_facade_step_on_a_mesh_copies_no_hyperparameter_to_it(make):
+    """The hyperparameter variables and the step's scalar constants (epsilon, a clip
+    threshold) stayed on the default device, and every step copied them onto the mesh."""
+    mesh = jax.make_mesh((4,), ("data",))
+    w = kopt.Variable(jax.device_put(np.ones((8, 4), np.float32), NamedSharding(mesh, P("data"))))
+    b = kopt.Variable(jax.device_put(np.zeros(4, np.float32), NamedSharding(mesh, P())))
+    grads = [jax.device_put(jnp.full(v.shape, 0.5), v.value.sharding) for v in (w, b)]
+    opt = make()
+    for _ in range(2):
+        opt.apply_gradients(zip(grads, [w, b], strict=True))
+    with jax.transfer_guard("disallow"):
+        opt.apply_gradients(zip(grads, [w, b], strict=True))
+    assert int(opt.iterations.numpy()) == 3 and opt.compile_count == 1

@@ -405,7 +405,11 @@ class Optimizer:
                     # What it held before this trace, put back if the trace fails.
                     before = self.__dict__.get("_written_before", {})
                     before.setdefault(name, self.__dict__.get(name, _UNSET))
-                elif not _same_plain_value(self.__dict__.get(name, _UNSET), value):
+                elif not (
+                    self._uses_transformation()  # a built-in's step reads none
+                    or isinstance(value, jax.Array)  # not keyed (see _array_key)
+                    or _same_plain_value(self.__dict__.get(name, _UNSET), value)
+                ):
                     # A custom optimizer's hooks may read it while the step is traced.
                     epoch = self.__dict__.get("_attribute_epoch", 0)
                     self.__dict__["_attribute_epoch"] = epoch + 1
@@ -1223,6 +1227,7 @@ class Optimizer:
         with (
             self._lock,
             self._naming_culprits("apply_gradients", [v for _, v in pairs], [g for g, _ in pairs]),
+            _one_call_per_step(),
         ):
             if memo is not None and memo[0] == self._step_token():
                 # These very variables stepped before and no weight was made since: nothing
@@ -1355,9 +1360,21 @@ class Optimizer:
             def in_place(value):
                 return value.committed and value.sharding == target
 
+        if self.__dict__.get("_constants_target") != target:
+            # The step's scalar constants (_device_constant) are made there from now on: an
+            # argument on another device is copied at every call.
+            self.__dict__["_constants_target"] = target
+            self.__dict__.pop("_constants", None)
         state = self._state_variables(var_list)
         if extra:
             state += [v for v in extra if all(v is not s for s in state)]
+        # Hyperparameter variables too (uncommitted ones: a variable the user committed stays).
+        state += [
+            v
+            for owner in (self, *self._nested_optimizers())
+            for v in owner._hyper.values()
+            if isinstance(v, Variable)
+        ]
         for g in dict.fromkeys(s._group for s in state if isinstance(s, PackedSlot)):
             if not in_place(g.buffer):
                 g.buffer = variables_module._full_spec(jax.device_put(g.buffer, target))
@@ -1430,6 +1447,8 @@ class Optimizer:
             token, key, plan = memo
         else:
             self._place_state(var_list, grads)
+            # Made before the step's placement was known (its first call, or a new one).
+            dynamic = {k: self._placed(value) for k, value in dynamic.items()}
             token = self._step_token()
             state_vars = self._state_variables(var_list)
             plan = _plan_state(state_vars)
@@ -1493,8 +1512,8 @@ class Optimizer:
         # Cached once it ran: a failed one may bind dropped slots.
         self._programs[program_key] = program
         if signature is not None:
-            if len(self._key_memo) > 64:
-                self._key_memo.clear()
+            if len(self._key_memo) >= _MAX_KEY_MEMO and signature not in self._key_memo:
+                del self._key_memo[next(iter(self._key_memo))]  # the oldest
             self._key_memo[signature] = (token, key, plan)
 
     def _captured_variables(
@@ -1503,18 +1522,26 @@ class Optimizer:
         """Variables the step's code may read that are not the step's own: kept in a public
         attribute of this optimizer or of one it holds (or in a list, tuple or dict there), or
         in a hyperparameter's schedule object. As ``tf.function`` captures them, the step takes
-        their current values as inputs and writes back what its hooks assign to them."""
+        their current values as inputs and writes back what its hooks assign to them. A
+        container longer than ``_SMALL_CONTAINER`` (a loss history) is read once, not per call:
+        a variable put into it in place is not seen, one in a container assigned anew is."""
         found: dict[int, Variable] = {}
+        large = self.__dict__.setdefault("_large_containers", {})
 
         def take(value):
             if isinstance(value, Variable):
                 found.setdefault(id(value), value)
-            elif isinstance(value, (list, tuple)):
-                for item in value:
-                    if isinstance(item, Variable):
-                        found.setdefault(id(item), item)
-            elif isinstance(value, dict):
-                for item in value.values():
+            elif isinstance(value, (list, tuple, dict)):
+                if len(value) > _SMALL_CONTAINER:
+                    held = large.get(id(value))
+                    if held is None or held[0] is not value:
+                        if len(large) > 64:
+                            large.clear()
+                        held = large[id(value)] = (value, _variables_in(value))
+                    items = held[1]
+                else:
+                    items = value.values() if isinstance(value, dict) else value
+                for item in items:
                     if isinstance(item, Variable):
                         found.setdefault(id(item), item)
 
@@ -1590,7 +1617,9 @@ class Optimizer:
         dynamic = {}
         for name, value in self._hyper.items():
             if _is_read_per_step(value):
-                dynamic["hyper:" + name] = jnp.asarray(_called(self, name, value), jnp.float32)
+                dynamic["hyper:" + name] = self._placed(
+                    jnp.asarray(_called(self, name, value), jnp.float32)
+                )
         nested = self._nested_optimizers()
         if nested:
             uids = {v._uid for v in hyper_vars}
@@ -1600,8 +1629,8 @@ class Optimizer:
                         uids.add(value._uid)
                         hyper_vars.append(value)
                     elif _is_read_per_step(value):
-                        dynamic[f"nested:{i}:{name}"] = jnp.asarray(
-                            _called(inner, name, value), jnp.float32
+                        dynamic[f"nested:{i}:{name}"] = self._placed(
+                            jnp.asarray(_called(inner, name, value), jnp.float32)
                         )
         for attr, value in self._active_clips().items():
             dynamic["clip:" + attr] = self._device_constant(value)
@@ -1610,16 +1639,25 @@ class Optimizer:
                 dynamic["plain:" + name] = self._device_constant(value)
         return hyper_vars, dynamic
 
+    def _placed(self, value: jax.Array) -> jax.Array:
+        """A step's scalar input where the step runs (see ``_place_state``)."""
+        target = self.__dict__.get("_constants_target")
+        if target is None or isinstance(value, jax.core.Tracer) or value.sharding == target:
+            return value
+        return jax.device_put(value, target)
+
     def _device_constant(self, value: Any) -> jax.Array:
         """A float32 device scalar for a Python number, made once per distinct value."""
         if not isinstance(value, (int, float)) or isinstance(value, bool):
-            return jnp.asarray(value, jnp.float32)
+            return self._placed(jnp.asarray(value, jnp.float32))
         cache = self.__dict__.setdefault("_constants", {})
         out = cache.get(value)
         if out is None:
             if len(cache) > 64:
                 cache.clear()
-            out = cache[value] = jnp.asarray(value, jnp.float32)
+            target = self.__dict__.get("_constants_target")
+            out = np.float32(value)
+            out = cache[value] = jnp.asarray(out) if target is None else jax.device_put(out, target)
         return out
 
     def _structure(self) -> tuple[tuple[str, Any], ...]:
@@ -2153,6 +2191,9 @@ class Optimizer:
         "_key_memo",
         "_copy_memo",
         "_nested_memo",
+        "_large_containers",
+        "_constants",
+        "_constants_target",
     )
 
     # Maps uid -> Variable of the variables this optimizer keys state by (their slots; a
@@ -2399,6 +2440,24 @@ def _as_pairs(grads_and_vars: Any) -> list[tuple[Any, Any]]:
 _UNSET = object()
 
 
+_step_calls = threading.local()
+
+
+@contextlib.contextmanager
+def _one_call_per_step():
+    """Within it (one ``apply_gradients`` call), each zero-argument callable hyperparameter is
+    called once, as tf.keras calls it once a step: the step's other reads of it (building its
+    slots, compiling) take that value."""
+    if getattr(_step_calls, "values", None) is not None:  # a held optimizer's, in the step
+        yield
+        return
+    _step_calls.values = {}
+    try:
+        yield
+    finally:
+        _step_calls.values = None
+
+
 def _called(optimizer: Optimizer, name: str, function: Callable[[], Any]) -> Any:
     """A zero-argument callable hyperparameter's value for this step.
 
@@ -2406,15 +2465,21 @@ def _called(optimizer: Optimizer, name: str, function: Callable[[], Any]) -> Any
         TypeError: if it returns anything but a real scalar (checked without reading a device
             value back).
     """
+    memo = getattr(_step_calls, "values", None)
+    key = (id(optimizer), name, id(function))  # all alive while the memo is
+    if memo is not None and key in memo:
+        return memo[key]
     value = _plain(function())
-    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
-        return value
     if (
+        isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    ) or (
         isinstance(value, (np.ndarray, jax.Array))
         and value.shape == ()
         and jnp.issubdtype(value.dtype, jnp.number)
         and not jnp.issubdtype(value.dtype, jnp.complexfloating)
     ):
+        if memo is not None:
+            memo[key] = value
         return value
     shape = getattr(value, "shape", None)
     raise TypeError(
@@ -2495,6 +2560,8 @@ class _Hashed:
 _NOT_PLAIN = object()
 _CONTAINERS = (list, tuple, set, frozenset, dict)
 _SMALL_CONTAINER = 256  # containers up to this length are checked for in-place changes
+# Step keys remembered per optimizer, one per variable list (and gradient kinds) stepped.
+_MAX_KEY_MEMO = 1024
 
 
 def _plain_key(value: Any) -> Any:
@@ -2525,6 +2592,12 @@ def _plain_key(value: Any) -> Any:
             return _NOT_PLAIN
         return ("dict", frozenset(items))
     return _NOT_PLAIN
+
+
+def _variables_in(container: Any) -> tuple[Variable, ...]:
+    """The variables a list, tuple or dict holds (not nested)."""
+    items = container.values() if isinstance(container, dict) else container
+    return tuple(item for item in items if isinstance(item, Variable))
 
 
 def _array_key(value: Any) -> Any:
