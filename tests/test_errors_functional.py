@@ -130,10 +130,45 @@ def test_a_state_made_for_params_of_other_shapes_names_the_slot(name, rows):
         jax.jit(tx.update)(grads(), state, params())
 
 
-def test_integer_gradient_is_a_type_error():
-    tx = kopt.adam()
-    with pytest.raises(TypeError, match=re.escape("['dense']['bias']")):
+@pytest.mark.parametrize(
+    "build", [kopt.adam, lambda: kopt.clip_by_global_norm(1.0)], ids=["adam", "clip_by_global_norm"]
+)
+def test_integer_gradient_is_a_type_error(build):
+    """clip_by_global_norm took int32 gradients and returned them as int zeros."""
+    tx = build()
+    with pytest.raises(TypeError, match=re.escape("['dense']['bias'] must be a floating-point")):
         tx.update(grads(bias=jnp.ones(2, jnp.int32)), tx.init(params()), params())
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize(
+    "bad, culprit",
+    [
+        (
+            kopt.IndexedSlices(jnp.ones((1, 2), jnp.int32), jnp.array([0])),
+            "must be a floating-point array, received ArrayImpl of dtype int32",
+        ),
+        (
+            jnp.ones((3, 2), jnp.complex64),
+            r"is complex \(complex64\), but its param is real \(float32\)",
+        ),
+        (
+            kopt.IndexedSlices(jnp.ones((1, 2), jnp.complex64), jnp.array([0])),
+            r"is complex \(complex64\), but its param is real \(float32\)",
+        ),
+    ],
+    ids=["sparse-int32", "complex", "sparse-complex"],
+)
+def test_a_gradient_the_param_cannot_take_names_the_path(name, bad, culprit):
+    """Integer rows of an IndexedSlices were taken (SGD's update truncated to int zeros), and
+    a complex gradient of a real param was cast to real (its imaginary part dropped)."""
+    tx = OPTIMIZERS[name](0.1)
+    p = params()
+    state = tx.init(p)
+    before = jax.tree.map(jnp.copy, (p, state))
+    with pytest.raises(TypeError, match=re.escape("['dense']['kernel'] ") + culprit):
+        tx.update(grads(kernel=bad), state, p)
+    chex.assert_trees_all_equal((p, state), before)
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
