@@ -99,20 +99,31 @@ def check_state(
     slots: Iterable[str] = (),
 ) -> None:
     """Raises TypeError unless ``state`` is a ``kind`` (with, for an :class:`OptimizerState`,
-    the hyperparameters and slots named): a state this transformation's ``init`` made.
+    the hyperparameters and slots named, and no others): a state this transformation's
+    ``init`` made.
 
     Only the Python structure is looked at, so under ``jax.jit`` it runs once, while tracing.
     Without it a wrong state (the params, None, another optimizer's state) failed deep inside
-    with an ``AttributeError`` or ``KeyError`` that named neither the state nor the piece.
+    with an ``AttributeError`` or ``KeyError`` that named neither the state nor the piece; and
+    the state of a variant with more slots (``adam(amsgrad=True)``'s into ``adam()``, a
+    centered RMSprop's, a momentum SGD's into plain SGD) was taken, its extra slots dropped.
     """
     problem = None
+    hyperparams, slots = list(hyperparams), list(slots)
     if not isinstance(state, kind):
         problem = f"received {_describe_state(state)}, expected kopt's {kind.__name__}"
     elif isinstance(state, OptimizerState):
         missing = [n for n in hyperparams if n not in state.hyperparams]
         missing += [n for n in slots if n not in state.slots]
+        extra = [n for n in state.hyperparams if n not in hyperparams]
+        extra += [n for n in state.slots if n not in slots]
         if missing:
             problem = f"received {_describe_state(state)}, without {missing}"
+        elif extra:
+            problem = (
+                f"received {_describe_state(state)}, expected hyperparameters "
+                f"{sorted(hyperparams)} and slots {sorted(slots)} only"
+            )
     if problem:
         raise TypeError(
             f"{owner}: `state` was not made by this transformation's init ({problem}); make "

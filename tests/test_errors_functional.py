@@ -419,6 +419,22 @@ def _optax_adam_state():
         ),
         (
             lambda: kopt.adam(),
+            lambda: kopt.adam(amsgrad=True).init(params()),
+            r"scale_by_adam: `state` was not made by this transformation's init .* slots "
+            r"\['m', 'v', 'vhat'\], expected .* slots \['m', 'v'\] only",
+        ),
+        (
+            lambda: kopt.rmsprop(),
+            lambda: kopt.rmsprop(centered=True).init(params()),
+            r"scale_by_rmsprop: `state` .* slots \['mg', 'rms'\], expected .* slots \['rms'\] only",
+        ),
+        (
+            lambda: kopt.sgd(),
+            lambda: kopt.sgd(momentum=0.9).init(params()),
+            r"scale_by_sgd: `state` .* slots \['momentum'\], expected .* slots \[\] only",
+        ),
+        (
+            lambda: kopt.adam(),
             _optax_adam_state,
             r"scale_by_adam: `state` .*received optax's ScaleByAdamState",
         ),
@@ -458,6 +474,9 @@ def _optax_adam_state():
         "None",
         "sgd-into-adam",
         "rmsprop-into-sgd",
+        "amsgrad-into-adam",
+        "centered-into-rmsprop",
+        "momentum-into-sgd",
         "optax-adam",
         "sgd-into-clip",
         "into-masked",
@@ -469,7 +488,8 @@ def _optax_adam_state():
 )
 def test_a_state_not_made_by_init_is_named(build, make_state, culprit, jit):
     """A state that init did not make (forgot init and passed the params, None, another
-    optimizer's state) failed deep inside with AttributeError or KeyError."""
+    optimizer's state) failed deep inside with AttributeError or KeyError; one of a variant
+    with more slots (amsgrad, centered, momentum) was taken, its extra slots dropped."""
     tx, state = build(), make_state()
     update = jax.jit(tx.update) if jit else tx.update
     with pytest.raises(TypeError, match=culprit):
