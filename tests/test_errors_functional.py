@@ -238,9 +238,45 @@ def test_out_of_range_argument_is_a_value_error_naming_it(build, argument):
         build()
 
 
+@pytest.mark.parametrize("axis_name", [0, np.int64(1), ("data", 0)], ids=repr)
+def test_aggregate_gradients_refuses_an_integer_axis_name(axis_name):
+    """jax.lax.psum reads an integer as a positional axis of the array: outside shard_map,
+    aggregate_gradients(0) summed each gradient over its first dimension and returned
+    gradients of other shapes, with no error."""
+    with pytest.raises(TypeError, match=r"aggregate_gradients: `axis_name` must name a mapped"):
+        kopt.aggregate_gradients(axis_name)
+
+
 def test_bool_hyperparameter_is_a_type_error():
     with pytest.raises(TypeError, match="`learning_rate`"):
         kopt.sgd(learning_rate=True)
+
+
+@pytest.mark.parametrize(
+    "build, name, value, match",
+    [
+        (kopt.adafactor, "clip_threshold", 0.0, "`clip_threshold` must be > 0.0"),
+        (kopt.lion, "beta_1", 0.0, r"the Lion piece at 0\): `beta_1` must be > 0.0"),
+        (kopt.sgd, "learning_rate", np.complex64(0.1 + 5j), "`learning_rate` must be real"),
+        (kopt.adam, "beta_1", np.complex128(0.5 + 1j), "`beta_1` must be real"),
+    ],
+    ids=["adafactor-clip_threshold", "lion-beta_1", "np-complex64", "np-complex128"],
+)
+def test_set_hyperparam_refuses_what_the_constructor_refuses(build, name, value, match):
+    """set_hyperparam took a clip_threshold of 0 (every update zero), Lion's beta_1 of 0, and
+    NumPy complex scalars (the imaginary part dropped), which the constructors refuse."""
+    with pytest.raises((TypeError, ValueError), match=f"`{name}`"):
+        build(**{name: value})
+    state = build().init(params())
+    before = jax.tree.map(jnp.copy, state)
+    with pytest.raises(
+        TypeError if np.iscomplexobj(value) else ValueError, match="set_hyperparam.*" + match
+    ):
+        kopt.set_hyperparam(state, name, value)
+    chex.assert_trees_all_equal(state, before)
+    # A beta_1 of 0 is fine for Adam.
+    adam_state = kopt.set_hyperparam(kopt.adam().init(params()), "beta_1", 0.0)
+    assert float(kopt.get_hyperparam(adam_state, "beta_1")) == 0.0
 
 
 def test_get_hyperparam_lists_the_known_names():
