@@ -582,6 +582,9 @@ def test_apply_updates_names_updates_that_do_not_match_the_params(updates, culpr
             lambda: kopt.multi_transform({"a": kopt.sgd}, {"w": "a"}),
             r"multi_transform: `transformations\['a'\]`",
         ),
+        (lambda: kopt.flatten(3), "flatten: `transformation`"),
+        (lambda: kopt.flatten(kopt.adam), "flatten: `transformation`"),
+        (lambda: kopt.jit_update(3, None), "jit_update: `transformation`"),
     ],
 )
 def test_wrappers_name_an_argument_that_is_not_a_transformation(build, named):
