@@ -147,8 +147,14 @@ def check_gradients_fit(updates: PyTree, params: PyTree, owner: str) -> None:
             )
 
 
-def check_leaf(path: str, g: Any, ref_shape: tuple[int, ...], owner: str) -> None:
-    """Raises TypeError/ValueError for a gradient leaf of the wrong kind or shape."""
+def check_leaf(
+    path: str, g: Any, ref_shape: tuple[int, ...], owner: str, *, ref_dtype: Any = None
+) -> None:
+    """Raises TypeError/ValueError for a gradient leaf of the wrong kind or shape: values that
+    are not floating-point (dense or the rows of an :class:`IndexedSlices`), or complex ones
+    for a ``ref_dtype`` (the param's) that is real, whose update would drop the imaginary
+    part."""
+    _check_gradient_dtype(path, g.values if isinstance(g, IndexedSlices) else g, owner, ref_dtype)
     if isinstance(g, IndexedSlices):
         values_shape = tuple(g.values.shape)
         if len(ref_shape) == 0:
@@ -172,15 +178,38 @@ def check_leaf(path: str, g: Any, ref_shape: tuple[int, ...], owner: str) -> Non
                 "expected integers"
             )
         return
-    dtype = getattr(g, "dtype", None)
-    if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
-        raise TypeError(
-            f"{owner}: gradient {path} must be a floating-point array, received "
-            f"{type(g).__name__} of dtype {dtype}"
-        )
     if tuple(g.shape) != tuple(ref_shape):
         raise ValueError(
             f"{owner}: gradient {path} has shape {tuple(g.shape)}, expected {tuple(ref_shape)}"
+        )
+
+
+def check_floating_gradients(updates: PyTree, owner: str) -> None:
+    """Raises TypeError naming the first gradient leaf (dense, or the rows of an
+    :class:`IndexedSlices`) that is not floating-point: for a piece that takes the gradients
+    without a leaf rule (an integer gradient would come out truncated)."""
+    flat = jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_indexed_slices)[0]
+    for path, g in flat:
+        values = g.values if isinstance(g, IndexedSlices) else g
+        _check_gradient_dtype(_path_str(path), values, owner, None)
+
+
+def _check_gradient_dtype(path: str, values: Any, owner: str, ref_dtype: Any) -> None:
+    dtype = getattr(values, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
+        raise TypeError(
+            f"{owner}: gradient {path} must be a floating-point array, received "
+            f"{type(values).__name__} of dtype {dtype}"
+        )
+    if (
+        ref_dtype is not None
+        and jnp.issubdtype(dtype, jnp.complexfloating)
+        and not jnp.issubdtype(ref_dtype, jnp.complexfloating)
+    ):
+        raise TypeError(
+            f"{owner}: gradient {path} is complex ({dtype}), but its param is real "
+            f"({jnp.dtype(ref_dtype)}): the update would drop the imaginary part; give a real "
+            "gradient (its real part, if that is the derivative meant)"
         )
 
 
@@ -243,7 +272,13 @@ def map_leaves(
             if isinstance(g, (int, float)) and not isinstance(g, bool):
                 g = jnp.asarray(g, jnp.float32)
         if ref_leaves is not None:
-            check_leaf(_path_str(path), g, tuple(jnp.shape(ref_leaves[i])), owner)
+            check_leaf(
+                _path_str(path),
+                g,
+                tuple(jnp.shape(ref_leaves[i])),
+                owner,
+                ref_dtype=jnp.result_type(ref_leaves[i]),
+            )
         else:
             check_leaf(_path_str(path), g, _shape_of(g), owner)
         if params is not None:

@@ -99,20 +99,31 @@ def check_state(
     slots: Iterable[str] = (),
 ) -> None:
     """Raises TypeError unless ``state`` is a ``kind`` (with, for an :class:`OptimizerState`,
-    the hyperparameters and slots named): a state this transformation's ``init`` made.
+    the hyperparameters and slots named, and no others): a state this transformation's
+    ``init`` made.
 
     Only the Python structure is looked at, so under ``jax.jit`` it runs once, while tracing.
     Without it a wrong state (the params, None, another optimizer's state) failed deep inside
-    with an ``AttributeError`` or ``KeyError`` that named neither the state nor the piece.
+    with an ``AttributeError`` or ``KeyError`` that named neither the state nor the piece; and
+    the state of a variant with more slots (``adam(amsgrad=True)``'s into ``adam()``, a
+    centered RMSprop's, a momentum SGD's into plain SGD) was taken, its extra slots dropped.
     """
     problem = None
+    hyperparams, slots = list(hyperparams), list(slots)
     if not isinstance(state, kind):
         problem = f"received {_describe_state(state)}, expected kopt's {kind.__name__}"
     elif isinstance(state, OptimizerState):
         missing = [n for n in hyperparams if n not in state.hyperparams]
         missing += [n for n in slots if n not in state.slots]
+        extra = [n for n in state.hyperparams if n not in hyperparams]
+        extra += [n for n in state.slots if n not in slots]
         if missing:
             problem = f"received {_describe_state(state)}, without {missing}"
+        elif extra:
+            problem = (
+                f"received {_describe_state(state)}, expected hyperparameters "
+                f"{sorted(hyperparams)} and slots {sorted(slots)} only"
+            )
     if problem:
         raise TypeError(
             f"{owner}: `state` was not made by this transformation's init ({problem}); make "
@@ -467,13 +478,23 @@ def check_hyperparam(
     """Validates a hyperparameter given as a number, a scalar array or a schedule.
 
     Raises:
-        TypeError: if ``value`` is not a number, scalar array or (where allowed) a callable.
+        TypeError: if ``value`` is not a real number, real scalar array or (where allowed) a
+            callable.
         ValueError: if a concrete number lies outside ``[low, high]``.
     """
     owner = _REPORTED_AS.get() or owner
     if is_schedule(value):
         if not allow_schedule:
             raise TypeError(f"{owner}: `{name}` cannot be a schedule, received {value!r}")
+        try:
+            inspect.signature(value).bind(0)
+        except TypeError:
+            raise TypeError(
+                f"{owner}: `{name}` is a callable that cannot be called with the step count "
+                f"alone ({value!r:.80}); a schedule is a function of one argument, the step"
+            ) from None
+        except ValueError:  # no signature to read (a builtin): called as it is
+            pass
         return
     if isinstance(value, bool):
         raise TypeError(f"{owner}: `{name}` must be a number, received the bool {value}")
@@ -487,6 +508,9 @@ def check_hyperparam(
             )
         if not jnp.issubdtype(value.dtype, jnp.number):
             raise TypeError(f"{owner}: `{name}` must be numeric, received dtype {value.dtype}")
+        if jnp.issubdtype(value.dtype, jnp.complexfloating):
+            # float() would drop the imaginary part, as a float32 state does
+            raise TypeError(f"{owner}: `{name}` must be real, received dtype {value.dtype}")
         if isinstance(value, jax.core.Tracer):
             return
         number = float(value)
@@ -523,8 +547,21 @@ def init_hyperparams(values: Mapping[str, Any]) -> dict[str, jax.Array]:
 
 def _scheduled(name: str, schedule: Schedule, step: jax.Array) -> jax.Array:
     """``schedule(step)`` as a float32 scalar; raises ValueError naming ``name`` for a value of
-    another shape (it would broadcast over the params, or change their shapes)."""
-    value = jnp.asarray(schedule(step), jnp.float32)
+    another shape (it would broadcast over the params, or change their shapes), and TypeError
+    for a value that is not a real number."""
+    value = schedule(step)
+    dtype = getattr(value, "dtype", None)
+    real = (
+        dtype is not None
+        and jnp.issubdtype(dtype, jnp.number)
+        and not jnp.issubdtype(dtype, jnp.complexfloating)
+    )
+    if not (real or (isinstance(value, (int, float)) and not isinstance(value, bool))):
+        raise TypeError(
+            f"the schedule for `{name}` returned {type(value).__name__}: {value!r:.80}; a "
+            "hyperparameter must be a real number or a real scalar array"
+        )
+    value = jnp.asarray(value, jnp.float32)
     if value.shape != ():
         raise ValueError(
             f"the schedule for `{name}` returned an array of shape {value.shape}; a "
@@ -773,7 +810,7 @@ def set_hyperparam(state: OptState, name: str, value: Any, *, where: Any = None)
             (a negative ``learning_rate``, a ``beta_1`` above 1), or it sets a ``momentum``
             other than 0 on an SGD or RMSprop built without momentum (which keeps no momentum
             slot, as in Keras, so the value would change nothing).
-        TypeError: if ``value`` is not numeric.
+        TypeError: if ``value`` is not numeric, or complex.
 
     Example:
         >>> import jax.numpy as jnp, kopt
@@ -786,16 +823,27 @@ def set_hyperparam(state: OptState, name: str, value: Any, *, where: Any = None)
         >>> [round(float(kopt.get_hyperparam(state, "momentum", where=i)), 3) for i in (0, 1)]
         [0.5, 0.999]
     """
-    low, high = _RANGES.get(name, (None, None))
-    check_hyperparam("set_hyperparam", name, value, low=low, high=high, allow_schedule=False)
+    low, high, low_inclusive = _RANGES.get(name, (None, None, True))
+    check_hyperparam(
+        "set_hyperparam",
+        name,
+        value,
+        low=low,
+        high=high,
+        low_inclusive=low_inclusive,
+        allow_schedule=False,
+    )
     return _replace_hyperparam(state, name, jnp.asarray(value, jnp.float32), where)
 
 
-# The ranges kopt's pieces take their hyperparameters in (as their constructors check them):
-# set_hyperparam refuses a concrete value outside, as the constructor and the facade do.
-_RANGES: dict[str, tuple[float | None, float | None]] = {
-    **dict.fromkeys(("momentum", "beta_1", "beta_2", "rho"), (0.0, 1.0)),
-    **dict.fromkeys(("beta_2_decay", "learning_rate_power"), (None, 0.0)),
+# The ranges kopt's pieces take their hyperparameters in, ``(low, high, low_inclusive)``, as
+# their constructors check them: set_hyperparam refuses a concrete value outside, as the
+# constructor and the facade do. (Lion's ``beta_1``, above 0, is checked per piece, by
+# :func:`_check_settable`: Adam's may be 0.)
+_RANGES: dict[str, tuple[float | None, float | None, bool]] = {
+    **dict.fromkeys(("momentum", "beta_1", "beta_2", "rho"), (0.0, 1.0, True)),
+    **dict.fromkeys(("beta_2_decay", "learning_rate_power"), (None, 0.0, True)),
+    "clip_threshold": (0.0, None, False),
     **dict.fromkeys(
         (
             "learning_rate",
@@ -807,14 +855,13 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
             "global_clipnorm",
             "epsilon_1",
             "epsilon_2",
-            "clip_threshold",
             "schedule_decay",
             "beta",
             "l1_regularization_strength",
             "l2_regularization_strength",
             "l2_shrinkage_regularization_strength",
         ),
-        (0.0, None),
+        (0.0, None, True),
     ),
 }
 
@@ -863,7 +910,19 @@ def _replace_hyperparam(
 def _check_settable(holder: Any, name: str, value: jax.Array, path: tuple) -> None:
     """Refuses a ``momentum`` other than 0 for an SGD or RMSprop piece built without momentum:
     such a piece (a ``learning_rate`` beside the ``momentum``, and no ``momentum`` slot) decided
-    at construction to keep no velocity, as Keras does, and would ignore the value."""
+    at construction to keep no velocity, as Keras does, and would ignore the value. Refuses a
+    ``beta_1`` of 0 for a Lion piece (a ``beta_1`` with no ``epsilon`` beside it), as
+    ``kopt.lion`` does."""
+    if name == "beta_1" and "epsilon" not in holder.hyperparams:
+        check_hyperparam(
+            f"set_hyperparam (the Lion piece at {_path_text(path)})",
+            name,
+            value,
+            low=0.0,
+            low_inclusive=False,
+            high=1.0,
+            allow_schedule=False,
+        )
     slots = getattr(holder, "slots", None)
     if (
         name != "momentum"

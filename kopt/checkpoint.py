@@ -159,8 +159,61 @@ def restore_state(path: str | Path, like_state: OptState) -> OptState:
 
     Raises:
         FileNotFoundError: if there is no checkpoint at ``path``.
+        ValueError: if ``like_state`` does not have the saved state's structure (the message
+            names the leaves missing or unexpected) or a leaf's shape differs from the saved
+            one (a state made for params of other shapes; the message names the leaf and both
+            shapes).
     """
-    return _restore_tree(Path(path), like_state)
+    path = Path(path)
+    try:
+        restored = _restore_tree(path, like_state)
+    except ValueError as e:
+        if "tree structures do not match" not in str(e):
+            raise
+        raise ValueError(
+            f"restore_state: `like_state` does not have the structure of the state saved at "
+            f"{str(path)!r}: {_structure_difference(path, like_state)}; make it as the saved "
+            "state was made (the same transformation's init, from params of the same tree)"
+        ) from None
+    saved = jax.tree_util.tree_flatten_with_path(restored)[0]
+    for (key, new), old in zip(saved, jax.tree.leaves(like_state), strict=True):
+        if jnp.shape(new) != jnp.shape(old):
+            raise ValueError(
+                f"restore_state: leaf {jax.tree_util.keystr(key)} has shape {jnp.shape(new)} "
+                f"in the checkpoint at {str(path)!r}, but shape {jnp.shape(old)} in "
+                "`like_state`: the state was saved for params of other shapes"
+            )
+    return restored
+
+
+def _structure_difference(path: Path, like: PyTree) -> str:
+    """The leaves of ``like`` and of the tree saved at ``path`` that the other lacks, each as
+    its keys (a state's fields and dict keys by name, a chain's parts by position: orbax saves
+    a named tuple as a dict and a tuple as a list)."""
+    ocp = _orbax()
+    with ocp.StandardCheckpointer() as checkpointer:
+        metadata = checkpointer.metadata(path.absolute())
+    saved_tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
+
+    def keys(tree):
+        flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return [
+            "".join(f"[{getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k)))!r}]" for k in p)
+            for p, _ in flat
+        ]
+
+    ours, theirs = keys(like), keys(saved_tree)
+    missing = [k for k in theirs if k not in ours]
+    extra = [k for k in ours if k not in theirs]
+    detail = []
+    if missing:
+        detail.append(f"saved but not in `like_state`: {', '.join(missing[:3])}")
+    if extra:
+        detail.append(f"in `like_state` but not saved: {', '.join(extra[:3])}")
+    return "; ".join(detail) or (
+        f"`like_state` is {jax.tree.structure(like)}, the saved state "
+        f"{jax.tree.structure(saved_tree)}"
+    )
 
 
 def _variable_names(variables: Iterable[Any]) -> dict[str, Any]:

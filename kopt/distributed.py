@@ -30,12 +30,30 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from kopt.base import GradientTransformation, OptState, Params, PyTree, Updates, apply_updates
+from kopt.base import (
+    GradientTransformation,
+    OptState,
+    Params,
+    PyTree,
+    Updates,
+    apply_updates,
+    check_transformation,
+)
 from kopt.transforms._flat import FlatLayout, FlattenedState
 
 
 def _axis_size(mesh: Mesh, axis_name: str | tuple[str, ...]) -> int:
-    names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+    if not isinstance(mesh, (Mesh, jax.sharding.AbstractMesh)):
+        raise TypeError(
+            f"state_sharding: `mesh` must be a jax.sharding.Mesh, received "
+            f"{type(mesh).__name__}: {mesh!r:.80}"
+        )
+    names = (axis_name,) if isinstance(axis_name, str) else axis_name
+    if not (isinstance(names, tuple) and names and all(isinstance(n, str) for n in names)):
+        raise TypeError(
+            "state_sharding: `axis_name` must be a mesh axis name (a str) or a tuple of them, "
+            f"received {type(axis_name).__name__}: {axis_name!r:.80}"
+        )
     for name in names:
         if name not in mesh.shape:
             raise ValueError(
@@ -130,6 +148,7 @@ def state_sharding(
         A tree of ``NamedSharding`` with the state's structure, usable as ``out_shardings``.
 
     Raises:
+        TypeError: if ``mesh`` is not a mesh, or ``axis_name`` not a str or tuple of them.
         ValueError: if ``axis_name`` is not an axis of ``mesh``.
     """
     _axis_size(mesh, axis_name)
@@ -285,7 +304,12 @@ def jit_update(
 
     Returns:
         The compiled step.
+
+    Raises:
+        TypeError: if ``transformation`` has no ``init`` and ``update``.
     """
+
+    check_transformation("jit_update", "`transformation`", transformation)
 
     def step(grads, state, params):
         updates, state = transformation.update(grads, state, params)

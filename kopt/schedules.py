@@ -107,7 +107,9 @@ def piecewise_constant_decay(boundaries: Sequence[float], values: Sequence[float
     ``(boundaries[i-1], boundaries[i]]``, ``values[-1]`` after the last boundary.
 
     Raises:
-        ValueError: unless ``len(boundaries) == len(values) - 1``.
+        TypeError: if ``boundaries`` or ``values`` is not a sequence of numbers.
+        ValueError: unless ``len(boundaries) == len(values) - 1``, or if concrete
+            ``boundaries`` do not increase strictly (as tf.keras requires).
 
     Example:
         >>> from kopt import schedules
@@ -115,11 +117,35 @@ def piecewise_constant_decay(boundaries: Sequence[float], values: Sequence[float
         >>> [float(fn(s)) for s in (5, 6, 11)]
         [1.0, 0.5, 0.10000000149011612]
     """
-    boundaries, values = list(boundaries), list(values)
+    owner = "piecewise_constant_decay"
+    given = {"boundaries": boundaries, "values": values}
+    for name, seq in given.items():
+        try:
+            items = list(seq)
+        except TypeError:
+            raise TypeError(
+                f"{owner}: `{name}` must be a sequence of numbers, received "
+                f"{type(seq).__name__}: {seq!r:.80}"
+            ) from None
+        bad = [x for x in items if not _is_real(x)]
+        if bad:
+            raise TypeError(
+                f"{owner}: `{name}` must be a sequence of numbers, received "
+                f"{type(bad[0]).__name__} {bad[0]!r:.80} in it"
+            )
+        given[name] = items
+    boundaries, values = given["boundaries"], given["values"]
     if len(boundaries) != len(values) - 1:
         raise ValueError(
-            "piecewise_constant_decay: the length of `boundaries` should be 1 less than the "
+            f"{owner}: the length of `boundaries` should be 1 less than the "
             f"length of `values`; received {len(boundaries)} boundaries and {len(values)} values"
+        )
+    if not any(isinstance(x, jax.core.Tracer) for x in boundaries) and any(
+        not a < b for a, b in zip(boundaries, boundaries[1:], strict=False)
+    ):
+        raise ValueError(
+            f"{owner}: `boundaries` must increase strictly, received "
+            f"{[float(x) for x in boundaries]}"
         )
     b = jnp.asarray(boundaries, jnp.float32)
     v = jnp.asarray(values, jnp.float32)

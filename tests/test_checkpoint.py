@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,6 +92,39 @@ def test_restore_state_keeps_structure_and_sharding(tmp_path):
     save_state(tmp_path / "s", state, overwrite=True)
     with pytest.raises(FileNotFoundError):
         restore_state(tmp_path / "missing", state)
+
+
+@pytest.mark.parametrize(
+    "like, culprit",
+    [
+        (
+            lambda: kopt.sgd(0.1, momentum=0.9).init({"w": jnp.ones((4, 3))}),
+            r"leaf \.slots\['momentum'\]\['w'\] has shape \(2, 3\) in the checkpoint .*, but "
+            r"shape \(4, 3\) in `like_state`",
+        ),
+        (
+            lambda: kopt.adam(0.1).init({"w": jnp.ones((2, 3))}),
+            r"`like_state` does not have the structure of the state saved at .*: saved but not "
+            r"in `like_state`: \['count'\]",
+        ),
+    ],
+    ids=["other-shapes", "other-structure"],
+)
+def test_restore_state_into_a_state_unlike_the_saved_one_names_it(tmp_path, like, culprit):
+    """A like_state for params of other shapes got the saved slots of the old shapes back with
+    no error; one of another structure got orbax's advice to pass `partial_restore=True`, an
+    argument restore_state does not have."""
+    params = {"w": jnp.ones((2, 3))}
+    tx = kopt.sgd(0.1, momentum=0.9)
+    _, state = tx.update({"w": jnp.arange(6.0).reshape(2, 3)}, tx.init(params), params)
+    save_state(tmp_path / "s", state)
+    like_state = like()
+    before = jax.tree.map(jnp.copy, like_state)
+    with pytest.raises(ValueError, match=r"^restore_state: " + culprit):
+        restore_state(tmp_path / "s", like_state)
+    chex.assert_trees_all_equal(like_state, before)
+    restored = restore_state(tmp_path / "s", tx.init(params))
+    chex.assert_trees_all_equal(restored, state)
 
 
 def test_python_numbers_in_the_tree_restore_as_numbers(tmp_path):

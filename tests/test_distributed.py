@@ -64,6 +64,31 @@ def test_leaf_sharding_picks_the_largest_divisible_dimension():
         kopt.state_sharding(kopt.adam().init(PARAMS), mesh, "model")
 
 
+@pytest.mark.parametrize(
+    "mesh, axis_name, culprit",
+    [
+        (None, "data", r"`mesh` must be a jax.sharding.Mesh, received NoneType"),
+        (
+            "mesh",
+            0,
+            r"`axis_name` must be a mesh axis name \(a str\) or a tuple of them, "
+            r"received int: 0",
+        ),
+        ("mesh", ("data", 0), r"`axis_name` .* received tuple"),
+    ],
+    ids=["no-mesh", "int-axis", "int-in-tuple"],
+)
+def test_state_sharding_names_a_mesh_or_axis_name_of_the_wrong_type(mesh, axis_name, culprit):
+    """They failed with "'NoneType' object has no attribute 'shape'" and "'int' object is not
+    iterable"."""
+    mesh = jax.make_mesh((4,), ("data",)) if mesh == "mesh" else mesh
+    state = kopt.adam().init(PARAMS)
+    with pytest.raises(TypeError, match=r"^state_sharding: " + culprit):
+        kopt.state_sharding(state, mesh, axis_name)
+    with pytest.raises(TypeError, match=r"^state_sharding: " + culprit):
+        kopt.shard_state(state, mesh, axis_name)
+
+
 def _split_params():
     """Two (8, 8) params split differently over "model" and a replicated bias, on a 2 x 2
     ("data", "model") mesh: ``(mesh, specs, params)``."""

@@ -130,10 +130,45 @@ def test_a_state_made_for_params_of_other_shapes_names_the_slot(name, rows):
         jax.jit(tx.update)(grads(), state, params())
 
 
-def test_integer_gradient_is_a_type_error():
-    tx = kopt.adam()
-    with pytest.raises(TypeError, match=re.escape("['dense']['bias']")):
+@pytest.mark.parametrize(
+    "build", [kopt.adam, lambda: kopt.clip_by_global_norm(1.0)], ids=["adam", "clip_by_global_norm"]
+)
+def test_integer_gradient_is_a_type_error(build):
+    """clip_by_global_norm took int32 gradients and returned them as int zeros."""
+    tx = build()
+    with pytest.raises(TypeError, match=re.escape("['dense']['bias'] must be a floating-point")):
         tx.update(grads(bias=jnp.ones(2, jnp.int32)), tx.init(params()), params())
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize(
+    "bad, culprit",
+    [
+        (
+            kopt.IndexedSlices(jnp.ones((1, 2), jnp.int32), jnp.array([0])),
+            "must be a floating-point array, received ArrayImpl of dtype int32",
+        ),
+        (
+            jnp.ones((3, 2), jnp.complex64),
+            r"is complex \(complex64\), but its param is real \(float32\)",
+        ),
+        (
+            kopt.IndexedSlices(jnp.ones((1, 2), jnp.complex64), jnp.array([0])),
+            r"is complex \(complex64\), but its param is real \(float32\)",
+        ),
+    ],
+    ids=["sparse-int32", "complex", "sparse-complex"],
+)
+def test_a_gradient_the_param_cannot_take_names_the_path(name, bad, culprit):
+    """Integer rows of an IndexedSlices were taken (SGD's update truncated to int zeros), and
+    a complex gradient of a real param was cast to real (its imaginary part dropped)."""
+    tx = OPTIMIZERS[name](0.1)
+    p = params()
+    state = tx.init(p)
+    before = jax.tree.map(jnp.copy, (p, state))
+    with pytest.raises(TypeError, match=re.escape("['dense']['kernel'] ") + culprit):
+        tx.update(grads(kernel=bad), state, p)
+    chex.assert_trees_all_equal((p, state), before)
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
@@ -203,9 +238,45 @@ def test_out_of_range_argument_is_a_value_error_naming_it(build, argument):
         build()
 
 
+@pytest.mark.parametrize("axis_name", [0, np.int64(1), ("data", 0)], ids=repr)
+def test_aggregate_gradients_refuses_an_integer_axis_name(axis_name):
+    """jax.lax.psum reads an integer as a positional axis of the array: outside shard_map,
+    aggregate_gradients(0) summed each gradient over its first dimension and returned
+    gradients of other shapes, with no error."""
+    with pytest.raises(TypeError, match=r"aggregate_gradients: `axis_name` must name a mapped"):
+        kopt.aggregate_gradients(axis_name)
+
+
 def test_bool_hyperparameter_is_a_type_error():
     with pytest.raises(TypeError, match="`learning_rate`"):
         kopt.sgd(learning_rate=True)
+
+
+@pytest.mark.parametrize(
+    "build, name, value, match",
+    [
+        (kopt.adafactor, "clip_threshold", 0.0, "`clip_threshold` must be > 0.0"),
+        (kopt.lion, "beta_1", 0.0, r"the Lion piece at 0\): `beta_1` must be > 0.0"),
+        (kopt.sgd, "learning_rate", np.complex64(0.1 + 5j), "`learning_rate` must be real"),
+        (kopt.adam, "beta_1", np.complex128(0.5 + 1j), "`beta_1` must be real"),
+    ],
+    ids=["adafactor-clip_threshold", "lion-beta_1", "np-complex64", "np-complex128"],
+)
+def test_set_hyperparam_refuses_what_the_constructor_refuses(build, name, value, match):
+    """set_hyperparam took a clip_threshold of 0 (every update zero), Lion's beta_1 of 0, and
+    NumPy complex scalars (the imaginary part dropped), which the constructors refuse."""
+    with pytest.raises((TypeError, ValueError), match=f"`{name}`"):
+        build(**{name: value})
+    state = build().init(params())
+    before = jax.tree.map(jnp.copy, state)
+    with pytest.raises(
+        TypeError if np.iscomplexobj(value) else ValueError, match="set_hyperparam.*" + match
+    ):
+        kopt.set_hyperparam(state, name, value)
+    chex.assert_trees_all_equal(state, before)
+    # A beta_1 of 0 is fine for Adam.
+    adam_state = kopt.set_hyperparam(kopt.adam().init(params()), "beta_1", 0.0)
+    assert float(kopt.get_hyperparam(adam_state, "beta_1")) == 0.0
 
 
 def test_get_hyperparam_lists_the_known_names():
@@ -384,6 +455,22 @@ def _optax_adam_state():
         ),
         (
             lambda: kopt.adam(),
+            lambda: kopt.adam(amsgrad=True).init(params()),
+            r"scale_by_adam: `state` was not made by this transformation's init .* slots "
+            r"\['m', 'v', 'vhat'\], expected .* slots \['m', 'v'\] only",
+        ),
+        (
+            lambda: kopt.rmsprop(),
+            lambda: kopt.rmsprop(centered=True).init(params()),
+            r"scale_by_rmsprop: `state` .* slots \['mg', 'rms'\], expected .* slots \['rms'\] only",
+        ),
+        (
+            lambda: kopt.sgd(),
+            lambda: kopt.sgd(momentum=0.9).init(params()),
+            r"scale_by_sgd: `state` .* slots \['momentum'\], expected .* slots \[\] only",
+        ),
+        (
+            lambda: kopt.adam(),
             _optax_adam_state,
             r"scale_by_adam: `state` .*received optax's ScaleByAdamState",
         ),
@@ -423,6 +510,9 @@ def _optax_adam_state():
         "None",
         "sgd-into-adam",
         "rmsprop-into-sgd",
+        "amsgrad-into-adam",
+        "centered-into-rmsprop",
+        "momentum-into-sgd",
         "optax-adam",
         "sgd-into-clip",
         "into-masked",
@@ -434,7 +524,8 @@ def _optax_adam_state():
 )
 def test_a_state_not_made_by_init_is_named(build, make_state, culprit, jit):
     """A state that init did not make (forgot init and passed the params, None, another
-    optimizer's state) failed deep inside with AttributeError or KeyError."""
+    optimizer's state) failed deep inside with AttributeError or KeyError; one of a variant
+    with more slots (amsgrad, centered, momentum) was taken, its extra slots dropped."""
     tx, state = build(), make_state()
     update = jax.jit(tx.update) if jit else tx.update
     with pytest.raises(TypeError, match=culprit):
@@ -491,6 +582,9 @@ def test_apply_updates_names_updates_that_do_not_match_the_params(updates, culpr
             lambda: kopt.multi_transform({"a": kopt.sgd}, {"w": "a"}),
             r"multi_transform: `transformations\['a'\]`",
         ),
+        (lambda: kopt.flatten(3), "flatten: `transformation`"),
+        (lambda: kopt.flatten(kopt.adam), "flatten: `transformation`"),
+        (lambda: kopt.jit_update(3, None), "jit_update: `transformation`"),
     ],
 )
 def test_wrappers_name_an_argument_that_is_not_a_transformation(build, named):

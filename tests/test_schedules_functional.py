@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import kopt
-from kopt import schedules
+from kopt import optimizers, schedules
 
 
 def run_sgd(tx, steps, grad=1.0):
@@ -225,6 +225,52 @@ def test_a_schedule_returning_an_array_is_refused_naming_the_hyperparameter(shap
     state = tx.init(jnp.zeros(()))
     with pytest.raises(ValueError, match=r"schedule for `learning_rate` returned .* shape"):
         tx.update(jnp.ones(()), state, jnp.zeros(()))
+
+
+@pytest.mark.parametrize(
+    "schedule, culprit",
+    [
+        (lambda: 0.1, r"`learning_rate` is a callable that cannot be called with the step"),
+        (lambda step: "x", r"the schedule for `learning_rate` returned str: 'x'"),
+        (lambda step: None, r"the schedule for `learning_rate` returned NoneType: None"),
+        (lambda step: 0.1 + 1j, r"the schedule for `learning_rate` returned complex"),
+    ],
+    ids=["no-argument", "str", "None", "complex"],
+)
+def test_a_schedule_that_is_not_one_is_named(schedule, culprit):
+    """A zero-argument callable failed with Python's own "takes 0 positional arguments", and a
+    schedule returning a string or None with NumPy's "could not convert string to float" or
+    JAX's "None is not a valid value for jnp.array"."""
+    with pytest.raises(TypeError, match=culprit):
+        kopt.adam(learning_rate=schedule).init(jnp.zeros(2))
+
+
+@pytest.mark.parametrize(
+    "boundaries, values, error, culprit",
+    [
+        (
+            [5, 2],
+            [0.1, 0.2, 0.3],
+            ValueError,
+            r"`boundaries` must increase strictly, .*\[5.0, 2.0\]",
+        ),
+        ([2, 2], [0.1, 0.2, 0.3], ValueError, r"`boundaries` must increase strictly"),
+        (["a"], [0.1, 0.2], TypeError, r"`boundaries` must be a sequence of numbers, .*'a'"),
+        ([1], [0.1, None], TypeError, r"`values` must be a sequence of numbers, .*None"),
+        (3, [0.1, 0.2], TypeError, r"`boundaries` must be a sequence of numbers, received int"),
+    ],
+    ids=["decreasing", "repeated", "str", "None-value", "not-a-sequence"],
+)
+def test_piecewise_constant_decay_names_bad_boundaries_and_values(
+    boundaries, values, error, culprit
+):
+    """Boundaries that did not increase were taken, and the schedule gave a value at every step
+    that no boundary order means (tf.keras fails at the step); a string failed with NumPy's
+    "could not convert string to float". The facade's class builds the same function."""
+    with pytest.raises(error, match="^piecewise_constant_decay: " + culprit):
+        schedules.piecewise_constant_decay(boundaries, values)
+    with pytest.raises(error, match="^piecewise_constant_decay: " + culprit):
+        optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
 
 
 @pytest.mark.parametrize("decay_steps", [97, 41, 1000, 2.5])

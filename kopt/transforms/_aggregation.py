@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kopt.base import EmptyState, GradientTransformation
 from kopt.sparse import IndexedSlices, is_indexed_slices
@@ -29,6 +30,8 @@ def aggregate_gradients(
         reduction: ``"sum"`` (Keras's default) or ``"mean"``.
 
     Raises:
+        TypeError: for an integer ``axis_name`` (alone or in a tuple): ``jax.lax.psum`` reads
+            an integer as a positional axis of each gradient, and would sum over it.
         ValueError: for another reduction.
 
     Example:
@@ -38,6 +41,13 @@ def aggregate_gradients(
         >>> f(jnp.array([1.0, 2.0, 3.0]))
         Array([6., 6., 6.], dtype=float32)
     """
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    if any(isinstance(n, (int, np.integer)) for n in names):
+        raise TypeError(
+            f"aggregate_gradients: `axis_name` must name a mapped axis (a str, or a tuple of "
+            f"them), received {axis_name!r}: jax.lax.psum reads an integer as a positional "
+            "axis of each gradient, and would sum over the gradient's own dimension"
+        )
     if reduction not in ("sum", "mean"):
         raise ValueError(
             f"aggregate_gradients: `reduction` must be 'sum' or 'mean', received {reduction!r}"

@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from kopt._tree import abs_sq, at_least_float32, on_params_devices
+from kopt._tree import abs_sq, at_least_float32, check_floating_gradients, on_params_devices
 from kopt.base import (
     GradientTransformation,
     OptimizerState,
@@ -124,6 +124,7 @@ def clip_by_global_norm(global_clipnorm: Any) -> GradientTransformation:
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
         check_state(owner, state, OptimizerState, hyperparams=hyper)
+        check_floating_gradients(updates, owner)
         hp = current_hyperparams(state, schedules)
         clip_norm = hp["global_clipnorm"]
         norm = global_norm(updates)

@@ -26,6 +26,7 @@ from kopt.base import (
     PyTree,
     check_count,
     check_state,
+    check_transformation,
     extra_args_update,
 )
 from kopt.sparse import IndexedSlices, is_indexed_slices
@@ -396,6 +397,7 @@ def flatten(
         (2, 2)
     """
     owner = "flatten"
+    check_transformation(owner, "`transformation`", transformation)
     max_leaf_size = check_count(owner, "max_leaf_size", max_leaf_size, 0)
 
     def init_fn(params):
