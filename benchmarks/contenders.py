@@ -110,17 +110,20 @@ def kopt_pure(optimizer: str, n_params: int, n_leaves: int, wrap=None, pack=Fals
 
 
 def mlp_params(n_params: int, n_leaves: int, seed: int) -> dict[str, Any]:
-    """An MLP of ``n_leaves // 2`` square tanh layers (kernel and bias) of about ``n_params``."""
+    """An MLP of ``n_leaves // 2`` square tanh layers (kernel and bias) of about ``n_params``,
+    made on the default device (a 100M-param model took seconds to draw on the host and copy)."""
+    import jax
     import jax.numpy as jnp
-    import numpy as np
 
     layers = max(n_leaves // 2, 1)
     width = max(int((n_params / layers) ** 0.5), 2)
-    rng = np.random.default_rng(seed)
+    draw = jax.jit(
+        lambda key: jax.random.normal(key, (width, width), jnp.float32) / jnp.sqrt(width)
+    )
+    keys = jax.random.split(jax.random.key(seed), layers)
     params = {}
     for i in range(layers):
-        w = rng.standard_normal((width, width), dtype=np.float32) / np.float32(width**0.5)
-        params[f"w{i:04d}"] = jnp.asarray(w)
+        params[f"w{i:04d}"] = draw(keys[i])
         params[f"b{i:04d}"] = jnp.zeros(width, jnp.float32)
     return params
 

@@ -26,8 +26,9 @@ What it measures, each as paired A/B timings (the same machinery as ``run.py``):
 
 ``--train`` measures instead whole jitted training steps of an MLP (loss, gradient, Adam
 update; ``contenders.mlp_params``): optax and kopt over loose params against ``kopt.pack``
-with its default ``max_leaf_size`` (large kernels stay loose) and with ``max_leaf_size=None``
-(every param in one buffer, the model's matrix products reading slices of it). It goes into
+with ``max_leaf_size=16384`` (its default off GPUs: large kernels stay loose) and with
+``max_leaf_size=None`` (its default for params on a GPU: every param in one buffer, the
+model's matrix products reading slices of it). It goes into
 its own block of the output file.
 
 Arrays are made on the device (``jax.random``, ``torch.randn``) so that building 100M-param
@@ -40,6 +41,7 @@ import argparse
 import dataclasses
 import functools
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -68,7 +70,7 @@ TRAIN_SIZES = ((100_000_000, 200), (10_000_000, 1000), (1_000_000, 100))
 QUICK_TRAIN_SIZES = ((200_000, 20), (20_000, 10))
 TRAIN_BUDGET = Budget(seconds=0.6, min_reps=5, max_reps=200, warmup=2)
 
-# Specified memory bandwidth (GB/s) by a fragment of the device's name, for the share of peak.
+# Specified memory bandwidth (GB/s) by the words of the device's name, for the share of peak.
 SPEC_GBPS = {
     "H100 80GB HBM3": 3350,
     "H100 PCIe": 2000,
@@ -78,17 +80,40 @@ SPEC_GBPS = {
     "A100-SXM4-40GB": 1555,
     "A100-PCIE-40GB": 1555,
     "A100 80GB PCIe": 1935,
+    "L40S": 864,
+    "L40": 864,
     "L4": 300,
     "A10G": 600,
     "T4": 320,
 }
 
 
+def _words(name: str) -> list[str]:
+    return [w for w in re.split(r"[\s_-]+", name.upper()) if w]
+
+
+def optimizer_names(text: str) -> tuple[str, ...]:
+    """``--optimizers``: known names only, refused before any device time is spent."""
+    names = tuple(x for x in text.split(",") if x)
+    unknown = [x for x in names if x not in OPTIMIZERS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown optimizer(s) {unknown or text!r}; choose from {', '.join(OPTIMIZERS)}"
+        )
+    return names
+
+
 def spec_gbps(device_kind: str) -> float | None:
+    """The specified bandwidth of the card whose name holds a key's words, whole and in order
+    (``L4`` is not ``L40S``, ``H200`` not ``GH200``); the longest key that fits."""
+    words = _words(device_kind)
+    best = None
     for fragment, gbps in SPEC_GBPS.items():
-        if fragment in device_kind:
-            return gbps
-    return None
+        key = _words(fragment)
+        fits = any(words[i : i + len(key)] == key for i in range(len(words) - len(key) + 1))
+        if fits and (best is None or len(key) > best[0]):
+            best = (len(key), gbps)
+    return None if best is None else best[1]
 
 
 def device_leaves(n_params: int, n_leaves: int, seed: int) -> list:
@@ -170,7 +195,8 @@ def train_step(library: str, n_params: int, n_leaves: int) -> harness.Step:
     """REPEAT jitted, donated Adam training steps of ``contenders.mlp_params``'s MLP, one wait.
 
     ``library``: ``"optax"``, ``"kopt"``, ``"kopt.pack"`` (leaves of at most 16,384 elements
-    packed, the CPU's default) or ``"kopt.pack(None)"`` (every param packed)."""
+    packed, the default off GPUs) or ``"kopt.pack(None)"`` (every param packed, the default for
+    params on a GPU)."""
     size = None if library == "kopt.pack(None)" else 16384
     name = "kopt.pack" if library.startswith("kopt.pack") else library
     return contenders.train_step(
@@ -278,6 +304,7 @@ def report_header(title: str, mode: str, args: argparse.Namespace, machine: dict
         ["python benchmarks/gpu.py"]
         + ([mode] if mode else [])
         + (["--quick"] if args.quick else [])
+        + ([f"--optimizers {','.join(args.optimizers)}"] if args.optimizers != OPTIMIZERS else [])
         + ([f"--repeat {REPEAT[0]}"] if REPEAT[0] != 10 else [])
     )
     return harness.report_header(title, command, machine)
@@ -309,8 +336,9 @@ def train_report(args: argparse.Namespace) -> str:
         "One jitted, donated Adam training step (loss, gradient, update) of an MLP of square "
         "tanh layers (`contenders.mlp_params`: the leaves are the layers' kernels and biases), "
         f"batch 64, timed in units of {REPEAT[0]} steps with one wait; times are medians per "
-        "step in ms. *kopt.pack* packs the leaves of at most 16,384 elements (the default), "
-        "*kopt.pack(None)* packs every leaf, so the matrix products read slices of one buffer.",
+        "step in ms. *kopt.pack* packs the leaves of at most 16,384 elements (`kopt.pack`'s "
+        "default off GPUs), *kopt.pack(None)* packs every leaf (its default for params on a "
+        "GPU), so the matrix products read slices of one buffer.",
         "",
         harness.markdown_table(
             ["params", "leaves", "A", "B", "A ms", "B ms", "A/B", "A/B IQR", "reps"],
@@ -525,8 +553,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, few repetitions")
     parser.add_argument(
         "--optimizers",
-        default=",".join(OPTIMIZERS),
-        type=lambda s: tuple(x for x in s.split(",") if x),
+        default=OPTIMIZERS,
+        type=optimizer_names,
         help="comma-separated, of " + ", ".join(OPTIMIZERS),
     )
     parser.add_argument(
@@ -546,7 +574,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--output", type=Path, default=None, help="write the report into this file's GPU block"
     )
+    parser.add_argument(
+        "--allow-cpu",
+        action="store_true",
+        help="run the full sizes where JAX sees no GPU (otherwise refused; --quick runs anywhere)",
+    )
     args = parser.parse_args(argv)
+    if not (args.quick or args.allow_cpu):
+        import jax
+
+        if jax.default_backend() != "gpu":
+            # A machine whose CUDA jaxlib is missing falls back to the CPU, where the full
+            # sizes would run for hours before writing anything.
+            parser.error(
+                f"JAX's default backend is {jax.default_backend()!r}, not a GPU (is the CUDA "
+                "jaxlib installed?); pass --quick, or --allow-cpu to run the full sizes anyway"
+            )
     REPEAT[0] = max(args.repeat, 1)
     parts = []
     if not args.train:

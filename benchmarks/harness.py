@@ -196,7 +196,17 @@ def git_commit() -> str:
         )
     except OSError:
         return "unknown"
-    return done.stdout.strip() or "unknown"
+    commit = done.stdout.strip()
+    if not commit:
+        return "unknown"
+    status = subprocess.run(
+        ["git", "-C", root, "status", "--porcelain", "--", "kopt", "benchmarks"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    # Changes not committed: the numbers are of that tree, not of the commit alone.
+    return f"{commit} with uncommitted changes" if status.stdout.strip() else commit
 
 
 def report_header(title: str, command: str, machine: dict[str, str]) -> list[str]:

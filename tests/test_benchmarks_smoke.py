@@ -128,6 +128,29 @@ def test_gpu_benchmark_runs_small_on_the_cpu_and_writes_its_blocks(tmp_path):
         assert f"| 200k | 20 | {variant} | optax |" in train, variant
 
 
+def test_gpu_benchmark_checks_its_arguments_before_any_device_time():
+    """A misspelt optimizer ran to the end with a note per row; a machine whose JAX fell back
+    to the CPU ran the full sizes for hours before writing anything."""
+    done = run_benchmark("gpu.py", "--quick", "--optimizers", "adam,sgd")
+    assert done.returncode == 2 and "unknown optimizer(s) ['sgd']" in done.stderr
+    done = run_benchmark("gpu.py", "--optimizers", "adam")
+    assert done.returncode == 2 and "not a GPU" in done.stderr and "--allow-cpu" in done.stderr
+
+
+def test_gpu_benchmark_names_a_cards_bandwidth_by_whole_words():
+    """``L4`` was found in ``NVIDIA L40S`` (300 GB/s for an 864 GB/s card)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert gpu.spec_gbps("NVIDIA L40S") == 864
+    assert gpu.spec_gbps("NVIDIA L4") == 300
+    assert gpu.spec_gbps("NVIDIA GH200 480GB") is None  # not an H200
+    assert gpu.spec_gbps("NVIDIA H100 80GB HBM3") == 3350
+    assert gpu.spec_gbps("NVIDIA A100-SXM4-80GB") == 2039
+
+
 def test_one_pass_kernel_matches_kopt_adam_and_is_timed(tmp_path):
     """The one-pass experiment compiles its kernel, checks it against ``kopt.adam`` (the script
     fails on a mismatch) and times it against kopt's step; without a C++ compiler it cannot."""
