@@ -4,6 +4,7 @@ processing order, argument errors, sparse gradients, the two bridges, loss scali
 import logging
 import warnings
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -476,6 +477,24 @@ def test_from_transformation_takes_numbers_not_schedules_for_a_held_hyperparamet
     with pytest.raises(TypeError, match="schedule for `learning_rate` goes into the wrapped"):
         opt.learning_rate = kopt.optimizers.schedules.ExponentialDecay(0.1, 10, 0.5)
     assert float(opt.learning_rate.numpy()) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    "name, bad, bound",
+    [("beta_1", 1.5, "<= 1.0"), ("beta_2", 2.0, "<= 1.0"), ("epsilon", -1.0, ">= 0")],
+)
+def test_from_transformation_refuses_a_held_hyperparameter_out_of_its_range(name, bad, bound):
+    """Only the learning rate was checked: `beta_1 = 1.5` was held and the next step gave NaN.
+    Refused as kopt.set_hyperparam refuses it, with nothing changed."""
+    var = kopt.Variable([1.0, 2.0])
+    opt = optimizers.from_transformation(kopt.adam(0.1))
+    opt.apply_gradients([(jnp.ones(2), var)])
+    before = (float(getattr(opt, name).numpy()), opt.get_config(), opt.get_weights())
+    with pytest.raises(ValueError, match=f"`{name}` must be {bound}"):
+        setattr(opt, name, bad)
+    after = (float(getattr(opt, name).numpy()), opt.get_config(), opt.get_weights())
+    assert after[:2] == before[:2]
+    chex.assert_trees_all_equal(after[2], before[2])
 
 
 def test_loss_scale_skips_non_finite_steps_and_adapts_the_scale():

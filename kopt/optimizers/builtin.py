@@ -17,6 +17,7 @@ import numpy as np
 
 import kopt
 from kopt.base import (
+    _RANGES,
     GradientTransformation,
     OptimizerState,
     _hyperparam_holders,
@@ -91,7 +92,9 @@ class _SlotDtype:
 
 
 def _momentum_value(flag: bool, value: Any) -> Any:
-    if not flag:
+    if not flag:  # no momentum slot, but the value set is still checked (a config restores it)
+        low, high = _RANGES["momentum"]
+        kopt.base.check_hyperparam("momentum", "momentum", value, low=low, high=high)
         return 0.0
     return value if _is_step_schedule(value) else jnp.asarray(value, jnp.float32)
 
@@ -1431,6 +1434,9 @@ class TransformationOptimizer(Optimizer):
 
     def _transformation(self, hp):
         held = {k: v for k, v in hp.items() if k in self._held_hyperparams}
+        for key, value in held.items():  # the ranges set_hyperparam takes them in
+            low, high = _RANGES.get(key, (None, None))
+            kopt.base.check_hyperparam(type(self).__name__, key, value, low=low, high=high)
         wrapped = self._wrapped
         if not isinstance(wrapped, GradientTransformation):
             # An optax transformation takes sparse gradients dense (kopt.chain's rule), unless
