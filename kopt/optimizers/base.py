@@ -190,16 +190,21 @@ def _is_step_schedule(value: Any) -> bool:
         return True
     if not callable(value) or isinstance(value, Variable):
         return False
+    return len(_required_arguments(value)) == 1
+
+
+def _required_arguments(function: Callable) -> list[str]:
+    """The names of the positional arguments ``function`` has no default for (none where its
+    signature cannot be read)."""
     try:
-        params = inspect.signature(value).parameters.values()
+        params = inspect.signature(function).parameters.values()
     except (TypeError, ValueError):
-        return False
-    required = [
-        p
+        return []
+    return [
+        p.name
         for p in params
         if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]
-    return len(required) == 1
 
 
 def _check_number(owner: str, name: str, value: Any, *, allow_callable: bool = True) -> None:
@@ -460,27 +465,17 @@ class Optimizer:
         # A custom optimizer's flag (NovoGrad's `grad_averaging`): a bool variable, as tf.keras.
         flag = isinstance(value, (bool, np.bool_)) and not self._uses_transformation()
         if not flag:
-            _check_number(type(self).__name__, name, value)
-        if not flag and (not callable(value) or isinstance(value, Variable)):
-            number = float(np.asarray(value.numpy() if isinstance(value, Variable) else value))
-            # A custom optimizer's own hyperparameter may be infinite ("never clip"), as in
-            # tf.keras; the built-ins' and every learning rate may not.
-            if not np.isfinite(number) and (
-                name in ("learning_rate", "decay")
-                or np.isnan(number)
-                or (self._has_twin() and name in _builtin_hyperparameter_names())
-            ):
-                raise ValueError(
-                    f"{type(self).__name__}: `{name}` must be finite, received {value}"
-                )
-            if name in ("learning_rate", "decay") and number < 0:
-                raise ValueError(f"{type(self).__name__}: `{name}` must be >= 0, received {value}")
+            self._check_hyper_value(name, value)
         with self._lock:
             current = self._hyper.get(name)
-            if current is not None and self._uses_transformation():
-                # The functional twin owns the valid ranges: a value it rejects is not set.
-                hyper = {**self._hyper, name: value}
-                self._build_transformation(_placeholders(self._transformation_hyperparams(hyper)))
+            into_checked = (  # a number into a variable whose `assign` checks it
+                isinstance(current, Variable)
+                and current._assign_check is not None
+                and not callable(value)
+                and not isinstance(value, Variable)
+            )
+            if current is not None and not into_checked:
+                self._check_hyper_range(name, value)
             if isinstance(value, Variable):
                 self._hyper[name] = value
             elif callable(value):
@@ -501,9 +496,44 @@ class Optimizer:
                         trainable=False,
                         name=f"{self._name}/{name}",
                     )
+                    if not flag:  # `opt.beta_1.assign(1.5)` is checked as `opt.beta_1 = 1.5`
+                        var._assign_check = functools.partial(self._check_hyper_assignment, name)
                 else:
                     var.assign(jnp.asarray(value, dtype))
                 self._hyper[name] = var
+
+    def _check_hyper_value(self, name: str, value: Any) -> None:
+        """The checks of a new value for hyperparameter ``name`` that need no other
+        hyperparameter: a number, finite, and a non-negative learning rate or decay."""
+        _check_number(type(self).__name__, name, value)
+        if not callable(value) or isinstance(value, Variable):
+            number = float(np.asarray(value.numpy() if isinstance(value, Variable) else value))
+            # A custom optimizer's own hyperparameter may be infinite ("never clip"), as in
+            # tf.keras; the built-ins' and every learning rate may not.
+            if not np.isfinite(number) and (
+                name in ("learning_rate", "decay")
+                or np.isnan(number)
+                or (self._has_twin() and name in _builtin_hyperparameter_names())
+            ):
+                raise ValueError(
+                    f"{type(self).__name__}: `{name}` must be finite, received {value}"
+                )
+            if name in ("learning_rate", "decay") and number < 0:
+                raise ValueError(f"{type(self).__name__}: `{name}` must be >= 0, received {value}")
+
+    def _check_hyper_range(self, name: str, value: Any) -> None:
+        """The functional twin owns the valid ranges: builds it with ``value`` for ``name``."""
+        if self._uses_transformation():
+            hyper = {**self._hyper, name: value}
+            self._build_transformation(_placeholders(self._transformation_hyperparams(hyper)))
+
+    def _check_hyper_assignment(self, name: str, value: jax.Array) -> None:
+        """Checks a concrete value assigned to the variable the optimizer made for
+        hyperparameter ``name`` (``opt.beta_1.assign(1.5)``), as setting the attribute does."""
+        value = _plain_number(np.asarray(value))  # reported as given: 0.1, not 0.10000000149
+        self._check_hyper_value(name, value)
+        with self._lock:
+            self._check_hyper_range(name, value)
 
     def _get_hyper(self, name: str, dtype: Any = None) -> Any:
         """The hyperparameter: its Variable (cast to ``dtype`` if given), the schedule object,
@@ -622,6 +652,7 @@ class Optimizer:
                     self._iterations = Variable(
                         jnp.zeros((), jnp.int32), trainable=False, name=f"{self._name}/iter"
                     )
+                    self._iterations._assign_check = _check_step_count
                     self._weights.append(self._iterations)
         return self._iterations
 
@@ -634,6 +665,13 @@ class Optimizer:
             )
         if not isinstance(variable, Variable):
             raise TypeError(f"`iterations` must be a kopt.Variable, received {variable!r}")
+        if variable.shape != ():
+            raise ValueError(
+                f"`iterations` must be a scalar step count, received {variable.name} of shape "
+                f"{variable.shape}"
+            )
+        _check_step_count(variable.numpy(), "`iterations`")
+        variable._assign_check = _check_step_count
         self._iterations = variable
         self._weights.append(variable)
 
@@ -1982,11 +2020,23 @@ class Optimizer:
 
         Returns:
             ``[(gradient, variable), ...]`` in ``var_list`` order.
+
+        Raises:
+            TypeError: if ``loss`` takes arguments, or ``var_list`` holds a non-variable.
+            ValueError: if ``loss`` is not callable or returns None or an integer value, or
+                ``var_list`` is None.
         """
         if not callable(loss):
             raise ValueError(
                 "compute_gradients: `loss` must be a zero-argument callable in kopt (JAX has no "
                 f"tape to replay a computed value); received {type(loss).__name__}"
+            )
+        required = _required_arguments(loss)
+        if required:
+            raise TypeError(
+                "compute_gradients: `loss` must be a zero-argument callable (kopt calls it as "
+                f"loss()); {getattr(loss, '__name__', type(loss).__name__)} requires "
+                + ", ".join(f"`{name}`" for name in required)
             )
         if not callable(var_list) or isinstance(var_list, Variable):
             return self._gradients(loss, _variable_list(var_list), grad_loss)
@@ -1997,14 +2047,12 @@ class Optimizer:
             # The loss runs again for the variables it built: the assignments it made (a
             # moving statistic) are those of this second run only, as in one tf.keras step.
             grads_and_vars, writes = self._gradients_and_writes(loss, built, grad_loss)
-        for variable, value in writes:
-            variable._value = value
+        _make_writes(writes)
         return grads_and_vars
 
     def _gradients(self, loss, var_list: list[Variable], grad_loss: Any):
         grads_and_vars, writes = self._gradients_and_writes(loss, var_list, grad_loss)
-        for variable, value in writes:
-            variable._value = value
+        _make_writes(writes)
         return grads_and_vars
 
     def _gradients_and_writes(self, loss, var_list: list[Variable], grad_loss: Any):
@@ -2086,9 +2134,26 @@ class Optimizer:
 
         Returns:
             The ``iterations`` variable after the step.
+
+        Raises:
+            TypeError: as :meth:`compute_gradients`, or :meth:`apply_gradients`.
+            ValueError: as :meth:`compute_gradients`, or :meth:`apply_gradients` (a repeated
+                variable, no gradient for any). A rejected call changes nothing: the variables
+                the loss assigned keep their values from before the call too.
         """
-        grads_and_vars = self.compute_gradients(loss, var_list, grad_loss)
-        return self.apply_gradients(grads_and_vars, name=name)
+        undo: list[tuple[Variable, Any]] = []  # what the loss's assignments replaced
+        outer = getattr(_minimizing, "undo", None)
+        _minimizing.undo = undo
+        try:
+            grads_and_vars = self.compute_gradients(loss, var_list, grad_loss)
+        finally:
+            _minimizing.undo = outer
+        try:
+            return self.apply_gradients(grads_and_vars, name=name)
+        except BaseException:
+            for variable, value in reversed(undo):  # a rejected call changes nothing
+                variable._value = value
+            raise
 
     def get_gradients(self, loss: Callable[[], Any], params: list[Variable]) -> list[Any]:
         """Gradients of ``loss()`` for ``params``.
@@ -2324,6 +2389,10 @@ def _loss_array(loss: Any) -> jax.Array:
     """A loss as one array. A list, tuple or dict of losses is differentiated as their sum,
     as tf.keras's tape differentiates several targets: stacked where they have one shape and
     dtype (so a ``grad_loss`` may weigh each), summed otherwise."""
+    if loss is None:
+        raise ValueError(
+            "minimize: the loss returned None; it must return the loss value (a number or an array)"
+        )
     if not isinstance(loss, (list, tuple, dict)):
         return _inexact_loss(jnp.asarray(loss))
     parts = [_inexact_loss(jnp.asarray(x)) for x in jax.tree.leaves(loss)]
@@ -2349,9 +2418,29 @@ def _inexact_loss(loss: jax.Array) -> jax.Array:
     return loss
 
 
+# While ``minimize`` computes its gradients: the values the loss's assignments replace, put
+# back if ``apply_gradients`` then refuses the call.
+_minimizing = threading.local()
+
+
+def _make_writes(writes: list[tuple[Variable, Any]]) -> None:
+    """Makes the assignments a differentiated loss made (recording what they replace for a
+    ``minimize`` in progress)."""
+    undo = getattr(_minimizing, "undo", None)
+    for variable, value in writes:
+        if undo is not None:
+            undo.append((variable, variable._current))
+        variable._value = value
+
+
 def _variable_list(var_list: Any) -> list[Variable]:
     """The Variables of a (nested) list; None entries (not built yet) are skipped. Another
     iterable of them (``dict.values()``, a generator) counts as a list."""
+    if var_list is None:  # tf.keras raises too ("Passed in object None")
+        raise ValueError(
+            "compute_gradients: `var_list` must be a list of kopt.Variables (or a callable "
+            "returning one), received None"
+        )
     if isinstance(var_list, (Iterator, MappingView, set, frozenset)):
         var_list = list(var_list)  # a pytree of variables (a FrozenDict, say) is taken as one
     variables = list(jax.tree.leaves(var_list, is_leaf=lambda x: isinstance(x, Variable)))
@@ -2786,14 +2875,20 @@ def _saturated_count(value: Any) -> Any:
     """A step count from ``set_weights`` for the int32 ``iterations``: capped at ``2**31 - 1``
     as training caps it (tf.keras's count is int64, so a long run's may be larger); a negative
     or non-integer count is refused."""
+    _check_step_count(value, "set_weights")
+    return np.minimum(np.asarray(value), np.iinfo(np.int32).max)
+
+
+def _check_step_count(value: Any, where: str = "iterations.assign") -> None:
+    """Refuses a step count that is not a non-negative integer (from ``set_weights``, the
+    ``iterations`` setter, or assigned to ``iterations``)."""
     count = np.asarray(value)
     if count.dtype.kind not in "iu":
         raise TypeError(
-            f"set_weights: the step count (iterations) must be an integer, received {count.dtype}"
+            f"{where}: the step count (iterations) must be an integer, received {count.dtype}"
         )
     if count.min(initial=0) < 0:
-        raise ValueError(f"set_weights: the step count (iterations) must be >= 0, received {count}")
-    return np.minimum(count, np.iinfo(np.int32).max)
+        raise ValueError(f"{where}: the step count (iterations) must be >= 0, received {count}")
 
 
 def _check_gradient(g: Any, v: Variable, aggregate: bool) -> None:
@@ -2815,6 +2910,16 @@ def _check_gradient(g: Any, v: Variable, aggregate: bool) -> None:
             raise TypeError(
                 f"apply_gradients: the indices of the sparse gradient for {v.name} must be an "
                 f"integer array, received {type(g.indices).__name__}: {g.indices!r:.60}"
+            )
+        if not jnp.issubdtype(g.indices.dtype, jnp.integer):
+            raise TypeError(
+                f"apply_gradients: sparse gradient for {v.name} has indices of dtype "
+                f"{g.indices.dtype}, expected integers"
+            )
+        if v.ndim == 0:
+            raise ValueError(
+                f"apply_gradients: sparse gradient for {v.name} is for a scalar variable, which "
+                "has no rows; give it a dense gradient"
             )
         if (
             not hasattr(g.values, "shape")
