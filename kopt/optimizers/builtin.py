@@ -726,11 +726,12 @@ def _check_keras3_options(
             )
     if use_ema:
         ema_momentum = _plain_number(ema_momentum)
-        if (
-            isinstance(ema_momentum, bool)
-            or not isinstance(ema_momentum, (int, float))
-            or not 0 <= ema_momentum <= 1
-        ):
+        if isinstance(ema_momentum, bool) or not isinstance(ema_momentum, (int, float)):
+            raise TypeError(
+                f"`ema_momentum` must be a number. Received: ema_momentum={ema_momentum!r} "
+                f"(of type {type(ema_momentum).__name__})"
+            )
+        if not 0 <= ema_momentum <= 1:
             raise ValueError(
                 f"`ema_momentum` must be in the range [0, 1]. Received: ema_momentum={ema_momentum}"
             )
@@ -904,6 +905,14 @@ class _Keras3(_SlotDtype, Optimizer):
                 "exclude_from_weight_decay: `var_names` must be a list of strings, received "
                 f"{var_names!r}"
             )
+        for pattern in var_names or ():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(
+                    "exclude_from_weight_decay: `var_names` must hold regular expressions; "
+                    f"{pattern!r} is not one ({e})"
+                ) from e
         with self._lock:
             self._excluded_vars = {v._uid: v for v in var_list or ()}
             self._excluded_names = re.compile("|".join(set(var_names))) if var_names else None
