@@ -43,6 +43,10 @@ def trained_adam():
     return opt, a, b
 
 
+def none_constraint(value):
+    """A constraint that forgot to return its value."""
+
+
 BAD_CALLS = {
     "non-variable": (
         TypeError,
@@ -107,6 +111,23 @@ BAD_CALLS = {
         ValueError,
         "`shape` of slot 'q'",
         lambda opt, a, b: opt.add_slot(a, "q", shape=(-1,)),
+    ),
+    "negative add_weight shape": (
+        ValueError,
+        "add_weight: `shape` of weight 'x' must be a sequence of ints >= 0, received \\(-1,\\)",
+        lambda opt, a, b: opt.add_weight("x", shape=(-1,)),
+    ),
+    "add_slot initializer that is no value": (
+        TypeError,
+        "`initializer` must be 'zeros', 'ones', a value or a callable.*received object",
+        lambda opt, a, b: opt.add_slot(a, "q", initializer=object()),
+    ),
+    "constraint returning None": (
+        TypeError,
+        "the constraint .*none_constraint of c:0 returned None",
+        lambda opt, a, b: opt.apply_gradients(
+            [(ONES_2, a), (jnp.ones(1), kopt.Variable([1.0], name="c", constraint=none_constraint))]
+        ),
     ),
     "set_weights(None)": (
         TypeError,
@@ -332,6 +353,32 @@ def test_an_iterations_variable_given_is_checked_on_assignment():
         (lambda: optimizers.SGD(decay=-0.1), ValueError, "decay"),
         (lambda: optimizers.Adam(beta_1="0.9"), TypeError, "beta_1"),
         (lambda: optimizers.SGD(clipvalue=[1.0]), TypeError, "clipvalue"),
+        # These raised Python's or NumPy's own errors, some only at the first step.
+        (
+            lambda: optimizers.SGD(learning_rate=np.complex64(1)),
+            TypeError,
+            "SGD: `learning_rate` must be a real number",
+        ),
+        (
+            lambda: optimizers.Adagrad(initial_accumulator_value="0.1"),
+            TypeError,
+            "Adagrad: `initial_accumulator_value` must be a number or a scalar array; received str",
+        ),
+        (
+            lambda: optimizers.SGD(gradient_transformers=lambda gv: gv),
+            TypeError,
+            "SGD: `gradient_transformers` must be a list of callables",
+        ),
+        (
+            lambda: optimizers.SGD(gradient_transformers=[3]),
+            TypeError,
+            "SGD: `gradient_transformers` item 0 must be a callable.*received int: 3",
+        ),
+        (
+            lambda: optimizers.Adam(gradient_aggregator=3),
+            TypeError,
+            "Adam: `gradient_aggregator` must be a callable.*received int: 3",
+        ),
     ],
 )
 def test_bad_constructor_arguments(make, error, match):

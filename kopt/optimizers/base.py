@@ -211,8 +211,10 @@ def _check_number(owner: str, name: str, value: Any, *, allow_callable: bool = T
     if value is None:
         raise TypeError(f"{owner}: `{name}` must be a number, received None")
     if isinstance(value, bool) or isinstance(value, str):
+        expected = "a number, a scalar array, a schedule or a callable"
         raise TypeError(
-            f"{owner}: `{name}` must be a number, a scalar array, a schedule or a callable; "
+            f"{owner}: `{name}` must be "
+            f"{expected if allow_callable else 'a number or a scalar array'}; "
             f"received {type(value).__name__}: {value!r}"
         )
     if callable(value) and not isinstance(value, Variable):
@@ -231,6 +233,31 @@ def _check_number(owner: str, name: str, value: Any, *, allow_callable: bool = T
             f"{owner}: `{name}` must be a scalar number, received {type(value).__name__} of "
             f"shape {array.shape} and dtype {array.dtype}"
         )
+    if jnp.issubdtype(array.dtype, jnp.complexfloating):
+        raise TypeError(f"{owner}: `{name}` must be a real number, received {value!r}")
+
+
+def _check_gradient_hooks(owner: str, aggregator: Any, transformers: Any) -> None:
+    """Refuses, at construction, a ``gradient_aggregator`` or ``gradient_transformers`` that the
+    first step would fail to call."""
+    if aggregator is not None and not callable(aggregator):
+        raise TypeError(
+            f"{owner}: `gradient_aggregator` must be a callable [(grad, var)] -> "
+            f"[(grad, var)], received {type(aggregator).__name__}: {aggregator!r:.60}"
+        )
+    if transformers is None:
+        return
+    if not isinstance(transformers, (list, tuple)):
+        raise TypeError(
+            f"{owner}: `gradient_transformers` must be a list of callables [(grad, var)] -> "
+            f"[(grad, var)], received {type(transformers).__name__}: {transformers!r:.60}"
+        )
+    for i, transformer in enumerate(transformers):
+        if not callable(transformer):
+            raise TypeError(
+                f"{owner}: `gradient_transformers` item {i} must be a callable [(grad, var)] "
+                f"-> [(grad, var)], received {type(transformer).__name__}: {transformer!r:.60}"
+            )
 
 
 class Optimizer:
@@ -335,6 +362,7 @@ class Optimizer:
             )
         if name is not None and not isinstance(name, str):
             raise TypeError(f"{owner}: `name` must be a string, received {type(name).__name__}")
+        _check_gradient_hooks(owner, gradient_aggregator, gradient_transformers)
         self._name = name or _snake_case(owner)
         self._initial_decay = float(kwargs.get("decay") or 0.0)
         self._slots: dict[int, dict[str, Variable]] = {}
@@ -744,7 +772,8 @@ class Optimizer:
         in tf.keras). Every step passes it into the compiled update and back, so a hook may
         read it and ``assign`` to it, and a value assigned between steps is the one read."""
         dtype = dtype or jnp.float32
-        value = _initial_value(initializer, tuple(shape), dtype)
+        shape = _shape_argument(shape, f"add_weight: `shape` of weight {name!r}")
+        value = _initial_value(initializer, shape, dtype)
         weight = Variable(
             value,
             trainable=bool(trainable) if trainable is not None else True,
@@ -776,7 +805,11 @@ class Optimizer:
             # scalar per variable).
             shape = tuple(np.shape(initializer))
         else:
-            shape = var.shape if shape is None else _slot_shape(shape, slot_name)
+            shape = (
+                var.shape
+                if shape is None
+                else _shape_argument(shape, f"add_slot: `shape` of slot {slot_name!r}")
+            )
         self._adopt_copies()
         existing = self._slots.get(var._uid, {}).get(slot_name)
         if existing is not None:
@@ -1241,10 +1274,12 @@ class Optimizer:
             The ``iterations`` variable, or None when there was nothing to apply.
 
         Raises:
-            TypeError: for a malformed pair, a non-variable or a gradient of the wrong kind.
-            ValueError: if every gradient is None, a variable repeats, a shape or dtype is
-                wrong, or a ``PerReplica`` holds only this process's replicas of a variable
-                spanning several processes. A rejected call changes nothing.
+            TypeError: for a malformed pair, a non-variable, or a gradient of the wrong kind or
+                dtype (dense or sparse).
+            ValueError: if every gradient is None, a variable repeats, a shape is wrong, a
+                ``PerReplica`` gradient is given with ``experimental_aggregate_gradients=False``,
+                or a ``PerReplica`` holds only this process's replicas of a variable spanning
+                several processes. A rejected call changes nothing.
         """
         if "_copy_memo" in self.__dict__:
             with self._lock:
@@ -1764,6 +1799,12 @@ class Optimizer:
                     gv = self._transform_unaggregated_gradients(gv)
                     gv = self._aggregate_gradients(gv)
                 for g, v in gv:
+                    if isinstance(g, PerReplica) and not aggregate:
+                        raise ValueError(
+                            f"apply_gradients: the gradient of {v.name} is per-replica, but "
+                            "experimental_aggregate_gradients=False skips the aggregation: "
+                            "give gradients already reduced across replicas, or leave it True"
+                        )
                     if isinstance(g, PerReplica):
                         raise ValueError(
                             f"apply_gradients: the gradient of {v.name} is still per-replica "
@@ -2342,8 +2383,9 @@ class _SparseConstraintError(RuntimeError, ValueError):
     ValueError, as kopt's bad inputs."""
 
 
-def _slot_shape(shape: Any, slot_name: str) -> tuple[int, ...]:
-    """``add_slot``'s ``shape`` as a tuple of ints >= 0, or a ValueError naming it."""
+def _shape_argument(shape: Any, what: str) -> tuple[int, ...]:
+    """``add_slot``'s or ``add_weight``'s ``shape`` as a tuple of ints >= 0, or a ValueError
+    naming it (``what``: "add_slot: `shape` of slot 'q'")."""
     try:
         dims = tuple(shape)
     except TypeError:
@@ -2351,10 +2393,7 @@ def _slot_shape(shape: Any, slot_name: str) -> tuple[int, ...]:
     if dims is None or not all(
         isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in dims
     ):
-        raise ValueError(
-            f"add_slot: `shape` of slot {slot_name!r} must be a sequence of ints >= 0, "
-            f"received {shape!r}"
-        )
+        raise ValueError(f"{what} must be a sequence of ints >= 0, received {shape!r}")
     return tuple(int(d) for d in dims)
 
 
@@ -2382,7 +2421,14 @@ def _initial_value(initializer: Any, shape: tuple[int, ...], dtype: Any) -> jax.
         )
     if callable(initializer) and not hasattr(initializer, "shape"):
         return jnp.asarray(initializer(shape=shape, dtype=dtype), dtype)
-    return jnp.broadcast_to(jnp.asarray(initializer, dtype), shape)
+    try:
+        value = jnp.asarray(initializer, dtype)
+    except (TypeError, ValueError) as e:
+        raise TypeError(
+            "`initializer` must be 'zeros', 'ones', a value or a callable (shape, dtype) -> "
+            f"array, received {type(initializer).__name__}: {initializer!r:.60}"
+        ) from e
+    return jnp.broadcast_to(value, shape)
 
 
 def _loss_array(loss: Any) -> jax.Array:
@@ -2525,9 +2571,17 @@ def _constrained(v: Variable) -> jax.Array:
     functions take no variable).
 
     Raises:
+        TypeError: naming the variable and the constraint, if the constraint returns None.
         ValueError: naming the variable, if the constraint returns another shape.
     """
-    out = jnp.asarray(v.constraint(v.value))
+    out = v.constraint(v.value)
+    if out is None:
+        constraint = getattr(v.constraint, "__qualname__", type(v.constraint).__name__)
+        raise TypeError(
+            f"the constraint {constraint} of {v.name} returned None, expected the constrained "
+            "value (an array of the variable's shape)"
+        )
+    out = jnp.asarray(out)
     if out.shape != v.shape:
         raise ValueError(
             f"the constraint of {v.name} returned a value of shape {out.shape}, expected the "

@@ -313,6 +313,13 @@ class Adagrad(_KerasV2):
         name="Adagrad",
         **kwargs,
     ):
+        if initial_accumulator_value is not None:
+            _check_number(
+                type(self).__name__,
+                "initial_accumulator_value",
+                initial_accumulator_value,
+                allow_callable=False,
+            )
         if initial_accumulator_value is None or initial_accumulator_value < 0.0:
             raise ValueError(
                 f"initial_accumulator_value must be non-negative: {initial_accumulator_value}"
