@@ -569,6 +569,15 @@ def test_python_gradients_take_the_variables_dtype_and_integer_variables_get_non
     assert int(count.numpy()) == 3
 
 
+def test_the_no_gradient_warning_for_an_integer_variable_says_why(caplog):
+    """`minimize` skips an integer variable the loss reads (tf.keras's tape gives it None);
+    the warning said only "the loss does not depend on them"."""
+    w, count = kopt.Variable([1.0], name="w"), kopt.Variable([3], name="count")
+    with caplog.at_level(logging.WARNING, logger="kopt"):
+        optimizers.SGD(0.1).minimize(lambda: jnp.sum(w * count.value), [w, count])
+    assert "['count:0']" in caplog.text and "integer variables, which have none" in caplog.text
+
+
 def test_changing_a_schedules_attribute_takes_effect_as_in_tf_keras():
     """tf.keras's schedules read their attributes at each call. kopt's built the function once
     (and keyed the compiled step by the first config): a change between steps was ignored,

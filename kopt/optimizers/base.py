@@ -2910,7 +2910,8 @@ def _filter_empty_gradients(pairs):
         missing = [_name_of(v) for g, v in pairs if g is None]
         logger.warning(
             "Gradients do not exist for variables %s when minimizing the loss: their gradients "
-            "are None (the loss does not depend on them), and they are left unchanged.",
+            "are None (the loss does not depend on them, or they are integer variables, which "
+            "have none), and they are left unchanged.",
             missing,
         )
     return kept
