@@ -338,9 +338,10 @@ class Variable:
         obj._uid = next(_uid)
         return obj
 
-    # copies and pickles are new variables: their own uid (slots and programs are keyed by it)
+    # copies and pickles are new variables: their own uid (slots and programs are keyed by it),
+    # unchecked (an optimizer that is copied too checks its copies again)
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "_uid"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_uid", "_assign_check")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)

@@ -1,6 +1,8 @@
 """API.md section 3 for the facade: a rejected or failed call changes nothing, and no update is
 lost across threads."""
 
+import copy
+import pickle
 import threading
 
 import jax
@@ -334,6 +336,22 @@ def test_iterations_setter_refuses_a_variable_that_is_no_step_count(step_count, 
     opt.apply_gradients([(jnp.ones(2), var)])
     assert int(opt.iterations.numpy()) == 1
     np.testing.assert_allclose(var.numpy(), [0.9, 1.9], rtol=1e-5)  # Adam's first step: -lr
+
+
+@pytest.mark.parametrize("copy_of", [copy.deepcopy, lambda opt: pickle.loads(pickle.dumps(opt))])
+def test_a_copied_optimizer_checks_its_own_hyperparameter_variables(copy_of):
+    """The copy's variables are checked against the copy; a variable copied alone is plain."""
+    opt, a, b = copy_of(trained_adam()[0]), kopt.Variable([1.0, 2.0]), kopt.Variable([3.0])
+    with pytest.raises(ValueError, match="Adam: `beta_1` must be <= 1.0"):
+        opt.beta_1.assign(1.5)
+    with pytest.raises(ValueError, match=r"step count \(iterations\) must be >= 0"):
+        opt.iterations.assign(-1)
+    assert float(opt.beta_1.numpy()) == pytest.approx(0.9)
+    assert int(opt.iterations.numpy()) == 1
+    opt.apply_gradients([(jnp.ones(2), a), (jnp.ones(1), b)])
+    alone = copy.deepcopy(opt.beta_1)
+    alone.assign(1.5)
+    assert float(alone.numpy()) == 1.5 and float(opt.beta_1.numpy()) == pytest.approx(0.9)
 
 
 def test_an_iterations_variable_given_is_checked_on_assignment():

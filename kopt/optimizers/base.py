@@ -524,8 +524,8 @@ class Optimizer:
                         trainable=False,
                         name=f"{self._name}/{name}",
                     )
-                    if not flag:  # `opt.beta_1.assign(1.5)` is checked as `opt.beta_1 = 1.5`
-                        var._assign_check = functools.partial(self._check_hyper_assignment, name)
+                    # `opt.beta_1.assign(1.5)` is checked as `opt.beta_1 = 1.5` is.
+                    self._check_own_assignments()
                 else:
                     var.assign(jnp.asarray(value, dtype))
                 self._hyper[name] = var
@@ -557,11 +557,21 @@ class Optimizer:
 
     def _check_hyper_assignment(self, name: str, value: jax.Array) -> None:
         """Checks a concrete value assigned to the variable the optimizer made for
-        hyperparameter ``name`` (``opt.beta_1.assign(1.5)``), as setting the attribute does."""
+        hyperparameter ``name`` (``opt.beta_1.assign(1.5)``), as setting the attribute does.
+        Without the optimizer's lock: ``assign_add`` calls it holding the variables' lock,
+        which a step takes after the optimizer's."""
         value = _plain_number(np.asarray(value))  # reported as given: 0.1, not 0.10000000149
         self._check_hyper_value(name, value)
-        with self._lock:
-            self._check_hyper_range(name, value)
+        self._check_hyper_range(name, value)
+
+    def _check_own_assignments(self) -> None:
+        """Makes ``assign`` check the variables the optimizer owns: its hyperparameters' and
+        ``iterations`` (again after a copy or unpickling, which leave the checks out)."""
+        for name, var in self.__dict__.get("_number_hypers", {}).items():
+            if var.dtype != jnp.bool_:  # a custom optimizer's flag: any bool
+                var._assign_check = functools.partial(self._check_hyper_assignment, name)
+        if self._iterations is not None:
+            self._iterations._assign_check = _check_step_count
 
     def _get_hyper(self, name: str, dtype: Any = None) -> Any:
         """The hyperparameter: its Variable (cast to ``dtype`` if given), the schedule object,
@@ -680,7 +690,7 @@ class Optimizer:
                     self._iterations = Variable(
                         jnp.zeros((), jnp.int32), trainable=False, name=f"{self._name}/iter"
                     )
-                    self._iterations._assign_check = _check_step_count
+                    self._check_own_assignments()
                     self._weights.append(self._iterations)
         return self._iterations
 
@@ -699,8 +709,8 @@ class Optimizer:
                 f"{variable.shape}"
             )
         _check_step_count(variable.numpy(), "`iterations`")
-        variable._assign_check = _check_step_count
         self._iterations = variable
+        self._check_own_assignments()
         self._weights.append(variable)
 
     @property
@@ -2281,6 +2291,7 @@ class Optimizer:
             _key_memo={},
         )
         self.__dict__["compile_count"] = 0
+        self._check_own_assignments()
         # Unpickled: the owners came along as new variables (new uids); their state follows.
         self._rekey(self._owners())
 
