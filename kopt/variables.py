@@ -221,12 +221,6 @@ class Variable:
         dtype: Any = None,
         constraint: Any = None,
     ):
-        # Made while a loss or a step is traced (a layer built on its first call), a variable
-        # from a known value holds that value, not a value of the trace.
-        with jax.ensure_compile_time_eval():
-            if callable(initial_value) and not hasattr(initial_value, "shape"):
-                initial_value = initial_value()
-            value = _full_spec(_as_array(initial_value, dtype, "initial_value"))
         if constraint is not None and not callable(constraint):
             raise TypeError(
                 f"Variable: `constraint` must be callable, received {type(constraint).__name__}"
@@ -238,7 +232,14 @@ class Variable:
                 dtype = jnp.dtype(dtype)
             except TypeError as e:
                 raise TypeError(f"Variable: `dtype` must be a dtype, received {dtype!r:.60}") from e
-            _check_cast(_value_of(initial_value), dtype, f"{name or 'Variable'}:0")
+        # Made while a loss or a step is traced (a layer built on its first call), a variable
+        # from a known value holds that value, not a value of the trace.
+        with jax.ensure_compile_time_eval():
+            if callable(initial_value) and not hasattr(initial_value, "shape"):
+                initial_value = initial_value()
+            if dtype is not None:
+                _check_cast(_value_of(initial_value), dtype, f"{name or 'Variable'}:0")
+            value = _full_spec(_as_array(initial_value, dtype, "initial_value"))
         self._uid = next(_uid)
         self._value = value
         self._trainable = bool(trainable)
