@@ -93,8 +93,10 @@ class _SlotDtype:
 
 def _momentum_value(flag: bool, value: Any) -> Any:
     if not flag:  # no momentum slot, but the value set is still checked (a config restores it)
-        low, high = _RANGES["momentum"]
-        kopt.base.check_hyperparam("momentum", "momentum", value, low=low, high=high)
+        low, high, low_inclusive = _RANGES["momentum"]
+        kopt.base.check_hyperparam(
+            "momentum", "momentum", value, low=low, high=high, low_inclusive=low_inclusive
+        )
         return 0.0
     return value if _is_step_schedule(value) else jnp.asarray(value, jnp.float32)
 
@@ -1451,8 +1453,10 @@ class TransformationOptimizer(Optimizer):
     def _transformation(self, hp):
         held = {k: v for k, v in hp.items() if k in self._held_hyperparams}
         for key, value in held.items():  # the ranges set_hyperparam takes them in
-            low, high = _RANGES.get(key, (None, None))
-            kopt.base.check_hyperparam(type(self).__name__, key, value, low=low, high=high)
+            low, high, low_inclusive = _RANGES.get(key, (None, None, True))
+            kopt.base.check_hyperparam(
+                type(self).__name__, key, value, low=low, high=high, low_inclusive=low_inclusive
+            )
         wrapped = self._wrapped
         if not isinstance(wrapped, GradientTransformation):
             # An optax transformation takes sparse gradients dense (kopt.chain's rule), unless
