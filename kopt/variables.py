@@ -209,6 +209,9 @@ class Variable:
 
     __array_ufunc__ = None  # NumPy operators defer to ours, so `x @ w` stays traceable
     __array_priority__ = 1000
+    # Set by an optimizer on a variable it owns (a hyperparameter's, ``iterations``): called
+    # with each concrete value ``assign`` is given, before it is stored, to refuse a bad one.
+    _assign_check: Any = None
 
     def __init__(
         self,
@@ -218,18 +221,25 @@ class Variable:
         dtype: Any = None,
         constraint: Any = None,
     ):
-        # Made while a loss or a step is traced (a layer built on its first call), a variable
-        # from a known value holds that value, not a value of the trace.
-        with jax.ensure_compile_time_eval():
-            if callable(initial_value) and not hasattr(initial_value, "shape"):
-                initial_value = initial_value()
-            value = _full_spec(_as_array(initial_value, dtype, "initial_value"))
         if constraint is not None and not callable(constraint):
             raise TypeError(
                 f"Variable: `constraint` must be callable, received {type(constraint).__name__}"
             )
         if name is not None and not isinstance(name, str):
             raise TypeError(f"Variable: `name` must be a string, received {type(name).__name__}")
+        if dtype is not None:
+            try:
+                dtype = jnp.dtype(dtype)
+            except TypeError as e:
+                raise TypeError(f"Variable: `dtype` must be a dtype, received {dtype!r:.60}") from e
+        # Made while a loss or a step is traced (a layer built on its first call), a variable
+        # from a known value holds that value, not a value of the trace.
+        with jax.ensure_compile_time_eval():
+            if callable(initial_value) and not hasattr(initial_value, "shape"):
+                initial_value = initial_value()
+            if dtype is not None:
+                _check_cast(_value_of(initial_value), dtype, f"{name or 'Variable'}:0")
+            value = _full_spec(_as_array(initial_value, dtype, "initial_value"))
         self._uid = next(_uid)
         self._value = value
         self._trainable = bool(trainable)
@@ -333,9 +343,10 @@ class Variable:
         obj._uid = next(_uid)
         return obj
 
-    # copies and pickles are new variables: their own uid (slots and programs are keyed by it)
+    # copies and pickles are new variables: their own uid (slots and programs are keyed by it),
+    # unchecked (an optimizer that is copied too checks its copies again)
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "_uid"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_uid", "_assign_check")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -368,17 +379,20 @@ class Variable:
         is atomic).
 
         Raises:
-            ValueError: if the shape differs.
+            ValueError: if the shape differs, or the value is out of the range an optimizer
+                owning the variable takes (``opt.beta_1.assign(1.5)``,
+                ``opt.iterations.assign(-1)``); the variable keeps its value then.
         """
         value = _value_of(value)
-        if jnp.issubdtype(self.dtype, jnp.integer):
-            _check_integral(value, self.dtype, self.name)
+        _check_cast(value, self.dtype, self.name)
         new = _as_array(value, self.dtype, "value")
         if tuple(new.shape) != self.shape:
             raise ValueError(
                 f"Variable {self.name}: cannot assign a value of shape {tuple(new.shape)} to a "
                 f"variable of shape {self.shape}"
             )
+        if self._assign_check is not None and not isinstance(new, jax.core.Tracer):
+            self._assign_check(new)
         # The stored value's placement (not a read of it: a deleted buffer is replaced too).
         current = self._current
         new = _keep_sharding(new, current)
@@ -592,6 +606,27 @@ class VariableReference:
 
     def __repr__(self) -> str:
         return f"<Reference wrapping {self._variable!r}>"
+
+
+def _check_cast(value: Any, dtype: Any, name: str) -> None:
+    """Refuses a value that would not survive the cast to the variable's ``dtype``: see
+    :func:`_check_integral` for an integer variable; a complex value for a real one (TypeError:
+    its imaginary part would be dropped; tf.Variable refuses it too)."""
+    if jnp.issubdtype(dtype, jnp.integer):
+        _check_integral(value, dtype, name)
+        return
+    if jnp.issubdtype(dtype, jnp.complexfloating) or isinstance(value, str) or value is None:
+        return
+    try:
+        is_complex = np.iscomplexobj(value)
+    except (TypeError, ValueError):
+        return  # _as_array reports it
+    if is_complex:
+        given = value.dtype if hasattr(value, "dtype") else np.asarray(value).dtype
+        raise TypeError(
+            f"Variable {name}: cannot assign a value of dtype {np.dtype(given).name} to a "
+            f"variable of dtype {np.dtype(dtype).name} (its imaginary part would be lost)"
+        )
 
 
 def _check_integral(value: Any, dtype: Any, name: str) -> None:

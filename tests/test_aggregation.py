@@ -182,7 +182,11 @@ def test_custom_gradient_aggregator_averages_and_is_skipped_when_told():
     assert calls == [1]  # not called, not even traced into the second program
 
     before = var.numpy().copy()
-    with pytest.raises(ValueError, match="per-replica"):
+    # It said "still per-replica after aggregation; reduce it in your gradient_aggregator",
+    # although no aggregation ran.
+    with pytest.raises(
+        ValueError, match="per-replica, but experimental_aggregate_gradients=False skips the"
+    ):
         opt.apply_gradients(
             [(PerReplica(jnp.asarray(per_replica)), var)], experimental_aggregate_gradients=False
         )

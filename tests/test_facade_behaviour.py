@@ -4,6 +4,7 @@ processing order, argument errors, sparse gradients, the two bridges, loss scali
 import logging
 import warnings
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -478,6 +479,24 @@ def test_from_transformation_takes_numbers_not_schedules_for_a_held_hyperparamet
     assert float(opt.learning_rate.numpy()) == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize(
+    "name, bad, bound",
+    [("beta_1", 1.5, "<= 1.0"), ("beta_2", 2.0, "<= 1.0"), ("epsilon", -1.0, ">= 0")],
+)
+def test_from_transformation_refuses_a_held_hyperparameter_out_of_its_range(name, bad, bound):
+    """Only the learning rate was checked: `beta_1 = 1.5` was held and the next step gave NaN.
+    Refused as kopt.set_hyperparam refuses it, with nothing changed."""
+    var = kopt.Variable([1.0, 2.0])
+    opt = optimizers.from_transformation(kopt.adam(0.1))
+    opt.apply_gradients([(jnp.ones(2), var)])
+    before = (float(getattr(opt, name).numpy()), opt.get_config(), opt.get_weights())
+    with pytest.raises(ValueError, match=f"`{name}` must be {bound}"):
+        setattr(opt, name, bad)
+    after = (float(getattr(opt, name).numpy()), opt.get_config(), opt.get_weights())
+    assert after[:2] == before[:2]
+    chex.assert_trees_all_equal(after[2], before[2])
+
+
 def test_loss_scale_skips_non_finite_steps_and_adapts_the_scale():
     a, b = kopt.Variable([1.0, 2.0], name="a"), kopt.Variable([3.0], name="b")
     opt = optimizers.LossScaleOptimizer(
@@ -548,6 +567,15 @@ def test_python_gradients_take_the_variables_dtype_and_integer_variables_get_non
     )
     np.testing.assert_allclose(w.numpy(), [1.0 - 0.1 * 6.0, 2.0 - 0.1 * 12.0], rtol=1e-6)
     assert int(count.numpy()) == 3
+
+
+def test_the_no_gradient_warning_for_an_integer_variable_says_why(caplog):
+    """`minimize` skips an integer variable the loss reads (tf.keras's tape gives it None);
+    the warning said only "the loss does not depend on them"."""
+    w, count = kopt.Variable([1.0], name="w"), kopt.Variable([3], name="count")
+    with caplog.at_level(logging.WARNING, logger="kopt"):
+        optimizers.SGD(0.1).minimize(lambda: jnp.sum(w * count.value), [w, count])
+    assert "['count:0']" in caplog.text and "integer variables, which have none" in caplog.text
 
 
 def test_changing_a_schedules_attribute_takes_effect_as_in_tf_keras():

@@ -1,6 +1,8 @@
 """API.md section 3 for the facade: a rejected or failed call changes nothing, and no update is
 lost across threads."""
 
+import copy
+import pickle
 import threading
 
 import jax
@@ -41,6 +43,10 @@ def trained_adam():
     opt = optimizers.Adam(learning_rate=0.1)
     opt.apply_gradients([(jnp.ones(2), a), (jnp.ones(1), b)])
     return opt, a, b
+
+
+def none_constraint(value):
+    """A constraint that forgot to return its value."""
 
 
 BAD_CALLS = {
@@ -108,6 +114,23 @@ BAD_CALLS = {
         "`shape` of slot 'q'",
         lambda opt, a, b: opt.add_slot(a, "q", shape=(-1,)),
     ),
+    "negative add_weight shape": (
+        ValueError,
+        "add_weight: `shape` of weight 'x' must be a sequence of ints >= 0, received \\(-1,\\)",
+        lambda opt, a, b: opt.add_weight("x", shape=(-1,)),
+    ),
+    "add_slot initializer that is no value": (
+        TypeError,
+        "`initializer` must be 'zeros', 'ones', a value or a callable.*received object",
+        lambda opt, a, b: opt.add_slot(a, "q", initializer=object()),
+    ),
+    "constraint returning None": (
+        TypeError,
+        "the constraint .*none_constraint of c:0 returned None",
+        lambda opt, a, b: opt.apply_gradients(
+            [(ONES_2, a), (jnp.ones(1), kopt.Variable([1.0], name="c", constraint=none_constraint))]
+        ),
+    ),
     "set_weights(None)": (
         TypeError,
         "`weights` must be a list",
@@ -132,6 +155,38 @@ BAD_CALLS = {
         ValueError,
         "iter:0: the value 8589934592 is out of the range of its dtype int32",
         lambda opt, a, b: opt.iterations.assign(2**33),
+    ),
+    # The hyperparameters' and the step count's own variables were assigned unchecked (the
+    # next steps trained on beta_1=1.5, or divided by zero for iterations -1).
+    "beta_1 variable assigned above 1": (
+        ValueError,
+        r"Adam: `beta_1` must be <= 1\.0, received 1\.5",
+        lambda opt, a, b: opt.beta_1.assign(1.5),
+    ),
+    "lr variable assigned a negative": (
+        ValueError,
+        r"Adam: `learning_rate` must be >= 0, received -0\.1$",
+        lambda opt, a, b: opt.lr.assign(-0.1),
+    ),
+    "beta_2 variable added past 1": (
+        ValueError,
+        "Adam: `beta_2` must be <= 1",
+        lambda opt, a, b: opt.beta_2.assign_add(0.5),
+    ),
+    "decay variable assigned NaN": (
+        ValueError,
+        "Adam: `decay` must be finite",
+        lambda opt, a, b: opt.decay.assign(np.nan),
+    ),
+    "iterations assigned a negative": (
+        ValueError,
+        r"step count \(iterations\) must be >= 0, received -1",
+        lambda opt, a, b: opt.iterations.assign(-1),
+    ),
+    "iterations taken below 0": (
+        ValueError,
+        r"step count \(iterations\) must be >= 0",
+        lambda opt, a, b: opt.iterations.assign_sub(5),
     ),
     # The facade keeps its state in Python objects: inside a jitted function its variables
     # would be left holding tracers.
@@ -164,6 +219,30 @@ BAD_CALLS = {
             ]
         ),
     ),
+    # These named the functional piece and a leaf path ("scale_by_adam: sparse gradient [1]").
+    "sparse gradient with float indices": (
+        TypeError,
+        "sparse gradient for e:0 has indices of dtype float32, expected integers",
+        lambda opt, a, b: opt.apply_gradients(
+            [
+                (ONES_2, a),
+                (
+                    kopt.IndexedSlices(jnp.ones((1, 2)), jnp.array([0.0]), (4, 2)),
+                    kopt.Variable(jnp.zeros((4, 2)), name="e"),
+                ),
+            ]
+        ),
+    ),
+    "sparse gradient for a scalar variable": (
+        ValueError,
+        "sparse gradient for s:0 is for a scalar variable",
+        lambda opt, a, b: opt.apply_gradients(
+            [
+                (ONES_2, a),
+                (kopt.IndexedSlices(jnp.ones(1), jnp.array([0])), kopt.Variable(1.0, name="s")),
+            ]
+        ),
+    ),
     "sparse gradient for a constrained variable": (
         RuntimeError,  # tf.keras's type; also a ValueError here
         "constraint function on a sparse variable \\(c:0\\)",
@@ -192,6 +271,98 @@ def test_bad_input_names_the_culprit_and_changes_nothing(case):
 
 
 @pytest.mark.parametrize(
+    "var_list, error, match",
+    [
+        (lambda a, b: [a, a], ValueError, "a:0 appears twice"),
+        (lambda a, b: [kopt.Variable([1], name="iv")], ValueError, "No gradients provided"),
+        (lambda a, b: None, ValueError, "`var_list` must be a list of kopt.Variables"),
+        (lambda a, b: lambda: None, ValueError, "`var_list` must be a list of kopt.Variables"),
+    ],
+)
+@pytest.mark.parametrize("make", [optimizers.Adam, optimizers.LossScaleOptimizer])
+def test_a_rejected_minimize_keeps_no_assignment_of_the_loss(make, var_list, error, match):
+    """A loss that updates a running statistic: a repeated or integer-only var_list was
+    refused after the loss's assignment was made (a wrong grad_loss rolled it back), and
+    var_list=None was a silent no-op (tf.keras raises)."""
+    opt = optimizers.Adam(0.1) if make is optimizers.Adam else make(optimizers.Adam(0.1))
+    a, b = kopt.Variable([1.0, 2.0], name="a"), kopt.Variable([3.0], name="b")
+    stat = kopt.Variable(0.0, name="stat", trainable=False)
+
+    def loss():
+        stat.assign_add(1.0)
+        return jnp.sum(a * a) + jnp.sum(b)
+
+    opt.minimize(loss, [a, b])
+    before = snapshot(opt, [a, b, stat])
+    with pytest.raises(error, match=match):
+        opt.minimize(loss, var_list(a, b))
+    assert_unchanged(before, snapshot(opt, [a, b, stat]))
+    opt.minimize(loss, [a, b])
+    assert float(stat.numpy()) == 2.0
+
+
+@pytest.mark.parametrize(
+    "loss, error, match",
+    [
+        (lambda: None, ValueError, "the loss returned None"),
+        (lambda x: x, TypeError, "`loss` must be a zero-argument callable.*requires `x`"),
+        (lambda x, y=1.0: x, TypeError, "requires `x`$"),
+    ],
+)
+def test_a_loss_that_is_not_a_loss_function_is_named(loss, error, match):
+    """JAX's "None is not a valid value for jnp.array", or Python's missing-argument error."""
+    opt, a, b = trained_adam()
+    before = snapshot(opt, [a, b])
+    with pytest.raises(error, match=match):
+        opt.minimize(loss, [a, b])
+    assert_unchanged(before, snapshot(opt, [a, b]))
+
+
+@pytest.mark.parametrize(
+    "step_count, error, match",
+    [
+        (lambda: kopt.Variable(0.5), TypeError, r"step count \(iterations\) must be an integer"),
+        (lambda: kopt.Variable([0, 5]), ValueError, r"`iterations` must be a scalar.*\(2,\)"),
+        (lambda: kopt.Variable(-2), ValueError, r"step count \(iterations\) must be >= 0"),
+    ],
+)
+def test_iterations_setter_refuses_a_variable_that_is_no_step_count(step_count, error, match):
+    """Any kopt.Variable was taken: a float one counted 0.5, 1.5...; a (2,)-shaped one made
+    Adam's bias correction per element. Refused as set_weights refuses such a count."""
+    opt, var = optimizers.Adam(0.1), kopt.Variable([1.0, 2.0])
+    with pytest.raises(error, match=match):
+        opt.iterations = step_count()
+    assert opt.weights == []
+    opt.apply_gradients([(jnp.ones(2), var)])
+    assert int(opt.iterations.numpy()) == 1
+    np.testing.assert_allclose(var.numpy(), [0.9, 1.9], rtol=1e-5)  # Adam's first step: -lr
+
+
+@pytest.mark.parametrize("copy_of", [copy.deepcopy, lambda opt: pickle.loads(pickle.dumps(opt))])
+def test_a_copied_optimizer_checks_its_own_hyperparameter_variables(copy_of):
+    """The copy's variables are checked against the copy; a variable copied alone is plain."""
+    opt, a, b = copy_of(trained_adam()[0]), kopt.Variable([1.0, 2.0]), kopt.Variable([3.0])
+    with pytest.raises(ValueError, match="Adam: `beta_1` must be <= 1.0"):
+        opt.beta_1.assign(1.5)
+    with pytest.raises(ValueError, match=r"step count \(iterations\) must be >= 0"):
+        opt.iterations.assign(-1)
+    assert float(opt.beta_1.numpy()) == pytest.approx(0.9)
+    assert int(opt.iterations.numpy()) == 1
+    opt.apply_gradients([(jnp.ones(2), a), (jnp.ones(1), b)])
+    alone = copy.deepcopy(opt.beta_1)
+    alone.assign(1.5)
+    assert float(alone.numpy()) == 1.5 and float(opt.beta_1.numpy()) == pytest.approx(0.9)
+
+
+def test_an_iterations_variable_given_is_checked_on_assignment():
+    opt = optimizers.Adam(0.1)
+    opt.iterations = steps = kopt.Variable(3)
+    with pytest.raises(ValueError, match=r"step count \(iterations\) must be >= 0"):
+        steps.assign(-1)
+    assert int(opt.iterations.numpy()) == 3
+
+
+@pytest.mark.parametrize(
     "make, error, match",
     [
         (lambda: optimizers.SGD(learning_rate="0.1"), TypeError, "learning_rate"),
@@ -200,6 +371,32 @@ def test_bad_input_names_the_culprit_and_changes_nothing(case):
         (lambda: optimizers.SGD(decay=-0.1), ValueError, "decay"),
         (lambda: optimizers.Adam(beta_1="0.9"), TypeError, "beta_1"),
         (lambda: optimizers.SGD(clipvalue=[1.0]), TypeError, "clipvalue"),
+        # These raised Python's or NumPy's own errors, some only at the first step.
+        (
+            lambda: optimizers.SGD(learning_rate=np.complex64(1)),
+            TypeError,
+            "SGD: `learning_rate` must be a real number",
+        ),
+        (
+            lambda: optimizers.Adagrad(initial_accumulator_value="0.1"),
+            TypeError,
+            "Adagrad: `initial_accumulator_value` must be a number or a scalar array; received str",
+        ),
+        (
+            lambda: optimizers.SGD(gradient_transformers=lambda gv: gv),
+            TypeError,
+            "SGD: `gradient_transformers` must be a list of callables",
+        ),
+        (
+            lambda: optimizers.SGD(gradient_transformers=[3]),
+            TypeError,
+            "SGD: `gradient_transformers` item 0 must be a callable.*received int: 3",
+        ),
+        (
+            lambda: optimizers.Adam(gradient_aggregator=3),
+            TypeError,
+            "Adam: `gradient_aggregator` must be a callable.*received int: 3",
+        ),
     ],
 )
 def test_bad_constructor_arguments(make, error, match):

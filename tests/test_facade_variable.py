@@ -511,3 +511,44 @@ def test_assign_add_of_a_shape_that_does_not_fit_names_the_variable(method):
     np.testing.assert_array_equal(v.numpy(), [1.0, 2.0])
     getattr(v, method)(1.0)
     np.testing.assert_array_equal(v.numpy(), [2.0, 3.0] if method == "assign_add" else [0.0, 1.0])
+
+
+@pytest.mark.parametrize(
+    "method, value",
+    [
+        ("assign", jnp.array([3 + 4j, 5 - 1j], jnp.complex64)),
+        ("assign", 1 + 1j),
+        ("assign_add", jnp.array([1j, 1j])),
+        ("assign_sub", np.array([1j, 0j])),
+    ],
+)
+def test_a_complex_value_for_a_real_variable_is_refused_naming_it(method, value):
+    """Its imaginary part was dropped silently (tf.Variable refuses it)."""
+    v = kopt.Variable([1.0, 2.0], name="v")
+    with pytest.raises(TypeError, match="v:0: cannot assign a value of dtype complex"):
+        getattr(v, method)(value)
+    np.testing.assert_array_equal(v.numpy(), [1.0, 2.0])
+    c = kopt.Variable([1.0 + 0j], name="c")  # a complex variable takes it
+    c.assign([1 + 2j])
+    np.testing.assert_array_equal(c.numpy(), [1 + 2j])
+
+
+@pytest.mark.parametrize(
+    "initial_value, dtype, error, match",
+    [
+        ([1.5, 2.7], jnp.int32, TypeError, "n:0: cannot assign a value of dtype float64"),
+        ([3.0], np.int8, TypeError, "n:0: cannot assign a value of dtype float64"),
+        ([300], np.int8, ValueError, "n:0: the value 300 is out of the range of its dtype int8"),
+        ([1 + 1j], jnp.float32, TypeError, "n:0: cannot assign a value of dtype complex128"),
+        ([1.0], "nonesuch", TypeError, "`dtype` must be a dtype, received 'nonesuch'"),
+    ],
+)
+def test_a_variable_refuses_an_initial_value_its_dtype_would_change(
+    initial_value, dtype, error, match
+):
+    """`Variable([1.5, 2.7], dtype=jnp.int32)` truncated silently where `assign` of the same
+    values raises; a bad dtype blamed `initial_value`."""
+    with pytest.raises(error, match=re.escape(match)):
+        kopt.Variable(initial_value, dtype=dtype, name="n")
+    assert kopt.Variable([1, 2], dtype=jnp.int8).numpy().tolist() == [1, 2]
+    assert kopt.Variable([1.0], dtype=jnp.bfloat16).dtype == jnp.bfloat16

@@ -83,3 +83,19 @@ def test_facade_refuses_a_clip_threshold_that_is_not_finite(cls, attr, value):
     assert getattr(opt, attr) == 1.0
     opt.apply_gradients([(jnp.ones(2), var)])
     assert np.all(np.isfinite(var.numpy()))
+
+
+@pytest.mark.parametrize("built_with", [0.0, 0.5])
+@pytest.mark.parametrize("cls", [optimizers.SGD, optimizers.RMSprop])
+def test_facade_refuses_a_momentum_out_of_range_also_when_built_without_momentum(cls, built_with):
+    """Built with momentum=0 (no momentum slot), `opt.momentum = 1.5` was accepted, and the
+    checkpoint it saved could not be restored; built with momentum=0.5 it was refused."""
+    opt = cls(learning_rate=0.1, momentum=built_with)
+    var = kopt.Variable([1.0, 2.0])
+    opt.apply_gradients([(jnp.ones(2), var)])
+    before = (opt.get_config(), [w.copy() for w in opt.get_weights()])
+    with pytest.raises(ValueError, match=r"`momentum` must be <= 1\.0, received 1\.5"):
+        opt.momentum = 1.5
+    assert opt.get_config() == before[0]
+    for old, new in zip(before[1], opt.get_weights(), strict=True):
+        np.testing.assert_array_equal(new, old)

@@ -862,3 +862,26 @@ def test_keras_3_configs_give_float32_numbers_as_they_print(value):
         assert np.float32(getattr(opt, name)) == np.float32(value)
         setattr(opt, name, value)
         assert opt.get_config()[name] == expected
+
+
+def test_a_var_names_entry_that_is_no_regular_expression_is_named():
+    """It raised Python's re.error (neither a ValueError nor naming `var_names`)."""
+    opt = AdamW(learning_rate=0.1, weight_decay=0.5)
+    opt.exclude_from_weight_decay(var_names=["bias"])
+    with pytest.raises(ValueError, match=r"`var_names` must hold regular expressions; 'bias\(' "):
+        opt.exclude_from_weight_decay(var_names=["kernel", "bias("])
+    bias, kernel = kopt.Variable([1.0], name="bias"), kopt.Variable([1.0], name="kernel")
+    opt.apply_gradients([(jnp.zeros(1), bias), (jnp.zeros(1), kernel)])
+    assert float(bias.numpy()[0]) == 1.0  # the exclusions set before are kept
+    np.testing.assert_allclose(kernel.numpy(), [0.95], rtol=1e-6)
+
+
+@pytest.mark.parametrize("value", ["0.9", None, [0.9]])
+def test_an_ema_momentum_that_is_no_number_is_a_type_error(value):
+    """A string got "must be in the range [0, 1]. Received: ema_momentum=0.9"."""
+    with pytest.raises(TypeError, match=r"`ema_momentum` must be a number"):
+        AdamW(use_ema=True, ema_momentum=value)
+    opt = Lion(0.1, use_ema=True, ema_momentum=0.8)
+    with pytest.raises(TypeError, match=r"`ema_momentum` must be a number"):
+        opt.ema_momentum = value
+    assert opt.ema_momentum == 0.8

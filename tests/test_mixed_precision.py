@@ -341,6 +341,13 @@ def test_the_inner_optimizer_called_directly_applies_what_it_is_given():
         ({"initial_scale": float("inf")}, ValueError, "`initial_scale` must be finite and > 0"),
         ({"initial_scale": 0.0}, ValueError, "`initial_scale` must be finite and > 0"),
         ({"initial_scale": "big"}, TypeError, "`initial_scale` must be a number"),
+        # A numeric string was taken as 8.0.
+        ({"initial_scale": "8"}, TypeError, "`initial_scale` must be a number, received '8'"),
+        (
+            {"dynamic": False, "initial_scale": "8"},
+            TypeError,
+            "`initial_scale` must be a number, received '8'",
+        ),
     ],
 )
 def test_loss_scale_arguments_are_checked(kwargs, error, match):

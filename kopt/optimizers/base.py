@@ -190,24 +190,31 @@ def _is_step_schedule(value: Any) -> bool:
         return True
     if not callable(value) or isinstance(value, Variable):
         return False
+    return len(_required_arguments(value)) == 1
+
+
+def _required_arguments(function: Callable) -> list[str]:
+    """The names of the positional arguments ``function`` has no default for (none where its
+    signature cannot be read)."""
     try:
-        params = inspect.signature(value).parameters.values()
+        params = inspect.signature(function).parameters.values()
     except (TypeError, ValueError):
-        return False
-    required = [
-        p
+        return []
+    return [
+        p.name
         for p in params
         if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]
-    return len(required) == 1
 
 
 def _check_number(owner: str, name: str, value: Any, *, allow_callable: bool = True) -> None:
     if value is None:
         raise TypeError(f"{owner}: `{name}` must be a number, received None")
     if isinstance(value, bool) or isinstance(value, str):
+        expected = "a number, a scalar array, a schedule or a callable"
         raise TypeError(
-            f"{owner}: `{name}` must be a number, a scalar array, a schedule or a callable; "
+            f"{owner}: `{name}` must be "
+            f"{expected if allow_callable else 'a number or a scalar array'}; "
             f"received {type(value).__name__}: {value!r}"
         )
     if callable(value) and not isinstance(value, Variable):
@@ -226,6 +233,31 @@ def _check_number(owner: str, name: str, value: Any, *, allow_callable: bool = T
             f"{owner}: `{name}` must be a scalar number, received {type(value).__name__} of "
             f"shape {array.shape} and dtype {array.dtype}"
         )
+    if jnp.issubdtype(array.dtype, jnp.complexfloating):
+        raise TypeError(f"{owner}: `{name}` must be a real number, received {value!r}")
+
+
+def _check_gradient_hooks(owner: str, aggregator: Any, transformers: Any) -> None:
+    """Refuses, at construction, a ``gradient_aggregator`` or ``gradient_transformers`` that the
+    first step would fail to call."""
+    if aggregator is not None and not callable(aggregator):
+        raise TypeError(
+            f"{owner}: `gradient_aggregator` must be a callable [(grad, var)] -> "
+            f"[(grad, var)], received {type(aggregator).__name__}: {aggregator!r:.60}"
+        )
+    if transformers is None:
+        return
+    if not isinstance(transformers, (list, tuple)):
+        raise TypeError(
+            f"{owner}: `gradient_transformers` must be a list of callables [(grad, var)] -> "
+            f"[(grad, var)], received {type(transformers).__name__}: {transformers!r:.60}"
+        )
+    for i, transformer in enumerate(transformers):
+        if not callable(transformer):
+            raise TypeError(
+                f"{owner}: `gradient_transformers` item {i} must be a callable [(grad, var)] "
+                f"-> [(grad, var)], received {type(transformer).__name__}: {transformer!r:.60}"
+            )
 
 
 class Optimizer:
@@ -330,6 +362,7 @@ class Optimizer:
             )
         if name is not None and not isinstance(name, str):
             raise TypeError(f"{owner}: `name` must be a string, received {type(name).__name__}")
+        _check_gradient_hooks(owner, gradient_aggregator, gradient_transformers)
         self._name = name or _snake_case(owner)
         self._initial_decay = float(kwargs.get("decay") or 0.0)
         self._slots: dict[int, dict[str, Variable]] = {}
@@ -464,27 +497,17 @@ class Optimizer:
         # A custom optimizer's flag (NovoGrad's `grad_averaging`): a bool variable, as tf.keras.
         flag = isinstance(value, (bool, np.bool_)) and not self._uses_transformation()
         if not flag:
-            _check_number(type(self).__name__, name, value)
-        if not flag and (not callable(value) or isinstance(value, Variable)):
-            number = float(np.asarray(value.numpy() if isinstance(value, Variable) else value))
-            # A custom optimizer's own hyperparameter may be infinite ("never clip"), as in
-            # tf.keras; the built-ins' and every learning rate may not.
-            if not np.isfinite(number) and (
-                name in ("learning_rate", "decay")
-                or np.isnan(number)
-                or (self._has_twin() and name in _builtin_hyperparameter_names())
-            ):
-                raise ValueError(
-                    f"{type(self).__name__}: `{name}` must be finite, received {value}"
-                )
-            if name in ("learning_rate", "decay") and number < 0:
-                raise ValueError(f"{type(self).__name__}: `{name}` must be >= 0, received {value}")
+            self._check_hyper_value(name, value)
         with self._lock:
             current = self._hyper.get(name)
-            if current is not None and self._uses_transformation():
-                # The functional twin owns the valid ranges: a value it rejects is not set.
-                hyper = {**self._hyper, name: value}
-                self._build_transformation(_placeholders(self._transformation_hyperparams(hyper)))
+            into_checked = (  # a number into a variable whose `assign` checks it
+                isinstance(current, Variable)
+                and current._assign_check is not None
+                and not callable(value)
+                and not isinstance(value, Variable)
+            )
+            if current is not None and not into_checked:
+                self._check_hyper_range(name, value)
             if isinstance(value, Variable):
                 self._hyper[name] = value
             elif callable(value):
@@ -505,9 +528,54 @@ class Optimizer:
                         trainable=False,
                         name=f"{self._name}/{name}",
                     )
+                    # `opt.beta_1.assign(1.5)` is checked as `opt.beta_1 = 1.5` is.
+                    self._check_own_assignments()
                 else:
                     var.assign(jnp.asarray(value, dtype))
                 self._hyper[name] = var
+
+    def _check_hyper_value(self, name: str, value: Any) -> None:
+        """The checks of a new value for hyperparameter ``name`` that need no other
+        hyperparameter: a number, finite, and a non-negative learning rate or decay."""
+        _check_number(type(self).__name__, name, value)
+        if not callable(value) or isinstance(value, Variable):
+            number = float(np.asarray(value.numpy() if isinstance(value, Variable) else value))
+            # A custom optimizer's own hyperparameter may be infinite ("never clip"), as in
+            # tf.keras; the built-ins' and every learning rate may not.
+            if not np.isfinite(number) and (
+                name in ("learning_rate", "decay")
+                or np.isnan(number)
+                or (self._has_twin() and name in _builtin_hyperparameter_names())
+            ):
+                raise ValueError(
+                    f"{type(self).__name__}: `{name}` must be finite, received {value}"
+                )
+            if name in ("learning_rate", "decay") and number < 0:
+                raise ValueError(f"{type(self).__name__}: `{name}` must be >= 0, received {value}")
+
+    def _check_hyper_range(self, name: str, value: Any) -> None:
+        """The functional twin owns the valid ranges: builds it with ``value`` for ``name``."""
+        if self._uses_transformation():
+            hyper = {**self._hyper, name: value}
+            self._build_transformation(_placeholders(self._transformation_hyperparams(hyper)))
+
+    def _check_hyper_assignment(self, name: str, value: jax.Array) -> None:
+        """Checks a concrete value assigned to the variable the optimizer made for
+        hyperparameter ``name`` (``opt.beta_1.assign(1.5)``), as setting the attribute does.
+        Without the optimizer's lock: ``assign_add`` calls it holding the variables' lock,
+        which a step takes after the optimizer's."""
+        value = _plain_number(np.asarray(value))  # reported as given: 0.1, not 0.10000000149
+        self._check_hyper_value(name, value)
+        self._check_hyper_range(name, value)
+
+    def _check_own_assignments(self) -> None:
+        """Makes ``assign`` check the variables the optimizer owns: its hyperparameters' and
+        ``iterations`` (again after a copy or unpickling, which leave the checks out)."""
+        for name, var in self.__dict__.get("_number_hypers", {}).items():
+            if var.dtype != jnp.bool_:  # a custom optimizer's flag: any bool
+                var._assign_check = functools.partial(self._check_hyper_assignment, name)
+        if self._iterations is not None:
+            self._iterations._assign_check = _check_step_count
 
     def _get_hyper(self, name: str, dtype: Any = None) -> Any:
         """The hyperparameter: its Variable (cast to ``dtype`` if given), the schedule object,
@@ -626,6 +694,7 @@ class Optimizer:
                     self._iterations = Variable(
                         jnp.zeros((), jnp.int32), trainable=False, name=f"{self._name}/iter"
                     )
+                    self._check_own_assignments()
                     self._weights.append(self._iterations)
         return self._iterations
 
@@ -638,7 +707,14 @@ class Optimizer:
             )
         if not isinstance(variable, Variable):
             raise TypeError(f"`iterations` must be a kopt.Variable, received {variable!r}")
+        if variable.shape != ():
+            raise ValueError(
+                f"`iterations` must be a scalar step count, received {variable.name} of shape "
+                f"{variable.shape}"
+            )
+        _check_step_count(variable.numpy(), "`iterations`")
         self._iterations = variable
+        self._check_own_assignments()
         self._weights.append(variable)
 
     @property
@@ -710,7 +786,8 @@ class Optimizer:
         in tf.keras). Every step passes it into the compiled update and back, so a hook may
         read it and ``assign`` to it, and a value assigned between steps is the one read."""
         dtype = dtype or jnp.float32
-        value = _initial_value(initializer, tuple(shape), dtype)
+        shape = _shape_argument(shape, f"add_weight: `shape` of weight {name!r}")
+        value = _initial_value(initializer, shape, dtype)
         weight = Variable(
             value,
             trainable=bool(trainable) if trainable is not None else True,
@@ -742,7 +819,11 @@ class Optimizer:
             # scalar per variable).
             shape = tuple(np.shape(initializer))
         else:
-            shape = var.shape if shape is None else _slot_shape(shape, slot_name)
+            shape = (
+                var.shape
+                if shape is None
+                else _shape_argument(shape, f"add_slot: `shape` of slot {slot_name!r}")
+            )
         self._adopt_copies()
         existing = self._slots.get(var._uid, {}).get(slot_name)
         if existing is not None:
@@ -1207,10 +1288,12 @@ class Optimizer:
             The ``iterations`` variable, or None when there was nothing to apply.
 
         Raises:
-            TypeError: for a malformed pair, a non-variable or a gradient of the wrong kind.
-            ValueError: if every gradient is None, a variable repeats, a shape or dtype is
-                wrong, or a ``PerReplica`` holds only this process's replicas of a variable
-                spanning several processes. A rejected call changes nothing.
+            TypeError: for a malformed pair, a non-variable, or a gradient of the wrong kind or
+                dtype (dense or sparse).
+            ValueError: if every gradient is None, a variable repeats, a shape is wrong, a
+                ``PerReplica`` gradient is given with ``experimental_aggregate_gradients=False``,
+                or a ``PerReplica`` holds only this process's replicas of a variable spanning
+                several processes. A rejected call changes nothing.
         """
         if "_copy_memo" in self.__dict__:
             with self._lock:
@@ -1770,6 +1853,12 @@ class Optimizer:
                     gv = self._transform_unaggregated_gradients(gv)
                     gv = self._aggregate_gradients(gv)
                 for g, v in gv:
+                    if isinstance(g, PerReplica) and not aggregate:
+                        raise ValueError(
+                            f"apply_gradients: the gradient of {v.name} is per-replica, but "
+                            "experimental_aggregate_gradients=False skips the aggregation: "
+                            "give gradients already reduced across replicas, or leave it True"
+                        )
                     if isinstance(g, PerReplica):
                         raise ValueError(
                             f"apply_gradients: the gradient of {v.name} is still per-replica "
@@ -2027,11 +2116,23 @@ class Optimizer:
 
         Returns:
             ``[(gradient, variable), ...]`` in ``var_list`` order.
+
+        Raises:
+            TypeError: if ``loss`` takes arguments, or ``var_list`` holds a non-variable.
+            ValueError: if ``loss`` is not callable or returns None or an integer value, or
+                ``var_list`` is None.
         """
         if not callable(loss):
             raise ValueError(
                 "compute_gradients: `loss` must be a zero-argument callable in kopt (JAX has no "
                 f"tape to replay a computed value); received {type(loss).__name__}"
+            )
+        required = _required_arguments(loss)
+        if required:
+            raise TypeError(
+                "compute_gradients: `loss` must be a zero-argument callable (kopt calls it as "
+                f"loss()); {getattr(loss, '__name__', type(loss).__name__)} requires "
+                + ", ".join(f"`{name}`" for name in required)
             )
         if not callable(var_list) or isinstance(var_list, Variable):
             return self._gradients(loss, _variable_list(var_list), grad_loss)
@@ -2042,14 +2143,12 @@ class Optimizer:
             # The loss runs again for the variables it built: the assignments it made (a
             # moving statistic) are those of this second run only, as in one tf.keras step.
             grads_and_vars, writes = self._gradients_and_writes(loss, built, grad_loss)
-        for variable, value in writes:
-            variable._value = value
+        _make_writes(writes)
         return grads_and_vars
 
     def _gradients(self, loss, var_list: list[Variable], grad_loss: Any):
         grads_and_vars, writes = self._gradients_and_writes(loss, var_list, grad_loss)
-        for variable, value in writes:
-            variable._value = value
+        _make_writes(writes)
         return grads_and_vars
 
     def _gradients_and_writes(self, loss, var_list: list[Variable], grad_loss: Any):
@@ -2131,9 +2230,26 @@ class Optimizer:
 
         Returns:
             The ``iterations`` variable after the step.
+
+        Raises:
+            TypeError: as :meth:`compute_gradients`, or :meth:`apply_gradients`.
+            ValueError: as :meth:`compute_gradients`, or :meth:`apply_gradients` (a repeated
+                variable, no gradient for any). A rejected call changes nothing: the variables
+                the loss assigned keep their values from before the call too.
         """
-        grads_and_vars = self.compute_gradients(loss, var_list, grad_loss)
-        return self.apply_gradients(grads_and_vars, name=name)
+        undo: list[tuple[Variable, Any]] = []  # what the loss's assignments replaced
+        outer = getattr(_minimizing, "undo", None)
+        _minimizing.undo = undo
+        try:
+            grads_and_vars = self.compute_gradients(loss, var_list, grad_loss)
+        finally:
+            _minimizing.undo = outer
+        try:
+            return self.apply_gradients(grads_and_vars, name=name)
+        except BaseException:
+            for variable, value in reversed(undo):  # a rejected call changes nothing
+                variable._value = value
+            raise
 
     def get_gradients(self, loss: Callable[[], Any], params: list[Variable]) -> list[Any]:
         """Gradients of ``loss()`` for ``params``.
@@ -2223,6 +2339,7 @@ class Optimizer:
             _key_memo={},
         )
         self.__dict__["compile_count"] = 0
+        self._check_own_assignments()
         # Unpickled: the owners came along as new variables (new uids); their state follows.
         self._rekey(self._owners())
 
@@ -2328,8 +2445,9 @@ class _SparseConstraintError(RuntimeError, ValueError):
     ValueError, as kopt's bad inputs."""
 
 
-def _slot_shape(shape: Any, slot_name: str) -> tuple[int, ...]:
-    """``add_slot``'s ``shape`` as a tuple of ints >= 0, or a ValueError naming it."""
+def _shape_argument(shape: Any, what: str) -> tuple[int, ...]:
+    """``add_slot``'s or ``add_weight``'s ``shape`` as a tuple of ints >= 0, or a ValueError
+    naming it (``what``: "add_slot: `shape` of slot 'q'")."""
     try:
         dims = tuple(shape)
     except TypeError:
@@ -2337,10 +2455,7 @@ def _slot_shape(shape: Any, slot_name: str) -> tuple[int, ...]:
     if dims is None or not all(
         isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in dims
     ):
-        raise ValueError(
-            f"add_slot: `shape` of slot {slot_name!r} must be a sequence of ints >= 0, "
-            f"received {shape!r}"
-        )
+        raise ValueError(f"{what} must be a sequence of ints >= 0, received {shape!r}")
     return tuple(int(d) for d in dims)
 
 
@@ -2368,13 +2483,24 @@ def _initial_value(initializer: Any, shape: tuple[int, ...], dtype: Any) -> jax.
         )
     if callable(initializer) and not hasattr(initializer, "shape"):
         return jnp.asarray(initializer(shape=shape, dtype=dtype), dtype)
-    return jnp.broadcast_to(jnp.asarray(initializer, dtype), shape)
+    try:
+        value = jnp.asarray(initializer, dtype)
+    except (TypeError, ValueError) as e:
+        raise TypeError(
+            "`initializer` must be 'zeros', 'ones', a value or a callable (shape, dtype) -> "
+            f"array, received {type(initializer).__name__}: {initializer!r:.60}"
+        ) from e
+    return jnp.broadcast_to(value, shape)
 
 
 def _loss_array(loss: Any) -> jax.Array:
     """A loss as one array. A list, tuple or dict of losses is differentiated as their sum,
     as tf.keras's tape differentiates several targets: stacked where they have one shape and
     dtype (so a ``grad_loss`` may weigh each), summed otherwise."""
+    if loss is None:
+        raise ValueError(
+            "minimize: the loss returned None; it must return the loss value (a number or an array)"
+        )
     if not isinstance(loss, (list, tuple, dict)):
         return _inexact_loss(jnp.asarray(loss))
     parts = [_inexact_loss(jnp.asarray(x)) for x in jax.tree.leaves(loss)]
@@ -2400,9 +2526,29 @@ def _inexact_loss(loss: jax.Array) -> jax.Array:
     return loss
 
 
+# While ``minimize`` computes its gradients: the values the loss's assignments replace, put
+# back if ``apply_gradients`` then refuses the call.
+_minimizing = threading.local()
+
+
+def _make_writes(writes: list[tuple[Variable, Any]]) -> None:
+    """Makes the assignments a differentiated loss made (recording what they replace for a
+    ``minimize`` in progress)."""
+    undo = getattr(_minimizing, "undo", None)
+    for variable, value in writes:
+        if undo is not None:
+            undo.append((variable, variable._current))
+        variable._value = value
+
+
 def _variable_list(var_list: Any) -> list[Variable]:
     """The Variables of a (nested) list; None entries (not built yet) are skipped. Another
     iterable of them (``dict.values()``, a generator) counts as a list."""
+    if var_list is None:  # tf.keras raises too ("Passed in object None")
+        raise ValueError(
+            "compute_gradients: `var_list` must be a list of kopt.Variables (or a callable "
+            "returning one), received None"
+        )
     if isinstance(var_list, (Iterator, MappingView, set, frozenset)):
         var_list = list(var_list)  # a pytree of variables (a FrozenDict, say) is taken as one
     variables = list(jax.tree.leaves(var_list, is_leaf=lambda x: isinstance(x, Variable)))
@@ -2511,9 +2657,17 @@ def _constrained(v: Variable) -> jax.Array:
     functions take no variable).
 
     Raises:
+        TypeError: naming the variable and the constraint, if the constraint returns None.
         ValueError: naming the variable, if the constraint returns another shape.
     """
-    out = jnp.asarray(v.constraint(v.value))
+    out = v.constraint(v.value)
+    if out is None:
+        constraint = getattr(v.constraint, "__qualname__", type(v.constraint).__name__)
+        raise TypeError(
+            f"the constraint {constraint} of {v.name} returned None, expected the constrained "
+            "value (an array of the variable's shape)"
+        )
+    out = jnp.asarray(out)
     if out.shape != v.shape:
         raise ValueError(
             f"the constraint of {v.name} returned a value of shape {out.shape}, expected the "
@@ -2850,7 +3004,8 @@ def _filter_empty_gradients(pairs):
         missing = [_name_of(v) for g, v in pairs if g is None]
         logger.warning(
             "Gradients do not exist for variables %s when minimizing the loss: their gradients "
-            "are None (the loss does not depend on them), and they are left unchanged.",
+            "are None (the loss does not depend on them, or they are integer variables, which "
+            "have none), and they are left unchanged.",
             missing,
         )
     return kept
@@ -2869,14 +3024,20 @@ def _saturated_count(value: Any) -> Any:
     """A step count from ``set_weights`` for the int32 ``iterations``: capped at ``2**31 - 1``
     as training caps it (tf.keras's count is int64, so a long run's may be larger); a negative
     or non-integer count is refused."""
+    _check_step_count(value, "set_weights")
+    return np.minimum(np.asarray(value), np.iinfo(np.int32).max)
+
+
+def _check_step_count(value: Any, where: str = "iterations.assign") -> None:
+    """Refuses a step count that is not a non-negative integer (from ``set_weights``, the
+    ``iterations`` setter, or assigned to ``iterations``)."""
     count = np.asarray(value)
     if count.dtype.kind not in "iu":
         raise TypeError(
-            f"set_weights: the step count (iterations) must be an integer, received {count.dtype}"
+            f"{where}: the step count (iterations) must be an integer, received {count.dtype}"
         )
     if count.min(initial=0) < 0:
-        raise ValueError(f"set_weights: the step count (iterations) must be >= 0, received {count}")
-    return np.minimum(count, np.iinfo(np.int32).max)
+        raise ValueError(f"{where}: the step count (iterations) must be >= 0, received {count}")
 
 
 def _check_gradient(g: Any, v: Variable, aggregate: bool) -> None:
@@ -2898,6 +3059,16 @@ def _check_gradient(g: Any, v: Variable, aggregate: bool) -> None:
             raise TypeError(
                 f"apply_gradients: the indices of the sparse gradient for {v.name} must be an "
                 f"integer array, received {type(g.indices).__name__}: {g.indices!r:.60}"
+            )
+        if not jnp.issubdtype(g.indices.dtype, jnp.integer):
+            raise TypeError(
+                f"apply_gradients: sparse gradient for {v.name} has indices of dtype "
+                f"{g.indices.dtype}, expected integers"
+            )
+        if v.ndim == 0:
+            raise ValueError(
+                f"apply_gradients: sparse gradient for {v.name} is for a scalar variable, which "
+                "has no rows; give it a dense gradient"
             )
         if (
             not hasattr(g.values, "shape")

@@ -17,6 +17,7 @@ import numpy as np
 
 import kopt
 from kopt.base import (
+    _RANGES,
     GradientTransformation,
     OptimizerState,
     _hyperparam_holders,
@@ -91,7 +92,11 @@ class _SlotDtype:
 
 
 def _momentum_value(flag: bool, value: Any) -> Any:
-    if not flag:
+    if not flag:  # no momentum slot, but the value set is still checked (a config restores it)
+        low, high, low_inclusive = _RANGES["momentum"]
+        kopt.base.check_hyperparam(
+            "momentum", "momentum", value, low=low, high=high, low_inclusive=low_inclusive
+        )
         return 0.0
     return value if _is_step_schedule(value) else jnp.asarray(value, jnp.float32)
 
@@ -310,6 +315,13 @@ class Adagrad(_KerasV2):
         name="Adagrad",
         **kwargs,
     ):
+        if initial_accumulator_value is not None:
+            _check_number(
+                type(self).__name__,
+                "initial_accumulator_value",
+                initial_accumulator_value,
+                allow_callable=False,
+            )
         if initial_accumulator_value is None or initial_accumulator_value < 0.0:
             raise ValueError(
                 f"initial_accumulator_value must be non-negative: {initial_accumulator_value}"
@@ -723,11 +735,12 @@ def _check_keras3_options(
             )
     if use_ema:
         ema_momentum = _plain_number(ema_momentum)
-        if (
-            isinstance(ema_momentum, bool)
-            or not isinstance(ema_momentum, (int, float))
-            or not 0 <= ema_momentum <= 1
-        ):
+        if isinstance(ema_momentum, bool) or not isinstance(ema_momentum, (int, float)):
+            raise TypeError(
+                f"`ema_momentum` must be a number. Received: ema_momentum={ema_momentum!r} "
+                f"(of type {type(ema_momentum).__name__})"
+            )
+        if not 0 <= ema_momentum <= 1:
             raise ValueError(
                 f"`ema_momentum` must be in the range [0, 1]. Received: ema_momentum={ema_momentum}"
             )
@@ -901,6 +914,14 @@ class _Keras3(_SlotDtype, Optimizer):
                 "exclude_from_weight_decay: `var_names` must be a list of strings, received "
                 f"{var_names!r}"
             )
+        for pattern in var_names or ():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(
+                    "exclude_from_weight_decay: `var_names` must hold regular expressions; "
+                    f"{pattern!r} is not one ({e})"
+                ) from e
         with self._lock:
             self._excluded_vars = {v._uid: v for v in var_list or ()}
             self._excluded_names = re.compile("|".join(set(var_names))) if var_names else None
@@ -1431,6 +1452,11 @@ class TransformationOptimizer(Optimizer):
 
     def _transformation(self, hp):
         held = {k: v for k, v in hp.items() if k in self._held_hyperparams}
+        for key, value in held.items():  # the ranges set_hyperparam takes them in
+            low, high, low_inclusive = _RANGES.get(key, (None, None, True))
+            kopt.base.check_hyperparam(
+                type(self).__name__, key, value, low=low, high=high, low_inclusive=low_inclusive
+            )
         wrapped = self._wrapped
         if not isinstance(wrapped, GradientTransformation):
             # An optax transformation takes sparse gradients dense (kopt.chain's rule), unless

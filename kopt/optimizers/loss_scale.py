@@ -92,7 +92,7 @@ class LossScaleOptimizer(Optimizer):
             scale = float(np.asarray(initial_scale))
         except (TypeError, ValueError):
             scale = None
-        if isinstance(initial_scale, bool) or scale is None:
+        if isinstance(initial_scale, (bool, str, bytes)) or scale is None:  # "8" is no number
             raise TypeError(
                 f"LossScaleOptimizer: `initial_scale` must be a number, received {initial_scale!r}"
             )
