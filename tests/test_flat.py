@@ -1,5 +1,7 @@
 """kopt.flatten: Keras's numbers from packed slots, param-shaped slots, sharded leaves kept."""
 
+import pickle
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -83,6 +85,63 @@ def test_layout_groups_small_leaves_by_dtype_and_keeps_large_ones():
     for name, p in mixed_params().items():
         assert (m[name].shape, m[name].dtype) == (p.shape, p.dtype), name
     assert kopt.slot_names(state) == kopt.slot_names(kopt.adam().init(mixed_params()))
+
+
+def _flax_bytes(state, fresh, tmp_path):
+    serialization = pytest.importorskip("flax.serialization")
+    return serialization.from_bytes(fresh, serialization.to_bytes(state))
+
+
+def _flax_state_dict(state, fresh, tmp_path):
+    serialization = pytest.importorskip("flax.serialization")
+    saved = serialization.msgpack_serialize(serialization.to_state_dict(state))
+    return serialization.from_state_dict(fresh, serialization.msgpack_restore(saved))
+
+
+def _orbax(state, fresh, tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(tmp_path / "orbax", state)
+        checkpointer.wait_until_finished()
+        return checkpointer.restore(tmp_path / "orbax", fresh)
+
+
+def _pickle(state, fresh, tmp_path):
+    return pickle.loads(pickle.dumps(state))
+
+
+def _kopt_checkpoint(state, fresh, tmp_path):
+    from kopt.checkpoint import restore_state, save_state
+
+    save_state(tmp_path / "kopt", state)
+    return restore_state(tmp_path / "kopt", fresh)
+
+
+@pytest.mark.parametrize(
+    "round_trip",
+    [_flax_bytes, _flax_state_dict, _orbax, _pickle, _kopt_checkpoint],
+    ids=["flax-bytes", "flax-state-dict", "orbax", "pickle", "kopt-checkpoint"],
+)
+def test_a_flatten_state_saves_and_restores_into_a_fresh_state(round_trip, tmp_path):
+    """flax.serialization walked into the layout, a field of the state, and msgpack could not
+    save it ("can not serialize 'FlatLayout' object"): the layout is held by the state's type,
+    static to JAX, and each library restores the state with it."""
+    tx = kopt.flatten(kopt.adam(0.1), max_leaf_size=100)
+    params = mixed_params()
+    state = tx.init(params)
+    _, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(state))
+    restored = round_trip(state, tx.init(params), tmp_path)
+    assert type(restored) is type(state) and restored.layout is state.layout
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    chex.assert_trees_all_equal(jax.tree.leaves(restored), jax.tree.leaves(state))
+    m = kopt.get_slot(restored, "m")
+    for name, p in params.items():
+        assert m[name].shape == p.shape, name
+    np.testing.assert_allclose(m["bias"], 0.1, rtol=1e-6)
+    expected, _ = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), restored, params)
+    chex.assert_trees_all_close(updates, expected)
 
 
 def test_packed_adam_matches_numpy_for_every_leaf_and_dtype():
