@@ -191,6 +191,22 @@ def test_hyperparameters_change_inside_jit_without_retracing():
     np.testing.assert_allclose(kopt.get_slot(state, "momentum")["bias"], [-0.425] * 3, rtol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["bias", "half"])
+def test_a_complex_gradient_of_a_packed_real_param_names_its_path(name):
+    """It was named by its buffer (['packed float32']), which the transformation inside saw."""
+    tx = kopt.flatten(kopt.adam(0.1), max_leaf_size=100)
+    params = mixed_params()
+    state = tx.init(params)
+    before = jax.tree.map(jnp.copy, state)
+    grads = jax.tree.map(jnp.ones_like, params)
+    grads[name] = grads[name].astype(jnp.complex64)
+    with pytest.raises(
+        TypeError, match=rf"^flatten: gradient \['{name}'\] is complex \(complex64\), but its param"
+    ):
+        tx.update(grads, state, params)
+    chex.assert_trees_all_equal(state, before)
+
+
 def test_sparse_gradient_of_a_packed_leaf_is_rejected():
     params = {"table": jnp.zeros((4, 2)), "bias": jnp.zeros(2)}
     tx = kopt.flatten(kopt.sgd(0.1))

@@ -147,6 +147,10 @@ class FlatLayout:
             raise ValueError(f"{owner}: the {what} tree {treedef} differs from {self.treedef}")
         packed = {}
         for key, indices in self.groups:
+            # The params of a buffer share the dtype its key names ("packed float32"): a
+            # gradient is checked against it here, where its own path is known (the
+            # transformation inside sees the buffer only).
+            param_dtype = jnp.dtype(key.removeprefix("packed "))
             parts = []
             for i in indices:
                 leaf = leaves[i]
@@ -159,7 +163,7 @@ class FlatLayout:
                         f"({math.prod(self.shapes[i])}) to keep it sparse"
                     )
                 if what == "gradient":
-                    check_leaf(self.paths[i], leaf, self.shapes[i], owner)
+                    check_leaf(self.paths[i], leaf, self.shapes[i], owner, ref_dtype=param_dtype)
                 elif tuple(jnp.shape(leaf)) != self.shapes[i]:
                     raise ValueError(
                         f"{owner}: {what} {self.paths[i]} has shape {tuple(jnp.shape(leaf))}, "
