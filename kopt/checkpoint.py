@@ -2,7 +2,8 @@
 
 :func:`save_state` / :func:`restore_state` store any pytree of arrays (an optimizer state, or
 ``{"params": ..., "opt_state": ...}``); restoring needs a tree like the saved one (for example
-``tx.init(params)``), which gives the structure, dtypes and shardings.
+``tx.init(params)``), which gives the structure, dtypes and shardings, and the zero-size arrays
+(a slot of a variable of shape ``(0, 4)``), which orbax cannot store: they are made again from it.
 
 :func:`save_optimizer` / :func:`restore_optimizer` store a facade optimizer: its config (as
 :func:`kopt.optimizers.serialize` gives it, in ``config.json``), its step count, its slots keyed by
@@ -27,9 +28,10 @@ Orbax must be installed (``pip install orbax-checkpoint``; it is in kopt's ``tes
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -76,10 +78,31 @@ def _target(tree: PyTree) -> PyTree:
     return jax.tree.map(one, tree)
 
 
+def _without_empty(tree: PyTree) -> PyTree:
+    """``tree`` with each zero-size array (the slot of a variable of shape ``(0, 4)``) as None:
+    orbax refuses to save one ("Cannot save arrays with zero size"), and it holds no value, so
+    a restore makes it again from the target's shape and dtype (see :func:`_restore_tree`)."""
+    return jax.tree.map(lambda leaf: None if _empty(leaf) else leaf, tree)
+
+
+def _empty(leaf: Any) -> bool:
+    return hasattr(leaf, "shape") and hasattr(leaf, "dtype") and math.prod(leaf.shape) == 0
+
+
+def _empty_like(leaf: Any) -> jax.Array:
+    """A zero-size array of ``leaf``'s shape and dtype, with its sharding where it is committed
+    to devices (as a restored array gets its target's)."""
+    value = jnp.zeros(leaf.shape, leaf.dtype)
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(leaf, jax.Array) and leaf.committed and sharding is not None:
+        return jax.device_put(value, sharding)
+    return value
+
+
 def _save_tree(path: Path, tree: PyTree, overwrite: bool) -> None:
     ocp = _orbax()
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(path.absolute(), tree, force=overwrite)
+        checkpointer.save(path.absolute(), _without_empty(tree), force=overwrite)
         checkpointer.wait_until_finished()
 
 
@@ -88,13 +111,18 @@ def _restore_tree(path: Path, like: PyTree) -> PyTree:
     if not path.exists():
         raise FileNotFoundError(f"kopt.checkpoint: no checkpoint at {str(path)!r}")
     with ocp.StandardCheckpointer() as checkpointer:
-        restored = checkpointer.restore(path.absolute(), _target(like))
+        restored = checkpointer.restore(path.absolute(), _target(_without_empty(like)))
+
     # A leaf that was not committed to a device (a step count made by jnp.zeros) comes back
     # uncommitted too, so that jit may place it beside sharded arrays: read into host memory
-    # (see _target), it goes to the default device once.
-    return jax.tree.map(
-        lambda new, old: jnp.asarray(new) if _uncommitted(old) else new, restored, like
-    )
+    # (see _target), it goes to the default device once. A zero-size leaf, not saved, is
+    # made again.
+    def one(old, new):
+        if _empty(old):
+            return _empty_like(old)
+        return jnp.asarray(new) if _uncommitted(old) else new
+
+    return jax.tree.map(one, like, restored)
 
 
 def _uncommitted(leaf: Any) -> bool:
@@ -168,11 +196,17 @@ def restore_state(path: str | Path, like_state: OptState) -> OptState:
     try:
         restored = _restore_tree(path, like_state)
     except ValueError as e:
-        if "tree structures do not match" not in str(e):
+        # orbax says "tree structures do not match"; over NumPy targets (uncommitted leaves,
+        # see _target) its diff of the two trees fails first, with NumPy's "truth value of an
+        # array with more than one element is ambiguous": the keys are compared here.
+        difference = _structure_difference(
+            path, like_state, "tree structures do not match" in str(e)
+        )
+        if difference is None:
             raise
         raise ValueError(
             f"restore_state: `like_state` does not have the structure of the state saved at "
-            f"{str(path)!r}: {_structure_difference(path, like_state)}; make it as the saved "
+            f"{str(path)!r}: {difference}; make it as the saved "
             "state was made (the same transformation's init, from params of the same tree)"
         ) from None
     saved = jax.tree_util.tree_flatten_with_path(restored)[0]
@@ -186,10 +220,11 @@ def restore_state(path: str | Path, like_state: OptState) -> OptState:
     return restored
 
 
-def _structure_difference(path: Path, like: PyTree) -> str:
+def _structure_difference(path: Path, like: PyTree, differs: bool) -> str | None:
     """The leaves of ``like`` and of the tree saved at ``path`` that the other lacks, each as
     its keys (a state's fields and dict keys by name, a chain's parts by position: orbax saves
-    a named tuple as a dict and a tuple as a list)."""
+    a named tuple as a dict and a tuple as a list). Where none is, the two structures if
+    ``differs`` (orbax found them different), else None."""
     ocp = _orbax()
     with ocp.StandardCheckpointer() as checkpointer:
         metadata = checkpointer.metadata(path.absolute())
@@ -202,7 +237,7 @@ def _structure_difference(path: Path, like: PyTree) -> str:
             for p, _ in flat
         ]
 
-    ours, theirs = keys(like), keys(saved_tree)
+    ours, theirs = keys(_without_empty(like)), keys(saved_tree)
     missing = [k for k in theirs if k not in ours]
     extra = [k for k in ours if k not in theirs]
     detail = []
@@ -210,7 +245,11 @@ def _structure_difference(path: Path, like: PyTree) -> str:
         detail.append(f"saved but not in `like_state`: {', '.join(missing[:3])}")
     if extra:
         detail.append(f"in `like_state` but not saved: {', '.join(extra[:3])}")
-    return "; ".join(detail) or (
+    if detail:
+        return "; ".join(detail)
+    if not differs:
+        return None
+    return (
         f"`like_state` is {jax.tree.structure(like)}, the saved state "
         f"{jax.tree.structure(saved_tree)}"
     )
@@ -473,12 +512,18 @@ def restore_optimizer(
 
     Raises:
         FileNotFoundError: if there is no checkpoint at ``path``.
+        TypeError: if ``custom_objects`` is not a dict (or None).
         ValueError: if the variables' names or the optimizer's weights differ from the saved ones,
             or the saved optimizer had a gradient hook that is not passed here (without it the
             run would go on with other gradients, silently).
     """
     from kopt.optimizers import deserialize
 
+    if custom_objects is not None and not isinstance(custom_objects, Mapping):
+        raise TypeError(
+            "restore_optimizer: `custom_objects` must be a dict of names to classes (or None), "
+            f"received {type(custom_objects).__name__}: {custom_objects!r:.80}"
+        )
     path = Path(path)
     config_file = path / CONFIG_FILE
     if not config_file.exists():

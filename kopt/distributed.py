@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from kopt.base import (
     GradientTransformation,
+    OptimizerState,
     OptState,
     Params,
     PyTree,
@@ -126,7 +127,10 @@ def state_sharding(
     averages) is split over ``axis_name`` along its largest divisible dimension (see
     :func:`leaf_sharding`); scalars (step counts, hyperparameters) are replicated.
 
-    Without ``params`` every leaf of rank 1 or more counts as param-shaped. With ``params``,
+    Without ``params`` the params' shapes are read from the state: in each kopt state, the
+    slots of one param are matched to the largest of them (so Adafactor's ``v`` is split and
+    its factored ``r`` and ``c`` stay replicated, as below), and every other leaf of rank 1 or
+    more (another library's state) counts as param-shaped. With ``params``,
     each subtree of the state with the params' tree structure (a slot, an accumulator; or the
     slot of a ``masked`` piece or ``multi_transform`` group, None where the params it leaves
     out are) is matched to the params leaf by leaf: a leaf shaped like its own param is split,
@@ -153,7 +157,17 @@ def state_sharding(
     """
     _axis_size(mesh, axis_name)
     if params is None:
-        return jax.tree.map(lambda leaf: leaf_sharding(jnp.shape(leaf), mesh, axis_name), state)
+
+        def without_params(node):
+            if isinstance(node, OptimizerState):
+                slot_params = _slot_params(node)
+                if slot_params is not None:
+                    return state_sharding(node, mesh, axis_name, slot_params)
+            return jax.tree.map(lambda leaf: leaf_sharding(jnp.shape(leaf), mesh, axis_name), node)
+
+        return jax.tree.map(
+            without_params, state, is_leaf=lambda node: isinstance(node, OptimizerState)
+        )
     params_def = jax.tree.structure(params)
     param_leaves = params_def.flatten_up_to(params)
     by_shape: dict[tuple[int, ...], list[Any]] = {}
@@ -202,6 +216,23 @@ def state_sharding(
         return choices.pop() if len(choices) == 1 else leaf_sharding(shape, mesh, axis_name)
 
     return jax.tree.map(one, state, is_leaf=subtree)
+
+
+def _slot_params(state: OptimizerState) -> Any:
+    """The params' shapes as ``state``'s slots show them: per param, its largest slot (a
+    factored statistic is smaller than the moment beside it). None without slots, or with
+    slots of different tree structures."""
+    slots = list(state.slots.values())
+    if not slots:
+        return None
+    treedef = jax.tree.structure(slots[0])
+    if any(jax.tree.structure(slot) != treedef for slot in slots[1:]):
+        return None
+    columns = zip(*(treedef.flatten_up_to(slot) for slot in slots), strict=True)
+    return treedef.unflatten(
+        max(column, key=lambda leaf: (math.prod(jnp.shape(leaf)), jnp.ndim(leaf)))
+        for column in columns
+    )
 
 
 def _aligned(node: Any, params: Any) -> list[Any] | None:

@@ -114,7 +114,10 @@ def deduplicate(grad: IndexedSlices, num_rows: int) -> IndexedSlices:
     n = grad.indices.shape[0]
     indices = in_range(_whole_rows(grad.indices), num_rows)
     unique, inverse = jnp.unique(indices, size=n, fill_value=num_rows, return_inverse=True)
-    summed = jax.ops.segment_sum(_whole_rows(grad.values), inverse.reshape(-1), num_segments=n)
+    values = _whole_rows(grad.values)
+    # A scatter into zeros split as the values are (jax.ops.segment_sum's own zeros are
+    # replicated, which Explicit axes refuse beside values split along other axes).
+    summed = scatter_add_rows(jnp.zeros_like(values), inverse.reshape(-1), values)
     return IndexedSlices(summed, unique, grad.dense_shape)
 
 

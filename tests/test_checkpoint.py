@@ -107,13 +107,20 @@ def test_restore_state_keeps_structure_and_sharding(tmp_path):
             r"`like_state` does not have the structure of the state saved at .*: saved but not "
             r"in `like_state`: \['count'\]",
         ),
+        (
+            lambda: kopt.sgd(0.1, momentum=0.9).init({"u": jnp.ones((2, 3))}),
+            r"`like_state` does not have the structure of the state saved at .*: saved but not "
+            r"in `like_state`: .*\['w'\]; in `like_state` but not saved: .*\['u'\]",
+        ),
     ],
-    ids=["other-shapes", "other-structure"],
+    ids=["other-shapes", "other-structure", "renamed-param"],
 )
 def test_restore_state_into_a_state_unlike_the_saved_one_names_it(tmp_path, like, culprit):
     """A like_state for params of other shapes got the saved slots of the old shapes back with
     no error; one of another structure got orbax's advice to pass `partial_restore=True`, an
-    argument restore_state does not have."""
+    argument restore_state does not have; one for a renamed param (of uncommitted arrays, read
+    into NumPy targets) got NumPy's "truth value of an array ... is ambiguous" from orbax's
+    diff of the trees."""
     params = {"w": jnp.ones((2, 3))}
     tx = kopt.sgd(0.1, momentum=0.9)
     _, state = tx.update({"w": jnp.arange(6.0).reshape(2, 3)}, tx.init(params), params)
@@ -125,6 +132,42 @@ def test_restore_state_into_a_state_unlike_the_saved_one_names_it(tmp_path, like
     chex.assert_trees_all_equal(like_state, before)
     restored = restore_state(tmp_path / "s", tx.init(params))
     chex.assert_trees_all_equal(restored, state)
+
+
+def test_a_zero_size_leaf_is_saved_and_restored(tmp_path):
+    """orbax refuses to save an array of zero size ("Cannot save arrays with zero size"), so a
+    state for a param of shape (0, 4) could not be saved; it is made again from the like
+    state's shape, dtype and sharding."""
+    device = jax.devices()[1]
+    params = {"w": jnp.ones(3), "empty": jnp.zeros((0, 4)), "pinned": jnp.zeros((2, 0))}
+    params["pinned"] = jax.device_put(params["pinned"], device)
+    tx = kopt.adam(0.1)
+    _, state = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+    save_state(tmp_path / "s", {"params": params, "state": state})
+    restored = restore_state(tmp_path / "s", {"params": params, "state": tx.init(params)})
+    chex.assert_trees_all_equal_shapes_and_dtypes(restored, {"params": params, "state": state})
+    np.testing.assert_allclose(kopt.get_slot(restored["state"], "m")["w"], 0.1, rtol=1e-6)
+    pinned = kopt.get_slot(restored["state"], "m")["pinned"]
+    assert pinned.committed and pinned.devices() == {device}
+
+
+def test_save_optimizer_saves_and_restores_a_zero_size_variable(tmp_path):
+    def variables(value):
+        return [
+            kopt.Variable(np.full(3, value, np.float32), name="w"),
+            kopt.Variable(np.zeros((0, 4), np.float32), name="empty"),
+        ]
+
+    w, empty = variables(1.0)
+    opt = optimizers.Adam(0.1)
+    opt.apply_gradients([(jnp.ones(3), w), (jnp.zeros((0, 4)), empty)])
+    save_optimizer(tmp_path / "opt", opt, [w, empty])
+    w, empty = variables(0.0)
+    restored = restore_optimizer(tmp_path / "opt", [w, empty])
+    np.testing.assert_allclose(w.numpy(), 0.9, rtol=1e-6)
+    np.testing.assert_allclose(restored.get_slot(w, "m").numpy(), 0.1, rtol=1e-6)
+    assert restored.get_slot(empty, "m").shape == (0, 4) and empty.shape == (0, 4)
+    assert int(restored.iterations.numpy()) == 1
 
 
 def test_python_numbers_in_the_tree_restore_as_numbers(tmp_path):
@@ -232,6 +275,24 @@ def test_restore_names_a_variable_of_another_shape_and_changes_nothing(tmp_path)
     with pytest.raises(ValueError, match=r"variable 'w:0' has shape \(2,\).* shape \(3,\)"):
         restore_optimizer(tmp_path / "c", [other])
     np.testing.assert_array_equal(other.numpy(), [5.0, 5.0])
+
+
+@pytest.mark.parametrize("custom_objects", [3, ["Adam"], "Adam"], ids=["int", "list", "str"])
+def test_restore_names_custom_objects_that_are_not_a_dict(tmp_path, custom_objects):
+    """An int failed with "'int' object is not iterable", a list or a str with dict()'s
+    "dictionary update sequence element #0 ...", naming no argument."""
+    var = kopt.Variable(jnp.ones(3), name="w")
+    opt = optimizers.Adam(0.1)
+    opt.apply_gradients([(jnp.ones(3), var)])
+    save_optimizer(tmp_path / "c", opt, [var])
+    var.assign(jnp.full(3, 5.0))
+    with pytest.raises(
+        TypeError,
+        match=r"^restore_optimizer: `custom_objects` must be a dict .*, received "
+        + type(custom_objects).__name__,
+    ):
+        restore_optimizer(tmp_path / "c", [var], custom_objects=custom_objects)
+    np.testing.assert_array_equal(var.numpy(), [5.0] * 3)
 
 
 def test_an_accumulating_optimizer_saved_with_its_variables_in_any_order_restores(tmp_path):

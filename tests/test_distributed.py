@@ -172,6 +172,32 @@ def test_state_sharding_matches_flatten_loose_slots_to_their_own_params():
     _two_momentum_steps_keep_the_splits(tx, shardings, mesh, specs, params)
 
 
+@pytest.mark.parametrize(
+    "tx",
+    [
+        kopt.adafactor(0.1),
+        kopt.flatten(kopt.adafactor(0.1), max_leaf_size=0),
+        kopt.masked(kopt.adafactor(0.1), {"kernel": True, "bias": True, "embedding": False}),
+    ],
+    ids=["adafactor", "flatten", "masked"],
+)
+def test_state_sharding_without_params_keeps_factored_statistics_replicated(tx):
+    """Without ``params`` Adafactor's factored ``r`` and ``c`` were both split over "data", and
+    on an explicit mesh (jax.make_mesh's default) the step refused their outer product: the
+    slots now show the params' shapes, as ``params`` would."""
+    mesh = jax.make_mesh((4,), ("data",))
+    state = tx.init(PARAMS)
+    shardings = kopt.state_sharding(state, mesh, "data")
+    assert shardings == kopt.state_sharding(state, mesh, "data", PARAMS)
+    assert kopt.get_slot(shardings, "r")["kernel"].spec == P()
+    assert kopt.get_slot(shardings, "v")["kernel"].spec == P("data", None)
+    expected, _ = jax.jit(tx.update)(GRADS[0], state, PARAMS)
+    params, _ = kopt.jit_update(tx, shardings)(
+        GRADS[0], kopt.shard_state(state, mesh, "data"), PARAMS
+    )
+    chex.assert_trees_all_close(params, kopt.apply_updates(PARAMS, expected), rtol=1e-6)
+
+
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_zero1_state_is_a_quarter_per_device_and_trains_like_unsharded(name):
     mesh = jax.make_mesh((4,), ("data",))

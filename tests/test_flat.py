@@ -1,5 +1,7 @@
 """kopt.flatten: Keras's numbers from packed slots, param-shaped slots, sharded leaves kept."""
 
+import pickle
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -85,6 +87,63 @@ def test_layout_groups_small_leaves_by_dtype_and_keeps_large_ones():
     assert kopt.slot_names(state) == kopt.slot_names(kopt.adam().init(mixed_params()))
 
 
+def _flax_bytes(state, fresh, tmp_path):
+    serialization = pytest.importorskip("flax.serialization")
+    return serialization.from_bytes(fresh, serialization.to_bytes(state))
+
+
+def _flax_state_dict(state, fresh, tmp_path):
+    serialization = pytest.importorskip("flax.serialization")
+    saved = serialization.msgpack_serialize(serialization.to_state_dict(state))
+    return serialization.from_state_dict(fresh, serialization.msgpack_restore(saved))
+
+
+def _orbax(state, fresh, tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(tmp_path / "orbax", state)
+        checkpointer.wait_until_finished()
+        return checkpointer.restore(tmp_path / "orbax", fresh)
+
+
+def _pickle(state, fresh, tmp_path):
+    return pickle.loads(pickle.dumps(state))
+
+
+def _kopt_checkpoint(state, fresh, tmp_path):
+    from kopt.checkpoint import restore_state, save_state
+
+    save_state(tmp_path / "kopt", state)
+    return restore_state(tmp_path / "kopt", fresh)
+
+
+@pytest.mark.parametrize(
+    "round_trip",
+    [_flax_bytes, _flax_state_dict, _orbax, _pickle, _kopt_checkpoint],
+    ids=["flax-bytes", "flax-state-dict", "orbax", "pickle", "kopt-checkpoint"],
+)
+def test_a_flatten_state_saves_and_restores_into_a_fresh_state(round_trip, tmp_path):
+    """flax.serialization walked into the layout, a field of the state, and msgpack could not
+    save it ("can not serialize 'FlatLayout' object"): the layout is held by the state's type,
+    static to JAX, and each library restores the state with it."""
+    tx = kopt.flatten(kopt.adam(0.1), max_leaf_size=100)
+    params = mixed_params()
+    state = tx.init(params)
+    _, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(state))
+    restored = round_trip(state, tx.init(params), tmp_path)
+    assert type(restored) is type(state) and restored.layout is state.layout
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    chex.assert_trees_all_equal(jax.tree.leaves(restored), jax.tree.leaves(state))
+    m = kopt.get_slot(restored, "m")
+    for name, p in params.items():
+        assert m[name].shape == p.shape, name
+    np.testing.assert_allclose(m["bias"], 0.1, rtol=1e-6)
+    expected, _ = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), restored, params)
+    chex.assert_trees_all_close(updates, expected)
+
+
 def test_packed_adam_matches_numpy_for_every_leaf_and_dtype():
     rng = np.random.default_rng(0)
     params = mixed_params()
@@ -130,6 +189,22 @@ def test_hyperparameters_change_inside_jit_without_retracing():
     assert float(kopt.get_hyperparam(state, "learning_rate")) == pytest.approx(0.3)
     # momentum a: -0.1, -0.05 - 0.2, -0.125 - 0.3 per unit gradient
     np.testing.assert_allclose(kopt.get_slot(state, "momentum")["bias"], [-0.425] * 3, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["bias", "half"])
+def test_a_complex_gradient_of_a_packed_real_param_names_its_path(name):
+    """It was named by its buffer (['packed float32']), which the transformation inside saw."""
+    tx = kopt.flatten(kopt.adam(0.1), max_leaf_size=100)
+    params = mixed_params()
+    state = tx.init(params)
+    before = jax.tree.map(jnp.copy, state)
+    grads = jax.tree.map(jnp.ones_like, params)
+    grads[name] = grads[name].astype(jnp.complex64)
+    with pytest.raises(
+        TypeError, match=rf"^flatten: gradient \['{name}'\] is complex \(complex64\), but its param"
+    ):
+        tx.update(grads, state, params)
+    chex.assert_trees_all_equal(state, before)
 
 
 def test_sparse_gradient_of_a_packed_leaf_is_rejected():

@@ -245,6 +245,80 @@ def test_facade_sparse_step_on_sharded_tables_matches_one_device(name, axis_type
             assert value.sharding.is_equivalent_to(table.sharding, 2), (key, slot)
 
 
+# On a 2 x 2 ("data", "model") mesh with Explicit axes, the rows of a gradient from a 2-D step
+# split rows over "data" and columns over "model", beside tables split either way.
+TABLE_SPECS_2D = [P(None, "model"), P("data", None), P("model", None)]
+
+
+def sparse_gradients_2d(mesh=None):
+    """Per step, the IndexedSlices of SPARSE_STEPS for one table; on ``mesh``, the values split
+    rows over "data" and columns over "model"."""
+    steps = []
+    for k, (indices, _) in enumerate(SPARSE_STEPS):
+        values = np.full((4, 4), 0.5 + k, np.float32) * np.arange(1, 5)[:, None]
+        if mesh is not None:
+            values = jax.device_put(values, NamedSharding(mesh, P("data", "model")))
+            indices = jax.device_put(indices, NamedSharding(mesh, P("data")))
+        steps.append(kopt.IndexedSlices(jnp.asarray(values), jnp.asarray(indices), (8, 4)))
+    return steps
+
+
+def _explicit_2d_table(spec):
+    mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    return mesh, jax.device_put(TABLE, NamedSharding(mesh, spec))
+
+
+@pytest.mark.parametrize("spec", TABLE_SPECS_2D, ids=str)
+@pytest.mark.parametrize("name", ["sgd", "adam", "adagrad"])
+def test_sparse_step_with_values_split_over_two_axes_matches_one_device(name, spec):
+    """The sum of repeated rows scattered the values into replicated zeros, which Explicit axes
+    refused beside values split over "model" ("provide output PartitionSpec for the scatter
+    update")."""
+    tx = OPTIMIZERS[name](0.1)
+
+    @jax.jit
+    def step(params, state, grad):
+        updates, state = tx.update({"t": grad}, state, params)
+        return kopt.apply_updates(params, updates), state
+
+    def run(table, steps):
+        params = {"t": table}
+        state = tx.init(params)
+        for grad in steps:
+            params, state = step(params, state, grad)
+        return params, state
+
+    mesh, table = _explicit_2d_table(spec)
+    params, state = run(table, sparse_gradients_2d(mesh))
+    expected_params, expected_state = run(jnp.asarray(TABLE), sparse_gradients_2d())
+    chex.assert_trees_all_close(params, expected_params, rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(state, expected_state, rtol=1e-6, atol=1e-6)
+    assert params["t"].sharding.is_equivalent_to(table.sharding, 2)
+
+
+@pytest.mark.parametrize("spec", TABLE_SPECS_2D, ids=str)
+def test_facade_sparse_step_with_values_split_over_two_axes_matches_one_device(spec):
+    def run(table, steps):
+        opt = facade_zoo.make("Adam")
+        variable = kopt.Variable(table, name="emb")
+        for grad in steps:
+            opt.apply_gradients([(grad, variable)])
+        return opt, variable
+
+    mesh, table = _explicit_2d_table(spec)
+    opt, variable = run(table, sparse_gradients_2d(mesh))
+    expected_opt, expected = run(TABLE, sparse_gradients_2d())
+    np.testing.assert_allclose(variable.numpy(), expected.numpy(), rtol=1e-6)
+    assert variable.value.sharding.is_equivalent_to(table.sharding, 2)
+    for slot in opt.get_slot_names():
+        np.testing.assert_allclose(
+            opt.get_slot(variable, slot).numpy(),
+            expected_opt.get_slot(expected, slot).numpy(),
+            rtol=1e-6,
+            atol=1e-6,
+        )
+
+
 @AXIS_TYPES
 @pytest.mark.parametrize("per_replica", [False, True], ids=["reduced", "per-replica"])
 def test_facade_gradient_split_otherwise_than_its_variable_on_its_mesh(axis_type, per_replica):

@@ -121,6 +121,15 @@ class FlatLayout:
         return hash(self._fields)
 
     @functools.cached_property
+    def state_type(self) -> type[FlattenedState]:
+        """The :class:`FlattenedState` subclass whose states have this layout."""
+        return type(
+            "FlattenedState",
+            (FlattenedState,),
+            {"__slots__": (), "layout": self, "__module__": FlattenedState.__module__},
+        )
+
+    @functools.cached_property
     def keys(self) -> tuple[str, ...]:
         """The packed form's keys, in order: the packed buffers', then the loose leaves'."""
         return tuple(key for key, _ in self.groups) + tuple(key for key, _ in self.loose)
@@ -138,6 +147,10 @@ class FlatLayout:
             raise ValueError(f"{owner}: the {what} tree {treedef} differs from {self.treedef}")
         packed = {}
         for key, indices in self.groups:
+            # The params of a buffer share the dtype its key names ("packed float32"): a
+            # gradient is checked against it here, where its own path is known (the
+            # transformation inside sees the buffer only).
+            param_dtype = jnp.dtype(key.removeprefix("packed "))
             parts = []
             for i in indices:
                 leaf = leaves[i]
@@ -150,7 +163,7 @@ class FlatLayout:
                         f"({math.prod(self.shapes[i])}) to keep it sparse"
                     )
                 if what == "gradient":
-                    check_leaf(self.paths[i], leaf, self.shapes[i], owner)
+                    check_leaf(self.paths[i], leaf, self.shapes[i], owner, ref_dtype=param_dtype)
                 elif tuple(jnp.shape(leaf)) != self.shapes[i]:
                     raise ValueError(
                         f"{owner}: {what} {self.paths[i]} has shape {tuple(jnp.shape(leaf))}, "
@@ -213,15 +226,38 @@ class FlatLayout:
         return isinstance(tree, dict) and set(tree) == keys
 
 
-class FlattenedState(NamedTuple):
+class _FlattenedFields(NamedTuple):
+    inner_state: Any
+
+
+class FlattenedState(_FlattenedFields):
     """State of :func:`flatten`: the inner state over the packed buffers, and their layout.
+
+    ``FlattenedState(inner_state, layout)`` is a named tuple of one field, ``inner_state``;
+    the :class:`FlatLayout` is held by its type (one subclass per layout), which JAX keeps as
+    static data of the tree. So the state is a pytree of arrays only, which libraries that
+    walk a named tuple's fields (``flax.serialization``) save, and restore into a state that
+    ``init`` made: the restored state takes that state's type, and so its layout.
 
     :func:`kopt.get_slot` and :func:`kopt.slot_names` read it through :meth:`unflattened`,
     so slots come back shaped like the params.
     """
 
-    inner_state: Any
-    layout: FlatLayout
+    __slots__ = ()
+    layout: FlatLayout  # set on each layout's subclass (FlatLayout.state_type)
+
+    def __new__(cls, inner_state: Any, layout: FlatLayout | None = None) -> FlattenedState:
+        # Without a layout (a copy rebuilt field by field: jax.tree.map, flax's restore), the
+        # layout of the class it is rebuilt as.
+        layout = cls.__dict__.get("layout") if layout is None else layout
+        if not isinstance(layout, FlatLayout):
+            raise TypeError(
+                f"FlattenedState: `layout` must be a FlatLayout, received {type(layout).__name__}"
+            )
+        return tuple.__new__(layout.state_type, (inner_state,))
+
+    def __reduce__(self):  # pickled by the public class, with the layout
+        return (FlattenedState, (self.inner_state, self.layout))
 
     def unflattened(self) -> Any:
         """The inner state with every slot unpacked to a tree shaped like the params."""
