@@ -632,3 +632,43 @@ def test_an_unpickled_optimizer_keeps_each_slot_with_its_variable_whatever_the_n
         step(clone, clone_variables, g)
     for v, c in zip(variables, clone_variables, strict=True):
         np.testing.assert_array_equal(c.numpy(), v.numpy())
+
+
+def keras_like_exponential_decay():
+    """Another library's schedule class named as kopt's (Keras 3's ExponentialDecay): a step
+    callable with ``get_config``, not a kopt schedule."""
+
+    class ExponentialDecay:
+        def __init__(self, initial_learning_rate, decay_steps, decay_rate, staircase=False):
+            self.config = dict(
+                initial_learning_rate=initial_learning_rate,
+                decay_steps=decay_steps,
+                decay_rate=decay_rate,
+                staircase=staircase,
+            )
+
+        def __call__(self, step):
+            c = self.config
+            return c["initial_learning_rate"] * c["decay_rate"] ** (step / c["decay_steps"])
+
+        def get_config(self):
+            return dict(self.config)
+
+    return ExponentialDecay
+
+
+@pytest.mark.parametrize("make", [optimizers.Adam, optimizers.AdamW], ids=["Adam", "AdamW"])
+def test_another_librarys_schedule_is_configured_as_a_serialized_schedule(make):
+    """A Keras 3 schedule object was put in the config as it is: `serialize` could not be
+    stored as JSON, nor checkpointed. It is written as Keras writes a schedule, and comes back
+    as kopt's schedule of that name, which trains the same."""
+    opt = make(learning_rate=keras_like_exponential_decay()(0.05, 3, 0.5))
+    serialized = json.loads(json.dumps(optimizers.serialize(opt)))
+    assert serialized["config"]["learning_rate"]["class_name"] == "ExponentialDecay"
+    clone = optimizers.deserialize(serialized)
+    assert isinstance(clone.learning_rate, ExponentialDecay)
+    a, b = kopt.Variable([1.0, 2.0]), kopt.Variable([1.0, 2.0])
+    for _ in range(4):
+        opt.apply_gradients([(jnp.ones(2), a)])
+        clone.apply_gradients([(jnp.ones(2), b)])
+    np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-6)

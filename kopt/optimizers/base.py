@@ -37,9 +37,9 @@ from kopt.optimizers import _state_codec as codec
 from kopt.optimizers import _traced_loss
 from kopt.optimizers._slot_groups import MAX_GROUPED_SIZE, PackedSlot, SlotGroup, group_slots
 from kopt.optimizers.schedules import LearningRateSchedule, _plain_number
+from kopt.optimizers.schedules import _config_value as schedule_config
 from kopt.optimizers.schedules import _is_serialized as is_serialized_schedule
 from kopt.optimizers.schedules import deserialize as deserialize_schedule
-from kopt.optimizers.schedules import serialize as serialize_schedule
 from kopt.sparse import IndexedSlices, is_indexed_slices
 from kopt.transforms import all_finite, clip_by_global_norm, clip_by_norm, clip_by_value
 from kopt.transforms._core import learning_rate_at
@@ -593,11 +593,9 @@ class Optimizer:
         """The hyperparameter as a config value: a schedule's config dict, a callable's current
         result, or a Python number."""
         value = self._hyper[hyperparameter_name]
-        if isinstance(value, LearningRateSchedule):
-            return serialize_schedule(value)
         if callable(value) and not isinstance(value, Variable):
             if _is_step_schedule(value):
-                return value
+                return schedule_config(value)
             value = value()
         if isinstance(value, Variable):
             value = value.numpy()

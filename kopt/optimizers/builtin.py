@@ -37,7 +37,7 @@ from kopt.optimizers.base import (
     weight_list,
 )
 from kopt.optimizers.schedules import LearningRateSchedule
-from kopt.optimizers.schedules import serialize as serialize_schedule
+from kopt.optimizers.schedules import _config_value as schedule_config
 from kopt.sparse import map_values
 from kopt.transforms._weight_decay import decoupled_weight_decay
 from kopt.variables import Variable
@@ -63,7 +63,7 @@ def _value_if_number(owner: str, name: str, value: Any) -> float | None:
 def _config_value(value: Any) -> Any:
     """A Keras 3 class's hyperparameter attribute as its config stores it (a schedule as its
     serialized dict, which ``from_config`` turns back into the schedule)."""
-    return serialize_schedule(value) if isinstance(value, LearningRateSchedule) else value
+    return schedule_config(value) if _is_step_schedule(value) else value
 
 
 def _flag_momentum(owner: str, momentum: Any) -> bool:

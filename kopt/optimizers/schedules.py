@@ -286,6 +286,25 @@ def serialize(learning_rate_schedule: LearningRateSchedule) -> dict[str, Any]:
     }
 
 
+def _config_value(value: Any) -> Any:
+    """A hyperparameter's schedule as an optimizer's config stores it: a kopt schedule as
+    :func:`serialize` writes it, another library's schedule object (a Keras 3 or tf.keras one,
+    which has ``get_config``) in the same form, which :func:`deserialize` reads back as kopt's
+    schedule of that name; anything else as it is."""
+    if isinstance(value, LearningRateSchedule):
+        return serialize(value)
+    get_config = getattr(value, "get_config", None)
+    if callable(value) and callable(get_config) and not isinstance(value, type):
+        cls = type(value)
+        return {
+            "module": cls.__module__,
+            "class_name": cls.__name__,
+            "config": _plain_config(get_config()),
+            "registered_name": None,
+        }
+    return value
+
+
 def _named_class(config: dict[str, Any], custom_objects: dict[str, Any] | None) -> Any:
     """The class a serialized schedule names (registered, in ``custom_objects``, or kopt's), or
     None."""
