@@ -5,6 +5,7 @@ import copy
 import itertools
 import json
 import pickle
+import warnings
 
 import jax.numpy as jnp
 import numpy as np
@@ -584,6 +585,21 @@ def test_a_keras_3_config_of_a_classic_optimizer_loads_without_its_inactive_opti
     active["config"]["gradient_accumulation_steps"] = 4
     with pytest.raises(ValueError, match="`gradient_accumulation_steps`=4"):
         optimizers.deserialize(active)
+
+
+def test_a_keras_3_nadam_config_loads_with_a_warning_that_its_update_differs():
+    """Keras 3's (and tf.keras 2.11+'s) Nadam computes its update otherwise than the legacy
+    Nadam kopt's is: its config loaded silently and the run went on differently."""
+    config = copy.deepcopy(_KERAS3_ADAM)
+    config["class_name"] = "Nadam"
+    config["config"].pop("amsgrad")
+    with pytest.warns(UserWarning, match="non-legacy Nadam.*update differs"):
+        opt = optimizers.deserialize(config)
+    assert type(opt) is optimizers.Nadam
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the other classes' updates agree: no warning
+        optimizers.deserialize(copy.deepcopy(_KERAS3_ADAM))
+        optimizers.deserialize({"class_name": "Nadam", "config": {"learning_rate": 0.1}})
 
 
 def test_a_schedule_argument_kept_in_a_variable_changes_without_recompiling():

@@ -98,7 +98,8 @@ def deserialize(config: dict[str, Any], custom_objects: dict[str, Any] | None = 
     built-in of the same name as tf.keras's ``convert_to_legacy_optimizer`` converts it:
     without the options only those classes have; one that changes the update
     (``weight_decay``, ``use_ema``, ``loss_scale_factor``, ``gradient_accumulation_steps``) is
-    refused.
+    refused. A non-legacy ``Nadam`` config loads with a ``UserWarning``: that Nadam's update
+    differs from the legacy one's.
 
     Your own classes are found as tf.keras finds them: registered with
     :func:`register_keras_serializable`, or in ``custom_objects`` under their
@@ -191,6 +192,17 @@ def _from_non_legacy_config(cls: type, config: dict[str, Any]) -> dict[str, Any]
         )
     for key in _NON_LEGACY_OPTIONS:
         config.pop(key, None)
+    if cls.__name__ == "Nadam":
+        # The one class whose update the two lines compute differently (the other classes'
+        # agree to float32 rounding): loaded as tf.keras's conversion loads it, but said.
+        warnings.warn(
+            "optimizers.deserialize: a config of a non-legacy Nadam (tf.keras 2.11+ or Keras 3) "
+            "loads into kopt's Nadam, which is tf.keras's legacy Nadam: its update differs "
+            "(as tf.keras's convert_to_legacy_optimizer's does), so training will not go on "
+            "as it would have",
+            UserWarning,
+            stacklevel=3,
+        )
     return config
 
 
