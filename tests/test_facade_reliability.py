@@ -681,3 +681,40 @@ def test_nadam_refuses_a_schedule_assigned_later_as_its_constructor_does(attr):
     assert_unchanged(before, snapshot(opt, [var]))
     opt.apply_gradients([(jnp.ones(2), var)])
     assert float(opt.learning_rate.numpy()) == pytest.approx(0.1)
+
+
+def test_a_schedule_the_compiled_step_cannot_call_is_refused_naming_it():
+    """A tf.keras schedule (TensorFlow operations) failed at the first step with JAX's
+    TracerArrayConversionError, naming neither the schedule nor the hyperparameter."""
+
+    class NumpySchedule:  # computes on concrete values, as a TensorFlow one does
+        def __call__(self, step):
+            return float(np.asarray(step)) * 0.0 + 0.1
+
+    var = kopt.Variable([1.0, 2.0])
+    with pytest.raises(TypeError, match="`learning_rate` \\(NumpySchedule\\) cannot run"):
+        kopt.optimizers.Adam(NumpySchedule())
+    opt = kopt.optimizers.Adam(0.1)
+    with pytest.raises(TypeError, match="`beta_1` \\(NumpySchedule\\) cannot run"):
+        opt.beta_1 = NumpySchedule()
+    opt.apply_gradients([(jnp.ones(2), var)])  # the old value trains on
+    assert float(opt.beta_1.numpy()) == pytest.approx(0.9)
+
+
+def test_a_gradient_of_another_library_is_named():
+    class Tensor:  # a TensorFlow tensor's shape and dtype, which JAX cannot read
+        shape = (2,)
+        dtype = "tf.float32"
+
+    var = kopt.Variable([1.0, 2.0], name="w")
+    opt = kopt.optimizers.SGD(0.1)
+    with pytest.raises(TypeError, match="gradient for w:0 must be a JAX or NumPy array"):
+        opt.apply_gradients([(Tensor(), var)])
+    np.testing.assert_array_equal(var.numpy(), [1.0, 2.0])
+    table = kopt.Variable(np.zeros((5, 2), np.float32), name="table")
+    per_replica = kopt.optimizers.PerReplica(
+        kopt.IndexedSlices(jnp.ones((2, 2, 2)), jnp.array([[0, 1], [1, 4]]), (5, 2))
+    )
+    with pytest.raises(TypeError, match="per-replica gradient for table:0 holds an IndexedSl"):
+        opt.apply_gradients([(per_replica, table)])
+    assert opt.iterations.numpy() == 0 and not table.numpy().any()

@@ -193,6 +193,25 @@ def _is_step_schedule(value: Any) -> bool:
     return len(_required_arguments(value)) == 1
 
 
+def _check_traceable(owner: str, name: str, schedule: Callable) -> None:
+    """Refuses a schedule the compiled step cannot call: one computing with another library
+    (a tf.keras schedule's TensorFlow operations take no JAX value), or needing a concrete
+    step. Traced once on an abstract float32 step (``jax.eval_shape``: nothing compiled)."""
+    if isinstance(schedule, LearningRateSchedule) and type(schedule).__module__.startswith("kopt."):
+        return  # kopt's own
+    try:
+        jax.eval_shape(schedule, jax.ShapeDtypeStruct((), jnp.float32))
+    except Exception as e:  # noqa: BLE001 - any failure is the schedule's, and is named
+        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise TypeError(
+            f"{owner}: the schedule given as `{name}` ({type(schedule).__name__}) cannot run "
+            "in the compiled step, which calls it with a traced step: "
+            f"{type(e).__name__}: {message:.200}. A tf.keras schedule computes with "
+            "TensorFlow: use kopt.optimizers.schedules' class of that name, which takes "
+            "the same arguments"
+        ) from e
+
+
 def _required_arguments(function: Callable) -> list[str]:
     """The names of the positional arguments ``function`` has no default for (none where its
     signature cannot be read)."""
@@ -536,8 +555,11 @@ class Optimizer:
 
     def _check_hyper_value(self, name: str, value: Any) -> None:
         """The checks of a new value for hyperparameter ``name`` that need no other
-        hyperparameter: a number, finite, and a non-negative learning rate or decay."""
+        hyperparameter: a number, finite, and a non-negative learning rate or decay; a schedule
+        that JAX can trace."""
         _check_number(type(self).__name__, name, value)
+        if _is_step_schedule(value):
+            _check_traceable(type(self).__name__, name, value)
         if not callable(value) or isinstance(value, Variable):
             number = float(np.asarray(value.numpy() if isinstance(value, Variable) else value))
             # A custom optimizer's own hyperparameter may be infinite ("never clip"), as in
@@ -3041,6 +3063,13 @@ def _check_step_count(value: Any, where: str = "iterations.assign") -> None:
 def _check_gradient(g: Any, v: Variable, aggregate: bool) -> None:
     if isinstance(g, PerReplica):
         values = g.values
+        if isinstance(values, IndexedSlices):
+            raise TypeError(
+                f"apply_gradients: the per-replica gradient for {v.name} holds an IndexedSlices; "
+                "sparse per-replica gradients are not taken: give one kopt.IndexedSlices of "
+                "every replica's rows (their values and indices concatenated: repeated rows "
+                "add up)"
+            )
         if not hasattr(values, "shape") or tuple(values.shape[1:]) != v.shape:
             raise ValueError(
                 f"apply_gradients: per-replica gradient for {v.name} must have shape "
@@ -3102,7 +3131,16 @@ def _check_gradient(g: Any, v: Variable, aggregate: bool) -> None:
             f"apply_gradients: the gradient for {v.name} has shape {tuple(g.shape)}, expected "
             f"{v.shape}"
         )
-    if jnp.dtype(g.dtype) != jnp.dtype(v.dtype):
+    try:
+        dtype = jnp.dtype(g.dtype)
+    except TypeError:  # another library's tensor (TensorFlow's)
+        kind = f"{type(g).__module__.split('.')[0]}.{type(g).__name__}"
+        raise TypeError(
+            f"apply_gradients: the gradient for {v.name} must be a JAX or NumPy array (or a "
+            f"kopt.IndexedSlices), received a {kind} of dtype {g.dtype}; convert it first "
+            "(np.asarray, or a TensorFlow tensor's .numpy())"
+        ) from None
+    if dtype != jnp.dtype(v.dtype):
         raise TypeError(
             f"apply_gradients: the gradient for {v.name} has dtype {g.dtype}, expected {v.dtype}"
         )
