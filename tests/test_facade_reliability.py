@@ -718,3 +718,36 @@ def test_a_gradient_of_another_library_is_named():
     with pytest.raises(TypeError, match="per-replica gradient for table:0 holds an IndexedSl"):
         opt.apply_gradients([(per_replica, table)])
     assert opt.iterations.numpy() == 0 and not table.numpy().any()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: kopt.optimizers.Adam(0.1, clipnorm=1.0),
+        lambda: kopt.optimizers.AdamW(0.1, use_ema=True, gradient_accumulation_steps=2),
+        lambda: kopt.optimizers.LossScaleOptimizer(kopt.optimizers.SGD(0.1, momentum=0.9)),
+        lambda: kopt.optimizers.SGD(0.1, gradient_transformers=[lambda gv: gv]),
+    ],
+    ids=["Adam", "AdamW-ema", "LossScale", "SGD-hooks"],
+)
+def test_an_optimizer_no_longer_used_is_freed_without_the_cycle_collector(make):
+    """Its compiled steps held it (and the check on its hyperparameter variables did), so a
+    search making an optimizer per trial kept every trial's slots until a cyclic collection."""
+    import gc
+    import weakref
+
+    var = kopt.Variable(jnp.ones(4))
+    opt = make()
+    for _ in range(2):
+        opt.apply_gradients([(jnp.ones(4), var)])
+    opt.minimize(lambda: jnp.sum(var.value**2), [var])
+    opt.learning_rate = 0.2
+    slot = opt.weights[-1]
+    ref, slot_ref = weakref.ref(opt), weakref.ref(slot)
+    del slot
+    gc.disable()
+    try:
+        del opt
+        assert ref() is None and slot_ref() is None
+    finally:
+        gc.enable()

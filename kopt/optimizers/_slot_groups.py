@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import weakref
 from typing import Any
 
 import jax
@@ -91,7 +92,9 @@ class SlotGroup:
     def __init__(self, members: list[Variable]):
         values = [m._storage for m in members]
         self.uid = next(_group_ids)
-        self.members: tuple[PackedSlot, ...] = tuple(members)  # type: ignore[assignment]
+        # Held weakly: each member holds its group, and the optimizer holds both, so that a
+        # group and its slots are freed with the optimizer, without the cycle collector.
+        self._members = tuple(weakref.ref(m) for m in members)
         self.sizes = tuple(math.prod(v.shape) for v in values)
         self.offsets = tuple(itertools.accumulate(self.sizes, initial=0))[:-1]
         # Built on the host and placed as the members are (they share a dtype, placement and
@@ -113,6 +116,18 @@ class SlotGroup:
             m._slot_shape = tuple(v.shape)
             m._slot_dtype = v.dtype
             offset += size
+
+    @property
+    def members(self) -> tuple[PackedSlot, ...]:
+        """The slots, in the buffer's order (all alive while their optimizer is)."""
+        return tuple(ref() for ref in self._members)  # type: ignore[misc]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_members": self.members}  # copies and pickles hold them
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._members = tuple(weakref.ref(m) for m in state["_members"])
 
     # Reads and writes outside a step slice a host copy of the buffer and place the result
     # back: XLA:CPU takes tens of milliseconds to compile even a slice, and one program per

@@ -193,6 +193,20 @@ def _is_step_schedule(value: Any) -> bool:
     return len(_required_arguments(value)) == 1
 
 
+def _assignment_check(optimizer: Optimizer, name: str) -> Callable[[Any], None]:
+    """The check of a concrete value assigned to ``optimizer``'s variable for hyperparameter
+    ``name``, holding the optimizer weakly (the variable is the optimizer's: a strong
+    reference would make a cycle)."""
+    ref = weakref.ref(optimizer)
+
+    def check(value: Any) -> None:
+        owner = ref()
+        if owner is not None:
+            owner._check_hyper_assignment(name, value)
+
+    return check
+
+
 def _check_traceable(owner: str, name: str, schedule: Callable) -> None:
     """Refuses a schedule the compiled step cannot call: one computing with another library
     (a tf.keras schedule's TensorFlow operations take no JAX value), or needing a concrete
@@ -595,7 +609,7 @@ class Optimizer:
         ``iterations`` (again after a copy or unpickling, which leave the checks out)."""
         for name, var in self.__dict__.get("_number_hypers", {}).items():
             if var.dtype != jnp.bool_:  # a custom optimizer's flag: any bool
-                var._assign_check = functools.partial(self._check_hyper_assignment, name)
+                var._assign_check = _assignment_check(self, name)
         if self._iterations is not None:
             self._iterations._assign_check = _check_step_count
 
@@ -1846,6 +1860,12 @@ class Optimizer:
             for v, sh in zip(var_list, var_shardings, strict=True)
             if sh is not None and _explicit(sh)
         }
+        # The program is kept in ``self._programs``: its closures hold the optimizers weakly,
+        # or each optimizer would be in a reference cycle that only the cyclic garbage
+        # collector frees (a search making an optimizer per trial held every trial's slots).
+        owners = tuple(weakref.proxy(o) for o in (self, *self._nested_optimizers()))
+        self = owners[0]  # noqa: PLW0642 - the closures below see the weak one
+        guard = None if guard is None else weakref.proxy(guard)
 
         def traced(var_values, grads, state_values, iteration, hyper_values, dynamic):
             self.compile_count += 1
@@ -1984,8 +2004,6 @@ class Optimizer:
                     # and are not kept.
                     [{} if guard is not None else _written_arrays(o) for o in owners],
                 )
-
-        owners = (self, *self._nested_optimizers())
 
         def step(*args):
             # Attributes the hooks write while traced are not inputs of the step.
