@@ -589,6 +589,8 @@ def test_a_mask_or_labels_function_refuses_packed_buffers():
             p, t = (wrap(params), tx) if wrap else (params, kopt.flatten(tx))
             with pytest.raises(ValueError, match=rf"{owner}: `{what}` .* {where}'s packed buffers"):
                 t.init(p)
+        with pytest.raises(ValueError, match="a smaller max_leaf_size packs fewer"):
+            tx.init(kopt.pack(params))  # the way out it gives is the right way round
         # Unpacked, the same pieces select by param, and so they do on a pack with nothing
         # packed (every param over max_leaf_size stays loose).
         tx.init(params)

@@ -1866,9 +1866,14 @@ class Optimizer:
         owners = tuple(weakref.proxy(o) for o in (self, *self._nested_optimizers()))
         self = owners[0]  # noqa: PLW0642 - the closures below see the weak one
         guard = None if guard is None else weakref.proxy(guard)
+        # The variables too: the program is found by their ids only while they live, and a
+        # strong reference kept every variable ever stepped (and its memory) alive.
+        var_refs = [weakref.ref(v) for v in var_list]
+        del var_list
 
         def traced(var_values, grads, state_values, iteration, hyper_values, dynamic):
             self.compile_count += 1
+            var_list = [ref() for ref in var_refs]
             # Each grouped slot this step touches is bound to its slice of its group's buffer.
             state_vars, state_inputs = list(loose), list(state_values[: len(loose)])
             group_parts = []

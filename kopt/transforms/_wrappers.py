@@ -173,7 +173,7 @@ def _refuse_packed(params: PyTree, owner: str, what: str) -> None:
         way_out = (
             f"put {owner} outside kopt.flatten, as in masked(flatten(tx), mask)"
             if where == "kopt.flatten"
-            else "keep the params it selects among unpacked (a larger max_leaf_size packs fewer)"
+            else "keep the params it selects among unpacked (a smaller max_leaf_size packs fewer)"
         )
         raise ValueError(
             f"{owner}: `{what}` is a function of the params, which would see {where}'s packed "
