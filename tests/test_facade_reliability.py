@@ -751,3 +751,51 @@ def test_an_optimizer_no_longer_used_is_freed_without_the_cycle_collector(make):
         assert ref() is None and slot_ref() is None
     finally:
         gc.enable()
+
+
+def test_a_loss_that_assigns_keeps_every_threads_assignments():
+    """The loss's assignments are traced from the values it read and written back after: two
+    threads' minimize calls interleaved lost some (tf.keras's count is exact)."""
+    seen, w = kopt.Variable(0.0), kopt.Variable([1.0, 2.0])
+    opt = kopt.optimizers.SGD(0.01)
+
+    def loss():
+        seen.assign_add(1.0)
+        return jnp.sum(w.value**2)
+
+    def train():
+        for _ in range(40):
+            opt.minimize(loss, [w])
+
+    threads = [threading.Thread(target=train) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert float(seen.numpy()) == 80.0 and int(opt.iterations.numpy()) == 80
+
+
+def test_a_loss_scale_step_in_another_thread_cannot_come_between_scaling_and_unscaling():
+    """minimize scaled the loss by the scale it read and unscaled the gradients by the scale
+    read later: another thread's skipped step in between (halving the scale) doubled the
+    gradient applied."""
+    v, other = kopt.Variable(np.zeros(4, np.float32)), kopt.Variable(np.zeros(4, np.float32))
+    opt = kopt.optimizers.LossScaleOptimizer(kopt.optimizers.SGD(1.0))
+    unscale = opt.get_unscaled_gradients
+    stepping = []
+
+    def unscale_after_another_step(grads):
+        # The other thread's non-finite step, started between the scaling and the unscaling.
+        thread = threading.Thread(
+            target=lambda: opt.apply_gradients([(jnp.full(4, jnp.inf), other)])
+        )
+        thread.start()
+        thread.join(timeout=0.5)  # it waits for the lock this minimize holds
+        stepping.append(thread)
+        return unscale(grads)
+
+    opt.get_unscaled_gradients = unscale_after_another_step
+    opt.minimize(lambda: jnp.sum(v.value), [v])
+    stepping[0].join()
+    np.testing.assert_array_equal(v.numpy(), -np.ones(4))
+    assert float(opt.loss_scale.numpy()) == 2.0**14  # the other step ran, after

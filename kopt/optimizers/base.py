@@ -2179,19 +2179,24 @@ class Optimizer:
             )
         if not callable(var_list) or isinstance(var_list, Variable):
             return self._gradients(loss, _variable_list(var_list), grad_loss)
-        variables = _variable_list(var_list())
-        grads_and_vars, writes = self._gradients_and_writes(loss, variables, grad_loss)
-        built = _variable_list(var_list())
-        if [v._uid for v in built] != [v._uid for v in variables]:
-            # The loss runs again for the variables it built: the assignments it made (a
-            # moving statistic) are those of this second run only, as in one tf.keras step.
-            grads_and_vars, writes = self._gradients_and_writes(loss, built, grad_loss)
-        _make_writes(writes)
+        # Under the lock, from the loss's reads to its writes: a loss that assigns (a moving
+        # statistic, `count.assign_add(1)`) is traced reading values and written back after,
+        # and two threads' calls interleaved would lose one's assignments.
+        with self._lock:
+            variables = _variable_list(var_list())
+            grads_and_vars, writes = self._gradients_and_writes(loss, variables, grad_loss)
+            built = _variable_list(var_list())
+            if [v._uid for v in built] != [v._uid for v in variables]:
+                # The loss runs again for the variables it built: the assignments it made (a
+                # moving statistic) are those of this second run only, as in one tf.keras step.
+                grads_and_vars, writes = self._gradients_and_writes(loss, built, grad_loss)
+            _make_writes(writes)
         return grads_and_vars
 
     def _gradients(self, loss, var_list: list[Variable], grad_loss: Any):
-        grads_and_vars, writes = self._gradients_and_writes(loss, var_list, grad_loss)
-        _make_writes(writes)
+        with self._lock:  # from the loss's reads to its writes (see compute_gradients)
+            grads_and_vars, writes = self._gradients_and_writes(loss, var_list, grad_loss)
+            _make_writes(writes)
         return grads_and_vars
 
     def _gradients_and_writes(self, loss, var_list: list[Variable], grad_loss: Any):

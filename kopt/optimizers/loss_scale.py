@@ -203,8 +203,13 @@ class LossScaleOptimizer(Optimizer):
                 v._value = _full_spec(jax.device_put(v._storage, target))
 
     def compute_gradients(self, loss, var_list, grad_loss=None):
-        pairs = self._optimizer.compute_gradients(self.get_scaled_loss(loss), var_list, grad_loss)
-        grads = self.get_unscaled_gradients([g for g, _ in pairs])
+        # Under the lock (a step changes the scale under it too): the loss is scaled and the
+        # gradients unscaled by one scale, whatever another thread's step does to it.
+        with self._lock:
+            pairs = self._optimizer.compute_gradients(
+                self.get_scaled_loss(loss), var_list, grad_loss
+            )
+            grads = self.get_unscaled_gradients([g for g, _ in pairs])
         return list(zip(grads, [v for _, v in pairs], strict=True))
 
     def apply_gradients(self, grads_and_vars, name=None, experimental_aggregate_gradients=True):
