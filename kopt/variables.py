@@ -346,7 +346,12 @@ class Variable:
     # copies and pickles are new variables: their own uid (slots and programs are keyed by it),
     # unchecked (an optimizer that is copied too checks its copies again)
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_uid", "_assign_check")}
+        """The buffer goes along handed out, as ``v.value`` hands it out: a shallow copy shares
+        it, and a deep copy or pickle reads it after this returns, so a donating step (in this
+        thread or another) copies it first."""
+        with donation_lock:
+            self._handed_out = True
+            return {k: v for k, v in self.__dict__.items() if k not in ("_uid", "_assign_check")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
