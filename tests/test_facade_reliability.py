@@ -643,6 +643,40 @@ def test_copies_taken_while_another_thread_steps_are_whole():
     assert int(opt.iterations.numpy()) == 301
 
 
+def test_get_weights_while_another_thread_steps_is_one_step():
+    """get_weights read each weight by itself: a step landing in between gave ``iterations``
+    of one step and slots of the next. It reads under the lock each step holds."""
+    var = kopt.Variable(np.zeros(4, np.float32))
+    opt = optimizers.Adam(learning_rate=0.01)
+    opt.apply_gradients([(jnp.ones(4), var)])
+    iterations = opt.iterations
+    read_count = iterations.numpy
+    stepper = []
+
+    def read_then_step():  # a step starts in another thread once the count is read
+        count = read_count()
+        if not stepper:
+            stepper.append(
+                threading.Thread(target=opt.apply_gradients, args=([(jnp.ones(4), var)],))
+            )
+            stepper[0].start()
+            stepper[0].join(timeout=0.5)  # ends at once unless get_weights holds the lock
+        return count
+
+    iterations.numpy = read_then_step
+    try:
+        weights = opt.get_weights()
+    finally:
+        del iterations.numpy
+    stepper[0].join()
+    count = int(weights[0])
+    assert count == 1
+    m, v = weights[1:]  # constant gradients of 1: m = 1 - 0.9**t, v = 1 - 0.999**t
+    np.testing.assert_allclose(m, 1 - 0.9**count, atol=1e-6)
+    np.testing.assert_allclose(v, 1 - 0.999**count, atol=1e-6)
+    assert int(opt.iterations.numpy()) == 2
+
+
 def test_a_copy_used_from_two_threads_at_once_finds_every_slot():
     """A copy made with its variables re-keys its slots to the copied variables at its first
     use: a second thread using it meanwhile did not find them (KeyError). It waits now."""

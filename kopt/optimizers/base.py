@@ -747,8 +747,10 @@ class Optimizer:
         return self._weights
 
     def get_weights(self) -> list[np.ndarray]:
-        """NumPy copies of :attr:`weights`, in the same order."""
-        return [w.numpy() for w in self.weights]
+        """NumPy copies of :attr:`weights`, in the same order, of one step: read under the
+        optimizer's lock, which each step holds."""
+        with self._lock:
+            return [w.numpy() for w in self.weights]
 
     def set_weights(self, weights: list[Any]) -> None:
         """Sets :attr:`weights` from a list of arrays (as from :meth:`get_weights`).
