@@ -157,7 +157,22 @@ def _defined_outside_kopt(cls: type, name: str) -> bool:
     return not owner.__module__.startswith("kopt.")
 
 
-@functools.cache
+def _per_class(compute):
+    """``compute(cls)``, remembered per class without keeping the class alive: a subclass made
+    per trial goes with its optimizers (``functools.cache`` held every class it was asked about)."""
+    known: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    @functools.wraps(compute)
+    def cached(cls: type) -> bool:
+        out = known.get(cls)
+        if out is None:
+            out = known[cls] = compute(cls)
+        return out
+
+    return cached
+
+
+@_per_class
 def _runs_twin(cls: type) -> bool:
     if cls._transformation is Optimizer._transformation:
         return False
@@ -165,7 +180,7 @@ def _runs_twin(cls: type) -> bool:
     return not any(_defined_outside_kopt(cls, h) for h in hooks)
 
 
-@functools.cache
+@_per_class
 def _sets_own_learning_rate(cls: type) -> bool:
     """Whether a subclass of a built-in computes the learning rate itself (overrides
     ``_decayed_lr`` or ``_prepare_local``, as a warmup does): the built-in's hooks then step
