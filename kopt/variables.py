@@ -16,8 +16,10 @@ from kopt._tree import transfer_copy
 
 _uid = itertools.count()
 _reads = threading.local()
-# Bumped whenever a variable takes a value that is not on a single device, so that the
-# optimizers' cached step keys (which record multi-device shardings) are recomputed.
+# Bumped whenever a variable takes a value that is not on a single device and not placed as its
+# previous one, so that the optimizers' cached step keys (which record multi-device shardings)
+# are recomputed; a new value of the same placement (a sharded metric assigned each step) keeps
+# them.
 placement_epoch = [0]
 # Set once a variable takes a value committed to one device: ``minimize`` then places the
 # uncommitted variables beside it before taking gradients (a flag, not a scan per call).
@@ -314,8 +316,10 @@ class Variable:
             self._storage = value
             self._handed_out = False
             committed = _committed(value)
-            if type(getattr(value, "sharding", None)) is not _SINGLE_DEVICE:
-                placement_epoch[0] += 1  # a value that may span devices: step keys look again
+            sharding = getattr(value, "sharding", None)
+            if type(sharding) is not _SINGLE_DEVICE:
+                if not _placed_as(old, sharding, committed):
+                    placement_epoch[0] += 1  # a value that may span devices: step keys look again
             elif committed != (committed if old is None else _committed(old)):
                 placement_epoch[0] += 1  # now committed, or no longer: step keys look again
             if committed and not committed_seen[0]:
@@ -346,7 +350,12 @@ class Variable:
     # copies and pickles are new variables: their own uid (slots and programs are keyed by it),
     # unchecked (an optimizer that is copied too checks its copies again)
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_uid", "_assign_check")}
+        """The buffer goes along handed out, as ``v.value`` hands it out: a shallow copy shares
+        it, and a deep copy or pickle reads it after this returns, so a donating step (in this
+        thread or another) copies it first."""
+        with donation_lock:
+            self._handed_out = True
+            return {k: v for k, v in self.__dict__.items() if k not in ("_uid", "_assign_check")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -710,6 +719,17 @@ def _committed(value: Any) -> bool:
         isinstance(value, jax.Array)
         and not isinstance(value, jax.core.Tracer)
         and (value.committed)
+    )
+
+
+def _placed_as(old: Any, sharding: Any, committed: bool) -> bool:
+    """Whether ``old`` (a variable's previous value) is a concrete array placed with
+    ``sharding`` and as committed: a new value placed so leaves every step key as it was."""
+    return (
+        isinstance(old, jax.Array)
+        and not isinstance(old, jax.core.Tracer)
+        and old.committed == committed
+        and old.sharding == sharding
     )
 
 

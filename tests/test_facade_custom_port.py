@@ -2,6 +2,9 @@
 (``use_locking``, ``self._use_locking``, Keras initializer names), the sparse hook's index
 contract, and the error a hook gets for a Python ``if`` on a traced value."""
 
+import gc
+import weakref
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -513,6 +516,26 @@ def test_a_builtin_subclass_setting_its_learning_rate_steps_with_it():
         opt.apply_gradients([(jnp.asarray(g, jnp.float32), var)])
     expected = numpy_adam([1.0, -1.0], grads, lr=0.1, beta_1=0.8)
     np.testing.assert_allclose(var.numpy(), expected, rtol=2e-6)
+
+
+def test_a_subclass_made_per_trial_is_freed_with_its_optimizers():
+    """What a class's hooks are was cached with ``functools.cache``, which kept every subclass
+    ever stepped alive (one warmup class per trial of a search, with all it refers to)."""
+    var = kopt.Variable(np.zeros(3, np.float32))
+    classes = []
+    for _ in range(3):
+
+        class TrialWarmup(optimizers.Adam):
+            def _decayed_lr(self, var_dtype):
+                return super()._decayed_lr(var_dtype) * 0.5
+
+        opt = TrialWarmup(0.1)
+        opt.apply_gradients([(jnp.ones(3), var)])
+        classes.append(weakref.ref(TrialWarmup))
+        del TrialWarmup, opt
+    gc.collect()
+    assert [c() for c in classes] == [None] * 3
+    np.testing.assert_allclose(var.numpy(), np.full(3, -0.15), rtol=1e-5)  # lr 0.05, 3 steps
 
 
 @pytest.mark.parametrize(

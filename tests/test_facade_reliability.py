@@ -608,6 +608,116 @@ def test_threads_minimizing_a_shared_variable_while_another_reads_it():
     assert np.all(shared.numpy() > 0.5)  # every step moved it towards 1 (w <- 0.98 w + 0.02)
 
 
+def test_copies_taken_while_another_thread_steps_are_whole():
+    """Copies and pickles of a variable, and copies of its optimizer, taken while another thread
+    steps it: the step donated the buffer a copy was still reading ("Array has been deleted")."""
+    v = kopt.Variable(np.zeros(1000, np.float32), name="v")
+    opt = optimizers.Adam(learning_rate=0.01)
+    opt.apply_gradients([(jnp.ones(1000), v)])
+    errors, done = [], threading.Event()
+
+    def train():
+        for _ in range(300):
+            opt.apply_gradients([(jnp.ones(1000), v)])
+        done.set()
+
+    copies = [
+        copy.deepcopy,
+        lambda x: pickle.loads(pickle.dumps(x)),
+        lambda x: copy.deepcopy(opt),
+        lambda x: copy.deepcopy((opt, [x])),
+    ]
+    trainer = threading.Thread(target=train)
+    trainer.start()
+    n = 0
+    while not done.is_set() or n < len(copies):
+        try:
+            copied = copies[n % len(copies)](v)
+            if isinstance(copied, kopt.Variable):
+                assert np.all(copied.numpy() <= 0.0)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+        n += 1
+    trainer.join()
+    assert errors == []
+    assert int(opt.iterations.numpy()) == 301
+
+
+def test_get_weights_while_another_thread_steps_is_one_step():
+    """get_weights read each weight by itself: a step landing in between gave ``iterations``
+    of one step and slots of the next. It reads under the lock each step holds."""
+    var = kopt.Variable(np.zeros(4, np.float32))
+    opt = optimizers.Adam(learning_rate=0.01)
+    opt.apply_gradients([(jnp.ones(4), var)])
+    iterations = opt.iterations
+    read_count = iterations.numpy
+    stepper = []
+
+    def read_then_step():  # a step starts in another thread once the count is read
+        count = read_count()
+        if not stepper:
+            stepper.append(
+                threading.Thread(target=opt.apply_gradients, args=([(jnp.ones(4), var)],))
+            )
+            stepper[0].start()
+            stepper[0].join(timeout=0.5)  # ends at once unless get_weights holds the lock
+        return count
+
+    iterations.numpy = read_then_step
+    try:
+        weights = opt.get_weights()
+    finally:
+        del iterations.numpy
+    stepper[0].join()
+    count = int(weights[0])
+    assert count == 1
+    m, v = weights[1:]  # constant gradients of 1: m = 1 - 0.9**t, v = 1 - 0.999**t
+    np.testing.assert_allclose(m, 1 - 0.9**count, atol=1e-6)
+    np.testing.assert_allclose(v, 1 - 0.999**count, atol=1e-6)
+    assert int(opt.iterations.numpy()) == 2
+
+
+def test_a_copy_used_from_two_threads_at_once_finds_every_slot():
+    """A copy made with its variables re-keys its slots to the copied variables at its first
+    use: a second thread using it meanwhile did not find them (KeyError). It waits now."""
+    variables = [kopt.Variable(np.zeros(2, np.float32), name=f"v{i}") for i in range(3)]
+    opt = optimizers.Adam(learning_rate=0.1)
+    opt.apply_gradients([(jnp.ones(2), v) for v in variables])
+    copied, copied_variables = copy.deepcopy((opt, variables))
+    owners, entered, release = copied._owners, threading.Event(), threading.Event()
+
+    def slow_owners():  # the first use stops while it re-keys
+        entered.set()
+        release.wait()
+        return owners()
+
+    copied._owners = slow_owners
+    errors = []
+
+    def use():
+        try:
+            for v in copied_variables:
+                copied.get_slot(v, "m")
+        except KeyError as e:
+            errors.append(e)
+
+    first = threading.Thread(target=use)
+    first.start()
+    entered.wait()
+    second = threading.Thread(target=use)
+    second.start()
+    second.join(timeout=0.5)  # ends at once, finding no slot, unless it waits for the first
+    release.set()
+    first.join()
+    second.join()
+    del copied._owners
+    assert errors == []
+    for v, original in zip(copied_variables, variables, strict=True):
+        np.testing.assert_array_equal(
+            copied.get_slot(v, "m").numpy(), opt.get_slot(original, "m").numpy()
+        )
+
+
 PLAIN_ATTRIBUTES = {
     "Adam epsilon < 0": (lambda: optimizers.Adam(0.1), "epsilon", -1.0, "Adam: `epsilon`"),
     "Adam epsilon NaN": (lambda: optimizers.Adam(0.1), "epsilon", float("nan"), "`epsilon`"),

@@ -409,3 +409,28 @@ def test_many_variable_lists_in_turn_keep_their_step_keys(monkeypatch):
     for layer in layers:
         opt.apply_gradients([(jnp.ones(2), layer[0])])
     assert calls == []
+
+
+@pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (simulated) devices")
+def test_assigning_a_sharded_variable_no_optimizer_steps_keeps_step_keys(monkeypatch):
+    """Every assignment of a value spanning devices (a sharded metric, once per step) made every
+    optimizer's next call work out its step key again, walking its variables; only a change
+    of placement does now."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((4,), ("d",))
+    split = NamedSharding(mesh, P("d"))
+    metric = kopt.Variable(jax.device_put(np.zeros(8, np.float32), split), name="metric")
+    variables = [kopt.Variable(np.ones(3, np.float32)) for _ in range(3)]
+    opt = Adam(0.1)
+    pairs = [(jnp.ones(3), v) for v in variables]
+    opt.apply_gradients(pairs)
+    calls = count_calls(monkeypatch, kopt.optimizers.Optimizer, "_program_key")
+    for i in range(3):
+        metric.assign(jnp.full(8, float(i)))
+        metric.assign_add(jnp.ones(8))
+        opt.apply_gradients(pairs)
+    assert calls == [] and opt.compile_count == 1
+    np.testing.assert_array_equal(metric.numpy(), np.full(8, 3.0))
+    assert metric.sharding == split

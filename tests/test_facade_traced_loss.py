@@ -245,6 +245,25 @@ def test_a_loss_found_to_change_every_call_keeps_no_batch_alive():
     np.testing.assert_allclose(w.numpy(), expected, rtol=1e-6)
 
 
+def test_one_loss_over_batches_of_new_lengths_keeps_a_bounded_record(monkeypatch):
+    """The record of each loss's traces was bounded by the number of losses only: one loss over
+    batches of a new length every step (variable-length sequences) added an entry per length,
+    without end. The bound counts input signatures now."""
+    monkeypatch.setattr(_traced_loss, "_SEEN", {})
+    monkeypatch.setattr(_traced_loss, "_MAX_SEEN", 4, raising=False)
+    w = kopt.Variable(np.ones(3, np.float32))
+    opt = optimizers.SGD(learning_rate=0.01)
+    expected = np.ones(3)
+    most = 0
+    for length in range(1, 11):
+        x = jnp.ones((length, 3))
+        opt.minimize(lambda x=x: jnp.sum(x @ w), [w])
+        expected = expected - 0.01 * length
+        most = max(most, sum(len(s) for s in _traced_loss._SEEN.values()))
+    assert most <= 5  # cleared once it holds more than _MAX_SEEN
+    np.testing.assert_allclose(w.numpy(), expected, rtol=1e-6)
+
+
 def test_two_losses_through_a_loss_scale_optimizer_keep_their_own_programs(backend_compiles):
     """A LossScaleOptimizer wraps every loss in the same scaled-loss function: two different
     losses of the same variables must still count as two losses, each with its program, not as

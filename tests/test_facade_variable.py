@@ -464,6 +464,38 @@ def test_copies_and_pickles_are_independent_variables():
     assert not np.array_equal(v.numpy(), [5.0, 5.0])
 
 
+@pytest.mark.parametrize(
+    "copy_of",
+    [copy.copy, copy.deepcopy, lambda v: pickle.loads(pickle.dumps(v))],
+    ids=["copy", "deepcopy", "pickle"],
+)
+def test_a_copy_taken_before_a_step_keeps_the_value_it_was_taken_with(copy_of):
+    """A shallow copy shares the buffer: the next step donated it, and the copy's value was
+    deleted. The original's buffer is handed out with the copy, so the step copies it first."""
+    v = kopt.Variable([1.0, 2.0], name="w")
+    opt = optimizers.SGD(learning_rate=0.1)
+    opt.apply_gradients([(jnp.ones(2), v)])
+    before = v.numpy()
+    snapshot = copy_of(v)
+    opt.apply_gradients([(jnp.ones(2), v)])
+    np.testing.assert_array_equal(snapshot.numpy(), before)
+    np.testing.assert_allclose(v.numpy(), before - 0.1)
+    opt.apply_gradients([(jnp.ones(2), v)])  # the copy keeps its value after later steps too
+    np.testing.assert_array_equal(snapshot.numpy(), before)
+
+
+def test_a_variables_state_for_a_copy_stays_valid_after_a_donating_step():
+    """``copy.deepcopy`` and pickle read the buffer ``__getstate__`` gives after it returns:
+    a step (in another thread) in between donated it ("Array has been deleted")."""
+    v = kopt.Variable(np.arange(3.0, dtype=np.float32), name="w")
+    opt = optimizers.SGD(learning_rate=1.0)
+    opt.apply_gradients([(jnp.ones(3), v)])
+    state = v.__getstate__()
+    opt.apply_gradients([(jnp.ones(3), v)])
+    np.testing.assert_array_equal(np.asarray(state["_storage"]), [-1.0, 0.0, 1.0])
+    np.testing.assert_array_equal(v.numpy(), [-2.0, -1.0, 0.0])
+
+
 def test_a_variable_of_a_numpy_array_is_a_transfer_without_compiling(backend_compiles):
     """``jnp.array`` of a NumPy array compiled a program per shape: one per variable of a model
     built from NumPy initial values. The values, dtypes (float64 rounded to float32 as

@@ -35,8 +35,10 @@ _EAGER: set[Any] = set()
 # Compiled gradient programs by jaxpr structure, least recently used first out.
 _PROGRAMS: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
 _MAX_PROGRAMS = 64
-# Per loss and input signature: the structure keys its traces had, with how many calls each.
+# Per loss and input signature: the structure keys its traces had, with how many calls each;
+# forgotten once it holds more than ``_MAX_SEEN`` signatures, of all losses together.
 _SEEN: dict[Any, dict[tuple, dict[tuple, int]]] = {}
+_MAX_SEEN = _MAX_PROGRAMS * 16
 _lock = threading.Lock()
 _NOT_TRACEABLE = (
     jax.errors.ConcretizationTypeError,
@@ -92,7 +94,9 @@ def compiled_gradients(
             if run is not None:
                 _PROGRAMS.move_to_end(key)
             else:
-                if len(_SEEN) > _MAX_PROGRAMS * 16:
+                # Counted by input signature, not by loss: one loss over inputs of a new shape
+                # every call (variable-length batches) adds a signature each time.
+                if sum(map(len, _SEEN.values())) > _MAX_SEEN:
                     _SEEN.clear()
                 seen = _SEEN.setdefault(identity, {}).setdefault(signature, {})
                 if key not in seen and _changes_every_call(seen):

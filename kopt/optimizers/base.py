@@ -157,7 +157,22 @@ def _defined_outside_kopt(cls: type, name: str) -> bool:
     return not owner.__module__.startswith("kopt.")
 
 
-@functools.cache
+def _per_class(compute):
+    """``compute(cls)``, remembered per class without keeping the class alive: a subclass made
+    per trial goes with its optimizers (``functools.cache`` held every class it was asked about)."""
+    known: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    @functools.wraps(compute)
+    def cached(cls: type) -> bool:
+        out = known.get(cls)
+        if out is None:
+            out = known[cls] = compute(cls)
+        return out
+
+    return cached
+
+
+@_per_class
 def _runs_twin(cls: type) -> bool:
     if cls._transformation is Optimizer._transformation:
         return False
@@ -165,7 +180,7 @@ def _runs_twin(cls: type) -> bool:
     return not any(_defined_outside_kopt(cls, h) for h in hooks)
 
 
-@functools.cache
+@_per_class
 def _sets_own_learning_rate(cls: type) -> bool:
     """Whether a subclass of a built-in computes the learning rate itself (overrides
     ``_decayed_lr`` or ``_prepare_local``, as a warmup does): the built-in's hooks then step
@@ -761,8 +776,10 @@ class Optimizer:
         return self._weights
 
     def get_weights(self) -> list[np.ndarray]:
-        """NumPy copies of :attr:`weights`, in the same order."""
-        return [w.numpy() for w in self.weights]
+        """NumPy copies of :attr:`weights`, in the same order, of one step: read under the
+        optimizer's lock, which each step holds."""
+        with self._lock:
+            return [w.numpy() for w in self.weights]
 
     def set_weights(self, weights: list[Any]) -> None:
         """Sets :attr:`weights` from a list of arrays (as from :meth:`get_weights`).
@@ -2374,8 +2391,9 @@ class Optimizer:
         """For copies and pickles: everything but the lock and the compiled programs (they
         bind this optimizer's own variables). The variables that own slots go along, so an
         optimizer unpickled with its variables finds their slots."""
-        self._adopt_copies()  # a copy of a copy: settle the first copy's owners first
-        return {k: v for k, v in self.__dict__.items() if k not in self._UNCOPIED}
+        with self._lock:  # not while another thread steps or re-keys
+            self._adopt_copies()  # a copy of a copy: settle the first copy's owners first
+            return {k: v for k, v in self.__dict__.items() if k not in self._UNCOPIED}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -2397,9 +2415,11 @@ class Optimizer:
         original variables otherwise (``deepcopy(opt)``, then stepping the same model)."""
         new = type(self).__new__(type(self))
         memo[id(self)] = new
-        state = self.__getstate__()
-        owners = {name: state.pop(name, None) or {} for name in self._OWNER_MAPS}
-        new.__setstate__(copy.deepcopy(state, memo))
+        with self._lock:  # one step's state: no step donates a buffer while it is copied
+            state = self.__getstate__()
+            owners = {name: state.pop(name, None) or {} for name in self._OWNER_MAPS}
+            state = copy.deepcopy(state, memo)
+        new.__setstate__(state)
         for name, owned in owners.items():
             new.__dict__[name] = dict(owned)  # the originals, for now
         new.__dict__["_copy_memo"] = memo  # variables copied later in this call show up here
@@ -2407,16 +2427,21 @@ class Optimizer:
 
     def _adopt_copies(self) -> None:
         """After ``__deepcopy__``: re-key the slots of variables that were copied in the same
-        call to their copies (once, at the first use)."""
-        memo = self.__dict__.pop("_copy_memo", None)
-        if memo:
-            self._rekey(
-                {
-                    uid: memo[id(owner)]
-                    for uid, owner in self._owners().items()
-                    if isinstance(memo.get(id(owner)), Variable)
-                }
-            )
+        call to their copies (once, at the first use), under the lock: the memo goes only once
+        they are, so a thread that finds none finds the slots re-keyed."""
+        if "_copy_memo" not in self.__dict__:
+            return
+        with self._lock:
+            memo = self.__dict__.get("_copy_memo")
+            if memo:
+                self._rekey(
+                    {
+                        uid: memo[id(owner)]
+                        for uid, owner in self._owners().items()
+                        if isinstance(memo.get(id(owner)), Variable)
+                    }
+                )
+            self.__dict__.pop("_copy_memo", None)
 
     def _rekey(self, owners: dict[int, Variable]) -> None:
         """Moves the slots (and what else is keyed by a variable) from each old uid to its new
