@@ -123,7 +123,14 @@ class SlotGroup:
         return tuple(ref() for ref in self._members)  # type: ignore[misc]
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_members": self.members}  # copies and pickles hold them
+        # The buffer as a copy taken under the lock: a step in another thread donates the
+        # buffer itself (it is never handed out), which a pickle read later could find deleted.
+        with donation_lock:
+            _ = self.buffer  # pending writes in first
+            buffer = self._placed(self._host().copy())
+        state = {**self.__dict__, "_members": self.members, "_buffer": buffer}
+        state["_host_copy"] = None
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
