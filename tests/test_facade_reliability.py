@@ -909,3 +909,28 @@ def test_a_loss_scale_step_in_another_thread_cannot_come_between_scaling_and_uns
     stepping[0].join()
     np.testing.assert_array_equal(v.numpy(), -np.ones(4))
     assert float(opt.loss_scale.numpy()) == 2.0**14  # the other step ran, after
+
+
+def test_a_shallow_copy_leaves_the_hyperparameter_variables_checked(monkeypatch):
+    """The copy took over the checks of the variables it shares, and once it was freed no
+    assignment was checked. A learning rate assigned each step builds no functional twin to
+    check it (that made `assign` four times slower)."""
+    import copy
+    import gc
+
+    opt = kopt.optimizers.Adam(0.1)
+    clone = copy.copy(opt)
+    del clone
+    gc.collect()
+    with pytest.raises(ValueError, match="`beta_1` must be <= 1"):
+        opt.beta_1.assign(1.5)
+    assert float(opt.beta_1.numpy()) == pytest.approx(0.9)
+    built = []
+    original = type(opt)._build_transformation
+    monkeypatch.setattr(
+        type(opt), "_build_transformation", lambda self, hp: built.append(1) or original(self, hp)
+    )
+    opt.learning_rate.assign(0.2)
+    with pytest.raises(ValueError, match="`learning_rate` must be >= 0"):
+        opt.learning_rate.assign(-0.1)
+    assert built == [] and float(opt.learning_rate.numpy()) == pytest.approx(0.2)

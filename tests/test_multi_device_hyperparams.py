@@ -232,3 +232,22 @@ def test_a_facade_step_on_a_mesh_copies_no_hyperparameter_to_it(make):
     with jax.transfer_guard("disallow"):
         opt.apply_gradients(zip(grads, [w, b], strict=True))
     assert int(opt.iterations.numpy()) == 3 and opt.compile_count == 1
+
+
+def test_a_learning_rate_variable_of_the_users_serves_optimizers_on_two_meshes():
+    """The step placed the hyperparameter variables on its mesh, the user's own too: a second
+    optimizer, on other devices, sharing it then failed on incompatible devices."""
+    devices = jax.devices()
+    meshes = [jax.sharding.Mesh(devices[:2], ("data",)), jax.sharding.Mesh(devices[2:4], ("data",))]
+    lr = kopt.Variable(0.1)
+    variables = [
+        kopt.Variable(jax.device_put(np.ones(8, np.float32), NamedSharding(m, P("data"))))
+        for m in meshes
+    ]
+    optimizers = [kopt.optimizers.SGD(lr), kopt.optimizers.SGD(lr)]
+    for _ in range(2):
+        for opt, var in zip(optimizers, variables, strict=True):
+            opt.apply_gradients([(jnp.ones(8), var)])
+    for opt, var in zip(optimizers, variables, strict=True):
+        np.testing.assert_allclose(var.numpy(), 0.8, rtol=1e-6)
+        assert opt.compile_count == 1

@@ -219,6 +219,7 @@ def _assignment_check(optimizer: Optimizer, name: str) -> Callable[[Any], None]:
         if owner is not None:
             owner._check_hyper_assignment(name, value)
 
+    check.owner = ref
     return check
 
 
@@ -617,13 +618,16 @@ class Optimizer:
         which a step takes after the optimizer's."""
         value = _plain_number(np.asarray(value))  # reported as given: 0.1, not 0.10000000149
         self._check_hyper_value(name, value)
-        self._check_hyper_range(name, value)
+        if name not in ("learning_rate", "decay"):  # whose whole range _check_hyper_value is:
+            self._check_hyper_range(name, value)  # an LR assigned each step builds no twin
 
     def _check_own_assignments(self) -> None:
         """Makes ``assign`` check the variables the optimizer owns: its hyperparameters' and
         ``iterations`` (again after a copy or unpickling, which leave the checks out)."""
         for name, var in self.__dict__.get("_number_hypers", {}).items():
-            if var.dtype != jnp.bool_:  # a custom optimizer's flag: any bool
+            current = getattr(var._assign_check, "owner", None)
+            if var.dtype != jnp.bool_ and (current is None or current() is None):
+                # (A shallow copy shares the variable: it stays the original's to check.)
                 var._assign_check = _assignment_check(self, name)
         if self._iterations is not None:
             self._iterations._assign_check = _check_step_count
@@ -908,7 +912,9 @@ class Optimizer:
         slots[slot_name] = slot
         self._weights.append(slot)
         if in_step:
-            raise _SlotMadeInStep(slot)
+            # The trace goes on (every slot the hooks make, made in one trace), and is then
+            # abandoned for one with the new slots among its inputs (see _compile's `step`).
+            self.__dict__.setdefault("_made_in_step", []).append((slot, value))
         return slot
 
     def get_slot(self, var: Variable, slot_name: str) -> Variable:
@@ -1502,12 +1508,12 @@ class Optimizer:
         state = self._state_variables(var_list)
         if extra:
             state += [v for v in extra if all(v is not s for s in state)]
-        # Hyperparameter variables too (uncommitted ones: a variable the user committed stays).
+        # The hyperparameter variables the optimizers made (uncommitted): a variable the user
+        # gave is the user's to place (it may serve optimizers on other devices).
         state += [
             v
             for owner in (self, *self._nested_optimizers())
-            for v in owner._hyper.values()
-            if isinstance(v, Variable)
+            for v in owner.__dict__.get("_number_hypers", {}).values()
         ]
         for g in dict.fromkeys(s._group for s in state if isinstance(s, PackedSlot)):
             if not in_place(g.buffer):
@@ -2033,8 +2039,15 @@ class Optimizer:
                 owner.__dict__["_tracing"] = owner.__dict__.get("_tracing", 0) + 1
                 owner.__dict__["_written_now"] = set()  # by this trace
                 owner.__dict__["_written_before"] = {}
+                owner.__dict__["_made_in_step"] = []
             try:
-                return traced(*args)
+                out = traced(*args)
+                made = [m for owner in owners for m in owner.__dict__["_made_in_step"]]
+                if made:
+                    for slot, initial in made:  # the trace assigned them traced values
+                        slot._value = initial
+                    raise _SlotMadeInStep([slot for slot, _ in made])
+                return out
             except BaseException as err:
                 # A failed trace leaves no traced value on the optimizers' attributes.
                 for owner in owners:
@@ -2051,6 +2064,7 @@ class Optimizer:
                     owner.__dict__["_tracing"] -= 1
                     owner.__dict__.pop("_written_now", None)
                     owner.__dict__.pop("_written_before", None)
+                    owner.__dict__.pop("_made_in_step", None)
 
         return jax.jit(step, donate_argnums=(0, 2))
 
@@ -2505,8 +2519,8 @@ def _plain(value: Any) -> Any:
 
 
 class _SlotMadeInStep(Exception):
-    """Raised by ``add_slot`` when a hook makes a slot while the step is traced: the step is
-    traced again, with the new slot as one of its inputs."""
+    """Raised when the hooks made slots while the step was traced (``add_slot``): the step is
+    traced again, with the new slots among its inputs."""
 
 
 class _SlotKeyError(KeyError, ValueError):
