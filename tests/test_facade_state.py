@@ -476,6 +476,20 @@ def test_deepcopy_is_an_independent_optimizer():
     assert clone.weights[0] is clone.iterations and clone.compile_count == 1
 
 
+def assert_the_copy_has_the_slots_and_steps_alike(opt, variables, clone, clone_variables, grads):
+    """Each copied variable has its original's slots in the copy, and both go on alike."""
+    for v, c in zip(variables, clone_variables, strict=True):
+        for name in opt.get_slot_names():
+            np.testing.assert_array_equal(
+                clone.get_slot(c, name).numpy(), opt.get_slot(v, name).numpy()
+            )
+    for g in grads:
+        step(opt, variables, g)
+        step(clone, clone_variables, g)
+    for v, c in zip(variables, clone_variables, strict=True):
+        np.testing.assert_array_equal(c.numpy(), v.numpy())
+
+
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 @pytest.mark.parametrize(
     "make_opt",
@@ -498,16 +512,7 @@ def test_an_optimizer_copied_with_its_variables_steps_them_with_their_slots(how,
         copy.deepcopy(both) if how == "deepcopy" else pickle.loads(pickle.dumps(both))
     )
     assert len(clone.weights) == len(opt.weights)
-    for v, c in zip(variables, clone_variables, strict=True):
-        for name in opt.get_slot_names():
-            np.testing.assert_array_equal(
-                clone.get_slot(c, name).numpy(), opt.get_slot(v, name).numpy()
-            )
-    for g in grads[2:]:
-        step(opt, variables, g)
-        step(clone, clone_variables, g)
-    for v, c in zip(variables, clone_variables, strict=True):
-        np.testing.assert_array_equal(c.numpy(), v.numpy())
+    assert_the_copy_has_the_slots_and_steps_alike(opt, variables, clone, clone_variables, grads[2:])
     assert len(clone.weights) == len(opt.weights)
 
 
@@ -638,16 +643,7 @@ def test_an_unpickled_optimizer_keeps_each_slot_with_its_variable_whatever_the_n
     monkeypatch.setattr(kopt.variables, "_uid", itertools.count(variables[1]._uid - offset))
     clone, clone_variables = pickle.loads(saved)
     assert clone_variables[0]._uid == variables[1]._uid
-    for v, c in zip(variables, clone_variables, strict=True):
-        for name in opt.get_slot_names():
-            np.testing.assert_array_equal(
-                clone.get_slot(c, name).numpy(), opt.get_slot(v, name).numpy()
-            )
-    for g in grads[2:]:
-        step(opt, variables, g)
-        step(clone, clone_variables, g)
-    for v, c in zip(variables, clone_variables, strict=True):
-        np.testing.assert_array_equal(c.numpy(), v.numpy())
+    assert_the_copy_has_the_slots_and_steps_alike(opt, variables, clone, clone_variables, grads[2:])
 
 
 def keras_like_exponential_decay():
