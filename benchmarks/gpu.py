@@ -44,6 +44,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -139,6 +140,9 @@ def device_tree(n_params: int, n_leaves: int, seed: int) -> dict:
 # Steps per timed unit: a training loop dispatches steps back to back and waits only now and
 # then, so each timed unit runs REPEAT steps and waits once (set by --repeat).
 REPEAT = [10]
+# --max-minutes: when a report stops starting rows (time.monotonic()), or None for no limit.
+# A leased machine's time is counted; a report cut short keeps the rows it measured.
+DEADLINE: list[float | None] = [None]
 
 
 def kopt_pure(
@@ -248,7 +252,13 @@ def timed(
     budget: Budget,
     target: float | None = None,
 ) -> None:
-    """``run.timed_row`` for contenders that run REPEAT steps a call; kept rows go to ``rows``."""
+    """``run.timed_row`` for contenders that run REPEAT steps a call; kept rows go to ``rows``.
+    Past the report's ``--max-minutes`` the row is not started, and a note names it."""
+    if DEADLINE[0] is not None and time.monotonic() > DEADLINE[0]:
+        where = f"{optimizer}, {harness.format_size(size[0])} params in {size[1]} leaves"
+        notes.append(f"not measured: {a[0]} vs {b[0]} ({where}), past --max-minutes")
+        print(f"  skipped {a[0]} vs {b[0]}, {where}: past --max-minutes", file=sys.stderr)
+        return
     row = run.timed_row(
         suite, optimizer, size, a, b, budget, notes, target=target, steps_per_call=REPEAT[0]
     )
@@ -306,6 +316,7 @@ def report_header(title: str, mode: str, args: argparse.Namespace, machine: dict
         + (["--quick"] if args.quick else [])
         + ([f"--optimizers {','.join(args.optimizers)}"] if args.optimizers != OPTIMIZERS else [])
         + ([f"--repeat {REPEAT[0]}"] if REPEAT[0] != 10 else [])
+        + ([f"--max-minutes {args.max_minutes:g}"] if args.max_minutes is not None else [])
     )
     return harness.report_header(title, command, machine)
 
@@ -575,11 +586,20 @@ def main(argv: list[str] | None = None) -> int:
         "--output", type=Path, default=None, help="write the report into this file's GPU block"
     )
     parser.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="start no new row after this many minutes of each report; the rows left out are "
+        "named in its notes (for a machine lent for a fixed time)",
+    )
+    parser.add_argument(
         "--allow-cpu",
         action="store_true",
         help="run the full sizes where JAX sees no GPU (otherwise refused; --quick runs anywhere)",
     )
     args = parser.parse_args(argv)
+    if args.max_minutes is not None and not args.max_minutes > 0:
+        parser.error(f"--max-minutes must be a positive number of minutes, not {args.max_minutes}")
     if not (args.quick or args.allow_cpu):
         import jax
 
@@ -597,6 +617,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.train or args.all:
         parts.append((TRAIN_BLOCK, train_report))
     for block, make in parts:
+        if args.max_minutes is not None:
+            DEADLINE[0] = time.monotonic() + 60 * args.max_minutes
         text = make(args)
         print(text, flush=True)
         if args.output is not None:  # each block as soon as it is done

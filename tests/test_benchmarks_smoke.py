@@ -164,3 +164,28 @@ def test_one_pass_kernel_matches_kopt_adam_and_is_timed(tmp_path):
     assert "matched three of `kopt.adam`" in written, written
     assert "| adam | 200k | 1 | one-pass custom call | kopt |" in written, written
     assert str(tmp_path) not in written
+
+
+def test_gpu_benchmark_stops_starting_rows_after_max_minutes(tmp_path):
+    """A leased GPU machine's time is counted: past ``--max-minutes`` a report starts no new
+    row, still writes the rows it measured, and names the ones it left out."""
+    results = tmp_path / "RESULTS.md"
+    done = run_benchmark(
+        "gpu.py",
+        "--quick",
+        "--optimizers",
+        "adam",
+        "--repeat",
+        "2",
+        "--max-minutes",
+        "0.0001",
+        "--output",
+        str(results),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    main = results.read_text().split("<!-- begin gpu -->")[1].split("<!-- end gpu -->")[0]
+    assert "--max-minutes 0.0001" in main
+    assert "- not measured: kopt vs optax (adam, 1M params in 1 leaves), past --max-minutes" in main
+    assert "- not measured: kopt facade vs kopt pure (adam, 10k params in 10 leaves)" in main
+    done = run_benchmark("gpu.py", "--quick", "--max-minutes", "0")
+    assert done.returncode == 2 and "--max-minutes must be a positive" in done.stderr
