@@ -5,7 +5,10 @@
     python benchmarks/gpu.py --train --output benchmarks/RESULTS.md  # the training-step block
     python benchmarks/gpu.py --all --output benchmarks/RESULTS.md    # both, one process
 
-On an H200 the main report took 7 minutes and the training steps 5 (2026-11-27).
+On an H200 the main report took 7 minutes and the training steps 5 (2026-11-27). Where the
+machine is lent for a fixed time, ``--max-minutes M`` stops each report starting rows after M
+minutes and names the rows left out; ``--optimizers adam`` keeps the report to Adam (the
+sections that time Adam alone run only when it is chosen).
 
 What it measures, each as paired A/B timings (the same machinery as ``run.py``):
 
@@ -451,9 +454,13 @@ def report(args: argparse.Namespace) -> str:
             )
     # Packing everything costs a copy of the gradient per step, which only many leaves repay:
     # a few large leaves show what packing every leaf costs where there is little to save.
+    # The sections below time Adam alone: they run only when --optimizers names it.
+    adam = "adam" in args.optimizers
     few: list[Row] = []
     n_few, k_few = (big, FEW_LEAVES) if not args.quick else (big, 4)
     for variant, options in (("kopt.flatten", {"flat": True}), ("kopt.pack", {"pack": True})):
+        if not adam:
+            break
         timed(
             few,
             notes,
@@ -495,8 +502,8 @@ def report(args: argparse.Namespace) -> str:
     # conditional would make the host read its predicate): their cost, at the ends of the range.
     ends = [(big, min(k for n, k in sizes if n == big)), min(sizes)]
     for (a_name, build_a), (b_name, build_b), at in [
-        (plain, pure_step, sizes),
-        (scaled, plain, ends),
+        (plain, pure_step, sizes if adam else []),
+        (scaled, plain, ends if adam else []),
     ]:
         for size in at:
             timed(
@@ -529,31 +536,36 @@ def report(args: argparse.Namespace) -> str:
         "per-unit ratios of A and B timed alternately (see the CPU report). *A GB/s* is the "
         "bytes an in-place step must move (28 per param for Adam, 20 for the others) over A's "
         "median time, with its share of the measured in-place bandwidth.",
-        "",
-        "## Pure step: kopt against optax",
-        "",
-        share(pure),
-        "",
-        f"## Many leaves against one leaf (kopt, the same {harness.format_size(big)} params)",
-        "",
-        harness.rows_table(leaves, inplace),
-        "",
-        f"## A few large leaves, every leaf packed against loose (kopt, {k_few} leaves)",
-        "",
-        harness.rows_table(few, inplace),
-        "",
-        "## kopt against torch.optim fused, on the same card",
-        "",
-        harness.rows_table(torch_rows, inplace),
-        "",
-        "## Facade `apply_gradients` against kopt's pure step",
-        "",
-        "The *LossScaleOptimizer* rows put the same Adam inside a dynamic `LossScaleOptimizer` "
-        "(finite gradients) against the facade's plain Adam: off the CPU its step keeps a "
-        "skipped step's values with a select per value.",
-        "",
-        harness.rows_table(facade, inplace),
     ]
+    # A section without rows (its optimizers not chosen, or past --max-minutes) is left out.
+    sections = [
+        ("## Pure step: kopt against optax", None, pure, share),
+        (
+            f"## Many leaves against one leaf (kopt, the same {harness.format_size(big)} params)",
+            None,
+            leaves,
+            None,
+        ),
+        (
+            f"## A few large leaves, every leaf packed against loose (kopt, {k_few} leaves)",
+            None,
+            few,
+            None,
+        ),
+        ("## kopt against torch.optim fused, on the same card", None, torch_rows, None),
+        (
+            "## Facade `apply_gradients` against kopt's pure step",
+            "The *LossScaleOptimizer* rows put the same Adam inside a dynamic "
+            "`LossScaleOptimizer` (finite gradients) against the facade's plain Adam: off the "
+            "CPU its step keeps a skipped step's values with a select per value.",
+            facade,
+            None,
+        ),
+    ]
+    for title, intro, rows, table in sections:
+        if rows:
+            parts += ["", title, ""] + ([intro, ""] if intro else [])
+            parts.append((table or (lambda r: harness.rows_table(r, inplace)))(rows))
     if notes:
         parts += [""] + [f"- {n}" for n in notes]
     return "\n".join(parts) + "\n"

@@ -189,3 +189,27 @@ def test_gpu_benchmark_stops_starting_rows_after_max_minutes(tmp_path):
     assert "- not measured: kopt facade vs kopt pure (adam, 10k params in 10 leaves)" in main
     done = run_benchmark("gpu.py", "--quick", "--max-minutes", "0")
     assert done.returncode == 2 and "--max-minutes must be a positive" in done.stderr
+
+
+def test_gpu_benchmark_times_adam_only_sections_only_when_asked_for_adam(tmp_path):
+    """``--optimizers sgd_momentum`` still timed Adam's few-leaves and facade rows, and printed
+    the headings of sections that had no rows."""
+    results = tmp_path / "RESULTS.md"
+    done = run_benchmark(
+        "gpu.py",
+        "--quick",
+        "--optimizers",
+        "sgd_momentum",
+        "--repeat",
+        "2",
+        "--output",
+        str(results),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    main = results.read_text().split("<!-- begin gpu -->")[1].split("<!-- end gpu -->")[0]
+    optimizers = {row[0] for table in markdown_tables(main) for row in table}
+    assert optimizers == {"sgd_momentum"}, optimizers
+    assert "## Pure step: kopt against optax" in main
+    assert "A few large leaves" not in main and "## Facade" not in main
+    for heading in [line for line in main.splitlines() if line.startswith("## ")]:
+        assert main.split(heading)[1].lstrip().startswith(("|", "The ")), heading
