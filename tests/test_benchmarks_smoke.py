@@ -25,6 +25,15 @@ def run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+def quick_gpu_report(tmp_path: Path, *args: str) -> str:
+    """Runs ``gpu.py --quick --repeat 2`` with ``args`` into a fresh results file; returns the
+    text of its GPU block."""
+    results = tmp_path / "RESULTS.md"
+    done = run_benchmark("gpu.py", "--quick", "--repeat", "2", *args, "--output", str(results))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return results.read_text().split("<!-- begin gpu -->")[1].split("<!-- end gpu -->")[0]
+
+
 def markdown_tables(text: str) -> list[list[list[str]]]:
     """Every results table in a report (those headed ``| optimizer | params |``), as rows of
     cells."""
@@ -169,21 +178,7 @@ def test_one_pass_kernel_matches_kopt_adam_and_is_timed(tmp_path):
 def test_gpu_benchmark_stops_starting_rows_after_max_minutes(tmp_path):
     """A leased GPU machine's time is counted: past ``--max-minutes`` a report starts no new
     row, still writes the rows it measured, and names the ones it left out."""
-    results = tmp_path / "RESULTS.md"
-    done = run_benchmark(
-        "gpu.py",
-        "--quick",
-        "--optimizers",
-        "adam",
-        "--repeat",
-        "2",
-        "--max-minutes",
-        "0.0001",
-        "--output",
-        str(results),
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    main = results.read_text().split("<!-- begin gpu -->")[1].split("<!-- end gpu -->")[0]
+    main = quick_gpu_report(tmp_path, "--optimizers", "adam", "--max-minutes", "0.0001")
     assert "--max-minutes 0.0001" in main
     assert "- not measured: kopt vs optax (adam, 1M params in 1 leaves), past --max-minutes" in main
     assert "- not measured: kopt facade vs kopt pure (adam, 10k params in 10 leaves)" in main
@@ -194,19 +189,7 @@ def test_gpu_benchmark_stops_starting_rows_after_max_minutes(tmp_path):
 def test_gpu_benchmark_times_adam_only_sections_only_when_asked_for_adam(tmp_path):
     """``--optimizers sgd_momentum`` still timed Adam's few-leaves and facade rows, and printed
     the headings of sections that had no rows."""
-    results = tmp_path / "RESULTS.md"
-    done = run_benchmark(
-        "gpu.py",
-        "--quick",
-        "--optimizers",
-        "sgd_momentum",
-        "--repeat",
-        "2",
-        "--output",
-        str(results),
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    main = results.read_text().split("<!-- begin gpu -->")[1].split("<!-- end gpu -->")[0]
+    main = quick_gpu_report(tmp_path, "--optimizers", "sgd_momentum")
     optimizers = {row[0] for table in markdown_tables(main) for row in table}
     assert optimizers == {"sgd_momentum"}, optimizers
     assert "## Pure step: kopt against optax" in main
