@@ -607,6 +607,43 @@ def test_a_keras_3_nadam_config_loads_with_a_warning_that_its_update_differs():
         optimizers.deserialize({"class_name": "Nadam", "config": {"learning_rate": 0.1}})
 
 
+def _keras3_config(class_name: str, **options) -> dict:
+    config = copy.deepcopy(_KERAS3_ADAM)
+    config["class_name"] = class_name
+    for key in ("beta_1", "beta_2", "amsgrad"):
+        config["config"].pop(key)
+    config["config"].update(options)
+    return config
+
+
+@pytest.mark.parametrize(
+    "class_name, options, message",
+    [
+        ("RMSprop", {"rho": 0.9, "momentum": 0.0, "centered": False}, r"sqrt\(v \+ epsilon\)"),
+        ("RMSprop", {"rho": 0.9, "momentum": 0.0, "centered": True}, r"sqrt\(v \+ epsilon\)"),
+        ("Adagrad", {"initial_accumulator_value": 0.0}, r"initial_accumulator_value=0\.0"),
+        ("Adagrad", {"initial_accumulator_value": 1e-6}, r"initial_accumulator_value=1e-06"),
+        ("RMSprop", {"rho": 0.9, "momentum": 0.9, "centered": False}, None),
+        ("Adagrad", {"initial_accumulator_value": 0.1}, None),
+    ],
+)
+def test_a_keras_3_config_whose_update_differs_loads_with_a_warning(class_name, options, message):
+    """Keras 3's RMSprop without momentum, and its Adagrad, add epsilon under the square root
+    (the legacy classes kopt's are add it after): a Keras 3 config loaded silently and moved
+    the weights by several times as much where the gradients are small. With momentum, or an
+    accumulator that starts well above epsilon, the updates agree: no warning."""
+    config = _keras3_config(class_name, **options)
+    if message is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            opt = optimizers.deserialize(config)
+    else:
+        with pytest.warns(UserWarning, match=rf"non-legacy {class_name}.*{message}"):
+            opt = optimizers.deserialize(config)
+    assert type(opt) is getattr(optimizers, class_name)
+    assert {k: opt.get_config()[k] for k in options} == options
+
+
 def test_a_schedule_argument_kept_in_a_variable_changes_without_recompiling():
     """docs/performance.md: a schedule value that changes often goes in a kopt.Variable, which
     the step takes as an input (it was compiled in as a constant)."""

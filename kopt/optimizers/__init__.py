@@ -157,6 +157,31 @@ _NON_LEGACY_OPTIONS = (
 _KERAS3_ONLY = ("loss_scale_factor", "gradient_accumulation_steps")
 
 
+def _non_legacy_update_differs(name: str, config: dict[str, Any]) -> str | None:
+    """How the update of the non-legacy class ``name`` with ``config`` differs from the legacy
+    class kopt's is ("" where it is not said), or None where they agree to float32 rounding."""
+    if name == "Nadam":
+        return ""
+    epsilon = config.get("epsilon", 1e-7)
+    if name == "RMSprop" and not config.get("momentum"):
+        # With momentum both lines add epsilon under the square root.
+        return (
+            ": without momentum it adds epsilon under the square root, lr * g / sqrt(v + "
+            "epsilon), where the legacy RMSprop divides by sqrt(v) + epsilon"
+        )
+    if name == "Adagrad":
+        # The accumulators only grow from their initial value: past a few float32 roundings
+        # of the first denominator, the two lines' updates part.
+        initial = config.get("initial_accumulator_value", 0.1)
+        if not initial > 0 or epsilon / initial**0.5 > 1e-6:
+            return (
+                ": it adds epsilon under the square root, lr * g / sqrt(accumulator + epsilon), "
+                "where the legacy Adagrad divides by sqrt(accumulator) + epsilon, which differs "
+                f"with initial_accumulator_value={initial!r}"
+            )
+    return None
+
+
 def _from_non_legacy_config(cls: type, config: dict[str, Any]) -> dict[str, Any]:
     """A non-legacy tf.keras optimizer's config for kopt's built-in ``cls``.
 
@@ -192,14 +217,16 @@ def _from_non_legacy_config(cls: type, config: dict[str, Any]) -> dict[str, Any]
         )
     for key in _NON_LEGACY_OPTIONS:
         config.pop(key, None)
-    if cls.__name__ == "Nadam":
-        # The one class whose update the two lines compute differently (the other classes'
-        # agree to float32 rounding): loaded as tf.keras's conversion loads it, but said.
+    differs = _non_legacy_update_differs(cls.__name__, config)
+    if differs is not None:
+        # The classes whose update the two lines compute differently (the other classes'
+        # agree to float32 rounding): loaded as tf.keras's conversion loads them, but said.
         warnings.warn(
-            "optimizers.deserialize: a config of a non-legacy Nadam (tf.keras 2.11+ or Keras 3) "
-            "loads into kopt's Nadam, which is tf.keras's legacy Nadam: its update differs "
-            "(as tf.keras's convert_to_legacy_optimizer's does), so training will not go on "
-            "as it would have",
+            f"optimizers.deserialize: a config of a non-legacy {cls.__name__} (tf.keras 2.11+ "
+            f"or Keras 3) loads into kopt's {cls.__name__}, which is tf.keras's legacy "
+            f"{cls.__name__}, and its update differs{differs}. tf.keras's "
+            "convert_to_legacy_optimizer loads it the same way, but training will not go on as "
+            "it would have",
             UserWarning,
             stacklevel=3,
         )
