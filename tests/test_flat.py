@@ -111,6 +111,7 @@ def _pickle(state, fresh, tmp_path):
 
 
 def _kopt_checkpoint(state, fresh, tmp_path):
+    pytest.importorskip("orbax.checkpoint")  # kopt.checkpoint saves through it
     from kopt.checkpoint import restore_state, save_state
 
     save_state(tmp_path / "kopt", state)
