@@ -5,8 +5,10 @@ References are NumPy re-derivations (tests/numpy_reference.py) with the params r
 after every step, as a bfloat16 variable is.
 """
 
+import functools
 import re
 
+import facade_zoo
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -124,6 +126,49 @@ def test_from_transformation_keeps_the_transformations_slot_dtype(tx, slot_dtype
     np.testing.assert_allclose(var.numpy(), params, rtol=1e-2)
     if slot_dtype == jnp.float32:  # with bfloat16 slots, Adam cannot step (see the docs)
         assert np.all(np.asarray(var.numpy(), np.float32) != 0)
+
+
+@pytest.mark.parametrize("committed", [False, True], ids=["uncommitted", "on-a-device"])
+@pytest.mark.parametrize("name", facade_zoo.NAMES)
+def test_facade_slot_dtype_step_compiles_once(name, committed, backend_compiles):
+    """Slots made in ``slot_dtype`` were committed to the device while uncommitted variables
+    were not, so the step compiled again at the second and third steps (without tracing again).
+    They are placed as slots of the variable's dtype are: committed only beside a committed
+    variable."""
+    place = functools.partial(jax.device_put, device=jax.devices()[-1])
+    var_list = []
+    for v in facade_zoo.make_variables():
+        value = v.value.astype(jnp.bfloat16)
+        var_list.append(kopt.Variable(place(value) if committed else value, name=v.name))
+    grads = [jnp.asarray(g, jnp.bfloat16) for g in facade_zoo.gradients(1)[0]]
+    opt = facade_zoo.make(name, slot_dtype=jnp.float32)
+    opt.apply_gradients(zip(grads, var_list, strict=True))
+    first = len(backend_compiles)
+    for _ in range(3):
+        opt.apply_gradients(zip(grads, var_list, strict=True))
+    assert len(backend_compiles) == first
+    for var in var_list:
+        for slot_name in opt.get_slot_names():
+            slot = opt.get_slot(var, slot_name)
+            assert slot.dtype == jnp.float32, (var.name, slot_name)
+            if slot.shape == var.shape:
+                assert slot.value.committed == var.value.committed, (var.name, slot_name)
+
+
+def test_loss_scaled_minimize_with_slot_dtype_compiles_once(backend_compiles):
+    """The documented recipe: LossScaleOptimizer over Adam(slot_dtype=float32) with float16
+    variables compiled its step twice."""
+    var = kopt.Variable(jnp.full((4, 4), 0.5, jnp.float16), name="w")
+    opt = optimizers.LossScaleOptimizer(optimizers.Adam(1e-3, slot_dtype=jnp.float32))
+
+    def loss():
+        return jnp.sum(var.value.astype(jnp.float32) ** 2)
+
+    opt.minimize(loss, [var])
+    first = len(backend_compiles)
+    for _ in range(3):
+        opt.minimize(loss, [var])
+    assert len(backend_compiles) == first
 
 
 def test_slot_dtype_is_validated():

@@ -34,6 +34,7 @@ from kopt.optimizers.base import (
     _initial_value,
     _is_read_per_step,
     _is_step_schedule,
+    _put_like,
     weight_list,
 )
 from kopt.optimizers.schedules import LearningRateSchedule
@@ -87,7 +88,9 @@ class _SlotDtype:
         slot = super().add_slot(var, slot_name, initializer, shape)
         if created and self.slot_dtype is not None:
             value = _initial_value(initializer, slot.shape, self.slot_dtype)
-            slot._value = jax.device_put(value, slot.value.sharding)
+            # Placed as the slot of the variable's dtype was: committed only beside a committed
+            # variable, so the step's inputs keep one placement from the first step on.
+            slot._value = _put_like(value, slot.value)
         return slot
 
 
