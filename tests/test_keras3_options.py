@@ -301,6 +301,44 @@ def test_ema_moves_on_every_call_under_gradient_accumulation_as_keras3(overwrite
     )
 
 
+@pytest.mark.parametrize("name", list(KERAS3))
+def test_slot_dtype_keeps_the_average_of_bfloat16_variables(name):
+    """``slot_dtype=float32`` left the ``average`` of bfloat16 variables in bfloat16, where a
+    momentum of 0.999 rounds to 1: the average stayed at the first step's variable (AdamW:
+    0.988 where the EMA of its variables was 0.572 after 300 steps)."""
+    opt = KERAS3[name](use_ema=True, ema_momentum=0.999, slot_dtype=jnp.float32)
+    var = kopt.Variable(jnp.ones(4, jnp.bfloat16), name="v")
+    trajectory = []
+    for _ in range(200):
+        opt.apply_gradients([(jnp.ones(4, jnp.bfloat16), var)])
+        trajectory.append(np.asarray(var.numpy(), np.float64))
+    assert var.dtype == jnp.bfloat16
+    for slot_name in opt.get_slot_names():
+        assert opt.get_slot(var, slot_name).dtype == jnp.float32, slot_name
+    average = trajectory[0]  # Keras 3's first step copies the variable
+    for w in trajectory[1:]:
+        average = 0.999 * average + 0.001 * w
+    assert not np.allclose(average, trajectory[0], rtol=0.1)  # the variables moved
+    np.testing.assert_allclose(opt.get_slot(var, "average").numpy(), average, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(KERAS3))
+def test_slot_dtype_keeps_the_gradient_accumulators(name):
+    """``slot_dtype=float32`` left the accumulators of bfloat16 variables in bfloat16, where
+    1 + 2**-8 rounds to 1."""
+    opt = KERAS3[name](gradient_accumulation_steps=3, slot_dtype=jnp.float32)
+    var = kopt.Variable(jnp.ones(4, jnp.bfloat16), name="v")
+    for g in (1.0, 2.0**-8):  # two calls of three: no update yet
+        opt.apply_gradients([(jnp.full(4, g, jnp.bfloat16), var)])
+    slots = [opt.get_slot(var, n) for n in opt.get_slot_names()]
+    accumulators = [
+        w for w in opt.variables() if w.shape == var.shape and all(w is not s for s in slots)
+    ]
+    assert [a.dtype for a in accumulators] == [jnp.float32]
+    np.testing.assert_array_equal(accumulators[0].numpy(), np.full(4, 1 + 2.0**-8, np.float32))
+    np.testing.assert_array_equal(var.numpy(), np.ones(4, jnp.bfloat16))
+
+
 def test_ema_momentum_changes_without_recompiling():
     opt = Lion(learning_rate=0.1, use_ema=True, ema_momentum=0.8)
     var = kopt.Variable(W0["w"])

@@ -822,7 +822,8 @@ class _Keras3(_SlotDtype, Optimizer):
     - ``clipnorm``, ``clipvalue``, ``global_clipnorm``: Keras 3's rules, at most one of them,
       and 0 means no clipping (tf.keras's classes clip to zero);
 
-    and ``slot_dtype`` (kopt's): the slots' dtype (default: each variable's).
+    and ``slot_dtype`` (kopt's): the slots' dtype (default: each variable's), the EMA's
+    ``average`` and the accumulators included.
 
     Their numbers (``weight_decay``, ``ema_momentum``) can change between steps without
     recompiling. Switching a piece on or off between steps (``weight_decay`` from None,
@@ -1037,11 +1038,16 @@ class _Keras3(_SlotDtype, Optimizer):
                 _CLIP_PIECES[attr](hp.get(attr, value))
                 for attr, value in self._active_clips().items()
             ]
-            tx = kopt.accumulate_gradients(kopt.chain(*clips, tx) if clips else tx, k, "mean")
+            tx = kopt.chain(*clips, tx) if clips else tx
+            tx = kopt.accumulate_gradients(tx, k, "mean", slot_dtype=self.slot_dtype)
         if self.use_ema:
             # Keras 3 moves the average on every call, also between updates (outside its
             # accumulation cond), with its count of updates, iterations // k.
-            average = kopt.ema(hp.get("momentum", self.ema_momentum), self.ema_overwrite_frequency)
+            average = kopt.ema(
+                hp.get("momentum", self.ema_momentum),
+                self.ema_overwrite_frequency,
+                slot_dtype=self.slot_dtype,
+            )
             tx = kopt.chain(tx, _counting_updates(average, k) if k else average)
         return tx
 
