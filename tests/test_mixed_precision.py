@@ -312,6 +312,26 @@ def test_loss_scale_unscales_float16_gradients_past_its_range_and_keeps_dtypes()
     np.testing.assert_allclose(np.float32(var.numpy()), [1.0 - 2.0**-8, 2.0 - 2.0**-8])
 
 
+@pytest.mark.parametrize(
+    ("scale", "expected"),
+    [
+        (2.0**24, 1000 * 2.0**-24),  # a power of two: exact
+        (1e5, 0.010009765625),  # 1 / scale rounded to a multiple of 2**-24: 0.1% too large
+        (1.5 * 2.0**24, 1000 * 2.0**-24),  # 1 / scale rounded up to 2**-24: 1.5 times too large
+        (2.0**25, 0.0),  # 1 / scale rounds to 0
+        (2.0**26, 0.0),
+    ],
+)
+def test_loss_scale_unscales_float16_gradients_by_a_float16_reciprocal_as_tf_keras(scale, expected):
+    """The float32 reciprocal is cast to float16, a subnormal above a scale of 2**14 and 0 from
+    2**25 on (docs/mixed-precision.md); the expected values are tf.keras's (its legacy and new
+    LossScaleOptimizer alike)."""
+    opt = optimizers.LossScaleOptimizer(optimizers.SGD(1.0), dynamic=False, initial_scale=scale)
+    (g,) = opt.get_unscaled_gradients([jnp.array([1000.0], jnp.float16)])
+    assert g.dtype == jnp.float16
+    assert float(g[0]) == expected
+
+
 def test_loss_scale_never_grows_past_float32():
     opt = optimizers.LossScaleOptimizer(
         optimizers.SGD(0.1), initial_scale=2.0**127, dynamic_growth_steps=1
