@@ -5,8 +5,10 @@ References are NumPy re-derivations (tests/numpy_reference.py) with the params r
 after every step, as a bfloat16 variable is.
 """
 
+import functools
 import re
 
+import facade_zoo
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -124,6 +126,49 @@ def test_from_transformation_keeps_the_transformations_slot_dtype(tx, slot_dtype
     np.testing.assert_allclose(var.numpy(), params, rtol=1e-2)
     if slot_dtype == jnp.float32:  # with bfloat16 slots, Adam cannot step (see the docs)
         assert np.all(np.asarray(var.numpy(), np.float32) != 0)
+
+
+@pytest.mark.parametrize("committed", [False, True], ids=["uncommitted", "on-a-device"])
+@pytest.mark.parametrize("name", facade_zoo.NAMES)
+def test_facade_slot_dtype_step_compiles_once(name, committed, backend_compiles):
+    """Slots made in ``slot_dtype`` were committed to the device while uncommitted variables
+    were not, so the step compiled again at the second and third steps (without tracing again).
+    They are placed as slots of the variable's dtype are: committed only beside a committed
+    variable."""
+    place = functools.partial(jax.device_put, device=jax.devices()[-1])
+    var_list = []
+    for v in facade_zoo.make_variables():
+        value = v.value.astype(jnp.bfloat16)
+        var_list.append(kopt.Variable(place(value) if committed else value, name=v.name))
+    grads = [jnp.asarray(g, jnp.bfloat16) for g in facade_zoo.gradients(1)[0]]
+    opt = facade_zoo.make(name, slot_dtype=jnp.float32)
+    opt.apply_gradients(zip(grads, var_list, strict=True))
+    first = len(backend_compiles)
+    for _ in range(3):
+        opt.apply_gradients(zip(grads, var_list, strict=True))
+    assert len(backend_compiles) == first
+    for var in var_list:
+        for slot_name in opt.get_slot_names():
+            slot = opt.get_slot(var, slot_name)
+            assert slot.dtype == jnp.float32, (var.name, slot_name)
+            if slot.shape == var.shape:
+                assert slot.value.committed == var.value.committed, (var.name, slot_name)
+
+
+def test_loss_scaled_minimize_with_slot_dtype_compiles_once(backend_compiles):
+    """The documented recipe: LossScaleOptimizer over Adam(slot_dtype=float32) with float16
+    variables compiled its step twice."""
+    var = kopt.Variable(jnp.full((4, 4), 0.5, jnp.float16), name="w")
+    opt = optimizers.LossScaleOptimizer(optimizers.Adam(1e-3, slot_dtype=jnp.float32))
+
+    def loss():
+        return jnp.sum(var.value.astype(jnp.float32) ** 2)
+
+    opt.minimize(loss, [var])
+    first = len(backend_compiles)
+    for _ in range(3):
+        opt.minimize(loss, [var])
+    assert len(backend_compiles) == first
 
 
 def test_slot_dtype_is_validated():
@@ -265,6 +310,26 @@ def test_loss_scale_unscales_float16_gradients_past_its_range_and_keeps_dtypes()
     # element, in float16, unscaled at 2**16.
     opt.minimize(lambda: jnp.sum(var.value.astype(jnp.float32) * 2.0**-8), [var])
     np.testing.assert_allclose(np.float32(var.numpy()), [1.0 - 2.0**-8, 2.0 - 2.0**-8])
+
+
+@pytest.mark.parametrize(
+    ("scale", "expected"),
+    [
+        (2.0**24, 1000 * 2.0**-24),  # a power of two: exact
+        (1e5, 0.010009765625),  # 1 / scale rounded to a multiple of 2**-24: 0.1% too large
+        (1.5 * 2.0**24, 1000 * 2.0**-24),  # 1 / scale rounded up to 2**-24: 1.5 times too large
+        (2.0**25, 0.0),  # 1 / scale rounds to 0
+        (2.0**26, 0.0),
+    ],
+)
+def test_loss_scale_unscales_float16_gradients_by_a_float16_reciprocal_as_tf_keras(scale, expected):
+    """The float32 reciprocal is cast to float16, a subnormal above a scale of 2**14 and 0 from
+    2**25 on (docs/mixed-precision.md); the expected values are tf.keras's (its legacy and new
+    LossScaleOptimizer alike)."""
+    opt = optimizers.LossScaleOptimizer(optimizers.SGD(1.0), dynamic=False, initial_scale=scale)
+    (g,) = opt.get_unscaled_gradients([jnp.array([1000.0], jnp.float16)])
+    assert g.dtype == jnp.float16
+    assert float(g[0]) == expected
 
 
 def test_loss_scale_never_grows_past_float32():

@@ -30,10 +30,12 @@ from kopt.base import (
 from kopt.optimizers.base import (
     _CLIP_PIECES,
     Optimizer,
+    _as_pairs,
     _check_number,
     _initial_value,
     _is_read_per_step,
     _is_step_schedule,
+    _put_like,
     weight_list,
 )
 from kopt.optimizers.schedules import LearningRateSchedule
@@ -87,7 +89,9 @@ class _SlotDtype:
         slot = super().add_slot(var, slot_name, initializer, shape)
         if created and self.slot_dtype is not None:
             value = _initial_value(initializer, slot.shape, self.slot_dtype)
-            slot._value = jax.device_put(value, slot.value.sharding)
+            # Placed as the slot of the variable's dtype was: committed only beside a committed
+            # variable, so the step's inputs keep one placement from the first step on.
+            slot._value = _put_like(value, slot.value)
         return slot
 
 
@@ -760,6 +764,22 @@ def _divide(g: Any, factor: Any) -> Any:
     return g if g is None else map_values(lambda x: x / jnp.asarray(factor, x.dtype), g)
 
 
+def _in_order_of(pairs: list[tuple[Any, Any]], owner: tuple[int, ...]) -> list[tuple[Any, Any]]:
+    """``pairs`` in the order of the variable uids ``owner`` when they pair exactly those
+    variables in another order (Keras 3 matches its accumulators to variables by identity);
+    as given otherwise, for the step to accept or refuse as it does."""
+    if len(pairs) != len(owner):
+        return pairs
+    position = {uid: i for i, uid in enumerate(owner)}
+    ordered: list[Any] = [None] * len(owner)
+    for pair in pairs:
+        i = position.get(getattr(pair[1], "_uid", None))
+        if i is None or ordered[i] is not None:
+            return pairs
+        ordered[i] = pair
+    return ordered
+
+
 def _divided_by(factor: float) -> GradientTransformation:
     """Gradients divided by ``factor`` (Keras 3's ``loss_scale_factor``, before the clips)."""
 
@@ -813,13 +833,15 @@ class _Keras3(_SlotDtype, Optimizer):
       ``_iterations``); bias corrections and EMA count updates (``iterations // k``, Keras 3's
       ``iterations``); a learning-rate schedule sees the call count, as in Keras 3. The
       accumulators are state without a slot name, so such an optimizer must be given the same
-      variables, in the same order, every call. The EMA, as in Keras 3, moves on every call,
+      variables every call (in any order: they are matched by identity, as in Keras 3). The
+      EMA, as in Keras 3, moves on every call,
       also between updates. ``clipnorm``/``clipvalue``/``global_clipnorm`` clip the mean of
       the k gradients, at the update, as in Keras 3 (not each call's gradients);
     - ``clipnorm``, ``clipvalue``, ``global_clipnorm``: Keras 3's rules, at most one of them,
       and 0 means no clipping (tf.keras's classes clip to zero);
 
-    and ``slot_dtype`` (kopt's): the slots' dtype (default: each variable's).
+    and ``slot_dtype`` (kopt's): the slots' dtype (default: each variable's), the EMA's
+    ``average`` and the accumulators included.
 
     Their numbers (``weight_decay``, ``ema_momentum``) can change between steps without
     recompiling. Switching a piece on or off between steps (``weight_decay`` from None,
@@ -875,6 +897,19 @@ class _Keras3(_SlotDtype, Optimizer):
         self.gradient_accumulation_steps = as_count(gradient_accumulation_steps) or None
         self.slot_dtype = slot_dtype
         self.loss_scale_factor = loss_scale_factor
+
+    def apply_gradients(
+        self,
+        grads_and_vars: Any,
+        name: str | None = None,
+        experimental_aggregate_gradients: bool = True,
+    ) -> Variable | None:
+        owner = self._opaque_owner
+        if owner is not None and self.gradient_accumulation_steps:
+            # The accumulators were made for the first call's variables, in its order; Keras 3
+            # matches them by identity, so the same variables in another order are stepped too.
+            grads_and_vars = _in_order_of(_as_pairs(grads_and_vars), owner)
+        return super().apply_gradients(grads_and_vars, name, experimental_aggregate_gradients)
 
     def scale_loss(self, loss: Any) -> Any:
         """``loss * loss_scale_factor`` (Keras 3's; the loss itself without a factor)."""
@@ -1034,11 +1069,16 @@ class _Keras3(_SlotDtype, Optimizer):
                 _CLIP_PIECES[attr](hp.get(attr, value))
                 for attr, value in self._active_clips().items()
             ]
-            tx = kopt.accumulate_gradients(kopt.chain(*clips, tx) if clips else tx, k, "mean")
+            tx = kopt.chain(*clips, tx) if clips else tx
+            tx = kopt.accumulate_gradients(tx, k, "mean", slot_dtype=self.slot_dtype)
         if self.use_ema:
             # Keras 3 moves the average on every call, also between updates (outside its
             # accumulation cond), with its count of updates, iterations // k.
-            average = kopt.ema(hp.get("momentum", self.ema_momentum), self.ema_overwrite_frequency)
+            average = kopt.ema(
+                hp.get("momentum", self.ema_momentum),
+                self.ema_overwrite_frequency,
+                slot_dtype=self.slot_dtype,
+            )
             tx = kopt.chain(tx, _counting_updates(average, k) if k else average)
         return tx
 
