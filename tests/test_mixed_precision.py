@@ -155,6 +155,30 @@ def test_facade_slot_dtype_step_compiles_once(name, committed, backend_compiles)
                 assert slot.value.committed == var.value.committed, (var.name, slot_name)
 
 
+@pytest.mark.parametrize("committed", [False, True], ids=["uncommitted", "on-a-device"])
+def test_from_transformation_slot_dtype_step_compiles_once(committed, backend_compiles):
+    """A wrapped transformation's slots in their own dtype (kopt.adam(slot_dtype=...)) were
+    committed to the device beside uncommitted variables, so the step compiled again at the
+    second step."""
+    place = functools.partial(jax.device_put, device=jax.devices()[-1])
+    var_list = []
+    for i in range(3):
+        value = jnp.full((4, 4), 0.5 + i, jnp.bfloat16)
+        var_list.append(kopt.Variable(place(value) if committed else value, name=f"w{i}"))
+    grads = [jnp.full((4, 4), 0.25, jnp.bfloat16)] * 3
+    opt = optimizers.from_transformation(kopt.adam(1e-3, slot_dtype=jnp.float32))
+    opt.apply_gradients(zip(grads, var_list, strict=True))
+    first = len(backend_compiles)
+    for _ in range(3):
+        opt.apply_gradients(zip(grads, var_list, strict=True))
+    assert len(backend_compiles) == first
+    for var in var_list:
+        for slot_name in ("m", "v"):
+            slot = opt.get_slot(var, slot_name)
+            assert slot.dtype == jnp.float32, (var.name, slot_name)
+            assert slot.value.committed == var.value.committed, (var.name, slot_name)
+
+
 def test_loss_scaled_minimize_with_slot_dtype_compiles_once(backend_compiles):
     """The documented recipe: LossScaleOptimizer over Adam(slot_dtype=float32) with float16
     variables compiled its step twice."""

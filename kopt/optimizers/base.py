@@ -1249,7 +1249,7 @@ class Optimizer:
                 if slot.dtype != jnp.result_type(value):
                     # The transformation's slot dtype (a wrapped kopt.adam(slot_dtype=...)),
                     # not tf.keras's default of the variable's.
-                    slot._value = jax.device_put(value, slot.value.sharding)
+                    slot._value = _put_like(value, var.value)
                 created.append(slot)
         for var in todo:
             self._slots.setdefault(var._uid, {})
