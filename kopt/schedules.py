@@ -52,14 +52,19 @@ def _const(value) -> jax.Array:
     return jax.lax.optimization_barrier(jnp.asarray(value, jnp.float32))
 
 
+def _quotient(s: jax.Array, d: jax.Array) -> jax.Array:
+    """``s / d``, the float32 quotient rounded once, as Keras divides the step. XLA:CPU divides
+    an array by a scalar (``d`` broadcast over an array of steps, or over the step under
+    ``vmap``) by multiplying with the scalar's reciprocal, which rounds twice and can land just
+    below a whole quotient (``97 * (1 / 97) < 1``) or on the other side of one (``9 / 0.3``);
+    ``_const`` cannot stop that. ``d + 0 * s`` is a divisor of the step's own shape, which XLA
+    divides by as it is."""
+    return s / (d + 0.0 * s)
+
+
 def _floor_quotient(s: jax.Array, d: jax.Array) -> jax.Array:
-    """``floor(s / d)`` as an exact division gives it. Under ``vmap`` the divisor is broadcast,
-    and XLA:CPU then multiplies by its reciprocal instead (``_const`` cannot stop that), which
-    can land just below a whole quotient (``97 * (1 / 97) < 1``); the products ``q * d`` are
-    exact for the whole numbers a step and its quotient are, so they settle it."""
-    q = jnp.floor(s / d)
-    q = jnp.where(q * d > s, q - 1.0, q)
-    return jnp.where((q + 1.0) * d <= s, q + 1.0, q)
+    """``floor(s / d)`` of the float32 quotient, as Keras's staircase and restarts floor it."""
+    return jnp.floor(_quotient(s, d))
 
 
 # How close (relative, two float32 roundings) a step may come to a period's computed
@@ -294,8 +299,11 @@ def cosine_decay_restarts(
     a = _const(alpha)
 
     def equal_periods(s, d):
-        restart = _floor_quotient(s, d)
-        return restart, s / d - restart
+        # The restart is the floor of the fraction itself: past 2**24 steps the rounded
+        # quotient can be the next whole number, and the fraction stays in [0, 1).
+        fraction = _quotient(s, d)
+        restart = jnp.floor(fraction)
+        return restart, fraction - restart
 
     def growing_periods(s, d, t):
         fraction = s / d

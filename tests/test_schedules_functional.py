@@ -315,3 +315,54 @@ def test_cosine_decay_restarts_meets_decimal_t_mul_period_bounds():
     expected = [numpy_cosine_restarts(float(s), 1.0, 1000, 1.1) for s in steps]
     np.testing.assert_allclose(fn(steps), expected, rtol=1e-4, atol=1e-5)
     assert float(fn(jnp.asarray([3310.0]))[0]) == pytest.approx(1.0)
+
+
+# tf_keras 2.21: its staircase floors the float32 quotient step / decay_steps (0.3 is
+# 0.30000001 in float32, 9 / 0.30000001 rounds to 29.999998, 27 / 0.30000001 to 90.0).
+@pytest.mark.parametrize(
+    "make, steps, expected",
+    [
+        (
+            lambda: schedules.inverse_time_decay(1.0, 0.3, 0.5, staircase=True),
+            [9.0, 15.0, 27.0],
+            [0.06451612710952759, 0.03921568766236305, 0.021739130839705467],
+        ),
+        (
+            lambda: schedules.inverse_time_decay(1.0, 0.001, 0.5, staircase=True),
+            [1.0],
+            [0.001998001942411065],
+        ),
+        (
+            lambda: schedules.exponential_decay(1.0, 1000 / 3, 0.5, staircase=True),
+            [20999.0, 21000.0, 21001.0, 42000.0],
+            [2.168404344971009e-19, 2.168404344971009e-19, 1.0842021724855044e-19, 2**-125],
+        ),
+        (
+            lambda: schedules.cosine_decay_restarts(1.0, 1000, t_mul=1.0),
+            [134644992.0],
+            [0.0006022751331329346],
+        ),
+        (
+            lambda: schedules.cosine_decay_restarts(1.0, 97, t_mul=1.0),
+            [59510952.0],
+            [1.0],
+        ),
+        (
+            lambda: schedules.cosine_decay_restarts(1.0, 3, t_mul=1.0),
+            [25171922.0],
+            [1.0],
+        ),
+    ],
+    ids=["0.3", "0.001", "1000/3", "restarts-1000", "restarts-97", "restarts-3"],
+)
+def test_the_quotient_is_floored_as_keras_floors_it(make, steps, expected):
+    """The floor was corrected by products ``q * d`` taken as exact, which they are not for a
+    decay_steps such as 0.3 or 1000 / 3 (nor past 2**24 steps): the staircase fell a step
+    early or late. Past 2**24 steps, cosine_decay_restarts with ``t_mul=1`` took the restart
+    from that floor but the fraction from the rounded quotient, which went negative there (the
+    top of the period, 1.0, near its end). Keras floors the float32 quotient itself."""
+    fn = make()
+    one_by_one = [float(fn(s)) for s in steps]
+    batched = jax.jit(jax.vmap(fn))(jnp.asarray(steps, jnp.float32))
+    np.testing.assert_allclose(one_by_one, expected, rtol=1e-6)
+    np.testing.assert_allclose(batched, expected, rtol=1e-6)
