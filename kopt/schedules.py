@@ -317,8 +317,9 @@ def cosine_decay_restarts(
         def done(r):  # steps in the first r periods, in units of first_decay_steps
             return (1.0 - t**r) / (1.0 - t)
 
-        def reached(r):
-            return fraction >= done(r) * _BOUND_SLACK
+        def reached(r):  # (a negative step's bounds are negative: the slack is below them too)
+            bound = done(r)
+            return fraction >= jnp.where(bound > 0, bound * _BOUND_SLACK, bound / _BOUND_SLACK)
 
         restart = jnp.where(reached(restart + 1), restart + 1, restart)
         restart = jnp.where(reached(restart), restart, restart - 1)
@@ -330,7 +331,7 @@ def cosine_decay_restarts(
             r1, f1 = equal_periods(s, d)
             r2, f2 = growing_periods(s, d, jnp.where(equal, 2.0, t))
             return jnp.where(equal, r1, r2), jnp.where(equal, f1, f2)
-        if t_mul == 1.0:
+        if np.float32(t_mul) == 1.0:  # as Keras compares it: a t_mul within float32 of 1 is 1
             return equal_periods(s, d)
         return growing_periods(s, d, t)
 

@@ -366,3 +366,36 @@ def test_the_quotient_is_floored_as_keras_floors_it(make, steps, expected):
     batched = jax.jit(jax.vmap(fn))(jnp.asarray(steps, jnp.float32))
     np.testing.assert_allclose(one_by_one, expected, rtol=1e-6)
     np.testing.assert_allclose(batched, expected, rtol=1e-6)
+
+
+def test_cosine_decay_restarts_takes_a_t_mul_that_float32_makes_1_for_1():
+    """``t_mul`` was compared with 1.0 as the Python value, then used as float32: one a hair
+    above 1 (1.0000000149, read back from a float32) took the growing periods' formula with
+    ``log(1.0) = 0`` and gave NaN at every step. Keras compares the float32 value."""
+    t_mul = float(np.float32(0.1)) * 10
+    # tf_keras 2.21's values (those of t_mul=1.0).
+    expected = [0.10000000149011612, 0.07938926666975021, 0.10000000149011612, 0.04999999701976776]
+    for m_mul in (1.0, t_mul):
+        fn = schedules.cosine_decay_restarts(0.1, 10, t_mul=t_mul, m_mul=m_mul)
+        steps = [0.0, 3.0, 10.0, 25.0]
+        np.testing.assert_allclose([float(fn(s)) for s in steps], expected, rtol=1e-6)
+        np.testing.assert_allclose(jax.vmap(fn)(jnp.asarray(steps)), expected, rtol=1e-6)
+    assert float(schedules.cosine_decay_restarts(0.1, 10, t_mul=1 + 1e-9)(0.0)) == pytest.approx(
+        0.1
+    )
+
+
+@pytest.mark.parametrize(
+    "t_mul, m_mul, steps, expected",
+    [
+        (2.0, 1.0, [-1.0, -5.0, -9.0], [0.009549147449433804, 0.1, 0.03454909473657608]),
+        (3.0, 0.5, [-1.0, -2.0], [0.04122148081660271, 0.13090172410011292]),
+    ],
+)
+def test_cosine_decay_restarts_at_a_negative_step_is_keras(t_mul, m_mul, steps, expected):
+    """The slack that lets a step just short of a period's computed first step count as in it
+    scaled the bound towards 0, which for a negative bound put it past the step: -5 with
+    ``t_mul=2`` gave 0.0 where tf.keras and Keras 3 give 0.1 (tf_keras 2.21's values)."""
+    fn = schedules.cosine_decay_restarts(0.1, 10, t_mul=t_mul, m_mul=m_mul)
+    np.testing.assert_allclose([float(fn(s)) for s in steps], expected, rtol=1e-5)
+    np.testing.assert_allclose(jax.vmap(fn)(jnp.asarray(steps)), expected, rtol=1e-4)
