@@ -155,8 +155,8 @@ def piecewise_constant_decay(boundaries: Sequence[float], values: Sequence[float
     b = jnp.asarray(boundaries, jnp.float32)
     v = jnp.asarray(values, jnp.float32)
 
-    def schedule(step):
-        return v[jnp.sum(_step(step) > b)]
+    def schedule(step):  # (an array of steps: each step's value)
+        return v[jnp.sum(_step(step)[..., None] > b, axis=-1)]
 
     return schedule
 

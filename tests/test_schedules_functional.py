@@ -317,6 +317,19 @@ def test_cosine_decay_restarts_meets_decimal_t_mul_period_bounds():
     assert float(fn(jnp.asarray([3310.0]))[0]) == pytest.approx(1.0)
 
 
+def test_piecewise_constant_decay_takes_an_array_of_steps():
+    """It compared the step with every boundary by broadcasting, which an array of steps does
+    not fit ("gt got incompatible shapes"); the other schedules (and optax's and Keras 3's
+    piecewise ones) give each step's value."""
+    fn = schedules.piecewise_constant_decay([10, 20], [1.0, 0.5, 0.1])
+    steps = np.arange(0, 30, 5)
+    expected = np.float32([1.0, 1.0, 1.0, 0.5, 0.5, 0.1])
+    np.testing.assert_array_equal(fn(jnp.asarray(steps)), expected)
+    np.testing.assert_array_equal(fn(steps.reshape(2, 3)), expected.reshape(2, 3))
+    np.testing.assert_array_equal(jax.jit(jax.vmap(fn))(jnp.asarray(steps)), expected)
+    np.testing.assert_array_equal(schedules.piecewise_constant_decay([], [0.5])(steps), [0.5] * 6)
+
+
 # tf_keras 2.21: its staircase floors the float32 quotient step / decay_steps (0.3 is
 # 0.30000001 in float32, 9 / 0.30000001 rounds to 29.999998, 27 / 0.30000001 to 90.0).
 @pytest.mark.parametrize(
