@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +35,20 @@ def _is_real(value) -> bool:
         and dtype is not None
         and (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))
     )
+
+
+def _computes_with_tensorflow(schedule: Any) -> bool:
+    """Whether ``schedule`` is a tf.keras (TensorFlow) schedule, whose operations take no JAX
+    value: an instance of a class from ``tf_keras`` or ``tensorflow``, or from a Keras 2
+    ``keras`` (the one TensorFlow 2.15 and earlier install)."""
+    for cls in type(schedule).__mro__:
+        package = cls.__module__.partition(".")[0]
+        if package in ("tf_keras", "tensorflow") or (
+            package == "keras"
+            and str(getattr(sys.modules.get("keras"), "__version__", "")).startswith("2.")
+        ):
+            return True
+    return False
 
 
 def _positive(owner: str, name: str, value: float) -> None:

@@ -245,6 +245,41 @@ def test_a_schedule_that_is_not_one_is_named(schedule, culprit):
         kopt.adam(learning_rate=schedule).init(jnp.zeros(2))
 
 
+class _TensorFlowDType:  # TensorFlow's tf.float32, which NumPy cannot read
+    __module__ = "tensorflow.python.framework.dtypes"
+
+    def __repr__(self):
+        return "tf.float32"
+
+
+class _EagerTensor:
+    __module__ = "tensorflow.python.framework.ops"
+    shape = ()
+    dtype = _TensorFlowDType()
+
+
+class _TfKerasLike:
+    """Stands for a tf.keras schedule (the suite never imports TensorFlow): of the tf_keras
+    package, it turns a concrete step into a TensorFlow tensor and fails on a traced one."""
+
+    __module__ = "tf_keras.src.optimizers.schedules.learning_rate_schedule"
+
+    def __call__(self, step):
+        np.asarray(step)  # TracerArrayConversionError under jit
+        return _EagerTensor()
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "jit"])
+def test_a_tf_keras_schedule_given_to_a_functional_optimizer_is_named(compiled):
+    """``kopt.sgd(tf_keras_schedule).init(params)`` failed with NumPy's "Cannot interpret
+    'tf.float32' as a data type" (or, under jit, JAX's TracerArrayConversionError), naming
+    neither the hyperparameter nor the schedule's library, where the facade says both."""
+    init = kopt.sgd(learning_rate=_TfKerasLike(), momentum=0.9).init
+    with pytest.raises(TypeError, match=r"the schedule for `learning_rate`") as info:
+        (jax.jit(init) if compiled else init)(jnp.zeros(2))
+    assert "A tf.keras schedule computes with TensorFlow: use kopt.schedules'" in str(info.value)
+
+
 @pytest.mark.parametrize(
     "boundaries, values, error, culprit",
     [

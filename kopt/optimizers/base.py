@@ -41,6 +41,7 @@ from kopt.optimizers.schedules import _Builtin as _BuiltinSchedule
 from kopt.optimizers.schedules import _config_value as schedule_config
 from kopt.optimizers.schedules import _is_serialized as is_serialized_schedule
 from kopt.optimizers.schedules import deserialize as deserialize_schedule
+from kopt.schedules import _computes_with_tensorflow as computes_with_tensorflow
 from kopt.sparse import IndexedSlices, is_indexed_slices
 from kopt.transforms import all_finite, clip_by_global_norm, clip_by_norm, clip_by_value
 from kopt.transforms._core import learning_rate_at
@@ -234,12 +235,16 @@ def _check_traceable(owner: str, name: str, schedule: Callable) -> None:
         jax.eval_shape(schedule, jax.ShapeDtypeStruct((), jnp.float32))
     except Exception as e:  # noqa: BLE001 - any failure is the schedule's, and is named
         message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        hint = (
+            ". A tf.keras schedule computes with TensorFlow: use kopt.optimizers.schedules' "
+            "class of that name, which takes the same arguments"
+            if computes_with_tensorflow(schedule)
+            else ""
+        )
         raise TypeError(
             f"{owner}: the schedule given as `{name}` ({type(schedule).__name__}) cannot run "
             "in the compiled step, which calls it with a traced step: "
-            f"{type(e).__name__}: {message:.200}. A tf.keras schedule computes with "
-            "TensorFlow: use kopt.optimizers.schedules' class of that name, which takes "
-            "the same arguments"
+            f"{type(e).__name__}: {message:.200}{hint}"
         ) from e
 
 
