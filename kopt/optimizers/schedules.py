@@ -354,7 +354,10 @@ def deserialize(config: dict[str, Any], custom_objects: dict[str, Any] | None = 
     ``custom_objects``).
 
     Raises:
-        ValueError: for an unknown class name or a malformed config.
+        ValueError: if ``config`` is not a dict with a ``class_name``, or names an unknown
+            class.
+        TypeError: if the class does not take the arguments ``config["config"]`` holds
+            (one missing, or one it does not know), as in Keras.
     """
     if not isinstance(config, dict) or "class_name" not in config:
         raise ValueError(
