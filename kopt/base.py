@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kopt._tree import check_same_structure, uncommitted_on_params_devices
+from kopt.schedules import _computes_with_tensorflow as computes_with_tensorflow
 
 PyTree = Any
 Params = PyTree
@@ -549,17 +550,35 @@ def _scheduled(name: str, schedule: Schedule, step: jax.Array) -> jax.Array:
     """``schedule(step)`` as a float32 scalar; raises ValueError naming ``name`` for a value of
     another shape (it would broadcast over the params, or change their shapes), and TypeError
     for a value that is not a real number."""
-    value = schedule(step)
-    dtype = getattr(value, "dtype", None)
-    real = (
-        dtype is not None
-        and jnp.issubdtype(dtype, jnp.number)
-        and not jnp.issubdtype(dtype, jnp.complexfloating)
+    hint = (
+        ". A tf.keras schedule computes with TensorFlow: use kopt.schedules' function (or "
+        "kopt.optimizers.schedules' class) of that name, which takes the same arguments"
+        if computes_with_tensorflow(schedule)
+        else ""
     )
+    try:
+        value = schedule(step)
+    except Exception as e:
+        if not hint:
+            raise
+        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise TypeError(
+            f"the schedule for `{name}` ({type(schedule).__name__}) cannot be called with a "
+            f"JAX step: {type(e).__name__}: {message:.200}{hint}"
+        ) from e
+    dtype = getattr(value, "dtype", None)
+    try:
+        real = (
+            dtype is not None
+            and jnp.issubdtype(dtype, jnp.number)
+            and not jnp.issubdtype(dtype, jnp.complexfloating)
+        )
+    except TypeError:  # not a NumPy dtype: another library's (TensorFlow's tf.float32)
+        real = False
     if not (real or (isinstance(value, (int, float)) and not isinstance(value, bool))):
         raise TypeError(
             f"the schedule for `{name}` returned {type(value).__name__}: {value!r:.80}; a "
-            "hyperparameter must be a real number or a real scalar array"
+            f"hyperparameter must be a real number or a real scalar array{hint}"
         )
     value = jnp.asarray(value, jnp.float32)
     if value.shape != ():

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +37,20 @@ def _is_real(value) -> bool:
     )
 
 
+def _computes_with_tensorflow(schedule: Any) -> bool:
+    """Whether ``schedule`` is a tf.keras (TensorFlow) schedule, whose operations take no JAX
+    value: an instance of a class from ``tf_keras`` or ``tensorflow``, or from a Keras 2
+    ``keras`` (the one TensorFlow 2.15 and earlier install)."""
+    for cls in type(schedule).__mro__:
+        package = cls.__module__.partition(".")[0]
+        if package in ("tf_keras", "tensorflow") or (
+            package == "keras"
+            and str(getattr(sys.modules.get("keras"), "__version__", "")).startswith("2.")
+        ):
+            return True
+    return False
+
+
 def _positive(owner: str, name: str, value: float) -> None:
     """Raises unless ``value`` is a number > 0 (a traced one is checked for its type only)."""
     if not _is_real(value) or (not isinstance(value, jax.core.Tracer) and not value > 0):
@@ -52,14 +68,19 @@ def _const(value) -> jax.Array:
     return jax.lax.optimization_barrier(jnp.asarray(value, jnp.float32))
 
 
+def _quotient(s: jax.Array, d: jax.Array) -> jax.Array:
+    """``s / d``, the float32 quotient rounded once, as Keras divides the step. XLA:CPU divides
+    an array by a scalar (``d`` broadcast over an array of steps, or over the step under
+    ``vmap``) by multiplying with the scalar's reciprocal, which rounds twice and can land just
+    below a whole quotient (``97 * (1 / 97) < 1``) or on the other side of one (``9 / 0.3``);
+    ``_const`` cannot stop that. ``d + 0 * s`` is a divisor of the step's own shape, which XLA
+    divides by as it is."""
+    return s / (d + 0.0 * s)
+
+
 def _floor_quotient(s: jax.Array, d: jax.Array) -> jax.Array:
-    """``floor(s / d)`` as an exact division gives it. Under ``vmap`` the divisor is broadcast,
-    and XLA:CPU then multiplies by its reciprocal instead (``_const`` cannot stop that), which
-    can land just below a whole quotient (``97 * (1 / 97) < 1``); the products ``q * d`` are
-    exact for the whole numbers a step and its quotient are, so they settle it."""
-    q = jnp.floor(s / d)
-    q = jnp.where(q * d > s, q - 1.0, q)
-    return jnp.where((q + 1.0) * d <= s, q + 1.0, q)
+    """``floor(s / d)`` of the float32 quotient, as Keras's staircase and restarts floor it."""
+    return jnp.floor(_quotient(s, d))
 
 
 # How close (relative, two float32 roundings) a step may come to a period's computed
@@ -150,8 +171,8 @@ def piecewise_constant_decay(boundaries: Sequence[float], values: Sequence[float
     b = jnp.asarray(boundaries, jnp.float32)
     v = jnp.asarray(values, jnp.float32)
 
-    def schedule(step):
-        return v[jnp.sum(_step(step) > b)]
+    def schedule(step):  # (an array of steps: each step's value)
+        return v[jnp.sum(_step(step)[..., None] > b, axis=-1)]
 
     return schedule
 
@@ -294,8 +315,11 @@ def cosine_decay_restarts(
     a = _const(alpha)
 
     def equal_periods(s, d):
-        restart = _floor_quotient(s, d)
-        return restart, s / d - restart
+        # The restart is the floor of the fraction itself: past 2**24 steps the rounded
+        # quotient can be the next whole number, and the fraction stays in [0, 1).
+        fraction = _quotient(s, d)
+        restart = jnp.floor(fraction)
+        return restart, fraction - restart
 
     def growing_periods(s, d, t):
         fraction = s / d
@@ -309,8 +333,9 @@ def cosine_decay_restarts(
         def done(r):  # steps in the first r periods, in units of first_decay_steps
             return (1.0 - t**r) / (1.0 - t)
 
-        def reached(r):
-            return fraction >= done(r) * _BOUND_SLACK
+        def reached(r):  # (a negative step's bounds are negative: the slack is below them too)
+            bound = done(r)
+            return fraction >= jnp.where(bound > 0, bound * _BOUND_SLACK, bound / _BOUND_SLACK)
 
         restart = jnp.where(reached(restart + 1), restart + 1, restart)
         restart = jnp.where(reached(restart), restart, restart - 1)
@@ -322,7 +347,7 @@ def cosine_decay_restarts(
             r1, f1 = equal_periods(s, d)
             r2, f2 = growing_periods(s, d, jnp.where(equal, 2.0, t))
             return jnp.where(equal, r1, r2), jnp.where(equal, f1, f2)
-        if t_mul == 1.0:
+        if np.float32(t_mul) == 1.0:  # as Keras compares it: a t_mul within float32 of 1 is 1
             return equal_periods(s, d)
         return growing_periods(s, d, t)
 

@@ -624,6 +624,90 @@ def test_changing_a_schedules_attribute_takes_effect_as_in_tf_keras():
     assert schedule.decay_steps == 2 and float(schedule(2)) == 0.5
 
 
+class _OwnConstant(optimizers.schedules.LearningRateSchedule):
+    """A tf.keras-style schedule of a user's own: reads its attribute at each call."""
+
+    def __init__(self, lr):
+        self.lr = lr
+
+    def __call__(self, step):
+        return self.lr + 0.0 * step
+
+    def get_config(self):
+        return {"lr": self.lr}
+
+
+class _OtherLibraryConstant:
+    """A schedule of another library (as a Keras 3 one): not kopt's class, with a config."""
+
+    def __init__(self, lr):
+        self.lr = lr
+
+    def __call__(self, step):
+        return self.lr + 0.0 * step
+
+    def get_config(self):
+        return {"lr": self.lr}
+
+
+class _Subclassed(optimizers.schedules.ExponentialDecay):
+    pass  # a subclass of kopt's class (to register it, say): no change of behaviour
+
+
+def _set(name, value):
+    return lambda schedule: setattr(schedule, name, value)
+
+
+def _set_item(name, index, value):
+    return lambda schedule: getattr(schedule, name).__setitem__(index, value)
+
+
+@pytest.mark.parametrize(
+    "make, change, first, second",
+    [
+        (lambda: _Subclassed(0.1, 1000, 0.5), _set("initial_learning_rate", 1.0), 0.1, 0.5**0.001),
+        (lambda: _OwnConstant(0.1), _set("lr", 0.5), 0.1, 0.5),
+        (lambda: _OtherLibraryConstant(0.1), _set("lr", 0.5), 0.1, 0.5),
+        (
+            lambda: optimizers.schedules.PiecewiseConstantDecay([0], [0.1, 0.01]),
+            _set_item("values", 1, 0.5),
+            0.1,
+            0.5,
+        ),
+        (
+            lambda: optimizers.schedules.PiecewiseConstantDecay([0, 5], [0.1, 0.01, 0.001]),
+            _set_item("boundaries", 0, 1),
+            0.1,
+            0.1,
+        ),
+    ],
+    ids=["kopt-subclass", "own", "other-library", "values-in-place", "boundaries-in-place"],
+)
+@pytest.mark.parametrize("reassign", [False, True], ids=["changed", "changed-and-reassigned"])
+def test_a_schedules_change_between_steps_takes_effect_as_in_tf_keras(
+    make, change, first, second, reassign
+):
+    """tf.keras's schedules read their attributes at each call, and tf.keras's optimizer calls
+    the schedule at each step. The compiled step kept the first value of a schedule that was
+    not exactly one of kopt's classes (a subclass of one, a user's own, another library's),
+    also after assigning the same schedule again, and of a list of a kopt schedule edited in
+    place, while ``_decayed_lr`` and ``get_config`` showed the change. (SGD: each step moves
+    the variable by the rate; tf_keras 2.21 gives the same.)"""
+    schedule = make()
+    opt, var = optimizers.SGD(learning_rate=schedule), kopt.Variable([0.0])
+    opt.apply_gradients([(jnp.ones(1), var)])
+    change(schedule)
+    np.testing.assert_allclose(float(schedule(1.0)), second, rtol=1e-6)
+    if reassign:
+        opt.learning_rate = schedule
+    opt.apply_gradients([(jnp.ones(1), var)])
+    np.testing.assert_allclose(var.numpy(), [-first - second], rtol=1e-6)
+    # Unchanged since, the schedule makes no new step.
+    count = opt.compile_count
+    opt.apply_gradients([(jnp.ones(1), var)])
+    assert opt.compile_count == count
+
+
 @pytest.mark.parametrize(
     "make",
     [

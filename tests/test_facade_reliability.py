@@ -811,6 +811,46 @@ def test_a_schedule_the_compiled_step_cannot_call_is_refused_naming_it():
     assert float(opt.beta_1.numpy()) == pytest.approx(0.9)
 
 
+class _Warmup(optimizers.schedules.LearningRateSchedule):
+    """A user's own schedule with a Python `if` on the step: it needs a concrete step."""
+
+    def __call__(self, step):
+        return 0.01 if step < 100 else 0.1
+
+    def get_config(self):
+        return {}
+
+
+class _TfKerasLike:
+    """Stands for a tf.keras schedule (the suite never imports TensorFlow): a class of the
+    tf_keras package, whose TensorFlow operations take no traced step."""
+
+    __module__ = "tf_keras.src.optimizers.schedules.learning_rate_schedule"
+
+    def __call__(self, step):
+        return np.float32(np.asarray(step)) * 0.0 + 0.1
+
+
+@pytest.mark.parametrize(
+    "schedule, hinted", [(_Warmup(), False), (_TfKerasLike(), True)], ids=["own", "tf_keras"]
+)
+def test_only_a_tf_keras_schedule_is_told_to_use_kopts_class(schedule, hinted):
+    """The refusal of a schedule the compiled step cannot call always ended with advice about
+    tf.keras schedules ("use kopt.optimizers.schedules' class of that name"), also for a
+    user's own schedule, which has no class of that name in kopt."""
+    opt, var = optimizers.SGD(0.1), kopt.Variable([1.0, 2.0])
+    opt.apply_gradients([(jnp.ones(2), var)])
+    before = snapshot(opt, [var])
+    name = type(schedule).__name__
+    with pytest.raises(TypeError, match=f"`learning_rate` \\({name}\\) cannot run") as info:
+        opt.learning_rate = schedule
+    assert ("A tf.keras schedule computes with TensorFlow" in str(info.value)) == hinted
+    assert_unchanged(before, snapshot(opt, [var]))
+    with pytest.raises(TypeError, match=f"`learning_rate` \\({name}\\) cannot run") as info:
+        optimizers.SGD(schedule)
+    assert ("A tf.keras schedule computes with TensorFlow" in str(info.value)) == hinted
+
+
 def test_a_gradient_of_another_library_is_named():
     class Tensor:  # a TensorFlow tensor's shape and dtype, which JAX cannot read
         shape = (2,)

@@ -245,6 +245,41 @@ def test_a_schedule_that_is_not_one_is_named(schedule, culprit):
         kopt.adam(learning_rate=schedule).init(jnp.zeros(2))
 
 
+class _TensorFlowDType:  # TensorFlow's tf.float32, which NumPy cannot read
+    __module__ = "tensorflow.python.framework.dtypes"
+
+    def __repr__(self):
+        return "tf.float32"
+
+
+class _EagerTensor:
+    __module__ = "tensorflow.python.framework.ops"
+    shape = ()
+    dtype = _TensorFlowDType()
+
+
+class _TfKerasLike:
+    """Stands for a tf.keras schedule (the suite never imports TensorFlow): of the tf_keras
+    package, it turns a concrete step into a TensorFlow tensor and fails on a traced one."""
+
+    __module__ = "tf_keras.src.optimizers.schedules.learning_rate_schedule"
+
+    def __call__(self, step):
+        np.asarray(step)  # TracerArrayConversionError under jit
+        return _EagerTensor()
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "jit"])
+def test_a_tf_keras_schedule_given_to_a_functional_optimizer_is_named(compiled):
+    """``kopt.sgd(tf_keras_schedule).init(params)`` failed with NumPy's "Cannot interpret
+    'tf.float32' as a data type" (or, under jit, JAX's TracerArrayConversionError), naming
+    neither the hyperparameter nor the schedule's library, where the facade says both."""
+    init = kopt.sgd(learning_rate=_TfKerasLike(), momentum=0.9).init
+    with pytest.raises(TypeError, match=r"the schedule for `learning_rate`") as info:
+        (jax.jit(init) if compiled else init)(jnp.zeros(2))
+    assert "A tf.keras schedule computes with TensorFlow: use kopt.schedules'" in str(info.value)
+
+
 @pytest.mark.parametrize(
     "boundaries, values, error, culprit",
     [
@@ -315,3 +350,100 @@ def test_cosine_decay_restarts_meets_decimal_t_mul_period_bounds():
     expected = [numpy_cosine_restarts(float(s), 1.0, 1000, 1.1) for s in steps]
     np.testing.assert_allclose(fn(steps), expected, rtol=1e-4, atol=1e-5)
     assert float(fn(jnp.asarray([3310.0]))[0]) == pytest.approx(1.0)
+
+
+def test_piecewise_constant_decay_takes_an_array_of_steps():
+    """It compared the step with every boundary by broadcasting, which an array of steps does
+    not fit ("gt got incompatible shapes"); the other schedules (and optax's and Keras 3's
+    piecewise ones) give each step's value."""
+    fn = schedules.piecewise_constant_decay([10, 20], [1.0, 0.5, 0.1])
+    steps = np.arange(0, 30, 5)
+    expected = np.float32([1.0, 1.0, 1.0, 0.5, 0.5, 0.1])
+    np.testing.assert_array_equal(fn(jnp.asarray(steps)), expected)
+    np.testing.assert_array_equal(fn(steps.reshape(2, 3)), expected.reshape(2, 3))
+    np.testing.assert_array_equal(jax.jit(jax.vmap(fn))(jnp.asarray(steps)), expected)
+    np.testing.assert_array_equal(schedules.piecewise_constant_decay([], [0.5])(steps), [0.5] * 6)
+
+
+# tf_keras 2.21: its staircase floors the float32 quotient step / decay_steps (0.3 is
+# 0.30000001 in float32, 9 / 0.30000001 rounds to 29.999998, 27 / 0.30000001 to 90.0).
+@pytest.mark.parametrize(
+    "make, steps, expected",
+    [
+        (
+            lambda: schedules.inverse_time_decay(1.0, 0.3, 0.5, staircase=True),
+            [9.0, 15.0, 27.0],
+            [0.06451612710952759, 0.03921568766236305, 0.021739130839705467],
+        ),
+        (
+            lambda: schedules.inverse_time_decay(1.0, 0.001, 0.5, staircase=True),
+            [1.0],
+            [0.001998001942411065],
+        ),
+        (
+            lambda: schedules.exponential_decay(1.0, 1000 / 3, 0.5, staircase=True),
+            [20999.0, 21000.0, 21001.0, 42000.0],
+            [2.168404344971009e-19, 2.168404344971009e-19, 1.0842021724855044e-19, 2**-125],
+        ),
+        (
+            lambda: schedules.cosine_decay_restarts(1.0, 1000, t_mul=1.0),
+            [134644992.0],
+            [0.0006022751331329346],
+        ),
+        (
+            lambda: schedules.cosine_decay_restarts(1.0, 97, t_mul=1.0),
+            [59510952.0],
+            [1.0],
+        ),
+        (
+            lambda: schedules.cosine_decay_restarts(1.0, 3, t_mul=1.0),
+            [25171922.0],
+            [1.0],
+        ),
+    ],
+    ids=["0.3", "0.001", "1000/3", "restarts-1000", "restarts-97", "restarts-3"],
+)
+def test_the_quotient_is_floored_as_keras_floors_it(make, steps, expected):
+    """The floor was corrected by products ``q * d`` taken as exact, which they are not for a
+    decay_steps such as 0.3 or 1000 / 3 (nor past 2**24 steps): the staircase fell a step
+    early or late. Past 2**24 steps, cosine_decay_restarts with ``t_mul=1`` took the restart
+    from that floor but the fraction from the rounded quotient, which went negative there (the
+    top of the period, 1.0, near its end). Keras floors the float32 quotient itself."""
+    fn = make()
+    one_by_one = [float(fn(s)) for s in steps]
+    batched = jax.jit(jax.vmap(fn))(jnp.asarray(steps, jnp.float32))
+    np.testing.assert_allclose(one_by_one, expected, rtol=1e-6)
+    np.testing.assert_allclose(batched, expected, rtol=1e-6)
+
+
+def test_cosine_decay_restarts_takes_a_t_mul_that_float32_makes_1_for_1():
+    """``t_mul`` was compared with 1.0 as the Python value, then used as float32: one a hair
+    above 1 (1.0000000149, read back from a float32) took the growing periods' formula with
+    ``log(1.0) = 0`` and gave NaN at every step. Keras compares the float32 value."""
+    t_mul = float(np.float32(0.1)) * 10
+    # tf_keras 2.21's values (those of t_mul=1.0).
+    expected = [0.10000000149011612, 0.07938926666975021, 0.10000000149011612, 0.04999999701976776]
+    for m_mul in (1.0, t_mul):
+        fn = schedules.cosine_decay_restarts(0.1, 10, t_mul=t_mul, m_mul=m_mul)
+        steps = [0.0, 3.0, 10.0, 25.0]
+        np.testing.assert_allclose([float(fn(s)) for s in steps], expected, rtol=1e-6)
+        np.testing.assert_allclose(jax.vmap(fn)(jnp.asarray(steps)), expected, rtol=1e-6)
+    assert float(schedules.cosine_decay_restarts(0.1, 10, t_mul=1 + 1e-9)(0.0)) == pytest.approx(
+        0.1
+    )
+
+
+@pytest.mark.parametrize(
+    "t_mul, m_mul, steps, expected",
+    [
+        (2.0, 1.0, [-1.0, -5.0, -9.0], [0.009549147449433804, 0.1, 0.03454909473657608]),
+        (3.0, 0.5, [-1.0, -2.0], [0.04122148081660271, 0.13090172410011292]),
+    ],
+)
+def test_cosine_decay_restarts_at_a_negative_step_is_keras(t_mul, m_mul, steps, expected):
+    """The slack that lets a step just short of a period's computed first step count as in it
+    scaled the bound towards 0, which for a negative bound put it past the step: -5 with
+    ``t_mul=2`` gave 0.0 where tf.keras and Keras 3 give 0.1 (tf_keras 2.21's values)."""
+    fn = schedules.cosine_decay_restarts(0.1, 10, t_mul=t_mul, m_mul=m_mul)
+    np.testing.assert_allclose([float(fn(s)) for s in steps], expected, rtol=1e-5)
+    np.testing.assert_allclose(jax.vmap(fn)(jnp.asarray(steps)), expected, rtol=1e-4)

@@ -37,9 +37,11 @@ from kopt.optimizers import _state_codec as codec
 from kopt.optimizers import _traced_loss
 from kopt.optimizers._slot_groups import MAX_GROUPED_SIZE, PackedSlot, SlotGroup, group_slots
 from kopt.optimizers.schedules import LearningRateSchedule, _plain_number
+from kopt.optimizers.schedules import _Builtin as _BuiltinSchedule
 from kopt.optimizers.schedules import _config_value as schedule_config
 from kopt.optimizers.schedules import _is_serialized as is_serialized_schedule
 from kopt.optimizers.schedules import deserialize as deserialize_schedule
+from kopt.schedules import _computes_with_tensorflow as computes_with_tensorflow
 from kopt.sparse import IndexedSlices, is_indexed_slices
 from kopt.transforms import all_finite, clip_by_global_norm, clip_by_norm, clip_by_value
 from kopt.transforms._core import learning_rate_at
@@ -233,12 +235,16 @@ def _check_traceable(owner: str, name: str, schedule: Callable) -> None:
         jax.eval_shape(schedule, jax.ShapeDtypeStruct((), jnp.float32))
     except Exception as e:  # noqa: BLE001 - any failure is the schedule's, and is named
         message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        hint = (
+            ". A tf.keras schedule computes with TensorFlow: use kopt.optimizers.schedules' "
+            "class of that name, which takes the same arguments"
+            if computes_with_tensorflow(schedule)
+            else ""
+        )
         raise TypeError(
             f"{owner}: the schedule given as `{name}` ({type(schedule).__name__}) cannot run "
             "in the compiled step, which calls it with a traced step: "
-            f"{type(e).__name__}: {message:.200}. A tf.keras schedule computes with "
-            "TensorFlow: use kopt.optimizers.schedules' class of that name, which takes "
-            "the same arguments"
+            f"{type(e).__name__}: {message:.200}{hint}"
         ) from e
 
 
@@ -2881,27 +2887,58 @@ class _Same:
 
 
 _SCHEDULE_KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SCHEDULE_CONFIGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _schedule_key(schedule: Any) -> Any:
-    """A step-key part for a schedule. kopt's own schedule classes are keyed by their config:
-    two of equal config compute the same function, so a warm restart that builds a new, equal
-    schedule reuses the program. Any other schedule is keyed by the object itself."""
+    """A step-key part for a schedule, made at each step: the compiled step holds what the
+    schedule computes with, which tf.keras's schedules read from their attributes at each call.
+    kopt's own schedule classes are keyed by their config: two of equal config compute the same
+    function, so a warm restart that builds a new, equal schedule reuses the program. Any other
+    schedule is keyed by the object and by its config where it has one (a Keras 3 schedule, a
+    ``LearningRateSchedule`` of your own), so that setting an attribute its config shows
+    compiles the step once for the new value; one without a config (a function) by the object
+    alone, a constant of the step, as a tf.function traces it."""
+    if isinstance(schedule, _BuiltinSchedule):
+        schedule._follow_edits()  # a list of its config edited in place
+    version = getattr(schedule, "__dict__", {}).get("_version", 0)
     if type(schedule).__module__ != "kopt.optimizers.schedules":
-        # Another schedule is a constant of the step, as a tf.function traces it: by identity.
-        return _Same(schedule)
-    version = schedule.__dict__.get("_version", 0)
+        return (_Same(schedule), version, _schedule_config_key(schedule))
     cached = _SCHEDULE_KEYS.get(schedule)
     if cached is None or cached[0] != version:
-        try:
-            config = _plain_key(schedule.get_config())
-        except Exception:  # noqa: BLE001 - a config that cannot be read: by identity
-            config = _NOT_PLAIN
+        config = _schedule_config_key(schedule)
         # A config that is not plain (a JAX array in it): by identity and version, so that a
         # changed attribute still makes a new step.
         key = (_Same(schedule), version) if config is _NOT_PLAIN else (type(schedule), config)
         cached = _SCHEDULE_KEYS[schedule] = (version, key)
     return cached[1]
+
+
+def _schedule_config_key(schedule: Any) -> Any:
+    """``_plain_key`` of the schedule's config; ``_NOT_PLAIN`` for a config that is not plain,
+    or none (no ``get_config``, or one that raises: the base class's). Remembered with a copy
+    of the config (and of the lists and dicts in it, which may be edited in place) that a
+    later config is compared with at C speed, so that an unchanged one costs no new key."""
+    get_config = getattr(schedule, "get_config", None)
+    if not callable(get_config):
+        return _NOT_PLAIN
+    try:
+        config = get_config()
+        copied = {k: v.copy() if type(v) in (list, dict) else v for k, v in config.items()}
+    except Exception:  # noqa: BLE001 - a config that cannot be read: by identity
+        return _NOT_PLAIN
+    try:
+        cached = _SCHEDULE_CONFIGS.get(schedule)
+    except TypeError:  # a schedule that is not hashable or weakly referable: not remembered
+        return _plain_key(config)
+    try:
+        if cached is not None and cached[0] == copied:
+            return cached[1]
+    except Exception:  # noqa: BLE001 - values whose comparison is not a bool (arrays): anew
+        pass
+    key = _plain_key(config)
+    _SCHEDULE_CONFIGS[schedule] = (copied, key)
+    return key
 
 
 def _bucketed_rows(g: IndexedSlices, v: Any) -> IndexedSlices:

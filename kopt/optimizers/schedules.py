@@ -44,6 +44,15 @@ class LearningRateSchedule:
         return cls(**config)
 
 
+def _equal_lists(lists: dict[str, list], config: dict[str, Any]) -> bool:
+    """Whether the lists in ``config`` hold the items noted in ``lists`` (compared at C speed,
+    each item by identity first; items whose comparison is not a bool count as changed)."""
+    try:
+        return all(config[k] == items for k, items in lists.items())
+    except Exception:  # noqa: BLE001 - an array or traced value put in the list
+        return False
+
+
 class _Builtin(LearningRateSchedule):
     _KEYS: tuple[str, ...] = ()
     _FUNCTION: Any = None
@@ -60,23 +69,38 @@ class _Builtin(LearningRateSchedule):
                 raise TypeError(f"{type(self).__name__}: unexpected keyword argument {k!r}")
             values[k] = v
         self.name = values.pop("name", None)
-        self._config = values
-        self._schedule = type(self)._FUNCTION(**values)
+        self._build(values)
         for k, v in values.items():
             object.__setattr__(self, k, v)
+
+    def _build(self, config: dict[str, Any]) -> None:
+        """Makes the function of ``config`` (checking it first), and notes the items of the
+        lists in it (``PiecewiseConstantDecay``'s ``boundaries`` and ``values``), which may
+        be edited in place."""
+        schedule = type(self)._FUNCTION(**config)
+        lists = {k: list(v) for k, v in config.items() if isinstance(v, list)}
+        self.__dict__.update(_config=config, _schedule=schedule, _lists=lists)
 
     def __setattr__(self, name: str, value: Any) -> None:
         config = self.__dict__.get("_config")
         if config is not None and name in config:
             # As tf.keras's schedules read their attributes at each call: the function (and
             # a compiled step keyed by the config) follows the new value.
-            new = {**config, name: value}
-            schedule = type(self)._FUNCTION(**new)  # checks it first
-            self.__dict__.update(_config=new, _schedule=schedule)
+            self._build({**config, name: value})
             self.__dict__["_version"] = self.__dict__.get("_version", 0) + 1
         object.__setattr__(self, name, value)
 
+    def _follow_edits(self) -> None:
+        """Rebuilds the function after a list in the config was edited in place
+        (``schedule.values[1] = 0.05``), as tf.keras's schedules read their lists at each
+        call, and get_config shows the edit; counted as a change, as setting an attribute is."""
+        lists = self.__dict__.get("_lists")
+        if lists and not _equal_lists(lists, self._config):
+            self._build(self._config)
+            self.__dict__["_version"] = self.__dict__.get("_version", 0) + 1
+
     def __call__(self, step: Any) -> Any:
+        self._follow_edits()
         return self._schedule(step)
 
     def get_config(self) -> dict[str, Any]:
@@ -84,11 +108,11 @@ class _Builtin(LearningRateSchedule):
 
     # Pickled by its arguments: the schedule function is a closure, rebuilt on load.
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "_schedule"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_schedule", "_lists")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._schedule = type(self)._FUNCTION(**self._config)
+        self._build(self._config)
 
 
 class ExponentialDecay(_Builtin):
@@ -330,7 +354,10 @@ def deserialize(config: dict[str, Any], custom_objects: dict[str, Any] | None = 
     ``custom_objects``).
 
     Raises:
-        ValueError: for an unknown class name or a malformed config.
+        ValueError: if ``config`` is not a dict with a ``class_name``, or names an unknown
+            class.
+        TypeError: if the class does not take the arguments ``config["config"]`` holds
+            (one missing, or one it does not know), as in Keras.
     """
     if not isinstance(config, dict) or "class_name" not in config:
         raise ValueError(
