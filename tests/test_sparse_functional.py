@@ -185,6 +185,45 @@ def test_which_sparse_rules_give_the_dense_rules_numbers(name):
     assert same == (name in SAME_AS_DENSE), np.abs(np.asarray(sparse - dense)).max()
 
 
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: kopt.sgd(0.1, momentum=0.9),
+        lambda: kopt.rmsprop(0.1, momentum=0.9),
+        lambda: kopt.adamax(0.1),
+        lambda: kopt.adadelta(1.0),
+    ],
+    ids=["sgd_momentum", "rmsprop_momentum", "adamax", "adadelta"],
+)
+def test_padding_rows_go_at_the_index_past_the_table_not_at_a_real_one(build):
+    """docs/performance.md advised padding a sparse gradient with zero rows "at any index, or
+    at var.shape[0]". A zero row at index 0 names row 0, which these rules then step (its
+    momentum moves it, Adamax's and Adadelta's slots decay); at var.shape[0] it is skipped."""
+    tx = build()
+    table = jnp.asarray(TABLE[:4])
+    first = kopt.IndexedSlices(jnp.asarray(VALUES[:1]), jnp.array([0]), (4, 3))
+    updates, state = tx.update(first, tx.init(table), table)  # row 0 gets a history
+    table = kopt.apply_updates(table, updates)
+
+    def step(padding_index):
+        values, indices = jnp.asarray(VALUES[1:2]), jnp.array([1])
+        if padding_index is not None:
+            values = jnp.concatenate([values, jnp.zeros((1, 3))])
+            indices = jnp.array([1, padding_index])
+        updates, new_state = tx.update(kopt.IndexedSlices(values, indices, (4, 3)), state, table)
+        return kopt.apply_updates(table, updates), slots_of(new_state)
+
+    unpadded, unpadded_slots = step(None)
+    past_the_end, past_the_end_slots = step(4)
+    np.testing.assert_array_equal(past_the_end, unpadded)
+    for name, value in unpadded_slots.items():
+        np.testing.assert_array_equal(past_the_end_slots[name], value, err_msg=name)
+    at_row_0, at_row_0_slots = step(0)
+    assert not np.array_equal(at_row_0, unpadded) or any(
+        not np.array_equal(at_row_0_slots[name], value) for name, value in unpadded_slots.items()
+    )
+
+
 def test_adagrad_sums_duplicates_before_squaring():
     # tf.keras: Adagrad with indices [0, 0] and values [1, 1] gives accumulator[0] = (1 + 1)**2.
     tx = kopt.adagrad(1.0, initial_accumulator_value=0.0, epsilon=0.0)
