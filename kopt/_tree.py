@@ -186,7 +186,9 @@ def check_rows_fit(subject: str, g: IndexedSlices, ref_shape: tuple[int, ...], o
         )
     if not jnp.issubdtype(g.indices.dtype, jnp.integer):
         raise TypeError(
-            f"{owner}: {subject} has indices of dtype {g.indices.dtype}, expected integers"
+            f"{owner}: {subject} has indices of dtype {g.indices.dtype}, expected integers "
+            "(an optax piece chained before it by optax.chain takes the indices for gradient "
+            "values and changes them: chain it with kopt.chain, which gives it dense gradients)"
         )
     indices_shape = tuple(g.indices.shape)
     if len(indices_shape) != 1 or indices_shape != values_shape[:1]:
