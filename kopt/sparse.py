@@ -24,12 +24,12 @@ class IndexedSlices:
     tree in place of a dense array for kopt's transformations.
 
     An optax transformation (or another library's) knows no IndexedSlices: it sees the
-    integer ``indices`` as one more gradient leaf and changes them as it changes gradients
-    (``optax.clip(3.0)`` turns the row 5 into row 3, ``optax.scale(2.0)`` sends it past the
-    table, where it is dropped), with no error. Chain optax pieces with :func:`kopt.chain`,
-    which hands them the dense gradient, not with ``optax.chain``, or give them
-    ``to_dense()``. Indices that such a piece turns into floats (``optax.scale(0.5)``) are
-    refused by the kopt piece after it, naming the gradient.
+    integer ``indices`` as one more gradient leaf and changes them as it changes gradients.
+    ``optax.clip(3)`` turns the row 5 into row 3 and ``optax.scale(2)`` sends it past the
+    table, where it is dropped, with no error; indices made floats (``optax.scale(0.5)``) are
+    refused by the kopt piece after it, or by ``table + slices``, naming them. Chain optax
+    pieces with :func:`kopt.chain`, which hands them the dense gradient, not with
+    ``optax.chain``, or give them ``to_dense()``.
 
     ``table + slices`` adds the rows to a dense ``table`` (duplicates summed, a row outside
     the table dropped), in the dtype ``table + slices.to_dense()`` has, so
