@@ -156,31 +156,47 @@ def check_leaf(
     part."""
     _check_gradient_dtype(path, g.values if isinstance(g, IndexedSlices) else g, owner, ref_dtype)
     if isinstance(g, IndexedSlices):
-        values_shape = tuple(g.values.shape)
-        if len(ref_shape) == 0:
-            raise ValueError(
-                f"{owner}: sparse gradient {path} is for a scalar param, which has no rows; "
-                "give it a dense gradient"
-            )
-        if values_shape[1:] != tuple(ref_shape[1:]):
-            raise ValueError(
-                f"{owner}: sparse gradient {path} has rows of shape {values_shape[1:]}, "
-                f"expected rows of a table of shape {tuple(ref_shape)}"
-            )
-        if g.dense_shape is not None and tuple(g.dense_shape) != tuple(ref_shape):
-            raise ValueError(
-                f"{owner}: sparse gradient {path} has dense_shape {g.dense_shape}, expected "
-                f"{tuple(ref_shape)}"
-            )
-        if not jnp.issubdtype(g.indices.dtype, jnp.integer):
-            raise TypeError(
-                f"{owner}: sparse gradient {path} has indices of dtype {g.indices.dtype}, "
-                "expected integers"
-            )
+        check_rows_fit(f"sparse gradient {path}", g, ref_shape, owner)
         return
     if tuple(g.shape) != tuple(ref_shape):
         raise ValueError(
             f"{owner}: gradient {path} has shape {tuple(g.shape)}, expected {tuple(ref_shape)}"
+        )
+
+
+def check_rows_fit(subject: str, g: IndexedSlices, ref_shape: tuple[int, ...], owner: str) -> None:
+    """Raises ValueError/TypeError, naming ``subject`` (``"sparse gradient ['emb']"``), for an
+    :class:`IndexedSlices` that does not fit a table of shape ``ref_shape``: a scalar table,
+    rows of another shape, another ``dense_shape``, indices that are not integers, or indices
+    that are not one per row of values (1-D, as long as the values: tf.keras refuses indices
+    of shape ``[n, 1]`` too). JAX would broadcast them or fail naming nothing."""
+    values_shape = tuple(g.values.shape)
+    if len(ref_shape) == 0:
+        raise ValueError(
+            f"{owner}: {subject} is for a scalar param, which has no rows; give it a dense gradient"
+        )
+    if values_shape[1:] != tuple(ref_shape[1:]):
+        raise ValueError(
+            f"{owner}: {subject} has rows of shape {values_shape[1:]}, expected rows of a "
+            f"table of shape {tuple(ref_shape)}"
+        )
+    if g.dense_shape is not None and tuple(g.dense_shape) != tuple(ref_shape):
+        raise ValueError(
+            f"{owner}: {subject} has dense_shape {g.dense_shape}, expected {tuple(ref_shape)}"
+        )
+    if not jnp.issubdtype(g.indices.dtype, jnp.integer):
+        raise TypeError(
+            f"{owner}: {subject} has indices of dtype {g.indices.dtype}, expected integers "
+            "(an optax piece chained before it by optax.chain takes the indices for gradient "
+            "values and changes them: chain it with kopt.chain, which gives it dense gradients)"
+        )
+    indices_shape = tuple(g.indices.shape)
+    if len(indices_shape) != 1 or indices_shape != values_shape[:1]:
+        rows = ", ".join(["n", *(str(d) for d in ref_shape[1:])])
+        raise ValueError(
+            f"{owner}: {subject} (shape {tuple(ref_shape)}) has values of shape "
+            f"{values_shape} and indices of shape {indices_shape}, expected values of shape "
+            f"({rows}{',' if len(ref_shape) == 1 else ''}) and indices of shape (n,)"
         )
 
 

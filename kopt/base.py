@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kopt._tree import check_same_structure, uncommitted_on_params_devices
+from kopt._tree import check_rows_fit, check_same_structure, uncommitted_on_params_devices
 from kopt.schedules import _computes_with_tensorflow as computes_with_tensorflow
 
 PyTree = Any
@@ -271,17 +271,17 @@ def _dense_gradients_for(update: Callable[..., Any]) -> Callable[..., Any]:
 def _densified(updates: Updates, params: Params | None) -> Updates:
     from kopt.sparse import IndexedSlices  # here: kopt.sparse is imported by the package
 
-    leaves, treedef = jax.tree.flatten(
+    flat, treedef = jax.tree_util.tree_flatten_with_path(
         updates, is_leaf=lambda x: x is None or isinstance(x, IndexedSlices)
     )
-    if not any(isinstance(g, IndexedSlices) for g in leaves):
+    if not any(isinstance(g, IndexedSlices) for _, g in flat):
         return updates
     try:
         param_leaves = treedef.flatten_up_to(params) if params is not None else None
     except (TypeError, ValueError):
         param_leaves = None
     out = []
-    for i, g in enumerate(leaves):
+    for i, (path, g) in enumerate(flat):
         if isinstance(g, IndexedSlices):
             shape = g.dense_shape
             if shape is None and param_leaves is not None and param_leaves[i] is not None:
@@ -292,6 +292,8 @@ def _densified(updates: Updates, params: Params | None) -> Updates:
                     "(an optax piece, say), which takes dense gradients only: give the "
                     "IndexedSlices its dense_shape, or pass params to update"
                 )
+            subject = f"sparse gradient {jax.tree_util.keystr(path) or '<root>'}"
+            check_rows_fit(subject, g, tuple(shape), "IndexedSlices.to_dense")
             g = g.to_dense(tuple(shape))
         out.append(g)
     return treedef.unflatten(out)

@@ -21,7 +21,19 @@ class IndexedSlices:
     values are ignored by every update (a compiled step cannot raise, as tf.keras's kernels
     do; negative indices do not count from the end). It is a pytree (``values`` and
     ``indices`` are its leaves), so it passes through ``jax.jit`` and can stand in a gradient
-    tree in place of a dense array.
+    tree in place of a dense array for kopt's transformations.
+
+    An optax transformation (or another library's) knows no IndexedSlices: it sees the
+    integer ``indices`` as one more gradient leaf and changes them as it changes gradients.
+    ``optax.clip(3)`` turns the row 5 into row 3 and ``optax.scale(2)`` sends it past the
+    table, where it is dropped, with no error; indices made floats (``optax.scale(0.5)``) are
+    refused by the kopt piece after it, or by ``table + slices``, naming them. Chain optax
+    pieces with :func:`kopt.chain`, which hands them the dense gradient, not with
+    ``optax.chain``, or give them ``to_dense()``.
+
+    ``table + slices`` adds the rows to a dense ``table`` (duplicates summed, a row outside
+    the table dropped), in the dtype ``table + slices.to_dense()`` has, so
+    ``optax.apply_updates`` and flax's ``TrainState.apply_gradients`` take a sparse update.
 
     Args:
         values: array of shape ``[n, *dense_shape[1:]]``.
@@ -58,6 +70,20 @@ class IndexedSlices:
     def dtype(self):
         return self.values.dtype
 
+    # NumPy hands ``array + slices`` to __radd__ rather than making an array of objects.
+    __array_ufunc__ = None
+
+    def __radd__(self, other: Any) -> Any:
+        """``table + slices``: ``table`` with the rows added (duplicates summed, a row outside
+        the table dropped), as :func:`kopt.apply_updates` adds them, so that
+        ``optax.apply_updates`` and flax's ``TrainState.apply_gradients`` take a sparse update.
+        The result has the dtype of ``table + slices.to_dense()``."""
+        if not (hasattr(other, "shape") and hasattr(other, "dtype")):
+            return NotImplemented  # a Python number, another IndexedSlices: no table
+        return _plus_table(self, other)
+
+    __add__ = __radd__
+
     def __repr__(self) -> str:
         return (
             f"IndexedSlices(values={self.values!r}, indices={self.indices!r}, "
@@ -71,6 +97,21 @@ class IndexedSlices:
             raise ValueError("IndexedSlices.to_dense: dense_shape is unknown; pass `shape`")
         zeros = jnp.zeros(shape, self.values.dtype, out_sharding=_whole_rows_sharding(self.values))
         return scatter_add_rows(zeros, in_range(self.indices, shape[0]), self.values)
+
+
+def _plus_table(u: IndexedSlices, table: Any) -> jax.Array:
+    from kopt._tree import check_rows_fit  # here: kopt._tree imports this module
+
+    table = jnp.asarray(table)
+    check_rows_fit("sparse update", u, tuple(table.shape), "IndexedSlices + array")
+    wide = jnp.result_type(table, u.values)
+    if wide == table.dtype:
+        indices = in_range(u.indices, table.shape[0])
+        return scatter_add_rows(table, indices, u.values.astype(wide))
+    # Rows wider than the table (float32 updates of a float16 one): the sum is taken in the
+    # wider dtype, duplicates first, as the dense sum is (optax then rounds it to the param's).
+    d = deduplicate(u, table.shape[0])
+    return scatter_add_rows(table.astype(wide), d.indices, d.values.astype(wide))
 
 
 def map_values(fn: Any, g: Any) -> Any:

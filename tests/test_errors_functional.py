@@ -6,6 +6,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from optimizer_zoo import OPTIMIZERS
 
@@ -352,6 +353,44 @@ def test_bad_sparse_gradients_are_named():
     scalar = {"s": jnp.ones(())}
     with pytest.raises(ValueError, match=r"\['s'\] is for a scalar param, which has no rows"):
         tx.update({"s": kopt.IndexedSlices(jnp.ones(1), jnp.array([0]))}, tx.init(scalar), scalar)
+
+
+@pytest.mark.parametrize(
+    "table, values, indices",
+    [
+        ((6, 3), (3, 3), [0, 1]),
+        ((6, 3), (2, 3), [0, 1, 2]),
+        ((6, 3), (2, 3), [[0], [1]]),
+        ((6,), (), [0]),
+    ],
+    ids=["more-values", "more-indices", "2d-indices", "values-without-rows"],
+)
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize(
+    "build, owner",
+    [
+        *((OPTIMIZERS[name], f"scale_by_{name}") for name in OPTIMIZERS if name != "adamw"),
+        (lambda lr: kopt.chain(optax.clip(3.0), kopt.sgd(lr)), "IndexedSlices.to_dense"),
+    ],
+    ids=[*(name for name in OPTIMIZERS if name != "adamw"), "optax-in-kopt-chain"],
+)
+def test_sparse_values_and_indices_that_disagree_are_named(
+    build, owner, jit, table, values, indices
+):
+    """Values and indices of different lengths gave a bare JAX broadcast error naming nothing,
+    and indices of shape [n, 1] (which tf.keras refuses) were taken by some optimizers."""
+    params = {"emb": jnp.zeros(table), "w": jnp.zeros(3)}
+    tx = build(0.1)
+    state = tx.init(params)
+    before = jax.tree.map(jnp.copy, state)
+    bad = kopt.IndexedSlices(jnp.ones(values), jnp.array(indices), table)
+    update = jax.jit(tx.update) if jit else tx.update
+    with pytest.raises(ValueError, match=re.escape(f"{owner}: sparse gradient ['emb']")) as info:
+        update({"emb": bad, "w": jnp.ones(3)}, state, params)
+    message = str(info.value)
+    assert f"values of shape {values}" in message
+    assert f"indices of shape {np.shape(indices)}" in message
+    chex.assert_trees_all_equal(state, before)
 
 
 def test_schedule_arguments_are_checked():

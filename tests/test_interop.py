@@ -1,5 +1,7 @@
 """kopt inside optax, flax and equinox code, and optax inside kopt."""
 
+import re
+
 import chex
 import equinox as eqx
 import flax.linen as nn
@@ -604,3 +606,86 @@ def test_inject_hyperparams_around_a_kopt_optimizer_keeps_the_sparse_rule():
         results.append(np.asarray(params))
     np.testing.assert_allclose(results[1], results[0], rtol=1e-6)
     np.testing.assert_allclose(results[0][1], [0.9], rtol=1e-6)  # row 1's momentum kept
+
+
+def _sparse_params_and_grads():
+    params = {"emb": jnp.ones((6, 2)), "w": jnp.ones(2)}
+    rows = jnp.asarray([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]])
+    # Row 1 twice (summed) and row 6, outside the table (dropped).
+    grads = {"emb": kopt.IndexedSlices(rows, jnp.array([1, 4, 1, 6]), (6, 2)), "w": jnp.ones(2)}
+    return params, grads
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_optax_apply_updates_and_flax_train_state_take_sparse_updates(jit):
+    """optax.apply_updates (which flax's TrainState.apply_gradients calls) adds each update to
+    its param with `+`, which failed for an IndexedSlices update: "unsupported operand
+    type(s) for +: 'ArrayImpl' and 'IndexedSlices'". The rows are now scatter-added."""
+    params, grads = _sparse_params_and_grads()
+    tx = kopt.adagrad(0.1)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    assert isinstance(updates["emb"], kopt.IndexedSlices)
+    want = kopt.apply_updates(params, updates)
+    assert np.flatnonzero(np.any(want["emb"] != 1, axis=1)).tolist() == [1, 4]
+    apply = jax.jit(optax.apply_updates) if jit else optax.apply_updates
+    chex.assert_trees_all_equal(apply(params, updates), want)
+    state = train_state.TrainState.create(apply_fn=None, params=params, tx=kopt.adagrad(0.1))
+    step = jax.jit(state.apply_gradients) if jit else state.apply_gradients
+    chex.assert_trees_all_equal(step(grads=grads).params, want)
+
+
+@pytest.mark.parametrize(
+    "table_dtype, rows_dtype",
+    [
+        (jnp.float32, jnp.float32),
+        (jnp.float16, jnp.float32),
+        (jnp.bfloat16, jnp.float32),
+        (jnp.float32, jnp.bfloat16),
+    ],
+)
+@pytest.mark.parametrize("numpy_table", [False, True], ids=["jax", "numpy"])
+def test_a_sparse_update_adds_to_a_table_in_the_dtype_of_the_dense_sum(
+    table_dtype, rows_dtype, numpy_table
+):
+    rng = np.random.default_rng(0)
+    table = jnp.asarray(rng.normal(size=(6, 3)), table_dtype)
+    if numpy_table:
+        table = np.asarray(table)
+    rows = jnp.asarray(rng.normal(size=(4, 3)) * 1e-2, rows_dtype)
+    update = kopt.IndexedSlices(rows, jnp.array([1, 4, 1, 6]), (6, 3))
+    dense_sum = table + update.to_dense()
+    # The dense sum adds row 1's two rows in their own dtype first (bfloat16 rounds it).
+    atol = 1e-6 + 0.02 * float(jnp.finfo(rows_dtype).eps)
+    for total in (table + update, update + table):
+        assert total.dtype == dense_sum.dtype
+        np.testing.assert_allclose(np.asarray(total, np.float32), dense_sum, rtol=0, atol=atol)
+    applied = optax.apply_updates(table, update)
+    assert applied.dtype == table.dtype
+    np.testing.assert_array_equal(applied, kopt.apply_updates(table, update))
+
+
+@pytest.mark.parametrize(
+    "other, error, culprit",
+    [
+        (jnp.zeros((6, 4)), ValueError, "sparse update has rows of shape (2,)"),
+        (jnp.zeros(()), ValueError, "sparse update is for a scalar param"),
+        (jnp.zeros((5, 2)), ValueError, "sparse update has dense_shape (6, 2), expected (5, 2)"),
+        (1.0, TypeError, "unsupported operand"),
+    ],
+    ids=["other-rows", "scalar", "other-table", "python-float"],
+)
+def test_adding_a_sparse_update_to_what_it_does_not_fit_is_refused(other, error, culprit):
+    _, grads = _sparse_params_and_grads()
+    before = jax.tree.map(jnp.copy, (other, grads["emb"]))
+    with pytest.raises(error, match=re.escape(culprit)):
+        other + grads["emb"]
+    chex.assert_trees_all_equal((other, grads["emb"]), before)
+
+
+def test_an_optax_piece_outside_kopt_chain_that_makes_the_indices_floats_is_named():
+    """optax.chain hands an IndexedSlices to its optax pieces, which take the indices for
+    gradient values; where they come out as floats, the kopt piece after says why."""
+    params, grads = _sparse_params_and_grads()
+    tx = optax.chain(optax.scale(0.5), kopt.sgd(0.1))
+    with pytest.raises(TypeError, match=r"\['emb'\] has indices of dtype float32.*kopt\.chain"):
+        tx.update(grads, tx.init(params), params)
