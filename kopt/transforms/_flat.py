@@ -400,9 +400,10 @@ def flatten(
 
     Only for transformations that treat every element alike: every kopt optimizer except
     :func:`kopt.lamb` and :func:`kopt.adafactor` (and building blocks such as
-    :func:`kopt.clip_by_norm`, :func:`kopt.masked`, :func:`kopt.multi_transform`, whose result
-    depends on the leaves' shapes or tree; they raise a ``ValueError`` here when a param is
-    packed). Sparse gradients of packed leaves are rejected.
+    :func:`kopt.clip_by_norm`, :func:`kopt.masked`, :func:`kopt.multi_transform` and the
+    ``mask`` of :func:`kopt.decoupled_weight_decay`, whose result depends on the leaves' shapes
+    or tree; they raise a ``ValueError`` here when a param is packed). Sparse gradients of
+    packed leaves are rejected.
     :func:`kopt.get_slot` still returns slots shaped like the params, and hyperparameters are
     read and set as usual. The updates equal the unflattened transformation's (up to rounding).
     Every param needs a gradient: a None gradient, which the unflattened transformation takes
