@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -23,6 +24,11 @@ class Packed:
     gradient of a loss taken with respect to a ``Packed`` is a ``Packed`` of the same layout,
     an optimizer's slots are ``Packed`` too, and :meth:`unpack` gives any of them back shaped
     like the original tree.
+
+    Where flax is installed, ``flax.serialization`` saves a ``Packed`` (or a state holding
+    one) as the tree it was packed from, and restores into a ``Packed`` target by packing the
+    saved tree in the target's layout: a checkpoint of packed params restores into params
+    packed with another ``max_leaf_size``, or not packed, and back.
 
     Attributes:
         buffers: ``{key: array}``: ``"packed <dtype>"`` for each packed buffer, the leaf's path
@@ -60,6 +66,27 @@ class Packed:
             for key, b in self.buffers.items()
         )
         return f"Packed({len(self.layout.shapes)} leaves in {{{parts}}})"
+
+
+@functools.cache
+def _register_with_flax() -> None:
+    """Lets ``flax.serialization`` save and restore a :class:`Packed` (as its unpacked tree),
+    where flax is installed; kopt does not depend on flax, so it is imported only here."""
+    try:
+        from flax import serialization
+    except ImportError:
+        return
+    if serialization.is_serializable(Packed):
+        return
+
+    def to_state_dict(packed: Packed) -> Any:
+        return serialization.to_state_dict(packed.unpack())
+
+    def from_state_dict(target: Packed, state: Any) -> Packed:
+        tree = serialization.from_state_dict(target.unpack(), state)
+        return Packed(target.layout.pack(tree, "pack", "param"), target.layout)
+
+    serialization.register_serialization_state(Packed, to_state_dict, from_state_dict)
 
 
 # Packing every leaf pays on a GPU (benchmarks/RESULTS.md, the training-step block: an MLP's
@@ -165,4 +192,5 @@ def pack(params: PyTree, max_leaf_size: int | str | None = "auto") -> Packed:
     elif count is not None:
         max_leaf_size = count
     layout = make_layout(params, max_leaf_size)
+    _register_with_flax()
     return Packed(layout.pack(params, owner, "param"), layout)

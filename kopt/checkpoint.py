@@ -7,14 +7,15 @@
 
 :func:`save_optimizer` / :func:`restore_optimizer` store a facade optimizer: its config (as
 :func:`kopt.optimizers.serialize` gives it, in ``config.json``), its step count, its slots keyed by
-variable name and slot name, its other weights keyed by their names, the variables' values
-keyed by variable name, and the choices made at construction that the config does not show
-(whether SGD's or RMSprop's momentum is on, which assigning ``momentum`` later does not change).
-Restoring builds the optimizer from the config and those choices, creates its weights for
-the given variables and sets them, so a run continues exactly where it stopped, in another
-process too. Sharded arrays are saved shard by shard and restored with the shardings of the
-target (the given state, or the variables' values); a leaf of the target that is not committed to
-a device comes back uncommitted. An optimizer's own ``gradient_aggregator`` and
+variable name and slot name, its other weights keyed by their names, the order of its weights,
+the variables' values keyed by variable name, and the choices made at construction that the
+config does not show (whether SGD's or RMSprop's momentum is on, which assigning ``momentum``
+later does not change). Restoring builds the optimizer from the config and those choices,
+creates its weights for the given variables, lists them in the saved order, and sets them, so
+a run continues exactly where it stopped, in another process too. Sharded arrays are saved
+shard by shard and restored with the shardings of the target (the given state, or the
+variables' values); a leaf of the target that is not committed to a device comes back
+uncommitted. An optimizer's own ``gradient_aggregator`` and
 ``gradient_transformers`` are functions, which a checkpoint cannot store: ``save_optimizer``
 records that they were set, and ``restore_optimizer`` refuses to go on without them. Variables
 that are not the optimizer's weights (one a custom optimizer keeps in a plain attribute, one a
@@ -387,6 +388,25 @@ def _optimizer_weights(optimizer: Any, variables: dict[str, Any], layout: dict[s
     return [optimizer.iterations, *slots, *other, *_added_weights(optimizer), *nested]
 
 
+def _weight_order(optimizer: Any, saved: list[Any]) -> list[str]:
+    """The names of the ``saved`` weights that ``optimizer.weights`` lists, in its order: the
+    order they were made in (the slots of the variables stepped first come first), which the
+    restored optimizer, making them all at once for the saved variables, does not have."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    ids = {id(w) for w in saved}
+    return [w.name for w in inner.weights if id(w) in ids]
+
+
+def _put_in_order(optimizer: Any, order: list[str]) -> None:
+    """Lists the restored optimizer's weights in the saved one's ``order``, so that their
+    ``get_weights`` and ``set_weights`` line up (each slot at its own variable's place)."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    weights = inner._weights
+    position = {name: i for i, name in enumerate(order)}
+    if len(position) == len(order) and len({w.name for w in weights}) == len(weights):
+        weights.sort(key=lambda w: position.get(w.name, len(order)))
+
+
 def save_optimizer(
     path: str | Path, optimizer: Any, variables: Iterable[Any], *, overwrite: bool = False
 ) -> None:
@@ -445,15 +465,17 @@ def save_optimizer(
     with optimizer._lock:
         optimizer._create_all_weights(list(named.values()))  # as the restored one will have
         layout = _optimizer_layout(optimizer, named)
+        weights = _optimizer_weights(optimizer, named, layout)
+        order = _weight_order(optimizer, weights)
         tree = {
-            "optimizer": [w.value for w in _optimizer_weights(optimizer, named, layout)],
+            "optimizer": [w.value for w in weights],
             "variables": [var.value for var in named.values()],
         }
     _save_tree(path / STATE_DIR, tree, overwrite)
     # Every process writes the same file: each writes its own copy and renames it into place,
     # so a process that restores at once never reads another's half-written file.
     partial = path / f".{CONFIG_FILE}.{jax.process_index()}.{os.getpid()}"
-    partial.write_text(json.dumps({**config, "layout": layout}, indent=1))
+    partial.write_text(json.dumps({**config, "layout": layout, "order": order}, indent=1))
     os.replace(partial, path / CONFIG_FILE)
 
 
@@ -493,8 +515,9 @@ def restore_optimizer(
 
     The optimizer is created from the saved config, its weights are built for ``variables``
     (matched to the saved ones by variable name) and set to the saved values, each keeping the
-    sharding of its variable. With ``restore_variables`` (the default) the variables are set to
-    their saved values too.
+    sharding of its variable; ``weights`` lists them in the saved optimizer's order, so the
+    two optimizers' ``get_weights`` and ``set_weights`` line up. With ``restore_variables``
+    (the default) the variables are set to their saved values too.
 
     Args:
         path: the checkpoint directory.
@@ -586,6 +609,8 @@ def restore_optimizer(
             "restore_optimizer: the rebuilt optimizer's weights do not match the checkpoint's: "
             f"saved {config['layout']}, rebuilt {layout}"
         )
+    if "order" in config:  # written by kopt since it kept the order (older ones keep theirs)
+        _put_in_order(optimizer, config["order"])
     weights = _optimizer_weights(optimizer, named, layout)
     like = {
         "optimizer": [w.value for w in weights],

@@ -646,3 +646,41 @@ def test_a_checkpoint_of_some_of_the_trained_variables_restores_for_those(tmp_pa
     np.testing.assert_array_equal(other.numpy(), w.numpy())
     with pytest.raises(ValueError, match=r"checkpoint has variables \['w:0'\]"):
         restore_optimizer(tmp_path / "c", [kopt.Variable([0.0, 0.0], name="w"), b])
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: optimizers.Adam(0.1), lambda: optimizers.SGD(0.1, momentum=0.9)],
+    ids=["Adam", "SGD"],
+)
+def test_a_restored_optimizer_lists_its_weights_in_the_saved_order(tmp_path, make):
+    """Restoring made every slot in one go over the variables as given to save_optimizer, not
+    in the order the saved optimizer had made them: the two optimizers' get_weights did not line
+    up, and set_weights across them put one variable's slot on another of the same shape."""
+    shapes = {"a": (3,), "b": (2,), "c": (2,)}
+    variables = {n: kopt.Variable(np.ones(s, np.float32), name=n) for n, s in shapes.items()}
+    opt = make()
+    opt.apply_gradients([(jnp.ones(2), variables["b"])])  # b's slots first
+    opt.apply_gradients(
+        [(jnp.full(s, float(i + 1)), variables[n]) for i, (n, s) in enumerate(shapes.items())]
+    )
+    save_optimizer(tmp_path / "c", opt, list(variables.values()))
+    # An older checkpoint, without the order: restored as before, its slots in place.
+    config = json.loads((tmp_path / "c" / "config.json").read_text())
+    (tmp_path / "old").mkdir()
+    os.symlink(tmp_path / "c" / "state", tmp_path / "old" / "state")
+    config.pop("order", None)
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    for path in ("c", "old"):
+        fresh = {n: kopt.Variable(np.zeros(s, np.float32), name=n) for n, s in shapes.items()}
+        restored = restore_optimizer(tmp_path / path, list(fresh.values()))
+        if path == "c":
+            assert [w.name for w in restored.weights] == [w.name for w in opt.weights]
+            restored.set_weights(opt.get_weights())
+        for slot in opt.get_slot_names():
+            for n in shapes:
+                np.testing.assert_array_equal(
+                    restored.get_slot(fresh[n], slot).numpy(),
+                    opt.get_slot(variables[n], slot).numpy(),
+                    err_msg=f"{path}: {slot} of {n}",
+                )

@@ -217,7 +217,7 @@ def test_as_transformation_refuses_the_gradient_hooks_it_cannot_carry(kwargs, na
         optax.adam(0.1),
         kopt.chain(kopt.clip_by_global_norm(1.0), kopt.adam(0.1)),
         optax.chain(optax.clip(1.0), optax.sgd(0.1, momentum=0.9)),
-        kopt.flatten(kopt.adam(0.1)),  # slots in packed buffers, not per variable
+        kopt.flatten(kopt.adam(0.1)),  # slots packed for the step, kept per variable
     ],
     ids=["optax", "kopt-chain", "optax-chain", "kopt-flatten"],
 )
@@ -329,6 +329,46 @@ def test_from_transformation_with_a_slot_name_in_several_pieces(make):
         params = kopt.apply_updates(params, updates)
         for v, p in zip(variables, params, strict=True):
             np.testing.assert_allclose(v.numpy(), p, rtol=1e-6, err_msg=f"{v.name} step {i}")
+    assert opt.compile_count == 1
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: kopt.flatten(kopt.rmsprop(0.1, momentum=0.9, centered=True)),
+        lambda: kopt.chain(kopt.clip_by_global_norm(1.0), kopt.flatten(kopt.adam(0.1))),
+        lambda: kopt.flatten(kopt.adam(0.1), max_leaf_size=4),  # a loose variable beside
+    ],
+    ids=["flatten", "chain", "one-loose"],
+)
+def test_from_transformation_of_flatten_keeps_a_slot_per_variable(make):
+    """Behind the facade a flatten state's packed buffers were state of no variable (weights
+    state_0, state_1...): get_slot_names() was [] and get_slot raised KeyError, though
+    kopt.get_slot reads the slots off the state. They are now each variable's slots, named and
+    ordered as the unflattened transformation's, and train as the transformation itself."""
+    tx = make()
+    init = [np.full((2, 3), 1.0, np.float32), np.full(4, -2.0, np.float32)]
+    params = [jnp.asarray(x) for x in init]
+    state = tx.init(params)
+    variables = [kopt.Variable(x, name=n) for x, n in zip(init, "ab", strict=True)]
+    opt = optimizers.from_transformation(make())
+    for i in range(3):
+        grads = [jnp.full_like(x, 0.5 * (i + 1)) * (k + 1) for k, x in enumerate(init)]
+        opt.apply_gradients(zip(grads, variables, strict=True))
+        updates, state = tx.update(grads, state, params)
+        params = kopt.apply_updates(params, updates)
+    names = kopt.slot_names(state)
+    assert opt.get_slot_names() == names and names
+    assert [w.name for w in opt.weights] == ["Transformation/iter:0"] + [
+        f"Transformation/{v}/{name}:0" for name in names for v in "ab"
+    ]
+    for name in names:
+        for k, v in enumerate(variables):
+            np.testing.assert_allclose(
+                opt.get_slot(v, name).numpy(), kopt.get_slot(state, name)[k], rtol=1e-6
+            )
+    for v, p in zip(variables, params, strict=True):
+        np.testing.assert_allclose(v.numpy(), p, rtol=1e-6)
     assert opt.compile_count == 1
 
 

@@ -110,6 +110,74 @@ def test_pack_groups_by_dtype_and_round_trips():
     assert "5 leaves" in repr(everything)
 
 
+def _flax_bytes(value, target):
+    serialization = pytest.importorskip("flax.serialization")
+    return serialization.from_bytes(target, serialization.to_bytes(value))
+
+
+def _flax_state_dict(value, target):
+    serialization = pytest.importorskip("flax.serialization")
+    saved = serialization.msgpack_serialize(serialization.to_state_dict(value))
+    return serialization.from_state_dict(target, serialization.msgpack_restore(saved))
+
+
+@pytest.mark.parametrize(
+    "round_trip", [_flax_bytes, _flax_state_dict], ids=["flax-bytes", "flax-state-dict"]
+)
+def test_packed_params_and_their_state_round_trip_through_flax_serialization(round_trip):
+    """flax.serialization refused a Packed ("can not serialize 'Packed' object"), so neither
+    packed params nor any state made from them could be saved with it. It saves the unpacked
+    tree, so a checkpoint also restores into another layout, or into the tree itself."""
+    params = tree()
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    packed = kopt.pack(params)
+    tx = kopt.adam(0.1)
+    _, state = tx.update(kopt.pack(jax.tree.map(jnp.ones_like, params)), tx.init(packed), packed)
+    restored = round_trip(packed, kopt.pack(zeros))
+    assert isinstance(restored, kopt.Packed) and restored.layout is packed.layout
+    chex.assert_trees_all_equal(restored.unpack(), params)
+    restored_state = round_trip(state, tx.init(kopt.pack(zeros)))
+    assert jax.tree.structure(restored_state) == jax.tree.structure(state)
+    chex.assert_trees_all_equal(restored_state, state)
+    # One Adam step with unit gradients: m = 1 - beta_1.
+    expected = jax.tree.map(lambda p: jnp.full_like(p, 0.1), params)
+    chex.assert_trees_all_close(kopt.get_slot(restored_state, "m"), expected, rtol=2e-2)
+    # The unpacked tree is saved: it restores into another layout, and into the tree itself.
+    chex.assert_trees_all_equal(
+        round_trip(packed, kopt.pack(zeros, max_leaf_size=16)).unpack(), params
+    )
+    chex.assert_trees_all_equal(round_trip(packed, zeros), params)
+    chex.assert_trees_all_equal(round_trip(params, kopt.pack(zeros)).unpack(), params)
+
+
+def test_a_flax_train_state_of_packed_params_round_trips():
+    serialization = pytest.importorskip("flax.serialization")
+    train_state = pytest.importorskip("flax.training.train_state")
+    params = tree()
+    tx = kopt.sgd(0.1, momentum=0.9)
+
+    def make(packed):  # TrainState.create looks for a key in the params: a Packed has none
+        return train_state.TrainState(
+            step=0, apply_fn=None, params=packed, tx=tx, opt_state=tx.init(packed)
+        )
+
+    saved = make(kopt.pack(params))
+    updates, opt_state = tx.update(
+        kopt.pack(jax.tree.map(jnp.ones_like, params)), saved.opt_state, saved.params
+    )
+    saved = saved.replace(
+        step=1, params=kopt.apply_updates(saved.params, updates), opt_state=opt_state
+    )
+    fresh = make(kopt.pack(jax.tree.map(jnp.zeros_like, params)))
+    restored = serialization.from_bytes(fresh, serialization.to_bytes(saved))
+    assert int(restored.step) == 1 and isinstance(restored.params, kopt.Packed)
+    # One step of 0.1 with unit gradients moves every param by -0.1.
+    expected = jax.tree.map(lambda p: p - 0.1, params)
+    chex.assert_trees_all_close(restored.params.unpack(), expected, rtol=2e-2, atol=1e-5)
+    chex.assert_trees_all_equal(restored.params, saved.params)
+    chex.assert_trees_all_equal(restored.opt_state, saved.opt_state)
+
+
 @pytest.mark.parametrize(
     "make",
     [

@@ -78,6 +78,35 @@ def test_a_mask_or_labels_that_do_not_fit_the_params_are_named_with_the_way_out(
         plain.update({"w": grads["w"]}, state, {"w": params["w"]})
 
 
+@pytest.mark.parametrize("wrap", ["flatten", "pack"])
+@pytest.mark.parametrize("kind", ["function", "tree"])
+def test_decoupled_weight_decay_refuses_a_mask_of_packed_params_as_masked_does(kind, wrap):
+    """Its mask function saw the packed buffers, each 1-D, so ``ndim > 1`` decayed no param,
+    silently; a mask tree failed with JAX's pytree structure error, which named neither the
+    transformation nor its mask. Both are refused as kopt.masked refuses them, and the mask
+    works around kopt.flatten."""
+    params = {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)}
+    if kind == "function":
+        mask = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)  # noqa: E731
+    else:
+        mask = {"kernel": True, "bias": False}
+    tx = kopt.decoupled_weight_decay(kopt.sgd(0.1), 0.5, 0.1, mask=mask)
+    with pytest.raises(
+        ValueError,
+        match=rf"decoupled_weight_decay: `mask` (is a function|does not fit).* kopt\.{wrap}'s "
+        r"packed buffers \['packed float32'\]",
+    ):
+        kopt.flatten(tx).init(params) if wrap == "flatten" else tx.init(kopt.pack(params))
+    outer = kopt.decoupled_weight_decay(kopt.flatten(kopt.sgd(0.1)), 0.5, 0.1, mask=mask)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = outer.update(zeros, outer.init(params), params)
+    np.testing.assert_allclose(updates["kernel"], np.full((2, 3), -0.05), rtol=1e-6)
+    np.testing.assert_array_equal(updates["bias"], np.zeros(3))
+    # Unpacked, a mask tree that does not fit is named too.
+    with pytest.raises(ValueError, match=r"decoupled_weight_decay: `mask` does not fit the params"):
+        kopt.decoupled_weight_decay(kopt.sgd(0.1), 0.5, 0.1, mask={"kernel": True}).init(params)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class _Dense:

@@ -1515,6 +1515,11 @@ class TransformationOptimizer(Optimizer):
 
         return GradientTransformation(init, wrapped.update)
 
+    def _static_transformation(self, given_lr=False):
+        # The step's and the slots' transformation (not as_transformation's): slots a
+        # kopt.flatten inside keeps packed are the facade's slot variables, one per variable.
+        return _flattened_slots_per_variable(super()._static_transformation(given_lr))
+
     def get_config(self):
         config = super().get_config()
         if self._held_hyperparams:  # the values set on the optimizer, for a checkpoint
@@ -1539,6 +1544,61 @@ class TransformationOptimizer(Optimizer):
                 "custom_objects={'transformation': tx}"
             )
         return cls(transformation, **config)
+
+
+def _flattened_slots_per_variable(tx: GradientTransformation) -> GradientTransformation:
+    """``tx`` with the slots of each :func:`kopt.flatten` state in its state unpacked, one per
+    param, as :func:`kopt.get_slot` reads them: the facade keeps them as the variables' slots
+    (and packs the small ones into shared buffers itself), not as packed buffers that belong to
+    no variable. They are packed again for each update of the transformation inside."""
+
+    def per_variable(flat):
+        return type(flat)(flat.unflattened())
+
+    def packed(flat):
+        layout = flat.layout
+
+        def pack_slots(s):
+            if not isinstance(s, OptimizerState):
+                return s
+            slots = {
+                name: (
+                    layout.pack(tree, "from_transformation", "slot")
+                    if jax.tree.structure(tree) == layout.treedef
+                    else tree
+                )
+                for name, tree in s.slots.items()
+            }
+            return s._replace(slots=slots)
+
+        inner = jax.tree.map(
+            pack_slots, flat.inner_state, is_leaf=lambda x: isinstance(x, OptimizerState)
+        )
+        return type(flat)(inner)
+
+    def each_flattened(node, params, change):
+        """``node`` with ``change`` applied to each flatten state laid out for ``params`` (the
+        facade's list of variables; a flatten inside a wrapper that hands it other params
+        keeps its buffers)."""
+        if isinstance(node, kopt.FlattenedState):
+            return change(node) if node.layout.treedef == jax.tree.structure(params) else node
+        if isinstance(node, tuple) and hasattr(node, "_fields"):
+            return type(node)(*(each_flattened(x, params, change) for x in node))
+        if isinstance(node, (tuple, list)):
+            return type(node)(each_flattened(x, params, change) for x in node)
+        if isinstance(node, dict):
+            return {k: each_flattened(v, params, change) for k, v in node.items()}
+        return node
+
+    def init(params):
+        return each_flattened(tx.init(params), params, per_variable)
+
+    def update(updates, state, params=None, **extra_args):
+        state = each_flattened(state, params, packed)
+        updates, state = tx.update(updates, state, params, **extra_args)
+        return updates, each_flattened(state, params, per_variable)
+
+    return GradientTransformation(init, update)
 
 
 # Hyperparameter names of kopt's optimizers and Keras's: on a from_transformation optimizer
@@ -1639,8 +1699,10 @@ def from_transformation(transformation: Any, name: str | None = None) -> Optimiz
     as attributes (``opt.learning_rate = 0.05``) without recompiling, unless one follows a
     schedule or pieces hold different values for it: setting those raises AttributeError
     (build the transformation with the value you want). An optax piece's hyperparameters stay
-    its own. The state is kept in the optimizer's weights; slots of kopt pieces are available
-    through ``get_slot``. A transformation whose state is not per-variable (most optax ones)
+    its own. The state is kept in the optimizer's weights: the slots of kopt pieces, also
+    those a :func:`kopt.flatten` inside keeps packed, as one slot variable per variable and
+    name (``get_slot``); other state (an optax piece's, a wrapper's) as weights
+    ``<name>/state_<i>``. A transformation whose state is not per-variable (most optax ones)
     must be called with the same variables every step.
 
     Example:

@@ -6,6 +6,7 @@ import contextvars
 import dataclasses
 import functools
 import math
+import sys
 import threading
 import weakref
 from typing import Any, NamedTuple
@@ -190,21 +191,32 @@ class FlatLayout:
                 )
 
     def _boxes_removed(self, tree: PyTree) -> bool:
-        """Whether ``tree`` is the params' tree with each leaf's box taken off: the same
-        leaves, by shape, at paths that the params' paths extend (``flax.nnx.Optimizer``
-        initialises with ``Variable`` boxes, at ``['w'].value``, and updates with the bare
-        arrays, at ``['w']``)."""
-        flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_indexed_slices)[0]
-        if len(flat) != len(self.paths):
+        """Whether ``tree`` is the params' tree with each flax box taken off: the same tree,
+        leaf shapes included, once each ``flax.nnx.Variable`` or ``flax.core.meta``
+        ``AxisMetadata`` node of the params is replaced by what it holds
+        (``flax.nnx.Optimizer`` initialises with ``Variable`` boxes and updates with the bare
+        arrays). Any other difference is a mismatch, as without :func:`flatten`."""
+        boxes = _flax_box_types()
+        if not boxes:
             return False
-        for (path, leaf), param_path, shape in zip(flat, self.paths, self.shapes, strict=True):
-            path = jax.tree_util.keystr(path)
-            rest = param_path[len(path) :]
-            if not param_path.startswith(path) or rest[:1] not in ("", ".", "["):
-                return False
+
+        def unboxed(x):
+            if not isinstance(x, boxes):
+                return x
+            children = jax.tree_util.tree_flatten(x, is_leaf=lambda y: y is not x)[0]
+            return children[0] if len(children) == 1 else x
+
+        reference = self.treedef.unflatten(
+            [jax.ShapeDtypeStruct(s, jnp.float32) for s in self.shapes]
+        )
+        reference = jax.tree.map(unboxed, reference, is_leaf=lambda x: isinstance(x, boxes))
+        leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=is_indexed_slices)
+        if treedef != jax.tree.structure(reference):
+            return False
+        for leaf, shape in zip(leaves, jax.tree.leaves(reference), strict=True):
             values = leaf.values if isinstance(leaf, IndexedSlices) else leaf
             rows = 1 if isinstance(leaf, IndexedSlices) else 0
-            if tuple(jnp.shape(values))[rows:] != shape[rows:]:
+            if tuple(jnp.shape(values))[rows:] != shape.shape[rows:]:
                 return False
         return True
 
@@ -274,6 +286,18 @@ class FlattenedState(_FlattenedFields):
         return jax.tree.map(
             unpack_slots, self.inner_state, is_leaf=lambda x: isinstance(x, OptimizerState)
         )
+
+
+def _flax_box_types() -> tuple[type, ...]:
+    """flax's boxes around a param (``nnx.Variable``, ``flax.core.meta.AxisMetadata``), of
+    the flax modules loaded: a param cannot be in a box whose module was never imported."""
+    nnx = sys.modules.get("flax.nnx")
+    meta = sys.modules.get("flax.core.meta")
+    return tuple(
+        box
+        for box in (getattr(nnx, "Variable", None), getattr(meta, "AxisMetadata", None))
+        if isinstance(box, type)
+    )
 
 
 def _check_on_one_device(parts: list[Any], paths: list[str], owner: str, what: str) -> None:
@@ -400,9 +424,10 @@ def flatten(
 
     Only for transformations that treat every element alike: every kopt optimizer except
     :func:`kopt.lamb` and :func:`kopt.adafactor` (and building blocks such as
-    :func:`kopt.clip_by_norm`, :func:`kopt.masked`, :func:`kopt.multi_transform`, whose result
-    depends on the leaves' shapes or tree; they raise a ``ValueError`` here when a param is
-    packed). Sparse gradients of packed leaves are rejected.
+    :func:`kopt.clip_by_norm`, :func:`kopt.masked`, :func:`kopt.multi_transform` and the
+    ``mask`` of :func:`kopt.decoupled_weight_decay`, whose result depends on the leaves' shapes
+    or tree; they raise a ``ValueError`` here when a param is packed). Sparse gradients of
+    packed leaves are rejected.
     :func:`kopt.get_slot` still returns slots shaped like the params, and hyperparameters are
     read and set as usual. The updates equal the unflattened transformation's (up to rounding).
     Every param needs a gradient: a None gradient, which the unflattened transformation takes

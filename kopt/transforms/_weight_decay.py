@@ -21,6 +21,7 @@ from kopt.base import (
     schedules_of,
 )
 from kopt.sparse import as_dense, is_indexed_slices
+from kopt.transforms._wrappers import _leafless, _packed_hint, _refuse_packed
 
 
 class DecoupledWeightDecayState(NamedTuple):
@@ -58,7 +59,10 @@ def decoupled_weight_decay(
         A transformation whose updates move each param to ``w' + inner(g, w')``.
 
     Raises:
-        ValueError: for a negative rate, or ``update`` without ``params``.
+        ValueError: for a negative rate, or ``update`` without ``params``; in ``init``, for a
+            ``mask`` that does not fit the params, or a function ``mask`` given params packed
+            into flat buffers (by :func:`kopt.pack`, or inside :func:`kopt.flatten`), where it
+            would select whole buffers, not params.
 
     Example:
         >>> import jax.numpy as jnp, kopt
@@ -76,9 +80,24 @@ def decoupled_weight_decay(
     schedules = schedules_of(hyper)
 
     def init_fn(params):
+        if mask is not None and not _leafless(params):
+            check_mask(params)
         count, hp = on_params_devices((jnp.zeros([], jnp.int32), init_hyperparams(hyper)), params)
         inner_state = uncommitted_on_params_devices(inner.init(params), params)
         return DecoupledWeightDecayState(OptimizerState(count, hp, {}), inner_state)
+
+    def check_mask(params):
+        """Raises, as :func:`kopt.masked` does, for a mask that does not fit the params, and
+        for a function of packed buffers, which would decide per buffer, not per param."""
+        resolved = tree_or_function(mask, params)
+        try:
+            jax.tree.map(lambda m, p: None, resolved, params, is_leaf=lambda x: x is None)
+        except ValueError as e:
+            raise ValueError(
+                f"{owner}: `mask` does not fit the params{_packed_hint(params)}: {e}"
+            ) from e
+        if resolved is not mask:
+            _refuse_packed(params, owner, "mask")
 
     inner_update = extra_args_update(inner)
 
