@@ -292,6 +292,27 @@ def by_position(labels):
     return lambda params: list(labels)[: len(params)]
 
 
+def train_beside_the_transformation(make, init, steps):
+    """``from_transformation(make())`` over variables a, b... holding ``init``, stepped beside
+    ``make()`` itself over the same params, with growing gradients: the variables equal the
+    params after every step, and the facade compiles once. Returns the optimizer, its variables
+    and the transformation's state."""
+    tx = make()
+    params = [jnp.asarray(x) for x in init]
+    state = tx.init(params)
+    variables = [kopt.Variable(x, name=n) for x, n in zip(init, "abcdef", strict=False)]
+    opt = optimizers.from_transformation(make())
+    for i in range(steps):
+        grads = [jnp.full_like(x, 0.5 * (i + 1)) * (k + 1) for k, x in enumerate(init)]
+        opt.apply_gradients(zip(grads, variables, strict=True))
+        updates, state = tx.update(grads, state, params)
+        params = kopt.apply_updates(params, updates)
+        for v, p in zip(variables, params, strict=True):
+            np.testing.assert_allclose(v.numpy(), p, rtol=1e-6, err_msg=f"{v.name} step {i}")
+    assert opt.compile_count == 1
+    return opt, variables, state
+
+
 @pytest.mark.parametrize(
     "make",
     [
@@ -317,19 +338,8 @@ def test_from_transformation_with_a_slot_name_in_several_pieces(make):
     variables: each variable gets one slot of that name (an empty group, or a masked-out
     variable, none). Two pieces that hold one name for the same variable keep the second as
     state of its own. Each trains as the transformation run by itself."""
-    tx = make()
     init = [np.full((2, 3), 1.0, np.float32), np.full(4, -2.0, np.float32), np.ones(2, np.float32)]
-    params, state = [jnp.asarray(x) for x in init], tx.init([jnp.asarray(x) for x in init])
-    variables = [kopt.Variable(x, name=n) for x, n in zip(init, "abc", strict=True)]
-    opt = optimizers.from_transformation(make())
-    for i in range(4):
-        grads = [jnp.full_like(x, 0.5 * (i + 1)) * (k + 1) for k, x in enumerate(init)]
-        opt.apply_gradients(zip(grads, variables, strict=True))
-        updates, state = tx.update(grads, state, params)
-        params = kopt.apply_updates(params, updates)
-        for v, p in zip(variables, params, strict=True):
-            np.testing.assert_allclose(v.numpy(), p, rtol=1e-6, err_msg=f"{v.name} step {i}")
-    assert opt.compile_count == 1
+    train_beside_the_transformation(make, init, steps=4)
 
 
 @pytest.mark.parametrize(
@@ -346,17 +356,8 @@ def test_from_transformation_of_flatten_keeps_a_slot_per_variable(make):
     state_0, state_1...): get_slot_names() was [] and get_slot raised KeyError, though
     kopt.get_slot reads the slots off the state. They are now each variable's slots, named and
     ordered as the unflattened transformation's, and train as the transformation itself."""
-    tx = make()
     init = [np.full((2, 3), 1.0, np.float32), np.full(4, -2.0, np.float32)]
-    params = [jnp.asarray(x) for x in init]
-    state = tx.init(params)
-    variables = [kopt.Variable(x, name=n) for x, n in zip(init, "ab", strict=True)]
-    opt = optimizers.from_transformation(make())
-    for i in range(3):
-        grads = [jnp.full_like(x, 0.5 * (i + 1)) * (k + 1) for k, x in enumerate(init)]
-        opt.apply_gradients(zip(grads, variables, strict=True))
-        updates, state = tx.update(grads, state, params)
-        params = kopt.apply_updates(params, updates)
+    opt, variables, state = train_beside_the_transformation(make, init, steps=3)
     names = kopt.slot_names(state)
     assert opt.get_slot_names() == names and names
     assert [w.name for w in opt.weights] == ["Transformation/iter:0"] + [
@@ -367,9 +368,6 @@ def test_from_transformation_of_flatten_keeps_a_slot_per_variable(make):
             np.testing.assert_allclose(
                 opt.get_slot(v, name).numpy(), kopt.get_slot(state, name)[k], rtol=1e-6
             )
-    for v, p in zip(variables, params, strict=True):
-        np.testing.assert_allclose(v.numpy(), p, rtol=1e-6)
-    assert opt.compile_count == 1
 
 
 def test_from_transformation_hyperparameters_are_attributes_set_without_recompiling():
@@ -664,19 +662,6 @@ def test_changing_a_schedules_attribute_takes_effect_as_in_tf_keras():
     assert schedule.decay_steps == 2 and float(schedule(2)) == 0.5
 
 
-class _OwnConstant(optimizers.schedules.LearningRateSchedule):
-    """A tf.keras-style schedule of a user's own: reads its attribute at each call."""
-
-    def __init__(self, lr):
-        self.lr = lr
-
-    def __call__(self, step):
-        return self.lr + 0.0 * step
-
-    def get_config(self):
-        return {"lr": self.lr}
-
-
 class _OtherLibraryConstant:
     """A schedule of another library (as a Keras 3 one): not kopt's class, with a config."""
 
@@ -688,6 +673,11 @@ class _OtherLibraryConstant:
 
     def get_config(self):
         return {"lr": self.lr}
+
+
+class _OwnConstant(_OtherLibraryConstant, optimizers.schedules.LearningRateSchedule):
+    """A tf.keras-style schedule of a user's own (kopt's base class): reads its attribute at
+    each call."""
 
 
 class _Subclassed(optimizers.schedules.ExponentialDecay):
