@@ -329,8 +329,9 @@ def apply_updates(params: Params, updates: Updates) -> Params:
 
     Raises:
         ValueError: if ``updates`` does not have the structure of ``params`` (the message names
-            the leaves missing or unexpected), or a dense update's shape differs from its
-            param's (no broadcasting).
+            the leaves missing or unexpected), a dense update's shape differs from its param's
+            (no broadcasting), or a sparse update's rows do not fit its param.
+        TypeError: if a sparse update's indices are not integers.
 
     Example:
         >>> import jax.numpy as jnp, kopt
@@ -352,6 +353,8 @@ def apply_updates(params: Params, updates: Updates) -> Params:
             return p
         if isinstance(u, IndexedSlices):
             p = jnp.asarray(p)
+            where = jax.tree_util.keystr(path) or "<root>"
+            check_rows_fit(f"sparse update {where}", u, p.shape, "apply_updates")
             wide = jnp.promote_types(p.dtype, u.values.dtype)
             if wide == p.dtype:
                 indices = in_range(u.indices, p.shape[0])

@@ -631,3 +631,27 @@ def test_wrappers_name_an_argument_that_is_not_a_transformation(build, named):
     the first update; a factory passed for what it makes is named as such."""
     with pytest.raises(TypeError, match=named + " must be a transformation"):
         build()
+
+
+@pytest.mark.parametrize(
+    "values, indices, message",
+    [
+        ((3, 3), [0, 1], r"values of shape \(3, 3\) and indices of shape \(2,\)"),
+        ((2, 3), [[0], [1]], r"indices of shape \(2, 1\)"),
+        ((2, 4), [0, 1], r"rows of shape \(4,\), expected rows of a table of shape \(6, 3\)"),
+    ],
+    ids=["more-values", "2d-indices", "other-rows"],
+)
+def test_apply_updates_names_a_sparse_update_that_does_not_fit(values, indices, message):
+    """apply_updates scatter-added any rows it was given: a values/indices mismatch was a bare
+    JAX broadcast error naming nothing, and [n, 1] indices were taken."""
+    params = {"emb": jnp.ones((6, 3)), "w": jnp.ones(2)}
+    updates = {
+        "emb": kopt.IndexedSlices(jnp.ones(values), jnp.array(indices), (6, 3)),
+        "w": jnp.ones(2),
+    }
+    with pytest.raises(ValueError, match=r"apply_updates: sparse update \['emb'\] .*" + message):
+        kopt.apply_updates(params, updates)
+    with pytest.raises(ValueError, match=r"apply_updates: sparse update \['emb'\]"):
+        jax.jit(kopt.apply_updates)(params, updates)
+    np.testing.assert_array_equal(params["emb"], np.ones((6, 3)))  # the params are not changed
